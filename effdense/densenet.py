@@ -1,0 +1,553 @@
+"""DenseNet models with torchvision's module names, parameters and outputs, and a pluggable block strategy.
+
+The modules mirror ``torchvision.models.densenet`` name for name (``features.denseblock1.denselayer1.norm1``,
+``features.transition1.conv``, ``features.norm5``, ``classifier``), so a torchvision state dict loads with
+``strict=True``. How a dense block runs is not in these modules but in :mod:`effdense.strategies`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import OrderedDict
+from typing import Any, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from effdense import strategies
+from effdense.strategies import Policy
+
+
+class _DenseLayer(nn.Module):
+    """One layer of a dense block: ``BN-ReLU-conv1x1(bn_size*k)-BN-ReLU-conv3x3(k)`` (DenseNet-BC) or,
+    with ``bottleneck=False``, ``BN-ReLU-conv3x3(k)`` (the original DenseNet)."""
+
+    def __init__(
+        self,
+        num_input_features: int,
+        growth_rate: int,
+        bn_size: int,
+        drop_rate: float,
+        bottleneck: bool = True,
+    ) -> None:
+        super().__init__()
+        self.bottleneck = bottleneck
+        self.norm1 = nn.BatchNorm2d(num_input_features)
+        self.relu1 = nn.ReLU(inplace=True)
+        if bottleneck:
+            self.conv1 = nn.Conv2d(num_input_features, bn_size * growth_rate, kernel_size=1, stride=1, bias=False)
+            self.norm2 = nn.BatchNorm2d(bn_size * growth_rate)
+            self.relu2 = nn.ReLU(inplace=True)
+            self.conv2 = nn.Conv2d(bn_size * growth_rate, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(num_input_features, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
+        self.drop_rate = float(drop_rate)
+
+    def bn_function(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """concat -> norm1 -> relu1 -> conv1: the part whose memory grows with depth."""
+        concated = torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
+        return self.conv1(self.relu1(self.norm1(concated)))
+
+    def tail(self, bottleneck_output: torch.Tensor) -> torch.Tensor:
+        """norm2 -> relu2 -> conv2 -> dropout (just dropout without a bottleneck)."""
+        out = bottleneck_output
+        if self.bottleneck:
+            out = self.conv2(self.relu2(self.norm2(out)))
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        return out
+
+    def forward(self, inputs: Sequence[torch.Tensor] | torch.Tensor) -> torch.Tensor:
+        if isinstance(inputs, torch.Tensor):
+            inputs = [inputs]
+        return self.tail(self.bn_function(inputs))
+
+
+class _DenseBlock(nn.ModuleDict):
+    """``num_layers`` dense layers; output is the input concatenated with every layer's new features.
+
+    The layers are children named ``denselayer1``..``denselayerL`` (torchvision's names); the block's
+    ``strategy`` and ``policy`` attributes say how :mod:`effdense.strategies` runs it.
+    """
+
+    _version = 2
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_input_features: int,
+        bn_size: int,
+        growth_rate: int,
+        drop_rate: float,
+        bottleneck: bool = True,
+        strategy: str = "auto",
+        policy: Policy | None = None,
+    ) -> None:
+        super().__init__()
+        for i in range(num_layers):
+            layer = _DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate, bottleneck)
+            self.add_module(f"denselayer{i + 1}", layer)
+        self.num_input_features = num_input_features
+        self.growth_rate = growth_rate
+        self.num_output_features = num_input_features + num_layers * growth_rate
+        self.strategy = strategy
+        self.policy = policy or Policy()
+
+    @property
+    def layers(self) -> list[_DenseLayer]:
+        return list(self.values())  # type: ignore[arg-type]
+
+    def forward(self, init_features: torch.Tensor) -> torch.Tensor:
+        return strategies.run_block(self.strategy, self, init_features)
+
+
+class _Transition(nn.Sequential):
+    def __init__(self, num_input_features: int, num_output_features: int) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm2d(num_input_features)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv = nn.Conv2d(num_input_features, num_output_features, kernel_size=1, stride=1, bias=False)
+        self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+class DenseNet(nn.Module):
+    r"""Densely connected network (Huang et al., 2017), a drop-in for ``torchvision.models.DenseNet``.
+
+    Args:
+        growth_rate: channels each layer adds (``k``).
+        block_config: number of layers in each dense block.
+        num_init_features: channels produced by the stem convolution.
+        bn_size: bottleneck width multiplier (the 1x1 conv outputs ``bn_size * k`` channels).
+        drop_rate: dropout rate after each dense layer.
+        num_classes: number of classification classes.
+        memory_efficient: torchvision's flag; ``True`` means ``strategy="checkpoint"``.
+        compression: transition layers keep ``floor(compression * C)`` channels, in ``(0, 1]``.
+        bottleneck: ``False`` gives the original DenseNet layer (BN-ReLU-conv3x3 on the concatenation).
+        small_inputs: CIFAR stem (one 3x3 convolution, no pooling) instead of the ImageNet stem.
+        strategy: how dense blocks run: ``"auto"`` or one of :data:`effdense.STRATEGIES`.
+        policy: switches of the ``shared``/``fused`` strategies (:class:`effdense.Policy`).
+        in_channels: channels of the input image.
+    """
+
+    def __init__(
+        self,
+        growth_rate: int = 32,
+        block_config: Sequence[int] = (6, 12, 24, 16),
+        num_init_features: int = 64,
+        bn_size: int = 4,
+        drop_rate: float = 0.0,
+        num_classes: int = 1000,
+        memory_efficient: bool = False,
+        *,
+        compression: float = 0.5,
+        bottleneck: bool = True,
+        small_inputs: bool = False,
+        strategy: str = "auto",
+        policy: Policy | None = None,
+        in_channels: int = 3,
+    ) -> None:
+        super().__init__()
+        _check_positive_int("growth_rate", growth_rate)
+        _check_positive_int("num_init_features", num_init_features)
+        _check_positive_int("bn_size", bn_size)
+        _check_positive_int("num_classes", num_classes)
+        _check_positive_int("in_channels", in_channels)
+        block_config = tuple(block_config)
+        if not block_config:
+            raise ValueError("block_config must name at least one dense block, got an empty sequence")
+        for i, n in enumerate(block_config):
+            _check_positive_int(f"block_config[{i}]", n)
+        if not (isinstance(compression, (int, float)) and 0.0 < compression <= 1.0):
+            raise ValueError(f"compression must be in (0, 1], got {compression!r}")
+        if not (isinstance(drop_rate, (int, float)) and 0.0 <= drop_rate < 1.0):
+            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+        if memory_efficient and strategy not in ("auto", "checkpoint"):
+            raise ValueError(
+                f"memory_efficient=True means strategy='checkpoint'; it conflicts with strategy={strategy!r}"
+            )
+        if memory_efficient:
+            strategy = "checkpoint"
+        strategies.check_strategy(strategy)
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(f"policy must be an effdense.Policy, got {type(policy).__name__}")
+
+        self.growth_rate = growth_rate
+        self.block_config = block_config
+        self.compression = float(compression)
+        self.small_inputs = small_inputs
+        self.in_channels = in_channels
+        self.strategy = strategy
+        self.policy = policy or Policy()
+
+        if small_inputs:
+            stem = [("conv0", nn.Conv2d(in_channels, num_init_features, kernel_size=3, stride=1, padding=1, bias=False))]
+        else:
+            stem = [
+                ("conv0", nn.Conv2d(in_channels, num_init_features, kernel_size=7, stride=2, padding=3, bias=False)),
+                ("norm0", nn.BatchNorm2d(num_init_features)),
+                ("relu0", nn.ReLU(inplace=True)),
+                ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+            ]
+        self.features = nn.Sequential(OrderedDict(stem))
+
+        num_features = num_init_features
+        for i, num_layers in enumerate(block_config):
+            block = _DenseBlock(
+                num_layers=num_layers,
+                num_input_features=num_features,
+                bn_size=bn_size,
+                growth_rate=growth_rate,
+                drop_rate=drop_rate,
+                bottleneck=bottleneck,
+                strategy=strategy,
+                policy=self.policy,
+            )
+            self.features.add_module(f"denseblock{i + 1}", block)
+            num_features = block.num_output_features
+            if i != len(block_config) - 1:
+                out_features = int(math.floor(num_features * compression))
+                if out_features < 1:
+                    raise ValueError(f"compression={compression} leaves no channels after dense block {i + 1}")
+                self.features.add_module(f"transition{i + 1}", _Transition(num_features, out_features))
+                num_features = out_features
+
+        self.features.add_module("norm5", nn.BatchNorm2d(num_features))
+        self.classifier = nn.Linear(num_features, num_classes)
+        self.num_features = num_features
+
+        # torchvision's initialisation
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight)
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.constant_(m.weight, 1)
+                nn.init.constant_(m.bias, 0)
+            elif isinstance(m, nn.Linear):
+                nn.init.constant_(m.bias, 0)
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def dense_blocks(self) -> list[_DenseBlock]:
+        return [m for m in self.features if isinstance(m, _DenseBlock)]
+
+    def set_strategy(self, strategy: str, policy: Policy | None = None) -> "DenseNet":
+        """Switch how dense blocks run, on a live model (parameters are untouched). Returns ``self``.
+
+        Args:
+            strategy: ``"auto"`` or one of :data:`effdense.STRATEGIES`.
+            policy: new :class:`effdense.Policy`; ``None`` keeps the current one.
+        """
+        strategies.check_strategy(strategy)
+        if policy is not None and not isinstance(policy, Policy):
+            raise TypeError(f"policy must be an effdense.Policy, got {type(policy).__name__}")
+        self.strategy = strategy
+        if policy is not None:
+            self.policy = policy
+        for block in self.dense_blocks:
+            block.strategy = strategy
+            block.policy = self.policy
+        return self
+
+    def min_input_size(self) -> int:
+        """Smallest square input side for which every stage keeps at least one pixel."""
+        size = 1
+        while self._final_spatial(size) < 1:
+            size += 1
+        return size
+
+    def _final_spatial(self, size: int) -> int:
+        if not self.small_inputs:
+            size = (size + 2 * 3 - 7) // 2 + 1  # conv0
+            size = (size + 2 * 1 - 3) // 2 + 1 if size >= 1 else 0  # pool0
+        for _ in range(len(self.block_config) - 1):
+            size //= 2  # transition pools
+        return size
+
+    def _check_input(self, x: Any) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"expected a torch.Tensor input, got {type(x).__name__}")
+        if x.dim() != 4:
+            raise ValueError(f"expected 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"expected a floating-point input, got dtype {x.dtype}; convert with x.float()")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"expected {self.in_channels} input channels (N, {self.in_channels}, H, W), "
+                f"got {x.shape[1]} in shape {tuple(x.shape)}"
+            )
+        h, w = int(x.shape[2]), int(x.shape[3])
+        if self._final_spatial(h) < 1 or self._final_spatial(w) < 1:
+            raise ValueError(
+                f"input spatial size {h}x{w} is too small for this model: it needs at least "
+                f"{self.min_input_size()}x{self.min_input_size()}"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        features = self.features(x)
+        out = F.relu(features, inplace=True)
+        out = F.adaptive_avg_pool2d(out, (1, 1))
+        out = torch.flatten(out, 1)
+        return self.classifier(out)
+
+
+# ------------------------------------------------------------------------------------------------
+# Configurations: the one table every builder reads.
+
+IMAGENET_CONFIGS: dict[str, dict[str, Any]] = {
+    "densenet121": dict(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64),
+    "densenet161": dict(growth_rate=48, block_config=(6, 12, 36, 24), num_init_features=96),
+    "densenet169": dict(growth_rate=32, block_config=(6, 12, 32, 32), num_init_features=64),
+    "densenet201": dict(growth_rate=32, block_config=(6, 12, 48, 32), num_init_features=64),
+    "densenet264": dict(growth_rate=32, block_config=(6, 12, 64, 48), num_init_features=64),
+}
+
+CIFAR_PRESETS: dict[str, dict[str, Any]] = {
+    "densenet_40": dict(depth=40, growth_rate=12, bottleneck=False, compression=1.0),
+    "densenet_bc_100": dict(depth=100, growth_rate=12),
+    "densenet_bc_250": dict(depth=250, growth_rate=24),
+    "densenet_bc_190": dict(depth=190, growth_rate=40),
+}
+
+_LEGACY_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
+
+
+def _upgrade_legacy_keys(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """torchvision's pre-0.3 checkpoints name ``norm1`` as ``norm.1``; rename them."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, value in state_dict.items():
+        m = _LEGACY_KEY.match(key)
+        out[m.group(1) + m.group(2) if m else key] = value
+    return out
+
+
+def _resolve_weights(weights: Any, progress: bool) -> Mapping[str, torch.Tensor] | None:
+    if weights is None:
+        return None
+    if isinstance(weights, Mapping):
+        return weights
+    if isinstance(weights, (str, os.PathLike)):
+        path = os.fspath(weights)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"weights file {path!r} does not exist")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
+            obj = obj["state_dict"]
+        if not isinstance(obj, Mapping):
+            raise TypeError(f"weights file {path!r} holds a {type(obj).__name__}, expected a state dict")
+        return obj
+    if hasattr(weights, "get_state_dict"):  # a torchvision WeightsEnum member
+        return weights.get_state_dict(progress=progress, check_hash=True)
+    raise TypeError(
+        "weights must be None, a torchvision WeightsEnum, a state dict or a file path, "
+        f"got {type(weights).__name__}"
+    )
+
+
+def load_weights(model: DenseNet, weights: Any, progress: bool = True) -> DenseNet:
+    """Load ``weights`` (WeightsEnum, state dict or path; legacy key names accepted) into ``model`` strictly."""
+    state_dict = _resolve_weights(weights, progress)
+    if state_dict is not None:
+        model.load_state_dict(_upgrade_legacy_keys(state_dict), strict=True)
+    return model
+
+
+def _densenet(arch: str, weights: Any, progress: bool, **kwargs: Any) -> DenseNet:
+    config = dict(IMAGENET_CONFIGS[arch])
+    overlap = set(config) & set(kwargs)
+    if overlap:
+        raise TypeError(f"{arch}() fixes {sorted(overlap)}; build effdense.DenseNet directly to change them")
+    if weights is not None and hasattr(weights, "meta") and "num_classes" not in kwargs:
+        kwargs["num_classes"] = len(weights.meta.get("categories", [None] * 1000))
+    return load_weights(DenseNet(**config, **kwargs), weights, progress)
+
+
+def densenet121(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-121 (k=32, blocks 6-12-24-16). ``kwargs`` go to :class:`DenseNet` (``strategy=`` among them)."""
+    return _densenet("densenet121", weights, progress, **kwargs)
+
+
+def densenet161(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-161 (k=48, blocks 6-12-36-24, 96 stem features)."""
+    return _densenet("densenet161", weights, progress, **kwargs)
+
+
+def densenet169(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-169 (k=32, blocks 6-12-32-32)."""
+    return _densenet("densenet169", weights, progress, **kwargs)
+
+
+def densenet201(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-201 (k=32, blocks 6-12-48-32)."""
+    return _densenet("densenet201", weights, progress, **kwargs)
+
+
+def densenet264(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
+    """DenseNet-264 (k=32, blocks 6-12-64-48); torchvision has no weights for it."""
+    return _densenet("densenet264", weights, progress, **kwargs)
+
+
+def cifar_layers_per_block(depth: int, bottleneck: bool) -> int:
+    """Layers per dense block for a 3-block CIFAR DenseNet of ``depth`` (Huang et al.'s rule)."""
+    per_layer = 2 if bottleneck else 1  # convolutions per dense layer
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 4 or (depth - 4) % (3 * per_layer):
+        kind = "DenseNet-BC (bottleneck=True)" if bottleneck else "DenseNet (bottleneck=False)"
+        raise ValueError(
+            f"depth={depth!r} is not a valid {kind} depth: it must be 4 + {3 * per_layer}*n "
+            f"for a positive n (e.g. {4 + 3 * per_layer * 16})"
+        )
+    n = (depth - 4) // (3 * per_layer)
+    if n < 1:
+        raise ValueError(f"depth={depth} gives no layers per block; use at least {4 + 3 * per_layer}")
+    return n
+
+
+def densenet_cifar(
+    depth: int,
+    growth_rate: int,
+    *,
+    bottleneck: bool = True,
+    compression: float = 0.5,
+    num_classes: int = 10,
+    drop_rate: float = 0.0,
+    strategy: str = "auto",
+    **kwargs: Any,
+) -> DenseNet:
+    """A 3-block CIFAR DenseNet (32x32 inputs) of the given depth, as in Huang et al. (2017).
+
+    Args:
+        depth: total depth; ``4 + 6n`` with a bottleneck (DenseNet-BC), ``4 + 3n`` without.
+        growth_rate: channels each layer adds (``k``).
+        bottleneck: use the BC bottleneck layer.
+        compression: transition compression in ``(0, 1]``.
+        num_classes: number of classes.
+        drop_rate: dropout rate after each layer.
+        strategy: block strategy (see :class:`DenseNet`).
+        **kwargs: further :class:`DenseNet` keyword arguments (``policy``, ``in_channels``).
+    """
+    n = cifar_layers_per_block(depth, bottleneck)
+    _check_positive_int("growth_rate", growth_rate)
+    num_init_features = 2 * growth_rate if bottleneck else 16
+    return DenseNet(
+        growth_rate=growth_rate,
+        block_config=(n, n, n),
+        num_init_features=kwargs.pop("num_init_features", num_init_features),
+        bn_size=kwargs.pop("bn_size", 4),
+        drop_rate=drop_rate,
+        num_classes=num_classes,
+        compression=compression,
+        bottleneck=bottleneck,
+        small_inputs=True,
+        strategy=strategy,
+        **kwargs,
+    )
+
+
+def _cifar_preset(name: str, **kwargs: Any) -> DenseNet:
+    preset = dict(CIFAR_PRESETS[name])
+    preset.update(kwargs)
+    return densenet_cifar(preset.pop("depth"), preset.pop("growth_rate"), **preset)
+
+
+def densenet_40(**kwargs: Any) -> DenseNet:
+    """DenseNet (L=40, k=12), no bottleneck, no compression."""
+    return _cifar_preset("densenet_40", **kwargs)
+
+
+def densenet_bc_100(**kwargs: Any) -> DenseNet:
+    """DenseNet-BC (L=100, k=12)."""
+    return _cifar_preset("densenet_bc_100", **kwargs)
+
+
+def densenet_bc_250(**kwargs: Any) -> DenseNet:
+    """DenseNet-BC (L=250, k=24)."""
+    return _cifar_preset("densenet_bc_250", **kwargs)
+
+
+def densenet_bc_190(**kwargs: Any) -> DenseNet:
+    """DenseNet-BC (L=190, k=40)."""
+    return _cifar_preset("densenet_bc_190", **kwargs)
+
+
+MODELS = {
+    "densenet121": densenet121,
+    "densenet161": densenet161,
+    "densenet169": densenet169,
+    "densenet201": densenet201,
+    "densenet264": densenet264,
+    "densenet_40": densenet_40,
+    "densenet_bc_100": densenet_bc_100,
+    "densenet_bc_250": densenet_bc_250,
+    "densenet_bc_190": densenet_bc_190,
+}
+
+
+def get_model(name: str, **kwargs: Any) -> DenseNet:
+    """Build a model by name (see :data:`MODELS`); ``densenet_bc_<depth>`` / ``densenet_<depth>`` also work
+    for any depth the paper's rule allows (k=12)."""
+    if name in MODELS:
+        return MODELS[name](**kwargs)
+    m = re.fullmatch(r"densenet_(bc_)?(\d+)", name)
+    if m:
+        kwargs.setdefault("growth_rate", 12)
+        bc = m.group(1) is not None
+        if not bc:
+            kwargs.setdefault("compression", 1.0)
+        return densenet_cifar(int(m.group(2)), kwargs.pop("growth_rate"), bottleneck=bc, **kwargs)
+    raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)} or densenet_bc_<depth>")
+
+
+def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = None) -> DenseNet:
+    """Build an effdense :class:`DenseNet` from a torchvision DenseNet, with a copy of its parameters
+    and buffers (same values, device and dtype) and the given strategy.
+
+    Args:
+        model: a ``torchvision.models.DenseNet`` (or an effdense one).
+        strategy: block strategy of the new model.
+        policy: :class:`effdense.Policy` of the new model.
+    """
+    features = getattr(model, "features", None)
+    classifier = getattr(model, "classifier", None)
+    if not isinstance(features, nn.Sequential) or not isinstance(classifier, nn.Linear):
+        raise TypeError(f"convert() expects a torchvision DenseNet, got {type(model).__name__}")
+    blocks = [m for name, m in features.named_children() if name.startswith("denseblock")]
+    if not blocks:
+        raise TypeError("convert() found no dense blocks (features.denseblock1, ...) in the model")
+    first = next(iter(blocks[0].children()))
+    bottleneck = hasattr(first, "conv2")
+    growth_rate = (first.conv2 if bottleneck else first.conv1).out_channels
+    bn_size = first.conv1.out_channels // growth_rate if bottleneck else 4
+    conv0 = features.conv0
+    transition = getattr(features, "transition1", None)
+    compression = 0.5
+    if transition is not None and transition.conv.out_channels != transition.conv.in_channels // 2:
+        compression = transition.conv.out_channels / transition.conv.in_channels
+    clone = DenseNet(
+        growth_rate=growth_rate,
+        block_config=tuple(len(list(b.children())) for b in blocks),
+        num_init_features=conv0.out_channels,
+        bn_size=bn_size,
+        drop_rate=float(getattr(first, "drop_rate", 0.0)),
+        num_classes=classifier.out_features,
+        compression=compression,
+        bottleneck=bottleneck,
+        small_inputs=conv0.kernel_size == (3, 3),
+        strategy=strategy,
+        policy=policy,
+        in_channels=conv0.in_channels,
+    )
+    ref = next(model.parameters())
+    clone.to(device=ref.device, dtype=ref.dtype)
+    clone.load_state_dict(model.state_dict(), strict=True)
+    clone.train(model.training)
+    return clone

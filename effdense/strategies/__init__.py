@@ -1,0 +1,113 @@
+"""Registry of the ways a dense block can be run.
+
+A strategy is a function ``run(block, x) -> Tensor`` that takes a :class:`effdense.densenet._DenseBlock`
+and its input and returns the block's output, the concatenation of the input and every layer's new
+features. All strategies read the same parameters (torchvision's names), so a model can switch strategy
+at any time. This module is the one place that knows which strategies exist and how ``"auto"`` resolves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from effdense.densenet import _DenseBlock
+
+STRATEGIES: tuple[str, ...] = ("naive", "checkpoint", "shared", "fused")
+"""Every strategy name, from memory-hungriest to most optimised."""
+
+_PENDING = {
+    # name -> the subject of the issue that delivers it, for the NotImplementedError message
+    "shared": "Strategy `shared`: dense blocks with linear memory in pure PyTorch",
+    "fused": "Strategy `fused`: Triton kernels for the bottleneck BN-ReLU-conv1x1 and its backward",
+}
+
+BlockRunner = Callable[["_DenseBlock", torch.Tensor], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """Switches for the ``shared``/``fused`` strategies, each on its own so ablations can measure it.
+
+    Args:
+        recompute_bottleneck: recompute the bottleneck output ``conv1(relu(bn1(x)))`` in backward
+            instead of keeping it per layer.
+        cache_stats: compute each channel's batch statistics once, when it is written, and reuse them
+            in every later layer's BN1; if False every layer recomputes them over all its input channels.
+        shared_grad: accumulate input gradients in one shared gradient buffer per block; if False every
+            layer allocates its own gradient for its input slice and it is added afterwards.
+    """
+
+    recompute_bottleneck: bool = True
+    cache_stats: bool = True
+    shared_grad: bool = True
+
+
+def _import_runners() -> dict[str, BlockRunner]:
+    runners: dict[str, BlockRunner] = {}
+    from effdense.strategies import checkpoint, naive
+
+    runners["naive"] = naive.run_block
+    runners["checkpoint"] = checkpoint.run_block
+    for name in ("shared", "fused"):
+        try:
+            module = __import__(f"effdense.strategies.{name}", fromlist=["run_block"])
+        except ModuleNotFoundError as exc:  # not delivered yet
+            if exc.name != f"effdense.strategies.{name}":
+                raise
+            continue
+        runners[name] = module.run_block
+    return runners
+
+
+@functools.lru_cache(maxsize=None)
+def _runners() -> dict[str, BlockRunner]:
+    return _import_runners()
+
+
+def available() -> tuple[str, ...]:
+    """The strategies implemented in this installation, in :data:`STRATEGIES` order."""
+    runners = _runners()
+    return tuple(name for name in STRATEGIES if name in runners)
+
+
+def check_strategy(name: str) -> str:
+    """Validate a strategy name given by a user (``"auto"`` included); return it unchanged."""
+    if not isinstance(name, str) or (name not in STRATEGIES and name != "auto"):
+        raise ValueError(f"unknown strategy {name!r}; expected 'auto' or one of {STRATEGIES}")
+    if name != "auto" and name not in _runners():
+        raise NotImplementedError(
+            f"strategy {name!r} is not implemented yet (it comes with: {_PENDING.get(name, name)}); "
+            f"available now: {available()}"
+        )
+    return name
+
+
+def fused_supported(x: torch.Tensor) -> bool:
+    """Whether the ``fused`` strategy runs its Triton kernels for this input."""
+    if "fused" not in _runners() or not x.is_cuda:
+        return False
+    from effdense.strategies import fused
+
+    return fused.kernels_available()
+
+
+def resolve(name: str, x: torch.Tensor) -> str:
+    """Turn ``"auto"`` into a concrete strategy for input ``x``; other names pass through."""
+    if name != "auto":
+        return name
+    if fused_supported(x):
+        return "fused"
+    for candidate in ("shared", "checkpoint"):
+        if candidate in _runners():
+            return candidate
+    return "naive"
+
+
+def run_block(name: str, block: "_DenseBlock", x: torch.Tensor) -> torch.Tensor:
+    """Run ``block`` on ``x`` with strategy ``name`` (``"auto"`` resolved for ``x``)."""
+    return _runners()[resolve(name, x)](block, x)
