@@ -95,6 +95,10 @@ class _DenseBlock(nn.ModuleDict):
         self.num_output_features = num_input_features + num_layers * growth_rate
         self.strategy = strategy
         self.policy = policy or Policy()
+        # SyncBatchNorm semantics for the shared/fused strategies: None (local statistics) or
+        # a torch.distributed process group (see DenseNet.set_sync_bn)
+        self.sync_bn = False
+        self.sync_group: Any = None
 
     @property
     def layers(self) -> list[_DenseLayer]:
@@ -254,6 +258,27 @@ class DenseNet(nn.Module):
         for block in self.dense_blocks:
             block.strategy = strategy
             block.policy = self.policy
+        return self
+
+    def set_sync_bn(self, enabled: bool = True, process_group: Any = None) -> "DenseNet":
+        """Batch statistics all-reduced across the ranks of ``process_group`` (SyncBatchNorm semantics).
+
+        Every ``nn.BatchNorm2d`` becomes an ``nn.SyncBatchNorm`` (same names and state-dict keys), and the
+        ``shared``/``fused`` strategies all-reduce their cached per-channel statistics. Call it after
+        ``torch.distributed.init_process_group`` and before wrapping the model in DDP. Returns ``self``.
+
+        Args:
+            enabled: turn synchronisation on or off (off leaves converted modules in place; they behave
+                as plain BatchNorm without a process group of size > 1).
+            process_group: the group to reduce over; ``None`` means the default (world) group.
+        """
+        if enabled:
+            converted = nn.SyncBatchNorm.convert_sync_batchnorm(self.features, process_group)
+            if converted is not self.features:  # pragma: no cover - only when features itself is a BN
+                self.features = converted
+        for block in self.dense_blocks:
+            block.sync_bn = bool(enabled)
+            block.sync_group = process_group if enabled else None
         return self
 
     def min_input_size(self) -> int:
