@@ -1,0 +1,257 @@
+"""Datasets for ``effdense train``: scikit-learn's bundled digits (no download), CIFAR-10/100 from a local
+folder in torchvision's format, and any ImageFolder tree.
+
+Every loader returns a :class:`DataSpec`; every problem a user can fix (missing folder, wrong layout, bad
+option) raises :class:`DataError` with one line that names the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset, TensorDataset
+
+DATASETS: tuple[str, ...] = ("digits", "cifar10", "cifar100", "imagefolder")
+"""Names accepted by :func:`build_datasets` (``--data``)."""
+
+DEFAULT_IMAGE_SIZE: dict[str, int] = {"digits": 16, "cifar10": 32, "cifar100": 32, "imagefolder": 224}
+
+# per-channel statistics of the training sets, for normalisation
+_CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+_IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+class DataError(ValueError):
+    """A dataset cannot be loaded as asked; the message says why and what to do."""
+
+
+@dataclasses.dataclass
+class DataSpec:
+    """Train and test datasets of ``(image, label)`` pairs, with what a model needs to know about them."""
+
+    name: str
+    train: Dataset
+    test: Dataset
+    num_classes: int
+    in_channels: int
+    image_size: int
+
+
+def load_digits(
+    image_size: int = DEFAULT_IMAGE_SIZE["digits"],
+    test_fraction: float = 0.25,
+    split_seed: int = 0,
+) -> DataSpec:
+    """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes), bilinearly resized to
+    ``image_size`` and normalised with the training split's mean and std.
+
+    Args:
+        image_size: side of the square images the model sees.
+        test_fraction: share of the images held out, stratified by class.
+        split_seed: seed of the (fixed) stratified split; independent of the training seed.
+    """
+    try:
+        from sklearn.datasets import load_digits as _sk_load_digits
+        from sklearn.model_selection import train_test_split
+    except ImportError as exc:  # pragma: no cover - scikit-learn is in the `train` extra
+        raise DataError("the digits dataset needs scikit-learn: pip install 'effdense[train]'") from exc
+    if not 0.0 < test_fraction < 1.0:
+        raise DataError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    digits = _sk_load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8) in [0, 1]
+    labels = torch.tensor(digits.target, dtype=torch.long)
+    if image_size != images.shape[-1]:
+        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    train_idx, test_idx = train_test_split(
+        list(range(len(labels))), test_size=test_fraction, stratify=digits.target, random_state=split_seed
+    )
+    train_idx_t, test_idx_t = torch.tensor(train_idx), torch.tensor(test_idx)
+    mean, std = images[train_idx_t].mean(), images[train_idx_t].std()
+    images = (images - mean) / std
+    return DataSpec(
+        name="digits",
+        train=TensorDataset(images[train_idx_t].contiguous(), labels[train_idx_t]),
+        test=TensorDataset(images[test_idx_t].contiguous(), labels[test_idx_t]),
+        num_classes=10,
+        in_channels=1,
+        image_size=image_size,
+    )
+
+
+def _torchvision():
+    try:
+        import torchvision
+    except ImportError as exc:  # pragma: no cover
+        raise DataError("CIFAR and ImageFolder data need torchvision: pip install torchvision") from exc
+    return torchvision
+
+
+def load_cifar(name: str, root: str | os.PathLike, image_size: int = 32, augment: bool = True) -> DataSpec:
+    """CIFAR-10 or CIFAR-100 from ``root`` in torchvision's layout (``cifar-10-batches-py/`` or
+    ``cifar-100-python/``); nothing is downloaded. Training images get the usual random crop (padding 4)
+    and horizontal flip when ``augment``.
+    """
+    tv = _torchvision()
+    from torchvision import transforms as T
+
+    if name not in _CIFAR_STATS:
+        raise DataError(f"unknown CIFAR variant {name!r}; expected 'cifar10' or 'cifar100'")
+    root = _existing_dir(root, name)
+    cls = tv.datasets.CIFAR10 if name == "cifar10" else tv.datasets.CIFAR100
+    subdir = cls.base_folder
+    mean, std = _CIFAR_STATS[name]
+    resize = [T.Resize(image_size, antialias=True)] if image_size != 32 else []
+    train_tf = T.Compose(
+        resize
+        + ([T.RandomCrop(image_size, padding=image_size // 8), T.RandomHorizontalFlip()] if augment else [])
+        + [T.ToTensor(), T.Normalize(mean, std)]
+    )
+    test_tf = T.Compose(resize + [T.ToTensor(), T.Normalize(mean, std)])
+    try:
+        train = cls(root, train=True, transform=train_tf, download=False)
+        test = cls(root, train=False, transform=test_tf, download=False)
+    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted."
+        raise DataError(
+            f"{name}: no valid {subdir!r} folder in {root!r} ({exc}); put the extracted python-version "
+            f"archive from https://www.cs.toronto.edu/~kriz/cifar.html there"
+        ) from exc
+    except Exception as exc:  # unreadable batch files (truncated pickle, wrong format)
+        raise DataError(f"{name}: cannot read {os.path.join(root, subdir)!r}: {type(exc).__name__}: {exc}") from exc
+    return DataSpec(name, train, test, len(train.classes), 3, image_size)
+
+
+def load_imagefolder(root: str | os.PathLike, image_size: int = 224, augment: bool = True) -> DataSpec:
+    """An ImageFolder tree: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*`` (``test/`` also works).
+
+    Training images: random resized crop and horizontal flip (when ``augment``); test images: resize to
+    ``image_size * 8/7`` and centre crop, as for ImageNet. Normalised with ImageNet statistics.
+    """
+    tv = _torchvision()
+    from torchvision import transforms as T
+
+    root = _existing_dir(root, "imagefolder")
+    splits = {}
+    for split, candidates in (("train", ("train",)), ("test", ("val", "test"))):
+        found = [os.path.join(root, c) for c in candidates if os.path.isdir(os.path.join(root, c))]
+        if not found:
+            raise DataError(
+                f"imagefolder: {root!r} has no {' or '.join(repr(c + '/') for c in candidates)} folder; "
+                "expected root/train/<class>/<image> and root/val/<class>/<image>"
+            )
+        splits[split] = found[0]
+    mean, std = _IMAGENET_STATS
+    if augment:
+        train_tf = T.Compose([T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip()])
+    else:
+        train_tf = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)])
+    test_tf = T.Compose([T.Resize(round(image_size * 8 / 7), antialias=True), T.CenterCrop(image_size)])
+    to_tensor = [T.ToTensor(), T.Normalize(mean, std)]
+    try:
+        train = tv.datasets.ImageFolder(splits["train"], transform=T.Compose([train_tf, *to_tensor]))
+        test = tv.datasets.ImageFolder(splits["test"], transform=T.Compose([test_tf, *to_tensor]))
+    except (FileNotFoundError, RuntimeError) as exc:  # no class folders, or no images in them
+        raise DataError(f"imagefolder: {exc}".replace("\n", " ")) from exc
+    if train.classes != test.classes:
+        raise DataError(
+            f"imagefolder: train and test class folders differ ({len(train.classes)} vs {len(test.classes)} "
+            f"classes); both splits need the same <class> sub-folders"
+        )
+    return DataSpec("imagefolder", train, test, len(train.classes), 3, image_size)
+
+
+def _existing_dir(root: str | os.PathLike | None, name: str) -> str:
+    if root is None or str(root) == "":
+        raise DataError(f"--data {name} needs --data-dir PATH (a local folder; nothing is downloaded)")
+    path = os.fspath(root)
+    if not os.path.exists(path):
+        raise DataError(f"{name}: data folder {path!r} does not exist")
+    if not os.path.isdir(path):
+        raise DataError(f"{name}: data path {path!r} is not a folder")
+    return path
+
+
+def build_datasets(
+    name: str,
+    root: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    augment: bool = True,
+) -> DataSpec:
+    """Load dataset ``name`` (one of :data:`DATASETS`).
+
+    Args:
+        name: ``digits``, ``cifar10``, ``cifar100`` or ``imagefolder``.
+        root: local data folder (ignored for digits).
+        image_size: side of the square images; ``None`` takes the dataset's default.
+        augment: random crops and flips on the training split (CIFAR, ImageFolder).
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; expected one of {DATASETS}")
+    size = DEFAULT_IMAGE_SIZE[name] if image_size is None else image_size
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        raise DataError(f"image size must be a positive integer, got {size!r}")
+    if name == "digits":
+        return load_digits(size)
+    if name in _CIFAR_STATS:
+        return load_cifar(name, root, size, augment)
+    return load_imagefolder(root, size, augment)
+
+
+class Subset(Dataset):
+    """The first ``n`` items of a dataset, stratified-agnostic (for quick runs: ``--subset``)."""
+
+    def __init__(self, dataset: Dataset, n: int) -> None:
+        self.dataset = dataset
+        self.n = min(n, len(dataset))  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> Any:
+        if i >= self.n:
+            raise IndexError(i)
+        return self.dataset[i]
+
+
+class ShardSampler(torch.utils.data.Sampler[int]):
+    """The ``epoch``'s permutation of ``range(n)`` (seeded by ``seed + epoch``, as ``DistributedSampler``),
+    rank ``rank``'s share (``indices[rank::world_size]``, padded to equal length), from sample ``start``.
+
+    Identical to ``DistributedSampler`` for ``start=0``; ``start`` lets a run interrupted mid-epoch resume
+    on the very next batch.
+    """
+
+    def __init__(
+        self, n: int, world_size: int = 1, rank: int = 0, shuffle: bool = True, seed: int = 0, pad: bool = True
+    ) -> None:
+        self.n, self.world_size, self.rank, self.shuffle, self.seed, self.pad = n, world_size, rank, shuffle, seed, pad
+        self.epoch = 0
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def indices(self) -> Sequence[int]:
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        if self.pad and self.n % self.world_size:
+            extra = self.world_size - self.n % self.world_size
+            order += (order * (extra // max(self.n, 1) + 1))[:extra]
+        return order[self.rank :: self.world_size]
+
+    def __iter__(self):
+        return iter(self.indices()[self.start :])
+
+    def __len__(self) -> int:
+        per_rank = -(-self.n // self.world_size) if self.pad else len(range(self.rank, self.n, self.world_size))
+        return max(per_rank - self.start, 0)

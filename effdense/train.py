@@ -1,0 +1,858 @@
+"""``effdense train``: train a DenseNet on digits (bundled, no download), CIFAR-10/100 or an ImageFolder.
+
+Mixed precision (bf16, fp16 with a gradient scaler), channels_last, ``torch.compile``, checkpoint save and
+exact resume (model, optimiser, scheduler, scaler, epoch and step, RNG states), a tqdm progress bar and a
+per-epoch metrics log (CSV or JSONL). Distributed data parallel under ``torchrun`` (NCCL on GPU, gloo on
+CPU), with ``--sync-bn``::
+
+    effdense train                                   # DenseNet-BC on digits, about a minute on a laptop CPU
+    effdense train --data cifar10 --data-dir ~/data --model densenet_bc_100 --epochs 300 --precision bf16
+    torchrun --nproc-per-node 2 -m effdense.train --sync-bn
+
+The CLI registers :func:`add_arguments` and :func:`main`; :func:`train` is the same run as a function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from effdense import densenet, strategies
+from effdense.data import DATASETS, DataError, ShardSampler, Subset, build_datasets
+
+DEFAULT_DEPTH = 22
+"""Depth of the default model (DenseNet-BC, k=12): ``densenet_bc_22``."""
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+CHECKPOINT_VERSION = 1
+
+
+class TrainError(Exception):
+    """A problem the user can fix (bad option, data, checkpoint); ``main`` prints it on one line, exit code 2."""
+
+
+class CheckpointError(TrainError):
+    """A checkpoint that cannot be read or does not fit the run."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Command line
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the options of ``effdense train`` to ``parser``."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", choices=DATASETS, default="digits", help="dataset (default: %(default)s, bundled)")
+    g.add_argument("--data-dir", default=None, metavar="PATH", help="local folder of cifar10/cifar100/imagefolder")
+    g.add_argument("--image-size", type=int, default=None, help="square input side (default: 16 digits, 32 CIFAR, 224 imagefolder)")
+    g.add_argument("--subset", type=int, default=None, metavar="N", help="train on the first N training images only")
+    g.add_argument("--test-subset", type=int, default=None, metavar="N", help="evaluate on the first N test images only")
+    g.add_argument("--no-augment", action="store_true", help="no random crops/flips (CIFAR, imagefolder)")
+    g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: %(default)s)")
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", default=None, help=f"any effdense.get_model name (default: densenet_bc_{DEFAULT_DEPTH})")
+    g.add_argument("--depth", type=int, default=None, help="custom 3-block DenseNet-BC of this depth (4 + 6n)")
+    g.add_argument("--growth-rate", type=int, default=None, help="growth rate k of --depth or a densenet_bc_<depth> model (default 12)")
+    g.add_argument("--drop-rate", type=float, default=0.0, help="dropout after each dense layer")
+    g.add_argument("--strategy", default="auto", help=f"dense-block strategy: auto or one of {strategies.STRATEGIES}")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=15)
+    g.add_argument("--batch-size", type=int, default=64, help="per-process batch size (global = this x world size)")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="SGD with Nesterov momentum, or AdamW")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.1 sgd, 1e-3 adamw)")
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight-decay", type=float, default=None, help="default: 1e-4 sgd, 0.05 adamw")
+    g.add_argument("--lr-schedule", choices=("cosine", "step", "constant"), default="cosine", help="stepped every iteration")
+    g.add_argument("--lr-milestones", default="0.5,0.75", help="step schedule: fractions of training (default: %(default)s)")
+    g.add_argument("--lr-gamma", type=float, default=0.1, help="step schedule: factor at each milestone")
+    g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the schedule")
+    g.add_argument("--label-smoothing", type=float, default=0.0)
+
+    g = parser.add_argument_group("performance")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
+    g.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast dtype; fp16 uses a GradScaler")
+    g.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last memory format")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over the global batch (DDP)")
+
+    g = parser.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out-dir", default="runs/train", help="checkpoint and metrics folder (default: %(default)s)")
+    g.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint file (default: OUT_DIR/checkpoint.pt)")
+    g.add_argument("--save-every", type=int, default=1, metavar="EPOCHS", help="save a checkpoint every N epochs; 0: at the end only")
+    g.add_argument("--resume", default=None, metavar="PATH", help="continue from this checkpoint")
+    g.add_argument("--metrics", default=None, metavar="PATH", help="per-epoch log, .csv or .jsonl (default: OUT_DIR/metrics.csv)")
+    g.add_argument("--log-interval", type=int, default=10, metavar="STEPS", help="progress-bar refresh (default: %(default)s)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch)")
+    g.add_argument("--quiet", action="store_true", help="no output except errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="effdense train", description="Train a memory-efficient DenseNet (default: DenseNet-BC on digits)."
+    )
+    add_arguments(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse ``effdense train`` options (``argv=None``: ``sys.argv[1:]``)."""
+    return build_parser().parse_args(argv)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run ``effdense train``; 0 on success, 2 on a usage/data/checkpoint error, 130 when interrupted."""
+    try:
+        result = train(args)
+    except (TrainError, DataError) as exc:
+        print(f"effdense train: error: {exc}", file=sys.stderr)
+        return 2
+    return 130 if result.get("interrupted") else 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed setup
+
+
+@dataclasses.dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def _resolve_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise TrainError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TrainError(f"--device {name} asked for CUDA, but torch.cuda.is_available() is False")
+        if device.index is None:
+            device = torch.device(f"cuda:{local_rank}")
+    return device
+
+
+def _setup_distributed(device_name: str) -> tuple[_Dist, torch.device]:
+    """Join the process group that torchrun describes (or one the caller already made)."""
+    if dist.is_available() and dist.is_initialized():
+        info = _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+        return info, _resolve_device(device_name, info.local_rank)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = _resolve_device(device_name, local_rank)
+    if world_size <= 1:
+        return _Dist(), device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+    return _Dist(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True), device
+
+
+def _all_reduce_sum(values: list[float], ctx: _Dist, device: torch.device) -> list[float]:
+    if not ctx.enabled:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ------------------------------------------------------------------------------------------------
+# SyncBatchNorm on CPU
+#
+# nn.SyncBatchNorm raises "SyncBatchNorm expected input tensor to be on GPU" on CPU (torch 2.14; its kernels
+# batch_norm_stats/batch_norm_gather_stats_with_counts have no CPU implementation), so a gloo run on CPU
+# needs its own. Statistics are combined exactly: each rank contributes (count, mean, M2) and the global
+# variance is Chan's pairwise formula, never E[x^2] - E[x]^2. Backward all-reduces sum(dy), sum(dy*x_hat):
+#   dx = gamma*invstd * (dy - sum(dy)/M - x_hat * sum(dy*x_hat)/M),  M = global count,
+# the gradient of the *sum* of the ranks' losses, as nn.SyncBatchNorm; DDP's gradient averaging then turns
+# it into the gradient of the mean.
+
+
+class _SyncBatchNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, group, world_size):  # type: ignore[override]
+        channels = x.shape[1]
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        xf = x.float()
+        count = xf.numel() // channels
+        if count > 0:
+            mean_local = xf.mean(dims)
+            m2_local = (xf - mean_local.view(shape)).square().sum(dims)
+        else:  # an empty shard still takes part in the collective
+            mean_local = m2_local = xf.new_zeros(channels)
+        packed = torch.cat([xf.new_tensor([float(count)]), mean_local, m2_local])
+        gathered = [torch.empty_like(packed) for _ in range(world_size)]
+        dist.all_gather(gathered, packed, group=group)
+        stats = torch.stack(gathered)  # (world_size, 2C + 1)
+        counts, means, m2s = stats[:, :1], stats[:, 1 : channels + 1], stats[:, channels + 1 :]
+        total = counts.sum()
+        if total < 2:
+            raise ValueError(f"Expected more than 1 value per channel when training, got {int(total)} in all")
+        mean = (counts * means).sum(0) / total
+        m2 = (m2s + counts * (means - mean).square()).sum(0)
+        invstd = torch.rsqrt(m2 / total + eps)
+        if running_mean is not None:
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            running_var.mul_(1 - momentum).add_((m2 / (total - 1)).to(running_var.dtype), alpha=momentum)
+        y = (xf - mean.view(shape)) * invstd.view(shape)
+        if weight is not None:
+            y = y * weight.float().view(shape) + bias.float().view(shape)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.group, ctx.total = group, float(total)
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, weight, mean, invstd = ctx.saved_tensors
+        channels = x.shape[1]
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, channels] + [1] * (x.dim() - 2)
+        dyf = dy.float()
+        x_hat = (x.float() - mean.view(shape)) * invstd.view(shape)
+        sum_dy = dyf.sum(dims)
+        sum_dy_xhat = (dyf * x_hat).sum(dims)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            combined = torch.cat([sum_dy, sum_dy_xhat])
+            dist.all_reduce(combined, group=ctx.group)
+            g_dy, g_dy_xhat = combined[:channels], combined[channels:]
+            scale = invstd if weight is None else weight.float() * invstd
+            dx = scale.view(shape) * (dyf - (g_dy / ctx.total).view(shape) - x_hat * (g_dy_xhat / ctx.total).view(shape))
+            dx = dx.to(x.dtype)
+        dw = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
+        db = sum_dy.to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None, None, None, None, None
+
+
+class CPUSyncBatchNorm(nn.SyncBatchNorm):
+    """``nn.SyncBatchNorm`` that also synchronises CPU tensors (gloo); other devices use the parent's path.
+
+    Same parameters, buffers and state-dict keys as ``nn.SyncBatchNorm``; :func:`enable_cpu_sync_bn`
+    turns the SyncBatchNorms of a model into these in place.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        distributed = dist.is_available() and dist.is_initialized()
+        if input.device.type != "cpu" or not (self.training and distributed):
+            return super().forward(input)
+        self._check_input_dim(input)
+        self._check_non_zero_input_channels(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        running_mean = self.running_mean if self.track_running_stats else None
+        running_var = self.running_var if self.track_running_stats else None
+        group = self.process_group or dist.group.WORLD
+        world_size = dist.get_world_size(group)
+        if world_size == 1:
+            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, True, factor, self.eps)
+        return _SyncBatchNormFunction.apply(
+            input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group, world_size
+        )
+
+
+def enable_cpu_sync_bn(model: nn.Module) -> int:
+    """Make every ``nn.SyncBatchNorm`` of ``model`` a :class:`CPUSyncBatchNorm` (in place, parameters kept);
+    returns how many were changed. Call after ``DenseNet.set_sync_bn(True)``."""
+    changed = 0
+    for m in model.modules():
+        if type(m) is nn.SyncBatchNorm:
+            m.__class__ = CPUSyncBatchNorm  # same state, one overridden method
+            changed += 1
+    return changed
+
+
+# ------------------------------------------------------------------------------------------------
+# Model, optimiser, schedule
+
+
+def build_model(args: argparse.Namespace, num_classes: int, in_channels: int) -> densenet.DenseNet:
+    """The model that ``--model/--depth/--growth-rate/--strategy`` describe, on CPU in fp32."""
+    try:
+        strategies.check_strategy(args.strategy)
+    except (ValueError, NotImplementedError) as exc:
+        raise TrainError(str(exc)) from exc
+    common = dict(num_classes=num_classes, in_channels=in_channels, strategy=args.strategy, drop_rate=args.drop_rate)
+    try:
+        if args.depth is not None:
+            if args.model is not None:
+                raise TrainError("give either --model or --depth (a custom DenseNet-BC), not both")
+            return densenet.densenet_cifar(args.depth, args.growth_rate or 12, **common)
+        name = args.model or f"densenet_bc_{DEFAULT_DEPTH}"
+        if args.growth_rate is not None:
+            common["growth_rate"] = args.growth_rate
+        return densenet.get_model(name, **common)
+    except TypeError as exc:  # e.g. --growth-rate with an ImageNet preset
+        raise TrainError(f"model {args.model!r}: {exc}") from exc
+    except ValueError as exc:
+        raise TrainError(str(exc)) from exc
+
+
+def _build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
+    lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else 1e-3)
+    wd = args.weight_decay if args.weight_decay is not None else (1e-4 if args.optimizer == "sgd" else 0.05)
+    # no weight decay on BatchNorm parameters and biases (1-D tensors)
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}]
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=args.momentum, nesterov=args.momentum > 0)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def _build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    total = max(args.epochs * steps_per_epoch, 1)
+    warmup = min(int(round(args.warmup_epochs * steps_per_epoch)), total - 1)
+    main_steps = total - warmup
+    if args.lr_schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_steps)
+    elif args.lr_schedule == "step":
+        try:
+            fractions = [float(f) for f in args.lr_milestones.split(",") if f.strip()]
+        except ValueError as exc:
+            raise TrainError(f"--lr-milestones must be comma-separated fractions like 0.5,0.75, got {args.lr_milestones!r}") from exc
+        milestones = sorted({max(1, int(round(f * main_steps))) for f in fractions})
+        sched = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=args.lr_gamma)
+    else:
+        sched = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if warmup > 0:
+        ramp = torch.optim.lr_scheduler.LinearLR(optimizer, start_factor=1.0 / (warmup + 1), total_iters=warmup)
+        sched = torch.optim.lr_scheduler.SequentialLR(optimizer, [ramp, sched], milestones=[warmup])
+    return sched
+
+
+def _validate(args: argparse.Namespace) -> None:
+    for name in ("epochs", "batch_size", "log_interval"):
+        v = getattr(args, name)
+        if v is None or v <= 0:
+            raise TrainError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    for name in ("subset", "test_subset"):
+        v = getattr(args, name)
+        if v is not None and v <= 0:
+            raise TrainError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    if args.workers < 0 or args.save_every < 0:
+        raise TrainError("--workers and --save-every must be >= 0")
+    if args.metrics and not args.metrics.endswith((".csv", ".jsonl")):
+        raise TrainError(f"--metrics must end in .csv or .jsonl, got {args.metrics!r}")
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: only tensors, numbers, strings and containers, so they load with weights_only=True.
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": [list(x) if isinstance(x, tuple) else x for x in random.getstate()],
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+def save_checkpoint(path: str, state: dict[str, Any]) -> None:
+    """Write ``state`` atomically (a temporary file, then rename), so an interrupted save never leaves a
+    truncated checkpoint behind."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    """Read a checkpoint written by ``effdense train``; :class:`CheckpointError` when it cannot be used."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"cannot read checkpoint {path!r}: {reason}") from exc
+    required = {"version", "model", "optimizer", "scheduler", "epoch", "step", "rng"}
+    if not isinstance(state, dict) or not required <= set(state):
+        missing = sorted(required - set(state)) if isinstance(state, dict) else ["everything"]
+        raise CheckpointError(f"{path!r} is not an effdense train checkpoint (missing {missing})")
+    return state
+
+
+# ------------------------------------------------------------------------------------------------
+# Interrupts: Ctrl-C sets a flag; the loop stops after the current step and saves a checkpoint.
+
+
+class _StopRequested(Exception):
+    """Every rank agreed to stop after this step (Ctrl-C seen by at least one)."""
+
+
+class _InterruptFlag:
+    def __init__(self, announce: bool) -> None:
+        self.requested = False
+        self.announce = announce
+        self._previous: Any = None
+
+    def _handler(self, signum, frame) -> None:
+        if self.requested:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.requested = True
+        if self.announce:
+            print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+
+    def __enter__(self) -> "_InterruptFlag":
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# ------------------------------------------------------------------------------------------------
+# Metrics
+
+
+def _peak_memory_mib(device: torch.device) -> tuple[float, str]:
+    """(peak, kind): CUDA allocator peak since the last reset, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_allocated"
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_max_rss"  # KiB on Linux
+    except (ImportError, OSError):  # pragma: no cover - Windows
+        return float("nan"), "unavailable"
+
+
+class _MetricsLog:
+    def __init__(self, path: str | None, append: bool) -> None:
+        self.path = path
+        if path and not append:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            if os.path.exists(path):
+                os.remove(path)
+
+    def write(self, row: dict[str, Any]) -> None:
+        if not self.path:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        if self.path.endswith(".jsonl"):
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            return
+        flat = {k: (";".join(f"{x:.1f}" for x in v) if isinstance(v, list) else v) for k, v in row.items()}
+        new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
+        with open(self.path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(flat))
+            if new:
+                writer.writeheader()
+            writer.writerow(flat)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover - tqdm is in the `train` extra
+        return None
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+# ------------------------------------------------------------------------------------------------
+# The run
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group; workers must outlive it so the main process can finish
+    # its step and save a checkpoint
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _loader(dataset, sampler, batch_size: int, workers: int, device: torch.device, drop_last: bool) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=_ignore_sigint if workers > 0 else None,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    autocast: Callable[[], contextlib.AbstractContextManager],
+    channels_last: bool,
+    ctx: _Dist | None = None,
+) -> tuple[float, float]:
+    """(mean loss, accuracy) of ``model`` over ``loader``, summed over ranks."""
+    model.eval()
+    loss_sum, correct, count = 0.0, 0.0, 0.0
+    for x, y in loader:
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = y.to(device, non_blocking=True)
+        with autocast():
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        count += y.numel()
+    loss_sum, correct, count = _all_reduce_sum([loss_sum, correct, count], ctx or _Dist(), device)
+    return loss_sum / max(count, 1), correct / max(count, 1)
+
+
+def train(args: argparse.Namespace, *, on_step: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
+    """Run ``effdense train`` with parsed ``args`` (see :func:`parse_args`) and return a summary:
+    ``history`` (one metrics row per epoch), ``step_losses`` (this rank's loss per step), ``model`` (the
+    trained, unwrapped model), ``test_acc``, ``wall_s``, ``checkpoint``, ``interrupted``.
+
+    Args:
+        args: the options, as :func:`parse_args` returns them.
+        on_step: called as ``on_step(epoch, step, loss)`` after every optimiser step (tests use it).
+    """
+    t_start = time.perf_counter()
+    _validate(args)
+    ctx, device = _setup_distributed(args.device)
+    try:
+        return _train(args, ctx, device, on_step, t_start)
+    finally:
+        if ctx.owns_group and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> dict[str, Any]:
+    say = (lambda *a: None) if (args.quiet or not ctx.is_main) else (lambda *a: print(*a, flush=True))
+    out_dir = args.out_dir or "."
+    ckpt_path = args.checkpoint or os.path.join(out_dir, "checkpoint.pt")
+    metrics_path = args.metrics if args.metrics is not None else os.path.join(out_dir, "metrics.csv")
+
+    resume_state = load_checkpoint(args.resume) if args.resume else None
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    spec = build_datasets(args.data, args.data_dir, args.image_size, augment=not args.no_augment)
+    train_set = Subset(spec.train, args.subset) if args.subset else spec.train
+    test_set = Subset(spec.test, args.test_subset) if args.test_subset else spec.test
+
+    model = build_model(args, spec.num_classes, spec.in_channels)
+    if spec.image_size < model.min_input_size():
+        raise TrainError(
+            f"--image-size {spec.image_size} is too small for {args.model or 'this model'}: "
+            f"it needs at least {model.min_input_size()}"
+        )
+    if args.sync_bn:
+        if not ctx.enabled:
+            say("note: --sync-bn has no effect in a single process")
+        else:
+            model.set_sync_bn(True)
+            if device.type == "cpu":
+                enable_cpu_sync_bn(model)
+    model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    global_batch = args.batch_size * ctx.world_size
+    train_sampler = ShardSampler(len(train_set), ctx.world_size, ctx.rank, shuffle=True, seed=args.seed)
+    steps_per_epoch = len(train_sampler) // args.batch_size
+    if steps_per_epoch == 0:
+        raise TrainError(
+            f"{len(train_set)} training images give no full batch of {args.batch_size} per process "
+            f"({ctx.world_size} processes); lower --batch-size"
+        )
+    test_sampler = ShardSampler(len(test_set), ctx.world_size, ctx.rank, shuffle=False, pad=False)
+    test_loader = _loader(test_set, test_sampler, args.batch_size, args.workers, device, drop_last=False)
+
+    optimizer = _build_optimizer(args, model)
+    scheduler = _build_scheduler(args, optimizer, steps_per_epoch)
+    amp_dtype = PRECISIONS[args.precision]
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+
+    def autocast() -> contextlib.AbstractContextManager:
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=amp_dtype)
+
+    start_epoch, start_step, global_step = 0, 0, 0
+    history: list[dict[str, Any]] = []
+    if resume_state is not None:
+        try:
+            model.load_state_dict(resume_state["model"])
+            optimizer.load_state_dict(resume_state["optimizer"])
+            scheduler.load_state_dict(resume_state["scheduler"])
+            if "scaler" in resume_state and resume_state["scaler"]:
+                scaler.load_state_dict(resume_state["scaler"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise CheckpointError(f"checkpoint {args.resume!r} does not fit this run: {first}") from exc
+        start_epoch, start_step = int(resume_state["epoch"]), int(resume_state["step"])
+        global_step = int(resume_state.get("global_step", start_epoch * steps_per_epoch + start_step))
+        history = list(resume_state.get("history", []))
+        rng = resume_state["rng"]
+        _set_rng_state(rng[ctx.rank] if isinstance(rng, list) and ctx.rank < len(rng) else rng)
+        if start_step >= steps_per_epoch:
+            start_epoch, start_step = start_epoch + 1, 0
+        say(f"resumed from {args.resume}: epoch {start_epoch + 1}, step {start_step}")
+
+    train_model: nn.Module = model
+    if ctx.enabled:
+        ids = [device.index] if device.type == "cuda" else None
+        train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if args.compile:
+        train_model = torch.compile(train_model)
+
+    metrics = _MetricsLog(metrics_path if ctx.is_main else None, append=resume_state is not None)
+    n_params = sum(p.numel() for p in model.parameters())
+    say(
+        f"{spec.name}: {len(train_set)} train / {len(test_set)} test images, {spec.image_size}x{spec.image_size}, "
+        f"{spec.num_classes} classes | model {args.model or (f'densenet_bc depth {args.depth}' if args.depth else f'densenet_bc_{DEFAULT_DEPTH}')} "
+        f"({n_params / 1e6:.3f} M params), strategy {args.strategy} -> "
+        f"{strategies.resolve(args.strategy, torch.empty(0, device=device))} | device {device}, "
+        f"{ctx.world_size} process(es), global batch {global_batch}, {args.precision}"
+        f"{', channels_last' if args.channels_last else ''}{', compiled' if args.compile else ''}"
+        f"{', sync_bn' if args.sync_bn and ctx.enabled else ''}"
+    )
+
+    def checkpoint_state(epoch: int, step: int, collective: bool = True) -> dict[str, Any]:
+        rng: Any = _rng_state()
+        if ctx.enabled and collective:  # every rank's RNG, so each resumes its own stream
+            gathered: list[Any] = [None] * ctx.world_size
+            dist.all_gather_object(gathered, rng)
+            rng = gathered
+        return {
+            "version": CHECKPOINT_VERSION,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else {},
+            "epoch": epoch,
+            "step": step,
+            "global_step": global_step,
+            "rng": rng,
+            "history": history,
+            "config": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+            "world_size": ctx.world_size,
+        }
+
+    def save(epoch: int, step: int) -> None:
+        state = checkpoint_state(epoch, step)  # collective under DDP: every rank takes part
+        if ctx.is_main:
+            save_checkpoint(ckpt_path, state)
+
+    step_losses: list[float] = []
+    epoch_losses: list[torch.Tensor] = []  # this epoch's, turned into floats at its end (no per-step sync)
+    interrupted = False
+    epoch, step = start_epoch, start_step
+    in_update = False
+    last_saved = None
+    flag = _InterruptFlag(announce=ctx.is_main and not args.quiet)
+    try:
+        with flag:
+            for epoch in range(start_epoch, args.epochs):
+                step0 = step = start_step if epoch == start_epoch else 0
+                train_sampler.set_epoch(epoch, start=step0 * args.batch_size)
+                loader = _loader(train_set, train_sampler, args.batch_size, args.workers, device, drop_last=True)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                train_model.train()
+                bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", ctx.is_main and not (args.no_progress or args.quiet))
+                if bar is not None:
+                    bar.update(step0)
+                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+                correct = torch.zeros((), dtype=torch.int64, device=device)
+                seen = 0
+                t_epoch = time.perf_counter()
+                t_window, seen_window = t_epoch, 0
+                step = step0
+                for x, y in loader:
+                    x = x.to(device, non_blocking=True)
+                    if args.channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    y = y.to(device, non_blocking=True)
+                    with autocast():
+                        logits = train_model(x)
+                        loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+                    optimizer.zero_grad(set_to_none=True)
+                    scaler.scale(loss).backward()
+                    in_update = True
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scheduler.step()
+                    in_update = False
+                    step += 1
+                    global_step += 1
+                    loss_d = loss.detach()
+                    epoch_losses.append(loss_d)
+                    loss_sum += loss_d.double() * y.numel()
+                    correct += (logits.detach().argmax(1) == y).sum()
+                    seen += y.numel()
+                    seen_window += y.numel()
+                    if on_step is not None:
+                        on_step(epoch, step, float(loss_d))
+                    if bar is not None and (step % args.log_interval == 0 or step == steps_per_epoch):
+                        now = time.perf_counter()
+                        rate = seen_window * ctx.world_size / max(now - t_window, 1e-9)
+                        t_window, seen_window = now, 0
+                        mem, _ = _peak_memory_mib(device)
+                        bar.set_postfix(
+                            loss=f"{float(loss_sum) / seen:.3f}",
+                            acc=f"{float(correct) / seen:.3f}",
+                            img_s=f"{rate:.0f}",
+                            mem=f"{mem:.0f}MiB",
+                            refresh=False,
+                        )
+                        bar.update(step - bar.n)
+                    stop = flag.requested
+                    if ctx.enabled:  # every rank stops at the same step, or collectives would hang
+                        t = torch.tensor([int(stop)], device=device)
+                        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                        stop = bool(t.item())
+                    if stop:
+                        raise _StopRequested
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                train_time = time.perf_counter() - t_epoch
+                if bar is not None:
+                    bar.close()
+                step_losses.extend(float(v) for v in epoch_losses)
+                epoch_losses = []
+                tl, tc, tn = _all_reduce_sum([float(loss_sum), float(correct), float(seen)], ctx, device)
+                test_loss, test_acc = evaluate(model, test_loader, device, autocast, args.channels_last, ctx)
+                peak, peak_kind = _peak_memory_mib(device)
+                peaks = [peak]
+                if ctx.enabled:
+                    gathered: list[Any] = [None] * ctx.world_size
+                    dist.all_gather_object(gathered, peak)
+                    peaks = [float(p) for p in gathered]
+                row = {
+                    "epoch": epoch + 1,
+                    "step": global_step,
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "train_loss": tl / max(tn, 1),
+                    "train_acc": tc / max(tn, 1),
+                    "test_loss": test_loss,
+                    "test_acc": test_acc,
+                    "img_per_s": tn / max(train_time, 1e-9),
+                    "epoch_time_s": train_time,
+                    "elapsed_s": time.perf_counter() - t_start,
+                    "peak_mem_mib": max(peaks),
+                    "peak_mem_kind": peak_kind,
+                    "peak_mem_mib_per_rank": peaks,
+                    "world_size": ctx.world_size,
+                }
+                history.append(row)
+                metrics.write(row)
+                say(
+                    f"epoch {epoch + 1}/{args.epochs}  loss {row['train_loss']:.4f}  acc {row['train_acc']:.4f}  "
+                    f"test_loss {test_loss:.4f}  test_acc {test_acc:.4f}  {row['img_per_s']:.0f} img/s  "
+                    f"peak {' / '.join(f'{p:.0f}' for p in peaks)} MiB ({peak_kind})  lr {row['lr']:.2e}"
+                )
+                is_last = epoch + 1 == args.epochs
+                if is_last or (args.save_every and (epoch + 1) % args.save_every == 0):
+                    save(epoch + 1, 0)
+                    last_saved = ckpt_path
+    except (KeyboardInterrupt, _StopRequested) as exc:
+        interrupted = True
+        step_losses.extend(float(v) for v in epoch_losses)
+        if isinstance(exc, KeyboardInterrupt) and ctx.enabled:
+            # only this rank was interrupted: the others are not at a collective, so save without one
+            if ctx.is_main and not in_update:
+                save_checkpoint(ckpt_path, checkpoint_state(epoch, step, collective=False))
+                last_saved = ckpt_path
+                say(f"interrupted: checkpoint saved to {ckpt_path}; continue with --resume {ckpt_path}")
+        elif in_update:
+            # a raw KeyboardInterrupt inside the optimiser update (no signal handler, e.g. not the main
+            # thread): the parameters are half-updated, so no consistent state exists to save
+            say("interrupted inside the optimiser update; no checkpoint saved")
+        else:
+            save(epoch, step)
+            last_saved = ckpt_path
+            say(f"interrupted at epoch {epoch + 1}, step {step}: checkpoint saved to {ckpt_path}; "
+                f"continue with --resume {ckpt_path}")
+
+    wall = time.perf_counter() - t_start
+    final = history[-1] if history else {}
+    if not interrupted:
+        say(f"done in {wall:.1f} s: test accuracy {final.get('test_acc', float('nan')):.4f}"
+            + (f", checkpoint {last_saved}" if last_saved else "") + (f", metrics {metrics_path}" if metrics_path else ""))
+    return {
+        "history": history,
+        "step_losses": step_losses,
+        "model": model,
+        "test_acc": final.get("test_acc"),
+        "wall_s": wall,
+        "checkpoint": last_saved,
+        "metrics": metrics_path,
+        "interrupted": interrupted,
+        "world_size": ctx.world_size,
+        "rank": ctx.rank,
+    }
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """``python -m effdense.train [options]``."""
+    return main(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())
