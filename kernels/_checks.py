@@ -1,0 +1,69 @@
+"""Argument checks shared by the Triton wrappers and their reference twins.
+
+Every entry point reads activations as ``(N, C, H, W)`` tensors whose spatial plane is contiguous
+(strides ``(sN, sC, W, 1)``), which covers a contiguous NCHW tensor and any channel slice of one
+(``buf[:, 16:40]``). Errors name what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_activation(name: str, t: torch.Tensor, *, like: torch.Tensor | None = None, channels: int | None = None) -> None:
+    """``t`` is a 4-D float tensor with a contiguous (H, W) plane; optionally shaped/typed/placed like ``like``."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name}: expected a 4-D tensor (N, C, H, W), got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected dtype float32, bfloat16 or float16, got {t.dtype}")
+    N, C, H, W = t.shape
+    if (W > 1 and t.stride(3) != 1) or (H > 1 and t.stride(2) != W):
+        raise ValueError(
+            f"{name}: expected each (H, W) plane contiguous (strides (sN, sC, {W}, 1), e.g. NCHW or a channel "
+            f"slice of an NCHW buffer), got strides {t.stride()}; channels_last is not supported, call .contiguous()"
+        )
+    if like is not None:
+        if t.device != like.device:
+            raise ValueError(f"{name}: expected device {like.device}, got {t.device}")
+        if t.dtype != like.dtype:
+            raise TypeError(f"{name}: expected dtype {like.dtype} (the dtype of x), got {t.dtype}")
+        if (t.shape[0], t.shape[2], t.shape[3]) != (like.shape[0], like.shape[2], like.shape[3]):
+            raise ValueError(
+                f"{name}: expected N, H, W = {(like.shape[0], like.shape[2], like.shape[3])} as x, got shape {tuple(t.shape)}"
+            )
+    if channels is not None and C != channels:
+        raise ValueError(f"{name}: expected {channels} channels, got shape {tuple(t.shape)}")
+
+
+def check_vector(name: str, v: torch.Tensor, length: int, device: torch.device) -> None:
+    """``v`` is a float32 1-D tensor of ``length`` elements on ``device``."""
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(v).__name__}")
+    if v.dim() != 1 or v.shape[0] != length:
+        raise ValueError(f"{name}: expected a 1-D tensor of shape ({length},), got shape {tuple(v.shape)}")
+    if v.dtype != torch.float32:
+        raise TypeError(f"{name}: expected dtype torch.float32 (per-channel statistics are fp32), got {v.dtype}")
+    if v.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {v.device}")
+
+
+def check_weight(weight: torch.Tensor, x: torch.Tensor) -> None:
+    """``weight`` is the 1x1 convolution's ``(B, C)`` matrix in x's dtype (a ``(B, C, 1, 1)`` view is not accepted)."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight: expected a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"weight: expected shape (B, {x.shape[1]}) (use conv.weight.view(B, C)), got shape {tuple(weight.shape)}"
+        )
+    if weight.dtype != x.dtype:
+        raise TypeError(f"weight: expected dtype {x.dtype} (the dtype of x), got {weight.dtype}")
+    if weight.device != x.device:
+        raise ValueError(f"weight: expected device {x.device}, got {weight.device}")
+
+
+def check_dy(dy: torch.Tensor, x: torch.Tensor, B: int) -> None:
+    check_activation("dy", dy, like=x, channels=B)

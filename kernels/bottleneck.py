@@ -1,0 +1,484 @@
+"""DenseNet-BC bottleneck ``BN1 -> ReLU -> conv1x1`` and its backward: Triton kernels and host launches.
+
+All kernels see an activation as a ``(N, C, P)`` array with ``P = H*W`` contiguous and arbitrary batch and
+channel strides (a channel slice of the block's feature buffer). The ``N*P`` pixels of a batch are one GEMM
+dimension ``M``: column ``m`` lives at ``(m // P)*stride_n + m % P``, so small spatial sizes (7x7) still fill
+whole tiles. Accumulators and statistics are fp32; GEMM operands are in the activation dtype.
+
+The hosts below only launch: argument checks, allocation and backend dispatch live in :mod:`.ops`.
+On a GPU each GEMM kernel is autotuned (configs pruned to the device's shared memory, keyed on the
+power-of-two buckets of C and M, the exact B, and the dtypes); under ``TRITON_INTERPRET=1`` a single large-block
+config is used, since the interpreter's cost grows with the number of program instances.
+
+Reductions across programs (Σy, Σy², dW's split over M, Σdh, Σdh·(x-mean)) use fp32 atomics, so their
+summation order, and hence their last bits, can vary from run to run.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from effdense.kernels import _launch
+
+
+@triton.jit
+def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, BF16_INTERP: tl.constexpr):
+    """``acc + a @ b``. Triton's interpreter (3.8) mis-multiplies bfloat16 operands (kept as raw uint16),
+    so there they are widened to fp32 first: the same result, as bf16 products are exact in fp32."""
+    if BF16_INTERP:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _downcast(x, DTYPE: tl.constexpr, BF16_INTERP: tl.constexpr):
+    """fp32 ``x`` rounded to nearest-even in ``DTYPE``. The interpreter truncates fp32 -> bf16, so there
+    the rounding is done on the bits first (the final cast is then exact)."""
+    if BF16_INTERP:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(DTYPE)
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward: Y[n] (B x P) = W (B x C) . relu(scale*X[n] + shift) (C x P), with Σy and Σy² per output channel
+
+
+@triton.jit
+def _bottleneck_fwd_kernel(
+    X_ptr,  # (N, C, P): x[n, c, p] at n*stride_xn + c*stride_xc + p
+    Scale_ptr,  # (C,) fp32
+    Shift_ptr,  # (C,) fp32
+    W_ptr,  # (B, C), x.dtype, w[b, c] at b*stride_wb + c
+    Y_ptr,  # (N, B, P), x.dtype
+    YSum_ptr,  # (B,) fp32, zeroed: Σ_{n,p} y
+    YSqSum_ptr,  # (B,) fp32, zeroed: Σ_{n,p} y²
+    C,
+    B,
+    P,
+    M,  # N*P
+    stride_xn,
+    stride_xc,
+    stride_wb,
+    stride_yn,
+    stride_yb,
+    C_KEY,  # autotune keys only: power-of-two buckets of C and M
+    M_KEY,
+    BLOCK_B: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BF16_INTERP: tl.constexpr,
+):
+    # consecutive programs share one X tile (pid_b varies fastest), so X is read ~once from DRAM
+    pid = tl.program_id(0)
+    n_b = tl.cdiv(B, BLOCK_B)
+    pid_b = pid % n_b
+    pid_m = pid // n_b
+
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_b = offs_b < B
+    mask_m = offs_m < M
+    n = (offs_m // P).to(tl.int64)
+    p = offs_m % P
+
+    x_ptrs = X_ptr + (n * stride_xn + p)[None, :] + offs_k[:, None] * stride_xc
+    w_ptrs = W_ptr + offs_b[:, None] * stride_wb + offs_k[None, :]
+    acc = tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        mask_k = (k0 + offs_k) < C
+        x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        scale = tl.load(Scale_ptr + k0 + offs_k, mask=mask_k, other=0.0)
+        shift = tl.load(Shift_ptr + k0 + offs_k, mask=mask_k, other=0.0)
+        # prologue: BN1 affine + ReLU in fp32, rounded to the GEMM dtype; padded channels give h = 0
+        h = tl.maximum(x.to(tl.float32) * scale[:, None] + shift[:, None], 0.0)
+        w = tl.load(w_ptrs, mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+        acc = _mma(w, _downcast(h, w.dtype, BF16_INTERP), acc, INPUT_PRECISION, BF16_INTERP)
+        x_ptrs += BLOCK_K * stride_xc
+        w_ptrs += BLOCK_K
+
+    y = _downcast(acc, Y_ptr.dtype.element_ty, BF16_INTERP)
+    mask = mask_b[:, None] & mask_m[None, :]
+    tl.store(Y_ptr + (n * stride_yn + p)[None, :] + offs_b[:, None] * stride_yb, y, mask=mask)
+    # epilogue: BN2 batch sums of y as stored (padded pixels hold relu(shift) @ w, so mask them)
+    yf = tl.where(mask, y.to(tl.float32), 0.0)
+    tl.atomic_add(YSum_ptr + offs_b, tl.sum(yf, axis=1), mask=mask_b)
+    tl.atomic_add(YSqSum_ptr + offs_b, tl.sum(yf * yf, axis=1), mask=mask_b)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward, weight: dW (B x C) = Σ_m dY[:, m] . h[:, m]^T, M split across programs
+
+
+@triton.jit
+def _bottleneck_bwd_weight_kernel(
+    X_ptr,  # (N, C, P)
+    Scale_ptr,  # (C,) fp32
+    Shift_ptr,  # (C,) fp32
+    DY_ptr,  # (N, B, P), x.dtype: dy[n, b, p] at n*stride_dyn + b*stride_dyb + p
+    DW_ptr,  # (B, C) fp32, zeroed
+    C,
+    B,
+    P,
+    M,
+    stride_xn,
+    stride_xc,
+    stride_dyn,
+    stride_dyb,
+    C_KEY,
+    M_KEY,
+    BLOCK_B: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BF16_INTERP: tl.constexpr,
+):
+    # y = W h  =>  dW = dy h^T, summed over all pixels m = (n, p); h recomputed from x as in the forward.
+    # Program (tile, split) reduces its share of the M tiles and adds the partial dW atomically.
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    n_b = tl.cdiv(B, BLOCK_B)
+    pid_b = pid % n_b
+    pid_c = pid // n_b
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    per_split = tl.cdiv(tiles_m, n_splits)
+    t_begin = split * per_split
+    t_end = tl.minimum(t_begin + per_split, tiles_m)
+
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_b = offs_b < B
+    mask_c = offs_c < C
+    scale = tl.load(Scale_ptr + offs_c, mask=mask_c, other=0.0)
+    shift = tl.load(Shift_ptr + offs_c, mask=mask_c, other=0.0)
+    acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+    for t in range(t_begin, t_end):
+        offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        n = (offs_m // P).to(tl.int64)
+        p = offs_m % P
+        # padded pixels load dy = 0, so their h (= relu(shift)) contributes nothing
+        dy = tl.load(
+            DY_ptr + (n * stride_dyn + p)[None, :] + offs_b[:, None] * stride_dyb,
+            mask=mask_b[:, None] & mask_m[None, :],
+            other=0.0,
+        )
+        x = tl.load(
+            X_ptr + (n * stride_xn + p)[None, :] + offs_c[:, None] * stride_xc,
+            mask=mask_c[:, None] & mask_m[None, :],
+            other=0.0,
+        )
+        h = _downcast(tl.maximum(x.to(tl.float32) * scale[:, None] + shift[:, None], 0.0), dy.dtype, BF16_INTERP)
+        acc = _mma(dy, tl.trans(h), acc, INPUT_PRECISION, BF16_INTERP)
+
+    tl.atomic_add(
+        DW_ptr + offs_b[:, None] * C + offs_c[None, :], acc, mask=mask_b[:, None] & mask_c[None, :]
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward, input: dh = (W^T dY) * [scale*x + shift > 0], with Σdh and Σdh·(x-mean) per input channel
+
+
+@triton.jit
+def _bottleneck_bwd_input_kernel(
+    X_ptr,  # (N, C, P)
+    Scale_ptr,  # (C,) fp32
+    Shift_ptr,  # (C,) fp32
+    Mean_ptr,  # (C,) fp32: BN1's batch mean
+    W_ptr,  # (B, C), x.dtype
+    DY_ptr,  # (N, B, P), x.dtype
+    DH_ptr,  # (N, C, P), x.dtype: output, dh[n, c, p] at n*stride_dhn + c*stride_dhc + p
+    SumDH_ptr,  # (C,) fp32, zeroed
+    SumDHXmu_ptr,  # (C,) fp32, zeroed
+    C,
+    B,
+    P,
+    M,
+    stride_xn,
+    stride_xc,
+    stride_wb,
+    stride_dyn,
+    stride_dyb,
+    stride_dhn,
+    stride_dhc,
+    C_KEY,
+    M_KEY,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BF16_INTERP: tl.constexpr,
+):
+    # y = W h, h = relu(u), u = scale*x + shift  =>  dh_u = (W^T dy) * [u > 0] (the grad w.r.t. BN1's output).
+    # BN1 backward then needs Σ_m dh_u and Σ_m dh_u (x - mean): formed here from the tile in registers,
+    # on dh as stored (rounded to x.dtype), so the elementwise step sees consistent values.
+    pid = tl.program_id(0)
+    n_c = tl.cdiv(C, BLOCK_C)
+    pid_c = pid % n_c
+    pid_m = pid // n_c
+
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_c = offs_c < C
+    mask_m = offs_m < M
+    n = (offs_m // P).to(tl.int64)
+    p = offs_m % P
+
+    wt_ptrs = W_ptr + offs_c[:, None] + offs_k[None, :] * stride_wb  # W^T tile (BLOCK_C, BLOCK_K)
+    dy_ptrs = DY_ptr + (n * stride_dyn + p)[None, :] + offs_k[:, None] * stride_dyb
+    acc = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, B, BLOCK_K):
+        mask_k = (k0 + offs_k) < B
+        wt = tl.load(wt_ptrs, mask=mask_c[:, None] & mask_k[None, :], other=0.0)
+        dy = tl.load(dy_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        acc = _mma(wt, dy, acc, INPUT_PRECISION, BF16_INTERP)
+        wt_ptrs += BLOCK_K * stride_wb
+        dy_ptrs += BLOCK_K * stride_dyb
+
+    mask = mask_c[:, None] & mask_m[None, :]
+    x = tl.load(X_ptr + (n * stride_xn + p)[None, :] + offs_c[:, None] * stride_xc, mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    scale = tl.load(Scale_ptr + offs_c, mask=mask_c, other=0.0)
+    shift = tl.load(Shift_ptr + offs_c, mask=mask_c, other=0.0)
+    mean = tl.load(Mean_ptr + offs_c, mask=mask_c, other=0.0)
+    positive = (x * scale[:, None] + shift[:, None]) > 0.0
+    dh = _downcast(tl.where(positive & mask, acc, 0.0), DH_ptr.dtype.element_ty, BF16_INTERP)
+    tl.store(DH_ptr + (n * stride_dhn + p)[None, :] + offs_c[:, None] * stride_dhc, dh, mask=mask)
+    dhf = dh.to(tl.float32)
+    tl.atomic_add(SumDH_ptr + offs_c, tl.sum(dhf, axis=1), mask=mask_c)
+    tl.atomic_add(SumDHXmu_ptr + offs_c, tl.sum(dhf * (x - mean[:, None]), axis=1), mask=mask_c)
+
+
+# --------------------------------------------------------------------------------------------------
+# BN1 backward, elementwise, accumulated into the shared gradient buffer
+
+
+@triton.jit
+def _bn_backward_accumulate_kernel(
+    G_ptr,  # (N, C, P), grad's dtype: updated in place
+    X_ptr,  # (N, C, P)
+    DH_ptr,  # (N, C, P)
+    Mean_ptr,  # (C,) fp32
+    Invstd_ptr,  # (C,) fp32
+    Gamma_ptr,  # (C,) fp32
+    SumDH_ptr,  # (C,) fp32
+    SumDHXmu_ptr,  # (C,) fp32
+    C,
+    P,
+    M,
+    inv_M,  # 1 / M, fp32
+    stride_gn,
+    stride_gc,
+    stride_xn,
+    stride_xc,
+    stride_dhn,
+    stride_dhc,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BF16_INTERP: tl.constexpr,
+):
+    # x_hat = (x - mean)*invstd, u = gamma*x_hat + beta. With batch statistics,
+    # dx = gamma*invstd * (du - mean(du) - x_hat*mean(du*x_hat))
+    #    = gamma*invstd * (dh - Σdh/M - (x - mean)*invstd² * Σdh(x - mean)/M).
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_c = offs_c < C
+    mask = mask_c[:, None] & (offs_m < M)[None, :]
+    n = (offs_m // P).to(tl.int64)
+    p = offs_m % P
+
+    mean = tl.load(Mean_ptr + offs_c, mask=mask_c, other=0.0)
+    invstd = tl.load(Invstd_ptr + offs_c, mask=mask_c, other=0.0)
+    gamma = tl.load(Gamma_ptr + offs_c, mask=mask_c, other=0.0)
+    mean_dh = tl.load(SumDH_ptr + offs_c, mask=mask_c, other=0.0) * inv_M
+    coef_x = invstd * invstd * tl.load(SumDHXmu_ptr + offs_c, mask=mask_c, other=0.0) * inv_M
+    coef = gamma * invstd
+
+    g_ptrs = G_ptr + (n * stride_gn + p)[None, :] + offs_c[:, None] * stride_gc
+    x = tl.load(X_ptr + (n * stride_xn + p)[None, :] + offs_c[:, None] * stride_xc, mask=mask, other=0.0)
+    dh = tl.load(DH_ptr + (n * stride_dhn + p)[None, :] + offs_c[:, None] * stride_dhc, mask=mask, other=0.0)
+    g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
+    dx = dh.to(tl.float32) - mean_dh[:, None] - (x.to(tl.float32) - mean[:, None]) * coef_x[:, None]
+    g += coef[:, None] * dx
+    tl.store(g_ptrs, _downcast(g, G_ptr.dtype.element_ty, BF16_INTERP), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Configurations: one large-block config in the interpreter, pruned autotune lists on a GPU
+
+
+def _cfg(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
+    return triton.Config(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+_FWD_CONFIGS = [
+    _cfg(8, 3, BLOCK_B=128, BLOCK_M=128, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_B=128, BLOCK_M=128, BLOCK_K=64),
+    _cfg(8, 3, BLOCK_B=128, BLOCK_M=256, BLOCK_K=64),
+    _cfg(8, 4, BLOCK_B=128, BLOCK_M=256, BLOCK_K=32),
+    _cfg(4, 4, BLOCK_B=64, BLOCK_M=256, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_B=64, BLOCK_M=128, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_B=128, BLOCK_M=64, BLOCK_K=64),
+    _cfg(4, 5, BLOCK_B=128, BLOCK_M=128, BLOCK_K=32),
+    _cfg(8, 3, BLOCK_B=256, BLOCK_M=128, BLOCK_K=64),
+]
+_BWD_WEIGHT_CONFIGS = [
+    _cfg(8, 3, BLOCK_B=128, BLOCK_C=128, BLOCK_M=64),
+    _cfg(4, 4, BLOCK_B=128, BLOCK_C=128, BLOCK_M=32),
+    _cfg(8, 3, BLOCK_B=128, BLOCK_C=256, BLOCK_M=64),
+    _cfg(4, 4, BLOCK_B=64, BLOCK_C=128, BLOCK_M=64),
+    _cfg(4, 4, BLOCK_B=128, BLOCK_C=64, BLOCK_M=64),
+    _cfg(4, 4, BLOCK_B=64, BLOCK_C=64, BLOCK_M=64),
+    _cfg(8, 2, BLOCK_B=128, BLOCK_C=128, BLOCK_M=128),
+]
+_BWD_INPUT_CONFIGS = [
+    _cfg(8, 3, BLOCK_C=128, BLOCK_M=128, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_C=128, BLOCK_M=128, BLOCK_K=64),
+    _cfg(8, 3, BLOCK_C=128, BLOCK_M=256, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_C=64, BLOCK_M=256, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_C=64, BLOCK_M=128, BLOCK_K=64),
+    _cfg(4, 4, BLOCK_C=128, BLOCK_M=64, BLOCK_K=64),
+    _cfg(4, 5, BLOCK_C=128, BLOCK_M=128, BLOCK_K=32),
+    _cfg(8, 3, BLOCK_C=256, BLOCK_M=128, BLOCK_K=64),
+]
+
+
+def _prune(tile: tuple[str, str], operands: tuple[tuple[str, str], ...], x_arg: str, rows_arg: str):
+    """Drop configs whose pipelined operand tiles exceed the device's shared memory, or whose ``tile[0]``
+    block is more than twice the problem's ``rows_arg`` dimension."""
+
+    def prune(configs, named_args, **kwargs):
+        x = named_args[x_arg]
+        size = x.element_size()
+        limit = _launch.max_shared_memory(x.device.index if x.device.index is not None else 0)
+        rows = named_args[rows_arg]
+        kept = []
+        for cfg in configs:
+            kw = cfg.kwargs
+            smem = cfg.num_stages * sum(kw[a] * kw[b] for a, b in operands) * size
+            if smem > limit or kw[tile[0]] > max(64, 2 * triton.next_power_of_2(rows)):
+                continue
+            if size == 4 and kw[tile[0]] * kw[tile[1]] > 128 * 128:  # fp32 FMA/tf32 tiles: keep registers sane
+                continue
+            kept.append(cfg)
+        return kept or [min(configs, key=lambda c: c.num_stages * sum(c.kwargs[a] * c.kwargs[b] for a, b in operands))]
+
+    return prune
+
+
+_fwd_tuned = triton.autotune(
+    configs=_FWD_CONFIGS,
+    key=["B", "C_KEY", "M_KEY"],
+    prune_configs_by={"early_config_prune": _prune(("BLOCK_B", "BLOCK_M"), (("BLOCK_B", "BLOCK_K"), ("BLOCK_K", "BLOCK_M")), "X_ptr", "B")},
+    reset_to_zero=["YSum_ptr", "YSqSum_ptr"],
+)(_bottleneck_fwd_kernel)
+_bwd_weight_tuned = triton.autotune(
+    configs=_BWD_WEIGHT_CONFIGS,
+    key=["B", "C_KEY", "M_KEY"],
+    prune_configs_by={"early_config_prune": _prune(("BLOCK_B", "BLOCK_C"), (("BLOCK_B", "BLOCK_M"), ("BLOCK_C", "BLOCK_M")), "X_ptr", "B")},
+    reset_to_zero=["DW_ptr"],
+)(_bottleneck_bwd_weight_kernel)
+_bwd_input_tuned = triton.autotune(
+    configs=_BWD_INPUT_CONFIGS,
+    key=["B", "C_KEY", "M_KEY"],
+    prune_configs_by={"early_config_prune": _prune(("BLOCK_C", "BLOCK_M"), (("BLOCK_C", "BLOCK_K"), ("BLOCK_K", "BLOCK_M")), "X_ptr", "C")},
+    reset_to_zero=["SumDH_ptr", "SumDHXmu_ptr"],
+)(_bottleneck_bwd_input_kernel)
+
+
+def _p2(v: int, cap: int, floor: int = 16) -> int:
+    return max(floor, min(cap, triton.next_power_of_2(v)))
+
+
+def _bf16_interp(x: torch.Tensor) -> bool:
+    return _launch.interpreting() and x.dtype == torch.bfloat16
+
+
+def _keys(C: int, M: int) -> tuple[int, int]:
+    return triton.next_power_of_2(C), triton.next_power_of_2(M)
+
+
+# --------------------------------------------------------------------------------------------------
+# Host launches: shapes already checked, outputs already allocated (and sums zeroed) by the caller
+
+
+def bottleneck_forward_launch(x, scale, shift, weight, y, y_sum, y_sqsum) -> None:
+    N, C, H, W = x.shape
+    B, P, M = weight.shape[0], H * W, N * H * W
+    args = (
+        x, scale, shift, weight, y, y_sum, y_sqsum,
+        C, B, P, M, x.stride(0), x.stride(1), weight.stride(0), y.stride(0), y.stride(1), *_keys(C, M),
+    )
+    prec, up = _launch.input_precision(x.dtype), _bf16_interp(x)
+    if _launch.interpreting():
+        bb, bm, bk = _p2(B, 128), _p2(M, 1024), _p2(C, 128)
+        grid = (triton.cdiv(B, bb) * triton.cdiv(M, bm),)
+        _bottleneck_fwd_kernel[grid](*args, BLOCK_B=bb, BLOCK_M=bm, BLOCK_K=bk, INPUT_PRECISION=prec, BF16_INTERP=up)
+    else:
+        grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+        _fwd_tuned[grid](*args, INPUT_PRECISION=prec, BF16_INTERP=up)
+
+
+def _weight_splits(device: torch.device, tiles: int, tiles_m: int) -> int:
+    return max(1, min(tiles_m, triton.cdiv(_launch.target_programs(device), tiles)))
+
+
+def bottleneck_backward_weight_launch(x, scale, shift, dy, dw) -> None:
+    N, C, H, W = x.shape
+    B, P, M = dy.shape[1], H * W, N * H * W
+    args = (x, scale, shift, dy, dw, C, B, P, M, x.stride(0), x.stride(1), dy.stride(0), dy.stride(1), *_keys(C, M))
+    prec, up = _launch.input_precision(x.dtype), _bf16_interp(x)
+
+    def grid(meta):
+        tiles = triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(C, meta["BLOCK_C"])
+        return (tiles, _weight_splits(x.device, tiles, triton.cdiv(M, meta["BLOCK_M"])))
+
+    if _launch.interpreting():
+        meta = dict(BLOCK_B=_p2(B, 128), BLOCK_C=_p2(C, 128), BLOCK_M=_p2(M, 1024))
+        _bottleneck_bwd_weight_kernel[grid(meta)](*args, **meta, INPUT_PRECISION=prec, BF16_INTERP=up)
+    else:
+        _bwd_weight_tuned[grid](*args, INPUT_PRECISION=prec, BF16_INTERP=up)
+
+
+def bottleneck_backward_input_launch(x, scale, shift, weight, dy, mean, dh, sum_dh, sum_dh_xmu) -> None:
+    N, C, H, W = x.shape
+    B, P, M = weight.shape[0], H * W, N * H * W
+    args = (
+        x, scale, shift, mean, weight, dy, dh, sum_dh, sum_dh_xmu,
+        C, B, P, M, x.stride(0), x.stride(1), weight.stride(0), dy.stride(0), dy.stride(1),
+        dh.stride(0), dh.stride(1), *_keys(C, M),
+    )
+    prec, up = _launch.input_precision(x.dtype), _bf16_interp(x)
+    if _launch.interpreting():
+        bc, bm, bk = _p2(C, 128), _p2(M, 1024), _p2(B, 128)
+        grid = (triton.cdiv(C, bc) * triton.cdiv(M, bm),)
+        _bottleneck_bwd_input_kernel[grid](*args, BLOCK_C=bc, BLOCK_M=bm, BLOCK_K=bk, INPUT_PRECISION=prec, BF16_INTERP=up)
+    else:
+        grid = lambda meta: (triton.cdiv(C, meta["BLOCK_C"]) * triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+        _bwd_input_tuned[grid](*args, INPUT_PRECISION=prec, BF16_INTERP=up)
+
+
+def bn_backward_accumulate_launch(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu) -> None:
+    N, C, H, W = x.shape
+    P, M = H * W, N * H * W
+    if _launch.interpreting():
+        bc = _p2(C, 64, floor=1)
+        bm, warps = _p2(M, (1 << 18) // bc, floor=1), 4
+    else:
+        bc, bm, warps = 4, 1024, 4
+    grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
+    _bn_backward_accumulate_kernel[grid](
+        grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu,
+        C, P, M, 1.0 / M, grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), dh.stride(0), dh.stride(1),
+        BLOCK_C=bc, BLOCK_M=bm, BF16_INTERP=_bf16_interp(x), num_warps=warps,
+    )

@@ -1,0 +1,379 @@
+"""Public entry points of the bottleneck kernels: checks, allocation, backend dispatch, ``torch.library`` ops.
+
+Each Triton entry point is a ``torch.library.custom_op`` named ``effdense::<name>`` that *mutates* outputs
+allocated here, outside the op, so FakeTensor, ``torch.compile`` and memory trackers see every byte; its
+fake implementation does nothing. The Python functions below choose the backend:
+
+* ``backend="auto"`` (default): Triton when :func:`kernels_available` says it runs for the tensor's device
+  (a CUDA tensor, or any tensor under ``TRITON_INTERPRET=1``), else the PyTorch twin in :mod:`.reference`;
+* ``backend="triton"``: always Triton (raises if it cannot run);
+* ``backend="reference"``: always the PyTorch twin.
+
+Numerics, layouts and shapes are documented on each function; the twins follow the same contract.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from effdense.kernels import _checks, _launch, reference
+
+try:
+    from effdense.kernels import bottleneck as _bottleneck
+    from effdense.kernels import stats as _stats
+
+    _TRITON_ERROR: Exception | None = None
+except ImportError as exc:  # no triton in this environment: the reference twins still work
+    _TRITON_ERROR = exc
+
+Backend = Literal["auto", "triton", "reference"]
+_BACKENDS = ("auto", "triton", "reference")
+
+
+def kernels_available(device: torch.device | str | None = None) -> bool:
+    """Whether the Triton kernels would run for tensors on ``device``: triton imports, and the device is
+    CUDA or Triton's interpreter is on (``TRITON_INTERPRET=1``, set before effdense.kernels is imported).
+    With ``device=None``, whether they run on the current CUDA device (no CUDA call if CUDA is absent)."""
+    if _TRITON_ERROR is not None:
+        return False
+    if _launch.interpreting():
+        return True
+    if device is None:
+        return torch.cuda.is_available()
+    return torch.device(device).type == "cuda"
+
+
+def _use_triton(x: torch.Tensor, backend: str) -> bool:
+    if backend == "reference":
+        return False
+    if backend == "auto":
+        return kernels_available(x.device)
+    if backend == "triton":
+        if not kernels_available(x.device):
+            why = f"triton failed to import ({_TRITON_ERROR})" if _TRITON_ERROR is not None else (
+                f"the tensor is on {x.device}; use a CUDA tensor or set TRITON_INTERPRET=1 before importing effdense"
+            )
+            raise RuntimeError(f"backend='triton' cannot run: {why}")
+        return True
+    raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+
+
+def _zeros(n: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros(n, dtype=torch.float32, device=like.device)
+
+
+def _plane_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Gradients arriving from autograd may be in any layout; the kernels read (H, W) planes contiguously."""
+    W, H = t.shape[3], t.shape[2]
+    if (W > 1 and t.stride(3) != 1) or (H > 1 and t.stride(2) != W):
+        return t.contiguous()
+    return t
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library ops over the Triton launches (outputs are mutated arguments)
+
+
+@torch.library.custom_op(
+    "effdense::channel_stats", mutates_args=("mean", "var", "part_mean", "part_m2", "part_count")
+)
+def _channel_stats_op(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    part_mean: torch.Tensor,
+    part_m2: torch.Tensor,
+    part_count: torch.Tensor,
+) -> None:
+    _use_triton(x, "triton")
+    _stats.channel_stats_launch(x, mean, var, part_mean, part_m2, part_count)
+
+
+@_channel_stats_op.register_fake
+def _(x, mean, var, part_mean, part_m2, part_count) -> None:
+    return None
+
+
+@torch.library.custom_op("effdense::bottleneck_forward", mutates_args=("y", "y_sum", "y_sqsum"))
+def _bottleneck_forward_op(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    y: torch.Tensor,
+    y_sum: torch.Tensor,
+    y_sqsum: torch.Tensor,
+) -> None:
+    _use_triton(x, "triton")
+    _bottleneck.bottleneck_forward_launch(x, scale, shift, weight, y, y_sum, y_sqsum)
+
+
+@_bottleneck_forward_op.register_fake
+def _(x, scale, shift, weight, y, y_sum, y_sqsum) -> None:
+    return None
+
+
+@torch.library.custom_op("effdense::bottleneck_backward_weight", mutates_args=("dw",))
+def _bottleneck_backward_weight_op(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dy: torch.Tensor, dw: torch.Tensor
+) -> None:
+    _use_triton(x, "triton")
+    _bottleneck.bottleneck_backward_weight_launch(x, scale, shift, dy, dw)
+
+
+@_bottleneck_backward_weight_op.register_fake
+def _(x, scale, shift, dy, dw) -> None:
+    return None
+
+
+@torch.library.custom_op("effdense::bottleneck_backward_input", mutates_args=("dh", "sum_dh", "sum_dh_xmu"))
+def _bottleneck_backward_input_op(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    dy: torch.Tensor,
+    mean: torch.Tensor,
+    dh: torch.Tensor,
+    sum_dh: torch.Tensor,
+    sum_dh_xmu: torch.Tensor,
+) -> None:
+    _use_triton(x, "triton")
+    _bottleneck.bottleneck_backward_input_launch(x, scale, shift, weight, dy, mean, dh, sum_dh, sum_dh_xmu)
+
+
+@_bottleneck_backward_input_op.register_fake
+def _(x, scale, shift, weight, dy, mean, dh, sum_dh, sum_dh_xmu) -> None:
+    return None
+
+
+@torch.library.custom_op("effdense::bn_backward_accumulate", mutates_args=("grad",))
+def _bn_backward_accumulate_op(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    dh: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    sum_dh: torch.Tensor,
+    sum_dh_xmu: torch.Tensor,
+) -> None:
+    _use_triton(x, "triton")
+    _bottleneck.bn_backward_accumulate_launch(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)
+
+
+@_bn_backward_accumulate_op.register_fake
+def _(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu) -> None:
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Public functions
+
+
+def channel_stats(x: torch.Tensor, *, backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel batch mean and biased variance (divided by ``N*H*W``) of ``x``.
+
+    Args:
+        x: ``(N, C, H, W)`` float32/bfloat16/float16, (H, W) plane contiguous (a channel slice is fine).
+        backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+
+    Returns:
+        ``(mean, var)``, fp32 ``[C]`` each, computed with shifted tile sums merged by Chan's formula.
+    """
+    if not _use_triton(x, backend):
+        return reference.channel_stats(x)
+    _checks.check_activation("x", x)
+    C = x.shape[1]
+    mean, var = _zeros(C, x), _zeros(C, x)
+    splits = _stats.stats_splits(x)
+    parts = [torch.empty((splits, C), dtype=torch.float32, device=x.device) for _ in range(3)]
+    _channel_stats_op(x, mean, var, *parts)
+    return mean, var
+
+
+def bottleneck_forward(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, *, backend: Backend = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``y = conv1x1(relu(scale*x + shift), weight)`` with BN2's batch sums in the epilogue.
+
+    Args:
+        x: ``(N, C, H, W)``, (H, W) plane contiguous, any channel offset/stride.
+        scale, shift: fp32 ``[C]``, BN1's affine (``gamma*invstd``, ``beta - mean*gamma*invstd``).
+        weight: ``(B, C)`` in x.dtype.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+
+    Returns:
+        ``(y, y_sum, y_sqsum)``: ``y`` contiguous ``(N, B, H, W)`` in x.dtype (fp32 accumulation);
+        ``Σ y`` and ``Σ y²`` over (N, H, W), fp32 ``[B]``, of ``y`` as stored.
+    """
+    if not _use_triton(x, backend):
+        return reference.bottleneck_forward(x, scale, shift, weight)
+    reference._check_affine(x, scale, shift)
+    _checks.check_weight(weight, x)
+    N, C, H, W = x.shape
+    B = weight.shape[0]
+    y = torch.empty((N, B, H, W), dtype=x.dtype, device=x.device)
+    y_sum, y_sqsum = _zeros(B, x), _zeros(B, x)
+    _bottleneck_forward_op(x, scale, shift, weight.contiguous(), y, y_sum, y_sqsum)
+    return y, y_sum, y_sqsum
+
+
+def bottleneck_backward_weight(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dy: torch.Tensor, *, backend: Backend = "auto"
+) -> torch.Tensor:
+    """Weight gradient of the bottleneck: ``dW = Σ_n dy[n] · h[n]^T`` with ``h`` recomputed from ``x``.
+
+    Args:
+        x, scale, shift: as in :func:`bottleneck_forward`.
+        dy: ``(N, B, H, W)`` in x.dtype, gradient of ``y``.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+
+    Returns:
+        fp32 ``(B, C)`` (fp32 accumulation; view it as the conv weight ``(B, C, 1, 1)`` and cast as needed).
+    """
+    if not _use_triton(x, backend):
+        return reference.bottleneck_backward_weight(x, scale, shift, dy)
+    reference._check_affine(x, scale, shift)
+    _checks.check_activation("dy", dy, like=x)
+    dw = torch.zeros((dy.shape[1], x.shape[1]), dtype=torch.float32, device=x.device)
+    _bottleneck_backward_weight_op(x, scale, shift, dy, dw)
+    return dw
+
+
+def bottleneck_backward_input(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    dy: torch.Tensor,
+    mean: torch.Tensor,
+    out: torch.Tensor | None = None,
+    *,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradient through the conv1x1 and the ReLU, with BN1-backward's two reductions in the epilogue.
+
+    Args:
+        x, scale, shift, weight: as in :func:`bottleneck_forward`.
+        dy: ``(N, B, H, W)`` in x.dtype.
+        mean: fp32 ``[C]``, BN1's mean (the one that ``scale``/``shift`` were formed from).
+        out: optional ``(N, C, H, W)`` tensor in x.dtype for ``dh`` (a channel slice of a reused scratch
+            buffer is fine); allocated if None.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+
+    Returns:
+        ``(dh, sum_dh, sum_dh_xmu)``: ``dh = (weight^T · dy) * [scale*x + shift > 0]`` (``out`` itself when
+        given), and fp32 ``[C]`` ``Σ dh`` and ``Σ dh*(x - mean)`` over (N, H, W), of ``dh`` as stored.
+    """
+    if not _use_triton(x, backend):
+        return reference.bottleneck_backward_input(x, scale, shift, weight, dy, mean, out)
+    reference._check_affine(x, scale, shift)
+    _checks.check_weight(weight, x)
+    N, C, H, W = x.shape
+    _checks.check_dy(dy, x, weight.shape[0])
+    _checks.check_vector("mean", mean, C, x.device)
+    if out is None:
+        out = torch.empty((N, C, H, W), dtype=x.dtype, device=x.device)
+    else:
+        _checks.check_activation("out", out, like=x, channels=C)
+    sum_dh, sum_dh_xmu = _zeros(C, x), _zeros(C, x)
+    _bottleneck_backward_input_op(x, scale, shift, weight.contiguous(), dy, mean, out, sum_dh, sum_dh_xmu)
+    return out, sum_dh, sum_dh_xmu
+
+
+def bn_backward_accumulate(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    dh: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    sum_dh: torch.Tensor,
+    sum_dh_xmu: torch.Tensor,
+    *,
+    backend: Backend = "auto",
+) -> None:
+    """BN1 backward (batch statistics), added in place into ``grad``:
+    ``grad += gamma*invstd * (dh - sum_dh/M - (x-mean)*invstd² * sum_dh_xmu/M)``, ``M = N*H*W``, in fp32.
+
+    Args:
+        grad: ``(N, C, H, W)`` in x.dtype, updated in place (a channel slice of the block's gradient buffer).
+        x, dh: ``(N, C, H, W)`` in x.dtype.
+        mean, invstd, gamma, sum_dh, sum_dh_xmu: fp32 ``[C]``.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+    """
+    if not _use_triton(x, backend):
+        return reference.bn_backward_accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)
+    _checks.check_activation("x", x)
+    C = x.shape[1]
+    _checks.check_activation("grad", grad, like=x, channels=C)
+    _checks.check_activation("dh", dh, like=x, channels=C)
+    for name, v in (("mean", mean), ("invstd", invstd), ("gamma", gamma), ("sum_dh", sum_dh), ("sum_dh_xmu", sum_dh_xmu)):
+        _checks.check_vector(name, v, C, x.device)
+    _bn_backward_accumulate_op(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Differentiable functional op: relu(scale*x + shift) -> conv1x1 (transition layers, standalone use)
+
+
+@torch.library.custom_op("effdense::bn_relu_conv1x1", mutates_args=())
+def _bn_relu_conv1x1_op(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    y, _, _ = bottleneck_forward(x, scale, shift, weight)
+    return y
+
+
+@_bn_relu_conv1x1_op.register_fake
+def _(x, scale, shift, weight):
+    return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
+
+
+def _bn_relu_conv1x1_setup(ctx, inputs, output) -> None:
+    x, scale, shift, weight = inputs
+    ctx.save_for_backward(x, scale, shift, weight)
+
+
+def _bn_relu_conv1x1_backward(ctx, dy):
+    # y = W relu(u), u = scale*x + shift:  du = (W^T dy)*[u > 0];  dx = scale*du,
+    # dscale = Σ du*x,  dshift = Σ du  (the input kernel's sums with mean = 0);  dW = Σ dy h^T.
+    x, scale, shift, weight = ctx.saved_tensors
+    dy = _plane_contiguous(dy)
+    dx = dscale = dshift = dweight = None
+    if ctx.needs_input_grad[3]:
+        dweight = bottleneck_backward_weight(x, scale, shift, dy).to(weight.dtype)
+    if any(ctx.needs_input_grad[:3]):
+        du, dshift, dscale = bottleneck_backward_input(x, scale, shift, weight, dy, torch.zeros_like(scale))
+        if ctx.needs_input_grad[0]:
+            dx = torch.zeros_like(x, memory_format=torch.contiguous_format)
+            zero = torch.zeros_like(scale)
+            bn_backward_accumulate(dx, x, du, zero, torch.ones_like(scale), scale, zero, zero)
+        del du
+    return dx, dscale, dshift, dweight
+
+
+torch.library.register_autograd(
+    "effdense::bn_relu_conv1x1", _bn_relu_conv1x1_backward, setup_context=_bn_relu_conv1x1_setup
+)
+
+
+def bn_relu_conv1x1(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Differentiable ``conv1x1(relu(scale*x + shift), weight)`` built on the bottleneck kernels.
+
+    Args:
+        x: ``(N, C, H, W)``, (H, W) plane contiguous.
+        scale, shift: fp32 ``[C]`` (differentiable).
+        weight: ``(B, C)`` or ``(B, C, 1, 1)`` in x.dtype (differentiable).
+
+    Returns:
+        ``(N, B, H, W)`` contiguous in x.dtype. Gradients flow to x, scale, shift and weight; the backend is
+        chosen as ``"auto"`` (Triton on CUDA or under the interpreter, else the PyTorch twins).
+    """
+    if isinstance(weight, torch.Tensor) and weight.dim() == 4:
+        weight = weight.flatten(1)
+    reference._check_affine(x, scale, shift)
+    _checks.check_weight(weight, x)
+    return _bn_relu_conv1x1_op(x, scale, shift, weight)

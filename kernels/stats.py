@@ -1,0 +1,115 @@
+"""Per-channel batch statistics (mean, biased variance) of an NCHW channel slice: Triton kernel and host launch.
+
+Numerics: each program walks a contiguous range of ``N*H*W`` columns in tiles. A tile's mean and centred
+sum of squares are exact two-pass values (the tile sits in registers); tiles are merged into a running
+(count, mean, M2) with Chan et al.'s formula, and the per-program partials are merged the same way on the
+host in fp64. Nothing ever forms ``E[x²] - E[x]²`` on raw values, so a channel with mean 1e3 and std 1
+keeps its variance to fp32 precision.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from effdense.kernels import _launch
+
+
+@triton.jit
+def _channel_stats_kernel(
+    X_ptr,  # (N, C, P) view: x[n, c, p] at n*stride_xn + c*stride_xc + p
+    PartMean_ptr,  # (SPLIT, C) fp32: mean of each program's column range
+    PartM2_ptr,  # (SPLIT, C) fp32: centred sum of squares of that range
+    PartCount_ptr,  # (SPLIT, C) fp32: number of columns in that range
+    C,
+    P,
+    M,  # N*P
+    stride_xn,
+    stride_xc,
+    BLOCK_C: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    pid_c = tl.program_id(0)
+    split = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    tiles = tl.cdiv(M, BLOCK_M)
+    per_split = tl.cdiv(tiles, n_splits)
+    t_begin = split * per_split
+    t_end = tl.minimum(t_begin + per_split, tiles)
+
+    count = tl.zeros([BLOCK_C], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_C], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+    for t in range(t_begin, t_end):
+        offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_m = offs_m < M
+        n = offs_m // P
+        p = offs_m - n * P
+        ptrs = X_ptr + n.to(tl.int64)[None, :] * stride_xn + offs_c[:, None] * stride_xc + p[None, :]
+        mask = mask_c[:, None] & mask_m[None, :]
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        cnt_t = tl.minimum(M - t * BLOCK_M, BLOCK_M).to(tl.float32)
+        mean_t = tl.sum(x, axis=1) / cnt_t
+        d = tl.where(mask, x - mean_t[:, None], 0.0)
+        m2_t = tl.sum(d * d, axis=1)
+        # Chan: merge (count, mean, m2) with (cnt_t, mean_t, m2_t)
+        total = count + cnt_t
+        delta = mean_t - mean
+        mean += delta * (cnt_t / total)
+        m2 += m2_t + delta * delta * (count * cnt_t / total)
+        count = total
+
+    out = split * C + offs_c
+    tl.store(PartMean_ptr + out, mean, mask=mask_c)
+    tl.store(PartM2_ptr + out, m2, mask=mask_c)
+    tl.store(PartCount_ptr + out, count, mask=mask_c)
+
+
+def stats_splits(x: torch.Tensor) -> int:
+    """How many column ranges the statistics of ``x`` are split into (rows of the partial workspaces)."""
+    N, C, H, W = x.shape
+    block_c, block_m = _stats_blocks(x)
+    tiles_m = triton.cdiv(N * H * W, block_m)
+    programs_c = triton.cdiv(C, block_c)
+    want = _launch.target_programs(x.device) // programs_c
+    return max(1, min(tiles_m, want))
+
+
+def _stats_blocks(x: torch.Tensor) -> tuple[int, int]:
+    C = x.shape[1]
+    if _launch.interpreting():
+        block_c = min(64, triton.next_power_of_2(C))
+        return block_c, min(4096, (1 << 18) // block_c)
+    return min(32, triton.next_power_of_2(C)), 256
+
+
+def channel_stats_launch(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    part_mean: torch.Tensor,
+    part_m2: torch.Tensor,
+    part_count: torch.Tensor,
+) -> None:
+    """Fill ``mean`` and ``var`` (fp32 ``[C]``) from ``x``; the ``part_*`` workspaces are ``(stats_splits(x), C)`` fp32."""
+    N, C, H, W = x.shape
+    M = N * H * W
+    splits = part_mean.shape[0]
+    block_c, block_m = _stats_blocks(x)
+    grid = (triton.cdiv(C, block_c), splits)
+    _channel_stats_kernel[grid](
+        x, part_mean, part_m2, part_count,
+        C, H * W, M, x.stride(0), x.stride(1),
+        BLOCK_C=block_c, BLOCK_M=block_m,
+        num_warps=4,
+    )
+    # merge the partials (Chan, in fp64: SPLIT x C values, negligible work)
+    cnt = part_count.double()
+    pm = part_mean.double()
+    g_mean = (cnt * pm).sum(0) / M
+    g_m2 = part_m2.double().sum(0) + (cnt * (pm - g_mean).square()).sum(0)
+    mean.copy_(g_mean)
+    var.copy_(g_m2 / M)
