@@ -1,15 +1,19 @@
 """Registry of the ways a dense block can be run.
 
-A strategy is a function ``run(block, x) -> Tensor`` that takes a :class:`effdense.densenet._DenseBlock`
-and its input and returns the block's output, the concatenation of the input and every layer's new
-features. All strategies read the same parameters (torchvision's names), so a model can switch strategy
-at any time. This module is the one place that knows which strategies exist and how ``"auto"`` resolves.
+A strategy is a module ``effdense.strategies.<name>`` with a function ``run_block(block, x) -> Tensor``
+that takes a :class:`effdense.densenet._DenseBlock` and its input and returns the block's output, the
+concatenation of the input and every layer's new features. It may also define
+``run_features(model, x) -> Tensor``, the model's whole feature extractor (stem, blocks, transitions,
+``norm5``), when it runs more than the blocks its own way. All strategies read the same parameters
+(torchvision's names), so a model can switch strategy at any time. This module is the one place that
+knows which strategies exist and how ``"auto"`` resolves.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from types import ModuleType
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -47,26 +51,19 @@ class Policy:
     shared_grad: bool = True
 
 
-def _import_runners() -> dict[str, BlockRunner]:
-    runners: dict[str, BlockRunner] = {}
-    from effdense.strategies import checkpoint, naive
+@functools.lru_cache(maxsize=None)
+def _runners() -> dict[str, ModuleType]:
+    """Strategy name -> its module, for the strategies this installation has."""
+    import importlib
 
-    runners["naive"] = naive.run_block
-    runners["checkpoint"] = checkpoint.run_block
-    for name in ("shared", "fused"):
+    runners: dict[str, ModuleType] = {}
+    for name in STRATEGIES:
         try:
-            module = __import__(f"effdense.strategies.{name}", fromlist=["run_block"])
+            runners[name] = importlib.import_module(f"effdense.strategies.{name}")
         except ModuleNotFoundError as exc:  # not delivered yet
             if exc.name != f"effdense.strategies.{name}":
                 raise
-            continue
-        runners[name] = module.run_block
     return runners
-
-
-@functools.lru_cache(maxsize=None)
-def _runners() -> dict[str, BlockRunner]:
-    return _import_runners()
 
 
 def available() -> tuple[str, ...]:
@@ -110,4 +107,13 @@ def resolve(name: str, x: torch.Tensor) -> str:
 
 def run_block(name: str, block: "_DenseBlock", x: torch.Tensor) -> torch.Tensor:
     """Run ``block`` on ``x`` with strategy ``name`` (``"auto"`` resolved for ``x``)."""
-    return _runners()[resolve(name, x)](block, x)
+    return _runners()[resolve(name, x)].run_block(block, x)
+
+
+def run_features(name: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Run ``model.features`` on ``x`` with strategy ``name``: the strategy's own ``run_features`` if it
+    has one, else the plain module (whose dense blocks call :func:`run_block`)."""
+    module = _runners()[resolve(name, x)]
+    if hasattr(module, "run_features"):
+        return module.run_features(model, x)
+    return model.features(x)

@@ -3,44 +3,83 @@
 ``concat -> norm1 -> relu1 -> conv1`` is run under :func:`torch.utils.checkpoint.checkpoint` and recomputed
 in backward. torchvision recomputes it with ``norm1`` in training mode, so ``norm1``'s running statistics
 are updated a second time (``num_batches_tracked`` ends at 2 per step). Here the recomputation
-normalises with the same batch statistics but leaves the running statistics alone: the batch statistics
-depend only on the (unchanged) input, so output and gradients are identical, and the running buffers
-match the ``naive`` strategy exactly.
+normalises with the same batch statistics but restores the running statistics afterwards: the batch
+statistics depend only on the (unchanged) input, so output and gradients are identical, and the running
+buffers match the ``naive`` strategy exactly. Restoring (rather than calling ``F.batch_norm`` without
+running buffers) keeps whatever the module does, so ``nn.SyncBatchNorm`` recomputes its synchronised
+statistics too.
 """
 
 from __future__ import annotations
 
+import contextlib
+from typing import Callable, Iterator, Sequence
+
 import torch
-import torch.nn.functional as F
+import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 
-def _bottleneck_once(layer):
-    """``layer.bn_function`` that updates norm1's running statistics on its first call only."""
+@contextlib.contextmanager
+def frozen_running_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Run BatchNorm modules of ``modules`` (recursively) and put their running statistics back after."""
+    bns = [m for mod in modules for m in mod.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [
+        [b.clone() for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if b is not None] for bn in bns
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for bn, values in zip(bns, saved):
+                live = [b for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if b is not None]
+                for buf, value in zip(live, values):
+                    buf.copy_(value)
+
+
+def recompute_once(fn: Callable[..., torch.Tensor], modules: Sequence[nn.Module]) -> Callable[..., torch.Tensor]:
+    """``fn`` for :func:`checkpoint`: the first call (the forward pass) updates BatchNorm running
+    statistics as usual, every recomputation leaves them as they were."""
     calls = 0
 
-    def fn(*inputs: torch.Tensor) -> torch.Tensor:
+    def wrapped(*inputs: torch.Tensor) -> torch.Tensor:
         nonlocal calls
         calls += 1
-        if calls == 1 or not layer.norm1.training:
-            return layer.bn_function(inputs)
-        # recomputation in backward: batch statistics, no running-statistics update
-        x = torch.cat(inputs, 1) if len(inputs) > 1 else inputs[0]
-        bn = layer.norm1
-        h = F.batch_norm(x, None, None, bn.weight, bn.bias, True, 0.0, bn.eps)
-        return layer.conv1(layer.relu1(h))
+        if calls == 1:
+            return fn(*inputs)
+        with frozen_running_stats(modules):
+            return fn(*inputs)
 
-    return fn
+    return wrapped
+
+
+def _needs_grad(tensors: Sequence[torch.Tensor], modules: Sequence[nn.Module]) -> bool:
+    return torch.is_grad_enabled() and (
+        any(t.requires_grad for t in tensors) or any(p.requires_grad for m in modules for p in m.parameters())
+    )
+
+
+def run_recomputed(modules: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    """Apply ``modules`` in order under checkpointing: only ``x`` is kept, the rest is recomputed in
+    backward, BatchNorm running statistics are updated once. Runs plainly when it saves nothing (no
+    gradient needed, or a single module, e.g. the CIFAR stem's lone convolution)."""
+
+    def run(inp: torch.Tensor) -> torch.Tensor:
+        for m in modules:
+            inp = m(inp)
+        return inp
+
+    if len(modules) <= 1 or not _needs_grad([x], modules):
+        return run(x)
+    return checkpoint(recompute_once(run, modules), x, use_reentrant=False)
 
 
 def run_block(block, x: torch.Tensor) -> torch.Tensor:
     features = [x]
     for layer in block.layers:
-        needs_grad = torch.is_grad_enabled() and (
-            any(f.requires_grad for f in features) or any(p.requires_grad for p in layer.parameters())
-        )
-        if needs_grad:
-            bottleneck = checkpoint(_bottleneck_once(layer), *features, use_reentrant=False)
+        if _needs_grad(features, [layer]):
+            fn = recompute_once(lambda *inputs, layer=layer: layer.bn_function(inputs), [layer.norm1])
+            bottleneck = checkpoint(fn, *features, use_reentrant=False)
         else:
             bottleneck = layer.bn_function(features)
         features.append(layer.tail(bottleneck))

@@ -1,0 +1,612 @@
+"""Strategy ``shared``: one autograd Function per dense block over a shared feature buffer.
+
+Forward (DESIGN.md §3): the block input and every layer's ``k`` new channels are written into one buffer
+``F`` of shape ``(N, C0 + L*k, H, W)``; layer ``l`` reads the view ``F[:, :C_l]``. Each channel's batch
+statistics are computed once, when it is written, and every later BN1 only forms its affine from them.
+Nothing but ``F`` (plus per-channel statistics and dropout RNG states) is kept for backward.
+
+Backward, layers in reverse, with one gradient buffer ``G`` like ``F``: when layer ``l`` is reached every
+later consumer of its channels has added its share, so ``G[:, C_l:C_l+k]`` is final. Per layer: replay
+dropout, recompute the bottleneck output and BN2-ReLU, conv3x3 backward, BN2 backward, then the
+bottleneck's weight and input gradients and the BN1 backward, added into ``G[:, :C_l]``.
+
+The dense block's following transition (BN-ReLU-conv1x1-avgpool over the whole buffer) runs inside the
+same Function, so the block buffer's gradient never leaves it, and the stem is recomputed in backward.
+
+The bottleneck math goes through an ``ops`` namespace with the signatures of :mod:`effdense.kernels`:
+``shared`` uses the pure-PyTorch reference twins, ``fused`` the Triton kernels (see ``fused.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from types import ModuleType
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+from effdense.strategies import checkpoint as _checkpoint
+
+# --------------------------------------------------------------------------------------------------
+# BatchNorm bookkeeping: nn.BatchNorm2d semantics on cached statistics
+
+
+def _uses_batch_stats(bn: torch.nn.modules.batchnorm._BatchNorm) -> bool:
+    return bn.training or bn.running_mean is None
+
+
+def _update_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+    """One ``nn.BatchNorm2d`` training-mode update from biased batch statistics over ``count`` values."""
+    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
+        return
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        unbiased = var * (count / (count - 1))
+        bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+        bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+
+
+def _sync_stats(mean: torch.Tensor, var: torch.Tensor, count: int, group: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Combine per-rank (mean, biased var, count) into global ones (Chan et al.), as SyncBatchNorm."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size(group)
+    local = torch.cat([mean, var, mean.new_full((1,), float(count))])
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local, group=group)
+    c = mean.numel()
+    stacked = torch.stack(gathered)
+    means, vars_, counts = stacked[:, :c], stacked[:, c : 2 * c], stacked[:, 2 * c :]
+    total = counts.sum()
+    g_mean = (means * counts).sum(0) / total
+    g_var = ((vars_ + (means - g_mean) ** 2) * counts).sum(0) / total
+    return g_mean, g_var, int(round(float(total)))
+
+
+def _all_reduce_(tensors: Sequence[torch.Tensor], group: Any) -> None:
+    import torch.distributed as dist
+
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for t in tensors:
+        t.copy_(flat[offset : offset + t.numel()].view_as(t))
+        offset += t.numel()
+
+
+def _bcast(v: torch.Tensor) -> torch.Tensor:
+    return v.view(1, -1, 1, 1)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics and accumulation dtype: fp32 for fp32/bf16/fp16 buffers, fp64 for fp64 (gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    return t.to(_acc_dtype(t.dtype))
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage: a dense block, optionally followed by its transition
+
+
+@dataclasses.dataclass
+class _Stage:
+    """Everything the Function needs besides tensors; built from the modules at each call."""
+
+    block: Any  # _DenseBlock
+    transition: Any  # _Transition or None
+    ops: ModuleType
+    policy: Any
+    dtype: torch.dtype
+    sync_group: Any  # process group when SyncBatchNorm semantics are on, else None
+    sync: bool
+    # The bottleneck ops run on channel chunks of chunk_width channels (the block's bottleneck width
+    # times a factor): the reference twins materialise the normalised input chunk by chunk (forward
+    # and backward), and the BN1 backward needs a dh scratch only as wide as a chunk, so a layer's
+    # workspace stays a few bottleneck outputs wide however deep the block. chunk_forward=False runs
+    # the forward op in one call (the Triton kernels never materialise the normalised input).
+    chunk_width: int = 64
+    chunk_forward: bool = True
+
+    @property
+    def layers(self) -> list:
+        return self.block.layers
+
+    def params(self) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        for layer in self.layers:
+            out += [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight]
+            if layer.bottleneck:
+                out += [layer.norm2.weight, layer.norm2.bias, layer.conv2.weight]
+        if self.transition is not None:
+            t = self.transition
+            out += [t.norm.weight, t.norm.bias, t.conv.weight]
+        return out
+
+
+class _StageState:
+    """Per-channel statistics of the block buffer, and what forward keeps for backward when ``keep``."""
+
+    def __init__(self, keep: bool, count: int) -> None:
+        self.keep = keep
+        self.count = count  # values per channel behind batch statistics: N*H*W (summed over ranks under sync)
+        self.mean: torch.Tensor | None = None  # fp32 [C_total] cached batch means (biased statistics)
+        self.var: torch.Tensor | None = None
+        self.rng: list[Any] = []  # per layer: RNG state before its dropout, or None
+        self.y1: list[torch.Tensor | None] = []  # per layer: bottleneck output, when kept
+
+    def save(self, rng: Any = None, y1: torch.Tensor | None = None, *, which: str) -> None:
+        if self.keep:
+            getattr(self, which).append(rng if which == "rng" else y1)
+
+
+def _channel_stats(stage: _Stage, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    mean, var = stage.ops.channel_stats(x)
+    if stage.sync:
+        mean, var, _ = _sync_stats(mean, var, x.shape[0] * x.shape[2] * x.shape[3], stage.sync_group)
+    return mean, var
+
+
+def _bn_affine(
+    bn, mean: torch.Tensor | None, var: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale, shift, mean, invstd) in fp32 for ``bn``: batch statistics if given, else running ones."""
+    if mean is None:
+        mean, var = bn.running_mean, bn.running_var
+    acc = torch.promote_types(mean.dtype, torch.float32)
+    mean, var = mean.to(acc), var.to(acc)
+    invstd = torch.rsqrt(var + bn.eps)
+    scale = bn.weight.to(acc) * invstd
+    shift = bn.bias.to(acc) - mean * scale
+    return scale, shift, mean, invstd
+
+
+def _check_count(count: int, shape: torch.Size) -> None:
+    if count <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(shape)}")
+
+
+def _bn1_stats(stage: _Stage, state: _StageState, bn, Fbuf: torch.Tensor, c: int, update: bool):
+    """Batch statistics of ``F[:, :c]`` for a BN over it (cached or recomputed), or None for running stats."""
+    if not _uses_batch_stats(bn):
+        return None, None
+    if state.mean is not None:
+        mean, var = state.mean[:c], state.var[:c]
+    else:
+        mean, var = _channel_stats(stage, Fbuf[:, :c])
+    if update:
+        _check_count(state.count, Fbuf[:, :c].shape)
+        _update_running_stats(bn, mean, var, state.count)
+    return mean, var
+
+
+def _bn2_stats(stage: _Stage, state: _StageState, bn, y_sum: torch.Tensor, y_sqsum: torch.Tensor, shape, update: bool):
+    """BN2's batch statistics from the bottleneck's epilogue sums (fp32), or None for running stats."""
+    if not _uses_batch_stats(bn):
+        return None, None
+    local = shape[0] * shape[2] * shape[3]
+    mean = y_sum / local
+    var = (y_sqsum / local - mean * mean).clamp_(min=0)
+    if stage.sync:
+        mean, var, _ = _sync_stats(mean, var, local, stage.sync_group)
+    if update:
+        _check_count(state.count, shape)
+        _update_running_stats(bn, mean, var, state.count)
+    return mean, var
+
+
+def _bn_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """relu(scale*y + shift) computed in fp32 (fp64 for fp64) and stored in y's dtype, as BatchNorm
+    does under autocast."""
+    out = torch.addcmul(_bcast(shift), _acc(y), _bcast(scale))
+    return out.relu_().to(y.dtype)
+
+
+def _save_rng(device: torch.device) -> Any:
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    return torch.get_rng_state()
+
+
+def _dropout_replay(g: torch.Tensor, p: float, rng_state: Any) -> torch.Tensor:
+    """Apply the forward's dropout mask (same RNG state, shape and dtype) to the gradient ``g``."""
+    device = g.device
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(rng_state, device)
+        else:
+            torch.set_rng_state(rng_state)
+        return F.dropout(g.contiguous(), p=p, training=True)
+
+
+def _chunks(channels: int, width: int) -> list[tuple[int, int]]:
+    """Split ``channels`` into near-equal ranges of at most ``width``."""
+    n = max(1, math.ceil(channels / max(1, width)))
+    step = math.ceil(channels / n)
+    return [(c0, min(c0 + step, channels)) for c0 in range(0, channels, step)]
+
+
+def _bottleneck_forward(stage: _Stage, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, w: torch.Tensor):
+    """``ops.bottleneck_forward`` over input-channel chunks when the ops materialise the normalised input:
+    ``y = sum_chunks W[:, chunk] · relu(scale*x + shift)[:, chunk]``, accumulated in fp32."""
+    chunks = _chunks(x.shape[1], stage.chunk_width) if stage.chunk_forward else [(0, x.shape[1])]
+    if len(chunks) == 1:
+        return stage.ops.bottleneck_forward(x, scale, shift, w)
+    acc = None
+    for c0, c1 in chunks:
+        part, _, _ = stage.ops.bottleneck_forward(x[:, c0:c1], scale[c0:c1], shift[c0:c1], w[:, c0:c1].contiguous())
+        if acc is None:
+            acc = _acc(part) if part.dtype != _acc_dtype(part.dtype) else part
+        else:
+            acc.add_(part)
+        del part
+    y = acc.to(x.dtype)
+    y_sum = acc.sum(dim=(0, 2, 3))
+    y_sqsum = torch.linalg.vector_norm(acc, dim=(0, 2, 3)).square_()
+    return y, y_sum, y_sqsum
+
+
+def _bottleneck_backward(
+    stage: _Stage,
+    G: torch.Tensor,
+    x: torch.Tensor,
+    bn,
+    affine: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    batch_stats: bool,
+    count: int,
+    w: torch.Tensor,
+    dy: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``y = W · relu(bn(x))`` given ``dy``: adds the input gradient into ``G`` (the gradient
+    slice matching ``x``) and returns (dW fp32 (B, C), dgamma, dbeta). Runs on channel chunks: each
+    chunk's weight gradient, masked ``dh``, BN sums and BN backward depend only on its own channels."""
+    scale, shift, mean, invstd = affine
+    gamma = bn.weight.to(invstd.dtype)
+    C = x.shape[1]
+    dw = torch.empty((w.shape[0], C), dtype=_acc_dtype(dy.dtype), device=x.device)
+    dgamma = torch.empty_like(mean)
+    dbeta = torch.empty_like(mean)
+    target = G if stage.policy.shared_grad else torch.zeros_like(G)  # ablation: a per-layer gradient tensor
+    for c0, c1 in _chunks(C, stage.chunk_width):
+        xs, sc, sh = x[:, c0:c1], scale[c0:c1], shift[c0:c1]
+        dw[:, c0:c1] = stage.ops.bottleneck_backward_weight(xs, sc, sh, dy)
+        dh, sum_dh, sum_dh_xmu = stage.ops.bottleneck_backward_input(
+            xs, sc, sh, w[:, c0:c1].contiguous(), dy, mean[c0:c1]
+        )
+        dgamma[c0:c1], dbeta[c0:c1] = _bn_backward_into(
+            stage, target[:, c0:c1], xs, dh, gamma[c0:c1], mean[c0:c1], invstd[c0:c1], batch_stats, sum_dh, sum_dh_xmu, count
+        )
+        del dh
+    if target is not G:
+        G.add_(target)
+    return dw, dgamma, dbeta
+
+
+def _layer_forward(stage: _Stage, state: _StageState, layer, Fbuf: torch.Tensor, c: int):
+    """Run layer ``l`` reading ``F[:, :c]``; returns its k new channels (not yet written)."""
+    ops, dtype = stage.ops, stage.dtype
+    x = Fbuf[:, :c]
+    mean1, var1 = _bn1_stats(stage, state, layer.norm1, Fbuf, c, update=True)
+    scale1, shift1, _, _ = _bn_affine(layer.norm1, mean1, var1)
+    if layer.bottleneck:
+        w1 = layer.conv1.weight.to(dtype).view(layer.conv1.out_channels, c)
+        y1, y_sum, y_sqsum = _bottleneck_forward(stage, x, scale1, shift1, w1)
+        mean2, var2 = _bn2_stats(stage, state, layer.norm2, y_sum, y_sqsum, y1.shape, update=True)
+        scale2, shift2, _, _ = _bn_affine(layer.norm2, mean2, var2)
+        if not stage.policy.recompute_bottleneck:
+            state.save(y1=y1, which="y1")
+        z = _bn_relu(y1, scale2, shift2)
+        del y1
+        out = F.conv2d(z, layer.conv2.weight.to(dtype), padding=1)
+    else:
+        h = _bn_relu(x, scale1, shift1)
+        out = F.conv2d(h, layer.conv1.weight.to(dtype), padding=1)
+    if layer.drop_rate > 0 and layer.training:
+        state.save(rng=_save_rng(out.device), which="rng")
+        out = F.dropout(out, p=layer.drop_rate, training=True)
+    else:
+        state.save(rng=None, which="rng")
+    return out
+
+
+def _transition_forward(stage: _Stage, state: _StageState, Fbuf: torch.Tensor) -> torch.Tensor:
+    t = stage.transition
+    c = Fbuf.shape[1]
+    mean, var = _bn1_stats(stage, state, t.norm, Fbuf, c, update=True)
+    scale, shift, _, _ = _bn_affine(t.norm, mean, var)
+    w = t.conv.weight.to(stage.dtype).view(t.conv.out_channels, c)
+    y, _, _ = _bottleneck_forward(stage, Fbuf, scale, shift, w)
+    return F.avg_pool2d(y, kernel_size=2, stride=2)
+
+
+def _stage_forward(stage: _Stage, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None, _StageState]:
+    """Fill the block buffer and run the transition. Returns (F, transition output or None, state)."""
+    block, k = stage.block, stage.block.growth_rate
+    N, C0, H, W = x.shape
+    c_total = block.num_output_features
+    count = N * H * W if not stage.sync else _sync_count(stage, N * H * W)
+    state = _StageState(keep, count)
+    Fbuf = torch.empty((N, c_total, H, W), dtype=stage.dtype, device=x.device)
+    Fbuf[:, :C0].copy_(x)
+    bns = [layer.norm1 for layer in stage.layers] + ([stage.transition.norm] if stage.transition is not None else [])
+    cache = stage.policy.cache_stats and any(_uses_batch_stats(bn) for bn in bns)
+    if cache:
+        state.mean = torch.empty(c_total, dtype=_acc_dtype(stage.dtype), device=x.device)
+        state.var = torch.empty_like(state.mean)
+        state.mean[:C0], state.var[:C0] = _channel_stats(stage, Fbuf[:, :C0])
+    for l, layer in enumerate(stage.layers):
+        c = C0 + l * k
+        new = _layer_forward(stage, state, layer, Fbuf, c)
+        Fbuf[:, c : c + k].copy_(new)
+        del new
+        if cache:
+            state.mean[c : c + k], state.var[c : c + k] = _channel_stats(stage, Fbuf[:, c : c + k])
+    out = _transition_forward(stage, state, Fbuf) if stage.transition is not None else None
+    return Fbuf, out, state
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward pieces
+
+
+def _bn_backward_into(
+    stage: _Stage,
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    dh: torch.Tensor,
+    gamma: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    batch_stats: bool,
+    sum_dh: torch.Tensor,
+    sum_dh_xmu: torch.Tensor,
+    count: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BN backward of ``dh`` (grad of the BN output, ReLU mask applied) added into ``grad``.
+    Returns (dgamma, dbeta). With batch statistics:
+    ``dx = gamma*invstd*(dh - Σdh/M - (x-mean)*invstd²*Σdh(x-mean)/M)``; with running ones ``gamma*invstd*dh``."""
+    if stage.sync and batch_stats:
+        _all_reduce_([sum_dh, sum_dh_xmu], stage.sync_group)
+    dgamma = sum_dh_xmu * invstd
+    dbeta = sum_dh.clone()
+    if batch_stats:
+        # the op divides by the local N*H*W; scale the sums so that the global count is used under sync
+        local = x.shape[0] * x.shape[2] * x.shape[3]
+        sdh, sdx = sum_dh * (local / count), sum_dh_xmu * (local / count)
+    else:
+        sdh, sdx = torch.zeros_like(sum_dh), torch.zeros_like(sum_dh_xmu)
+    stage.ops.bn_backward_accumulate(grad, x, dh, mean, invstd, gamma, sdh, sdx)
+    return dgamma, dbeta
+
+
+def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torch.Tensor, G: torch.Tensor, c: int, k: int) -> list[torch.Tensor]:
+    dtype = stage.dtype
+    x = Fbuf[:, :c]
+    dout = G[:, c : c + k]
+    if state.rng[l] is not None:
+        dout = _dropout_replay(dout, layer.drop_rate, state.rng[l])
+    bn1 = layer.norm1
+    batch1 = _uses_batch_stats(bn1)
+    mean1, var1 = _bn1_stats(stage, state, bn1, Fbuf, c, update=False)
+    affine1 = _bn_affine(bn1, mean1, var1)
+    scale1, shift1, mean1, invstd1 = affine1
+    count = state.count
+    if layer.bottleneck:
+        w1 = layer.conv1.weight.to(dtype).view(layer.conv1.out_channels, c)
+        bn2 = layer.norm2
+        if stage.policy.recompute_bottleneck:
+            y1, y_sum, y_sqsum = _bottleneck_forward(stage, x, scale1, shift1, w1)
+        else:
+            y1 = state.y1[l]
+            y_sum = _acc(y1).sum(dim=(0, 2, 3))
+            y_sqsum = _acc(y1).square().sum(dim=(0, 2, 3))
+        mean2, var2 = _bn2_stats(stage, state, bn2, y_sum, y_sqsum, y1.shape, update=False)
+        count2 = count
+        batch2 = mean2 is not None
+        scale2, shift2, mean2, invstd2 = _bn_affine(bn2, mean2, var2)
+        z = _bn_relu(y1, scale2, shift2)
+        w2 = layer.conv2.weight.to(dtype)
+        dz, dw2, _ = torch.ops.aten.convolution_backward(
+            dout.contiguous(), z, w2, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
+        )
+        del z, dout
+        # BN2-ReLU backward: mask from the recomputed pre-activation, then the BN formula in fp32
+        y1f = _acc(y1)
+        dzm = torch.where(torch.addcmul(_bcast(shift2), y1f, _bcast(scale2)) > 0, _acc(dz), 0.0)
+        del dz
+        xmu2 = y1f - _bcast(mean2)
+        sum_dz = dzm.sum(dim=(0, 2, 3))
+        sum_dz_xmu = (dzm * xmu2).sum(dim=(0, 2, 3))
+        if stage.sync and batch2:
+            _all_reduce_([sum_dz, sum_dz_xmu], stage.sync_group)
+        dgamma2, dbeta2 = sum_dz_xmu * invstd2, sum_dz.clone()
+        coef = bn2.weight.to(invstd2.dtype) * invstd2
+        if batch2:
+            dy1 = _bcast(coef) * (dzm - _bcast(sum_dz / count2) - xmu2 * _bcast(invstd2 * invstd2 * sum_dz_xmu / count2))
+        else:
+            dy1 = dzm * _bcast(coef)
+        del dzm, xmu2, y1f, y1
+        dy1 = dy1.to(dtype)
+        dw1, dgamma1, dbeta1 = _bottleneck_backward(stage, G[:, :c], x, bn1, affine1, batch1, count, w1, dy1)
+        del dy1
+        return [
+            dgamma1.to(bn1.weight.dtype),
+            dbeta1.to(bn1.bias.dtype),
+            dw1.view_as(layer.conv1.weight).to(layer.conv1.weight.dtype),
+            dgamma2.to(bn2.weight.dtype),
+            dbeta2.to(bn2.bias.dtype),
+            dw2.to(layer.conv2.weight.dtype),
+        ]
+    # original DenseNet layer: BN-ReLU-conv3x3 over the concatenation, all in PyTorch ops
+    h = _bn_relu(x, scale1, shift1)
+    dh, dw, _ = torch.ops.aten.convolution_backward(
+        dout.contiguous(), h, layer.conv1.weight.to(dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
+    )
+    dh = torch.where(h > 0, dh, 0)
+    del h
+    sum_dh = _acc(dh).sum(dim=(0, 2, 3))
+    sum_dh_xmu = (_acc(dh) * (_acc(x) - _bcast(mean1))).sum(dim=(0, 2, 3))
+    grad = G[:, :c]
+    target = grad if stage.policy.shared_grad else torch.zeros_like(grad)
+    dgamma1, dbeta1 = _bn_backward_into(
+        stage, target, x, dh, bn1.weight.to(invstd1.dtype), mean1, invstd1, batch1, sum_dh, sum_dh_xmu, count
+    )
+    if target is not grad:
+        grad.add_(target)
+    return [dgamma1.to(bn1.weight.dtype), dbeta1.to(bn1.bias.dtype), dw.to(layer.conv1.weight.dtype)]
+
+
+def _sync_count(stage: _Stage, local: int) -> int:
+    import torch.distributed as dist
+
+    t = torch.tensor([float(local)])
+    dist.all_reduce(t, group=stage.sync_group)
+    return int(round(float(t)))
+
+
+def _avg_pool2_backward(dout: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """Gradient of ``avg_pool2d(kernel=2, stride=2)`` for an (H, W) input: each output gradient spread
+    over its 2x2 window (/4); the last row/column of an odd size gets zero."""
+    N, C, Ho, Wo = dout.shape
+    dy = torch.mul(dout[:, :, :, None, :, None].expand(N, C, Ho, 2, Wo, 2), 0.25).view(N, C, 2 * Ho, 2 * Wo)
+    if (2 * Ho, 2 * Wo) != (H, W):
+        dy = F.pad(dy, (0, W - 2 * Wo, 0, H - 2 * Ho))
+    return dy
+
+
+def _transition_backward(stage: _Stage, state: _StageState, Fbuf: torch.Tensor, G: torch.Tensor, dout: torch.Tensor) -> list[torch.Tensor]:
+    t = stage.transition
+    N, c, H, W = Fbuf.shape
+    mean, var = _bn1_stats(stage, state, t.norm, Fbuf, c, update=False)
+    batch = mean is not None
+    affine = _bn_affine(t.norm, mean, var)
+    w = t.conv.weight.to(stage.dtype).view(t.conv.out_channels, c)
+    dy = _avg_pool2_backward(dout.to(stage.dtype), H, W)
+    dw, dgamma, dbeta = _bottleneck_backward(stage, G, Fbuf, t.norm, affine, batch, state.count, w, dy)
+    del dy
+    return [dgamma.to(t.norm.weight.dtype), dbeta.to(t.norm.bias.dtype), dw.view_as(t.conv.weight).to(t.conv.weight.dtype)]
+
+
+class _DenseStageFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, stage: _Stage, x: torch.Tensor, *params: torch.Tensor):  # type: ignore[override]
+        Fbuf, out, state = _stage_forward(stage, x, keep=True)
+        ctx.stage = stage
+        ctx.state = state
+        ctx.x_meta = (x.dtype, x.shape)
+        ctx.has_transition = out is not None
+        ctx.save_for_backward(Fbuf)
+        return Fbuf if out is None else out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        (Fbuf,) = ctx.saved_tensors
+        stage: _Stage = ctx.stage
+        state: _StageState = ctx.state
+        block, k = stage.block, stage.block.growth_rate
+        C0 = block.num_input_features
+        with torch.autocast(Fbuf.device.type, enabled=False):
+            grads: list[torch.Tensor] = []
+            if ctx.has_transition:
+                G = torch.zeros_like(Fbuf)
+                t_grads = _transition_backward(stage, state, Fbuf, G, grad_out)
+            else:
+                G = grad_out.to(dtype=Fbuf.dtype, memory_format=torch.contiguous_format, copy=True)
+                t_grads = []
+            del grad_out
+            layer_grads: list[list[torch.Tensor]] = []
+            for l in reversed(range(len(stage.layers))):
+                c = C0 + l * k
+                layer_grads.append(_layer_backward(stage, state, l, stage.layers[l], Fbuf, G, c, k))
+            for lg in reversed(layer_grads):
+                grads += lg
+            grads += t_grads
+            x_dtype, _ = ctx.x_meta
+            dx = G[:, :C0].to(x_dtype, copy=True)
+        del G
+        ctx.state = None
+        return (None, dx, *grads)
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _make_stage(block, transition, ops: ModuleType, x: torch.Tensor, chunk_factor: int = 1, chunk_forward: bool = True) -> _Stage:
+    import torch.distributed as dist
+
+    sync = bool(getattr(block, "sync_bn", False)) and dist.is_available() and dist.is_initialized()
+    if sync and dist.get_world_size(getattr(block, "sync_group", None)) == 1:
+        sync = False
+    return _Stage(
+        block=block,
+        transition=transition,
+        ops=ops,
+        policy=block.policy,
+        dtype=_autocast_dtype(x),
+        sync_group=getattr(block, "sync_group", None),
+        sync=sync,
+        chunk_width=chunk_factor * max(16, block.layers[0].conv1.out_channels if block.layers else 64),
+        chunk_forward=chunk_forward,
+    )
+
+
+def run_stage(block, transition, x: torch.Tensor, ops: ModuleType, **stage_options: Any) -> torch.Tensor:
+    """Run ``block`` (and ``transition`` if given) on ``x`` with the shared buffers; returns the block
+    buffer, or the transition's pooled output when a transition is given. ``stage_options`` are
+    ``chunk_factor`` and ``chunk_forward`` (see :class:`_Stage`)."""
+    _check_block_input(block, x)
+    stage = _make_stage(block, transition, ops, x, **stage_options)
+    params = stage.params()
+    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+        with torch.autocast(x.device.type, enabled=False):
+            return _DenseStageFunction.apply(stage, x, *params)
+    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+        Fbuf, out, _ = _stage_forward(stage, x, keep=False)
+    return Fbuf if out is None else out
+
+
+def _check_block_input(block, x: torch.Tensor) -> None:
+    if x.dim() != 4 or x.shape[1] != block.num_input_features:
+        raise ValueError(
+            f"dense block expects input (N, {block.num_input_features}, H, W), got shape {tuple(x.shape)}"
+        )
+    for layer in block.layers:
+        for bn in [layer.norm1] + ([layer.norm2] if layer.bottleneck else []):
+            if not bn.affine:
+                raise ValueError("the shared strategy needs affine BatchNorm layers (affine=True)")
+
+
+def _reference_ops() -> ModuleType:
+    from effdense.kernels import reference
+
+    return reference
+
+
+def run_block(block, x: torch.Tensor) -> torch.Tensor:
+    return run_stage(block, None, x, _reference_ops())
+
+
+def run_features(model, x: torch.Tensor, ops: ModuleType | None = None) -> torch.Tensor:
+    """The whole feature extractor: recomputed stem, then (block + transition) stages, then norm5."""
+    ops = ops or _reference_ops()
+    stem = [m for name, m in model.features.named_children() if name in ("conv0", "norm0", "relu0", "pool0")]
+    x = _checkpoint.run_recomputed(stem, x)
+    children = dict(model.features.named_children())
+    n_blocks = len(model.block_config)
+    for i in range(1, n_blocks + 1):
+        block = children[f"denseblock{i}"]
+        transition = children.get(f"transition{i}")
+        x = run_stage(block, transition, x, ops)
+    return children["norm5"](x)
