@@ -1,0 +1,365 @@
+"""The bottleneck kernels (effdense.kernels) against their PyTorch twins, and the twins against plain PyTorch.
+
+On a machine without CUDA the Triton kernels run in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1); with CUDA, every test also runs on the GPU through the autotuned kernels.
+Low-precision results are judged against an fp32 "gold" result relative to PyTorch's own error in that dtype.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from effdense import kernels as K
+from effdense.kernels import reference as R
+
+# (N, C_total, offset, C, H, W, B): x = buf[:, offset:offset+C] of an (N, C_total, H, W) buffer, B outputs
+SHAPES = [
+    (1, 20, 0, 20, 7, 7, 24),  # batch 1, C not a multiple of 16, odd 7x7 spatial
+    (2, 64, 16, 40, 13, 13, 32),  # channel slice at offset 16 of a 64-channel buffer, 13x13
+    (3, 33, 0, 33, 5, 3, 16),  # C = 33, non-square 5x3, M = 45 not a multiple of any block
+    (2, 160, 24, 136, 4, 4, 128),  # C > 128: several K steps (interpreter BLOCK_K = 128), B = 128 as DenseNet-BC
+    (2, 24, 8, 16, 28, 28, 20),  # M = 1568 > 1024: several M tiles, a tile straddling two samples
+    (4, 8, 0, 8, 1, 1, 8),  # 1x1 spatial, C < 16
+]
+SHAPE_IDS = ["b1-c20-7x7", "slice16-c40-13x13", "c33-5x3", "c136-b128", "m1568", "1x1-c8"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (dtype, atol, rtol) for Triton vs the twin in fp32, and the atol added to 2*err_torch in low precision
+FP32_TOL = dict(atol=1e-4, rtol=1e-4)
+LOW_ATOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3}
+
+
+def _devices() -> list:
+    devs = [pytest.param("cpu", id="cpu")]
+    devs.append(pytest.param("cuda", id="cuda", marks=pytest.mark.cuda))
+    return devs
+
+
+DEVICES = _devices()
+
+
+def _need_triton(device: str) -> None:
+    if not K.kernels_available(device):
+        pytest.skip(f"Triton kernels do not run on {device} here (CUDA machine without TRITON_INTERPRET)")
+
+
+def _case(shape, dtype, device, *, mean=0.0, std=1.0):
+    """Inputs of one case: x as a channel slice of a larger buffer, plus BN1 affine, weight, dy, stats."""
+    N, C_total, off, C, H, W, B = shape
+    buf = (torch.randn(N, C_total, H, W, device=device) * std + mean).to(dtype)
+    x = buf[:, off : off + C]
+    mean_c = x.float().mean(dim=(0, 2, 3))
+    var_c = x.float().var(dim=(0, 2, 3), unbiased=False)
+    invstd = torch.rsqrt(var_c + 1e-5)
+    gamma = torch.rand(C, device=device) + 0.5
+    beta = torch.randn(C, device=device) * 0.5
+    scale = gamma * invstd
+    shift = beta - mean_c * scale
+    weight = (torch.randn(B, C, device=device) / C**0.5).to(dtype)
+    dy = torch.randn(N, B, H, W, device=device).to(dtype)
+    return dict(buf=buf, x=x, scale=scale, shift=shift, weight=weight, dy=dy, mean=mean_c, invstd=invstd, gamma=gamma, beta=beta)
+
+
+def _up(t):
+    return t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
+
+
+def _assert_close(got, ref, gold, dtype, what):
+    """fp32: got ~ ref. Low precision: |got - gold| <= 2*|ref - gold| + atol (ref: the twin in that dtype)."""
+    got, ref, gold = got.float(), ref.float(), gold.float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, ref, **FP32_TOL, msg=lambda m: f"{what}: {m}")
+        return
+    err_kernel = (got - gold).abs().max().item()
+    err_torch = (ref - gold).abs().max().item()
+    scale = max(1.0, gold.abs().max().item())
+    assert err_kernel <= 2 * err_torch + LOW_ATOL[dtype] * scale, (
+        f"{what}: kernel error {err_kernel:.3g} vs PyTorch's own {err_torch:.3g} in {dtype}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The oracle: reference twins against plain PyTorch (fp64 autograd)
+
+
+def test_reference_forward_matches_pytorch():
+    c = _case((2, 48, 8, 36, 7, 7, 24), torch.float32, "cpu")
+    y, y_sum, y_sqsum = R.bottleneck_forward(c["x"], c["scale"], c["shift"], c["weight"])
+    x64 = c["x"].double()
+    h = F.relu(F.batch_norm(x64, None, None, c["gamma"].double(), c["beta"].double(), training=True, eps=1e-5))
+    y_ref = F.conv2d(h, c["weight"].double()[:, :, None, None])
+    torch.testing.assert_close(y.double(), y_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(y_sum.double(), y_ref.sum(dim=(0, 2, 3)), atol=1e-3, rtol=1e-4)
+    torch.testing.assert_close(y_sqsum.double(), y_ref.square().sum(dim=(0, 2, 3)), atol=1e-3, rtol=1e-4)
+    assert y.is_contiguous() and y.dtype == torch.float32
+
+
+def test_reference_backward_matches_autograd():
+    """weight grad, input grad through BN1 (batch statistics), dgamma, dbeta, composed from the twins."""
+    c = _case((2, 40, 4, 30, 5, 5, 16), torch.float32, "cpu")
+    x, w, dy = c["x"], c["weight"], c["dy"]
+    x64 = x.double().requires_grad_()
+    g64 = c["gamma"].double().requires_grad_()
+    b64 = c["beta"].double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    y = F.conv2d(F.relu(F.batch_norm(x64, None, None, g64, b64, training=True, eps=1e-5)), w64[:, :, None, None])
+    y.backward(dy.double())
+
+    dw = R.bottleneck_backward_weight(x, c["scale"], c["shift"], dy)
+    dh, sum_dh, sum_dh_xmu = R.bottleneck_backward_input(x, c["scale"], c["shift"], w, dy, c["mean"])
+    grad = torch.zeros_like(x)
+    R.bn_backward_accumulate(grad, x, dh, c["mean"], c["invstd"], c["gamma"], sum_dh, sum_dh_xmu)
+    torch.testing.assert_close(dw.double(), w64.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grad.double(), x64.grad, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(sum_dh.double(), b64.grad, atol=1e-4, rtol=1e-4)  # dbeta
+    torch.testing.assert_close((sum_dh_xmu * c["invstd"]).double(), g64.grad, atol=1e-4, rtol=1e-4)  # dgamma
+
+
+def test_reference_channel_stats_matches_pytorch():
+    x = (torch.randn(2, 48, 9, 9) * 3 + 5)[:, 7:30]
+    mean, var = R.channel_stats(x)
+    torch.testing.assert_close(mean, x.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(var, x.var(dim=(0, 2, 3), unbiased=False))
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels against the twins
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_bottleneck_forward(shape, dtype, device):
+    _need_triton(device)
+    c = _case(shape, dtype, device)
+    args = (c["x"], c["scale"], c["shift"], c["weight"])
+    y, s, q = K.bottleneck_forward(*args, backend="triton")
+    y_ref, s_ref, q_ref = K.bottleneck_forward(*args, backend="reference")
+    gold = R.bottleneck_forward(*map(_up, args))
+    assert y.shape == y_ref.shape and y.dtype == dtype and y.is_contiguous()
+    assert s.dtype == q.dtype == torch.float32
+    _assert_close(y, y_ref, gold[0], dtype, "y")
+    # the sums are of y as stored: compare with the twin's sums, which are of its own rounded y
+    torch.testing.assert_close(s, s_ref, atol=1e-3 * (1 + q_ref.max().item()) ** 0.5, rtol=1e-3)
+    torch.testing.assert_close(q, q_ref, atol=1e-3, rtol=1e-2 if dtype != torch.float32 else 1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_bottleneck_backward_weight(shape, dtype, device):
+    _need_triton(device)
+    c = _case(shape, dtype, device)
+    args = (c["x"], c["scale"], c["shift"], c["dy"])
+    dw = K.bottleneck_backward_weight(*args, backend="triton")
+    dw_ref = K.bottleneck_backward_weight(*args, backend="reference")
+    assert dw.shape == (shape[-1], shape[3]) and dw.dtype == torch.float32
+    # same rounded operands, fp32 accumulation in both: only the summation order differs
+    torch.testing.assert_close(dw, dw_ref, atol=1e-4 * (1 + dw_ref.abs().max().item()), rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_bottleneck_backward_input_into_scratch_slice(shape, dtype, device):
+    _need_triton(device)
+    c = _case(shape, dtype, device)
+    N, _, _, C, H, W, _ = shape
+    args = (c["x"], c["scale"], c["shift"], c["weight"], c["dy"], c["mean"])
+    scratch = torch.full((N, C + 11, H, W), 7.0, dtype=dtype, device=device)  # reused scratch, dh at offset 5
+    out = scratch[:, 5 : 5 + C]
+    dh, sdh, sdx = K.bottleneck_backward_input(*args, out=out, backend="triton")
+    assert dh.data_ptr() == out.data_ptr()
+    assert (scratch[:, :5] == 7).all() and (scratch[:, 5 + C :] == 7).all(), "wrote outside the out slice"
+    dh_ref, sdh_ref, sdx_ref = K.bottleneck_backward_input(*args, backend="reference")
+    gold, _, _ = R.bottleneck_backward_input(*map(_up, args))
+    _assert_close(dh, dh_ref, gold, dtype, "dh")
+    # sums of dh as stored: consistent with the twin's sums of its own dh
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    atol = tol * (1 + dh_ref.float().abs().sum().item() / C)
+    torch.testing.assert_close(sdh, sdh_ref, atol=atol, rtol=tol)
+    torch.testing.assert_close(sdx, sdx_ref, atol=atol * (1 + c["x"].float().abs().max().item()), rtol=tol)
+    # out=None allocates in x.dtype
+    dh2, _, _ = K.bottleneck_backward_input(*args, backend="triton")
+    assert dh2.shape == (N, C, H, W) and dh2.dtype == dtype
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_bn_backward_accumulate_into_grad_slice(shape, dtype, device):
+    _need_triton(device)
+    c = _case(shape, dtype, device)
+    N, C_total, off, C, H, W, _ = shape
+    x = c["x"]
+    dh = torch.randn(x.shape, device=device).to(dtype)
+    sdh = dh.float().sum(dim=(0, 2, 3))
+    sdx = (dh.float() * (x.float() - c["mean"][:, None, None])).sum(dim=(0, 2, 3))
+    G = torch.randn(N, C_total, H, W, device=device).to(dtype)  # shared gradient buffer
+    G_ref = G.clone()
+    vecs = (c["mean"], c["invstd"], c["gamma"], sdh, sdx)
+    K.bn_backward_accumulate(G[:, off : off + C], x, dh, *vecs, backend="triton")
+    K.bn_backward_accumulate(G_ref[:, off : off + C], x, dh, *vecs, backend="reference")
+    # untouched channels of the shared buffer must stay equal bit for bit
+    assert torch.equal(G[:, :off], G_ref[:, :off]) and torch.equal(G[:, off + C :], G_ref[:, off + C :])
+    gold_val = G_ref[:, off : off + C].float()
+    if dtype == torch.float32:
+        torch.testing.assert_close(G[:, off : off + C], G_ref[:, off : off + C], **FP32_TOL)
+    else:  # same fp32 formula, one rounding at the store: at most one ulp apart
+        ulp = torch.finfo(dtype).eps * gold_val.abs().clamp_min(1.0)
+        assert ((G[:, off : off + C].float() - gold_val).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_channel_stats_large_mean(dtype, device):
+    """mean 1e3, std 1: naive E[x²]-E[x]² in fp32 would lose the variance entirely."""
+    _need_triton(device)
+    N, H, W = 3, 13, 13
+    buf = torch.randn(N, 50, H, W, device=device, dtype=torch.float64) + 1e3
+    x = buf[:, 9:30].to(dtype)  # channel slice at offset 9, 21 channels
+    exact = x.double()
+    mean_gold, var_gold = exact.mean(dim=(0, 2, 3)), exact.var(dim=(0, 2, 3), unbiased=False)
+    for backend in ("triton", "reference"):
+        mean, var = K.channel_stats(x, backend=backend)
+        assert mean.dtype == var.dtype == torch.float32 and mean.shape == (21,)
+        torch.testing.assert_close(mean.double(), mean_gold, atol=1e-3, rtol=1e-6, msg=lambda m: f"{backend}: {m}")
+        torch.testing.assert_close(var.double(), var_gold, atol=1e-3, rtol=1e-3, msg=lambda m: f"{backend}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4]], ids=[SHAPE_IDS[0], SHAPE_IDS[4]])
+def test_channel_stats_shapes(shape, device):
+    _need_triton(device)
+    x = _case(shape, torch.float32, device)["x"]
+    m, v = K.channel_stats(x, backend="triton")
+    m_ref, v_ref = K.channel_stats(x, backend="reference")
+    torch.testing.assert_close(m, m_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Differentiable functional op
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bn_relu_conv1x1_grads(device):
+    c = _case(SHAPES[1], torch.float32, device)
+    x = c["x"].detach().clone().requires_grad_()
+    scale = c["scale"].clone().requires_grad_()
+    shift = c["shift"].clone().requires_grad_()
+    w = c["weight"].clone().requires_grad_()
+    y = K.bn_relu_conv1x1(x, scale, shift, w)
+    y.backward(c["dy"])
+    x2, s2, t2, w2 = (t.detach().clone().requires_grad_() for t in (x, scale, shift, w))
+    y2 = F.conv2d(F.relu(x2 * s2[:, None, None] + t2[:, None, None]), w2[:, :, None, None])
+    y2.backward(c["dy"])
+    torch.testing.assert_close(y, y2, **FP32_TOL)
+    for got, ref, name in ((x.grad, x2.grad, "x"), (scale.grad, s2.grad, "scale"), (shift.grad, t2.grad, "shift"), (w.grad, w2.grad, "weight")):
+        torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3, msg=lambda m: f"grad {name}: {m}")
+
+
+# --------------------------------------------------------------------------------------------------
+# torch.library integration
+
+
+def test_fake_tensor_mode_shapes():
+    _need_triton("cpu")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 64, 7, 7, dtype=torch.bfloat16)[:, 8:40]
+        scale, shift, mean = torch.empty(32), torch.empty(32), torch.empty(32)
+        w = torch.empty(16, 32, dtype=torch.bfloat16)
+        dy = torch.empty(2, 16, 7, 7, dtype=torch.bfloat16)
+        y, s, q = K.bottleneck_forward(x, scale, shift, w, backend="triton")
+        assert y.shape == (2, 16, 7, 7) and y.dtype == torch.bfloat16 and s.shape == q.shape == (16,)
+        dw = K.bottleneck_backward_weight(x, scale, shift, dy, backend="triton")
+        assert dw.shape == (16, 32) and dw.dtype == torch.float32
+        dh, a, b = K.bottleneck_backward_input(x, scale, shift, w, dy, mean, backend="triton")
+        assert dh.shape == (2, 32, 7, 7) and dh.dtype == torch.bfloat16 and a.dtype == b.dtype == torch.float32
+        K.bn_backward_accumulate(torch.empty_like(x), x, dh, mean, scale, scale, a, b, backend="triton")
+        m, v = K.channel_stats(x, backend="triton")
+        assert m.shape == v.shape == (32,) and m.dtype == torch.float32
+        assert K.bn_relu_conv1x1(x, scale, shift, w).shape == (2, 16, 7, 7)
+
+
+def test_opcheck_forward():
+    _need_triton("cpu")
+    c = _case(SHAPES[0], torch.float32, "cpu")
+    N, _, _, C, H, W, B = SHAPES[0]
+    y = torch.empty(N, B, H, W)
+    args = (c["x"], c["scale"], c["shift"], c["weight"], y, torch.zeros(B), torch.zeros(B))
+    torch.library.opcheck(
+        torch.ops.effdense.bottleneck_forward.default,
+        args,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch and argument errors
+
+
+def test_backend_dispatch():
+    x = torch.randn(1, 4, 3, 3)
+    with pytest.raises(ValueError, match="backend"):
+        K.channel_stats(x, backend="cuda")
+    assert K.kernels_available("meta") is False or K.kernels_available("cpu")
+    # meta tensors take the reference path under "auto" unless the interpreter is on (then the fake kernel)
+    if not K.kernels_available("cpu"):
+        with pytest.raises(RuntimeError, match="backend='triton'"):
+            K.channel_stats(x, backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_argument_errors(backend):
+    _need_triton("cpu") if backend == "triton" else None
+    x = torch.randn(2, 8, 5, 5)
+    s = torch.ones(8)
+    w = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"4-D tensor \(N, C, H, W\), got shape \(8, 5, 5\)"):
+        K.bottleneck_forward(x[0], s, s, w, backend=backend)
+    with pytest.raises(ValueError, match="channels_last is not supported"):
+        K.bottleneck_forward(x.to(memory_format=torch.channels_last), s, s, w, backend=backend)
+    with pytest.raises(TypeError, match="scale: expected dtype torch.float32"):
+        K.bottleneck_forward(x, s.half(), s, w, backend=backend)
+    with pytest.raises(ValueError, match=r"shift: expected a 1-D tensor of shape \(8,\)"):
+        K.bottleneck_forward(x, s, s[:5], w, backend=backend)
+    with pytest.raises(TypeError, match="weight: expected dtype torch.float32"):
+        K.bottleneck_forward(x, s, s, w.bfloat16(), backend=backend)
+    with pytest.raises(ValueError, match=r"weight: expected shape \(B, 8\)"):
+        K.bottleneck_forward(x, s, s, w[:, :5], backend=backend)
+    with pytest.raises(TypeError, match="expected dtype float32, bfloat16 or float16"):
+        K.channel_stats(x.double(), backend=backend)
+    with pytest.raises(ValueError, match="dy: expected 4 channels"):
+        K.bottleneck_backward_input(x, s, s, w, torch.randn(2, 5, 5, 5), s, backend=backend)
+    with pytest.raises(ValueError, match=r"out: expected N, H, W"):
+        K.bottleneck_backward_input(x, s, s, w, torch.randn(2, 4, 5, 5), s, out=torch.empty(2, 8, 4, 5), backend=backend)
+    with pytest.raises(ValueError, match="grad: expected 8 channels"):
+        K.bn_backward_accumulate(torch.empty(2, 7, 5, 5), x, x, s, s, s, s, s, backend=backend)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU only: DenseNet-sized shapes through the autotuned kernels
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_cuda_densenet_shapes(dtype):
+    shape = (8, 512, 64, 288, 14, 14, 128)  # a block-3 layer: 288 of 512 channels at offset 64
+    c = _case(shape, dtype, "cuda")
+    fwd = (c["x"], c["scale"], c["shift"], c["weight"])
+    y, s, q = K.bottleneck_forward(*fwd)
+    y_ref, s_ref, q_ref = K.bottleneck_forward(*fwd, backend="reference")
+    _assert_close(y, y_ref, R.bottleneck_forward(*map(_up, fwd))[0], dtype, "y")
+    torch.testing.assert_close(s, s_ref, atol=1e-1, rtol=1e-2)
+    dw = K.bottleneck_backward_weight(c["x"], c["scale"], c["shift"], c["dy"])
+    dw_ref = R.bottleneck_backward_weight(c["x"], c["scale"], c["shift"], c["dy"])
+    torch.testing.assert_close(dw, dw_ref, atol=1e-2, rtol=1e-3)
+    bi = (*fwd, c["dy"], c["mean"])
+    dh, a, b = K.bottleneck_backward_input(*bi)
+    dh_ref, a_ref, b_ref = K.bottleneck_backward_input(*bi, backend="reference")
+    _assert_close(dh, dh_ref, R.bottleneck_backward_input(*map(_up, bi))[0], dtype, "dh")
+    torch.testing.assert_close(a, a_ref, atol=1e-1, rtol=1e-2)
