@@ -588,19 +588,20 @@ def _check_block_input(block, x: torch.Tensor) -> None:
                 raise ValueError("the shared strategy needs affine BatchNorm layers (affine=True)")
 
 
-def _reference_ops() -> ModuleType:
+def reference_ops() -> ModuleType:
+    """The pure-PyTorch twins of the bottleneck kernels: the ops of the ``shared`` strategy."""
     from effdense.kernels import reference
 
     return reference
 
 
 def run_block(block, x: torch.Tensor) -> torch.Tensor:
-    return run_stage(block, None, x, _reference_ops())
+    return run_stage(block, None, x, reference_ops())
 
 
-def run_features(model, x: torch.Tensor, ops: ModuleType | None = None) -> torch.Tensor:
+def run_features(model, x: torch.Tensor, ops: ModuleType | None = None, **stage_options: Any) -> torch.Tensor:
     """The whole feature extractor: recomputed stem, then (block + transition) stages, then norm5."""
-    ops = ops or _reference_ops()
+    ops = ops or reference_ops()
     stem = [m for name, m in model.features.named_children() if name in ("conv0", "norm0", "relu0", "pool0")]
     x = _checkpoint.run_recomputed(stem, x)
     children = dict(model.features.named_children())
@@ -608,5 +609,5 @@ def run_features(model, x: torch.Tensor, ops: ModuleType | None = None) -> torch
     for i in range(1, n_blocks + 1):
         block = children[f"denseblock{i}"]
         transition = children.get(f"transition{i}")
-        x = run_stage(block, transition, x, ops)
+        x = run_stage(block, transition, x, ops, **stage_options)
     return children["norm5"](x)
