@@ -22,6 +22,7 @@ import argparse
 import csv
 import datetime
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -50,8 +51,8 @@ def _git_commit() -> str:
         return subprocess.run(
             ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=pathlib.Path(__file__).parent
         ).stdout.strip()
-    except Exception:
-        return "unknown"
+    except Exception:  # not a checkout (e.g. a copied tree): let the caller say
+        return os.environ.get("GIT_COMMIT", "unknown")
 
 
 def _bench(fn):
