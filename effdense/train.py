@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--strategy", default="auto", help=f"dense-block strategy: auto or one of {strategies.STRATEGIES}")
 
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=15)
+    g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--batch-size", type=int, default=64, help="per-process batch size (global = this x world size)")
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="SGD with Nesterov momentum, or AdamW")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.1 sgd, 1e-3 adamw)")
@@ -522,7 +522,13 @@ def _ignore_sigint(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _loader(dataset, sampler, batch_size: int, workers: int, device: torch.device, drop_last: bool) -> DataLoader:
+def _loader(
+    dataset, sampler, batch_size: int, workers: int, device: torch.device, drop_last: bool, seed: int
+) -> DataLoader:
+    # its own generator: the loader never draws from the global RNG, whose stream (dropout, main-process
+    # augmentation) a mid-epoch resume then continues exactly; worker seeds are fixed per epoch
+    generator = torch.Generator()
+    generator.manual_seed(seed)
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -531,6 +537,7 @@ def _loader(dataset, sampler, batch_size: int, workers: int, device: torch.devic
         num_workers=workers,
         pin_memory=device.type == "cuda",
         worker_init_fn=_ignore_sigint if workers > 0 else None,
+        generator=generator,
     )
 
 
@@ -621,7 +628,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
             f"({ctx.world_size} processes); lower --batch-size"
         )
     test_sampler = ShardSampler(len(test_set), ctx.world_size, ctx.rank, shuffle=False, pad=False)
-    test_loader = _loader(test_set, test_sampler, args.batch_size, args.workers, device, drop_last=False)
+    test_loader = _loader(test_set, test_sampler, args.batch_size, args.workers, device, False, args.seed)
 
     optimizer = _build_optimizer(args, model)
     scheduler = _build_scheduler(args, optimizer, steps_per_epoch)
@@ -635,6 +642,8 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
 
     start_epoch, start_step, global_step = 0, 0, 0
     history: list[dict[str, Any]] = []
+    # this epoch's running sums: loss*images, correct, images, training seconds
+    progress: dict[str, float] = {}
     if resume_state is not None:
         try:
             model.load_state_dict(resume_state["model"])
@@ -648,10 +657,10 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
         start_epoch, start_step = int(resume_state["epoch"]), int(resume_state["step"])
         global_step = int(resume_state.get("global_step", start_epoch * steps_per_epoch + start_step))
         history = list(resume_state.get("history", []))
+        if ctx.is_main:  # global sums of the interrupted epoch's first steps; other ranks add theirs from 0
+            progress = dict(resume_state.get("progress", {}))
         rng = resume_state["rng"]
         _set_rng_state(rng[ctx.rank] if isinstance(rng, list) and ctx.rank < len(rng) else rng)
-        if start_step >= steps_per_epoch:
-            start_epoch, start_step = start_epoch + 1, 0
         say(f"resumed from {args.resume}: epoch {start_epoch + 1}, step {start_step}")
 
     train_model: nn.Module = model
@@ -675,10 +684,13 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
 
     def checkpoint_state(epoch: int, step: int, collective: bool = True) -> dict[str, Any]:
         rng: Any = _rng_state()
+        partial = dict(progress)
         if ctx.enabled and collective:  # every rank's RNG, so each resumes its own stream
             gathered: list[Any] = [None] * ctx.world_size
             dist.all_gather_object(gathered, rng)
             rng = gathered
+            keys = sorted(partial)
+            partial = dict(zip(keys, _all_reduce_sum([partial[k] for k in keys], ctx, device)))
         return {
             "version": CHECKPOINT_VERSION,
             "model": model.state_dict(),
@@ -690,6 +702,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
             "global_step": global_step,
             "rng": rng,
             "history": history,
+            "progress": partial if step > 0 else {},
             "config": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
             "world_size": ctx.world_size,
         }
@@ -704,6 +717,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
     interrupted = False
     epoch, step = start_epoch, start_step
     in_update = False
+    progress_tensors: Any = None  # (loss_sum, correct, seen, seconds) after the last completed step
     last_saved = None
     flag = _InterruptFlag(announce=ctx.is_main and not args.quiet)
     try:
@@ -711,16 +725,21 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
             for epoch in range(start_epoch, args.epochs):
                 step0 = step = start_step if epoch == start_epoch else 0
                 train_sampler.set_epoch(epoch, start=step0 * args.batch_size)
-                loader = _loader(train_set, train_sampler, args.batch_size, args.workers, device, drop_last=True)
+                loader = _loader(
+                    train_set, train_sampler, args.batch_size, args.workers, device, True, args.seed * 100_003 + epoch
+                )
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 train_model.train()
                 bar = _progress(steps_per_epoch, f"epoch {epoch + 1}/{args.epochs}", ctx.is_main and not (args.no_progress or args.quiet))
                 if bar is not None:
                     bar.update(step0)
-                loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-                correct = torch.zeros((), dtype=torch.int64, device=device)
-                seen = 0
+                if epoch != start_epoch or not progress:
+                    progress = {"loss_sum": 0.0, "correct": 0.0, "seen": 0.0, "train_time": 0.0}
+                loss_sum = torch.full((), progress["loss_sum"], dtype=torch.float64, device=device)
+                correct = torch.full((), progress["correct"], dtype=torch.float64, device=device)
+                seen = int(progress["seen"])
+                time_before = progress["train_time"]
                 t_epoch = time.perf_counter()
                 t_window, seen_window = t_epoch, 0
                 step = step0
@@ -747,6 +766,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
                     correct += (logits.detach().argmax(1) == y).sum()
                     seen += y.numel()
                     seen_window += y.numel()
+                    progress_tensors = (loss_sum, correct, seen, time_before + time.perf_counter() - t_epoch)
                     if on_step is not None:
                         on_step(epoch, step, float(loss_d))
                     if bar is not None and (step % args.log_interval == 0 or step == steps_per_epoch):
@@ -771,7 +791,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
                         raise _StopRequested
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
-                train_time = time.perf_counter() - t_epoch
+                train_time = time_before + time.perf_counter() - t_epoch
                 if bar is not None:
                     bar.close()
                 step_losses.extend(float(v) for v in epoch_losses)
@@ -813,6 +833,9 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
                     last_saved = ckpt_path
     except (KeyboardInterrupt, _StopRequested) as exc:
         interrupted = True
+        if progress_tensors is not None:
+            ls, cs, sn, tt = progress_tensors
+            progress = {"loss_sum": float(ls), "correct": float(cs), "seen": float(sn), "train_time": tt}
         step_losses.extend(float(v) for v in epoch_losses)
         if isinstance(exc, KeyboardInterrupt) and ctx.enabled:
             # only this rank was interrupted: the others are not at a collective, so save without one

@@ -1,0 +1,207 @@
+"""``effdense train``: short runs on a digits subset, exact resume, Ctrl-C, mixed precision, and one-line
+errors with exit code 2. The full default run (>= 95% on digits) is recorded in benchmarks/results, not
+run here."""
+
+import argparse
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from effdense import train as T
+from effdense.data import ShardSampler, load_digits
+
+# a tiny DenseNet-BC (one layer per block, k=4) on 12x12 digits: ~0.1 s per epoch of 128 images
+TINY = ["--depth", "10", "--growth-rate", "4", "--image-size", "12", "--subset", "128", "--test-subset", "64",
+        "--batch-size", "32", "--strategy", "naive", "--no-progress", "--quiet"]
+
+
+def _args(tmp_path, *extra):
+    return T.parse_args([*TINY, "--out-dir", str(tmp_path), *map(str, extra)])
+
+
+def _state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(a, b, atol=1e-6, rtol=1e-5):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=rtol, msg=lambda m: f"{k}: {m}")
+
+
+def test_add_arguments_on_a_fresh_parser():
+    parser = argparse.ArgumentParser()
+    T.add_arguments(parser)
+    args = parser.parse_args([])
+    assert (args.data, args.model, args.strategy, args.optimizer, args.lr_schedule) == (
+        "digits", None, "auto", "sgd", "cosine")
+    assert args.precision == "fp32" and not args.sync_bn and not args.compile
+
+
+def test_digits_split_is_fixed_stratified_and_resized():
+    a, b = load_digits(16), load_digits(16)
+    assert len(a.train) + len(a.test) == 1797 and len(a.test) == 450
+    assert torch.equal(a.train.tensors[0], b.train.tensors[0])  # same split every time
+    assert a.train.tensors[0].shape[1:] == (1, 16, 16)
+    test_counts = torch.bincount(a.test.tensors[1], minlength=10)
+    all_counts = test_counts + torch.bincount(a.train.tensors[1], minlength=10)
+    assert ((test_counts - 0.25 * all_counts).abs() <= 1).all()  # stratified: each class 25% held out
+
+
+def test_shard_sampler_matches_distributed_sampler_and_resumes_mid_epoch():
+    from torch.utils.data import DistributedSampler
+
+    data = list(range(13))  # odd length: padding
+    for rank in range(2):
+        ours = ShardSampler(len(data), world_size=2, rank=rank, seed=5)
+        ref = DistributedSampler(data, num_replicas=2, rank=rank, seed=5)
+        ours.set_epoch(3)
+        ref.set_epoch(3)
+        assert list(ours) == list(ref) and len(ours) == len(ref)
+        ours.set_epoch(3, start=4)
+        assert list(ours) == list(ref)[4:] and len(ours) == len(ref) - 4
+
+
+def test_short_run_learns_and_logs(tmp_path):
+    result = T.train(_args(tmp_path, "--epochs", 4, "--growth-rate", 8, "--subset", 256, "--image-size", 16))
+    losses = [row["train_loss"] for row in result["history"]]
+    assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < 0.85 * losses[0], losses
+    assert result["test_acc"] > 0.2  # chance is 0.1; 32 steps on 256 images are far from converged
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    for key in ("train_loss", "train_acc", "test_acc", "img_per_s", "peak_mem_mib", "lr"):
+        assert float(rows[-1][key]) >= 0.0, key
+    assert os.path.isfile(tmp_path / "checkpoint.pt")
+
+
+@pytest.mark.parametrize("interrupt_at", [4, 2], ids=["epoch-boundary", "mid-epoch"])
+def test_resume_continues_the_same_run(tmp_path, interrupt_at):
+    # 2 epochs of 4 steps straight, versus Ctrl-C after step `interrupt_at` of epoch 1 and --resume
+    extra = ["--epochs", 2, "--optimizer", "sgd", "--lr-schedule", "cosine", "--drop-rate", "0"]
+    straight = T.train(_args(tmp_path / "a", *extra))
+
+    def ctrl_c(epoch, step, loss):
+        if epoch == 0 and step == interrupt_at:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler sets a flag; the loop stops after this step
+
+    first = T.train(_args(tmp_path / "b", *extra), on_step=ctrl_c)
+    assert first["interrupted"] and first["checkpoint"] == str(tmp_path / "b" / "checkpoint.pt")
+    assert len(first["step_losses"]) == interrupt_at
+    resumed = T.train(_args(tmp_path / "b", *extra, "--resume", first["checkpoint"]))
+    assert not resumed["interrupted"]
+
+    losses = first["step_losses"] + resumed["step_losses"]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(straight["step_losses"]), atol=1e-6, rtol=1e-5)
+    _assert_same_state(_state(resumed["model"]), _state(straight["model"]))
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2]
+    with open(tmp_path / "b" / "metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2]  # appended, not restarted
+
+
+def test_keyboard_interrupt_exception_saves_a_checkpoint_that_resumes(tmp_path):
+    # a KeyboardInterrupt raised outside the signal handler (e.g. from a DataLoader) takes the other path
+    def boom(epoch, step, loss):
+        if epoch == 1 and step == 1:
+            raise KeyboardInterrupt
+
+    first = T.train(_args(tmp_path, "--epochs", 2), on_step=boom)
+    assert first["interrupted"]
+    state = T.load_checkpoint(first["checkpoint"])
+    assert (state["epoch"], state["step"]) == (1, 1)
+    assert {"torch", "numpy", "python"} <= set(state["rng"])
+    resumed = T.train(_args(tmp_path, "--epochs", 2, "--resume", first["checkpoint"]))
+    straight = T.train(_args(tmp_path / "ref", "--epochs", 2))
+    _assert_same_state(_state(resumed["model"]), _state(straight["model"]))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["--precision", "bf16", "--channels-last", "--optimizer", "adamw", "--lr-schedule", "step"],
+        ["--precision", "fp16", "--warmup-epochs", "0.5"],  # GradScaler on
+    ],
+    ids=["bf16-channels_last-adamw-step", "fp16-scaler-warmup"],
+)
+def test_mixed_precision_runs_and_resumes(tmp_path, extra):
+    result = T.train(_args(tmp_path, "--epochs", 1, *extra))
+    assert torch.isfinite(torch.tensor(result["step_losses"])).all()
+    state = T.load_checkpoint(result["checkpoint"])
+    assert bool(state["scaler"]) == ("fp16" in extra)  # the scaler's state travels with the checkpoint
+    again = T.train(_args(tmp_path, "--epochs", 2, *extra, "--resume", result["checkpoint"]))
+    assert len(again["history"]) == 2
+
+
+def test_jsonl_metrics_and_imagefolder(tmp_path):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            os.makedirs(tmp_path / "imgs" / split / cls)
+            for i in range(4):
+                pixels = (torch.rand(20, 20, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / "imgs" / split / cls / f"{i}.png")
+    metrics = tmp_path / "m.jsonl"
+    result = T.train(T.parse_args([
+        "--data", "imagefolder", "--data-dir", str(tmp_path / "imgs"), "--image-size", "16", "--depth", "10",
+        "--growth-rate", "4", "--batch-size", "4", "--epochs", "1", "--strategy", "naive",
+        "--out-dir", str(tmp_path), "--metrics", str(metrics), "--no-progress", "--quiet",
+    ]))
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["epoch"] == 1 and isinstance(rows[0]["peak_mem_mib_per_rank"], list)
+    assert result["model"].classifier.out_features == 2
+
+
+def _run_main(capsys, argv):
+    code = T.main(T.parse_args(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--data", "cifar10", "--data-dir", "/nonexistent/cifar"], "does not exist"),
+        (["--data", "cifar10"], "needs --data-dir"),
+        (["--data", "cifar100", "--data-dir", "{tmp}"], "no valid 'cifar-100-python' folder"),  # empty folder
+        (["--data", "imagefolder", "--data-dir", "{tmp}"], "no 'train/' folder"),
+        (["--model", "resnet50"], "unknown model 'resnet50'"),
+        (["--depth", "11"], "is not a valid DenseNet-BC"),
+        (["--model", "densenet121", "--growth-rate", "8"], "growth_rate"),
+        (["--strategy", "turbo"], "unknown strategy 'turbo'"),
+        (["--resume", "/nonexistent/ckpt.pt"], "does not exist"),
+        (["--resume", "{tmp}/garbage.pt"], "cannot read checkpoint"),
+        (["--resume", "{tmp}/other.pt"], "not an effdense train checkpoint"),
+    ],
+)
+def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, argv, needle):
+    (tmp_path / "garbage.pt").write_bytes(b"\x00not a checkpoint" * 10)
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    base = TINY[4:]  # without --depth/--growth-rate, which clash with --model
+    code, err = _run_main(capsys, [*base, "--out-dir", str(tmp_path), "--epochs", "1", *argv])
+    assert code == 2
+    assert err.startswith("effdense train: error:") and "\n" not in err and needle in err, err
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, capsys):
+    first = T.train(_args(tmp_path, "--epochs", 1))
+    code, err = _run_main(capsys, [*TINY, "--out-dir", str(tmp_path), "--epochs", "2", "--growth-rate", "6",
+                                   "--resume", first["checkpoint"]])
+    assert code == 2 and "does not fit this run" in err and "\n" not in err, err
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "effdense.train", "--model", "nope", "--out-dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().startswith("effdense train: error: unknown model 'nope'")
