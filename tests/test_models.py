@@ -1,0 +1,320 @@
+"""The foundation: torchvision parity, configurations, weights, strategy switching, bad input."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+
+import effdense
+from effdense import strategies
+
+# fp32 on CPU, "within 1e-5 relative": max|a - b| <= RTOL * max|b| per tensor
+RTOL = 1e-5
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL, name: str = "") -> None:
+    err = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert err <= rtol * max(scale, 1e-12), f"{name}: max error {err:.3g} > {rtol} * {scale:.3g}"
+
+
+def train_step(model: nn.Module, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    torch.manual_seed(seed)
+    out = model(x)
+    # a loss whose gradient differs per class, so every output channel matters
+    weights = torch.linspace(-1.0, 1.0, out.shape[1])
+    (out * weights).sum().backward()
+    return out.detach()
+
+
+TORCHVISION_BUILDERS = ["densenet121", "densenet161", "densenet169", "densenet201"]
+
+
+@pytest.mark.parametrize("arch", TORCHVISION_BUILDERS)
+@pytest.mark.parametrize("strategy", ["naive", "checkpoint"])
+def test_matches_torchvision_with_same_weights(arch: str, strategy: str) -> None:
+    torch.manual_seed(0)
+    tv = getattr(torchvision.models, arch)(num_classes=11)
+    ours = getattr(effdense, arch)(num_classes=11, strategy=strategy)
+    ours.load_state_dict(tv.state_dict(), strict=True)
+    x = torch.randn(2, 3, 33, 33)  # 33 -> 9 after the stem: odd sizes in every block
+    out_tv = train_step(tv, x)
+    out = train_step(ours, x)
+    assert_close_rel(out, out_tv, name="output")
+    tv_params = dict(tv.named_parameters())
+    for name, p in ours.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert_close_rel(p.grad, tv_params[name].grad, name=name)
+
+
+@pytest.mark.parametrize("arch", TORCHVISION_BUILDERS)
+def test_convert_holds_the_same_parameters(arch: str) -> None:
+    torch.manual_seed(1)
+    tv = getattr(torchvision.models, arch)(num_classes=5)
+    for strategy in ("naive", "checkpoint"):
+        ours = effdense.convert(tv, strategy=strategy)
+        assert isinstance(ours, effdense.DenseNet) and ours.strategy == strategy
+        for (n1, t1), (n2, t2) in zip(tv.state_dict().items(), ours.state_dict().items()):
+            assert n1 == n2 and torch.equal(t1, t2)
+    ours = effdense.convert(tv, strategy="checkpoint")
+    x = torch.randn(2, 3, 36, 36)
+    out_tv = train_step(tv, x)
+    out = train_step(ours, x)
+    assert_close_rel(out, out_tv, name="output")
+    tv_params = dict(tv.named_parameters())
+    for name, p in ours.named_parameters():
+        assert_close_rel(p.grad, tv_params[name].grad, name=name)
+
+
+def test_convert_rejects_other_models() -> None:
+    with pytest.raises(TypeError, match="torchvision DenseNet"):
+        effdense.convert(torchvision.models.resnet18())
+
+
+def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: b for n, b in model.named_buffers() if "running" in n or "num_batches" in n}
+
+
+def test_checkpoint_updates_running_stats_once_unlike_torchvision() -> None:
+    torch.manual_seed(0)
+    naive = effdense.densenet121(num_classes=3, strategy="naive")
+    ckpt = copy.deepcopy(naive).set_strategy("checkpoint")
+    tv_eff = torchvision.models.densenet121(num_classes=3, memory_efficient=True)
+    tv_eff.load_state_dict(naive.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    for step in range(3):
+        for model in (naive, ckpt, tv_eff):
+            model.zero_grad()
+            train_step(model, x + step, seed=step)
+    ours, ref, theirs = _bn_buffers(ckpt), _bn_buffers(naive), _bn_buffers(tv_eff)
+    for name, value in ref.items():
+        assert torch.equal(ours[name], value) if "num_batches" in name else torch.allclose(ours[name], value, rtol=1e-5, atol=1e-6), name
+    # torchvision's recomputation runs norm1 in training mode a second time
+    norm1 = "features.denseblock1.denselayer1.norm1"
+    assert int(theirs[f"{norm1}.num_batches_tracked"]) == 6
+    assert int(ours[f"{norm1}.num_batches_tracked"]) == 3
+    assert not torch.allclose(theirs[f"{norm1}.running_mean"], ref[f"{norm1}.running_mean"])
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_checkpoint_running_stats_match_naive_cifar(momentum) -> None:
+    naive = effdense.densenet_cifar(16, 6, strategy="naive")
+    for m in naive.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    ckpt = copy.deepcopy(naive).set_strategy("checkpoint")
+    x = torch.randn(4, 3, 16, 16)
+    for step in range(3):
+        train_step(naive, x * (step + 1), seed=step)
+        train_step(ckpt, x * (step + 1), seed=step)
+    for (name, a), (_, b) in zip(_bn_buffers(naive).items(), _bn_buffers(ckpt).items()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), name
+
+
+def test_checkpoint_replays_dropout() -> None:
+    naive = effdense.densenet_cifar(16, 6, drop_rate=0.3, strategy="naive")
+    ckpt = copy.deepcopy(naive).set_strategy("checkpoint")
+    x = torch.randn(3, 3, 12, 12)
+    out_a = train_step(naive, x, seed=7)
+    out_b = train_step(ckpt, x, seed=7)
+    assert_close_rel(out_b, out_a, name="output")
+    for (name, p), q in zip(naive.named_parameters(), ckpt.parameters()):
+        assert_close_rel(q.grad, p.grad, rtol=1e-5, name=name)
+
+
+def test_checkpoint_runs_plainly_without_grad(monkeypatch) -> None:
+    from effdense.strategies import checkpoint as ckpt_module
+
+    def fail(*args, **kwargs):
+        raise AssertionError("checkpoint() called although no gradient is needed")
+
+    monkeypatch.setattr(ckpt_module, "checkpoint", fail)
+    model = effdense.densenet_cifar(16, 6, strategy="checkpoint")
+    with torch.no_grad():
+        model(torch.randn(2, 3, 8, 8))
+
+
+def test_strategy_switch_on_live_model_keeps_outputs() -> None:
+    model = effdense.densenet_cifar(16, 6, strategy="naive").eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        reference = model(x)
+        for name in effdense.available_strategies():
+            model.set_strategy(name)
+            assert all(b.strategy == name for b in model.dense_blocks)
+            assert_close_rel(model(x), reference, rtol=1e-5, name=name)
+
+
+def test_strategies_table_and_auto() -> None:
+    assert effdense.STRATEGIES == ("naive", "checkpoint", "shared", "fused")
+    x = torch.zeros(1)
+    # on CPU, auto is the best strategy that runs here: shared (fused only where its kernels run)
+    assert strategies.resolve("auto", x) == ("shared" if "shared" in effdense.available_strategies() else "checkpoint")
+    with pytest.raises(ValueError, match="unknown strategy 'fast'"):
+        effdense.densenet121(strategy="fast")
+    with pytest.raises(ValueError, match="unknown strategy"):
+        effdense.densenet_bc_100().set_strategy("Naive")
+
+
+def test_pending_strategy_is_a_clear_error(monkeypatch) -> None:
+    runners = dict(strategies._runners())
+    runners.pop("fused")
+    monkeypatch.setattr(strategies, "_runners", lambda: runners)
+    with pytest.raises(NotImplementedError, match="'fused'.*Triton kernels"):
+        strategies.check_strategy("fused")
+
+
+def test_memory_efficient_flag_means_checkpoint() -> None:
+    assert effdense.densenet121(memory_efficient=True).strategy == "checkpoint"
+    with pytest.raises(ValueError, match="memory_efficient=True"):
+        effdense.densenet121(memory_efficient=True, strategy="naive")
+
+
+# --------------------------------------------------------------------------------------------------
+# configurations
+
+
+@pytest.mark.parametrize(
+    "name, params_m",
+    [
+        ("densenet_40", 1.0),  # Huang et al. Table 2
+        ("densenet_bc_100", 0.8),
+        ("densenet_bc_250", 15.3),
+        ("densenet_bc_190", 25.6),
+    ],
+)
+def test_cifar_presets_have_the_papers_sizes(name: str, params_m: float) -> None:
+    model = effdense.get_model(name)
+    n = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(n - params_m) <= 0.05 * params_m, f"{name}: {n:.2f}M parameters, paper {params_m}M"
+    assert model.small_inputs and not hasattr(model.features, "pool0")
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10) if params_m < 2 else True
+
+
+def test_cifar_depth_rule() -> None:
+    assert effdense.densenet_cifar(100, 12).block_config == (16, 16, 16)
+    assert effdense.densenet_cifar(40, 12, bottleneck=False, compression=1.0).block_config == (12, 12, 12)
+    assert len(effdense.get_model("densenet_bc_16").dense_blocks) == 3
+    for depth in (101, 3, 0):
+        with pytest.raises(ValueError, match="not a valid DenseNet-BC"):
+            effdense.densenet_cifar(depth, 12)
+    with pytest.raises(ValueError, match="not a valid DenseNet \\(bottleneck=False\\)"):
+        effdense.densenet_cifar(41, 12, bottleneck=False)
+
+
+def test_imagenet_builders_match_torchvision_shapes() -> None:
+    for arch in TORCHVISION_BUILDERS:
+        tv_keys = {k: v.shape for k, v in getattr(torchvision.models, arch)().state_dict().items()}
+        ours = {k: v.shape for k, v in getattr(effdense, arch)().state_dict().items()}
+        assert ours == tv_keys, arch
+    d264 = effdense.densenet264()
+    assert d264.block_config == (6, 12, 64, 48) and d264.growth_rate == 32
+
+
+def test_original_layer_without_bottleneck() -> None:
+    model = effdense.DenseNet(growth_rate=8, block_config=(3, 3), num_init_features=16, bottleneck=False, num_classes=4)
+    layer = model.features.denseblock1.denselayer1
+    assert layer.conv1.kernel_size == (3, 3) and not hasattr(layer, "conv2")
+    assert model(torch.randn(2, 3, 40, 40)).shape == (2, 4)
+
+
+def test_compression_sets_transition_width() -> None:
+    model = effdense.densenet_cifar(40, 12, compression=0.3)
+    t = model.features.transition1.conv
+    assert t.out_channels == int(t.in_channels * 0.3)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(growth_rate=0), "growth_rate must be a positive integer"),
+        (dict(growth_rate=-4), "growth_rate must be a positive integer"),
+        (dict(compression=0.0), "compression must be in \\(0, 1\\]"),
+        (dict(compression=1.5), "compression must be in \\(0, 1\\]"),
+        (dict(block_config=()), "block_config must name at least one dense block"),
+        (dict(block_config=(6, 0)), "block_config\\[1\\] must be a positive integer"),
+        (dict(drop_rate=1.0), "drop_rate must be in \\[0, 1\\)"),
+        (dict(strategy="nope"), "unknown strategy 'nope'"),
+    ],
+)
+def test_invalid_configuration(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        effdense.DenseNet(**kwargs)
+
+
+def test_builders_fix_their_configuration() -> None:
+    with pytest.raises(TypeError, match="densenet121\\(\\) fixes \\['growth_rate'\\]"):
+        effdense.densenet121(growth_rate=12)
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input
+
+
+@pytest.mark.parametrize(
+    "x, error, message",
+    [
+        (torch.randn(3, 64, 64), ValueError, "expected 4-D input \\(N, C, H, W\\), got shape \\(3, 64, 64\\)"),
+        (torch.randn(2, 1, 64, 64), ValueError, "expected 3 input channels .* got 1"),
+        (torch.zeros(2, 3, 64, 64, dtype=torch.uint8), TypeError, "floating-point input, got dtype torch.uint8"),
+        (torch.randn(2, 3, 16, 16), ValueError, "16x16 is too small for this model: it needs at least 29x29"),
+        ([1, 2, 3], TypeError, "expected a torch.Tensor input, got list"),
+    ],
+)
+def test_bad_input_names_expected_and_got(x, error, message) -> None:
+    model = effdense.densenet121()
+    with pytest.raises(error, match=message):
+        model(x)
+
+
+def test_small_inputs_stem_accepts_tiny_images() -> None:
+    model = effdense.densenet_cifar(16, 6)
+    assert model.min_input_size() == 4
+    with pytest.raises(ValueError, match="too small"):
+        model(torch.randn(2, 3, 3, 3))
+
+
+# --------------------------------------------------------------------------------------------------
+# weights
+
+
+def test_weights_from_state_dict_file_and_legacy_keys(tmp_path) -> None:
+    tv = torchvision.models.densenet121(num_classes=7)
+    sd = tv.state_dict()
+    from_dict = effdense.densenet121(weights=sd, num_classes=7)
+    path = tmp_path / "w.pth"
+    torch.save(sd, path)
+    from_file = effdense.densenet121(weights=str(path), num_classes=7)
+    legacy = {k.replace("norm1.", "norm.1.").replace("conv2.", "conv.2."): v for k, v in sd.items()}
+    assert any("norm.1." in k for k in legacy)
+    from_legacy = effdense.densenet121(weights=legacy, num_classes=7)
+    for model in (from_dict, from_file, from_legacy):
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, sd[key]), key
+
+
+def test_weights_enum_is_used_without_download() -> None:
+    sd = torchvision.models.densenet121(num_classes=4).state_dict()
+
+    class FakeWeights:  # the WeightsEnum surface the builder uses
+        meta = {"categories": ["a", "b", "c", "d"]}
+
+        def get_state_dict(self, progress: bool = True, check_hash: bool = False):
+            return sd
+
+    model = effdense.densenet121(weights=FakeWeights())
+    assert model.classifier.out_features == 4
+    assert torch.equal(model.classifier.weight, sd["classifier.weight"])
+
+
+def test_bad_weights() -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        effdense.densenet121(weights="/nonexistent/w.pth")
+    with pytest.raises(TypeError, match="weights must be None, a torchvision WeightsEnum"):
+        effdense.densenet121(weights=3)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        effdense.densenet121(weights={"classifier.weight": torch.zeros(1000, 1024)})
