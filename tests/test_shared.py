@@ -1,0 +1,290 @@
+"""Strategies ``shared`` and ``fused`` against ``naive``: outputs, every gradient, BatchNorm buffers.
+
+``fused`` runs the real Triton kernels here: on CPU through Triton's interpreter (tests/conftest.py sets
+``TRITON_INTERPRET=1`` when CUDA is absent), so its cases are small.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+import effdense
+from effdense.strategies import shared
+
+# fp32: |a - b| <= 1e-4 * (largest magnitude of the reference tensor) + 1e-6 * (largest gradient of the
+# model), the second term for near-zero, cancellation-dominated gradients (norm0's weight, followed by
+# more BatchNorms, is ~1e-6 where other gradients are ~1)
+RTOL = 1e-4
+
+
+def _step(model: nn.Module, x: torch.Tensor, seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    out = model(x)
+    w = torch.linspace(-1.0, 2.0, out.numel()).view_as(out)
+    (out * w).sum().backward()
+    return out.detach()
+
+
+def assert_matches(ref: nn.Module, other: nn.Module, x: torch.Tensor, steps: int = 2) -> None:
+    x_ref = x.clone().requires_grad_()
+    x_other = x.clone().requires_grad_()
+    for step in range(steps):
+        for m in (ref, other):
+            m.zero_grad(set_to_none=True)
+        x_ref.grad = x_other.grad = None
+        out_ref = _step(ref, x_ref, seed=step)
+        out = _step(other, x_other, seed=step)
+        tol = RTOL * out_ref.abs().max().item()
+        assert (out - out_ref).abs().max().item() <= tol, "outputs differ"
+    gmax = max(p.grad.abs().max().item() for p in ref.parameters())
+    tol = RTOL * x_ref.grad.abs().max().item()
+    assert (x_other.grad - x_ref.grad).abs().max().item() <= tol, "input gradients differ"
+    for (name, p), q in zip(ref.named_parameters(), other.parameters()):
+        assert q.grad is not None, f"{name}: no gradient"
+        err = (q.grad - p.grad).abs().max().item()
+        assert err <= RTOL * p.grad.abs().max().item() + 1e-6 * gmax, f"{name}: gradient error {err:.3g}"
+    for (name, a), b in zip(ref.named_buffers(), other.buffers()):
+        if "num_batches" in name:
+            assert torch.equal(a, b), name
+        else:
+            assert torch.allclose(a, b, rtol=RTOL, atol=1e-6), f"{name}: running statistics differ"
+
+
+def _pair(model: nn.Module, strategy: str, policy: effdense.Policy | None = None):
+    other = copy.deepcopy(model).set_strategy(strategy, policy)
+    return model.set_strategy("naive"), other
+
+
+def _random_configs(n: int, seed: int = 1234):
+    """Random small models over the axes that matter: depth, growth, bn_size, compression, bottleneck,
+    stem, odd spatial sizes, batch 1, dropout."""
+    rng = random.Random(seed)
+    for i in range(n):
+        bottleneck = rng.random() < 0.7
+        small = rng.random() < 0.6
+        cfg = dict(
+            growth_rate=rng.choice([3, 5, 8, 12]),
+            block_config=tuple(rng.randint(1, 4) for _ in range(rng.randint(1, 3))),
+            num_init_features=rng.choice([6, 10, 16]),
+            bn_size=rng.choice([1, 2, 4]),
+            compression=rng.choice([0.5, 0.7, 1.0]),
+            bottleneck=bottleneck,
+            small_inputs=small,
+            drop_rate=rng.choice([0.0, 0.0, 0.2]),
+            num_classes=rng.choice([3, 10]),
+        )
+        batch = rng.choice([1, 2, 3])
+        side = rng.choice([7, 9, 13, 16] if small else [29, 33, 45])
+        # BatchNorm over fewer than ~8 values per channel (batch 1, last block 1x2) turns fp32 rounding
+        # into errors beyond the tolerance for naive and shared alike: grow the image until it is not
+        probe = effdense.DenseNet(**{**cfg, "growth_rate": 1, "num_init_features": 2, "block_config": (1,) * len(cfg["block_config"])})
+        while batch * probe._final_spatial(side) ** 2 < 8:
+            side += 4
+        yield pytest.param(cfg, (batch, 3, side, side + rng.choice([0, 2])), id=f"cfg{i}")
+
+
+@pytest.mark.parametrize("cfg, shape", list(_random_configs(10)))
+def test_shared_matches_naive_random_sweep(cfg, shape) -> None:
+    torch.manual_seed(0)
+    model = effdense.DenseNet(**cfg)
+    x = torch.randn(shape)
+    assert_matches(*_pair(model, "shared"), x)
+
+
+@pytest.mark.parametrize(
+    "builder, shape",
+    [
+        (lambda: effdense.densenet_cifar(16, 4), (2, 3, 9, 9)),  # BC, CIFAR stem, odd size
+        (lambda: effdense.DenseNet(4, (2, 2), 8, bn_size=2, num_classes=3, drop_rate=0.2), (1, 3, 45, 37)),  # batch 1, ImageNet stem, dropout
+        (lambda: effdense.densenet_cifar(13, 4, bottleneck=False, compression=1.0), (2, 3, 7, 7)),  # no bottleneck
+    ],
+    ids=["bc-cifar-odd", "imagenet-batch1-dropout", "no-bottleneck"],
+)
+def test_fused_matches_naive_with_real_kernels(builder, shape) -> None:
+    from effdense.strategies import fused
+
+    if not fused.kernels_available(torch.device("cpu")):
+        pytest.skip("Triton kernels cannot run here (no CUDA and TRITON_INTERPRET unset)")
+    torch.manual_seed(0)
+    assert_matches(*_pair(builder(), "fused"), torch.randn(shape))
+
+
+@pytest.mark.parametrize("recompute", [True, False])
+@pytest.mark.parametrize("cache", [True, False])
+@pytest.mark.parametrize("shared_grad", [True, False])
+def test_every_policy_matches_naive(recompute, cache, shared_grad) -> None:
+    torch.manual_seed(0)
+    policy = effdense.Policy(recompute_bottleneck=recompute, cache_stats=cache, shared_grad=shared_grad)
+    model = effdense.DenseNet(6, (3, 2), 12, num_classes=4, small_inputs=True, drop_rate=0.1)
+    assert_matches(*_pair(model, "shared", policy), torch.randn(3, 3, 10, 10))
+
+
+@pytest.mark.parametrize("momentum", [None, 0.3])
+def test_batchnorm_momentum_and_eval(momentum) -> None:
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(16, 4)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    ref, other = _pair(model, "shared")
+    x = torch.randn(3, 3, 8, 8)
+    assert_matches(ref, other, x, steps=3)
+    # eval mode: running statistics, nothing updated, same gradients
+    ref.eval(), other.eval()
+    assert_matches(ref, other, x, steps=1)
+
+
+def test_track_running_stats_false_is_honoured() -> None:
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(16, 4)
+    for name, m in list(model.named_modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    ref, other = _pair(model, "shared")
+    x = torch.randn(2, 3, 8, 8)
+    assert_matches(ref, other, x)
+    ref.eval(), other.eval()  # batch statistics even in eval mode
+    assert_matches(ref, other, x, steps=1)
+
+
+def test_mixed_train_eval_layers() -> None:
+    """A frozen (eval-mode) BN inside a training model uses its running statistics, as nn.BatchNorm2d."""
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(16, 4)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    model.features.denseblock1.denselayer1.norm1.eval()
+    model.features.transition1.norm.eval()
+    model.features.denseblock2.denselayer2.norm2.eval()
+    ref, other = _pair(model, "shared")
+    assert_matches(ref, other, torch.randn(2, 3, 8, 8))
+
+
+def test_gradcheck_float64_tiny_block() -> None:
+    torch.manual_seed(0)
+    model = effdense.DenseNet(3, (2,), 4, bn_size=2, num_classes=2, small_inputs=True).double()
+    model.set_strategy("shared")
+    block, transition = model.features.denseblock1, None
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    params = list(block.parameters())
+
+    # the block's parameters are module attributes: gradcheck perturbs copies, swapped in per call
+    # (running statistics change each call but do not affect training-mode outputs)
+    inputs = (x,) + tuple(p.detach().clone().requires_grad_() for p in params)
+
+    def f_params(x, *ps):
+        saved = [p.data for p in params]
+        for p, q in zip(params, ps):
+            p.data = q
+        try:
+            out = shared._DenseStageFunction.apply(
+                shared._make_stage(block, transition, shared.reference_ops(), x), x, *ps
+            )
+        finally:
+            for p, s in zip(params, saved):
+                p.data = s
+        return out
+
+    assert torch.autograd.gradcheck(f_params, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_no_grad_and_eval_save_nothing() -> None:
+    model = effdense.densenet_cifar(16, 4, strategy="shared")
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        out = model(x)
+    assert out.grad_fn is None
+    model.eval()
+    with torch.no_grad():
+        assert model(x).grad_fn is None
+
+
+def test_second_backward_and_double_backward_raise() -> None:
+    model = effdense.densenet_cifar(16, 4, strategy="shared")
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    loss = model(x).sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
+    loss = model(x).square().sum()
+    (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="(?i)differentiable|once_differentiable|does not require grad"):
+        gx.sum().backward()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16])
+def test_autocast_low_precision(dtype) -> None:
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(16, 8)
+    ref = copy.deepcopy(model).set_strategy("naive")
+    model.set_strategy("shared")
+    x = torch.randn(4, 3, 12, 12)
+    with torch.autocast("cpu", dtype=dtype):
+        out = model(x)
+        block_out = model.features.denseblock1(model.features.conv0(x))
+    assert block_out.dtype == dtype  # the block buffer holds the autocast dtype
+    with torch.autocast("cpu", dtype=dtype):
+        out_ref = ref(x)
+    out.float().sum().backward()
+    out_ref.float().sum().backward()
+    exact = copy.deepcopy(ref).float()
+    out_fp32 = exact(x)
+    err = (out.float() - out_fp32).abs().max().item()
+    err_torch = (out_ref.float() - out_fp32).abs().max().item()
+    assert err <= 2 * err_torch + 1e-2, (err, err_torch)
+    for p, q in zip(ref.parameters(), model.parameters()):
+        assert q.grad is not None and q.grad.dtype == torch.float32
+        assert torch.isfinite(q.grad).all()
+
+
+def test_channels_last_input() -> None:
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(16, 4)
+    x = torch.randn(2, 3, 9, 9).to(memory_format=torch.channels_last)
+    assert_matches(*_pair(model, "shared"), x)
+
+
+def test_fake_tensor_mode_shapes_only() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        model = effdense.densenet121(strategy="shared")
+        x = torch.randn(64, 3, 224, 224)
+        out = model(x)
+        out.sum().backward()
+        assert out.shape == (64, 1000)
+        assert model.features.conv0.weight.grad.shape == model.features.conv0.weight.shape
+
+
+def test_block_input_channels_checked() -> None:
+    block = effdense.densenet_cifar(16, 4, strategy="shared").features.denseblock1
+    with pytest.raises(ValueError, match="dense block expects input \\(N, 8, H, W\\), got shape \\(2, 5, 4, 4\\)"):
+        block(torch.randn(2, 5, 4, 4))
+
+
+def test_batch_of_one_pixel_raises_like_batchnorm() -> None:
+    block = effdense.densenet_cifar(16, 4, strategy="shared").features.denseblock1
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        block(torch.randn(1, 8, 1, 1))
+
+
+def test_block_alone_returns_full_buffer() -> None:
+    model = effdense.densenet_cifar(16, 4)
+    block = model.features.denseblock1
+    x = torch.randn(2, block.num_input_features, 5, 5)
+    naive = copy.deepcopy(block)
+    naive.strategy = "naive"
+    block.strategy = "shared"
+    out = block(x)
+    assert out.shape == (2, block.num_output_features, 5, 5)
+    assert torch.allclose(out, naive(x), atol=1e-5)
+    assert torch.equal(out[:, : block.num_input_features], x)
