@@ -25,7 +25,7 @@ RTOL = 1e-4
 def _step(model: nn.Module, x: torch.Tensor, seed: int) -> torch.Tensor:
     torch.manual_seed(seed)
     out = model(x)
-    w = torch.linspace(-1.0, 2.0, out.numel()).view_as(out)
+    w = torch.linspace(-1.0, 2.0, out.numel(), device=out.device).view_as(out)
     (out * w).sum().backward()
     return out.detach()
 
@@ -105,13 +105,18 @@ def test_shared_matches_naive_random_sweep(cfg, shape) -> None:
     ],
     ids=["bc-cifar-odd", "imagenet-batch1-dropout", "no-bottleneck"],
 )
-def test_fused_matches_naive_with_real_kernels(builder, shape) -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_fused_matches_naive_with_real_kernels(builder, shape, device, monkeypatch) -> None:
     from effdense.strategies import fused
 
-    if not fused.kernels_available(torch.device("cpu")):
-        pytest.skip("Triton kernels cannot run here (no CUDA and TRITON_INTERPRET unset)")
+    if not fused.kernels_available(torch.device(device)):
+        pytest.skip(f"Triton kernels cannot run on {device} here (TRITON_INTERPRET unset)")
+    # fp32 reference without TF32 shortcuts in cuDNN/cuBLAS
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
-    assert_matches(*_pair(builder(), "fused"), torch.randn(shape))
+    ref, other = _pair(builder().to(device), "fused")
+    assert_matches(ref, other, torch.randn(shape, device=device))
 
 
 @pytest.mark.parametrize("recompute", [True, False])
