@@ -1,9 +1,11 @@
 """DenseNet-BC bottleneck ``BN1 -> ReLU -> conv1x1`` and its backward: Triton kernels and host launches.
 
 All kernels see an activation as a ``(N, C, P)`` array with ``P = H*W`` contiguous and arbitrary batch and
-channel strides (a channel slice of the block's feature buffer). The ``N*P`` pixels of a batch are one GEMM
-dimension ``M``: column ``m`` lives at ``(m // P)*stride_n + m % P``, so small spatial sizes (7x7) still fill
-whole tiles. Accumulators and statistics are fp32; GEMM operands are in the activation dtype.
+channel strides (a channel slice of the block's feature buffer). The ``N*P`` pixels are the GEMMs' ``M``
+dimension, cut into tiles along one sample's ``P`` pixels: the sample index is a scalar per tile, so the
+compiler sees contiguous pixel offsets and vectorises and pipelines the loads (a tile that straddled two
+samples, ``(m // P, m % P)`` per element, measured ~2x slower on an H100). The price is a padded last tile
+per sample at small spatial sizes. Accumulators and statistics are fp32; GEMM operands are in the activation dtype.
 
 The hosts below only launch: argument checks, allocation and backend dispatch live in :mod:`.ops`.
 On a GPU each GEMM kernel is autotuned (configs pruned to the device's shared memory, keyed on the
@@ -73,42 +75,47 @@ def _bottleneck_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,
     BF16_INTERP: tl.constexpr,
 ):
-    # consecutive programs share one X tile (pid_b varies fastest), so X is read ~once from DRAM
+    # Tiles run along one sample's P pixels (n is a scalar per program), so the compiler can prove the
+    # pixel offsets contiguous and vectorise/pipeline the X loads; the price is a padded last tile per
+    # sample (7x7: 49 of 64 columns). The GEMM is computed transposed, Y^T (P x B) = h^T (P x C) . W^T,
+    # so that h, formed in registers by the prologue, is the A operand (wgmma takes A from registers).
+    # Consecutive programs share one X tile (pid_b varies fastest), so X is read ~once from DRAM.
     pid = tl.program_id(0)
     n_b = tl.cdiv(B, BLOCK_B)
+    tiles_p = tl.cdiv(P, BLOCK_M)
     pid_b = pid % n_b
-    pid_m = pid // n_b
+    tile = pid // n_b
+    n = (tile // tiles_p).to(tl.int64)
+    pid_p = tile % tiles_p
 
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_p = pid_p * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.arange(0, BLOCK_K)
     mask_b = offs_b < B
-    mask_m = offs_m < M
-    n = (offs_m // P).to(tl.int64)
-    p = offs_m % P
+    mask_p = offs_p < P
 
-    x_ptrs = X_ptr + (n * stride_xn + p)[None, :] + offs_k[:, None] * stride_xc
-    w_ptrs = W_ptr + offs_b[:, None] * stride_wb + offs_k[None, :]
-    acc = tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32)
+    x_ptrs = X_ptr + n * stride_xn + offs_p[:, None] + offs_k[None, :] * stride_xc  # (BLOCK_M, BLOCK_K)
+    wt_ptrs = W_ptr + offs_b[None, :] * stride_wb + offs_k[:, None]  # W^T tile (BLOCK_K, BLOCK_B)
+    acc = tl.zeros([BLOCK_M, BLOCK_B], dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
         mask_k = (k0 + offs_k) < C
-        x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_m[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
         scale = tl.load(Scale_ptr + k0 + offs_k, mask=mask_k, other=0.0)
         shift = tl.load(Shift_ptr + k0 + offs_k, mask=mask_k, other=0.0)
         # prologue: BN1 affine + ReLU in fp32, rounded to the GEMM dtype; padded channels give h = 0
-        h = tl.maximum(x.to(tl.float32) * scale[:, None] + shift[:, None], 0.0)
-        w = tl.load(w_ptrs, mask=mask_b[:, None] & mask_k[None, :], other=0.0)
-        acc = _mma(w, _downcast(h, w.dtype, BF16_INTERP), acc, INPUT_PRECISION, BF16_INTERP)
+        h = tl.maximum(x.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+        wt = tl.load(wt_ptrs, mask=mask_k[:, None] & mask_b[None, :], other=0.0)
+        acc = _mma(_downcast(h, wt.dtype, BF16_INTERP), wt, acc, INPUT_PRECISION, BF16_INTERP)
         x_ptrs += BLOCK_K * stride_xc
-        w_ptrs += BLOCK_K
+        wt_ptrs += BLOCK_K
 
     y = _downcast(acc, Y_ptr.dtype.element_ty, BF16_INTERP)
-    mask = mask_b[:, None] & mask_m[None, :]
-    tl.store(Y_ptr + (n * stride_yn + p)[None, :] + offs_b[:, None] * stride_yb, y, mask=mask)
-    # epilogue: BN2 batch sums of y as stored (padded pixels hold relu(shift) @ w, so mask them)
+    mask = mask_p[:, None] & mask_b[None, :]
+    tl.store(Y_ptr + n * stride_yn + offs_p[:, None] + offs_b[None, :] * stride_yb, y, mask=mask)
+    # epilogue: BN2 batch sums of y as stored (padded pixels hold relu(shift) . w, so mask them)
     yf = tl.where(mask, y.to(tl.float32), 0.0)
-    tl.atomic_add(YSum_ptr + offs_b, tl.sum(yf, axis=1), mask=mask_b)
-    tl.atomic_add(YSqSum_ptr + offs_b, tl.sum(yf * yf, axis=1), mask=mask_b)
+    tl.atomic_add(YSum_ptr + offs_b, tl.sum(yf, axis=0), mask=mask_b)
+    tl.atomic_add(YSqSum_ptr + offs_b, tl.sum(yf * yf, axis=0), mask=mask_b)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -139,17 +146,20 @@ def _bottleneck_bwd_weight_kernel(
     BF16_INTERP: tl.constexpr,
 ):
     # y = W h  =>  dW = dy h^T, summed over all pixels m = (n, p); h recomputed from x as in the forward.
-    # Program (tile, split) reduces its share of the M tiles and adds the partial dW atomically.
+    # Program (tile, split) reduces its share of the pixel tiles and adds the partial dW atomically.
+    # Pixel tiles run along one sample (n scalar per step: provably contiguous loads, see the forward),
+    # and dW^T (C x B) = h (C x M) . dy^T is formed so that the recomputed h is the A operand.
     pid = tl.program_id(0)
     split = tl.program_id(1)
     n_splits = tl.num_programs(1)
     n_b = tl.cdiv(B, BLOCK_B)
     pid_b = pid % n_b
     pid_c = pid // n_b
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    per_split = tl.cdiv(tiles_m, n_splits)
+    tiles_p = tl.cdiv(P, BLOCK_M)
+    tiles = tiles_p * (M // P)
+    per_split = tl.cdiv(tiles, n_splits)
     t_begin = split * per_split
-    t_end = tl.minimum(t_begin + per_split, tiles_m)
+    t_end = tl.minimum(t_begin + per_split, tiles)
 
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -157,28 +167,27 @@ def _bottleneck_bwd_weight_kernel(
     mask_c = offs_c < C
     scale = tl.load(Scale_ptr + offs_c, mask=mask_c, other=0.0)
     shift = tl.load(Shift_ptr + offs_c, mask=mask_c, other=0.0)
-    acc = tl.zeros([BLOCK_B, BLOCK_C], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_C, BLOCK_B], dtype=tl.float32)
     for t in range(t_begin, t_end):
-        offs_m = t * BLOCK_M + tl.arange(0, BLOCK_M)
-        mask_m = offs_m < M
-        n = (offs_m // P).to(tl.int64)
-        p = offs_m % P
+        n = (t // tiles_p).to(tl.int64)
+        offs_p = (t % tiles_p) * BLOCK_M + tl.arange(0, BLOCK_M)
+        mask_p = offs_p < P
         # padded pixels load dy = 0, so their h (= relu(shift)) contributes nothing
-        dy = tl.load(
-            DY_ptr + (n * stride_dyn + p)[None, :] + offs_b[:, None] * stride_dyb,
-            mask=mask_b[:, None] & mask_m[None, :],
+        dyt = tl.load(
+            DY_ptr + n * stride_dyn + offs_p[:, None] + offs_b[None, :] * stride_dyb,
+            mask=mask_p[:, None] & mask_b[None, :],
             other=0.0,
-        )
+        )  # dy^T tile (BLOCK_M, BLOCK_B)
         x = tl.load(
-            X_ptr + (n * stride_xn + p)[None, :] + offs_c[:, None] * stride_xc,
-            mask=mask_c[:, None] & mask_m[None, :],
+            X_ptr + n * stride_xn + offs_p[None, :] + offs_c[:, None] * stride_xc,
+            mask=mask_c[:, None] & mask_p[None, :],
             other=0.0,
-        )
-        h = _downcast(tl.maximum(x.to(tl.float32) * scale[:, None] + shift[:, None], 0.0), dy.dtype, BF16_INTERP)
-        acc = _mma(dy, tl.trans(h), acc, INPUT_PRECISION, BF16_INTERP)
+        )  # (BLOCK_C, BLOCK_M)
+        h = _downcast(tl.maximum(x.to(tl.float32) * scale[:, None] + shift[:, None], 0.0), dyt.dtype, BF16_INTERP)
+        acc = _mma(h, dyt, acc, INPUT_PRECISION, BF16_INTERP)
 
     tl.atomic_add(
-        DW_ptr + offs_b[:, None] * C + offs_c[None, :], acc, mask=mask_b[:, None] & mask_c[None, :]
+        DW_ptr + offs_b[None, :] * C + offs_c[:, None], acc, mask=mask_c[:, None] & mask_b[None, :]
     )
 
 
@@ -219,21 +228,22 @@ def _bottleneck_bwd_input_kernel(
     # y = W h, h = relu(u), u = scale*x + shift  =>  dh_u = (W^T dy) * [u > 0] (the grad w.r.t. BN1's output).
     # BN1 backward then needs Σ_m dh_u and Σ_m dh_u (x - mean): formed here from the tile in registers,
     # on dh as stored (rounded to x.dtype), so the elementwise step sees consistent values.
+    # pixel tiles along one sample (n scalar: provably contiguous loads and stores, see the forward)
     pid = tl.program_id(0)
     n_c = tl.cdiv(C, BLOCK_C)
+    tiles_p = tl.cdiv(P, BLOCK_M)
     pid_c = pid % n_c
-    pid_m = pid // n_c
-
+    tile = pid // n_c
+    n = (tile // tiles_p).to(tl.int64)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (tile % tiles_p) * BLOCK_M + tl.arange(0, BLOCK_M)  # pixel offsets p within sample n
     offs_k = tl.arange(0, BLOCK_K)
     mask_c = offs_c < C
-    mask_m = offs_m < M
-    n = (offs_m // P).to(tl.int64)
-    p = offs_m % P
+    mask_m = offs_m < P
+    p = offs_m
 
     wt_ptrs = W_ptr + offs_c[:, None] + offs_k[None, :] * stride_wb  # W^T tile (BLOCK_C, BLOCK_K)
-    dy_ptrs = DY_ptr + (n * stride_dyn + p)[None, :] + offs_k[:, None] * stride_dyb
+    dy_ptrs = DY_ptr + n * stride_dyn + p[None, :] + offs_k[:, None] * stride_dyb
     acc = tl.zeros([BLOCK_C, BLOCK_M], dtype=tl.float32)
     for k0 in range(0, B, BLOCK_K):
         mask_k = (k0 + offs_k) < B
@@ -244,14 +254,14 @@ def _bottleneck_bwd_input_kernel(
         dy_ptrs += BLOCK_K * stride_dyb
 
     mask = mask_c[:, None] & mask_m[None, :]
-    x = tl.load(X_ptr + (n * stride_xn + p)[None, :] + offs_c[:, None] * stride_xc, mask=mask, other=0.0)
+    x = tl.load(X_ptr + n * stride_xn + p[None, :] + offs_c[:, None] * stride_xc, mask=mask, other=0.0)
     x = x.to(tl.float32)
     scale = tl.load(Scale_ptr + offs_c, mask=mask_c, other=0.0)
     shift = tl.load(Shift_ptr + offs_c, mask=mask_c, other=0.0)
     mean = tl.load(Mean_ptr + offs_c, mask=mask_c, other=0.0)
     positive = (x * scale[:, None] + shift[:, None]) > 0.0
     dh = _downcast(tl.where(positive & mask, acc, 0.0), DH_ptr.dtype.element_ty, BF16_INTERP)
-    tl.store(DH_ptr + (n * stride_dhn + p)[None, :] + offs_c[:, None] * stride_dhc, dh, mask=mask)
+    tl.store(DH_ptr + n * stride_dhn + p[None, :] + offs_c[:, None] * stride_dhc, dh, mask=mask)
     dhf = dh.to(tl.float32)
     tl.atomic_add(SumDH_ptr + offs_c, tl.sum(dhf, axis=1), mask=mask_c)
     tl.atomic_add(SumDHXmu_ptr + offs_c, tl.sum(dhf * (x - mean[:, None]), axis=1), mask=mask_c)
@@ -378,19 +388,19 @@ def _prune(tile: tuple[str, str], operands: tuple[tuple[str, str], ...], x_arg: 
 
 _fwd_tuned = triton.autotune(
     configs=_FWD_CONFIGS,
-    key=["B", "C_KEY", "M_KEY"],
+    key=["B", "C_KEY", "M_KEY", "P"],
     prune_configs_by={"early_config_prune": _prune(("BLOCK_B", "BLOCK_M"), (("BLOCK_B", "BLOCK_K"), ("BLOCK_K", "BLOCK_M")), "X_ptr", "B")},
     reset_to_zero=["YSum_ptr", "YSqSum_ptr"],
 )(_bottleneck_fwd_kernel)
 _bwd_weight_tuned = triton.autotune(
     configs=_BWD_WEIGHT_CONFIGS,
-    key=["B", "C_KEY", "M_KEY"],
+    key=["B", "C_KEY", "M_KEY", "P"],
     prune_configs_by={"early_config_prune": _prune(("BLOCK_B", "BLOCK_C"), (("BLOCK_B", "BLOCK_M"), ("BLOCK_C", "BLOCK_M")), "X_ptr", "B")},
     reset_to_zero=["DW_ptr"],
 )(_bottleneck_bwd_weight_kernel)
 _bwd_input_tuned = triton.autotune(
     configs=_BWD_INPUT_CONFIGS,
-    key=["B", "C_KEY", "M_KEY"],
+    key=["B", "C_KEY", "M_KEY", "P"],
     prune_configs_by={"early_config_prune": _prune(("BLOCK_C", "BLOCK_M"), (("BLOCK_C", "BLOCK_K"), ("BLOCK_K", "BLOCK_M")), "X_ptr", "C")},
     reset_to_zero=["SumDH_ptr", "SumDHXmu_ptr"],
 )(_bottleneck_bwd_input_kernel)
@@ -421,16 +431,18 @@ def bottleneck_forward_launch(x, scale, shift, weight, y, y_sum, y_sqsum) -> Non
     )
     prec, up = _launch.input_precision(x.dtype), _bf16_interp(x)
     if _launch.interpreting():
-        bb, bm, bk = _p2(B, 128), _p2(M, 1024), _p2(C, 128)
-        grid = (triton.cdiv(B, bb) * triton.cdiv(M, bm),)
+        bb, bm, bk = _p2(B, 128), _p2(P, 1024), _p2(C, 128)
+        grid = (triton.cdiv(B, bb) * N * triton.cdiv(P, bm),)
         _bottleneck_fwd_kernel[grid](*args, BLOCK_B=bb, BLOCK_M=bm, BLOCK_K=bk, INPUT_PRECISION=prec, BF16_INTERP=up)
     else:
-        grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]) * N * triton.cdiv(P, meta["BLOCK_M"]),)  # noqa: E731
         _fwd_tuned[grid](*args, INPUT_PRECISION=prec, BF16_INTERP=up)
 
 
 def _weight_splits(device: torch.device, tiles: int, tiles_m: int) -> int:
-    return max(1, min(tiles_m, triton.cdiv(_launch.target_programs(device), tiles)))
+    # enough programs to fill the GPU, but >= 16 pixel tiles each: every split ends in BLOCK_B*BLOCK_C atomics
+    min_per_split = 1 if _launch.interpreting() else 16
+    return max(1, min(tiles_m // min_per_split, triton.cdiv(_launch.target_programs(device), tiles)))
 
 
 def bottleneck_backward_weight_launch(x, scale, shift, dy, dw) -> None:
@@ -441,10 +453,10 @@ def bottleneck_backward_weight_launch(x, scale, shift, dy, dw) -> None:
 
     def grid(meta):
         tiles = triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(C, meta["BLOCK_C"])
-        return (tiles, _weight_splits(x.device, tiles, triton.cdiv(M, meta["BLOCK_M"])))
+        return (tiles, _weight_splits(x.device, tiles, N * triton.cdiv(P, meta["BLOCK_M"])))
 
     if _launch.interpreting():
-        meta = dict(BLOCK_B=_p2(B, 128), BLOCK_C=_p2(C, 128), BLOCK_M=_p2(M, 1024))
+        meta = dict(BLOCK_B=_p2(B, 128), BLOCK_C=_p2(C, 128), BLOCK_M=_p2(P, 1024))
         _bottleneck_bwd_weight_kernel[grid(meta)](*args, **meta, INPUT_PRECISION=prec, BF16_INTERP=up)
     else:
         _bwd_weight_tuned[grid](*args, INPUT_PRECISION=prec, BF16_INTERP=up)
@@ -460,11 +472,11 @@ def bottleneck_backward_input_launch(x, scale, shift, weight, dy, mean, dh, sum_
     )
     prec, up = _launch.input_precision(x.dtype), _bf16_interp(x)
     if _launch.interpreting():
-        bc, bm, bk = _p2(C, 128), _p2(M, 1024), _p2(B, 128)
-        grid = (triton.cdiv(C, bc) * triton.cdiv(M, bm),)
+        bc, bm, bk = _p2(C, 128), _p2(P, 1024), _p2(B, 128)
+        grid = (triton.cdiv(C, bc) * N * triton.cdiv(P, bm),)
         _bottleneck_bwd_input_kernel[grid](*args, BLOCK_C=bc, BLOCK_M=bm, BLOCK_K=bk, INPUT_PRECISION=prec, BF16_INTERP=up)
     else:
-        grid = lambda meta: (triton.cdiv(C, meta["BLOCK_C"]) * triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+        grid = lambda meta: (triton.cdiv(C, meta["BLOCK_C"]) * N * triton.cdiv(P, meta["BLOCK_M"]),)  # noqa: E731
         _bwd_input_tuned[grid](*args, INPUT_PRECISION=prec, BF16_INTERP=up)
 
 
