@@ -106,17 +106,20 @@ def test_shared_matches_naive_random_sweep(cfg, shape) -> None:
     ids=["bc-cifar-odd", "imagenet-batch1-dropout", "no-bottleneck"],
 )
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_fused_matches_naive_with_real_kernels(builder, shape, device, monkeypatch) -> None:
+def test_fused_matches_naive_with_real_kernels(builder, shape, device) -> None:
     from effdense.strategies import fused
 
     if not fused.kernels_available(torch.device(device)):
         pytest.skip(f"Triton kernels cannot run on {device} here (TRITON_INTERPRET unset)")
-    # fp32 reference without TF32 shortcuts in cuDNN/cuBLAS
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
     ref, other = _pair(builder().to(device), "fused")
-    assert_matches(ref, other, torch.randn(shape, device=device))
+    # fp32 reference without TF32 shortcuts in cuDNN/cuBLAS
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        assert_matches(ref, other, torch.randn(shape, device=device))
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.mark.parametrize("recompute", [True, False])
