@@ -259,41 +259,51 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None
 
 
-class CPUSyncBatchNorm(nn.SyncBatchNorm):
-    """``nn.SyncBatchNorm`` that also synchronises CPU tensors (gloo); other devices use the parent's path.
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """SyncBatchNorm for CPU tensors (gloo): batch statistics over every rank of ``process_group``.
 
-    Same parameters, buffers and state-dict keys as ``nn.SyncBatchNorm``; :func:`enable_cpu_sync_bn`
-    turns the SyncBatchNorms of a model into these in place.
+    Same parameters, buffers and state-dict keys as ``nn.SyncBatchNorm``, but not a subclass of it:
+    DDP refuses any ``nn.SyncBatchNorm`` in a CPU module ("SyncBatchNorm layers only work with GPU
+    modules"). :func:`enable_cpu_sync_bn` turns the SyncBatchNorms of a CPU model into these in place;
+    on GPUs keep ``nn.SyncBatchNorm``.
     """
 
+    process_group: Any = None
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        distributed = dist.is_available() and dist.is_initialized()
-        if input.device.type != "cpu" or not (self.training and distributed):
-            return super().forward(input)
         self._check_input_dim(input)
-        self._check_non_zero_input_channels(input)
         factor = 0.0 if self.momentum is None else self.momentum
-        if self.track_running_stats:
+        if self.training and self.track_running_stats:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
-        running_mean = self.running_mean if self.track_running_stats else None
-        running_var = self.running_var if self.track_running_stats else None
-        group = self.process_group or dist.group.WORLD
-        world_size = dist.get_world_size(group)
+        use_batch_stats = self.training or self.running_mean is None
+        running_mean = self.running_mean if not self.training or self.track_running_stats else None
+        running_var = self.running_var if not self.training or self.track_running_stats else None
+        world_size = 1
+        if self.training and dist.is_available() and dist.is_initialized():
+            group = self.process_group or dist.group.WORLD
+            world_size = dist.get_world_size(group)
         if world_size == 1:
-            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias, True, factor, self.eps)
+            return F.batch_norm(
+                input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps
+            )
         return _SyncBatchNormFunction.apply(
             input, self.weight, self.bias, running_mean, running_var, self.eps, factor, group, world_size
         )
 
 
 def enable_cpu_sync_bn(model: nn.Module) -> int:
-    """Make every ``nn.SyncBatchNorm`` of ``model`` a :class:`CPUSyncBatchNorm` (in place, parameters kept);
-    returns how many were changed. Call after ``DenseNet.set_sync_bn(True)``."""
+    """Make every ``nn.SyncBatchNorm`` of ``model`` a :class:`CPUSyncBatchNorm` (in place: parameters,
+    buffers and process group kept); returns how many were changed. Call after
+    ``DenseNet.set_sync_bn(True)`` and before wrapping the model in DDP."""
     changed = 0
     for m in model.modules():
         if type(m) is nn.SyncBatchNorm:
-            m.__class__ = CPUSyncBatchNorm  # same state, one overridden method
+            m.__class__ = CPUSyncBatchNorm  # same state; only forward differs
             changed += 1
     return changed
 

