@@ -415,6 +415,7 @@ def measure_step(
     loss: str | Callable[[Any], torch.Tensor] = "cross_entropy",
     warmup: int | None = None,
     keep_grads: bool = False,
+    tracked: bool = True,
 ) -> StepMemory:
     """Peak memory of one training step of ``model`` (forward, loss, backward; no optimizer step).
 
@@ -434,6 +435,8 @@ def measure_step(
         loss: ``"cross_entropy"`` against random labels, ``"sum"`` of the outputs, or a callable.
         warmup: untracked steps run first (their grads dropped).
         keep_grads: leave the step's ``.grad`` tensors on the model (default: set them to ``None``).
+        tracked: on CUDA, also run the tracker (``tracked_peak``, ``grads_at_peak``); turn it off for
+            ``torch.compile``d models, which a dispatch mode would push back to eager execution.
     """
     model, x = _prepare(model, input_shape_or_tensor, device, channels_last)
     is_cuda = x.device.type == "cuda"
@@ -444,13 +447,15 @@ def measure_step(
     tracker = MemoryTracker()
     tracker.track(model)
     tracker.track(x)
+    if not tracked and not (is_cuda and not fake):
+        raise ValueError("tracked=False only makes sense on CUDA, where the allocator measures the peak")
     if is_cuda and not fake:
         torch.cuda.synchronize(x.device)
         torch.cuda.reset_peak_memory_stats(x.device)
         baseline = torch.cuda.memory_allocated(x.device)
     else:
         baseline = tracker.current
-    with tracker:
+    with tracker if tracked else contextlib.nullcontext():
         training_step(model, x, autocast_dtype=autocast_dtype, loss=loss)
     if is_cuda and not fake:
         torch.cuda.synchronize(x.device)

@@ -1,0 +1,281 @@
+"""``effdense bench``: every strategy on one model, with torchvision's DenseNets as reference rows.
+
+Each row builds the model afresh from the same seed (so every row holds the same weights), measures the
+peak memory of one training step (exact tracking on CPU, the CUDA allocator on a GPU; see
+:mod:`effdense.memory`) and times training steps (forward, cross-entropy loss, backward; no optimizer),
+reporting the median. Ratios are against the ``naive`` row, measured in the same process.
+
+Reference rows: torchvision's ``DenseNet`` plain and with ``memory_efficient=True`` (for the ImageNet
+models torchvision builds, and for CIFAR DenseNet-BC models through torchvision's class with the CIFAR
+stem swapped in), and on a GPU the plain one under ``torch.compile``. All load the effdense model's
+weights, so every row computes the same function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from effdense import strategies as _strategies
+from effdense.benchutil import (
+    DTYPES,
+    UsageError,
+    default_image_size,
+    device_name,
+    dtype_name,
+    environment,
+    format_table,
+    free_memory,
+    model_name,
+    nonnegative_int,
+    positive_int,
+    progress,
+    quantiles,
+    resolve_device,
+    strategy_list,
+    time_steps,
+    write_csv,
+    write_json,
+)
+from effdense.densenet import IMAGENET_CONFIGS, DenseNet, get_model
+from effdense.memory import estimate_step, measure_step, mib
+
+CSV_COLUMNS = (
+    "row", "kind", "strategy", "status", "model", "batch_size", "image_size", "dtype", "channels_last",
+    "peak_mib", "mem_ratio", "time_ms", "time_ms_p20", "time_ms_p80", "time_ratio", "timed_steps",
+    "params_mib", "grads_mib", "buffers_mib", "input_mib", "activations_mib", "memory_mode", "note",
+    "device", "device_name", "torch", "torchvision", "triton", "git_commit", "command",
+)  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=model_name, default="densenet_bc_100",
+                        help="model name (effdense.MODELS or densenet_bc_<depth>); default densenet_bc_100")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="default 64")
+    parser.add_argument("--image-size", type=positive_int, default=None,
+                        help="square input side; default 32 for CIFAR models, 224 for ImageNet ones")
+    parser.add_argument("--strategies", type=strategy_list, default=None,
+                        help="'all' (default: every available strategy) or a comma list, e.g. naive,checkpoint")
+    parser.add_argument("--dtype", type=dtype_name, default="fp32", help="fp32, or bf16/fp16 autocast")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help="timed steps per row (median reported); default 20 on GPU, 10 on CPU")
+    parser.add_argument("--warmup", type=nonnegative_int, default=None,
+                        help="untimed steps before timing; default 3 on GPU, 0 on CPU (the memory step warms up)")
+    parser.add_argument("--max-seconds-per-row", type=float, default=None,
+                        help="stop timing a row after this long (at least 2 steps); default: none on GPU, "
+                        "15 on CPU so the default run stays within ~2 minutes; 0 means no limit")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto (GPU if any), cpu or cuda[:N]")
+    parser.add_argument("--memory", choices=("exact", "estimate"), default="exact",
+                        help="exact: measured (tracked on CPU, allocator on CUDA); estimate: FakeTensor, no time")
+    parser.add_argument("--no-reference", action="store_true", help="leave out the torchvision rows")
+    parser.add_argument("--no-timing", action="store_true", help="memory only")
+    parser.add_argument("--channels-last", action="store_true", help="channels_last model and input")
+    parser.add_argument("--out", type=Path, default=Path("effdense_results"), help="output folder (JSON and CSV)")
+
+
+# ------------------------------------------------------------------------------------------------
+# torchvision reference models
+
+
+def torchvision_twin(model: DenseNet, memory_efficient: bool) -> nn.Module | None:
+    """torchvision's ``DenseNet`` computing the same function as ``model``, with its weights, or ``None``
+    when torchvision's class cannot express the model (no bottleneck, other compression)."""
+    try:
+        import torchvision
+    except ImportError:
+        return None
+    blocks = model.dense_blocks
+    first = blocks[0].layers[0]
+    if not first.bottleneck or abs(model.compression - 0.5) > 1e-9:
+        return None
+    conv0 = model.features.conv0
+    twin = torchvision.models.DenseNet(
+        growth_rate=model.growth_rate,
+        block_config=model.block_config,
+        num_init_features=conv0.out_channels,
+        bn_size=first.conv1.out_channels // model.growth_rate,
+        drop_rate=first.drop_rate,
+        num_classes=model.classifier.out_features,
+        memory_efficient=memory_efficient,
+    )
+    if model.small_inputs:  # CIFAR stem: one 3x3 convolution, no norm/relu/pool
+        twin.features.conv0 = nn.Conv2d(conv0.in_channels, conv0.out_channels, 3, padding=1, bias=False)
+        del twin.features.norm0, twin.features.relu0, twin.features.pool0
+    twin.load_state_dict(model.state_dict(), strict=True)
+    return twin
+
+
+# ------------------------------------------------------------------------------------------------
+# Rows
+
+
+def _rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
+    """The rows to run: label, kind, strategy, builder (None: skipped, with a note)."""
+    available = _strategies.available()
+    names = args.strategies if args.strategies is not None else list(available)
+
+    def effdense_builder(strategy: str) -> Callable[[], nn.Module]:
+        return lambda: get_model(args.model, strategy=strategy)
+
+    rows: list[dict[str, Any]] = []
+    for s in names:
+        row = {"row": f"effdense {s}", "kind": "effdense", "strategy": s, "build": None, "note": ""}
+        if s in available:
+            row["build"] = effdense_builder(s)
+            if s == "fused" and device.type != "cuda":
+                row["note"] = "CPU: PyTorch twins of the kernels"
+        else:
+            row["note"] = "not implemented yet"
+        rows.append(row)
+    if not args.no_reference:
+        probe = get_model(args.model, strategy="naive") if args.model not in IMAGENET_CONFIGS else None
+        expressible = probe is None or torchvision_twin(probe, False) is not None
+        if expressible:
+            def tv_builder(me: bool, compiled: bool = False) -> Callable[[], nn.Module]:
+                def build() -> nn.Module:
+                    twin = torchvision_twin(get_model(args.model, strategy="naive"), me)
+                    return torch.compile(twin) if compiled else twin
+
+                return build
+
+            note = "" if args.model in IMAGENET_CONFIGS else "torchvision DenseNet class, CIFAR stem"
+            rows.append({"row": "torchvision", "kind": "torchvision", "strategy": "naive", "build": tv_builder(False), "note": note})
+            rows.append({"row": "torchvision memory_efficient", "kind": "torchvision", "strategy": "checkpoint",
+                         "build": tv_builder(True), "note": note})
+            if device.type == "cuda":
+                rows.append({"row": "torchvision compile", "kind": "torchvision", "strategy": "naive",
+                             "build": tv_builder(False, compiled=True), "note": "torch.compile, default mode"})
+    return rows
+
+
+def _run_row(row: dict[str, Any], args: argparse.Namespace, device: torch.device, size: int) -> dict[str, Any]:
+    shape = (args.batch_size, 3, size, size)
+    autocast = DTYPES[args.dtype]
+    out: dict[str, Any] = {k: v for k, v in row.items() if k != "build"}
+    if args.memory == "estimate":
+        est = estimate_step(row["build"], shape, autocast_dtype=autocast, channels_last=args.channels_last, backend="auto")
+        out.update(status="ok", memory_mode="estimate", **_memory_fields(est))
+        return out
+    free_memory(device)
+    torch.manual_seed(0)
+    model = row["build"]().to(device)
+    x = torch.randn(shape, device=device)
+    compiled = hasattr(model, "_orig_mod")
+    mem = measure_step(
+        model, x, autocast_dtype=autocast, channels_last=args.channels_last,
+        warmup=2 if compiled else None,  # compilation happens in the first steps, not in the measured one
+        tracked=not compiled,
+    )  # fmt: skip
+    out.update(status="ok", memory_mode=mem.mode, **_memory_fields(mem))
+    if not args.no_timing:
+        if args.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        times = time_steps(
+            model, x, steps=args.steps, warmup=args.warmup, autocast_dtype=autocast,
+            max_seconds=args.max_seconds_per_row or None,
+        )  # fmt: skip
+        out.update(quantiles(times), timed_steps=len(times))
+    del model, x
+    free_memory(device)
+    return out
+
+
+def _memory_fields(mem: Any) -> dict[str, Any]:
+    return {
+        "peak_bytes": mem.peak,
+        "peak_mib": mib(mem.peak),
+        "params_mib": mib(mem.params),
+        "grads_mib": mib(mem.grads),
+        "buffers_mib": mib(mem.buffers),
+        "input_mib": mib(mem.input),
+        "activations_mib": mib(mem.activations),
+    }
+
+
+def _add_ratios(results: list[dict[str, Any]]) -> None:
+    ok = [r for r in results if r.get("status") == "ok"]
+    base = next((r for r in ok if r["row"] == "effdense naive"), ok[0] if ok else None)
+    if base is None:
+        return
+    for r in ok:
+        r["mem_ratio"] = r["peak_mib"] / base["peak_mib"]
+        if r.get("time_ms") is not None and base.get("time_ms"):
+            r["time_ratio"] = r["time_ms"] / base["time_ms"]
+        r["baseline_row"] = base["row"]
+
+
+TABLE_COLUMNS = (
+    ("row", "row", str),
+    ("peak_mib", "peak MiB", lambda v: f"{v:,.1f}"),
+    ("mem_ratio", "x mem", lambda v: f"{v:.3f}"),
+    ("time_ms", "ms/step", lambda v: f"{v:,.1f}"),
+    ("time_ratio", "x time", lambda v: f"{v:.2f}"),
+    ("timed_steps", "steps", str),
+    ("status", "status", str),
+    ("note", "note", str),
+)
+
+
+def main(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    if args.dtype == "fp16" and device.type == "cpu":
+        progress("note: fp16 autocast on CPU is slow and rarely used; bf16 is the CPU's low precision")
+    cuda = device.type == "cuda"
+    if args.steps is None:
+        args.steps = 20 if cuda else 10
+    if args.warmup is None:
+        args.warmup = 3 if cuda else 0
+    if args.max_seconds_per_row is None:
+        args.max_seconds_per_row = 0 if cuda else 15.0
+    size = args.image_size or default_image_size(args.model)
+    probe = get_model(args.model, strategy="naive")
+    if probe._final_spatial(size) < 1:
+        raise UsageError(f"--image-size {size} is too small for {args.model}: it needs at least {probe.min_input_size()}")
+    del probe
+    rows = _rows(args, device)
+    if not rows:
+        raise UsageError("nothing to run: no strategy selected and --no-reference given")
+    env = environment(device)
+    settings = {
+        "model": args.model, "batch_size": args.batch_size, "image_size": size, "dtype": args.dtype,
+        "channels_last": args.channels_last, "steps": args.steps, "warmup": args.warmup,
+        "max_seconds_per_row": args.max_seconds_per_row, "memory": args.memory, "timing": not args.no_timing,
+    }  # fmt: skip
+    progress(
+        f"effdense bench: {args.model}, batch {args.batch_size}, {size}x{size}, {args.dtype}, on {env['device_name']}; "
+        f"{len(rows)} rows"
+    )
+    results: list[dict[str, Any]] = []
+    for i, row in enumerate(rows, 1):
+        start = time.perf_counter()
+        base = {**{k: v for k, v in row.items() if k != "build"}, **settings}
+        if row["build"] is None:
+            result = {**base, "status": "skipped"}
+        else:
+            try:
+                result = {**base, **_run_row(row, args, device, size)}
+            except Exception as exc:  # one failing row must not lose the others
+                if cuda and isinstance(exc, torch.cuda.OutOfMemoryError):
+                    free_memory(device)
+                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                result = {**base, "status": "error", "note": f"{type(exc).__name__}: {msg}"[:300]}
+        results.append(result)
+        desc = f"{result.get('peak_mib', 0):,.1f} MiB" if result["status"] == "ok" else result["status"]
+        if result.get("time_ms") is not None:
+            desc += f", {result['time_ms']:,.1f} ms/step ({result['timed_steps']} steps)"
+        progress(f"[{i}/{len(rows)}] {row['row']}: {desc} ({time.perf_counter() - start:.1f} s)")
+    _add_ratios(results)
+    for r in results:
+        r.update({k: env[k] for k in ("device", "device_name", "torch", "torchvision", "triton", "git_commit", "command")})
+    print(format_table(results, TABLE_COLUMNS))
+    stem = f"bench_{args.model}_b{args.batch_size}_{size}px_{args.dtype}_{device.type}"
+    json_path, csv_path = args.out / f"{stem}.json", args.out / f"{stem}.csv"
+    write_json(json_path, {"meta": {**env, **settings}, "rows": results})
+    write_csv(csv_path, results, CSV_COLUMNS)
+    print(f"wrote {json_path} and {csv_path}")
+    return 0

@@ -1,0 +1,310 @@
+"""What the ``effdense`` subcommands share: argument types, the run environment, timing, output files.
+
+Argument types raise ``argparse.ArgumentTypeError`` so that a bad value ends as argparse's one-line
+error with exit code 2 (see :mod:`effdense.cli`); errors found after parsing raise :class:`UsageError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from effdense import strategies as _strategies
+from effdense.densenet import MODELS, cifar_layers_per_block
+from effdense.memory import parse_bytes, training_step
+
+
+class UsageError(ValueError):
+    """A bad command-line value found after parsing: reported in one line, exit code 2."""
+
+
+DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``--dtype`` values: ``None`` is plain fp32, the others run forward and loss under autocast."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Argument types
+
+
+def model_name(text: str) -> str:
+    """A name :func:`effdense.get_model` accepts: one of :data:`effdense.MODELS`, ``densenet_bc_<depth>``
+    or ``densenet_<depth>`` with a depth the paper's rule allows."""
+    if text in MODELS:
+        return text
+    m = re.fullmatch(r"densenet_(bc_)?(\d+)", text)
+    if m:
+        try:
+            cifar_layers_per_block(int(m.group(2)), bottleneck=m.group(1) is not None)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return text
+    raise argparse.ArgumentTypeError(
+        f"unknown model {text!r}; expected one of {', '.join(sorted(MODELS))} or densenet_bc_<depth>"
+    )
+
+
+def strategy_list(text: str) -> list[str]:
+    """``all`` (every available strategy) or a comma list of names from :data:`effdense.STRATEGIES`.
+
+    A known strategy that is not implemented yet is kept (it is reported as skipped); an unknown one is
+    an error.
+    """
+    if text.strip() == "all":
+        return list(_strategies.available())
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"no strategy in {text!r}; expected 'all' or e.g. naive,checkpoint")
+    for name in names:
+        if name not in _strategies.STRATEGIES:
+            raise argparse.ArgumentTypeError(
+                f"unknown strategy {name!r}; expected 'all' or a comma list of {', '.join(_strategies.STRATEGIES)}"
+            )
+    return list(dict.fromkeys(names))
+
+
+def int_list(text: str) -> list[int]:
+    """A comma list of positive integers (``"40,100,250"``); empty lists are errors."""
+    try:
+        values = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"empty list {text!r}: give at least one value")
+    if any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"values must be positive, got {text!r}")
+    return list(dict.fromkeys(values))
+
+
+def dtype_name(text: str) -> str:
+    if text not in DTYPES:
+        raise argparse.ArgumentTypeError(f"unknown dtype {text!r}; expected one of {', '.join(DTYPES)}")
+    return text
+
+
+def dtype_list(text: str) -> list[str]:
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"empty dtype list {text!r}; expected e.g. fp32,bf16")
+    return list(dict.fromkeys(dtype_name(n) for n in names))
+
+
+def byte_size(text: str) -> int:
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def device_name(text: str) -> str:
+    if text == "auto":
+        return text
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected auto, cpu or cuda[:N]") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}; expected auto, cpu or cuda[:N]")
+    return text
+
+
+def resolve_device(text: str) -> torch.device:
+    """``auto``: the GPU if there is one, else the CPU."""
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(text)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {text} asked for, but this machine has no CUDA GPU; use --device cpu")
+    return dev
+
+
+# ------------------------------------------------------------------------------------------------
+# Environment and models
+
+
+def git_commit() -> str:
+    """The checkout's commit (``+dirty`` when the tree has changes), or ``$GIT_COMMIT``, or ``"unknown"``."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        return head + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return os.environ.get("GIT_COMMIT", "unknown")
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Where and with what a result was recorded."""
+    try:
+        import torchvision
+
+        tv_version = torchvision.__version__
+    except ImportError:
+        tv_version = None
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    if device.type == "cuda":
+        device_desc = torch.cuda.get_device_name(device)
+    else:
+        device_desc = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {
+        "device": str(device),
+        "device_name": device_desc,
+        "torch": torch.__version__,
+        "torchvision": tv_version,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+        "command": " ".join(["effdense", *sys.argv[1:]]) if Path(sys.argv[0]).name == "effdense" else " ".join(sys.argv),
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "strategies_available": list(_strategies.available()),
+    }
+
+
+def default_image_size(model_name_: str) -> int:
+    """224 for the ImageNet models, 32 for the CIFAR ones."""
+    from effdense.densenet import CIFAR_PRESETS, IMAGENET_CONFIGS
+
+    if model_name_ in IMAGENET_CONFIGS:
+        return 224
+    if model_name_ in CIFAR_PRESETS or model_name_.startswith("densenet_"):
+        return 32
+    return 224
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def free_memory(device: torch.device) -> None:
+    import gc
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def time_steps(
+    model: nn.Module,
+    x: torch.Tensor,
+    *,
+    steps: int,
+    warmup: int,
+    autocast_dtype: torch.dtype | None = None,
+    max_seconds: float | None = None,
+    min_steps: int = 2,
+) -> list[float]:
+    """Seconds of each timed training step (forward, loss, backward; grads dropped before each step).
+
+    ``warmup`` untimed steps first. With ``max_seconds``, timing stops once that much time has been
+    spent and at least ``min_steps`` were timed (for slow CPU runs; the caller records how many).
+    """
+    model.train()
+    for _ in range(warmup):
+        model.zero_grad(set_to_none=True)
+        training_step(model, x, autocast_dtype=autocast_dtype)
+    synchronize(x.device)
+    times: list[float] = []
+    spent = 0.0
+    for _ in range(steps):
+        model.zero_grad(set_to_none=True)
+        synchronize(x.device)
+        start = time.perf_counter()
+        training_step(model, x, autocast_dtype=autocast_dtype)
+        synchronize(x.device)
+        times.append(time.perf_counter() - start)
+        spent += times[-1]
+        if max_seconds is not None and spent >= max_seconds and len(times) >= min_steps:
+            break
+    model.zero_grad(set_to_none=True)
+    return times
+
+
+def quantiles(times: Sequence[float]) -> dict[str, float]:
+    """Median and 20/80 % quantiles, in milliseconds."""
+    ms = sorted(t * 1e3 for t in times)
+    if len(ms) == 1:
+        return {"time_ms": ms[0], "time_ms_p20": ms[0], "time_ms_p80": ms[0]}
+    q = statistics.quantiles(ms, n=10, method="inclusive")
+    return {"time_ms": statistics.median(ms), "time_ms_p20": q[1], "time_ms_p80": q[7]}
+
+
+# ------------------------------------------------------------------------------------------------
+# Output
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+
+
+def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, Callable[[Any], str]]]) -> str:
+    """A plain-text table: ``columns`` are ``(key, header, formatter)``; missing values print as ``-``."""
+    cells = [[header for _, header, _ in columns]]
+    for row in rows:
+        cells.append([fmt(row[key]) if row.get(key) is not None else "-" for key, _, fmt in columns])
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    left = {i for i, (_, _, fmt) in enumerate(columns) if fmt is str}  # text left, numbers right
+    lines = []
+    for j, r in enumerate(cells):
+        lines.append("  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr (stdout keeps the results)."""
+    print(message, file=sys.stderr, flush=True)

@@ -1,0 +1,66 @@
+"""The ``effdense`` command: one subcommand per module, registered in :data:`COMMANDS`.
+
+A subcommand is a module with ``add_arguments(parser)`` and ``main(args) -> int``; adding one is one line
+in :data:`COMMANDS`. Bad arguments end with a one-line error on stderr and exit code 2, whether argparse
+finds them or the subcommand does (by raising :class:`effdense.benchutil.UsageError`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    # name: (module with add_arguments/main, one-line help)
+    "bench": ("effdense.bench", "compare the strategies on one model: peak memory, step time, ratios"),
+    "ablate": ("effdense.ablate", "grid over strategies x policy x depth x growth x batch x dtype; CSV and plots"),
+    "max-depth": ("effdense.maxdepth", "deepest DenseNet-BC whose training step fits a memory budget"),
+    "summary": ("effdense.summary", "parameters, FLOPs, dense connections and feature-map memory of a model"),
+    "train": ("effdense.train", "train a DenseNet (CIFAR-10 or synthetic data)"),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors on one line (``effdense bench: error: ...``) instead of usage plus message."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="effdense", description="Memory-efficient DenseNets: benchmarks, ablations, training.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # a subcommand whose module is not in this installation
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``effdense`` console script; returns the exit code."""
+    from effdense.benchutil import UsageError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._module.main(args) or 0)
+    except UsageError as exc:
+        print(f"effdense {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"effdense {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
