@@ -1,0 +1,344 @@
+"""``effdense ablate``: a grid over strategies x policy knobs x depth x growth rate x batch x dtype.
+
+Every grid point is one CIFAR DenseNet-BC (``densenet_bc_<depth>``, growth rate ``k``) at one batch size
+and dtype. Memory is the training-step peak, measured exactly (``--device``) or estimated without
+allocating (``--estimate``); ``--time`` adds the median step time. Rows are appended to ``ablate.csv`` as
+they finish, and a rerun skips the points already in it (resumable). Plots are drawn from the CSV:
+
+- ``ablate_depth.png``: peak memory against depth, one line per strategy/policy (as in Pleiss et al.'s
+  memory-efficient DenseNet report, figure 3);
+- ``ablate_batch.png``: peak memory against batch size at the largest depth;
+- ``ablate_time.png``: step time relative to ``naive`` against depth (with ``--time``).
+
+Policy knobs (:class:`effdense.Policy` fields) only matter to ``shared`` and ``fused``; ``--vary`` lists
+the fields that take both values, the others keep their defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import itertools
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from effdense import strategies as _strategies
+from effdense.benchutil import (
+    DTYPES,
+    UsageError,
+    device_name,
+    dtype_list,
+    environment,
+    free_memory,
+    int_list,
+    nonnegative_int,
+    positive_int,
+    progress,
+    quantiles,
+    resolve_device,
+    strategy_list,
+    time_steps,
+)
+from effdense.densenet import cifar_layers_per_block, get_model
+from effdense.memory import estimate_step, measure_step, mib
+from effdense.strategies import Policy
+
+POLICY_FIELDS = tuple(f.name for f in dataclasses.fields(Policy))
+POLICY_STRATEGIES = ("shared", "fused")  # the strategies that read a Policy
+
+KEY_COLUMNS = ("strategy", "policy", "depth", "growth_rate", "batch_size", "dtype", "image_size", "memory_mode", "device_type")
+CSV_COLUMNS = (
+    *KEY_COLUMNS, *POLICY_FIELDS, "status", "peak_mib", "activations_mib", "params_mib", "peak_bytes",
+    "time_ms", "time_ms_p20", "time_ms_p80", "timed_steps", "seconds", "note", "device_name", "torch", "git_commit",
+)  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--strategies", type=strategy_list, default=None, help="'all' (default) or a comma list")
+    parser.add_argument("--vary", type=_policy_fields, default=[],
+                        help=f"Policy fields to try both ways for shared/fused: 'all' or a comma list of {', '.join(POLICY_FIELDS)}")
+    parser.add_argument("--depths", type=_depth_list, default=[40, 100, 160, 220],
+                        help="DenseNet-BC depths (4+6n), comma list; default 40,100,160,220")
+    parser.add_argument("--growth-rates", type=int_list, default=[12], help="comma list; default 12")
+    parser.add_argument("--batch-sizes", type=int_list, default=[64], help="comma list; default 64")
+    parser.add_argument("--dtypes", type=dtype_list, default=["fp32"], help="comma list of fp32, bf16, fp16")
+    parser.add_argument("--image-size", type=positive_int, default=32, help="default 32")
+    parser.add_argument("--estimate", action="store_true",
+                        help="estimate memory without allocating (FakeTensor/meta) instead of measuring it")
+    parser.add_argument("--time", action="store_true", help="also time training steps (real runs)")
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per point (with --time)")
+    parser.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed steps first (with --time)")
+    parser.add_argument("--device", type=device_name, default="auto", help="auto (GPU if any), cpu or cuda[:N]")
+    parser.add_argument("--out", type=Path, default=Path("effdense_results"), help="folder of ablate.csv and the plots")
+    parser.add_argument("--no-plots", action="store_true", help="CSV only")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _policy_fields(text: str) -> list[str]:
+    if text.strip() == "all":
+        return list(POLICY_FIELDS)
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    for n in names:
+        if n not in POLICY_FIELDS:
+            raise argparse.ArgumentTypeError(f"unknown Policy field {n!r}; expected 'all' or some of {', '.join(POLICY_FIELDS)}")
+    return names
+
+
+def _depth_list(text: str) -> list[int]:
+    depths = int_list(text)
+    for d in depths:
+        try:
+            cifar_layers_per_block(d, bottleneck=True)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return depths
+
+
+def policy_label(policy: Policy | None) -> str:
+    """``"-"`` (no policy), ``"default"`` or the fields that differ from the default: ``"cache_stats=0"``."""
+    if policy is None:
+        return "-"
+    changed = [f"{n}={int(getattr(policy, n))}" for n in POLICY_FIELDS if getattr(policy, n) != getattr(Policy(), n)]
+    return ",".join(changed) or "default"
+
+
+def grid(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
+    """Every grid point as a dict of the key columns (plus ``policy_obj`` and ``available``)."""
+    available = _strategies.available()
+    names = args.strategies if args.strategies is not None else list(available)
+    policies = [Policy()]
+    for values in itertools.product((True, False), repeat=len(args.vary)):
+        if args.vary:
+            policies.append(Policy(**dict(zip(args.vary, values))))
+    policies = list(dict.fromkeys(policies))
+    for s, depth, k, batch, dtype in itertools.product(names, args.depths, args.growth_rates, args.batch_sizes, args.dtypes):
+        for policy in policies if s in POLICY_STRATEGIES else [None]:
+            yield {
+                "strategy": s, "policy": policy_label(policy), "depth": depth, "growth_rate": k,
+                "batch_size": batch, "dtype": dtype, "image_size": args.image_size,
+                "policy_obj": policy, "available": s in available,
+            }  # fmt: skip
+
+
+def _key(row: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(str(row[c]) for c in KEY_COLUMNS)
+
+
+def read_rows(path: Path) -> list[dict[str, str]]:
+    if not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def _run_point(point: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    shape = (point["batch_size"], 3, point["image_size"], point["image_size"])
+    autocast = DTYPES[point["dtype"]]
+    name = f"densenet_bc_{point['depth']}"
+    kwargs = dict(strategy=point["strategy"], growth_rate=point["growth_rate"])
+    policy = point["policy_obj"]
+    out: dict[str, Any] = {}
+    if args.estimate:
+        mem = estimate_step(name, shape, autocast_dtype=autocast, policy=policy, backend="auto", **kwargs)
+    else:
+        free_memory(device)
+        torch.manual_seed(0)
+        model = get_model(name, policy=policy, **kwargs).to(device)
+        x = torch.randn(shape, device=device)
+        mem = measure_step(model, x, autocast_dtype=autocast)
+        del model, x
+    out.update(peak_bytes=mem.peak, peak_mib=mib(mem.peak), activations_mib=mib(mem.activations), params_mib=mib(mem.params))
+    if args.time:
+        free_memory(device)
+        torch.manual_seed(0)
+        model = get_model(name, policy=policy, **kwargs).to(device)
+        x = torch.randn(shape, device=device)
+        times = time_steps(model, x, steps=args.steps, warmup=args.warmup, autocast_dtype=autocast)
+        out.update(quantiles(times), timed_steps=len(times))
+        del model, x
+    free_memory(device)
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    points = list(grid(args))
+    if not points:
+        raise UsageError("the grid is empty: give at least one strategy, depth, growth rate, batch size and dtype")
+    runnable = [p for p in points if p["available"]]
+    if not runnable:
+        raise UsageError(
+            f"no strategy of the grid is available ({', '.join(sorted({p['strategy'] for p in points}))}); "
+            f"available now: {', '.join(_strategies.available())}"
+        )
+    mode = "estimate" if args.estimate else "exact"
+    for p in points:
+        p.update(memory_mode=mode, device_type="cpu" if args.estimate else device.type)
+        for f in POLICY_FIELDS:
+            p[f] = "" if p["policy_obj"] is None else int(getattr(p["policy_obj"], f))
+    args.out.mkdir(parents=True, exist_ok=True)
+    csv_path = args.out / "ablate.csv"
+    done = {_key(r) for r in read_rows(csv_path) if r.get("status") in ("ok", "skipped")}
+    todo = [p for p in points if _key(p) not in done]
+    env = environment(device)
+    progress(
+        f"effdense ablate: {len(points)} grid points, {len(points) - len(todo)} already in {csv_path}, "
+        f"{len(todo)} to run ({mode} memory{', timed' if args.time else ''}, {env['device_name']})"
+    )
+    bar = _progress_bar(len(todo), disable=args.no_progress)
+    for p in todo:
+        label = f"{p['strategy']}[{p['policy']}] d={p['depth']} k={p['growth_rate']} b={p['batch_size']} {p['dtype']}"
+        bar.set_description(label)
+        row = {**p, "device_name": env["device_name"], "torch": env["torch"], "git_commit": env["git_commit"]}
+        start = time.perf_counter()
+        if not p["available"]:
+            row.update(status="skipped", note="not implemented yet")
+        else:
+            try:
+                row.update(status="ok", **_run_point(p, args, device))
+            except Exception as exc:  # one point failing (out of memory, say) must not end the grid
+                free_memory(device)
+                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                row.update(status="error", note=f"{type(exc).__name__}: {msg}"[:300])
+        row["seconds"] = round(time.perf_counter() - start, 2)
+        _append(csv_path, row)
+        bar.update(1)
+        if row["status"] != "ok":
+            bar.write(f"{label}: {row['status']} {row.get('note', '')}")
+    bar.close()
+    print(f"wrote {csv_path}")
+    if not args.no_plots:
+        for path in plot(csv_path, args.out):
+            print(f"wrote {path}")
+    return 0
+
+
+class _LineBar:
+    """Stand-in for tqdm: a line per point on stderr."""
+
+    def __init__(self, total: int, disable: bool) -> None:
+        self.total, self.n, self.disable, self.desc = total, 0, disable, ""
+
+    def set_description(self, desc: str) -> None:
+        self.desc = desc
+
+    def update(self, n: int) -> None:
+        self.n += n
+        if not self.disable:
+            progress(f"[{self.n}/{self.total}] {self.desc}")
+
+    def write(self, text: str) -> None:
+        progress(text)
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, disable: bool) -> Any:
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _LineBar(total, disable)
+    return tqdm(total=total, disable=disable, unit="point", dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Plots (from the CSV alone)
+
+
+def _series_label(r: dict[str, str]) -> str:
+    return r["strategy"] if r["policy"] in ("-", "default") else f"{r['strategy']} ({r['policy']})"
+
+
+def _common(rows: list[dict[str, str]], column: str) -> str:
+    """The most frequent value of ``column`` (the slice a plot shows)."""
+    values = [r[column] for r in rows]
+    return max(dict.fromkeys(values), key=values.count)
+
+
+def plot(csv_path: Path, out_dir: Path) -> list[Path]:
+    """Draw the ablation plots from ``csv_path`` into ``out_dir``; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_rows(csv_path) if r.get("status") == "ok"]
+    if not rows:
+        return []
+    written: list[Path] = []
+    mode = _common(rows, "memory_mode")
+    rows = [r for r in rows if r["memory_mode"] == mode]
+    k, batch, dtype, size = (_common(rows, c) for c in ("growth_rate", "batch_size", "dtype", "image_size"))
+    device = _common(rows, "device_type")
+    what = "estimated" if mode == "estimate" else f"measured, {device}"
+
+    def series(xcol: str, ycol: str, fixed: dict[str, str]) -> dict[str, list[tuple[float, float]]]:
+        out: dict[str, list[tuple[float, float]]] = {}
+        for r in rows:
+            if all(r[c] == v for c, v in fixed.items()) and r.get(ycol):
+                out.setdefault(_series_label(r), []).append((float(r[xcol]), float(r[ycol])))
+        return {label: sorted(pts) for label, pts in out.items()}
+
+    def draw(data, xlabel, ylabel, title, name, logy=False, hline=None) -> None:
+        if not data:
+            return
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, pts in data.items():
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        if hline is not None:
+            ax.axhline(hline, color="grey", linestyle=":", linewidth=1)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out_dir / name
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+    by_depth = series("depth", "peak_mib", {"growth_rate": k, "batch_size": batch, "dtype": dtype})
+    draw(by_depth, "depth (layers)", "peak training-step memory (MiB)",
+         f"Peak memory vs depth: DenseNet-BC, k={k}, batch {batch}, {size}x{size}, {dtype} ({what})", "ablate_depth.png")
+    depth_max = str(max(int(r["depth"]) for r in rows if r["growth_rate"] == k and r["dtype"] == dtype))
+    by_batch = series("batch_size", "peak_mib", {"growth_rate": k, "depth": depth_max, "dtype": dtype})
+    draw(by_batch, "batch size (images)", "peak training-step memory (MiB)",
+         f"Peak memory vs batch: DenseNet-BC-{depth_max}, k={k}, {size}x{size}, {dtype} ({what})", "ablate_batch.png")
+
+    timed = [r for r in rows if r.get("time_ms")]
+    if timed:
+        base = {
+            (r["depth"], r["growth_rate"], r["batch_size"], r["dtype"]): float(r["time_ms"])
+            for r in timed if r["strategy"] == "naive"
+        }  # fmt: skip
+        data: dict[str, list[tuple[float, float]]] = {}
+        for r in timed:
+            if (r["growth_rate"], r["batch_size"], r["dtype"]) != (k, batch, dtype):
+                continue
+            ref = base.get((r["depth"], r["growth_rate"], r["batch_size"], r["dtype"]))
+            value = float(r["time_ms"]) / ref if ref else math.nan
+            if not math.isnan(value):
+                data.setdefault(_series_label(r), []).append((float(r["depth"]), value))
+        data = {label: sorted(pts) for label, pts in data.items()}
+        draw(data, "depth (layers)", "step time relative to naive (x)",
+             f"Time overhead vs depth: DenseNet-BC, k={k}, batch {batch}, {dtype} ({timed[0]['device_type']})",
+             "ablate_time.png", hline=1.0)
+    return written
