@@ -1,0 +1,232 @@
+"""``effdense max-depth``: the deepest DenseNet-BC whose training step fits a memory budget, per strategy.
+
+Depths follow the paper's rule for 3-block DenseNet-BC, ``depth = 4 + 6n`` (``n`` layers per block). The
+peak of a training step grows with ``n`` (quadratically for ``naive``: every layer keeps its own
+concatenation; for the others nearly linearly, plus the parameters, which grow as ``n^2 k^2``), so the
+search is a bracketing search on ``n`` guided by a quadratic fit through the estimates made so far:
+three cheap estimates at small ``n`` give a first guess, each estimate near the budget refines the fit,
+and bisection takes over where the fit stops helping. About six estimates per strategy, of which three
+or four are of deep models. Every estimate runs without allocating (see :func:`effdense.memory.estimate_step`).
+On a GPU the depth found is then built and measured for real (``--no-verify`` to skip).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from effdense import strategies as _strategies
+from effdense.benchutil import (
+    DTYPES,
+    UsageError,
+    byte_size,
+    device_name,
+    dtype_name,
+    environment,
+    format_table,
+    free_memory,
+    positive_int,
+    progress,
+    resolve_device,
+    strategy_list,
+    write_csv,
+    write_json,
+)
+from effdense.memory import GiB, estimate_step, format_bytes, measure_step, mib
+
+CSV_COLUMNS = (
+    "strategy", "status", "max_depth", "layers_per_block", "peak_mib", "next_depth", "next_peak_mib", "budget_mib",
+    "estimates", "seconds", "verified_peak_mib", "verified_fits", "growth_rate", "batch_size", "image_size", "dtype",
+    "note", "device_name", "torch", "git_commit", "command",
+)  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budget", type=byte_size, default=12 * GiB,
+                        help="memory budget for one training step, e.g. 12GiB (default), 80GB, 500MiB")
+    parser.add_argument("--growth-rate", type=positive_int, default=12, help="default 12")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="default 64")
+    parser.add_argument("--image-size", type=positive_int, default=32, help="default 32")
+    parser.add_argument("--dtype", type=dtype_name, default="fp32", help="fp32, or bf16/fp16 autocast")
+    parser.add_argument("--strategies", type=strategy_list, default=None, help="'all' (default) or a comma list")
+    parser.add_argument("--depth-limit", type=positive_int, default=10_000,
+                        help="search no deeper than this (default 10000)")
+    parser.add_argument("--backend", choices=("auto", "meta", "fake"), default="auto",
+                        help="estimate backend: meta (fastest), fake (FakeTensorMode) or auto (meta, else fake)")
+    parser.add_argument("--device", type=device_name, default="auto",
+                        help="with a GPU, the depth found is checked for real there (auto: GPU if any)")
+    parser.add_argument("--no-verify", action="store_true", help="do not check the result for real on the GPU")
+    parser.add_argument("--out", type=Path, default=Path("effdense_results"), help="output folder (JSON and CSV)")
+
+
+def depth_of(n: int) -> int:
+    return 4 + 6 * n
+
+
+def _largest_fitting(coeffs: np.ndarray, budget: float, lo: int, hi: int) -> int | None:
+    """Largest integer ``n`` in ``(lo, hi)`` with ``poly(n) <= budget`` by the fitted polynomial."""
+    poly = np.poly1d(coeffs)
+    roots = [r.real for r in (poly - budget).roots if abs(r.imag) < 1e-9 and lo < r.real < hi]
+    if not roots:
+        return None
+    return int(math.floor(min(roots)))
+
+
+def search(
+    peak_of: Callable[[int], int], budget: int, n_max: int, on_estimate: Callable[[int, int], None] | None = None
+) -> tuple[int, dict[int, int]]:
+    """Largest ``n`` in ``[0, n_max]`` with ``peak_of(n) <= budget`` (0: not even ``n=1`` fits), assuming the
+    peak grows with ``n``. Returns it and every estimate made (``{n: bytes}``)."""
+    evals: dict[int, int] = {}
+
+    def fits(n: int) -> bool:
+        if n not in evals:
+            evals[n] = peak_of(n)
+            if on_estimate:
+                on_estimate(n, evals[n])
+        return evals[n] <= budget
+
+    lo, hi = 0, n_max + 1  # lo fits (0: nothing yet), hi does not (n_max + 1: beyond the limit)
+    for n in (1, 4, 8):  # cheap points that seed the fit
+        if n >= hi:
+            break
+        if fits(n):
+            lo = n
+        else:
+            hi = n
+            break
+    stalled = 0
+    while hi - lo > 1:
+        points = sorted(evals)
+        # the three estimates closest to the bracket carry the local curvature best
+        near = sorted(points, key=lambda n: min(abs(n - lo), abs(n - hi)))[:3]
+        guess = None
+        if len(near) >= 3 and stalled < 2:
+            xs = np.array(near, dtype=float)
+            ys = np.array([evals[n] for n in near], dtype=float)
+            guess = _largest_fitting(np.polyfit(xs, ys, 2), budget, lo, hi)
+            if guess is None and evals.get(lo, 0) < budget:
+                guess = hi - 1 if hi <= n_max else None
+        if guess is None or stalled >= 2:
+            guess = (lo + hi) // 2 if hi <= n_max else min(n_max, max(2 * lo, lo + 1))
+            stalled = 0
+        n = min(max(guess, lo + 1), hi - 1)
+        if fits(n):
+            # a guess that fits tends to be just under the crossing: test one step further at once
+            stalled = stalled + 1 if n - lo < (hi - lo) / 4 else 0
+            lo = n
+            if n + 1 < hi and fits(n + 1):
+                lo = n + 1
+            elif n + 1 < hi:
+                hi = n + 1
+        else:
+            stalled = stalled + 1 if hi - n < (hi - lo) / 4 else 0
+            hi = n
+    return lo, evals
+
+
+def main(args: argparse.Namespace) -> int:
+    device = resolve_device(args.device)
+    available = _strategies.available()
+    names = args.strategies if args.strategies is not None else list(available)
+    n_max = (args.depth_limit - 4) // 6
+    if n_max < 1:
+        raise UsageError(f"--depth-limit {args.depth_limit} allows no DenseNet-BC; it must be at least 10")
+    env = environment(device)
+    settings = {
+        "budget_bytes": args.budget, "budget_mib": mib(args.budget), "growth_rate": args.growth_rate,
+        "batch_size": args.batch_size, "image_size": args.image_size, "dtype": args.dtype,
+        "depth_limit": args.depth_limit, "backend": args.backend,
+    }  # fmt: skip
+    shape = (args.batch_size, 3, args.image_size, args.image_size)
+    autocast = DTYPES[args.dtype]
+    progress(
+        f"effdense max-depth: budget {format_bytes(args.budget)}, DenseNet-BC k={args.growth_rate}, batch "
+        f"{args.batch_size}, {args.image_size}x{args.image_size}, {args.dtype}; strategies {', '.join(names)}"
+    )
+    results: list[dict[str, Any]] = []
+    for s in names:
+        row: dict[str, Any] = {"strategy": s, **settings}
+        if s not in available:
+            row.update(status="skipped", note="not implemented yet")
+            results.append(row)
+            progress(f"{s}: skipped (not implemented yet)")
+            continue
+        start = time.perf_counter()
+
+        def peak_of(n: int, s: str = s) -> int:
+            t = time.perf_counter()
+            est = estimate_step(
+                f"densenet_bc_{depth_of(n)}", shape, strategy=s, growth_rate=args.growth_rate,
+                autocast_dtype=autocast, backend=args.backend,
+            )  # fmt: skip
+            progress(f"  {s}: depth {depth_of(n)}: {format_bytes(est.peak)} ({time.perf_counter() - t:.1f} s)")
+            return est.peak
+
+        try:
+            n, evals = search(peak_of, args.budget, n_max)
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            row.update(status="error", note=f"{type(exc).__name__}: {msg}"[:300])
+            results.append(row)
+            progress(f"{s}: error {row['note']}")
+            continue
+        row.update(
+            status="ok" if n else "none fits",
+            max_depth=depth_of(n) if n else None,
+            layers_per_block=n or None,
+            peak_mib=mib(evals[n]) if n else None,
+            next_depth=depth_of(n + 1) if n + 1 in evals else None,
+            next_peak_mib=mib(evals[n + 1]) if n + 1 in evals else None,
+            estimates=len(evals),
+            seconds=round(time.perf_counter() - start, 1),
+        )
+        if n == n_max:
+            row["note"] = f"reached --depth-limit {args.depth_limit}"
+        if n and device.type == "cuda" and not args.no_verify:
+            row.update(_verify(s, depth_of(n), args, device, shape, autocast))
+        results.append(row)
+        progress(
+            f"{s}: max depth {row['max_depth']} ({row['peak_mib'] or 0:,.1f} MiB), {row['estimates']} estimates "
+            f"in {row['seconds']} s"
+        )
+    for r in results:
+        r.update({k: env[k] for k in ("device_name", "torch", "git_commit", "command")})
+    print(format_table(results, (
+        ("strategy", "strategy", str),
+        ("max_depth", "max depth", str),
+        ("peak_mib", "peak MiB", lambda v: f"{v:,.1f}"),
+        ("next_peak_mib", "next depth MiB", lambda v: f"{v:,.1f}"),
+        ("estimates", "estimates", str),
+        ("seconds", "s", str),
+        ("verified_peak_mib", "GPU MiB", lambda v: f"{v:,.1f}"),
+        ("status", "status", str),
+    )))  # fmt: skip
+    stem = f"max_depth_{args.budget // (1 << 20)}MiB_k{args.growth_rate}_b{args.batch_size}_{args.image_size}px_{args.dtype}"
+    json_path, csv_path = args.out / f"{stem}.json", args.out / f"{stem}.csv"
+    write_json(json_path, {"meta": {**env, **settings}, "rows": results})
+    write_csv(csv_path, results, CSV_COLUMNS)
+    print(f"wrote {json_path} and {csv_path}")
+    return 0
+
+
+def _verify(strategy: str, depth: int, args: argparse.Namespace, device: torch.device, shape, autocast) -> dict[str, Any]:
+    """Build the model found and measure its step on the GPU."""
+    from effdense.densenet import get_model
+
+    free_memory(device)
+    try:
+        model = get_model(f"densenet_bc_{depth}", strategy=strategy, growth_rate=args.growth_rate).to(device)
+        mem = measure_step(model, torch.randn(shape, device=device), autocast_dtype=autocast)
+        del model
+        return {"verified_peak_mib": mib(mem.peak), "verified_fits": mem.peak <= args.budget}
+    except torch.cuda.OutOfMemoryError:
+        return {"verified_peak_mib": None, "verified_fits": False, "note": "out of memory on the GPU"}
+    finally:
+        free_memory(device)
