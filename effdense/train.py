@@ -441,7 +441,8 @@ def load_checkpoint(path: str) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------
-# Interrupts: Ctrl-C sets a flag; the loop stops after the current step and saves a checkpoint.
+# Interrupts: Ctrl-C (SIGINT) or SIGTERM (what torchrun's agent and cluster schedulers send to stop a run)
+# sets a flag; the loop stops after the current step, every rank agreeing, and saves a checkpoint.
 
 
 class _StopRequested(Exception):
@@ -449,26 +450,30 @@ class _StopRequested(Exception):
 
 
 class _InterruptFlag:
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
     def __init__(self, announce: bool) -> None:
         self.requested = False
         self.announce = announce
-        self._previous: Any = None
+        self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:
-        if self.requested:  # second Ctrl-C: give up at once
+        if self.requested:  # a second signal: give up at once, without a checkpoint
             raise KeyboardInterrupt
         self.requested = True
         if self.announce:
-            print("\ninterrupt: finishing this step and saving a checkpoint (Ctrl-C again to abort)", file=sys.stderr)
+            name = signal.Signals(signum).name
+            print(f"\n{name}: finishing this step and saving a checkpoint (send it again to stop at once)", file=sys.stderr)
 
     def __enter__(self) -> "_InterruptFlag":
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -562,7 +567,9 @@ def evaluate(
 ) -> tuple[float, float]:
     """(mean loss, accuracy) of ``model`` over ``loader``, summed over ranks."""
     model.eval()
-    loss_sum, correct, count = 0.0, 0.0, 0.0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
     for x, y in loader:
         x = x.to(device, non_blocking=True)
         if channels_last:
@@ -570,10 +577,10 @@ def evaluate(
         y = y.to(device, non_blocking=True)
         with autocast():
             logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
         count += y.numel()
-    loss_sum, correct, count = _all_reduce_sum([loss_sum, correct, count], ctx or _Dist(), device)
+    loss_sum, correct, count = _all_reduce_sum([float(loss_sum), float(correct), float(count)], ctx or _Dist(), device)
     return loss_sum / max(count, 1), correct / max(count, 1)
 
 
@@ -665,12 +672,23 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
             first = str(exc).strip().splitlines()[0]
             raise CheckpointError(f"checkpoint {args.resume!r} does not fit this run: {first}") from exc
         start_epoch, start_step = int(resume_state["epoch"]), int(resume_state["step"])
+        saved_world = int(resume_state.get("world_size", 1))
+        if start_step > 0 and saved_world != ctx.world_size:
+            raise CheckpointError(
+                f"checkpoint {args.resume!r} was saved mid-epoch by {saved_world} process(es); resume it with "
+                f"{saved_world} (this run has {ctx.world_size}), or from an end-of-epoch checkpoint"
+            )
+        saved_epochs = resume_state.get("config", {}).get("epochs")
+        if saved_epochs is not None and saved_epochs != args.epochs:
+            say(f"note: the learning-rate schedule keeps the checkpoint's length ({saved_epochs} epochs)")
         global_step = int(resume_state.get("global_step", start_epoch * steps_per_epoch + start_step))
         history = list(resume_state.get("history", []))
         if ctx.is_main:  # global sums of the interrupted epoch's first steps; other ranks add theirs from 0
             progress = dict(resume_state.get("progress", {}))
         rng = resume_state["rng"]
-        _set_rng_state(rng[ctx.rank] if isinstance(rng, list) and ctx.rank < len(rng) else rng)
+        if isinstance(rng, list):  # one per rank of the run that saved it
+            rng = rng[ctx.rank] if ctx.rank < len(rng) else rng[0]
+        _set_rng_state(rng)
         say(f"resumed from {args.resume}: epoch {start_epoch + 1}, step {start_step}")
 
     train_model: nn.Module = model
