@@ -7,7 +7,12 @@ search is a bracketing search on ``n`` guided by a quadratic fit through the est
 three cheap estimates at small ``n`` give a first guess, each estimate near the budget refines the fit,
 and bisection takes over where the fit stops helping. About six estimates per strategy, of which three
 or four are of deep models. Every estimate runs without allocating (see :func:`effdense.memory.estimate_step`).
-On a GPU the depth found is then built and measured for real (``--no-verify`` to skip).
+On a GPU the estimates use fake CUDA tensors, so each strategy takes its CUDA path, and the depth found
+is then built and measured for real (``--no-verify`` to skip).
+
+Cost: an estimate costs about a millisecond of CPU per operator, whatever the tensor sizes. ``naive`` and
+``checkpoint`` run ``O(L)`` operators per layer; ``shared`` on CPU runs its bottleneck over channel chunks,
+so its operator count grows with depth squared too (recorded timings: benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -146,6 +151,8 @@ def main(args: argparse.Namespace) -> int:
     }  # fmt: skip
     shape = (args.batch_size, 3, args.image_size, args.image_size)
     autocast = DTYPES[args.dtype]
+    # on a GPU, fake CUDA tensors: strategies take their CUDA paths (fused: the Triton kernels' fake ops)
+    estimate_device = str(device) if device.type == "cuda" else "cpu"
     progress(
         f"effdense max-depth: budget {format_bytes(args.budget)}, DenseNet-BC k={args.growth_rate}, batch "
         f"{args.batch_size}, {args.image_size}x{args.image_size}, {args.dtype}; strategies {', '.join(names)}"
@@ -164,7 +171,7 @@ def main(args: argparse.Namespace) -> int:
             t = time.perf_counter()
             est = estimate_step(
                 f"densenet_bc_{depth_of(n)}", shape, strategy=s, growth_rate=args.growth_rate,
-                autocast_dtype=autocast, backend=args.backend,
+                autocast_dtype=autocast, backend=args.backend, device=estimate_device,
             )  # fmt: skip
             progress(f"  {s}: depth {depth_of(n)}: {format_bytes(est.peak)} ({time.perf_counter() - t:.1f} s)")
             return est.peak
