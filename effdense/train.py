@@ -94,6 +94,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last memory format")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over the global batch (DDP)")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads per process (torch.set_num_threads)")
 
     g = parser.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0)
@@ -376,6 +377,8 @@ def _validate(args: argparse.Namespace) -> None:
         v = getattr(args, name)
         if v is not None and v <= 0:
             raise TrainError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    if args.threads is not None and args.threads <= 0:
+        raise TrainError(f"--threads must be a positive integer, got {args.threads}")
     if args.workers < 0 or args.save_every < 0:
         raise TrainError("--workers and --save-every must be >= 0")
     if args.metrics and not args.metrics.endswith((".csv", ".jsonl")):
@@ -595,6 +598,8 @@ def train(args: argparse.Namespace, *, on_step: Callable[[int, int, float], None
     """
     t_start = time.perf_counter()
     _validate(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     ctx, device = _setup_distributed(args.device)
     try:
         return _train(args, ctx, device, on_step, t_start)

@@ -104,8 +104,12 @@ def _worker(rank, init_file, out_dir, strategies):
 
 
 @pytest.fixture(autouse=True)
-def _fused_on_its_cpu_path(monkeypatch):
+def _fused_on_its_cpu_path_one_thread(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # effdense.kernels reads it at every dispatch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: tiny models, and OpenMP spinning on a shared machine costs
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
