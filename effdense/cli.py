@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ablate": ("effdense.ablate", "grid over strategies x policy x depth x growth x batch x dtype; CSV and plots"),
     "max-depth": ("effdense.maxdepth", "deepest DenseNet-BC whose training step fits a memory budget"),
     "summary": ("effdense.summary", "parameters, FLOPs, dense connections and feature-map memory of a model"),
-    "train": ("effdense.train", "train a DenseNet (CIFAR-10 or synthetic data)"),
+    "train": ("effdense.train", "train a DenseNet: digits (bundled), CIFAR-10/100 or ImageFolder; AMP, DDP, resume"),
 }
 
 
