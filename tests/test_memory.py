@@ -1,0 +1,200 @@
+"""effdense.memory: the tracker on hand-computed cases, estimates equal to measurements, reference points."""
+
+import pytest
+import torch
+import torch.nn as nn
+
+import effdense
+from effdense.memory import (
+    MiB,
+    MemoryTracker,
+    estimate_step,
+    format_mib,
+    measure_step,
+    parse_bytes,
+    training_step,
+)
+
+F32 = 4  # bytes
+
+
+# ------------------------------------------------------------------------------------------------
+# The tracker, by hand
+
+
+def test_tracker_counts_allocations_frees_and_peak():
+    tracker = MemoryTracker()
+    with tracker:
+        a = torch.empty(1000)  # 4000 B
+        b = torch.empty(500)  # 2000 B -> peak 6000
+        del a  # freed: 2000
+        view = b.view(25, 20)  # a view: same storage, nothing new
+        b.add_(1)  # in place: nothing new
+        d = torch.empty(100, dtype=torch.float64)  # 800 B -> 2800
+    assert tracker.peak == 6000
+    assert tracker.current == 2800
+    assert tracker.num_allocations == 3
+    del b, view, d
+    assert tracker.current == 0  # frees are seen after the tracker has exited too
+
+
+def test_tracker_counts_tracked_tensors_once_and_ignores_untracked_views():
+    x = torch.empty(256)  # made before the tracker: 1024 B
+    y = torch.empty(100)  # never tracked
+    tracker = MemoryTracker()
+    assert tracker.track([x, x[10:], None]) == 256 * F32  # the slice shares x's storage
+    with tracker:
+        y_view = y[5:]  # a view of an untracked tensor is not a new allocation
+        y.mul_(2)
+        z = x + 1  # a new 1024 B
+    assert tracker.current == 2 * 256 * F32
+    assert tracker.peak == 2 * 256 * F32
+    assert not tracker.is_live(y_view) and tracker.is_live(z)
+
+
+def test_linear_training_step_exact_bytes():
+    # W (10x100) + b (10) + input (32x100) + dW + db + the loss and its gradient (one float each).
+    # The output (32x10) dies before backward starts: autograd keeps nothing of it for sum().
+    torch.manual_seed(0)
+    lin = nn.Linear(100, 10)
+    params = (10 * 100 + 10) * F32
+    x_bytes = 32 * 100 * F32
+    mem = measure_step(lin, (32, 100), loss="sum")
+    assert mem.params == params and mem.grads == params and mem.input == x_bytes and mem.buffers == 0
+    assert mem.peak == params + x_bytes + params + 2 * F32
+    assert mem.grads_at_peak == params
+    assert mem.activations == 2 * F32
+    assert mem.mode == "exact" and lin.weight.grad is None  # grads dropped after measuring
+    assert estimate_step(lin, (32, 100), loss="sum").peak == mem.peak
+    assert estimate_step(lin, (32, 100), loss="sum", backend="meta").peak == mem.peak
+
+
+def test_breakdown_adds_up():
+    mem = measure_step(effdense.get_model("densenet_bc_10", strategy="naive"), (2, 3, 32, 32))
+    assert mem.params + mem.buffers + mem.input + mem.grads_at_peak + mem.activations == mem.peak
+    assert 0 < mem.grads_at_peak <= mem.grads
+    d = mem.as_dict()
+    assert d["peak_mib"] == pytest.approx(mem.peak / MiB, abs=1e-3)
+
+
+# ------------------------------------------------------------------------------------------------
+# Estimates equal measurements
+
+
+@pytest.mark.parametrize("strategy", ["naive", "checkpoint"])
+def test_estimate_equals_measurement_bc100(strategy):
+    torch.manual_seed(0)
+    exact = measure_step(effdense.get_model("densenet_bc_100", strategy=strategy), (8, 3, 32, 32))
+    fake = estimate_step("densenet_bc_100", (8, 3, 32, 32), strategy=strategy)
+    assert fake.mode == "estimate" and exact.mode == "exact"
+    assert fake.peak == exact.peak
+    assert (fake.params, fake.grads, fake.buffers, fake.input) == (exact.params, exact.grads, exact.buffers, exact.input)
+
+
+@pytest.mark.parametrize("strategy", effdense.available_strategies())
+def test_estimate_equals_measurement_every_strategy(strategy):
+    torch.manual_seed(0)
+    exact = measure_step(effdense.get_model("densenet_bc_22", strategy=strategy), (4, 3, 32, 32))
+    fake = estimate_step("densenet_bc_22", (4, 3, 32, 32), strategy=strategy)
+    assert fake.peak == pytest.approx(exact.peak, rel=0.01)
+    auto = estimate_step("densenet_bc_22", (4, 3, 32, 32), strategy=strategy, backend="auto")  # meta where it can
+    assert auto.peak == pytest.approx(exact.peak, rel=0.01)
+
+
+def test_estimate_of_a_real_module_leaves_it_alone():
+    model = effdense.get_model("densenet_bc_10", strategy="naive")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    est = estimate_step(model, (2, 3, 32, 32))
+    assert est.peak == measure_step(effdense.get_model("densenet_bc_10", strategy="naive"), (2, 3, 32, 32)).peak
+    for k, v in model.state_dict().items():
+        assert type(v) is torch.Tensor and torch.equal(v, before[k])
+
+
+def test_checkpoint_peak_below_naive():
+    naive = estimate_step("densenet_bc_40", (16, 3, 32, 32), strategy="naive", backend="meta")
+    ckpt = estimate_step("densenet_bc_40", (16, 3, 32, 32), strategy="checkpoint", backend="meta")
+    assert ckpt.peak < naive.peak
+    assert ckpt.params == naive.params
+
+
+@pytest.mark.parametrize("strategy", effdense.available_strategies())
+def test_twenty_steps_leave_no_growth(strategy):
+    torch.manual_seed(0)
+    model = effdense.get_model("densenet_bc_10", strategy=strategy)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(2, 3, 32, 32)
+    tracker = MemoryTracker()
+    tracker.track(model)
+    tracker.track(x)
+    live = []
+    with tracker:
+        for _ in range(20):
+            opt.zero_grad(set_to_none=False)
+            training_step(model, x)
+            opt.step()
+            live.append(tracker.current)
+    # step 1 creates the grads and the momentum buffers; after that nothing may accumulate
+    assert live[1:] == [live[1]] * 19, live
+
+
+def test_cross_entropy_needs_2d_output():
+    with pytest.raises(ValueError, match="loss='sum'"):
+        measure_step(nn.Conv2d(3, 4, 3), (1, 3, 8, 8))
+
+
+# ------------------------------------------------------------------------------------------------
+# Units
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("12GiB", 12 * 2**30), ("12 GB", 12 * 10**9), ("800MiB", 800 * 2**20), ("1.5G", int(1.5 * 2**30)),
+     ("1024", 1024), ("64k", 64 * 1024)],
+)  # fmt: skip
+def test_parse_bytes(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("text", ["12XB", "", "GiB", "-1GiB", "0", "twelve"])
+def test_parse_bytes_rejects(text):
+    with pytest.raises(ValueError, match="memory size"):
+        parse_bytes(text)
+
+
+def test_format_mib():
+    assert format_mib(7979 * MiB + MiB // 2) == "7,979.5 MiB"
+
+
+# ------------------------------------------------------------------------------------------------
+# Reference points of DESIGN.md section 5 (fp32, forward+backward, params and grads included).
+# They were recorded without the input batch; the input is counted here, so it is taken off.
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "builder, shape, reference_mib",
+    [
+        (lambda: __import__("torchvision").models.densenet121(), (64, 3, 224, 224), 7979),
+        (lambda: __import__("torchvision").models.densenet121(memory_efficient=True), (64, 3, 224, 224), 3870),
+        (lambda: effdense.get_model("densenet_bc_100", strategy="naive"), (64, 3, 32, 32), 2138),
+        (lambda: effdense.get_model("densenet_bc_100", strategy="checkpoint"), (64, 3, 32, 32), 789),
+    ],
+    ids=["tv121-naive", "tv121-memory-efficient", "bc100-naive", "bc100-checkpoint"],
+)
+def test_reference_points(builder, shape, reference_mib):
+    pytest.importorskip("torchvision")
+    est = estimate_step(builder, shape, backend="meta")
+    assert (est.peak - est.input) / MiB == pytest.approx(reference_mib, rel=0.01)
+
+
+# ------------------------------------------------------------------------------------------------
+# CUDA
+
+
+@pytest.mark.cuda
+def test_cuda_peak_is_the_allocator_peak():
+    model = effdense.get_model("densenet_bc_40", strategy="naive").cuda()
+    mem = measure_step(model, (16, 3, 32, 32))
+    assert mem.mode == "cuda"
+    # the allocator rounds every block up to 512 B and sees cuDNN workspaces: a little above the tracker
+    assert mem.tracked_peak <= mem.peak <= 1.25 * mem.tracked_peak + 64 * MiB
