@@ -1,0 +1,134 @@
+"""The ``effdense`` command: each subcommand on tiny settings, and bad arguments (one line, exit code 2)."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+import effdense
+from effdense import cli
+
+
+def run(capsys, *argv):
+    """Run ``effdense argv`` in-process; returns (exit code, stdout, stderr)."""
+    try:
+        code = cli.main(list(argv))
+    except SystemExit as exc:  # argparse errors
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_bench_tiny(capsys, tmp_path):
+    code, out, err = run(capsys, "bench", "--model", "densenet_bc_10", "--batch-size", "2", "--steps", "2",
+                         "--strategies", "naive,checkpoint", "--device", "cpu", "--out", str(tmp_path))  # fmt: skip
+    assert code == 0, err
+    (json_path,) = tmp_path.glob("bench_densenet_bc_10_b2_32px_fp32_cpu.json")
+    payload = json.loads(json_path.read_text())
+    rows = {r["row"]: r for r in payload["rows"]}
+    assert set(rows) == {"effdense naive", "effdense checkpoint", "torchvision", "torchvision memory_efficient"}
+    assert all(r["status"] == "ok" and r["timed_steps"] == 2 for r in rows.values())
+    assert rows["effdense naive"]["mem_ratio"] == 1.0
+    # torchvision computes the same function with the same weights: the same memory as ours
+    assert rows["torchvision"]["peak_bytes"] == rows["effdense naive"]["peak_bytes"]
+    assert payload["meta"]["git_commit"] and payload["meta"]["torch"]
+    assert "[1/4] effdense naive" in err and "peak MiB" in out
+    with open(json_path.with_suffix(".csv")) as f:
+        assert len(list(csv.DictReader(f))) == 4
+
+
+def test_bench_reports_unavailable_strategy_as_skipped(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(effdense.strategies, "available", lambda: ("naive",))
+    code, _, err = run(capsys, "bench", "--model", "densenet_bc_10", "--batch-size", "2", "--no-timing",
+                       "--no-reference", "--strategies", "naive,fused", "--memory", "estimate", "--out", str(tmp_path))  # fmt: skip
+    assert code == 0, err
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    assert [r["status"] for r in rows] == ["ok", "skipped"]
+
+
+def test_ablate_tiny_and_resume(capsys, tmp_path):
+    argv = ["ablate", "--strategies", "naive,checkpoint", "--depths", "10,16", "--batch-sizes", "2,4",
+            "--estimate", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+    code, out, err = run(capsys, *argv)
+    assert code == 0, err
+    with open(tmp_path / "ablate.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
+    assert {p.name for p in tmp_path.glob("*.png")} == {"ablate_depth.png", "ablate_batch.png"}
+    code, out, err = run(capsys, *argv)  # resumed: nothing left to run
+    assert code == 0 and "8 already in" in err and "0 to run" in err
+    with open(tmp_path / "ablate.csv") as f:
+        assert len(list(csv.DictReader(f))) == 8
+
+
+def test_ablate_timed_writes_time_plot(capsys, tmp_path):
+    code, _, err = run(capsys, "ablate", "--strategies", "naive,checkpoint", "--depths", "10", "--batch-sizes", "2",
+                       "--time", "--steps", "1", "--warmup", "0", "--device", "cpu", "--no-progress", "--out", str(tmp_path))  # fmt: skip
+    assert code == 0, err
+    assert (tmp_path / "ablate_time.png").exists()
+
+
+def test_max_depth_tiny(capsys, tmp_path):
+    code, out, err = run(capsys, "max-depth", "--budget", "64MiB", "--batch-size", "4", "--strategies", "naive,checkpoint",
+                         "--depth-limit", "200", "--device", "cpu", "--out", str(tmp_path))  # fmt: skip
+    assert code == 0, err
+    rows = json.loads(next(tmp_path.glob("max_depth_64MiB_*.json")).read_text())["rows"]
+    by = {r["strategy"]: r for r in rows}
+    for r in by.values():
+        assert r["status"] == "ok" and r["peak_mib"] <= 64 and (r["next_peak_mib"] is None or r["next_peak_mib"] > 64)
+        assert (r["max_depth"] - 4) % 6 == 0
+    assert by["checkpoint"]["max_depth"] >= by["naive"]["max_depth"]
+
+
+def test_summary_tiny(capsys, tmp_path):
+    code, out, err = run(capsys, "summary", "densenet_bc_16", "--strategies", "naive", "--batch-size", "2",
+                         "--out", str(tmp_path))  # fmt: skip
+    assert code == 0, err
+    payload = json.loads((tmp_path / "summary_densenet_bc_16.json").read_text())
+    assert payload["blocks"] == [2, 2, 2] and payload["dense_connections_per_block"] == [3, 3, 3]
+    model, resnet = payload["models"]
+    assert model["params"] == sum(p.numel() for p in effdense.get_model("densenet_bc_16").parameters())
+    assert model["macs"] > 0 and resnet["model"] == "torchvision resnet18"
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["bench", "--model", "resnet50"], "unknown model"),
+        (["bench", "--model", "densenet_bc_101"], "not a valid"),
+        (["bench", "--strategies", "fast"], "unknown strategy"),
+        (["max-depth", "--budget", "12XB"], "cannot parse memory size"),
+        (["ablate", "--depths", ","], "empty list"),
+        (["ablate", "--depths", "41"], "not a valid"),
+        (["ablate", "--vary", "speed"], "unknown Policy field"),
+        (["summary", "densenet_bc_16", "--image-size", "2"], "too small"),
+        (["bench", "--batch-size", "0"], "positive integer"),
+        (["nonsense"], "invalid choice"),
+    ],
+)
+def test_bad_arguments_one_line_exit_2(capsys, argv, fragment):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and fragment in err, err
+    assert err.startswith("effdense")
+
+
+def test_ablate_with_no_available_strategy_is_a_usage_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(effdense.strategies, "available", lambda: ("naive",))
+    code, _, err = run(capsys, "ablate", "--strategies", "fused", "--depths", "10", "--estimate", "--out", str(tmp_path))
+    assert code == 2 and err.count("\n") == 1 and "no strategy of the grid is available" in err
+
+
+def test_console_entry_point_runs():
+    result = subprocess.run([sys.executable, "-m", "effdense.cli", "max-depth", "--budget", "12XB"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "12XB" in result.stderr
+
+
+def test_subcommands_come_from_one_table():
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert {"bench", "ablate", "max-depth", "summary"} <= set(sub.choices) <= set(cli.COMMANDS)
