@@ -543,7 +543,8 @@ def estimate_step(
         copy_module = functools.partial(_fake_copy, fake_mode=context)
     if isinstance(model, nn.Module):
         module = copy_module(model)  # outside the context: the real tensors are read, not faked
-    with context, _gc_paused():
+    # the model is built on ``device`` from the start: moving fake parameters afterwards is not possible
+    with context, torch.device(device), _gc_paused():
         if isinstance(model, str):
             from effdense.densenet import get_model
 
