@@ -62,6 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategies", type=strategy_list, default=None, help="'all' (default) or a comma list")
     parser.add_argument("--depth-limit", type=positive_int, default=10_000,
                         help="search no deeper than this (default 10000)")
+    parser.add_argument("--estimate-limit", type=positive_int, default=None,
+                        help="estimate no model deeper than this; beyond it, use a quadratic fit through the three "
+                        "deepest estimates (result marked 'extrapolated'); for strategies whose deep estimates are slow")
     parser.add_argument("--backend", choices=("auto", "meta", "fake"), default="auto",
                         help="estimate backend: meta (fastest), fake (FakeTensorMode) or auto (meta, else fake)")
     parser.add_argument("--device", type=device_name, default="auto",
@@ -167,16 +170,30 @@ def main(args: argparse.Namespace) -> int:
             continue
         start = time.perf_counter()
 
+        exact: dict[int, int] = {}
+
         def peak_of(n: int, s: str = s) -> int:
+            if n in exact:
+                return exact[n]
+            if args.estimate_limit and depth_of(n) > args.estimate_limit and len(exact) >= 3:
+                deepest = sorted(exact)[-3:]
+                coeffs = np.polyfit(np.array(deepest, float), np.array([exact[m] for m in deepest], float), 2)
+                return int(np.poly1d(coeffs)(n))
             t = time.perf_counter()
             est = estimate_step(
                 f"densenet_bc_{depth_of(n)}", shape, strategy=s, growth_rate=args.growth_rate,
                 autocast_dtype=autocast, backend=args.backend, device=estimate_device,
             )  # fmt: skip
             progress(f"  {s}: depth {depth_of(n)}: {format_bytes(est.peak)} ({time.perf_counter() - t:.1f} s)")
+            exact[n] = est.peak
             return est.peak
 
         try:
+            if args.estimate_limit:  # anchor the fit at the deepest affordable models, not at tiny ones
+                n_lim = min(n_max, (args.estimate_limit - 4) // 6)
+                for m in sorted({max(1, n_lim // 2), max(1, 3 * n_lim // 4), n_lim}):
+                    if peak_of(m) > args.budget:
+                        break
             n, evals = search(peak_of, args.budget, n_max)
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -196,6 +213,11 @@ def main(args: argparse.Namespace) -> int:
         )
         if n == n_max:
             row["note"] = f"reached --depth-limit {args.depth_limit}"
+        if n and (n not in exact or (n + 1 <= n_max and n + 1 not in exact)):
+            row["status"] = "extrapolated"
+            row["note"] = (f"fit through estimates at depths {[depth_of(m) for m in sorted(exact)[-3:]]}; "
+                           f"deeper models not estimated (--estimate-limit {args.estimate_limit})")
+        row["estimates"] = len(exact)
         if n and device.type == "cuda" and not args.no_verify:
             row.update(_verify(s, depth_of(n), args, device, shape, autocast))
         results.append(row)
