@@ -283,7 +283,8 @@ def plot(csv_path: Path, out_dir: Path) -> list[Path]:
     written: list[Path] = []
     mode = _common(rows, "memory_mode")
     rows = [r for r in rows if r["memory_mode"] == mode]
-    k, batch, dtype, size = (_common(rows, c) for c in ("growth_rate", "batch_size", "dtype", "image_size"))
+    k, dtype, size = (_common(rows, c) for c in ("growth_rate", "dtype", "image_size"))
+    batch = str(max(int(r["batch_size"]) for r in rows if r["growth_rate"] == k and r["dtype"] == dtype))
     device = _common(rows, "device_type")
     what = "estimated" if mode == "estimate" else f"measured, {device}"
 
