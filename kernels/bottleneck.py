@@ -3,9 +3,10 @@
 All kernels see an activation as a ``(N, C, P)`` array with ``P = H*W`` contiguous and arbitrary batch and
 channel strides (a channel slice of the block's feature buffer). The ``N*P`` pixels are the GEMMs' ``M``
 dimension, cut into tiles along one sample's ``P`` pixels: the sample index is a scalar per tile, so the
-compiler sees contiguous pixel offsets and vectorises and pipelines the loads (a tile that straddled two
-samples, ``(m // P, m % P)`` per element, measured ~2x slower on an H100). The price is a padded last tile
-per sample at small spatial sizes. Accumulators and statistics are fp32; GEMM operands are in the activation dtype.
+compiler sees contiguous pixel offsets and vectorises and pipelines the loads. Against tiles that straddled
+samples (``(m // P, m % P)`` per element), CUDA-graph timings on an H100 (bf16, N=64, B=128) went, as a
+fraction of cuBLAS: forward 14x14 0.34 -> 0.68, 7x7 0.62 -> 0.95, 56x56 0.66 -> 0.61 (noise level);
+weight backward 0.10-0.72 -> 0.25-0.90. The price is a padded last tile per sample at small spatial sizes. Accumulators and statistics are fp32; GEMM operands are in the activation dtype.
 
 The hosts below only launch: argument checks, allocation and backend dispatch live in :mod:`.ops`.
 On a GPU each GEMM kernel is autotuned (configs pruned to the device's shared memory, keyed on the
