@@ -108,8 +108,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--quiet", action="store_true", help="no output except errors")
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The standalone parser of ``python -m effdense.train`` (the ``effdense`` CLI builds its own)."""
+    parser = _OneLineErrors(
         prog="effdense train", description="Train a memory-efficient DenseNet (default: DenseNet-BC on digits)."
     )
     add_arguments(parser)
