@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import torch
 
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# dtypes the Triton kernels take; the PyTorch twins also take float64 (gradcheck, numerics studies)
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+FLOAT_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+
+def stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of per-channel statistics and reductions for activations of ``dtype``: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def check_activation(name: str, t: torch.Tensor, *, like: torch.Tensor | None = None, channels: int | None = None) -> None:
@@ -19,7 +26,7 @@ def check_activation(name: str, t: torch.Tensor, *, like: torch.Tensor | None = 
     if t.dim() != 4:
         raise ValueError(f"{name}: expected a 4-D tensor (N, C, H, W), got shape {tuple(t.shape)}")
     if t.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected dtype float32, bfloat16 or float16, got {t.dtype}")
+        raise TypeError(f"{name}: expected dtype float32, bfloat16, float16 or float64, got {t.dtype}")
     N, C, H, W = t.shape
     if (W > 1 and t.stride(3) != 1) or (H > 1 and t.stride(2) != W):
         raise ValueError(
@@ -39,14 +46,18 @@ def check_activation(name: str, t: torch.Tensor, *, like: torch.Tensor | None = 
         raise ValueError(f"{name}: expected {channels} channels, got shape {tuple(t.shape)}")
 
 
-def check_vector(name: str, v: torch.Tensor, length: int, device: torch.device) -> None:
-    """``v`` is a float32 1-D tensor of ``length`` elements on ``device``."""
+def check_vector(
+    name: str, v: torch.Tensor, length: int, device: torch.device, dtype: torch.dtype = torch.float32
+) -> None:
+    """``v`` is a 1-D tensor of ``length`` elements on ``device`` in ``dtype`` (:func:`stats_dtype` of the activations)."""
     if not isinstance(v, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(v).__name__}")
     if v.dim() != 1 or v.shape[0] != length:
         raise ValueError(f"{name}: expected a 1-D tensor of shape ({length},), got shape {tuple(v.shape)}")
-    if v.dtype != torch.float32:
-        raise TypeError(f"{name}: expected dtype torch.float32 (per-channel statistics are fp32), got {v.dtype}")
+    if v.dtype != dtype:
+        raise TypeError(
+            f"{name}: expected dtype {dtype} (per-channel statistics are fp32, fp64 for fp64 activations), got {v.dtype}"
+        )
     if v.device != device:
         raise ValueError(f"{name}: expected device {device}, got {v.device}")
 

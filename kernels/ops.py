@@ -49,8 +49,14 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
     if backend == "reference":
         return False
     if backend == "auto":
-        return kernels_available(x.device)
+        # float64 (gradcheck, numerics studies) always runs on the PyTorch twins
+        return x.dtype in _checks.KERNEL_DTYPES and kernels_available(x.device)
     if backend == "triton":
+        if isinstance(x, torch.Tensor) and x.dtype not in _checks.KERNEL_DTYPES:
+            raise TypeError(
+                f"backend='triton': the kernels take float32, bfloat16 or float16, got {x.dtype}; "
+                "use backend='reference' (or 'auto') for float64"
+            )
         if not kernels_available(x.device):
             why = f"triton failed to import ({_TRITON_ERROR})" if _TRITON_ERROR is not None else (
                 f"the tensor is on {x.device}; use a CUDA tensor or set TRITON_INTERPRET=1 before importing effdense"

@@ -30,14 +30,15 @@ def _relu_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> t
 
 def _check_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> None:
     _checks.check_activation("x", x)
-    _checks.check_vector("scale", scale, x.shape[1], x.device)
-    _checks.check_vector("shift", shift, x.shape[1], x.device)
+    acc = _checks.stats_dtype(x.dtype)
+    _checks.check_vector("scale", scale, x.shape[1], x.device, acc)
+    _checks.check_vector("shift", shift, x.shape[1], x.device, acc)
 
 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel batch mean and biased variance of ``x`` over (N, H, W), fp32 ``[C]`` each."""
+    """Per-channel batch mean and biased variance of ``x`` over (N, H, W), fp32 ``[C]`` each (fp64 for fp64 ``x``)."""
     _checks.check_activation("x", x)
-    if x.dtype == torch.float32:
+    if x.dtype in (torch.float32, torch.float64):
         var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)  # Welford in ATen: safe for large means
         return mean, var
     N, C, H, W = x.shape
@@ -64,7 +65,8 @@ def bottleneck_forward(
         h = h.to(x.dtype)
     y = torch.matmul(weight, h.view(N, C, H * W))  # (N, B, P), fp32 accumulation inside the GEMM
     del h
-    yf = y if y.dtype == torch.float32 else y.float()
+    acc = _checks.stats_dtype(x.dtype)
+    yf = y if y.dtype == acc else y.to(acc)
     y_sum = yf.sum(dim=(0, 2))
     y_sqsum = yf.square().sum(dim=(0, 2))
     return y.view(N, B, H, W), y_sum, y_sqsum
@@ -79,11 +81,12 @@ def bottleneck_backward_weight(
     N, C, H, W = x.shape
     B = dy.shape[1]
     # h laid out (C, N, P) so that the N*P reduction is one GEMM with no further copy
-    h = torch.empty((C, N, H, W), dtype=torch.float32, device=x.device)
+    acc = _checks.stats_dtype(x.dtype)
+    h = torch.empty((C, N, H, W), dtype=acc, device=x.device)
     torch.addcmul(shift.view(-1, 1, 1, 1), x.transpose(0, 1), scale.view(-1, 1, 1, 1), out=h).relu_()
-    if x.dtype != torch.float32:
+    if x.dtype != acc:
         h = h.to(x.dtype).float()  # the kernel's GEMM sees h in x.dtype; products of those are exact in fp32
-    dy_t = dy.transpose(0, 1).to(torch.float32).reshape(B, -1)  # one copy, whatever the dtype
+    dy_t = dy.transpose(0, 1).to(acc).reshape(B, -1)  # one copy, whatever the dtype
     return torch.mm(dy_t, h.view(C, -1).t())
 
 
@@ -102,7 +105,8 @@ def bottleneck_backward_input(
     N, C, H, W = x.shape
     B = weight.shape[0]
     _checks.check_dy(dy, x, B)
-    _checks.check_vector("mean", mean, C, x.device)
+    acc = _checks.stats_dtype(x.dtype)
+    _checks.check_vector("mean", mean, C, x.device, acc)
     if out is None:
         out = torch.empty((N, C, H, W), dtype=x.dtype, device=x.device)
     else:
@@ -111,7 +115,7 @@ def bottleneck_backward_input(
     positive = torch.addcmul(_col(shift), x, _col(scale)) > 0
     torch.where(positive, g, g.new_zeros(()), out=out)
     del g, positive
-    dh = out if out.dtype == torch.float32 else out.float()
+    dh = out if out.dtype == acc else out.to(acc)
     sum_dh = dh.sum(dim=(0, 2, 3))
     xmu = torch.sub(x, _col(mean))  # fp32 by promotion
     sum_dh_xmu = xmu.mul_(dh).sum(dim=(0, 2, 3))
@@ -134,7 +138,7 @@ def bn_backward_accumulate(
     _checks.check_activation("grad", grad, like=x, channels=C)
     _checks.check_activation("dh", dh, like=x, channels=C)
     for name, v in (("mean", mean), ("invstd", invstd), ("gamma", gamma), ("sum_dh", sum_dh), ("sum_dh_xmu", sum_dh_xmu)):
-        _checks.check_vector(name, v, C, x.device)
+        _checks.check_vector(name, v, C, x.device, _checks.stats_dtype(x.dtype))
     M = x.shape[0] * x.shape[2] * x.shape[3]
     t = torch.sub(x, _col(mean))  # fp32 by promotion
     t.mul_(_col(invstd * invstd * sum_dh_xmu / M)).neg_().add_(dh).sub_(_col(sum_dh / M))

@@ -155,22 +155,7 @@ def test_ddp_matches_single_process_ghost_batches(ddp_runs, strategy):
         _close(_load(ddp_runs, "ghost", strategy, rank)["params"], expected, f"rank {rank}")
 
 
-# Seen on 2026-11-22 (shared.py at 4db52fa): under sync_bn the shared Function returns the BN weight/bias
-# gradients of the all-reduced sums (sum over ranks), and DDP then averages them again, so every norm1/norm2/
-# transition-norm affine gradient comes out world_size times too large (exactly 2.000x here). nn.SyncBatchNorm
-# returns the local sums and lets DDP reduce them. Fix: take dgamma/dbeta before `_all_reduce_` in
-# `_bn_backward_into` and the BN2 backward of `_layer_backward`.
-_SHARED_SYNC_BN_GRADS = pytest.mark.xfail(
-    reason="shared/fused sync_bn: BN affine gradients all-reduced and then averaged by DDP (world_size x too "
-    "large); see the comment above", strict=False)
-
-
-def _sync_params():
-    return [pytest.param(*p.values, marks=[*p.marks, _SHARED_SYNC_BN_GRADS]) if p.values[0] in ("shared", "fused")
-            else p for p in _strategy_params(effdense.STRATEGIES)]
-
-
-@pytest.mark.parametrize("strategy", _sync_params())
+@pytest.mark.parametrize("strategy", _strategy_params(effdense.STRATEGIES))
 def test_ddp_sync_bn_matches_single_process_global_batch(ddp_runs, strategy, tmp_path):
     single = T.train(T.parse_args(_train_argv(strategy, str(tmp_path), 8 * WORLD, sync=False)))
     expected = single["model"].state_dict()

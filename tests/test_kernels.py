@@ -313,6 +313,21 @@ def test_backend_dispatch():
             K.channel_stats(x, backend="triton")
 
 
+def test_float64_runs_on_the_twins_with_fp64_statistics():
+    """float64 (gradcheck, numerics studies): backend='auto' takes the twins, statistics come back in fp64."""
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    mean, var = K.channel_stats(x)
+    assert mean.dtype == var.dtype == torch.float64
+    torch.testing.assert_close(mean, x.mean(dim=(0, 2, 3)))
+    torch.testing.assert_close(var, x.var(dim=(0, 2, 3), correction=0))
+    s, t = torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(8, dtype=torch.float64)
+    w = torch.randn(4, 8, dtype=torch.float64)
+    y, y_sum, _ = K.bottleneck_forward(x, s, t, w)
+    h = torch.relu(x * s.view(1, -1, 1, 1) + t.view(1, -1, 1, 1))
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(h, w.view(4, 8, 1, 1)))
+    assert y_sum.dtype == torch.float64
+
+
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_argument_errors(backend):
     _need_triton("cpu") if backend == "triton" else None
@@ -331,8 +346,13 @@ def test_argument_errors(backend):
         K.bottleneck_forward(x, s, s, w.bfloat16(), backend=backend)
     with pytest.raises(ValueError, match=r"weight: expected shape \(B, 8\)"):
         K.bottleneck_forward(x, s, s, w[:, :5], backend=backend)
-    with pytest.raises(TypeError, match="expected dtype float32, bfloat16 or float16"):
-        K.channel_stats(x.double(), backend=backend)
+    with pytest.raises(TypeError, match="expected dtype float32, bfloat16, float16 or float64, got torch.int64"):
+        K.channel_stats(x.long(), backend="reference")
+    if backend == "triton":
+        with pytest.raises(TypeError, match="backend='triton': the kernels take float32, bfloat16 or float16"):
+            K.channel_stats(x.double(), backend=backend)
+    with pytest.raises(TypeError, match="scale: expected dtype torch.float64"):
+        K.bottleneck_forward(x.double(), s, s, w.double(), backend="reference")
     with pytest.raises(ValueError, match="dy: expected 4 channels"):
         K.bottleneck_backward_input(x, s, s, w, torch.randn(2, 5, 5, 5), s, backend=backend)
     with pytest.raises(ValueError, match=r"out: expected N, H, W"):

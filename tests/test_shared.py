@@ -229,6 +229,22 @@ def test_second_backward_and_double_backward_raise() -> None:
         gx.sum().backward()
 
 
+def test_retain_graph_backpropagates_again_or_says_why() -> None:
+    """retain_graph=True: a second backward gives the same gradients; with kept bottleneck outputs
+    (freed by the first backward) it raises an error naming the policy instead of a wrong gradient."""
+    model = effdense.densenet_cifar(16, 4, strategy="shared")
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    loss = model(x).square().sum()
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
+    model.set_strategy("shared", effdense.Policy(recompute_bottleneck=False))
+    loss = model(x).square().sum()
+    torch.autograd.grad(loss, x, retain_graph=True)
+    with pytest.raises(RuntimeError, match="recompute_bottleneck=False"):
+        torch.autograd.grad(loss, x)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
 def test_autocast_low_precision(dtype) -> None:
     torch.manual_seed(0)

@@ -372,10 +372,11 @@ def _bn_backward_into(
     """BN backward of ``dh`` (grad of the BN output, ReLU mask applied) added into ``grad``.
     Returns (dgamma, dbeta). With batch statistics:
     ``dx = gamma*invstd*(dh - Σdh/M - (x-mean)*invstd²*Σdh(x-mean)/M)``; with running ones ``gamma*invstd*dh``."""
-    if stage.sync and batch_stats:
-        _all_reduce_([sum_dh, sum_dh_xmu], stage.sync_group)
+    # affine gradients from the local sums, as nn.SyncBatchNorm: DDP averages them across ranks
     dgamma = sum_dh_xmu * invstd
     dbeta = sum_dh.clone()
+    if stage.sync and batch_stats:
+        _all_reduce_([sum_dh, sum_dh_xmu], stage.sync_group)
     if batch_stats:
         # the op divides by the local N*H*W; scale the sums so that the global count is used under sync
         local = x.shape[0] * x.shape[2] * x.shape[3]
@@ -424,9 +425,9 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
         xmu2 = y1f - _bcast(mean2)
         sum_dz = dzm.sum(dim=(0, 2, 3))
         sum_dz_xmu = (dzm * xmu2).sum(dim=(0, 2, 3))
+        dgamma2, dbeta2 = sum_dz_xmu * invstd2, sum_dz.clone()  # local sums (DDP averages them)
         if stage.sync and batch2:
             _all_reduce_([sum_dz, sum_dz_xmu], stage.sync_group)
-        dgamma2, dbeta2 = sum_dz_xmu * invstd2, sum_dz.clone()
         coef = bn2.weight.to(invstd2.dtype) * invstd2
         if batch2:
             dy1 = _bcast(coef) * (dzm - _bcast(sum_dz / count2) - xmu2 * _bcast(invstd2 * invstd2 * sum_dz_xmu / count2))
@@ -466,7 +467,9 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
 def _sync_count(stage: _Stage, local: int) -> int:
     import torch.distributed as dist
 
-    t = torch.tensor([float(local)])
+    # NCCL reduces CUDA tensors only; gloo takes CPU ones
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(stage.sync_group) == "nccl" else "cpu"
+    t = torch.tensor([float(local)], device=device)
     dist.all_reduce(t, group=stage.sync_group)
     return int(round(float(t)))
 
@@ -508,9 +511,15 @@ class _DenseStageFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        (Fbuf,) = ctx.saved_tensors
+        (Fbuf,) = ctx.saved_tensors  # PyTorch's own error on a second backward without retain_graph
         stage: _Stage = ctx.stage
         state: _StageState = ctx.state
+        if state.y1 is None:
+            raise RuntimeError(
+                "effdense shared/fused: a second backward through a dense block with "
+                "Policy(recompute_bottleneck=False) is not supported: the kept bottleneck outputs are freed by "
+                "the first backward (retain_graph=True does not keep them); use recompute_bottleneck=True"
+            )
         block, k = stage.block, stage.block.growth_rate
         C0 = block.num_input_features
         with torch.autocast(Fbuf.device.type, enabled=False):
@@ -532,7 +541,10 @@ class _DenseStageFunction(torch.autograd.Function):
             x_dtype, _ = ctx.x_meta
             dx = G[:, :C0].to(x_dtype, copy=True)
         del G
-        ctx.state = None
+        # the kept bottleneck outputs are the only large state: free them now. The rest (per-channel
+        # statistics, RNG states) stays with the graph, so retain_graph=True (gradcheck) backpropagates again.
+        if not stage.policy.recompute_bottleneck:
+            state.y1 = None
         return (None, dx, *grads)
 
 

@@ -1,0 +1,54 @@
+"""The `shared` issue's memory targets, asserted with the exact tracker (DESIGN.md §5).
+
+Training-step peak, fp32, parameters and gradients included, ratios within one process. The tracker is
+exact and deterministic on CPU, and its FakeTensor/meta estimate equals the exact measurement (checked for
+every strategy in tests/test_memory.py, with the twenty-step no-growth test), so the large configurations
+are estimated rather than allocated.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from effdense.memory import estimate_step
+
+
+def peak(name: str, shape, strategy: str, **kwargs) -> int:
+    return estimate_step(name, shape, strategy=strategy, backend="auto", **kwargs).peak
+
+
+def test_densenet_bc_100_shared_is_a_tenth_of_naive() -> None:
+    shape = (64, 3, 32, 32)
+    naive = peak("densenet_bc_100", shape, "naive")
+    shared = peak("densenet_bc_100", shape, "shared")
+    assert shared <= 0.10 * naive, f"shared {shared / 2**20:.1f} MiB vs naive {naive / 2**20:.1f} MiB"
+    checkpoint = peak("densenet_bc_100", shape, "checkpoint")
+    assert shared < checkpoint < naive
+
+
+@pytest.mark.slow
+def test_densenet_121_shared_is_under_fifteen_percent_of_naive() -> None:
+    shape = (64, 3, 224, 224)
+    naive = peak("densenet121", shape, "naive")
+    shared = peak("densenet121", shape, "shared")
+    assert shared <= 0.15 * naive, f"shared {shared / 2**20:.1f} MiB vs naive {naive / 2**20:.1f} MiB"
+
+
+def test_shared_peak_grows_linearly_with_depth() -> None:
+    shape = (64, 3, 32, 32)
+    bc100 = peak("densenet_bc_100", shape, "shared")
+    bc400 = peak("densenet_bc_400", shape, "shared")
+    assert bc400 <= 4.5 * bc100, f"BC-100 {bc100 / 2**20:.1f} MiB -> BC-400 {bc400 / 2**20:.1f} MiB"
+
+
+def test_fused_never_above_shared() -> None:
+    """fused's peak on its kernel path (the Triton ops; on CPU the interpreter, see conftest) is at most shared's."""
+    from effdense.strategies import fused as fused_strategy
+
+    assert fused_strategy.kernels_available(torch.device("cpu")) or torch.cuda.is_available()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name, shape in (("densenet_bc_100", (16, 3, 32, 32)), ("densenet_40", (16, 3, 32, 32))):
+        shared = estimate_step(name, shape, strategy="shared", backend="fake", device=device).peak
+        fused = estimate_step(name, shape, strategy="fused", backend="fake", device=device).peak
+        assert fused <= shared, f"{name}: fused {fused} > shared {shared}"
