@@ -508,8 +508,8 @@ def estimate_step(
       ``device`` (``"cuda"`` works on a machine without a GPU), so strategies take that device's path.
     - ``"meta"``: tensors on the ``meta`` device, tracked the same way. Five to ten times faster (meta
       kernels run in C++, no tensor subclass), which the depth search of ``effdense max-depth`` needs;
-      strategies see a non-CUDA device and take their CPU path. Code that queries the device (autocast
-      state, say) may refuse the meta device.
+      strategies see a non-CUDA device and take their CPU path (every effdense strategy runs on meta;
+      other code that queries the device, or reads a value with ``.item()``, may refuse it).
     - ``"auto"``: ``"meta"`` for CPU, falling back to ``"fake"`` where the model cannot run on meta.
 
     Args:

@@ -19,6 +19,7 @@ The bottleneck math goes through an ``ops`` namespace with the signatures of :mo
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from types import ModuleType
@@ -522,7 +523,7 @@ class _DenseStageFunction(torch.autograd.Function):
             )
         block, k = stage.block, stage.block.growth_rate
         C0 = block.num_input_features
-        with torch.autocast(Fbuf.device.type, enabled=False):
+        with _autocast_off(Fbuf.device.type):
             grads: list[torch.Tensor] = []
             if ctx.has_transition:
                 G = torch.zeros_like(Fbuf)
@@ -548,9 +549,18 @@ class _DenseStageFunction(torch.autograd.Function):
         return (None, dx, *grads)
 
 
+def _has_autocast(device_type: str) -> bool:
+    """Whether autocast exists for the device type (not for ``meta``, which memory estimates use)."""
+    return torch.amp.is_autocast_available(device_type)
+
+
+def _autocast_off(device_type: str) -> Any:
+    return torch.autocast(device_type, enabled=False) if _has_autocast(device_type) else contextlib.nullcontext()
+
+
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
+    if _has_autocast(dev) and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return x.dtype
 
@@ -582,9 +592,9 @@ def run_stage(block, transition, x: torch.Tensor, ops: ModuleType, **stage_optio
     stage = _make_stage(block, transition, ops, x, **stage_options)
     params = stage.params()
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-        with torch.autocast(x.device.type, enabled=False):
+        with _autocast_off(x.device.type):
             return _DenseStageFunction.apply(stage, x, *params)
-    with torch.no_grad(), torch.autocast(x.device.type, enabled=False):
+    with torch.no_grad(), _autocast_off(x.device.type):
         Fbuf, out, _ = _stage_forward(stage, x, keep=False)
     return Fbuf if out is None else out
 
