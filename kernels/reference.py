@@ -82,12 +82,17 @@ def bottleneck_backward_weight(
     B = dy.shape[1]
     # h laid out (C, N, P) so that the N*P reduction is one GEMM with no further copy
     acc = _checks.stats_dtype(x.dtype)
-    h = torch.empty((C, N, H, W), dtype=acc, device=x.device)
-    torch.addcmul(shift.view(-1, 1, 1, 1), x.transpose(0, 1), scale.view(-1, 1, 1, 1), out=h).relu_()
+    if torch.compiler.is_compiling():
+        # torch.compile's functionalization gives an out= result the layout of its inputs (here x's
+        # transposed one) while believing it has out's: let the compiler lay h out and copy if it must
+        h = torch.addcmul(shift.view(-1, 1, 1, 1), x.transpose(0, 1), scale.view(-1, 1, 1, 1)).relu_()
+    else:
+        h = torch.empty((C, N, H, W), dtype=acc, device=x.device)
+        torch.addcmul(shift.view(-1, 1, 1, 1), x.transpose(0, 1), scale.view(-1, 1, 1, 1), out=h).relu_()
     if x.dtype != acc:
         h = h.to(x.dtype).float()  # the kernel's GEMM sees h in x.dtype; products of those are exact in fp32
     dy_t = dy.transpose(0, 1).to(acc).reshape(B, -1)  # one copy, whatever the dtype
-    return torch.mm(dy_t, h.view(C, -1).t())
+    return torch.mm(dy_t, h.reshape(C, -1).t())  # a view in eager (h is contiguous)
 
 
 def bottleneck_backward_input(

@@ -12,7 +12,6 @@ knows which strategies exist and how ``"auto"`` resolves.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from types import ModuleType
 from typing import TYPE_CHECKING, Callable
 
@@ -51,9 +50,7 @@ class Policy:
     shared_grad: bool = True
 
 
-@functools.lru_cache(maxsize=None)
-def _runners() -> dict[str, ModuleType]:
-    """Strategy name -> its module, for the strategies this installation has."""
+def _load_runners() -> dict[str, ModuleType]:
     import importlib
 
     runners: dict[str, ModuleType] = {}
@@ -64,6 +61,13 @@ def _runners() -> dict[str, ModuleType]:
             if exc.name != f"effdense.strategies.{name}":
                 raise
     return runners
+
+
+def _runners() -> dict[str, ModuleType]:
+    """Strategy name -> its module, for the strategies this installation has. A plain dict filled when
+    this package is imported (bottom of the file), so ``torch.compile`` traces the dispatch as constants
+    (it cannot trace ``importlib`` or into an ``lru_cache``)."""
+    return _RUNNERS
 
 
 def available() -> tuple[str, ...]:
@@ -117,3 +121,7 @@ def run_features(name: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Te
     if hasattr(module, "run_features"):
         return module.run_features(model, x)
     return model.features(x)
+
+
+# after everything above exists: the strategy modules import this package
+_RUNNERS: dict[str, ModuleType] = _load_runners()

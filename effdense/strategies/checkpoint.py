@@ -39,7 +39,13 @@ def frozen_running_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
 
 def recompute_once(fn: Callable[..., torch.Tensor], modules: Sequence[nn.Module]) -> Callable[..., torch.Tensor]:
     """``fn`` for :func:`checkpoint`: the first call (the forward pass) updates BatchNorm running
-    statistics as usual, every recomputation leaves them as they were."""
+    statistics as usual, every recomputation leaves them as they were.
+
+    Under ``torch.compile`` ``fn`` itself: the compiler traces it once, with its buffer updates, and
+    recomputes (in backward) only the functional part, so the statistics are updated once anyway; the
+    call counter would be a side effect that dynamo refuses inside the checkpoint."""
+    if torch.compiler.is_compiling():
+        return fn
     calls = 0
 
     def wrapped(*inputs: torch.Tensor) -> torch.Tensor:

@@ -139,7 +139,9 @@ class _StageState:
         self.count = count  # values per channel behind batch statistics: N*H*W (summed over ranks under sync)
         self.mean: torch.Tensor | None = None  # fp32 [C_total] cached batch means (biased statistics)
         self.var: torch.Tensor | None = None
-        self.rng: list[Any] = []  # per layer: RNG state before its dropout, or None
+        # per layer: how backward finds its dropout mask, or None without dropout: ("rng", RNG state before
+        # the dropout) replayed in backward (eager), or ("mask", bool mask) kept (under torch.compile)
+        self.rng: list[Any] = []
         self.y1: list[torch.Tensor | None] = []  # per layer: bottleneck output, when kept
 
     def save(self, rng: Any = None, y1: torch.Tensor | None = None, *, which: str) -> None:
@@ -310,8 +312,15 @@ def _layer_forward(stage: _Stage, state: _StageState, layer, Fbuf: torch.Tensor,
         h = _bn_relu(x, scale1, shift1)
         out = F.conv2d(h, layer.conv1.weight.to(dtype), padding=1)
     if layer.drop_rate > 0 and layer.training:
-        state.save(rng=_save_rng(out.device), which="rng")
-        out = F.dropout(out, p=layer.drop_rate, training=True)
+        if state.keep and torch.compiler.is_compiling():
+            # dynamo cannot capture and restore RNG states: keep the mask (1 byte per new value). The CPU
+            # kernel draws the same Bernoulli numbers as F.dropout's, so the masks agree with eager.
+            out, mask = torch.ops.aten.native_dropout(out, layer.drop_rate, True)
+            state.save(rng=("mask", mask), which="rng")
+        else:
+            if state.keep:
+                state.save(rng=("rng", _save_rng(out.device)), which="rng")
+            out = F.dropout(out, p=layer.drop_rate, training=True)
     else:
         state.save(rng=None, which="rng")
     return out
@@ -393,7 +402,11 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
     x = Fbuf[:, :c]
     dout = G[:, c : c + k]
     if state.rng[l] is not None:
-        dout = _dropout_replay(dout, layer.drop_rate, state.rng[l])
+        kind, saved = state.rng[l]
+        if kind == "mask":
+            dout = torch.ops.aten.native_dropout_backward(dout, saved, 1.0 / (1.0 - layer.drop_rate))
+        else:
+            dout = _dropout_replay(dout, layer.drop_rate, saved)
     bn1 = layer.norm1
     batch1 = _uses_batch_stats(bn1)
     mean1, var1 = _bn1_stats(stage, state, bn1, Fbuf, c, update=False)
@@ -544,7 +557,9 @@ class _DenseStageFunction(torch.autograd.Function):
         del G
         # the kept bottleneck outputs are the only large state: free them now. The rest (per-channel
         # statistics, RNG states) stays with the graph, so retain_graph=True (gradcheck) backpropagates again.
-        if not stage.policy.recompute_bottleneck:
+        # (Under torch.compile the kept outputs are the compiled graph's saved activations, which autograd
+        # frees itself; dynamo refuses a backward that mutates state made in forward.)
+        if not stage.policy.recompute_bottleneck and not torch.compiler.is_compiling():
             state.y1 = None
         return (None, dx, *grads)
 
