@@ -53,7 +53,34 @@ CSV_COLUMNS = (
 )  # fmt: skip
 
 
+# Defaults per device. On a GPU a step of DenseNet-BC-100 takes tens of milliseconds: 20 timed steps after
+# 3 warm-up steps. On a CPU it takes seconds (naive: about 10 CPU-seconds on a 2-core x86 machine), and
+# the exact memory step cannot double as a timed one (it runs cold: first-touch page faults, oneDNN
+# primitive creation), so a row is one memory step, which warms up, plus timed steps until 3 s are spent:
+# usually one step, so that the default run (6 rows, 12 steps) stays within ~1.5 minutes on 2 cores. The
+# JSON records how many steps each median comes from (``timed_steps``); memory is exact whatever the timing.
+GPU_DEFAULTS: dict[str, Any] = {"steps": 20, "warmup": 3, "max_seconds_per_row": 0.0}
+CPU_DEFAULTS: dict[str, Any] = {"steps": 3, "warmup": 0, "max_seconds_per_row": 3.0}
+MIN_TIMED_STEPS = 1
+
+EPILOG = f"""\
+Each row: build the model (same seed, same weights), one training step with memory measured (exact
+tracking on CPU, torch.cuda.max_memory_allocated() on CUDA after a warm-up step), then the timed steps
+(forward, cross-entropy, backward; no optimizer; median, 20/80 % quantiles).
+
+default                 GPU     CPU
+--steps                 {GPU_DEFAULTS['steps']:<8}{CPU_DEFAULTS['steps']}
+--warmup                {GPU_DEFAULTS['warmup']:<8}{CPU_DEFAULTS['warmup']} (the memory step warms up)
+--max-seconds-per-row   {'none':<8}{CPU_DEFAULTS['max_seconds_per_row']:g} (seconds of timed steps; at least {MIN_TIMED_STEPS} step is timed)
+
+With these, `effdense bench` (DenseNet-BC-100, batch 64, 32x32, fp32, 6 rows) takes about 1.5 minutes on a
+2-core CPU. CPU step times are for orientation only; compare memory there, and time on a GPU.
+"""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", type=model_name, default="densenet_bc_100",
                         help="model name (effdense.MODELS or densenet_bc_<depth>); default densenet_bc_100")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="default 64")
@@ -63,12 +90,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="'all' (default: every available strategy) or a comma list, e.g. naive,checkpoint")
     parser.add_argument("--dtype", type=dtype_name, default="fp32", help="fp32, or bf16/fp16 autocast")
     parser.add_argument("--steps", type=positive_int, default=None,
-                        help="timed steps per row (median reported); default 20 on GPU, 10 on CPU")
+                        help=f"most timed steps per row (median reported); default {GPU_DEFAULTS['steps']} on GPU, "
+                        f"{CPU_DEFAULTS['steps']} on CPU")
     parser.add_argument("--warmup", type=nonnegative_int, default=None,
-                        help="untimed steps before timing; default 3 on GPU, 0 on CPU (the memory step warms up)")
+                        help=f"untimed steps before timing; default {GPU_DEFAULTS['warmup']} on GPU, "
+                        f"{CPU_DEFAULTS['warmup']} on CPU (the memory step before it warms up)")
     parser.add_argument("--max-seconds-per-row", type=float, default=None,
-                        help="stop timing a row after this long (at least 2 steps); default: none on GPU, "
-                        "15 on CPU so the default run stays within ~2 minutes; 0 means no limit")
+                        help=f"stop timing a row once its timed steps took this long (at least "
+                        f"{MIN_TIMED_STEPS} step); default: no limit on GPU, {CPU_DEFAULTS['max_seconds_per_row']:g} "
+                        "on CPU; 0 means no limit")
     parser.add_argument("--device", type=device_name, default="auto", help="auto (GPU if any), cpu or cuda[:N]")
     parser.add_argument("--memory", choices=("exact", "estimate"), default="exact",
                         help="exact: measured (tracked on CPU, allocator on CUDA); estimate: FakeTensor, no time")
@@ -153,7 +183,9 @@ def _rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
     return rows
 
 
-def _run_row(row: dict[str, Any], args: argparse.Namespace, device: torch.device, size: int) -> dict[str, Any]:
+def _run_row(
+    row: dict[str, Any], args: argparse.Namespace, device: torch.device, size: int, say: Callable[[str], None]
+) -> dict[str, Any]:
     shape = (args.batch_size, 3, size, size)
     autocast = DTYPES[args.dtype]
     out: dict[str, Any] = {k: v for k, v in row.items() if k != "build"}
@@ -173,11 +205,13 @@ def _run_row(row: dict[str, Any], args: argparse.Namespace, device: torch.device
     )  # fmt: skip
     out.update(status="ok", memory_mode=mem.mode, **_memory_fields(mem))
     if not args.no_timing:
+        limit = f", at most {args.max_seconds_per_row:g} s" if args.max_seconds_per_row else ""
+        say(f"{mib(mem.peak):,.1f} MiB ({mem.mode}); timing up to {args.steps} steps{limit}")
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         times = time_steps(
             model, x, steps=args.steps, warmup=args.warmup, autocast_dtype=autocast,
-            max_seconds=args.max_seconds_per_row or None,
+            max_seconds=args.max_seconds_per_row or None, min_steps=MIN_TIMED_STEPS,
         )  # fmt: skip
         out.update(quantiles(times), timed_steps=len(times))
     del model, x
@@ -226,12 +260,12 @@ def main(args: argparse.Namespace) -> int:
     if args.dtype == "fp16" and device.type == "cpu":
         progress("note: fp16 autocast on CPU is slow and rarely used; bf16 is the CPU's low precision")
     cuda = device.type == "cuda"
-    if args.steps is None:
-        args.steps = 20 if cuda else 10
-    if args.warmup is None:
-        args.warmup = 3 if cuda else 0
-    if args.max_seconds_per_row is None:
-        args.max_seconds_per_row = 0 if cuda else 15.0
+    for key, value in (GPU_DEFAULTS if cuda else CPU_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.max_seconds_per_row < 0:
+        raise UsageError(f"--max-seconds-per-row must be >= 0 (0: no limit), got {args.max_seconds_per_row:g}")
+    run_start = time.perf_counter()
     size = args.image_size or default_image_size(args.model)
     probe = get_model(args.model, strategy="naive")
     if probe._final_spatial(size) < 1:
@@ -254,11 +288,15 @@ def main(args: argparse.Namespace) -> int:
     for i, row in enumerate(rows, 1):
         start = time.perf_counter()
         base = {**{k: v for k, v in row.items() if k != "build"}, **settings}
+
+        def say(message: str, i: int = i, label: str = row["row"], start: float = start) -> None:
+            progress(f"[{i}/{len(rows)}] {label}: {message} ({time.perf_counter() - start:.1f} s)")
+
         if row["build"] is None:
             result = {**base, "status": "skipped"}
         else:
             try:
-                result = {**base, **_run_row(row, args, device, size)}
+                result = {**base, **_run_row(row, args, device, size, say)}
             except Exception as exc:  # one failing row must not lose the others
                 if cuda and isinstance(exc, torch.cuda.OutOfMemoryError):
                     free_memory(device)
@@ -268,14 +306,15 @@ def main(args: argparse.Namespace) -> int:
         desc = f"{result.get('peak_mib', 0):,.1f} MiB" if result["status"] == "ok" else result["status"]
         if result.get("time_ms") is not None:
             desc += f", {result['time_ms']:,.1f} ms/step ({result['timed_steps']} steps)"
-        progress(f"[{i}/{len(rows)}] {row['row']}: {desc} ({time.perf_counter() - start:.1f} s)")
+        say(desc)
     _add_ratios(results)
+    elapsed = time.perf_counter() - run_start
     for r in results:
         r.update({k: env[k] for k in ("device", "device_name", "torch", "torchvision", "triton", "git_commit", "command")})
     print(format_table(results, TABLE_COLUMNS))
     stem = f"bench_{args.model}_b{args.batch_size}_{size}px_{args.dtype}_{device.type}"
     json_path, csv_path = args.out / f"{stem}.json", args.out / f"{stem}.csv"
-    write_json(json_path, {"meta": {**env, **settings}, "rows": results})
+    write_json(json_path, {"meta": {**env, **settings, "elapsed_s": round(elapsed, 1)}, "rows": results})
     write_csv(csv_path, results, CSV_COLUMNS)
-    print(f"wrote {json_path} and {csv_path}")
+    print(f"wrote {json_path} and {csv_path} ({elapsed:.0f} s)")
     return 0
