@@ -284,6 +284,20 @@ def main(args: argparse.Namespace) -> int:
         f"effdense bench: {args.model}, batch {args.batch_size}, {size}x{size}, {args.dtype}, on {env['device_name']}; "
         f"{len(rows)} rows"
     )
+    stem = f"bench_{args.model}_b{args.batch_size}_{size}px_{args.dtype}_{device.type}"
+    json_path, csv_path = args.out / f"{stem}.json", args.out / f"{stem}.csv"
+
+    def save(complete: bool) -> float:
+        # rewritten after every row, so that an interrupted run (a time limit, Ctrl-C) keeps the rows it finished
+        _add_ratios(results)
+        for r in results:
+            r.update({k: env[k] for k in ("device", "device_name", "torch", "torchvision", "triton", "git_commit", "command")})
+        elapsed = time.perf_counter() - run_start
+        meta = {**env, **settings, "elapsed_s": round(elapsed, 1), "complete": complete}
+        write_json(json_path, {"meta": meta, "rows": results})
+        write_csv(csv_path, results, CSV_COLUMNS)
+        return elapsed
+
     results: list[dict[str, Any]] = []
     for i, row in enumerate(rows, 1):
         start = time.perf_counter()
@@ -307,14 +321,8 @@ def main(args: argparse.Namespace) -> int:
         if result.get("time_ms") is not None:
             desc += f", {result['time_ms']:,.1f} ms/step ({result['timed_steps']} steps)"
         say(desc)
-    _add_ratios(results)
-    elapsed = time.perf_counter() - run_start
-    for r in results:
-        r.update({k: env[k] for k in ("device", "device_name", "torch", "torchvision", "triton", "git_commit", "command")})
+        save(complete=False)
+    elapsed = save(complete=True)
     print(format_table(results, TABLE_COLUMNS))
-    stem = f"bench_{args.model}_b{args.batch_size}_{size}px_{args.dtype}_{device.type}"
-    json_path, csv_path = args.out / f"{stem}.json", args.out / f"{stem}.csv"
-    write_json(json_path, {"meta": {**env, **settings, "elapsed_s": round(elapsed, 1)}, "rows": results})
-    write_csv(csv_path, results, CSV_COLUMNS)
     print(f"wrote {json_path} and {csv_path} ({elapsed:.0f} s)")
     return 0

@@ -1,0 +1,193 @@
+#!/usr/bin/env bash
+# One-command GPU suite: environment, CUDA tests, kernel benchmark, effdense bench (DenseNet-BC-100 fp32 and
+# DenseNet-121 b64 224px bf16), memory estimate vs torch.cuda.max_memory_allocated.
+#
+#   bash benchmarks/gpu_suite.sh                  # on a CUDA machine, effdense installed (pip install -e .)
+#   OUT=/some/dir GIT_COMMIT=abc123 bash benchmarks/gpu_suite.sh
+#   bash benchmarks/gpu_suite.sh --allow-cpu      # dry run without a GPU: every step on tiny settings
+#
+# Everything goes under $OUT (default benchmarks/results/gpu-<device-slug>/): environment.json, one
+# <step>.log per step, pytest junit XML, the benchmarks' JSON/CSV, and steps.tsv / summary.json with each
+# step's exit code and duration. A failing step does not stop the others; the script exits 1 at the end if
+# any step failed (2 for a usage error or no GPU). Each step runs under `timeout`, and all of them share a
+# budget of $SUITE_BUDGET_S seconds (default 540, so the suite ends inside a 10-minute session; planned
+# for 6-8 minutes on an H100, not yet run there): a step left without time is recorded as not_run.
+# No network access is needed. Without .git, pass GIT_COMMIT (else "unknown").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+
+ALLOW_CPU=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --allow-cpu) ALLOW_CPU=1 ;;
+        -h | --help) usage; exit 0 ;;
+        *) echo "gpu_suite.sh: error: unknown argument '$1' (expected --allow-cpu or --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+
+PY=${PYTHON:-python}
+if ! "$PY" -c "import effdense, torch" 2>/dev/null; then
+    echo "gpu_suite.sh: error: '$PY' cannot import effdense and torch; install with" \
+        "'pip install --no-deps --no-build-isolation -e .' or set PYTHON=/path/to/python" >&2
+    exit 2
+fi
+if command -v effdense >/dev/null 2>&1; then EFFDENSE=(effdense); else EFFDENSE=("$PY" -m effdense.cli); fi
+
+HAS_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
+if [ "$HAS_CUDA" != 1 ]; then
+    if [ "$ALLOW_CPU" != 1 ]; then
+        echo "gpu_suite.sh: error: no CUDA device (torch.cuda.is_available() is False); this suite tests and" \
+            "times the GPU paths. Run it on a CUDA machine, or pass --allow-cpu for a dry run on tiny settings." >&2
+        exit 2
+    fi
+    MODE=dry-run
+else
+    MODE=gpu
+fi
+
+SLUG=$("$PY" -c "
+import re, torch
+name = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu-dry-run'
+print(re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-'))")
+OUT=${OUT:-benchmarks/results/gpu-$SLUG}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+if [ -z "${GIT_COMMIT:-}" ]; then
+    GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+fi
+export GIT_COMMIT  # effdense and bench_kernels.py read it when there is no .git
+BUDGET=${SUITE_BUDGET_S:-540}
+SUITE_START=$SECONDS
+
+echo "gpu_suite.sh: $MODE on $SLUG, commit $GIT_COMMIT, writing to $OUT (budget ${BUDGET}s)"
+printf 'step\texit_code\tseconds\tstatus\tcommand\n' >"$OUT/steps.tsv"
+FAILED=()
+
+# step NAME LIMIT_S CMD...: run CMD under `timeout` (at most what is left of the budget), log to NAME.log,
+# record its exit code; never stops the suite.
+step() {
+    local name=$1 limit=$2
+    shift 2
+    local left=$((BUDGET - (SECONDS - SUITE_START)))
+    local start=$SECONDS rc status=
+    if [ "$left" -lt "$limit" ]; then limit=$left; fi
+    echo
+    echo "== [$name] $* (limit ${limit}s, $((SECONDS - SUITE_START))s into the suite)"
+    if [ "$limit" -le 5 ]; then
+        rc=125 status=not_run
+        echo "no time left in the suite budget (${BUDGET}s); not run" | tee "$OUT/$name.log"
+    else
+        set +e
+        timeout --kill-after=20 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+        rc=${PIPESTATUS[0]}
+        set -e
+    fi
+    case $status$rc in
+        0) status=ok ;;
+        124 | 137) status=timeout ;;
+        not_run*) ;;
+        *) status=failed ;;
+    esac
+    [ "$rc" -eq 0 ] || FAILED+=("$name")
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - start))" "$status" "$*" >>"$OUT/steps.tsv"
+    echo "== [$name] $status (exit $rc, $((SECONDS - start))s)"
+}
+
+# (a) where and with what
+step environment 60 "$PY" - "$OUT/environment.json" "$MODE" <<'EOF'
+import datetime, json, os, platform, subprocess, sys
+import torch
+try:
+    import triton
+    triton_version = triton.__version__
+except ImportError:
+    triton_version = None
+try:
+    import torchvision
+    tv_version = torchvision.__version__
+except ImportError:
+    tv_version = None
+import effdense
+from effdense.benchutil import git_commit
+
+env = {
+    "mode": sys.argv[2],
+    "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    "git_commit": git_commit(),
+    "effdense": effdense.__version__,
+    "strategies_available": list(effdense.available_strategies()),
+    "python": platform.python_version(),
+    "platform": platform.platform(),
+    "torch": torch.__version__,
+    "torchvision": tv_version,
+    "triton": triton_version,
+    "cuda": torch.version.cuda,
+    "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+    "cpu_threads": torch.get_num_threads(),
+    "devices": [],
+}
+if torch.cuda.is_available():
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        env["devices"].append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
+                               "memory_mib": p.total_memory // 2**20, "multiprocessors": p.multi_processor_count})
+    try:
+        env["nvidia_smi"] = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit", "--format=csv"],
+            capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+    except (OSError, subprocess.SubprocessError):
+        env["nvidia_smi"] = None
+with open(sys.argv[1], "w") as f:
+    json.dump(env, f, indent=2)
+print(json.dumps(env, indent=2))
+EOF
+
+if [ "$MODE" = gpu ]; then
+    # Order: what was never recorded comes before what was, in case the budget runs out.
+    # (b) tests: every CUDA-marked test, then the rest of the kernel and shared-block tests
+    step tests_cuda 150 "$PY" -m pytest tests -q -m cuda --junitxml="$OUT/pytest_cuda.xml"
+    step tests_kernels_shared 90 "$PY" -m pytest tests/test_kernels.py tests/test_shared.py -q -m "not cuda" \
+        --junitxml="$OUT/pytest_kernels_shared.xml"
+    # (d) every strategy and the torchvision rows (torch.compile included): 20 timed steps after 3 warm-up
+    # steps, each row's timing capped at 20 s (shared/fused run several times slower than naive); bench
+    # rewrites its JSON/CSV after each row, so a step cut by its time limit keeps the rows it finished
+    step bench_densenet121_bf16 180 "${EFFDENSE[@]}" bench --device cuda --model densenet121 --batch-size 64 \
+        --image-size 224 --dtype bf16 --max-seconds-per-row 20 --out "$OUT"
+    step bench_densenet_bc_100 120 "${EFFDENSE[@]}" bench --device cuda --max-seconds-per-row 20 --out "$OUT"
+    # (e) FakeTensor estimate vs the allocator's peak, per strategy
+    step estimate_vs_cuda 120 "$PY" benchmarks/estimate_vs_cuda.py --device cuda --out "$OUT"
+    # (c) Triton bottleneck kernels vs cuBLAS on DenseNet-121 shapes, bf16 (the >= 70 % of cuBLAS target)
+    step bench_kernels 120 "$PY" benchmarks/bench_kernels.py --dtypes bf16 --out "$OUT"
+else
+    # the same steps on tiny settings: checks the plumbing, measures nothing worth keeping
+    step tests_cuda 120 "$PY" -m pytest tests -q -m cuda --junitxml="$OUT/pytest_cuda.xml"
+    step tests_kernels_shared 300 "$PY" -m pytest tests/test_kernels.py tests/test_shared.py -q -m "not cuda" \
+        --junitxml="$OUT/pytest_kernels_shared.xml"
+    step bench_densenet121_bf16 120 "${EFFDENSE[@]}" bench --device cpu --model densenet121 --batch-size 2 \
+        --image-size 64 --dtype bf16 --steps 1 --out "$OUT"
+    step bench_densenet_bc_100 120 "${EFFDENSE[@]}" bench --device cpu --model densenet_bc_16 --batch-size 2 \
+        --steps 1 --out "$OUT"
+    step estimate_vs_cuda 120 "$PY" benchmarks/estimate_vs_cuda.py --device cpu \
+        --config densenet_bc_16:4:32:fp32 --config densenet121:2:64:fp32 --out "$OUT"
+    step bench_kernels 60 "$PY" benchmarks/bench_kernels.py --help  # it needs CUDA: only its arguments here
+fi
+
+"$PY" - "$OUT" "$MODE" "$((SECONDS - SUITE_START))" <<'EOF'
+import csv, json, sys
+out, mode, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with open(f"{out}/steps.tsv") as f:
+    steps = list(csv.DictReader(f, delimiter="\t"))
+with open(f"{out}/summary.json", "w") as f:
+    json.dump({"mode": mode, "seconds": seconds, "failed": [s["step"] for s in steps if s["exit_code"] != "0"],
+               "steps": steps}, f, indent=2)
+EOF
+echo
+echo "gpu_suite.sh: $MODE finished in $((SECONDS - SUITE_START))s; results in $OUT"
+column -t -s $'\t' "$OUT/steps.tsv" 2>/dev/null | cut -c1-100 || cut -f1-4 "$OUT/steps.tsv"
+if [ ${#FAILED[@]} -gt 0 ]; then
+    echo "gpu_suite.sh: failed: ${FAILED[*]}" >&2
+    exit 1
+fi
