@@ -166,8 +166,8 @@ else
     step tests_cuda 120 "$PY" -m pytest tests -q -m cuda --junitxml="$OUT/pytest_cuda.xml"
     step tests_kernels_shared 300 "$PY" -m pytest tests/test_kernels.py tests/test_shared.py -q -m "not cuda" \
         --junitxml="$OUT/pytest_kernels_shared.xml"
-    step bench_densenet121_bf16 120 "${EFFDENSE[@]}" bench --device cpu --model densenet121 --batch-size 2 \
-        --image-size 64 --dtype bf16 --steps 1 --out "$OUT"
+    step bench_densenet121_bf16 240 "${EFFDENSE[@]}" bench --device cpu --model densenet121 --batch-size 2 \
+        --image-size 32 --dtype bf16 --steps 1 --out "$OUT"
     step bench_densenet_bc_100 120 "${EFFDENSE[@]}" bench --device cpu --model densenet_bc_16 --batch-size 2 \
         --steps 1 --out "$OUT"
     step estimate_vs_cuda 120 "$PY" benchmarks/estimate_vs_cuda.py --device cpu \
