@@ -54,11 +54,12 @@ CSV_COLUMNS = (
 
 
 # Defaults per device. On a GPU a step of DenseNet-BC-100 takes tens of milliseconds: 20 timed steps after
-# 3 warm-up steps. On a CPU it takes seconds (naive: about 10 CPU-seconds on a 2-core x86 machine), and
-# the exact memory step cannot double as a timed one (it runs cold: first-touch page faults, oneDNN
-# primitive creation), so a row is one memory step, which warms up, plus timed steps until 3 s are spent:
-# usually one step, so that the default run (6 rows, 12 steps) stays within ~1.5 minutes on 2 cores. The
-# JSON records how many steps each median comes from (``timed_steps``); memory is exact whatever the timing.
+# 3 warm-up steps. On a CPU it takes seconds (naive: 2.1 s on two quiet x86 cores, 10-20 s when other jobs
+# share them), and the exact memory step cannot double as a timed one (it runs cold: first-touch page
+# faults, oneDNN primitive creation), so a row is one memory step, which warms up, plus timed steps until
+# 3 s are spent: one or two, so the default run (6 rows, 12-18 steps) takes under a minute on 2 quiet
+# cores. The JSON records how many steps each median comes from (``timed_steps``); memory is exact whatever
+# the timing settings.
 GPU_DEFAULTS: dict[str, Any] = {"steps": 20, "warmup": 3, "max_seconds_per_row": 0.0}
 CPU_DEFAULTS: dict[str, Any] = {"steps": 3, "warmup": 0, "max_seconds_per_row": 3.0}
 MIN_TIMED_STEPS = 1
@@ -73,8 +74,9 @@ default                 GPU     CPU
 --warmup                {GPU_DEFAULTS['warmup']:<8}{CPU_DEFAULTS['warmup']} (the memory step warms up)
 --max-seconds-per-row   {'none':<8}{CPU_DEFAULTS['max_seconds_per_row']:g} (seconds of timed steps; at least {MIN_TIMED_STEPS} step is timed)
 
-With these, `effdense bench` (DenseNet-BC-100, batch 64, 32x32, fp32, 6 rows) takes about 1.5 minutes on a
-2-core CPU. CPU step times are for orientation only; compare memory there, and time on a GPU.
+With these, `effdense bench` (DenseNet-BC-100, batch 64, 32x32, fp32, 6 rows) took 48 s on two quiet x86
+cores (several minutes when other jobs share them). CPU step times are for orientation only; compare
+memory there, and time on a GPU.
 """
 
 
