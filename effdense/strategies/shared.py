@@ -222,10 +222,11 @@ def _bn2_stats(stage: _Stage, state: _StageState, bn, y_sum: torch.Tensor, y_sqs
     return mean, var
 
 
-def _bn_relu(y: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    """relu(scale*y + shift) computed in fp32 (fp64 for fp64) and stored in y's dtype, as BatchNorm
-    does under autocast."""
-    out = torch.addcmul(_bcast(shift), _acc(y), _bcast(scale))
+def _bn_relu(y: torch.Tensor, bn, affine: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """relu((y - mean)*scale + beta) computed in fp32 (fp64 for fp64) and stored in y's dtype, as BatchNorm
+    does under autocast. Centred first, as nn.BatchNorm2d: ``scale*y + shift`` cancels when |mean| >> std."""
+    scale, _, mean, _ = affine
+    out = torch.sub(y, _bcast(mean)).mul_(_bcast(scale)).add_(_bcast(bn.bias.to(scale.dtype)))
     return out.relu_().to(y.dtype)
 
 
@@ -270,7 +271,7 @@ def _bottleneck_forward(stage: _Stage, x: torch.Tensor, scale: torch.Tensor, shi
         del part
     y = acc.to(x.dtype)
     y_sum = acc.sum(dim=(0, 2, 3))
-    y_sqsum = torch.linalg.vector_norm(acc, dim=(0, 2, 3)).square_()
+    y_sqsum = (acc * acc).sum(dim=(0, 2, 3))
     return y, y_sum, y_sqsum
 
 
@@ -315,19 +316,20 @@ def _layer_forward(stage: _Stage, state: _StageState, layer, Fbuf: torch.Tensor,
     ops, dtype = stage.ops, stage.dtype
     x = Fbuf[:, :c]
     mean1, var1 = _bn1_stats(stage, state, layer.norm1, Fbuf, c, update=True)
-    scale1, shift1, _, _ = _bn_affine(layer.norm1, mean1, var1)
+    affine1 = _bn_affine(layer.norm1, mean1, var1)
+    scale1, shift1 = affine1[:2]
     if layer.bottleneck:
         w1 = layer.conv1.weight.to(dtype).view(layer.conv1.out_channels, c)
         y1, y_sum, y_sqsum = _bottleneck_forward(stage, x, scale1, shift1, w1)
         mean2, var2 = _bn2_stats(stage, state, layer.norm2, y_sum, y_sqsum, y1.shape, update=True)
-        scale2, shift2, _, _ = _bn_affine(layer.norm2, mean2, var2)
+        affine2 = _bn_affine(layer.norm2, mean2, var2)
         if not stage.policy.recompute_bottleneck:
             state.save(y1=y1, which="y1")
-        z = _bn_relu(y1, scale2, shift2)
+        z = _bn_relu(y1, layer.norm2, affine2)
         del y1
         out = F.conv2d(z, layer.conv2.weight.to(dtype), padding=1)
     else:
-        h = _bn_relu(x, scale1, shift1)
+        h = _bn_relu(x, layer.norm1, affine1)
         out = F.conv2d(h, layer.conv1.weight.to(dtype), padding=1)
     if layer.drop_rate > 0 and layer.training:
         if state.keep and torch.compiler.is_compiling():
@@ -443,17 +445,17 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
         mean2, var2 = _bn2_stats(stage, state, bn2, y_sum, y_sqsum, y1.shape, update=False)
         count2 = count
         batch2 = mean2 is not None
-        scale2, shift2, mean2, invstd2 = _bn_affine(bn2, mean2, var2)
-        z = _bn_relu(y1, scale2, shift2)
+        affine2 = _bn_affine(bn2, mean2, var2)
+        _, _, mean2, invstd2 = affine2
+        z = _bn_relu(y1, bn2, affine2)
         w2 = layer.conv2.weight.to(dtype)
         dz, dw2, _ = torch.ops.aten.convolution_backward(
             dout.contiguous(), z, w2, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
         )
-        del z, dout
-        # BN2-ReLU backward: mask from the recomputed pre-activation, then the BN formula in fp32
+        # BN2-ReLU backward: the ReLU mask from the recomputed output, then the BN formula in fp32
+        dzm = torch.mul(_acc(dz), z > 0)
+        del z, dout, dz
         y1f = _acc(y1)
-        dzm = torch.where(torch.addcmul(_bcast(shift2), y1f, _bcast(scale2)) > 0, _acc(dz), 0.0)
-        del dz
         xmu2 = y1f - _bcast(mean2)
         sum_dz = dzm.sum(dim=(0, 2, 3))
         sum_dz_xmu = (dzm * xmu2).sum(dim=(0, 2, 3))
@@ -478,7 +480,7 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
             dw2.to(layer.conv2.weight.dtype),
         ]
     # original DenseNet layer: BN-ReLU-conv3x3 over the concatenation, all in PyTorch ops
-    h = _bn_relu(x, scale1, shift1)
+    h = _bn_relu(x, bn1, affine1)
     dh, dw, _ = torch.ops.aten.convolution_backward(
         dout.contiguous(), h, layer.conv1.weight.to(dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
     )
