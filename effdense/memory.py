@@ -505,7 +505,8 @@ def estimate_step(
     Two backends give the same number (the tests check it):
 
     - ``"fake"``: ``FakeTensorMode`` as the outer context, the tracker inside. Tensors claim to be on
-      ``device`` (``"cuda"`` works on a machine without a GPU), so strategies take that device's path.
+      ``device``, so strategies take that device's path. ``"cuda"`` needs a CUDA device and driver (on
+      this torch, building modules under fake CUDA initialises the CUDA context) but allocates nothing.
     - ``"meta"``: tensors on the ``meta`` device, tracked the same way. Five to ten times faster (meta
       kernels run in C++, no tensor subclass), which the depth search of ``effdense max-depth`` needs;
       strategies see a non-CUDA device and take their CPU path (every effdense strategy runs on meta;
