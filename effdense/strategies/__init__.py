@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from types import ModuleType
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,9 +28,6 @@ _PENDING = {
     "shared": "Strategy `shared`: dense blocks with linear memory in pure PyTorch",
     "fused": "Strategy `fused`: Triton kernels for the bottleneck BN-ReLU-conv1x1 and its backward",
 }
-
-BlockRunner = Callable[["_DenseBlock", torch.Tensor], torch.Tensor]
-
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
