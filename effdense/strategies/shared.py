@@ -484,7 +484,7 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
     dh, dw, _ = torch.ops.aten.convolution_backward(
         dout.contiguous(), h, layer.conv1.weight.to(dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
     )
-    dh = torch.where(h > 0, dh, 0)
+    dh = dh.mul_(h > 0)  # ReLU mask (a multiply: torch.where is twice as slow on CPU)
     del h
     sum_dh = _acc(dh).sum(dim=(0, 2, 3))
     sum_dh_xmu = (_acc(dh) * (_acc(x) - _bcast(mean1))).sum(dim=(0, 2, 3))
