@@ -101,8 +101,10 @@ def test_shared_matches_naive_random_sweep(cfg, shape) -> None:
     [
         (lambda: effdense.densenet_cifar(16, 4), (2, 3, 9, 9)),  # BC, CIFAR stem, odd size
         (lambda: effdense.DenseNet(4, (2, 2), 8, bn_size=2, num_classes=3, drop_rate=0.2), (1, 3, 45, 37)),  # batch 1, ImageNet stem, dropout
-        (lambda: effdense.densenet_cifar(13, 4, bottleneck=False, compression=1.0), (2, 3, 7, 7)),  # no bottleneck
+        (lambda: effdense.densenet_cifar(13, 4, bottleneck=False, compression=1.0), (2, 3, 9, 9)),  # no bottleneck
     ],
+    # every last block sees at least 8 values per channel: a BatchNorm over 2 values (batch 2, 1x1) has an
+    # input gradient that is zero in exact arithmetic, so both sides would compare amplified rounding noise
     ids=["bc-cifar-odd", "imagenet-batch1-dropout", "no-bottleneck"],
 )
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
