@@ -201,22 +201,30 @@ def channel_stats(x: torch.Tensor, *, backend: Backend = "auto") -> tuple[torch.
 
 
 def bottleneck_forward(
-    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, *, backend: Backend = "auto"
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    stats: bool = True,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``y = conv1x1(relu(scale*x + shift), weight)`` with BN2's batch sums in the epilogue.
 
     Args:
         x: ``(N, C, H, W)``, (H, W) plane contiguous, any channel offset/stride.
         scale, shift: fp32 ``[C]``, BN1's affine (``gamma*invstd``, ``beta - mean*gamma*invstd``).
         weight: ``(B, C)`` in x.dtype.
+        stats: return the sums; ``False`` returns ``None`` for them (the PyTorch twin then skips three
+            passes over ``y``; the kernel's epilogue computes them regardless).
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
 
     Returns:
         ``(y, y_sum, y_sqsum)``: ``y`` contiguous ``(N, B, H, W)`` in x.dtype (fp32 accumulation);
-        ``Σ y`` and ``Σ y²`` over (N, H, W), fp32 ``[B]``, of ``y`` as stored.
+        ``Σ y`` and ``Σ y²`` over (N, H, W), fp32 ``[B]``, of ``y`` as stored (``None`` if not ``stats``).
     """
     if not _use_triton(x, backend):
-        return reference.bottleneck_forward(x, scale, shift, weight)
+        return reference.bottleneck_forward(x, scale, shift, weight, stats=stats)
     reference._check_affine(x, scale, shift)
     _checks.check_weight(weight, x)
     N, C, H, W = x.shape
@@ -224,7 +232,7 @@ def bottleneck_forward(
     y = torch.empty((N, B, H, W), dtype=x.dtype, device=x.device)
     y_sum, y_sqsum = _zeros(B, x), _zeros(B, x)
     _bottleneck_forward_op(x, scale, shift, weight.contiguous(), y, y_sum, y_sqsum)
-    return y, y_sum, y_sqsum
+    return (y, y_sum, y_sqsum) if stats else (y, None, None)
 
 
 def bottleneck_backward_weight(
@@ -383,3 +391,48 @@ def bn_relu_conv1x1(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, w
     reference._check_affine(x, scale, shift)
     _checks.check_weight(weight, x)
     return _bn_relu_conv1x1_op(x, scale, shift, weight)
+
+
+def bottleneck_backward(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    dy: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    batch_stats: bool = True,
+    backend: Backend = "auto",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bottleneck's whole backward when BN1's statistics are local (no SyncBatchNorm): the weight
+    gradient, the input gradient through ReLU and BN1 added into ``grad``, and BN1's affine gradients.
+
+    On Triton: :func:`bottleneck_backward_weight`, :func:`bottleneck_backward_input` and (for batch
+    statistics) :func:`bn_backward_accumulate` in turn. Under SyncBatchNorm the two BN sums must be
+    all-reduced between the last two, so callers use those three functions directly.
+
+    Args:
+        x, scale, shift, weight, dy, mean: as in :func:`bottleneck_backward_input`.
+        invstd, gamma: fp32 ``[C]``, BN1's ``1/sqrt(var + eps)`` and weight.
+        grad: ``(N, C, H, W)`` in x.dtype, updated in place (a channel slice of the block's gradient buffer).
+        batch_stats: BN1 normalised with batch statistics (training); ``False``: with running statistics,
+            given as ``mean``/``invstd``, and no gradient terms through them.
+        backend: ``"auto"``, ``"triton"`` or ``"reference"``.
+
+    Returns:
+        ``(dW, dgamma, dbeta)``: fp32 ``(B, C)``, and fp32 ``[C]`` ``Σ dh*(x - mean)*invstd`` and ``Σ dh``.
+    """
+    if not _use_triton(x, backend):
+        return reference.bottleneck_backward(
+            x, scale, shift, weight, dy, mean, invstd, gamma, grad, batch_stats=batch_stats
+        )
+    dw = bottleneck_backward_weight(x, scale, shift, dy, backend=backend)
+    dh, sum_dh, sum_dh_xmu = bottleneck_backward_input(x, scale, shift, weight, dy, mean, backend=backend)
+    dgamma, dbeta = sum_dh_xmu * invstd, sum_dh.clone()
+    if not batch_stats:  # running statistics: no terms through the mean and variance
+        sum_dh, sum_dh_xmu = torch.zeros_like(sum_dh), torch.zeros_like(sum_dh_xmu)
+    bn_backward_accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu, backend=backend)
+    return dw, dgamma, dbeta

@@ -71,9 +71,10 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def bottleneck_forward(
-    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``y = conv1x1(relu(scale*x + shift), weight)`` in x.dtype, with fp32 ``Σy`` and ``Σy²`` per output channel."""
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, *, stats: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """``y = conv1x1(relu(scale*x + shift), weight)`` in x.dtype, with fp32 ``Σy`` and ``Σy²`` per output
+    channel (``None`` for both when not ``stats``)."""
     _check_affine(x, scale, shift)
     _checks.check_weight(weight, x)
     N, C, H, W = x.shape
@@ -83,6 +84,8 @@ def bottleneck_forward(
         h = h.to(x.dtype)
     y = torch.matmul(weight, h.view(N, C, H * W))  # (N, B, P), fp32 accumulation inside the GEMM
     del h
+    if not stats:
+        return y.view(N, B, H, W), None, None
     acc = _checks.stats_dtype(x.dtype)
     yf = y if y.dtype == acc else y.to(acc)
     y_sum = yf.sum(dim=(0, 2))
@@ -165,3 +168,57 @@ def bn_backward_accumulate(
     c = -a * sum_dh / M
     t = torch.sub(x, _col(mean))  # fp32 by promotion
     grad.add_(t.mul_(_col(b)).add_(_col(c)).addcmul_(dh, _col(a)))
+
+
+def bottleneck_backward(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    dy: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    grad: torch.Tensor,
+    *,
+    batch_stats: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The whole backward of ``y = weight · relu(bn(x))`` on statistics local to this process: the input
+    gradient added into ``grad``; returns ``(dW fp32 (B, C), dgamma, dbeta)``. ``bn`` uses the batch
+    statistics ``(mean, invstd)`` if ``batch_stats``, else the same vectors as running statistics.
+
+    Equals :func:`bottleneck_backward_weight`, :func:`bottleneck_backward_input` and
+    :func:`bn_backward_accumulate` in turn (their path for low precision and running statistics). For
+    fp32/fp64 with batch statistics it runs in fewer passes: ``h`` is formed once for both GEMMs, the ReLU
+    mask is one ``threshold_backward``, and BatchNorm's backward is ATen's own kernel (on a contiguous copy
+    of the ``x`` slice: its strided path is several times slower on CPU)."""
+    _check_affine(x, scale, shift)
+    _checks.check_weight(weight, x)
+    N, C, H, W = x.shape
+    B = weight.shape[0]
+    _checks.check_dy(dy, x, B)
+    _checks.check_activation("grad", grad, like=x, channels=C)
+    acc = _checks.stats_dtype(x.dtype)
+    for name, v in (("mean", mean), ("invstd", invstd), ("gamma", gamma)):
+        _checks.check_vector(name, v, C, x.device, acc)
+    if not (batch_stats and x.dtype == acc):
+        dw = bottleneck_backward_weight(x, scale, shift, dy)
+        dh, sum_dh, sum_dh_xmu = bottleneck_backward_input(x, scale, shift, weight, dy, mean)
+        dgamma, dbeta = sum_dh_xmu * invstd, sum_dh.clone()
+        if not batch_stats:  # running statistics: no terms through the mean and variance
+            sum_dh, sum_dh_xmu = torch.zeros_like(sum_dh), torch.zeros_like(sum_dh_xmu)
+        bn_backward_accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)
+        return dw, dgamma, dbeta
+    xc = x.contiguous()
+    h = _relu_affine(xc, scale, shift)
+    d = dy.reshape(N, B, H * W)
+    dw = torch.matmul(d, h.view(N, C, H * W).transpose(1, 2)).sum(dim=0)
+    g = torch.matmul(weight.t(), d).view(N, C, H, W)
+    # relu's mask, in place: h > 0 exactly where scale*x + shift > 0
+    dh = torch.ops.aten.threshold_backward.grad_input(g, h, 0, grad_input=g)
+    del h
+    dx, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
+        dh, xc, gamma, None, None, mean, invstd, True, 0.0, [True, True, True]
+    )
+    grad.add_(dx)
+    return dw, dgamma, dbeta

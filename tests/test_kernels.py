@@ -116,6 +116,47 @@ def test_reference_backward_matches_autograd():
     torch.testing.assert_close((sum_dh_xmu * c["invstd"]).double(), g64.grad, atol=1e-4, rtol=1e-4)  # dgamma
 
 
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch-stats", "running-stats"])
+def test_reference_whole_backward_matches_autograd(batch_stats):
+    """R.bottleneck_backward (fewer passes, ATen's BN backward) into a channel slice of a gradient buffer."""
+    c = _case((2, 40, 4, 30, 5, 5, 16), torch.float32, "cpu")
+    x, w, dy = c["x"], c["weight"], c["dy"]
+    x64 = x.double().requires_grad_()
+    g64 = c["gamma"].double().requires_grad_()
+    b64 = c["beta"].double().requires_grad_()
+    w64 = w.double().requires_grad_()
+    var = 1.0 / c["invstd"].double() ** 2 - 1e-5
+    stats = (None, None) if batch_stats else (c["mean"].double(), var)
+    h = F.relu(F.batch_norm(x64, *stats, g64, b64, training=batch_stats, eps=1e-5))
+    F.conv2d(h, w64[:, :, None, None]).backward(dy.double())
+
+    G = torch.randn(2, 40, 5, 5)
+    before = G.clone()
+    dw, dgamma, dbeta = R.bottleneck_backward(
+        x, c["scale"], c["shift"], w, dy, c["mean"], c["invstd"], c["gamma"], G[:, 4:34], batch_stats=batch_stats
+    )
+    torch.testing.assert_close(dw.double(), w64.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close((G[:, 4:34] - before[:, 4:34]).double(), x64.grad, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(dgamma.double(), g64.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dbeta.double(), b64.grad, atol=1e-4, rtol=1e-4)
+    assert torch.equal(G[:, :4], before[:, :4]) and torch.equal(G[:, 34:], before[:, 34:])
+
+
+def test_reference_whole_backward_equals_the_three_ops():
+    """The fast fp32 path of R.bottleneck_backward and its composition of the three twins agree."""
+    c = _case((3, 48, 8, 36, 6, 7, 24), torch.float32, "cpu")
+    x, args = c["x"], (c["scale"], c["shift"], c["weight"], c["dy"])
+    grad = torch.zeros_like(x)
+    dw, dgamma, dbeta = R.bottleneck_backward(x, *args, c["mean"], c["invstd"], c["gamma"], grad)
+    dh, sum_dh, sum_dh_xmu = R.bottleneck_backward_input(x, *args, c["mean"])
+    grad_ref = torch.zeros_like(x)
+    R.bn_backward_accumulate(grad_ref, x, dh, c["mean"], c["invstd"], c["gamma"], sum_dh, sum_dh_xmu)
+    torch.testing.assert_close(dw, R.bottleneck_backward_weight(x, c["scale"], c["shift"], c["dy"]))
+    torch.testing.assert_close(grad, grad_ref, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(dgamma, sum_dh_xmu * c["invstd"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(dbeta, sum_dh, atol=1e-5, rtol=1e-4)
+
+
 def test_reference_channel_stats_matches_pytorch():
     x = (torch.randn(2, 48, 9, 9) * 3 + 5)[:, 7:30]
     mean, var = R.channel_stats(x)
@@ -209,6 +250,28 @@ def test_bn_backward_accumulate_into_grad_slice(shape, dtype, device):
     else:  # same fp32 formula, one rounding at the store: at most one ulp apart
         ulp = torch.finfo(dtype).eps * gold_val.abs().clamp_min(1.0)
         assert ((G[:, off : off + C].float() - gold_val).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch_stats", [True, False], ids=["batch-stats", "running-stats"])
+def test_whole_bottleneck_backward(batch_stats, dtype, device):
+    _need_triton(device)
+    shape = SHAPES[1]
+    c = _case(shape, dtype, device)
+    N, C_total, off, C, H, W, _ = shape
+    args = (c["x"], c["scale"], c["shift"], c["weight"], c["dy"], c["mean"], c["invstd"], c["gamma"])
+    G = torch.randn(N, C_total, H, W, device=device).to(dtype)
+    G_ref = G.clone()
+    got = K.bottleneck_backward(*args, G[:, off : off + C], batch_stats=batch_stats, backend="triton")
+    ref = K.bottleneck_backward(*args, G_ref[:, off : off + C], batch_stats=batch_stats, backend="reference")
+    assert torch.equal(G[:, :off], G_ref[:, :off]) and torch.equal(G[:, off + C :], G_ref[:, off + C :])
+    for what, a, b in zip(("dW", "dgamma", "dbeta", "grad"), (*got, G), (*ref, G_ref)):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, **FP32_TOL, msg=lambda m, what=what: f"{what}: {m}")
+        else:  # the same math in bf16 operands: judged relative to the result's magnitude
+            scale = max(1.0, b.float().abs().max().item())
+            assert (a.float() - b.float()).abs().max().item() <= LOW_ATOL[dtype] * scale * 4, what
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -161,10 +161,12 @@ class _StageState:
         # the dropout) replayed in backward (eager), or ("mask", bool mask) kept (under torch.compile)
         self.rng: list[Any] = []
         self.y1: list[torch.Tensor | None] = []  # per layer: bottleneck output, when kept
+        # per bottleneck layer: BN2's (mean, biased var) batch statistics (fp32 [B]) when cached, else None
+        self.bn2: list[tuple[torch.Tensor, torch.Tensor] | None] = []
 
-    def save(self, rng: Any = None, y1: torch.Tensor | None = None, *, which: str) -> None:
+    def save(self, value: Any, *, which: str) -> None:
         if self.keep:
-            getattr(self, which).append(rng if which == "rng" else y1)
+            getattr(self, which).append(value)
 
 
 def _channel_stats(stage: _Stage, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,21 +257,28 @@ def _chunks(channels: int, width: int) -> list[tuple[int, int]]:
     return [(c0, min(c0 + step, channels)) for c0 in range(0, channels, step)]
 
 
-def _bottleneck_forward(stage: _Stage, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, w: torch.Tensor):
+def _bottleneck_forward(
+    stage: _Stage, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, w: torch.Tensor, stats: bool = True
+):
     """``ops.bottleneck_forward`` over input-channel chunks when the ops materialise the normalised input:
-    ``y = sum_chunks W[:, chunk] · relu(scale*x + shift)[:, chunk]``, accumulated in fp32."""
+    ``y = sum_chunks W[:, chunk] · relu(scale*x + shift)[:, chunk]``, accumulated in fp32. Returns
+    ``(y, Σy, Σy²)``, the sums ``None`` when not ``stats`` (backward with cached BN2 statistics)."""
     chunks = _chunks(x.shape[1], stage.chunk_width) if stage.chunk_forward else [(0, x.shape[1])]
     if len(chunks) == 1:
-        return stage.ops.bottleneck_forward(x, scale, shift, w)
+        return stage.ops.bottleneck_forward(x, scale, shift, w, stats=stats)
     acc = None
     for c0, c1 in chunks:
-        part, _, _ = stage.ops.bottleneck_forward(x[:, c0:c1], scale[c0:c1], shift[c0:c1], w[:, c0:c1].contiguous())
+        part, _, _ = stage.ops.bottleneck_forward(
+            x[:, c0:c1], scale[c0:c1], shift[c0:c1], w[:, c0:c1].contiguous(), stats=False
+        )
         if acc is None:
             acc = _acc(part) if part.dtype != _acc_dtype(part.dtype) else part
         else:
             acc.add_(part)
         del part
     y = acc.to(x.dtype)
+    if not stats:
+        return y, None, None
     y_sum = acc.sum(dim=(0, 2, 3))
     y_sqsum = (acc * acc).sum(dim=(0, 2, 3))
     return y, y_sum, y_sqsum
@@ -298,6 +307,13 @@ def _bottleneck_backward(
     target = G if stage.policy.shared_grad else torch.zeros_like(G)  # ablation: a per-layer gradient tensor
     for c0, c1 in _chunks(C, stage.chunk_width):
         xs, sc, sh = x[:, c0:c1], scale[c0:c1], shift[c0:c1]
+        if not stage.sync:
+            dw[:, c0:c1], dgamma[c0:c1], dbeta[c0:c1] = stage.ops.bottleneck_backward(
+                xs, sc, sh, w[:, c0:c1].contiguous(), dy, mean[c0:c1], invstd[c0:c1], gamma[c0:c1],
+                target[:, c0:c1], batch_stats=batch_stats,
+            )
+            continue
+        # SyncBatchNorm semantics: BN1's sums are all-reduced between the input gradient and the BN backward
         dw[:, c0:c1] = stage.ops.bottleneck_backward_weight(xs, sc, sh, dy)
         dh, sum_dh, sum_dh_xmu = stage.ops.bottleneck_backward_input(
             xs, sc, sh, w[:, c0:c1].contiguous(), dy, mean[c0:c1]
@@ -322,9 +338,10 @@ def _layer_forward(stage: _Stage, state: _StageState, layer, Fbuf: torch.Tensor,
         w1 = layer.conv1.weight.to(dtype).view(layer.conv1.out_channels, c)
         y1, y_sum, y_sqsum = _bottleneck_forward(stage, x, scale1, shift1, w1)
         mean2, var2 = _bn2_stats(stage, state, layer.norm2, y_sum, y_sqsum, y1.shape, update=True)
+        state.save((mean2, var2) if mean2 is not None and stage.policy.cache_stats else None, which="bn2")
         affine2 = _bn_affine(layer.norm2, mean2, var2)
         if not stage.policy.recompute_bottleneck:
-            state.save(y1=y1, which="y1")
+            state.save(y1, which="y1")
         z = _bn_relu(y1, layer.norm2, affine2)
         del y1
         out = F.conv2d(z, layer.conv2.weight.to(dtype), padding=1)
@@ -336,13 +353,13 @@ def _layer_forward(stage: _Stage, state: _StageState, layer, Fbuf: torch.Tensor,
             # dynamo cannot capture and restore RNG states: keep the mask (1 byte per new value). The CPU
             # kernel draws the same Bernoulli numbers as F.dropout's, so the masks agree with eager.
             out, mask = torch.ops.aten.native_dropout(out, layer.drop_rate, True)
-            state.save(rng=("mask", mask), which="rng")
+            state.save(("mask", mask), which="rng")
         else:
             if state.keep:
-                state.save(rng=("rng", _save_rng(out.device)), which="rng")
+                state.save(("rng", _save_rng(out.device)), which="rng")
             out = F.dropout(out, p=layer.drop_rate, training=True)
     else:
-        state.save(rng=None, which="rng")
+        state.save(None, which="rng")
     return out
 
 
@@ -417,6 +434,46 @@ def _bn_backward_into(
     return dgamma, dbeta
 
 
+def _bn_relu_backward(
+    stage: _Stage,
+    dz: torch.Tensor,
+    z: torch.Tensor,
+    y: torch.Tensor,
+    bn,
+    affine: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    batch_stats: bool,
+    count: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward of ``z = relu(bn(y))`` over a whole tensor ``y`` (BN2): ``(dy in y's dtype, dgamma, dbeta)``,
+    the affine gradients from the local sums (as nn.SyncBatchNorm: DDP averages them across ranks)."""
+    _, _, mean, invstd = affine
+    gamma = bn.weight.to(invstd.dtype)
+    dzm = torch.ops.aten.threshold_backward(dz, z, 0)  # the ReLU mask from the output, z > 0
+    if not stage.sync and y.dtype == invstd.dtype and y.is_contiguous() and dzm.is_contiguous():
+        # nn.BatchNorm2d's own backward kernel: one fused pass for the sums, one for dy
+        if batch_stats:
+            return torch.ops.aten.native_batch_norm_backward(
+                dzm, y, gamma, None, None, mean, invstd, True, bn.eps, [True, True, True]
+            )
+        return torch.ops.aten.native_batch_norm_backward(
+            dzm, y, gamma, bn.running_mean, bn.running_var, None, None, False, bn.eps, [True, True, True]
+        )
+    # SyncBatchNorm semantics (the sums all-reduced before dy), or a low-precision y: the formula in fp32
+    dzm = _acc(dzm)
+    xmu = _acc(y) - _bcast(mean)
+    sum_dz = dzm.sum(dim=(0, 2, 3))
+    sum_dz_xmu = (dzm * xmu).sum(dim=(0, 2, 3))
+    dgamma, dbeta = sum_dz_xmu * invstd, sum_dz.clone()
+    if stage.sync and batch_stats:
+        _all_reduce_([sum_dz, sum_dz_xmu], stage.sync_group)
+    coef = gamma * invstd
+    if batch_stats:
+        dy = _bcast(coef) * (dzm - _bcast(sum_dz / count) - xmu * _bcast(invstd * invstd * sum_dz_xmu / count))
+    else:
+        dy = dzm * _bcast(coef)
+    return dy.to(y.dtype), dgamma, dbeta
+
+
 def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torch.Tensor, G: torch.Tensor, c: int, k: int) -> list[torch.Tensor]:
     dtype = stage.dtype
     x = Fbuf[:, :c]
@@ -436,39 +493,27 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
     if layer.bottleneck:
         w1 = layer.conv1.weight.to(dtype).view(layer.conv1.out_channels, c)
         bn2 = layer.norm2
+        cached = state.bn2[l] if state.bn2 else None
         if stage.policy.recompute_bottleneck:
-            y1, y_sum, y_sqsum = _bottleneck_forward(stage, x, scale1, shift1, w1)
+            y1, y_sum, y_sqsum = _bottleneck_forward(stage, x, scale1, shift1, w1, stats=cached is None)
         else:
             y1 = state.y1[l]
-            y_sum = _acc(y1).sum(dim=(0, 2, 3))
-            y_sqsum = _acc(y1).square().sum(dim=(0, 2, 3))
-        mean2, var2 = _bn2_stats(stage, state, bn2, y_sum, y_sqsum, y1.shape, update=False)
-        count2 = count
-        batch2 = mean2 is not None
+            if cached is None:
+                y_sum = _acc(y1).sum(dim=(0, 2, 3))
+                y_sqsum = _acc(y1).square().sum(dim=(0, 2, 3))
+        if cached is not None:
+            mean2, var2 = cached
+        else:
+            mean2, var2 = _bn2_stats(stage, state, bn2, y_sum, y_sqsum, y1.shape, update=False)
         affine2 = _bn_affine(bn2, mean2, var2)
-        _, _, mean2, invstd2 = affine2
         z = _bn_relu(y1, bn2, affine2)
         w2 = layer.conv2.weight.to(dtype)
         dz, dw2, _ = torch.ops.aten.convolution_backward(
             dout.contiguous(), z, w2, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
         )
-        # BN2-ReLU backward: the ReLU mask from the recomputed output, then the BN formula in fp32
-        dzm = torch.mul(_acc(dz), z > 0)
-        del z, dout, dz
-        y1f = _acc(y1)
-        xmu2 = y1f - _bcast(mean2)
-        sum_dz = dzm.sum(dim=(0, 2, 3))
-        sum_dz_xmu = (dzm * xmu2).sum(dim=(0, 2, 3))
-        dgamma2, dbeta2 = sum_dz_xmu * invstd2, sum_dz.clone()  # local sums (DDP averages them)
-        if stage.sync and batch2:
-            _all_reduce_([sum_dz, sum_dz_xmu], stage.sync_group)
-        coef = bn2.weight.to(invstd2.dtype) * invstd2
-        if batch2:
-            dy1 = _bcast(coef) * (dzm - _bcast(sum_dz / count2) - xmu2 * _bcast(invstd2 * invstd2 * sum_dz_xmu / count2))
-        else:
-            dy1 = dzm * _bcast(coef)
-        del dzm, xmu2, y1f, y1
-        dy1 = dy1.to(dtype)
+        del dout
+        dy1, dgamma2, dbeta2 = _bn_relu_backward(stage, dz, z, y1, bn2, affine2, mean2 is not None, count)
+        del z, dz, y1
         dw1, dgamma1, dbeta1 = _bottleneck_backward(stage, G[:, :c], x, bn1, affine1, batch1, count, w1, dy1)
         del dy1
         return [
@@ -484,7 +529,7 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
     dh, dw, _ = torch.ops.aten.convolution_backward(
         dout.contiguous(), h, layer.conv1.weight.to(dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
     )
-    dh = dh.mul_(h > 0)  # ReLU mask (a multiply: torch.where is twice as slow on CPU)
+    dh = torch.ops.aten.threshold_backward(dh, h, 0)  # ReLU mask from the output (one pass; a bool mask is slower)
     del h
     sum_dh = _acc(dh).sum(dim=(0, 2, 3))
     sum_dh_xmu = (_acc(dh) * (_acc(x) - _bcast(mean1))).sum(dim=(0, 2, 3))
