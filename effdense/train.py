@@ -19,14 +19,13 @@ import contextlib
 import csv
 import dataclasses
 import json
-import math
 import os
 import random
 import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch

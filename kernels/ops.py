@@ -207,6 +207,7 @@ def bottleneck_forward(
     weight: torch.Tensor,
     *,
     stats: bool = True,
+    chunk: int | None = None,
     backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``y = conv1x1(relu(scale*x + shift), weight)`` with BN2's batch sums in the epilogue.
@@ -217,6 +218,9 @@ def bottleneck_forward(
         weight: ``(B, C)`` in x.dtype.
         stats: return the sums; ``False`` returns ``None`` for them (the PyTorch twin then skips three
             passes over ``y``; the kernel's epilogue computes them regardless).
+        chunk: the PyTorch twin materialises ``relu(scale*x + shift)`` at most this many input channels
+            at a time (see :func:`reference.bottleneck_forward`); the kernel never materialises it and
+            ignores this.
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
 
     Returns:
@@ -224,7 +228,7 @@ def bottleneck_forward(
         ``Σ y`` and ``Σ y²`` over (N, H, W), fp32 ``[B]``, of ``y`` as stored (``None`` if not ``stats``).
     """
     if not _use_triton(x, backend):
-        return reference.bottleneck_forward(x, scale, shift, weight, stats=stats)
+        return reference.bottleneck_forward(x, scale, shift, weight, stats=stats, chunk=chunk)
     reference._check_affine(x, scale, shift)
     _checks.check_weight(weight, x)
     N, C, H, W = x.shape

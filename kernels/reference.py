@@ -11,6 +11,8 @@ Shapes: ``x`` is ``(N, C, H, W)`` with a contiguous (H, W) plane (a channel slic
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from effdense.kernels import _checks
@@ -70,27 +72,56 @@ def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
+def channel_chunks(channels: int, width: int | None) -> list[tuple[int, int]]:
+    """Split ``channels`` into near-equal ``(start, stop)`` ranges of at most ``width`` (None: one range)."""
+    if width is None or width >= channels:
+        return [(0, channels)]
+    n = math.ceil(channels / max(1, width))
+    step = math.ceil(channels / n)
+    return [(c0, min(c0 + step, channels)) for c0 in range(0, channels, step)]
+
+
 def bottleneck_forward(
-    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor, *, stats: bool = True
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    *,
+    stats: bool = True,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """``y = conv1x1(relu(scale*x + shift), weight)`` in x.dtype, with fp32 ``Σy`` and ``Σy²`` per output
-    channel (``None`` for both when not ``stats``)."""
+    channel of ``y`` as stored (``None`` for both when not ``stats``).
+
+    ``chunk``: form ``h`` (fp32, the size of ``x``) at most that many input channels at a time, so the
+    temporary stays a few bottleneck outputs wide however wide ``x`` is; the chunks' products are summed
+    into ``y`` in fp32 (in place: ``baddbmm_``, for fp32 and fp64). On CPU, chunks of about the output
+    width are also faster than one wide ``h``, which falls out of cache."""
     _check_affine(x, scale, shift)
     _checks.check_weight(weight, x)
     N, C, H, W = x.shape
     B = weight.shape[0]
-    h = _relu_affine(x, scale, shift)
-    if h.dtype != x.dtype:
-        h = h.to(x.dtype)
-    y = torch.matmul(weight, h.view(N, C, H * W))  # (N, B, P), fp32 accumulation inside the GEMM
-    del h
-    if not stats:
-        return y.view(N, B, H, W), None, None
     acc = _checks.stats_dtype(x.dtype)
+    y = None
+    for c0, c1 in channel_chunks(C, chunk):
+        h = _relu_affine(x[:, c0:c1], scale[c0:c1], shift[c0:c1]).view(N, c1 - c0, H * W)
+        w = weight[:, c0:c1].contiguous()
+        if y is None:  # fp32 accumulation inside the GEMM; in x.dtype for a single chunk
+            y = torch.matmul(w, h if h.dtype == x.dtype else h.to(x.dtype))
+            if c1 < C and y.dtype != acc:
+                y = y.to(acc)
+        elif x.dtype == acc:
+            y.baddbmm_(w.expand(N, *w.shape), h)
+        else:  # low precision: each chunk's GEMM sees h rounded to x.dtype, as the kernel's does
+            y.add_(torch.matmul(w, h.to(x.dtype)))
+        del h
+    y = y.to(x.dtype).view(N, B, H, W)
+    if not stats:
+        return y, None, None
     yf = y if y.dtype == acc else y.to(acc)
-    y_sum = yf.sum(dim=(0, 2))
-    y_sqsum = (yf * yf).sum(dim=(0, 2))
-    return y.view(N, B, H, W), y_sum, y_sqsum
+    y_sum = yf.sum(dim=(0, 2, 3))
+    y_sqsum = (yf * yf).sum(dim=(0, 2, 3))
+    return y, y_sum, y_sqsum
 
 
 def bottleneck_backward_weight(

@@ -35,7 +35,7 @@ def _options(x: torch.Tensor) -> dict[str, Any]:
     if kernels_available(x.device):
         import effdense.kernels as ops
 
-        return dict(ops=ops, chunk_factor=_CHUNK_FACTOR, chunk_forward=False)
+        return dict(ops=ops, chunk_factor=_CHUNK_FACTOR)
     return dict(ops=shared.reference_ops())
 
 

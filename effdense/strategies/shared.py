@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 from types import ModuleType
 from typing import Any, Sequence
 
@@ -128,10 +127,9 @@ class _Stage:
     # The bottleneck ops run on channel chunks of chunk_width channels (the block's bottleneck width
     # times a factor): the reference twins materialise the normalised input chunk by chunk (forward
     # and backward), and the BN1 backward needs a dh scratch only as wide as a chunk, so a layer's
-    # workspace stays a few bottleneck outputs wide however deep the block. chunk_forward=False runs
-    # the forward op in one call (the Triton kernels never materialise the normalised input).
+    # workspace stays a few bottleneck outputs wide however deep the block. (The Triton forward kernel
+    # never materialises the normalised input and ignores the forward's chunk.)
     chunk_width: int = 64
-    chunk_forward: bool = True
 
     @property
     def layers(self) -> list:
@@ -250,38 +248,12 @@ def _dropout_replay(g: torch.Tensor, p: float, rng_state: Any) -> torch.Tensor:
         return F.dropout(g.contiguous(), p=p, training=True)
 
 
-def _chunks(channels: int, width: int) -> list[tuple[int, int]]:
-    """Split ``channels`` into near-equal ranges of at most ``width``."""
-    n = max(1, math.ceil(channels / max(1, width)))
-    step = math.ceil(channels / n)
-    return [(c0, min(c0 + step, channels)) for c0 in range(0, channels, step)]
-
-
 def _bottleneck_forward(
     stage: _Stage, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, w: torch.Tensor, stats: bool = True
 ):
-    """``ops.bottleneck_forward`` over input-channel chunks when the ops materialise the normalised input:
-    ``y = sum_chunks W[:, chunk] · relu(scale*x + shift)[:, chunk]``, accumulated in fp32. Returns
-    ``(y, Σy, Σy²)``, the sums ``None`` when not ``stats`` (backward with cached BN2 statistics)."""
-    chunks = _chunks(x.shape[1], stage.chunk_width) if stage.chunk_forward else [(0, x.shape[1])]
-    if len(chunks) == 1:
-        return stage.ops.bottleneck_forward(x, scale, shift, w, stats=stats)
-    acc = None
-    for c0, c1 in chunks:
-        part, _, _ = stage.ops.bottleneck_forward(
-            x[:, c0:c1], scale[c0:c1], shift[c0:c1], w[:, c0:c1].contiguous(), stats=False
-        )
-        if acc is None:
-            acc = _acc(part) if part.dtype != _acc_dtype(part.dtype) else part
-        else:
-            acc.add_(part)
-        del part
-    y = acc.to(x.dtype)
-    if not stats:
-        return y, None, None
-    y_sum = acc.sum(dim=(0, 2, 3))
-    y_sqsum = (acc * acc).sum(dim=(0, 2, 3))
-    return y, y_sum, y_sqsum
+    """``ops.bottleneck_forward``, the normalised input formed ``chunk_width`` channels at a time by the
+    twins. Returns ``(y, Σy, Σy²)``, the sums ``None`` when not ``stats`` (backward with cached BN2 statistics)."""
+    return stage.ops.bottleneck_forward(x, scale, shift, w, stats=stats, chunk=stage.chunk_width)
 
 
 def _bottleneck_backward(
@@ -298,6 +270,8 @@ def _bottleneck_backward(
     """Backward of ``y = W · relu(bn(x))`` given ``dy``: adds the input gradient into ``G`` (the gradient
     slice matching ``x``) and returns (dW fp32 (B, C), dgamma, dbeta). Runs on channel chunks: each
     chunk's weight gradient, masked ``dh``, BN sums and BN backward depend only on its own channels."""
+    from effdense.kernels.reference import channel_chunks  # not at import: effdense.kernels imports triton
+
     scale, shift, mean, invstd = affine
     gamma = bn.weight.to(invstd.dtype)
     C = x.shape[1]
@@ -305,7 +279,7 @@ def _bottleneck_backward(
     dgamma = torch.empty_like(mean)
     dbeta = torch.empty_like(mean)
     target = G if stage.policy.shared_grad else torch.zeros_like(G)  # ablation: a per-layer gradient tensor
-    for c0, c1 in _chunks(C, stage.chunk_width):
+    for c0, c1 in channel_chunks(C, stage.chunk_width):
         xs, sc, sh = x[:, c0:c1], scale[c0:c1], shift[c0:c1]
         if not stage.sync:
             dw[:, c0:c1], dgamma[c0:c1], dbeta[c0:c1] = stage.ops.bottleneck_backward(
@@ -329,7 +303,7 @@ def _bottleneck_backward(
 
 def _layer_forward(stage: _Stage, state: _StageState, layer, Fbuf: torch.Tensor, c: int):
     """Run layer ``l`` reading ``F[:, :c]``; returns its k new channels (not yet written)."""
-    ops, dtype = stage.ops, stage.dtype
+    dtype = stage.dtype
     x = Fbuf[:, :c]
     mean1, var1 = _bn1_stats(stage, state, layer.norm1, Fbuf, c, update=True)
     affine1 = _bn_affine(layer.norm1, mean1, var1)
@@ -645,7 +619,7 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _make_stage(block, transition, ops: ModuleType, x: torch.Tensor, chunk_factor: int = 1, chunk_forward: bool = True) -> _Stage:
+def _make_stage(block, transition, ops: ModuleType, x: torch.Tensor, chunk_factor: int = 1) -> _Stage:
     import torch.distributed as dist
 
     sync = bool(getattr(block, "sync_bn", False)) and dist.is_available() and dist.is_initialized()
@@ -660,14 +634,13 @@ def _make_stage(block, transition, ops: ModuleType, x: torch.Tensor, chunk_facto
         sync_group=getattr(block, "sync_group", None),
         sync=sync,
         chunk_width=chunk_factor * max(16, block.layers[0].conv1.out_channels if block.layers else 64),
-        chunk_forward=chunk_forward,
     )
 
 
 def run_stage(block, transition, x: torch.Tensor, ops: ModuleType, **stage_options: Any) -> torch.Tensor:
     """Run ``block`` (and ``transition`` if given) on ``x`` with the shared buffers; returns the block
     buffer, or the transition's pooled output when a transition is given. ``stage_options`` are
-    ``chunk_factor`` and ``chunk_forward`` (see :class:`_Stage`)."""
+    ``chunk_factor`` (see :class:`_Stage`)."""
     _check_block_input(block, x)
     stage = _make_stage(block, transition, ops, x, **stage_options)
     params = stage.params()
