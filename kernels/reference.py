@@ -99,6 +99,8 @@ def bottleneck_forward(
     width are also faster than one wide ``h``, which falls out of cache."""
     _check_affine(x, scale, shift)
     _checks.check_weight(weight, x)
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk: expected a positive int or None, got {chunk!r}")
     N, C, H, W = x.shape
     B = weight.shape[0]
     acc = _checks.stats_dtype(x.dtype)

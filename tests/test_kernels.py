@@ -116,6 +116,26 @@ def test_reference_backward_matches_autograd():
     torch.testing.assert_close((sum_dh_xmu * c["invstd"]).double(), g64.grad, atol=1e-4, rtol=1e-4)  # dgamma
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_reference_forward_in_chunks(dtype):
+    """chunk=k forms h k input channels at a time; y and its sums match the one-chunk result."""
+    c = _case((2, 48, 8, 37, 6, 5, 24), dtype if dtype != torch.float64 else torch.float32, "cpu")
+    x, w = c["x"], c["weight"]
+    scale, shift = c["scale"], c["shift"]
+    if dtype == torch.float64:
+        x, w, scale, shift = x.double(), w.double(), scale.double(), shift.double()
+    whole = R.bottleneck_forward(x, scale, shift, w)
+    parts = R.bottleneck_forward(x, scale, shift, w, chunk=10)  # 4 chunks of 10, 9, 9, 9
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype != torch.bfloat16 else dict(atol=3e-2, rtol=2e-2)
+    for a, b in zip(parts, whole):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+    y, none1, none2 = R.bottleneck_forward(x, scale, shift, w, chunk=10, stats=False)
+    assert none1 is None and none2 is None and torch.equal(y, parts[0])
+    with pytest.raises(ValueError, match="chunk"):
+        R.bottleneck_forward(x, scale, shift, w, chunk=0)
+
+
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch-stats", "running-stats"])
 def test_reference_whole_backward_matches_autograd(batch_stats):
     """R.bottleneck_backward (fewer passes, ATen's BN backward) into a channel slice of a gradient buffer."""

@@ -408,21 +408,20 @@ def _bn_backward_into(
     return dgamma, dbeta
 
 
-def _bn_relu_backward(
+def _bn_backward_whole(
     stage: _Stage,
-    dz: torch.Tensor,
-    z: torch.Tensor,
+    dzm: torch.Tensor,
     y: torch.Tensor,
     bn,
     affine: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
     batch_stats: bool,
     count: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of ``z = relu(bn(y))`` over a whole tensor ``y`` (BN2): ``(dy in y's dtype, dgamma, dbeta)``,
-    the affine gradients from the local sums (as nn.SyncBatchNorm: DDP averages them across ranks)."""
+    """Backward of ``bn(y)`` over a whole tensor ``y`` (BN2) given the gradient ``dzm`` of its output:
+    ``(dy in y's dtype, dgamma, dbeta)``, the affine gradients from the local sums (as nn.SyncBatchNorm:
+    DDP averages them across ranks)."""
     _, _, mean, invstd = affine
     gamma = bn.weight.to(invstd.dtype)
-    dzm = torch.ops.aten.threshold_backward(dz, z, 0)  # the ReLU mask from the output, z > 0
     if not stage.sync and y.dtype == invstd.dtype and y.is_contiguous() and dzm.is_contiguous():
         # nn.BatchNorm2d's own backward kernel: one fused pass for the sums, one for dy
         if batch_stats:
@@ -485,9 +484,10 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
         dz, dw2, _ = torch.ops.aten.convolution_backward(
             dout.contiguous(), z, w2, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
         )
-        del dout
-        dy1, dgamma2, dbeta2 = _bn_relu_backward(stage, dz, z, y1, bn2, affine2, mean2 is not None, count)
-        del z, dz, y1
+        dzm = torch.ops.aten.threshold_backward(dz, z, 0)  # ReLU's mask from its output, z > 0
+        del dout, dz, z
+        dy1, dgamma2, dbeta2 = _bn_backward_whole(stage, dzm, y1, bn2, affine2, mean2 is not None, count)
+        del dzm, y1
         dw1, dgamma1, dbeta1 = _bottleneck_backward(stage, G[:, :c], x, bn1, affine1, batch1, count, w1, dy1)
         del dy1
         return [
