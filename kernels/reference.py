@@ -164,7 +164,7 @@ def bottleneck_backward_input(
         out = torch.empty((N, C, H, W), dtype=x.dtype, device=x.device)
     else:
         _checks.check_activation("out", out, like=x, channels=C)
-    g = torch.matmul(weight.t(), dy.reshape(N, B, H * W)).view(N, C, H, W)
+    g = torch.matmul(weight.contiguous().t(), dy.reshape(N, B, H * W)).view(N, C, H, W)
     # ReLU mask as 0/1 in the pre-activation's own storage (gt_ in place), applied with one multiply:
     # half the time of a boolean mask and torch.where on CPU
     positive = _affine(x, scale, shift).gt_(0)
@@ -246,7 +246,7 @@ def bottleneck_backward(
     h = _relu_affine(xc, scale, shift)
     d = dy.reshape(N, B, H * W)
     dw = torch.matmul(d, h.view(N, C, H * W).transpose(1, 2)).sum(dim=0)
-    g = torch.matmul(weight.t(), d).view(N, C, H, W)
+    g = torch.matmul(weight.contiguous().t(), d).view(N, C, H, W)  # (a strided slice would cost a copy of g)
     # relu's mask, in place: h > 0 exactly where scale*x + shift > 0
     dh = torch.ops.aten.threshold_backward.grad_input(g, h, 0, grad_input=g)
     del h

@@ -274,28 +274,23 @@ def _bottleneck_backward(
 
     scale, shift, mean, invstd = affine
     gamma = bn.weight.to(invstd.dtype)
-    C = x.shape[1]
-    dw = torch.empty((w.shape[0], C), dtype=_acc_dtype(dy.dtype), device=x.device)
-    dgamma = torch.empty_like(mean)
-    dbeta = torch.empty_like(mean)
     target = G if stage.policy.shared_grad else torch.zeros_like(G)  # ablation: a per-layer gradient tensor
-    for c0, c1 in channel_chunks(C, stage.chunk_width):
-        xs, sc, sh = x[:, c0:c1], scale[c0:c1], shift[c0:c1]
+    parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (dW, dgamma, dbeta) per chunk
+    for c0, c1 in channel_chunks(x.shape[1], stage.chunk_width):
+        xs, sc, sh, wc = x[:, c0:c1], scale[c0:c1], shift[c0:c1], w[:, c0:c1].contiguous()
         if not stage.sync:
-            dw[:, c0:c1], dgamma[c0:c1], dbeta[c0:c1] = stage.ops.bottleneck_backward(
-                xs, sc, sh, w[:, c0:c1].contiguous(), dy, mean[c0:c1], invstd[c0:c1], gamma[c0:c1],
-                target[:, c0:c1], batch_stats=batch_stats,
-            )
+            parts.append(stage.ops.bottleneck_backward(
+                xs, sc, sh, wc, dy, mean[c0:c1], invstd[c0:c1], gamma[c0:c1], target[:, c0:c1], batch_stats=batch_stats
+            ))
             continue
         # SyncBatchNorm semantics: BN1's sums are all-reduced between the input gradient and the BN backward
-        dw[:, c0:c1] = stage.ops.bottleneck_backward_weight(xs, sc, sh, dy)
-        dh, sum_dh, sum_dh_xmu = stage.ops.bottleneck_backward_input(
-            xs, sc, sh, w[:, c0:c1].contiguous(), dy, mean[c0:c1]
-        )
-        dgamma[c0:c1], dbeta[c0:c1] = _bn_backward_into(
+        dwc = stage.ops.bottleneck_backward_weight(xs, sc, sh, dy)
+        dh, sum_dh, sum_dh_xmu = stage.ops.bottleneck_backward_input(xs, sc, sh, wc, dy, mean[c0:c1])
+        parts.append((dwc, *_bn_backward_into(
             stage, target[:, c0:c1], xs, dh, gamma[c0:c1], mean[c0:c1], invstd[c0:c1], batch_stats, sum_dh, sum_dh_xmu, count
-        )
+        )))
         del dh
+    dw, dgamma, dbeta = (torch.cat(t, dim=-1) if len(t) > 1 else t[0] for t in zip(*parts))
     if target is not G:
         G.add_(target)
     return dw, dgamma, dbeta
