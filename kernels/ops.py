@@ -433,6 +433,11 @@ def bottleneck_backward(
         return reference.bottleneck_backward(
             x, scale, shift, weight, dy, mean, invstd, gamma, grad, batch_stats=batch_stats
         )
+    _checks.check_activation("x", x)
+    C = x.shape[1]
+    _checks.check_activation("grad", grad, like=x, channels=C)
+    for name, v in (("invstd", invstd), ("gamma", gamma)):
+        _checks.check_vector(name, v, C, x.device)
     dw = bottleneck_backward_weight(x, scale, shift, dy, backend=backend)
     dh, sum_dh, sum_dh_xmu = bottleneck_backward_input(x, scale, shift, weight, dy, mean, backend=backend)
     dgamma, dbeta = sum_dh_xmu * invstd, sum_dh.clone()

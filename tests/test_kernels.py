@@ -442,6 +442,13 @@ def test_argument_errors(backend):
         K.bottleneck_backward_input(x, s, s, w, torch.randn(2, 4, 5, 5), s, out=torch.empty(2, 8, 4, 5), backend=backend)
     with pytest.raises(ValueError, match="grad: expected 8 channels"):
         K.bn_backward_accumulate(torch.empty(2, 7, 5, 5), x, x, s, s, s, s, s, backend=backend)
+    dy = torch.randn(2, 4, 5, 5)
+    with pytest.raises(ValueError, match="grad: expected 8 channels"):
+        K.bottleneck_backward(x, s, s, w, dy, s, s, s, torch.empty(2, 7, 5, 5), backend=backend)
+    with pytest.raises(ValueError, match=r"invstd: expected a 1-D tensor of shape \(8,\)"):
+        K.bottleneck_backward(x, s, s, w, dy, s, s[:3], s, torch.empty_like(x), backend=backend)
+    with pytest.raises(ValueError, match="dy: expected 4 channels"):
+        K.bottleneck_backward(x, s, s, w, torch.randn(2, 5, 5, 5), s, s, s, torch.empty_like(x), backend=backend)
 
 
 # --------------------------------------------------------------------------------------------------
