@@ -35,6 +35,16 @@ def test_densenet_121_shared_is_under_fifteen_percent_of_naive() -> None:
     assert shared <= 0.15 * naive, f"shared {shared / 2**20:.1f} MiB vs naive {naive / 2**20:.1f} MiB"
 
 
+@pytest.mark.slow
+def test_densenet_121_bf16_autocast_shared_is_under_a_fifth_of_naive() -> None:
+    """The `fused` issue's memory target (peak <= 0.2x the plain model, DenseNet-121, batch 64, bf16 autocast),
+    for the PyTorch twins on CPU: the block buffers in bf16, BN2's backward without fp32 temporaries."""
+    shape = (64, 3, 224, 224)
+    naive = peak("densenet121", shape, "naive", autocast_dtype=torch.bfloat16)
+    shared = peak("densenet121", shape, "shared", autocast_dtype=torch.bfloat16)
+    assert shared <= 0.20 * naive, f"shared {shared / 2**20:.1f} MiB vs naive {naive / 2**20:.1f} MiB"
+
+
 def test_shared_peak_grows_linearly_with_depth() -> None:
     shape = (64, 3, 32, 32)
     bc100 = peak("densenet_bc_100", shape, "shared")

@@ -417,8 +417,9 @@ def _bn_backward_whole(
     DDP averages them across ranks)."""
     _, _, mean, invstd = affine
     gamma = bn.weight.to(invstd.dtype)
-    if not stage.sync and y.dtype == invstd.dtype and y.is_contiguous() and dzm.is_contiguous():
-        # nn.BatchNorm2d's own backward kernel: one fused pass for the sums, one for dy
+    if not stage.sync and y.is_contiguous() and dzm.is_contiguous():
+        # nn.BatchNorm2d's own backward kernel: one fused pass for the sums, one for dy (fp32 statistics and
+        # accumulation; a bf16/fp16 y, as under autocast, is read and dy written in its dtype)
         if batch_stats:
             return torch.ops.aten.native_batch_norm_backward(
                 dzm, y, gamma, None, None, mean, invstd, True, bn.eps, [True, True, True]
@@ -426,7 +427,7 @@ def _bn_backward_whole(
         return torch.ops.aten.native_batch_norm_backward(
             dzm, y, gamma, bn.running_mean, bn.running_var, None, None, False, bn.eps, [True, True, True]
         )
-    # SyncBatchNorm semantics (the sums all-reduced before dy), or a low-precision y: the formula in fp32
+    # SyncBatchNorm semantics (the sums all-reduced before dy), or strided tensors: the formula in fp32
     dzm = _acc(dzm)
     xmu = _acc(y) - _bcast(mean)
     sum_dz = dzm.sum(dim=(0, 2, 3))
