@@ -29,7 +29,8 @@ backward leaves the kept bottleneck outputs in the state (dynamo refuses mutatio
 in backward; autograd frees the compiled graph's saved tensors itself); the checkpointed ImageNet stem
 runs without its call counter (see ``checkpoint.recompute_once``). The compiled graph saves for backward
 what eager saves (block buffers, statistics): DenseNet-BC-100 at batch 16, 32x32, 24 MiB with parameters
-vs 21 MiB. Its step peak is higher under ``aot_eager`` (70.5 vs 52.8 MiB; naive 576 vs 537 MiB), as
+vs 21 MiB. Its step peak is higher under ``aot_eager`` (70.5 vs 52.8 MiB; naive 576 vs 537 MiB; measured
+at commit d588b30, before chunks widened with small planes), as
 functionalisation turns each write into a block buffer into a full-buffer ``slice_scatter`` copy, which
 ``aot_eager`` does not re-inplace. Not made to compile: SyncBatchNorm semantics (``_sync_count`` and
 ``_sync_stats`` read host scalars) and ``momentum=None`` (``nn.BatchNorm2d`` itself does not compile with it).
@@ -629,8 +630,21 @@ def _make_stage(block, transition, ops: ModuleType, x: torch.Tensor, chunk_facto
         dtype=_autocast_dtype(x),
         sync_group=getattr(block, "sync_group", None),
         sync=sync,
-        chunk_width=chunk_factor * max(16, block.layers[0].conv1.out_channels if block.layers else 64),
+        chunk_width=_chunk_width(block, x, chunk_factor),
     )
+
+
+# A chunk's temporaries may be widened to this size (fp32 bytes of one chunk-wide activation) when its
+# planes are small: late blocks and small inputs then run in fewer, larger ops, the peak unchanged.
+_CHUNK_BYTES = 4 << 20
+
+
+def _chunk_width(block, x: torch.Tensor, chunk_factor: int) -> int:
+    """Channels per chunk: ``chunk_factor`` bottleneck widths, or more while a chunk-wide fp32
+    temporary stays within ``_CHUNK_BYTES``."""
+    width = chunk_factor * max(16, block.layers[0].conv1.out_channels if block.layers else 64)
+    plane = x.shape[0] * x.shape[2] * x.shape[3] * 4
+    return max(width, _CHUNK_BYTES // max(1, plane))
 
 
 def run_stage(block, transition, x: torch.Tensor, ops: ModuleType, **stage_options: Any) -> torch.Tensor:
