@@ -14,6 +14,7 @@ Numerics, layouts and shapes are documented on each function; the twins follow t
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
@@ -438,10 +439,9 @@ def bottleneck_backward(
     _checks.check_activation("grad", grad, like=x, channels=C)
     for name, v in (("invstd", invstd), ("gamma", gamma)):
         _checks.check_vector(name, v, C, x.device)
-    dw = bottleneck_backward_weight(x, scale, shift, dy, backend=backend)
-    dh, sum_dh, sum_dh_xmu = bottleneck_backward_input(x, scale, shift, weight, dy, mean, backend=backend)
-    dgamma, dbeta = sum_dh_xmu * invstd, sum_dh.clone()
-    if not batch_stats:  # running statistics: no terms through the mean and variance
-        sum_dh, sum_dh_xmu = torch.zeros_like(sum_dh), torch.zeros_like(sum_dh_xmu)
-    bn_backward_accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu, backend=backend)
-    return dw, dgamma, dbeta
+    return reference._three_step_backward(
+        functools.partial(bottleneck_backward_weight, backend=backend),
+        functools.partial(bottleneck_backward_input, backend=backend),
+        functools.partial(bn_backward_accumulate, backend=backend),
+        x, scale, shift, weight, dy, mean, invstd, gamma, grad, batch_stats,
+    )

@@ -12,6 +12,7 @@ Shapes: ``x`` is ``(N, C, H, W)`` with a contiguous (H, W) plane (a channel slic
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -235,13 +236,10 @@ def bottleneck_backward(
     for name, v in (("mean", mean), ("invstd", invstd), ("gamma", gamma)):
         _checks.check_vector(name, v, C, x.device, acc)
     if not (batch_stats and x.dtype == acc):
-        dw = bottleneck_backward_weight(x, scale, shift, dy)
-        dh, sum_dh, sum_dh_xmu = bottleneck_backward_input(x, scale, shift, weight, dy, mean)
-        dgamma, dbeta = sum_dh_xmu * invstd, sum_dh.clone()
-        if not batch_stats:  # running statistics: no terms through the mean and variance
-            sum_dh, sum_dh_xmu = torch.zeros_like(sum_dh), torch.zeros_like(sum_dh_xmu)
-        bn_backward_accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)
-        return dw, dgamma, dbeta
+        return _three_step_backward(
+            bottleneck_backward_weight, bottleneck_backward_input, bn_backward_accumulate,
+            x, scale, shift, weight, dy, mean, invstd, gamma, grad, batch_stats,
+        )
     xc = x.contiguous()
     h = _relu_affine(xc, scale, shift)
     d = dy.reshape(N, B, H * W)
@@ -254,4 +252,30 @@ def bottleneck_backward(
         dh, xc, gamma, None, None, mean, invstd, True, 0.0, [True, True, True]
     )
     grad.add_(dx)
+    return dw, dgamma, dbeta
+
+
+def _three_step_backward(
+    weight_grad: Callable[..., torch.Tensor],
+    input_grad: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    accumulate: Callable[..., None],
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    weight: torch.Tensor,
+    dy: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    grad: torch.Tensor,
+    batch_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``bottleneck_backward`` as its three ops in turn: ``weight_grad``, ``input_grad`` and ``accumulate``
+    are the twins here, or the Triton entry points of :mod:`.ops` (with their backend bound)."""
+    dw = weight_grad(x, scale, shift, dy)
+    dh, sum_dh, sum_dh_xmu = input_grad(x, scale, shift, weight, dy, mean)
+    dgamma, dbeta = sum_dh_xmu * invstd, sum_dh.clone()
+    if not batch_stats:  # running statistics: no terms through the mean and variance
+        sum_dh, sum_dh_xmu = torch.zeros_like(sum_dh), torch.zeros_like(sum_dh_xmu)
+    accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)
     return dw, dgamma, dbeta

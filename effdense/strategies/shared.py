@@ -463,7 +463,7 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
     if layer.bottleneck:
         w1 = layer.conv1.weight.to(dtype).view(layer.conv1.out_channels, c)
         bn2 = layer.norm2
-        cached = state.bn2[l] if state.bn2 else None
+        cached = state.bn2[l]  # BN2's batch statistics from forward, or None (running stats, or not cached)
         if stage.policy.recompute_bottleneck:
             y1, y_sum, y_sqsum = _bottleneck_forward(stage, x, scale1, shift1, w1, stats=cached is None)
         else:
