@@ -79,6 +79,31 @@ def _plane_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _plain_eager(tensors: tuple) -> bool:
+    """Whether a launch may skip its ``torch.library`` op: plain tensors in eager execution, with no
+    dispatch mode (FakeTensorMode, memory or FLOP trackers), no ``torch.compile`` tracing and no functorch
+    transform active. Those need the op; plain eager calls do not, and the op's dispatch costs several
+    times the checks and allocation around it (host time that small GPU steps are bound by)."""
+    return (
+        not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._are_functorch_transforms_active()
+        and all(type(t) is torch.Tensor for t in tensors)
+    )
+
+
+def _call(op, launch, *args: torch.Tensor, mutated: tuple[torch.Tensor, ...] = ()) -> None:
+    """Run ``launch(*args)`` through ``op`` (its ``torch.library`` op), or directly in plain eager
+    execution. ``mutated``: caller-owned arguments the launch writes, whose version counters the op would
+    bump (so autograd notices in-place changes to saved tensors); the direct path bumps them itself."""
+    if _plain_eager(args):
+        launch(*args)
+        if mutated:
+            torch.autograd.graph.increment_version(mutated)
+    else:
+        op(*args)
+
+
 # --------------------------------------------------------------------------------------------------
 # torch.library ops over the Triton launches (outputs are mutated arguments)
 
@@ -197,7 +222,7 @@ def channel_stats(x: torch.Tensor, *, backend: Backend = "auto") -> tuple[torch.
     mean, var = _zeros(C, x), _zeros(C, x)
     splits = _stats.stats_splits(x)
     parts = [torch.empty((splits, C), dtype=torch.float32, device=x.device) for _ in range(3)]
-    _channel_stats_op(x, mean, var, *parts)
+    _call(_channel_stats_op, _stats.channel_stats_launch, x, mean, var, *parts)
     return mean, var
 
 
@@ -236,7 +261,7 @@ def bottleneck_forward(
     B = weight.shape[0]
     y = torch.empty((N, B, H, W), dtype=x.dtype, device=x.device)
     y_sum, y_sqsum = _zeros(B, x), _zeros(B, x)
-    _bottleneck_forward_op(x, scale, shift, weight.contiguous(), y, y_sum, y_sqsum)
+    _call(_bottleneck_forward_op, _bottleneck.bottleneck_forward_launch, x, scale, shift, weight.contiguous(), y, y_sum, y_sqsum)
     return (y, y_sum, y_sqsum) if stats else (y, None, None)
 
 
@@ -258,7 +283,7 @@ def bottleneck_backward_weight(
     reference._check_affine(x, scale, shift)
     _checks.check_activation("dy", dy, like=x)
     dw = torch.zeros((dy.shape[1], x.shape[1]), dtype=torch.float32, device=x.device)
-    _bottleneck_backward_weight_op(x, scale, shift, dy, dw)
+    _call(_bottleneck_backward_weight_op, _bottleneck.bottleneck_backward_weight_launch, x, scale, shift, dy, dw)
     return dw
 
 
@@ -299,7 +324,10 @@ def bottleneck_backward_input(
     else:
         _checks.check_activation("out", out, like=x, channels=C)
     sum_dh, sum_dh_xmu = _zeros(C, x), _zeros(C, x)
-    _bottleneck_backward_input_op(x, scale, shift, weight.contiguous(), dy, mean, out, sum_dh, sum_dh_xmu)
+    _call(
+        _bottleneck_backward_input_op, _bottleneck.bottleneck_backward_input_launch,
+        x, scale, shift, weight.contiguous(), dy, mean, out, sum_dh, sum_dh_xmu, mutated=(out,),
+    )  # fmt: skip
     return out, sum_dh, sum_dh_xmu
 
 
@@ -332,7 +360,10 @@ def bn_backward_accumulate(
     _checks.check_activation("dh", dh, like=x, channels=C)
     for name, v in (("mean", mean), ("invstd", invstd), ("gamma", gamma), ("sum_dh", sum_dh), ("sum_dh_xmu", sum_dh_xmu)):
         _checks.check_vector(name, v, C, x.device)
-    _bn_backward_accumulate_op(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)
+    _call(
+        _bn_backward_accumulate_op, _bottleneck.bn_backward_accumulate_launch,
+        grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu, mutated=(grad,),
+    )  # fmt: skip
     return None
 
 

@@ -39,6 +39,13 @@ def _affine(
     return y.add_(shift)
 
 
+def _wmm(w: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``w @ t[n]`` for each ``n`` of a ``(N, K, P)`` batch: one batched GEMM with ``w`` broadcast (batch
+    stride 0). ``torch.matmul`` of a matrix and a batch instead folds the batch into one GEMM over
+    ``t.mT``, which copies both ``t`` and the result (two extra passes)."""
+    return torch.bmm(w.expand(t.shape[0], *w.shape), t)
+
+
 def _relu_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """``relu(scale*x + shift)`` in fp32 (type promotion: fp32 vectors), as a fresh NCHW tensor."""
     return _affine(x, scale, shift).relu_()
@@ -110,13 +117,13 @@ def bottleneck_forward(
         h = _relu_affine(x[:, c0:c1], scale[c0:c1], shift[c0:c1]).view(N, c1 - c0, H * W)
         w = weight[:, c0:c1].contiguous()
         if y is None:  # fp32 accumulation inside the GEMM; in x.dtype for a single chunk
-            y = torch.matmul(w, h if h.dtype == x.dtype else h.to(x.dtype))
+            y = _wmm(w, h if h.dtype == x.dtype else h.to(x.dtype))
             if c1 < C and y.dtype != acc:
                 y = y.to(acc)
         elif x.dtype == acc:
             y.baddbmm_(w.expand(N, *w.shape), h)
         else:  # low precision: each chunk's GEMM sees h rounded to x.dtype, as the kernel's does
-            y.add_(torch.matmul(w, h.to(x.dtype)))
+            y.add_(_wmm(w, h.to(x.dtype)))
         del h
     y = y.to(x.dtype).view(N, B, H, W)
     if not stats:
@@ -165,7 +172,7 @@ def bottleneck_backward_input(
         out = torch.empty((N, C, H, W), dtype=x.dtype, device=x.device)
     else:
         _checks.check_activation("out", out, like=x, channels=C)
-    g = torch.matmul(weight.contiguous().t(), dy.reshape(N, B, H * W)).view(N, C, H, W)
+    g = _wmm(weight.contiguous().t(), dy.reshape(N, B, H * W)).view(N, C, H, W)
     # ReLU mask as 0/1 in the pre-activation's own storage (gt_ in place), applied with one multiply:
     # half the time of a boolean mask and torch.where on CPU
     positive = _affine(x, scale, shift).gt_(0)
@@ -244,7 +251,7 @@ def bottleneck_backward(
     h = _relu_affine(xc, scale, shift)
     d = dy.reshape(N, B, H * W)
     dw = torch.matmul(d, h.view(N, C, H * W).transpose(1, 2)).sum(dim=0)
-    g = torch.matmul(weight.contiguous().t(), d).view(N, C, H, W)  # (a strided slice would cost a copy of g)
+    g = _wmm(weight.contiguous().t(), d).view(N, C, H, W)  # (a strided slice would cost a copy of g)
     # relu's mask, in place: h > 0 exactly where scale*x + shift > 0
     dh = torch.ops.aten.threshold_backward.grad_input(g, h, 0, grad_input=g)
     del h

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from effdense import kernels as K
 from effdense.kernels import reference as R
@@ -379,6 +380,64 @@ def test_opcheck_forward():
         args,
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
+
+
+class _OpLog(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_plain_eager_launch_skips_the_library_op_and_agrees_with_it(device):
+    """Plain eager calls launch the kernels directly; under a dispatch mode (trackers, FakeTensor) the same
+    call goes through the ``effdense::*`` op, which the mode sees, with the same results."""
+    _need_triton(device)
+    c = _case(SHAPES[1], torch.float32, device)
+    args = (c["x"], c["scale"], c["shift"], c["weight"])
+    direct = K.bottleneck_forward(*args, backend="triton")
+    log = _OpLog()
+    with log:
+        via_op = K.bottleneck_forward(*args, backend="triton")
+    assert "effdense.bottleneck_forward" in log.names, log.names
+    for a, b in zip(direct, via_op):
+        torch.testing.assert_close(a, b, **FP32_TOL)
+    log_direct = _OpLog()
+    K.bottleneck_forward(*args, backend="triton")  # nothing to see: no mode is active
+    assert log_direct.names == []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_plain_eager_launch_bumps_versions_of_caller_tensors(device):
+    """A direct launch writes the caller's ``out``/``grad`` in place: their version counters move, as the
+    library op's would, so autograd still catches a saved tensor modified in place."""
+    _need_triton(device)
+    c = _case(SHAPES[1], torch.float32, device)
+    out = torch.empty_like(c["x"], memory_format=torch.contiguous_format)
+    v0 = out._version
+    dh, sum_dh, sum_dh_xmu = K.bottleneck_backward_input(
+        c["x"], c["scale"], c["shift"], c["weight"], c["dy"], c["mean"], out, backend="triton"
+    )
+    assert dh is out and out._version > v0
+    grad = torch.zeros_like(out)
+    v0 = grad._version
+    K.bn_backward_accumulate(
+        grad, c["x"], dh, c["mean"], c["invstd"], c["gamma"], sum_dh, sum_dh_xmu, backend="triton"
+    )
+    assert grad._version > v0
+    leaf = torch.zeros(3, requires_grad=True)
+    saved = torch.zeros_like(grad).requires_grad_()
+    loss = (saved * saved).sum() + leaf.sum()
+    with torch.no_grad():
+        K.bn_backward_accumulate(
+            saved, c["x"], dh, c["mean"], c["invstd"], c["gamma"], sum_dh, sum_dh_xmu, backend="triton"
+        )
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
 
 
 # --------------------------------------------------------------------------------------------------
