@@ -40,6 +40,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import math
 import re
 import weakref
 from typing import Any, Callable, Iterable, Sequence
@@ -108,16 +109,18 @@ def parse_bytes(text: str) -> int:
     Raises:
         ValueError: naming the accepted units, for anything else (``"12XB"``, ``""``, ``"-1GiB"``).
     """
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else None
+    m = re.fullmatch(r"\s*(-?)([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(3).lower() if m else None
     if m is None or unit not in _UNITS:
         raise ValueError(
             f"cannot parse memory size {text!r}; expected a number and a unit such as 12GiB, 800MiB, "
             "16GB or 1.5G (binary: K/KiB, M/MiB, G/GiB, T/TiB; decimal: KB, MB, GB, TB)"
         )
-    value = float(m.group(1)) * _UNITS[unit]
-    if value <= 0:
-        raise ValueError(f"memory size must be positive, got {text!r}")
+    value = float(m.group(2)) * _UNITS[unit]
+    if m.group(1) or value < 1:  # "0", "-1GiB", and fractions of a byte ("0.5")
+        raise ValueError(f"memory size must be at least 1 byte, got {text!r}")
+    if not math.isfinite(value) or value >= 1 << 80:  # "1e400": float overflow; beyond any machine
+        raise ValueError(f"memory size {text!r} is too large")
     return int(value)
 
 

@@ -149,14 +149,15 @@ def test_cross_entropy_needs_2d_output():
 @pytest.mark.parametrize(
     "text, expected",
     [("12GiB", 12 * 2**30), ("12 GB", 12 * 10**9), ("800MiB", 800 * 2**20), ("1.5G", int(1.5 * 2**30)),
-     ("1024", 1024), ("64k", 64 * 1024)],
+     ("1024", 1024), ("64k", 64 * 1024), ("1e3", 1000), ("1E3", 1000), ("1.5", 1)],
 )  # fmt: skip
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
 
 
-@pytest.mark.parametrize("text", ["12XB", "", "GiB", "-1GiB", "0", "twelve"])
+@pytest.mark.parametrize("text", ["12XB", "", "GiB", "-1GiB", "0", "twelve", "0.5", "0.1B", "1e400", "-0"])
 def test_parse_bytes_rejects(text):
+    # "0.5" would be 0 bytes once truncated; "1e400" overflows a float (an OverflowError, not a ValueError)
     with pytest.raises(ValueError, match="memory size"):
         parse_bytes(text)
 
