@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
 import sys
 from typing import Sequence
 
@@ -23,7 +24,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, with errors on one line (``effdense bench: error: ...``) instead of usage plus message."""
+    """argparse, with errors on one line (``effdense bench: error: ...``) instead of usage plus message.
+
+    A value that starts with a minus sign and a digit (``--budget -1GiB``, ``--depths -10,20``) is taken
+    as the option's value, so its type reports what is wrong with it; argparse itself only does that for
+    plain negative numbers and would say "expected one argument". No effdense option looks like ``-1``.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message}\n")

@@ -105,6 +105,11 @@ def test_summary_tiny(capsys, tmp_path):
         (["ablate", "--vary", "speed"], "unknown Policy field"),
         (["summary", "densenet_bc_16", "--image-size", "2"], "too small"),
         (["bench", "--batch-size", "0"], "positive integer"),
+        # values starting with a minus sign reach their type, not argparse's "expected one argument"
+        (["max-depth", "--budget", "-1GiB"], "at least 1 byte"),
+        (["ablate", "--depths", "-10,16"], "must be positive"),
+        (["max-depth", "--budget", "0.5"], "at least 1 byte"),
+        (["max-depth", "--budget", "1e400"], "too large"),
         (["nonsense"], "invalid choice"),
     ],
 )
