@@ -37,6 +37,7 @@ from effdense.benchutil import (
     free_memory,
     int_list,
     nonnegative_int,
+    output_dir,
     positive_int,
     progress,
     quantiles,
@@ -190,7 +191,7 @@ def main(args: argparse.Namespace) -> int:
         p.update(memory_mode=mode, device_type="cpu" if args.estimate else device.type)
         for f in POLICY_FIELDS:
             p[f] = "" if p["policy_obj"] is None else int(getattr(p["policy_obj"], f))
-    args.out.mkdir(parents=True, exist_ok=True)
+    output_dir(args.out)
     csv_path = args.out / "ablate.csv"
     done = {_key(r) for r in read_rows(csv_path) if r.get("status") in ("ok", "skipped")}
     todo = [p for p in points if _key(p) not in done]

@@ -39,6 +39,7 @@ from effdense.benchutil import (
     resolve_device,
     strategy_list,
     time_steps,
+    output_dir,
     write_csv,
     write_json,
 )
@@ -276,6 +277,7 @@ def main(args: argparse.Namespace) -> int:
     rows = _rows(args, device)
     if not rows:
         raise UsageError("nothing to run: no strategy selected and --no-reference given")
+    output_dir(args.out)
     env = environment(device)
     settings = {
         "model": args.model, "batch_size": args.batch_size, "image_size": size, "dtype": args.dtype,

@@ -276,6 +276,20 @@ def quantiles(times: Sequence[float]) -> dict[str, float]:
 # Output
 
 
+def output_dir(path: Path) -> Path:
+    """Create the ``--out`` folder (and its parents) before any work is done, or raise :class:`UsageError`
+    saying why results could not be written there (a file of that name, a read-only parent)."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the --out folder {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"the --out folder {path} is not writable")
+    return path
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")

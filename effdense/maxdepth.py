@@ -36,6 +36,7 @@ from effdense.benchutil import (
     environment,
     format_table,
     free_memory,
+    output_dir,
     positive_int,
     progress,
     resolve_device,
@@ -146,6 +147,7 @@ def main(args: argparse.Namespace) -> int:
     n_max = (args.depth_limit - 4) // 6
     if n_max < 1:
         raise UsageError(f"--depth-limit {args.depth_limit} allows no DenseNet-BC; it must be at least 10")
+    output_dir(args.out)
     env = environment(device)
     settings = {
         "budget_bytes": args.budget, "budget_mib": mib(args.budget), "growth_rate": args.growth_rate,

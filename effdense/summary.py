@@ -28,6 +28,7 @@ from effdense.benchutil import (
     environment,
     format_table,
     model_name,
+    output_dir,
     positive_int,
     progress,
     strategy_list,
@@ -75,6 +76,7 @@ def main(args: argparse.Namespace) -> int:
         from effdense.benchutil import UsageError
 
         raise UsageError(f"--image-size {size} is too small for {args.model}: it needs at least {model.min_input_size()}")
+    output_dir(args.out)
     num_classes = model.classifier.out_features
     blocks = [len(b.layers) for b in model.dense_blocks]
     connections = [n * (n + 1) // 2 for n in blocks]

@@ -120,6 +120,27 @@ def test_bad_arguments_one_line_exit_2(capsys, argv, fragment):
     assert err.startswith("effdense")
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "--model", "densenet_bc_10", "--batch-size", "2", "--no-timing", "--memory", "estimate"],
+        ["ablate", "--strategies", "naive", "--depths", "10", "--batch-sizes", "2", "--estimate", "--no-progress"],
+        ["max-depth", "--budget", "1MiB", "--batch-size", "2", "--strategies", "naive", "--depth-limit", "16"],
+        ["summary", "densenet_bc_10", "--no-memory"],
+    ],
+    ids=["bench", "ablate", "max-depth", "summary"],
+)
+@pytest.mark.parametrize("where", ["file", "below-a-file"])
+def test_out_that_cannot_be_a_folder_is_a_usage_error(capsys, tmp_path, argv, where):
+    # before: a FileExistsError/NotADirectoryError traceback, after the work was done (exit code 1)
+    blocker = tmp_path / "results"
+    blocker.write_text("not a folder")
+    out = blocker if where == "file" else blocker / "sub"
+    code, _, err = run(capsys, *argv, "--out", str(out))
+    assert code == 2 and err.count("\n") == 1 and "--out" in err and str(out) in err, err
+    assert blocker.read_text() == "not a folder"
+
+
 def test_ablate_with_no_available_strategy_is_a_usage_error(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(effdense.strategies, "available", lambda: ("naive",))
     code, _, err = run(capsys, "ablate", "--strategies", "fused", "--depths", "10", "--estimate", "--out", str(tmp_path))
