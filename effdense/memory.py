@@ -381,11 +381,27 @@ def _prepare(
     if device is not None and any(t.device != x.device for t in [*model.parameters(), *model.buffers()]):
         model.to(x.device)
     if channels_last:
-        model.to(memory_format=torch.channels_last)
+        _to_channels_last(model)
         x = x.contiguous(memory_format=torch.channels_last)
     model.train()
     model.zero_grad(set_to_none=True)
     return model, x
+
+
+def _to_channels_last(model: nn.Module) -> None:
+    """``model.to(memory_format=torch.channels_last)``, fake models included: ``Module._apply`` replaces a
+    tensor subclass's parameters with ``torch.utils.swap_tensors``, which fails on fake tensors (their mode
+    holds weak references to them), so those are converted as ``_apply`` converts plain ones."""
+    if not any(_is_fake(t) for t in [*model.parameters(), *model.buffers()]):
+        model.to(memory_format=torch.channels_last)
+        return
+    for mod in model.modules():
+        for p in mod._parameters.values():
+            if p is not None and p.dim() == 4:
+                p.data = p.data.contiguous(memory_format=torch.channels_last)
+        for name, b in mod._buffers.items():
+            if b is not None and b.dim() == 4:
+                mod._buffers[name] = b.contiguous(memory_format=torch.channels_last)
 
 
 def _breakdown(

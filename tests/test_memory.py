@@ -101,6 +101,15 @@ def test_estimate_equals_measurement_every_strategy(strategy):
     assert meta.peak == fake.peak
 
 
+@pytest.mark.parametrize("backend", ["fake", "meta"])
+def test_estimate_equals_measurement_channels_last(backend):
+    # fake: converting the fake model to channels_last failed ("_apply(): Couldn't swap Conv2d.weight")
+    torch.manual_seed(0)
+    exact = measure_step(effdense.get_model("densenet_bc_10", strategy="naive"), (2, 3, 16, 16), channels_last=True)
+    est = estimate_step("densenet_bc_10", (2, 3, 16, 16), strategy="naive", channels_last=True, backend=backend)
+    assert est.peak == exact.peak
+
+
 def test_estimate_of_a_real_module_leaves_it_alone():
     model = effdense.get_model("densenet_bc_10", strategy="naive")
     before = {k: v.clone() for k, v in model.state_dict().items()}
