@@ -147,6 +147,10 @@ def main(args: argparse.Namespace) -> int:
     n_max = (args.depth_limit - 4) // 6
     if n_max < 1:
         raise UsageError(f"--depth-limit {args.depth_limit} allows no DenseNet-BC; it must be at least 10")
+    if args.backend == "meta" and DTYPES[args.dtype] is not None:
+        raise UsageError(
+            f"--backend meta cannot estimate --dtype {args.dtype} (autocast has no meta device); use --backend auto or fake"
+        )
     output_dir(args.out)
     env = environment(device)
     settings = {

@@ -530,7 +530,8 @@ def estimate_step(
       kernels run in C++, no tensor subclass), which the depth search of ``effdense max-depth`` needs;
       strategies see a non-CUDA device and take their CPU path (every effdense strategy runs on meta;
       other code that queries the device, or reads a value with ``.item()``, may refuse it).
-    - ``"auto"``: ``"meta"`` for CPU, falling back to ``"fake"`` where the model cannot run on meta.
+    - ``"auto"``: ``"meta"`` for CPU, falling back to ``"fake"`` where the model cannot run on meta;
+      ``"fake"`` under autocast, which ``"meta"`` cannot run.
 
     Args:
         model: model name (``"densenet_bc_100"``), a zero-argument builder, or an ``nn.Module``.
@@ -546,12 +547,13 @@ def estimate_step(
     """
     if backend not in ("fake", "meta", "auto"):
         raise ValueError(f"unknown estimate backend {backend!r}; expected 'fake', 'meta' or 'auto'")
+    low_precision = autocast_dtype is not None and autocast_dtype != torch.float32
     if backend == "auto":
         kwargs = dict(
             device=device, autocast_dtype=autocast_dtype, channels_last=channels_last, loss=loss,
             strategy=strategy, policy=policy, **model_kwargs,
         )  # fmt: skip
-        if torch.device(device).type == "cpu":
+        if torch.device(device).type == "cpu" and not low_precision:  # autocast has no meta device
             try:
                 return estimate_step(model, input_shape, backend="meta", **kwargs)
             except Exception:  # code that cannot run on meta tensors (autocast queries, .item()): fake mode can
@@ -560,6 +562,11 @@ def estimate_step(
     if backend == "meta":
         if torch.device(device).type != "cpu":
             raise ValueError(f"backend='meta' cannot pretend to be on {device!r}; use backend='fake'")
+        if low_precision:
+            raise ValueError(
+                f"backend='meta' cannot run autocast (autocast_dtype={autocast_dtype}): autocast has no meta "
+                "device; use backend='fake' or 'auto'"
+            )
         context: Any = torch.device("meta")
         device = "meta"
         copy_module = _meta_copy

@@ -110,6 +110,7 @@ def test_summary_tiny(capsys, tmp_path):
         (["ablate", "--depths", "-10,16"], "must be positive"),
         (["max-depth", "--budget", "0.5"], "at least 1 byte"),
         (["max-depth", "--budget", "1e400"], "too large"),
+        (["max-depth", "--backend", "meta", "--dtype", "bf16"], "--backend meta cannot estimate --dtype bf16"),
         (["nonsense"], "invalid choice"),
     ],
 )

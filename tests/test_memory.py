@@ -110,6 +110,16 @@ def test_estimate_equals_measurement_channels_last(backend):
     assert est.peak == exact.peak
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_meta_backend_refuses_autocast_and_auto_uses_fake(dtype):
+    # before: RuntimeError "User specified an unsupported autocast device_type 'meta'"
+    with pytest.raises(ValueError, match="backend='meta' cannot run autocast.*backend='fake'"):
+        estimate_step("densenet_bc_10", (2, 3, 16, 16), strategy="shared", autocast_dtype=dtype, backend="meta")
+    auto = estimate_step("densenet_bc_10", (2, 3, 16, 16), strategy="shared", autocast_dtype=dtype, backend="auto")
+    fake = estimate_step("densenet_bc_10", (2, 3, 16, 16), strategy="shared", autocast_dtype=dtype, backend="fake")
+    assert auto.peak == fake.peak
+
+
 def test_estimate_of_a_real_module_leaves_it_alone():
     model = effdense.get_model("densenet_bc_10", strategy="naive")
     before = {k: v.clone() for k, v in model.state_dict().items()}
