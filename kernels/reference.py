@@ -61,23 +61,32 @@ def _check_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> 
 def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel batch mean and biased variance of ``x`` over (N, H, W), fp32 ``[C]`` each (fp64 for fp64 ``x``).
 
-    Two passes (the mean, then the mean squared deviation from it), safe for large means, over channel
-    chunks of at most ``_STATS_CHUNK`` elements so the deviation temporary stays small. On CPU this is
-    several times faster than ``torch.var_mean`` over a strided slice of a block buffer."""
+    Numerically safe for large means. On CUDA, fp32/fp64: ``torch.var_mean`` (Welford; one kernel).
+    Elsewhere two passes (the mean, then the mean squared deviation from it) over channel chunks of at
+    most ``_STATS_CHUNK`` elements, so the deviation temporary stays small: on CPU several times faster
+    than ``torch.var_mean`` over a strided slice of a block buffer; in bf16/fp16 accumulated in fp32."""
     _checks.check_activation("x", x)
     acc = _checks.stats_dtype(x.dtype)
+    if x.device.type == "cuda" and x.dtype == acc:
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+        return mean, var
+    return _two_pass_stats(x, acc)
+
+
+def _two_pass_stats(x: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     N, C, H, W = x.shape
-    mean = torch.empty(C, dtype=acc, device=x.device)
-    var = torch.empty_like(mean)
-    step = max(1, _STATS_CHUNK // max(1, N * H * W))
+    M = N * H * W
+    step = max(1, _STATS_CHUNK // max(1, M))
+    parts = []
     for c0 in range(0, C, step):
         part = x[:, c0 : c0 + step]
-        m = part.sum(dim=(0, 2, 3), dtype=acc).div_(N * H * W)
+        m = part.sum(dim=(0, 2, 3), dtype=acc).div_(M)
         d = torch.sub(part, m.view(-1, 1, 1))  # acc by promotion
-        mean[c0 : c0 + step] = m
-        var[c0 : c0 + step] = d.mul_(d).sum(dim=(0, 2, 3)).div_(N * H * W)
+        parts.append((m, d.mul_(d).sum(dim=(0, 2, 3)).div_(M)))
         del d
-    return mean, var
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])
 
 
 def channel_chunks(channels: int, width: int | None) -> list[tuple[int, int]]:

@@ -178,11 +178,23 @@ def test_reference_whole_backward_equals_the_three_ops():
     torch.testing.assert_close(dbeta, sum_dh, atol=1e-5, rtol=1e-4)
 
 
-def test_reference_channel_stats_matches_pytorch():
-    x = (torch.randn(2, 48, 9, 9) * 3 + 5)[:, 7:30]
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("chunk", [None, 2 * 81 * 5], ids=["one-chunk", "chunks-of-5"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_reference_channel_stats_matches_pytorch(device, chunk, dtype, monkeypatch):
+    """The twin's statistics (one kernel on CUDA in fp32/fp64; chunked two passes elsewhere) against
+    float64 PyTorch, on a strided channel slice with a mean far from zero."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    if chunk is not None:
+        monkeypatch.setattr(R, "_STATS_CHUNK", chunk)
+    x = (torch.randn(2, 48, 9, 9, device=device, dtype=torch.float64) * 3 + 1e3).to(dtype)[:, 7:30]
     mean, var = R.channel_stats(x)
-    torch.testing.assert_close(mean, x.mean(dim=(0, 2, 3)))
-    torch.testing.assert_close(var, x.var(dim=(0, 2, 3), unbiased=False))
+    assert mean.dtype == var.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert mean.shape == var.shape == (23,)
+    x64 = x.double()
+    torch.testing.assert_close(mean.double(), x64.mean(dim=(0, 2, 3)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), x64.var(dim=(0, 2, 3), unbiased=False), rtol=1e-3, atol=0)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -57,16 +57,28 @@ def _uses_batch_stats(bn: torch.nn.modules.batchnorm._BatchNorm) -> bool:
     return bn.training or bn.running_mean is None
 
 
-def _update_running_stats(bn, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
-    """One ``nn.BatchNorm2d`` training-mode update from biased batch statistics over ``count`` values."""
-    if not (bn.training and bn.track_running_stats and bn.running_mean is not None):
+def _update_running_stats(updates: Sequence[tuple[Any, torch.Tensor, torch.Tensor]], count: int) -> None:
+    """``nn.BatchNorm2d``'s training-mode update of each ``(bn, mean, biased var)`` (statistics over
+    ``count`` values), for all of a stage's BatchNorms at once: a few multi-tensor (``_foreach``) ops
+    instead of six per BatchNorm, the same arithmetic (``r = (1 - f)*r + f*stat``, ``f`` the momentum or
+    ``1/num_batches_tracked``; the variance made unbiased first)."""
+    todo = [(bn, m, v) for bn, m, v in updates if bn.training and bn.track_running_stats and bn.running_mean is not None]
+    if not todo:
         return
     with torch.no_grad():
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-        unbiased = var * (count / (count - 1))
-        bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
-        bn.running_var.mul_(1 - factor).add_(unbiased.to(bn.running_var.dtype), alpha=factor)
+        torch._foreach_add_([bn.num_batches_tracked for bn, _, _ in todo], 1)
+        groups: dict[float, list[tuple[Any, torch.Tensor, torch.Tensor]]] = {}
+        for bn, m, v in todo:
+            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            groups.setdefault(factor, []).append((bn, m, v))
+        for factor, group in groups.items():
+            means = [bn.running_mean for bn, _, _ in group]
+            variances = [bn.running_var for bn, _, _ in group]
+            unbiased = torch._foreach_mul([v for _, _, v in group], count / (count - 1))
+            torch._foreach_mul_(means, 1 - factor)
+            torch._foreach_add_(means, [m.to(r.dtype) for (_, m, _), r in zip(group, means)], alpha=factor)
+            torch._foreach_mul_(variances, 1 - factor)
+            torch._foreach_add_(variances, [u.to(r.dtype) for u, r in zip(unbiased, variances)], alpha=factor)
 
 
 def _sync_stats(mean: torch.Tensor, var: torch.Tensor, count: int, group: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -154,14 +166,17 @@ class _StageState:
     def __init__(self, keep: bool, count: int) -> None:
         self.keep = keep
         self.count = count  # values per channel behind batch statistics: N*H*W (summed over ranks under sync)
+        # forward's running-statistics updates (bn, mean, var), applied together at the end of the stage
+        self.updates: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
         self.mean: torch.Tensor | None = None  # fp32 [C_total] cached batch means (biased statistics)
         self.var: torch.Tensor | None = None
         # per layer: how backward finds its dropout mask, or None without dropout: ("rng", RNG state before
         # the dropout) replayed in backward (eager), or ("mask", bool mask) kept (under torch.compile)
         self.rng: list[Any] = []
         self.y1: list[torch.Tensor | None] = []  # per layer: bottleneck output, when kept
-        # per bottleneck layer: BN2's (mean, biased var) batch statistics (fp32 [B]) when cached, else None
-        self.bn2: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        # per bottleneck layer: BN2's affine (scale, shift, mean, invstd; fp32 [B] each) from its batch
+        # statistics when cached, else None
+        self.bn2: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
 
     def save(self, value: Any, *, which: str) -> None:
         if self.keep:
@@ -185,7 +200,7 @@ def _bn_affine(
     mean, var = mean.to(acc), var.to(acc)
     invstd = torch.rsqrt(var + bn.eps)
     scale = bn.weight.to(acc) * invstd
-    shift = bn.bias.to(acc) - mean * scale
+    shift = torch.addcmul(bn.bias.to(acc), mean, scale, value=-1)
     return scale, shift, mean, invstd
 
 
@@ -204,7 +219,7 @@ def _bn1_stats(stage: _Stage, state: _StageState, bn, Fbuf: torch.Tensor, c: int
         mean, var = _channel_stats(stage, Fbuf[:, :c])
     if update:
         _check_count(state.count, Fbuf[:, :c].shape)
-        _update_running_stats(bn, mean, var, state.count)
+        state.updates.append((bn, mean, var))
     return mean, var
 
 
@@ -219,7 +234,7 @@ def _bn2_stats(stage: _Stage, state: _StageState, bn, y_sum: torch.Tensor, y_sqs
         mean, var, _ = _sync_stats(mean, var, local, stage.sync_group)
     if update:
         _check_count(state.count, shape)
-        _update_running_stats(bn, mean, var, state.count)
+        state.updates.append((bn, mean, var))
     return mean, var
 
 
@@ -308,8 +323,8 @@ def _layer_forward(stage: _Stage, state: _StageState, layer, Fbuf: torch.Tensor,
         w1 = layer.conv1.weight.to(dtype).view(layer.conv1.out_channels, c)
         y1, y_sum, y_sqsum = _bottleneck_forward(stage, x, scale1, shift1, w1)
         mean2, var2 = _bn2_stats(stage, state, layer.norm2, y_sum, y_sqsum, y1.shape, update=True)
-        state.save((mean2, var2) if mean2 is not None and stage.policy.cache_stats else None, which="bn2")
         affine2 = _bn_affine(layer.norm2, mean2, var2)
+        state.save(affine2 if mean2 is not None and stage.policy.cache_stats else None, which="bn2")
         if not stage.policy.recompute_bottleneck:
             state.save(y1, which="y1")
         z = _bn_relu(y1, layer.norm2, affine2)
@@ -366,6 +381,8 @@ def _stage_forward(stage: _Stage, x: torch.Tensor, keep: bool) -> tuple[torch.Te
         if cache:
             state.mean[c : c + k], state.var[c : c + k] = _channel_stats(stage, Fbuf[:, c : c + k])
     out = _transition_forward(stage, state, Fbuf) if stage.transition is not None else None
+    _update_running_stats(state.updates, state.count)
+    state.updates = []
     return Fbuf, out, state
 
 
@@ -463,7 +480,7 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
     if layer.bottleneck:
         w1 = layer.conv1.weight.to(dtype).view(layer.conv1.out_channels, c)
         bn2 = layer.norm2
-        cached = state.bn2[l]  # BN2's batch statistics from forward, or None (running stats, or not cached)
+        cached = state.bn2[l]  # BN2's affine from forward's batch statistics, or None (running stats, or not cached)
         if stage.policy.recompute_bottleneck:
             y1, y_sum, y_sqsum = _bottleneck_forward(stage, x, scale1, shift1, w1, stats=cached is None)
         else:
@@ -472,10 +489,10 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
                 y_sum = _acc(y1).sum(dim=(0, 2, 3))
                 y_sqsum = _acc(y1).square().sum(dim=(0, 2, 3))
         if cached is not None:
-            mean2, var2 = cached
+            affine2, batch2 = cached, True
         else:
             mean2, var2 = _bn2_stats(stage, state, bn2, y_sum, y_sqsum, y1.shape, update=False)
-        affine2 = _bn_affine(bn2, mean2, var2)
+            affine2, batch2 = _bn_affine(bn2, mean2, var2), mean2 is not None
         z = _bn_relu(y1, bn2, affine2)
         w2 = layer.conv2.weight.to(dtype)
         dz, dw2, _ = torch.ops.aten.convolution_backward(
@@ -483,7 +500,7 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
         )
         dzm = torch.ops.aten.threshold_backward(dz, z, 0)  # ReLU's mask from its output, z > 0
         del dout, dz, z
-        dy1, dgamma2, dbeta2 = _bn_backward_whole(stage, dzm, y1, bn2, affine2, mean2 is not None, count)
+        dy1, dgamma2, dbeta2 = _bn_backward_whole(stage, dzm, y1, bn2, affine2, batch2, count)
         del dzm, y1
         dw1, dgamma1, dbeta1 = _bottleneck_backward(stage, G[:, :c], x, bn1, affine1, batch1, count, w1, dy1)
         del dy1
