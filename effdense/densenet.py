@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
+import warnings
 from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
@@ -356,22 +358,86 @@ def _upgrade_legacy_keys(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict
     return out
 
 
+# Wrappers a training checkpoint puts around the state dict: ``{"state_dict": ...}`` (Lightning and many
+# scripts), ``{"model": ...}`` (``effdense train``).
+_CHECKPOINT_KEYS = ("state_dict", "model")
+
+
+def _unwrap_checkpoint(obj: Mapping[str, Any]) -> Mapping[str, Any]:
+    for key in _CHECKPOINT_KEYS:
+        if key in obj and isinstance(obj[key], Mapping):
+            return obj[key]
+    return obj
+
+
+def _is_weights_enum(weights: Any) -> bool:
+    """A torchvision ``WeightsEnum`` member, or anything with its surface (``meta``, ``get_state_dict``)."""
+    return hasattr(weights, "get_state_dict") and hasattr(weights, "meta")
+
+
+def _weights_enum_class(arch: str) -> Any:
+    """torchvision's weights enum for ``arch`` (``DenseNet121_Weights``), or None (no torchvision, or
+    torchvision has no weights for it, as for densenet264)."""
+    try:
+        from torchvision import models
+    except ImportError:  # pragma: no cover - torchvision is optional
+        return None
+    return getattr(models, f"DenseNet{arch[len('densenet'):]}_Weights", None)
+
+
+def _verify_weights_enum(arch: str, weights: Any) -> Any:
+    """What torchvision's ``WeightsEnum.verify`` does, before anything is downloaded: a member name
+    (``"DEFAULT"``, ``"IMAGENET1K_V1"``, ``"DenseNet121_Weights.IMAGENET1K_V1"``) that is not an existing
+    file becomes the member; a torchvision ``WeightsEnum`` of another model is a ``TypeError``."""
+    if isinstance(weights, (str, os.PathLike)) and not os.path.exists(os.fspath(weights)):
+        cls = _weights_enum_class(arch)
+        if cls is None:
+            return weights  # the loader's "file does not exist"
+        name = os.fspath(weights).replace(cls.__name__ + ".", "")
+        if name in cls.__members__:
+            return cls[name]
+        raise FileNotFoundError(
+            f"weights file {os.fspath(weights)!r} does not exist, and it is not a member of {cls.__name__} "
+            f"either ({', '.join(cls.__members__)})"
+        )
+    enum_base = getattr(sys.modules.get("torchvision.models"), "WeightsEnum", None)
+    if enum_base is not None and isinstance(weights, enum_base):
+        cls = _weights_enum_class(arch)
+        if cls is None:
+            raise TypeError(f"torchvision has no weights for {arch}; got {weights!r}")
+        if not isinstance(weights, cls):
+            raise TypeError(f"{arch}() expects weights from {cls.__name__}, got {weights!r}")
+    return weights
+
+
 def _resolve_weights(weights: Any, progress: bool) -> Mapping[str, torch.Tensor] | None:
     if weights is None:
         return None
     if isinstance(weights, Mapping):
-        return weights
+        return _unwrap_checkpoint(weights)
     if isinstance(weights, (str, os.PathLike)):
         path = os.fspath(weights)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"weights file {path!r} does not exist")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
-            obj = obj["state_dict"]
+            problem = "is not a file" if os.path.exists(path) else "does not exist"
+            raise FileNotFoundError(
+                f"weights file {path!r} {problem} (a string is a file path, or a member name of the "
+                "model's torchvision weights enum such as 'DEFAULT')"
+            )
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            raise ValueError(
+                f"weights file {path!r} could not be read as a state dict by "
+                f"torch.load(weights_only=True): {type(exc).__name__}: {first_line} "
+                "(a whole pickled model is not loaded: save model.state_dict() instead)"
+            ) from exc
+        if isinstance(obj, Mapping):
+            obj = _unwrap_checkpoint(obj)
         if not isinstance(obj, Mapping):
             raise TypeError(f"weights file {path!r} holds a {type(obj).__name__}, expected a state dict")
         return obj
-    if hasattr(weights, "get_state_dict"):  # a torchvision WeightsEnum member
+    if _is_weights_enum(weights):  # a torchvision WeightsEnum member
         return weights.get_state_dict(progress=progress, check_hash=True)
     raise TypeError(
         "weights must be None, a torchvision WeightsEnum, a state dict or a file path, "
@@ -380,7 +446,9 @@ def _resolve_weights(weights: Any, progress: bool) -> Mapping[str, torch.Tensor]
 
 
 def load_weights(model: DenseNet, weights: Any, progress: bool = True) -> DenseNet:
-    """Load ``weights`` (WeightsEnum, state dict or path; legacy key names accepted) into ``model`` strictly."""
+    """Load ``weights`` into ``model`` strictly: a torchvision ``WeightsEnum``, a state dict or a file path
+    (a checkpoint dict holding the state dict under ``"state_dict"`` or ``"model"`` is unwrapped; legacy
+    key names are accepted)."""
     state_dict = _resolve_weights(weights, progress)
     if state_dict is not None:
         model.load_state_dict(_upgrade_legacy_keys(state_dict), strict=True)
@@ -392,8 +460,31 @@ def _densenet(arch: str, weights: Any, progress: bool, **kwargs: Any) -> DenseNe
     overlap = set(config) & set(kwargs)
     if overlap:
         raise TypeError(f"{arch}() fixes {sorted(overlap)}; build effdense.DenseNet directly to change them")
-    if weights is not None and hasattr(weights, "meta") and "num_classes" not in kwargs:
-        kwargs["num_classes"] = len(weights.meta.get("categories", [None] * 1000))
+    if "pretrained" in kwargs:  # torchvision's deprecated flag, handled as torchvision does
+        pretrained = kwargs.pop("pretrained")
+        if weights is not None:
+            raise ValueError(
+                f"{arch}() got both weights= and the deprecated pretrained={pretrained!r}; pass weights= only"
+            )
+        warnings.warn(
+            f"{arch}(pretrained=...) is deprecated, as in torchvision: use weights='DEFAULT' or weights=None",
+            UserWarning,
+            stacklevel=3,
+        )
+        if pretrained:
+            cls = _weights_enum_class(arch)
+            if cls is None:
+                raise ValueError(f"pretrained=True: torchvision has no weights for {arch}")
+            weights = cls.DEFAULT
+    weights = _verify_weights_enum(arch, weights)
+    if _is_weights_enum(weights):
+        # as torchvision: the weights fix the number of classes, checked before anything is downloaded
+        categories = len(weights.meta.get("categories", [None] * 1000))
+        if kwargs.setdefault("num_classes", categories) != categories:
+            raise ValueError(
+                f"{weights!r} has {categories} classes, got num_classes={kwargs['num_classes']!r}; "
+                "leave num_classes out, or load the weights and replace model.classifier"
+            )
     return load_weights(DenseNet(**config, **kwargs), weights, progress)
 
 

@@ -318,3 +318,69 @@ def test_bad_weights() -> None:
         effdense.densenet121(weights=3)
     with pytest.raises(RuntimeError, match="Missing key"):
         effdense.densenet121(weights={"classifier.weight": torch.zeros(1000, 1024)})
+
+
+@pytest.fixture
+def no_download(monkeypatch):
+    """torchvision's WeightsEnum.get_state_dict records its calls and returns random weights: no network."""
+    from torchvision.models import WeightsEnum
+
+    calls: list = []
+
+    def fake_get_state_dict(self, *args, **kwargs):
+        calls.append(self)
+        return torchvision.models.densenet121().state_dict()
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", fake_get_state_dict)
+    return calls
+
+
+def test_weights_enum_checked_before_download(no_download) -> None:
+    from torchvision.models import DenseNet121_Weights, DenseNet161_Weights, ResNet18_Weights
+
+    # torchvision: TypeError for another model's enum, ValueError for a num_classes conflict; no download
+    with pytest.raises(TypeError, match="densenet121\\(\\) expects weights from DenseNet121_Weights, got DenseNet16"):
+        effdense.densenet121(weights=DenseNet161_Weights.IMAGENET1K_V1)
+    with pytest.raises(TypeError, match="expects weights from DenseNet121_Weights, got ResNet18_Weights"):
+        effdense.densenet121(weights=ResNet18_Weights.IMAGENET1K_V1)
+    with pytest.raises(TypeError, match="torchvision has no weights for densenet264"):
+        effdense.densenet264(weights=DenseNet121_Weights.IMAGENET1K_V1)
+    with pytest.raises(ValueError, match="has 1000 classes, got num_classes=10"):
+        effdense.densenet121(weights=DenseNet121_Weights.IMAGENET1K_V1, num_classes=10)
+    assert no_download == []
+    model = effdense.densenet121(weights=DenseNet121_Weights.IMAGENET1K_V1, num_classes=1000)
+    assert model.classifier.out_features == 1000 and len(no_download) == 1
+
+
+def test_weights_enum_member_names_and_pretrained(no_download) -> None:
+    from torchvision.models import DenseNet121_Weights
+
+    # as torchvision's WeightsEnum.verify: member names, with or without the class name
+    for name in ("DEFAULT", "IMAGENET1K_V1", "DenseNet121_Weights.IMAGENET1K_V1"):
+        effdense.densenet121(weights=name)
+    assert no_download == [DenseNet121_Weights.IMAGENET1K_V1] * 3
+    with pytest.raises(FileNotFoundError, match="'IMAGENET1K_V2' does not exist.*DenseNet121_Weights.*IMAGENET1K_V1"):
+        effdense.densenet121(weights="IMAGENET1K_V2")
+    # torchvision's deprecated pretrained= flag: warns and means weights=DEFAULT / None
+    with pytest.warns(UserWarning, match="pretrained=.*deprecated"):
+        assert effdense.densenet121(pretrained=True).classifier.out_features == 1000
+    with pytest.warns(UserWarning, match="deprecated"):
+        effdense.densenet121(pretrained=False)
+    assert len(no_download) == 4
+    with pytest.raises(ValueError, match="both weights= and the deprecated pretrained=True"):
+        effdense.densenet121(pretrained=True, weights="DEFAULT")
+
+
+def test_weights_files_name_their_problem(tmp_path) -> None:
+    sd = torchvision.models.densenet121(num_classes=3).state_dict()
+    torch.save({"model": sd, "epoch": 2}, tmp_path / "train.pt")  # effdense train's checkpoint layout
+    model = effdense.densenet121(weights=tmp_path / "train.pt", num_classes=3)
+    assert torch.equal(model.classifier.weight, sd["classifier.weight"])
+    (tmp_path / "junk.pth").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="junk.pth' could not be read as a state dict"):
+        effdense.densenet121(weights=tmp_path / "junk.pth")
+    torch.save(torchvision.models.densenet121(num_classes=3), tmp_path / "whole.pth")
+    with pytest.raises(ValueError, match="whole.pth' could not be read.*save model.state_dict\\(\\) instead"):
+        effdense.densenet121(weights=tmp_path / "whole.pth", num_classes=3)
+    with pytest.raises(FileNotFoundError, match="is not a file"):
+        effdense.densenet121(weights=tmp_path)
