@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import operator
 import re
 import weakref
 from typing import Any, Callable, Iterable, Sequence
@@ -362,6 +363,18 @@ def training_step(
     value.backward()
 
 
+def _input_shape(shape: Any) -> tuple[int, ...]:
+    """``shape`` as a tuple of positive ints, or a ``ValueError`` that shows it."""
+    dims = None if isinstance(shape, (str, bytes)) else shape
+    try:
+        dims = tuple(operator.index(d) for d in dims)  # ints only: 2.5 or "2" are not sizes
+    except TypeError:
+        dims = None
+    if not dims or any(d < 1 for d in dims):
+        raise ValueError(f"input shape must be a sequence of positive ints such as (64, 3, 32, 32), got {shape!r}")
+    return dims
+
+
 def _prepare(
     model: nn.Module,
     input_shape_or_tensor: Sequence[int] | torch.Tensor,
@@ -373,7 +386,7 @@ def _prepare(
         if device is not None:
             x = x.to(device)
     else:
-        shape = tuple(int(s) for s in input_shape_or_tensor)
+        shape = _input_shape(input_shape_or_tensor)
         if device is None:
             ref = next(iter(model.parameters()), None)
             device = ref.device if ref is not None else "cpu"
@@ -502,7 +515,7 @@ def _is_fake(t: torch.Tensor) -> bool:
 
 def estimate_step(
     model: str | Callable[[], nn.Module] | nn.Module,
-    input_shape: Sequence[int],
+    input_shape: Sequence[int] | torch.Tensor,
     *,
     device: torch.device | str = "cpu",
     autocast_dtype: torch.dtype | None = None,
@@ -535,7 +548,7 @@ def estimate_step(
 
     Args:
         model: model name (``"densenet_bc_100"``), a zero-argument builder, or an ``nn.Module``.
-        input_shape: ``(N, C, H, W)``.
+        input_shape: ``(N, C, H, W)``, or a tensor standing for its shape and dtype (its values are not read).
         device: the device fake tensors claim to be on (``backend="fake"`` only).
         autocast_dtype: as in :func:`measure_step`.
         channels_last: as in :func:`measure_step`.
@@ -547,6 +560,10 @@ def estimate_step(
     """
     if backend not in ("fake", "meta", "auto"):
         raise ValueError(f"unknown estimate backend {backend!r}; expected 'fake', 'meta' or 'auto'")
+    if isinstance(input_shape, torch.Tensor):  # stands for its shape and dtype; its values are not read
+        shape, in_dtype = tuple(input_shape.shape), input_shape.dtype
+    else:
+        shape, in_dtype = _input_shape(input_shape), torch.get_default_dtype()
     low_precision = autocast_dtype is not None and autocast_dtype != torch.float32
     if backend == "auto":
         kwargs = dict(
@@ -593,7 +610,9 @@ def estimate_step(
             if not hasattr(module, "set_strategy"):
                 raise TypeError(f"strategy/policy need an effdense DenseNet, got {type(module).__name__}")
             module.set_strategy(strategy or module.strategy, policy)
-        x = torch.randn(tuple(int(s) for s in input_shape), device=device)
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"the model builder returned a {type(module).__name__} object, not an nn.Module")
+        x = torch.empty(shape, dtype=in_dtype, device=device)  # fake or meta: no values to fill in
         return measure_step(
             module, x, device=device, autocast_dtype=autocast_dtype, channels_last=channels_last, loss=loss, warmup=0
         )

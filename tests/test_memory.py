@@ -120,6 +120,28 @@ def test_meta_backend_refuses_autocast_and_auto_uses_fake(dtype):
     assert auto.peak == fake.peak
 
 
+def test_estimate_takes_a_tensor_for_its_shape():
+    # before: an AssertionError from inside FakeTensorMode ("Please convert all Tensors to FakeTensors first")
+    x = torch.randn(2, 3, 16, 16)
+    est = estimate_step("densenet_bc_10", x, strategy="naive")
+    assert est.peak == estimate_step("densenet_bc_10", (2, 3, 16, 16), strategy="naive").peak
+    assert est.input == x.nbytes
+
+
+@pytest.mark.parametrize("shape", [16, "2,3,16,16", (2.5, 3, 16, 16), (0, 3, 16, 16), (-2, 3, 16, 16), ()])
+def test_bad_input_shape_is_named(shape):
+    # before: "'int' object is not iterable", "invalid literal for int()", 2.5 taken as 2, torch's own errors
+    for step in (lambda: measure_step(effdense.get_model("densenet_bc_10", strategy="naive"), shape),
+                 lambda: estimate_step("densenet_bc_10", shape, strategy="naive")):  # fmt: skip
+        with pytest.raises(ValueError, match=r"input shape must be a sequence of positive ints.*got"):
+            step()
+
+
+def test_estimate_builder_must_return_a_module():
+    with pytest.raises(TypeError, match="builder returned a int object, not an nn.Module"):
+        estimate_step(lambda: 3, (2, 3))
+
+
 def test_estimate_of_a_real_module_leaves_it_alone():
     model = effdense.get_model("densenet_bc_10", strategy="naive")
     before = {k: v.clone() for k, v in model.state_dict().items()}
