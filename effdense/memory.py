@@ -345,6 +345,8 @@ def _loss(out: Any, loss: str | Callable[[Any], torch.Tensor]) -> torch.Tensor:
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
     if dtype is None or dtype == torch.float32:
         return contextlib.nullcontext()
+    if dtype not in (torch.bfloat16, torch.float16):  # torch.autocast would warn and run in fp32
+        raise ValueError(f"autocast_dtype must be torch.bfloat16, torch.float16, torch.float32 or None, got {dtype!r}")
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 

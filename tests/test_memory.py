@@ -178,6 +178,13 @@ def test_twenty_steps_leave_no_growth(strategy):
     assert live[1:] == [live[1]] * 19, live
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.int32, "bf16"])
+def test_unsupported_autocast_dtype_is_named(dtype):
+    # before: torch.autocast warned and the step ran in fp32 (float64, int32), or a TypeError ("bf16")
+    with pytest.raises(ValueError, match="autocast_dtype must be torch.bfloat16, torch.float16"):
+        measure_step(nn.Linear(4, 2), (2, 4), autocast_dtype=dtype)
+
+
 def test_cross_entropy_needs_2d_output():
     with pytest.raises(ValueError, match="loss='sum'"):
         measure_step(nn.Conv2d(3, 4, 3), (1, 3, 8, 8))
