@@ -592,6 +592,11 @@ def estimate_step(
     else:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
+        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"estimating on device={device!r} needs a CUDA device and driver (building modules under fake CUDA "
+                "initialises CUDA), and this machine has none; estimate with device='cpu'"
+            )
         context = FakeTensorMode(allow_non_fake_inputs=False)
         copy_module = functools.partial(_fake_copy, fake_mode=context)
     if isinstance(model, nn.Module):

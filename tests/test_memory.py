@@ -142,6 +142,14 @@ def test_estimate_builder_must_return_a_module():
         estimate_step(lambda: 3, (2, 3))
 
 
+@pytest.mark.parametrize("backend", ["fake", "auto"])
+def test_fake_cuda_estimate_without_a_gpu_is_named(monkeypatch, backend):
+    # before (no GPU): RuntimeError "hasPrimaryContext expects a valid device index, but got device_index=0"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="needs a CUDA device.*device='cpu'"):
+        estimate_step("densenet_bc_10", (2, 3, 16, 16), device="cuda", backend=backend)
+
+
 def test_estimate_of_a_real_module_leaves_it_alone():
     model = effdense.get_model("densenet_bc_10", strategy="naive")
     before = {k: v.clone() for k, v in model.state_dict().items()}
