@@ -219,7 +219,8 @@ def channel_stats(x: torch.Tensor, *, backend: Backend = "auto") -> tuple[torch.
         return reference.channel_stats(x)
     _checks.check_activation("x", x)
     C = x.shape[1]
-    mean, var = _zeros(C, x), _zeros(C, x)
+    mean = torch.empty(C, dtype=torch.float32, device=x.device)  # the merge kernel writes every channel
+    var = torch.empty_like(mean)
     splits = _stats.stats_splits(x)
     parts = [torch.empty((splits, C), dtype=torch.float32, device=x.device) for _ in range(3)]
     _call(_channel_stats_op, _stats.channel_stats_launch, x, mean, var, *parts)

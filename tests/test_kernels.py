@@ -325,6 +325,23 @@ def test_channel_stats_large_mean(dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_channel_stats_merges_splits_including_an_empty_one(device):
+    """Enough columns for several split programs (the last one possibly without a tile): their partial
+    (count, mean, M2) are merged by the merge kernel, against float64 PyTorch."""
+    _need_triton(device)
+    from effdense.kernels import stats as S
+
+    ramp = torch.linspace(0, 20, 129, device=device, dtype=torch.float64).view(1, 1, 129, 1)
+    x = (torch.randn(1, 7, 129, 129, device=device, dtype=torch.float64) * 2 + 1e3 + ramp).float()  # splits' means differ
+    splits = S.stats_splits(x)
+    assert splits > 1, "the case must split the columns"
+    mean, var = K.channel_stats(x, backend="triton")
+    exact = x.double()
+    torch.testing.assert_close(mean.double(), exact.mean(dim=(0, 2, 3)), atol=1e-3, rtol=1e-6)
+    torch.testing.assert_close(var.double(), exact.var(dim=(0, 2, 3), unbiased=False), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4]], ids=[SHAPE_IDS[0], SHAPE_IDS[4]])
 def test_channel_stats_shapes(shape, device):
     _need_triton(device)
