@@ -632,10 +632,20 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
         strategy: block strategy of the new model.
         policy: :class:`effdense.Policy` of the new model.
     """
+    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        raise TypeError(
+            f"convert() expects a torchvision DenseNet, got a {type(model).__name__} wrapper: pass model.module"
+        )
     features = getattr(model, "features", None)
     classifier = getattr(model, "classifier", None)
-    if not isinstance(features, nn.Sequential) or not isinstance(classifier, nn.Linear):
+    if not isinstance(features, nn.Sequential):
         raise TypeError(f"convert() expects a torchvision DenseNet, got {type(model).__name__}")
+    if not isinstance(classifier, nn.Linear):
+        raise TypeError(
+            f"convert() expects a torchvision DenseNet whose classifier is one nn.Linear, got a "
+            f"{type(classifier).__name__} classifier; convert a model with the original head and replace "
+            "the converted model's classifier afterwards"
+        )
     blocks = [m for name, m in features.named_children() if name.startswith("denseblock")]
     if not blocks:
         raise TypeError("convert() found no dense blocks (features.denseblock1, ...) in the model")
@@ -665,5 +675,17 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
     ref = next(model.parameters())
     clone.to(device=ref.device, dtype=ref.dtype)
     clone.load_state_dict(model.state_dict(), strict=True)
-    clone.train(model.training)
+    # what a state dict does not carry, module by module: train/eval flags (a backbone whose BatchNorms
+    # were put in eval mode for fine-tuning), frozen parameters, BatchNorm momentum and eps
+    source = dict(model.named_modules())
+    for name, module in clone.named_modules():
+        src = source.get(name)
+        if src is None:
+            continue
+        module.training = src.training
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and isinstance(src, nn.modules.batchnorm._BatchNorm):
+            module.momentum, module.eps = src.momentum, src.eps
+    source_params = dict(model.named_parameters())
+    for name, p in clone.named_parameters():
+        p.requires_grad_(source_params[name].requires_grad)
     return clone

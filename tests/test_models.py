@@ -384,3 +384,43 @@ def test_weights_files_name_their_problem(tmp_path) -> None:
         effdense.densenet121(weights=tmp_path / "whole.pth", num_classes=3)
     with pytest.raises(FileNotFoundError, match="is not a file"):
         effdense.densenet121(weights=tmp_path)
+
+
+def _small_torchvision_densenet(**kwargs) -> nn.Module:
+    return torchvision.models.DenseNet(growth_rate=8, block_config=(2, 3), num_init_features=16, **kwargs)
+
+
+def test_convert_keeps_what_the_state_dict_does_not_carry() -> None:
+    source = _small_torchvision_densenet(num_classes=4)
+    for p in source.features.denseblock1.parameters():  # frozen first block, its BatchNorms in eval mode
+        p.requires_grad_(False)
+    source.features.denseblock1.eval()
+    for m in source.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum, m.eps = 0.3, 1e-2
+    tv = copy.deepcopy(source)
+    x = torch.randn(2, 3, 40, 40)
+    out_tv = train_step(tv, x)
+    tv_params = dict(tv.named_parameters())
+    for strategy in effdense.available_strategies():
+        ours = effdense.convert(source, strategy=strategy)
+        assert [m.training for m in ours.modules()] == [m.training for m in tv.modules()], strategy
+        assert [p.requires_grad for p in ours.parameters()] == [p.requires_grad for p in tv.parameters()], strategy
+        assert ours.features.denseblock2.denselayer1.norm1.eps == 1e-2
+        out = train_step(ours, x)
+        assert_close_rel(out, out_tv, rtol=1e-4, name=f"{strategy} output")
+        for name, p in ours.named_parameters():
+            assert (p.grad is None) == (tv_params[name].grad is None), f"{strategy} {name}"
+            if p.grad is not None:
+                assert_close_rel(p.grad, tv_params[name].grad, rtol=1e-4, name=f"{strategy} {name}")
+        for (name, a), b in zip(_bn_buffers(ours).items(), _bn_buffers(tv).values()):
+            assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6), f"{strategy} {name}"
+
+
+def test_convert_names_what_it_cannot_convert() -> None:
+    tv = _small_torchvision_densenet()
+    with pytest.raises(TypeError, match="got a DataParallel wrapper: pass model.module"):
+        effdense.convert(nn.DataParallel(tv))
+    tv.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(tv.classifier.in_features, 3))
+    with pytest.raises(TypeError, match="classifier is one nn.Linear, got a Sequential classifier"):
+        effdense.convert(tv)
