@@ -70,6 +70,21 @@ def test_ablate_timed_writes_time_plot(capsys, tmp_path):
     assert (tmp_path / "ablate_time.png").exists()
 
 
+def test_ablate_resumed_with_time_times_the_points_measured_without(capsys, tmp_path):
+    # before: the untimed rows counted as done, so the timed rerun ran nothing and drew no time plot
+    argv = ["ablate", "--strategies", "naive,checkpoint", "--depths", "10", "--batch-sizes", "2", "--image-size", "8",
+            "--device", "cpu", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+    assert run(capsys, *argv)[0] == 0
+    code, _, err = run(capsys, *argv, "--time", "--steps", "1", "--warmup", "0")
+    assert code == 0 and "2 to run" in err, err
+    with open(tmp_path / "ablate.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 4 and [bool(r["time_ms"]) for r in rows] == [False, False, True, True]
+    assert (tmp_path / "ablate_time.png").exists()
+    code, _, err = run(capsys, *argv, "--time", "--steps", "1", "--warmup", "0", "--no-plots")
+    assert code == 0 and "0 to run" in err, err
+
+
 def test_max_depth_tiny(capsys, tmp_path):
     code, out, err = run(capsys, "max-depth", "--budget", "64MiB", "--batch-size", "4", "--strategies", "naive,checkpoint",
                          "--depth-limit", "200", "--device", "cpu", "--out", str(tmp_path))  # fmt: skip
