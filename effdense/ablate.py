@@ -227,7 +227,7 @@ def main(args: argparse.Namespace) -> int:
     bar.close()
     print(f"wrote {csv_path}")
     if not args.no_plots:
-        for path in plot(csv_path, args.out):
+        for path in plot(csv_path, args.out, keys={_key(p) for p in points}):
             print(f"wrote {path}")
     return 0
 
@@ -275,14 +275,20 @@ def _common(rows: list[dict[str, str]], column: str) -> str:
     return max(dict.fromkeys(values), key=values.count)
 
 
-def plot(csv_path: Path, out_dir: Path) -> list[Path]:
-    """Draw the ablation plots from ``csv_path`` into ``out_dir``; returns the files written."""
+def plot(csv_path: Path, out_dir: Path, keys: set[tuple[str, ...]] | None = None) -> list[Path]:
+    """Draw the ablation plots from ``csv_path`` into ``out_dir``; returns the files written.
+
+    ``keys``: only the rows of these grid points (the grid just run; earlier grids in the same CSV, at
+    another image size say, would mix into its lines). A point with several rows is drawn from the last.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    rows = [r for r in read_rows(csv_path) if r.get("status") == "ok"]
+    latest = {_key(r): r for r in read_rows(csv_path) if r.get("status") == "ok"}
+    rows = [r for key, r in latest.items() if keys is None or key in keys]
     if not rows:
         return []
     written: list[Path] = []
@@ -310,6 +316,7 @@ def plot(csv_path: Path, out_dir: Path) -> list[Path]:
             ax.axhline(hline, color="grey", linestyle=":", linewidth=1)
         if logy:
             ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # depths and batch sizes
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)

@@ -85,6 +85,22 @@ def test_ablate_resumed_with_time_times_the_points_measured_without(capsys, tmp_
     assert code == 0 and "0 to run" in err, err
 
 
+def test_ablate_plots_show_the_grid_just_run(capsys, tmp_path, monkeypatch):
+    # two grids in one folder, at two image sizes: before, the plots mixed both into each line
+    import matplotlib.axes
+
+    lines = []
+    original = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, xs, ys, **kw: lines.append((self, kw.get("label"), list(xs))) or original(self, xs, ys, **kw))  # fmt: skip
+    argv = ["ablate", "--strategies", "naive", "--depths", "10,16", "--batch-sizes", "2", "--estimate", "--no-progress",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert run(capsys, *argv, "--image-size", "8", "--no-plots")[0] == 0
+    assert run(capsys, *argv, "--image-size", "16")[0] == 0
+    depth_lines = [(label, xs) for ax, label, xs in lines if "vs depth" in ax.get_title()]  # titled after plotting
+    assert depth_lines == [("naive", [10.0, 16.0])]
+
+
 def test_max_depth_tiny(capsys, tmp_path):
     code, out, err = run(capsys, "max-depth", "--budget", "64MiB", "--batch-size", "4", "--strategies", "naive,checkpoint",
                          "--depth-limit", "200", "--device", "cpu", "--out", str(tmp_path))  # fmt: skip
