@@ -424,3 +424,20 @@ def test_convert_names_what_it_cannot_convert() -> None:
     tv.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(tv.classifier.in_features, 3))
     with pytest.raises(TypeError, match="classifier is one nn.Linear, got a Sequential classifier"):
         effdense.convert(tv)
+
+
+@pytest.mark.parametrize("strategy", ["naive", "checkpoint", "shared", "fused"])
+def test_empty_batch_trains_as_torchvision(strategy: str) -> None:
+    tv = _small_torchvision_densenet(num_classes=3)
+    ours = effdense.convert(tv, strategy=strategy)
+    x = torch.randn(0, 3, 40, 40, requires_grad=True)
+    out_tv = tv(x)
+    out = ours(x)
+    assert out.shape == out_tv.shape == (0, 3)
+    out.sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in ours.parameters())
+    for (name, a), b in zip(_bn_buffers(ours).items(), _bn_buffers(tv).values()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        assert ours.eval()(x).shape == (0, 3)

@@ -107,15 +107,24 @@ def resolve(name: str, x: torch.Tensor) -> str:
     return "naive"
 
 
+def _runner_for(name: str, x: torch.Tensor) -> ModuleType:
+    """The module that runs strategy ``name`` on ``x``."""
+    if x.shape[0] == 0:
+        # an empty batch holds no activations to save memory on; naive gives it PyTorch's own semantics
+        # (an empty output, BatchNorm counters advanced), as torchvision, where the shared buffers need a batch
+        return _runners()["naive"]
+    return _runners()[resolve(name, x)]
+
+
 def run_block(name: str, block: "_DenseBlock", x: torch.Tensor) -> torch.Tensor:
     """Run ``block`` on ``x`` with strategy ``name`` (``"auto"`` resolved for ``x``)."""
-    return _runners()[resolve(name, x)].run_block(block, x)
+    return _runner_for(name, x).run_block(block, x)
 
 
 def run_features(name: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run ``model.features`` on ``x`` with strategy ``name``: the strategy's own ``run_features`` if it
     has one, else the plain module (whose dense blocks call :func:`run_block`)."""
-    module = _runners()[resolve(name, x)]
+    module = _runner_for(name, x)
     if hasattr(module, "run_features"):
         return module.run_features(model, x)
     return model.features(x)
