@@ -32,6 +32,7 @@ from effdense.benchutil import (
     format_table,
     free_memory,
     model_name,
+    nonnegative_float,
     nonnegative_int,
     positive_int,
     progress,
@@ -98,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=nonnegative_int, default=None,
                         help=f"untimed steps before timing; default {GPU_DEFAULTS['warmup']} on GPU, "
                         f"{CPU_DEFAULTS['warmup']} on CPU (the memory step before it warms up)")
-    parser.add_argument("--max-seconds-per-row", type=float, default=None,
+    parser.add_argument("--max-seconds-per-row", type=nonnegative_float, default=None,
                         help=f"stop timing a row once its timed steps took this long (at least "
                         f"{MIN_TIMED_STEPS} step); default: no limit on GPU, {CPU_DEFAULTS['max_seconds_per_row']:g} "
                         "on CPU; 0 means no limit")
@@ -266,8 +267,6 @@ def main(args: argparse.Namespace) -> int:
     for key, value in (GPU_DEFAULTS if cuda else CPU_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.max_seconds_per_row < 0:
-        raise UsageError(f"--max-seconds-per-row must be >= 0 (0: no limit), got {args.max_seconds_per_row:g}")
     run_start = time.perf_counter()
     size = args.image_size or default_image_size(args.model)
     probe = get_model(args.model, strategy="naive")

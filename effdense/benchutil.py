@@ -119,6 +119,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    """A number >= 0 (``inf`` allowed); ``nan`` and negative numbers are errors."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not value >= 0:  # nan too
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def nonnegative_int(text: str) -> int:
     try:
         value = int(text)

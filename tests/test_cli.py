@@ -136,6 +136,8 @@ def test_summary_tiny(capsys, tmp_path):
         (["ablate", "--vary", "speed"], "unknown Policy field"),
         (["summary", "densenet_bc_16", "--image-size", "2"], "too small"),
         (["bench", "--batch-size", "0"], "positive integer"),
+        (["bench", "--max-seconds-per-row", "nan"], "expected a number >= 0"),  # before: accepted, "at most nan s"
+        (["bench", "--max-seconds-per-row", "-1"], "expected a number >= 0"),
         # values starting with a minus sign reach their type, not argparse's "expected one argument"
         (["max-depth", "--budget", "-1GiB"], "at least 1 byte"),
         (["ablate", "--depths", "-10,16"], "must be positive"),
