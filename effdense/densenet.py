@@ -317,6 +317,14 @@ class DenseNet(nn.Module):
                 f"{self.min_input_size()}x{self.min_input_size()}"
             )
 
+    def __prepare_scriptable__(self) -> "DenseNet":
+        # torch.jit.script calls this first: fail with the way out instead of a TorchScript parse error
+        raise RuntimeError(
+            "effdense.DenseNet cannot be compiled by torch.jit.script: its dense blocks dispatch to Python "
+            f"strategies (strategy={self.strategy!r}). Use torch.compile, torch.jit.trace with strategy 'naive' "
+            "or 'checkpoint', or load model.state_dict() into torchvision.models.DenseNet for TorchScript"
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         features = strategies.run_features(self.strategy, self, x)

@@ -441,3 +441,17 @@ def test_empty_batch_trains_as_torchvision(strategy: str) -> None:
         assert torch.equal(a, b), name
     with torch.no_grad():
         assert ours.eval()(x).shape == (0, 3)
+
+
+def test_torchscript_errors_say_what_works() -> None:
+    model = effdense.densenet_cifar(16, 6, strategy="shared").eval()
+    with pytest.raises(RuntimeError, match="cannot be compiled by torch.jit.script.*torch.compile"):
+        torch.jit.script(model)
+    x = torch.randn(2, 3, 16, 16)
+    for strategy in ("shared", "fused"):
+        with pytest.raises(RuntimeError, match=f"strategy '{strategy}' cannot be traced by torch.jit.trace"):
+            torch.jit.trace(model.set_strategy(strategy), x)
+    with torch.no_grad():
+        expected = model(x)
+    traced = torch.jit.trace(model.set_strategy("naive"), x)
+    assert_close_rel(traced(x), expected, name="traced naive")

@@ -113,7 +113,14 @@ def _runner_for(name: str, x: torch.Tensor) -> ModuleType:
         # an empty batch holds no activations to save memory on; naive gives it PyTorch's own semantics
         # (an empty output, BatchNorm counters advanced), as torchvision, where the shared buffers need a batch
         return _runners()["naive"]
-    return _runners()[resolve(name, x)]
+    concrete = resolve(name, x)
+    if concrete in ("shared", "fused") and torch.jit.is_tracing():
+        raise RuntimeError(
+            f"strategy {concrete!r} cannot be traced by torch.jit.trace (its autograd Function computes sizes "
+            "from the input's shape in Python); call model.set_strategy('naive') or 'checkpoint' before tracing, "
+            "or use torch.compile, which runs the shared/fused blocks"
+        )
+    return _runners()[concrete]
 
 
 def run_block(name: str, block: "_DenseBlock", x: torch.Tensor) -> torch.Tensor:
