@@ -455,3 +455,11 @@ def test_torchscript_errors_say_what_works() -> None:
         expected = model(x)
     traced = torch.jit.trace(model.set_strategy("naive"), x)
     assert_close_rel(traced(x), expected, name="traced naive")
+
+
+def test_policy_switches_must_be_bools() -> None:
+    assert effdense.Policy(cache_stats=False).cache_stats is False
+    with pytest.raises(TypeError, match="Policy.recompute_bottleneck must be a bool, got 'no'"):
+        effdense.Policy(recompute_bottleneck="no")
+    with pytest.raises(TypeError, match="Policy.shared_grad must be a bool, got None"):
+        effdense.Policy(shared_grad=None)

@@ -47,6 +47,13 @@ class Policy:
     cache_stats: bool = True
     shared_grad: bool = True
 
+    def __post_init__(self) -> None:
+        # a string such as "no" would silently mean True
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, bool):
+                raise TypeError(f"Policy.{field.name} must be a bool, got {value!r}")
+
 
 def _load_runners() -> dict[str, ModuleType]:
     import importlib
