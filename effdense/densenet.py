@@ -545,6 +545,7 @@ def densenet_cifar(
     num_classes: int = 10,
     drop_rate: float = 0.0,
     strategy: str = "auto",
+    weights: Any = None,
     **kwargs: Any,
 ) -> DenseNet:
     """A 3-block CIFAR DenseNet (32x32 inputs) of the given depth, as in Huang et al. (2017).
@@ -557,12 +558,13 @@ def densenet_cifar(
         num_classes: number of classes.
         drop_rate: dropout rate after each layer.
         strategy: block strategy (see :class:`DenseNet`).
+        weights: a state dict or a file path to load (see :func:`load_weights`), or None.
         **kwargs: further :class:`DenseNet` keyword arguments (``policy``, ``in_channels``).
     """
     n = cifar_layers_per_block(depth, bottleneck)
     _check_positive_int("growth_rate", growth_rate)
     num_init_features = 2 * growth_rate if bottleneck else 16
-    return DenseNet(
+    model = DenseNet(
         growth_rate=growth_rate,
         block_config=(n, n, n),
         num_init_features=kwargs.pop("num_init_features", num_init_features),
@@ -575,6 +577,9 @@ def densenet_cifar(
         strategy=strategy,
         **kwargs,
     )
+    if _is_weights_enum(weights):
+        raise TypeError(f"torchvision has no weights for CIFAR DenseNets; got {weights!r}")
+    return load_weights(model, weights)
 
 
 def _cifar_preset(name: str, **kwargs: Any) -> DenseNet:

@@ -463,3 +463,22 @@ def test_policy_switches_must_be_bools() -> None:
         effdense.Policy(recompute_bottleneck="no")
     with pytest.raises(TypeError, match="Policy.shared_grad must be a bool, got None"):
         effdense.Policy(shared_grad=None)
+
+
+def test_cifar_builders_take_weights(tmp_path) -> None:
+    source = effdense.densenet_bc_100(num_classes=100)
+    path = tmp_path / "bc100.pt"
+    torch.save({"model": source.state_dict()}, path)  # effdense train's checkpoint layout
+    for model in (
+        effdense.densenet_bc_100(num_classes=100, weights=source.state_dict()),
+        effdense.get_model("densenet_bc_100", num_classes=100, weights=str(path)),
+        effdense.densenet_cifar(100, 12, num_classes=100, weights=path),
+    ):
+        for (name, a), b in zip(model.state_dict().items(), source.state_dict().values()):
+            assert torch.equal(a, b), name
+    with pytest.raises(RuntimeError, match="size mismatch for classifier.weight"):
+        effdense.densenet_bc_100(weights=source.state_dict())  # 10 classes by default
+    from torchvision.models import DenseNet121_Weights
+
+    with pytest.raises(TypeError, match="torchvision has no weights for CIFAR DenseNets"):
+        effdense.densenet_bc_100(weights=DenseNet121_Weights.IMAGENET1K_V1)
