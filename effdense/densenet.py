@@ -166,6 +166,11 @@ class DenseNet(nn.Module):
         _check_positive_int("bn_size", bn_size)
         _check_positive_int("num_classes", num_classes)
         _check_positive_int("in_channels", in_channels)
+        if not isinstance(block_config, Sequence) or isinstance(block_config, str):
+            raise TypeError(
+                f"block_config must be a sequence of layer counts, one per dense block (e.g. (6, 12, 24, 16)), "
+                f"got {block_config!r}"
+            )
         block_config = tuple(block_config)
         if not block_config:
             raise ValueError("block_config must name at least one dense block, got an empty sequence")

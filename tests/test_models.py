@@ -482,3 +482,9 @@ def test_cifar_builders_take_weights(tmp_path) -> None:
 
     with pytest.raises(TypeError, match="torchvision has no weights for CIFAR DenseNets"):
         effdense.densenet_bc_100(weights=DenseNet121_Weights.IMAGENET1K_V1)
+
+
+def test_block_config_must_be_a_sequence() -> None:
+    assert effdense.DenseNet(block_config=[2, 3]).block_config == (2, 3)
+    with pytest.raises(TypeError, match="block_config must be a sequence of layer counts.*got 6"):
+        effdense.DenseNet(block_config=6)
