@@ -628,7 +628,10 @@ MODELS = {
 
 def get_model(name: str, **kwargs: Any) -> DenseNet:
     """Build a model by name (see :data:`MODELS`); ``densenet_bc_<depth>`` / ``densenet_<depth>`` also work
-    for any depth the paper's rule allows (k=12)."""
+    for any depth the paper's rule allows (k=12). Names are case-insensitive, as torchvision's."""
+    if not isinstance(name, str):
+        raise TypeError(f"model name must be a str, got {type(name).__name__}")
+    name = name.lower()
     if name in MODELS:
         return MODELS[name](**kwargs)
     m = re.fullmatch(r"densenet_(bc_)?(\d+)", name)

@@ -488,3 +488,11 @@ def test_block_config_must_be_a_sequence() -> None:
     assert effdense.DenseNet(block_config=[2, 3]).block_config == (2, 3)
     with pytest.raises(TypeError, match="block_config must be a sequence of layer counts.*got 6"):
         effdense.DenseNet(block_config=6)
+
+
+def test_get_model_names_are_case_insensitive() -> None:
+    # torchvision.models.get_model("DenseNet121") works: it lowercases the name
+    assert effdense.get_model("DenseNet121").block_config == (6, 12, 24, 16)
+    assert effdense.get_model("DenseNet_BC_16").block_config == (2, 2, 2)
+    with pytest.raises(ValueError, match="unknown model 'resnet50'"):
+        effdense.get_model("ResNet50")
