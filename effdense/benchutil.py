@@ -42,16 +42,18 @@ DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "
 
 def model_name(text: str) -> str:
     """A name :func:`effdense.get_model` accepts: one of :data:`effdense.MODELS`, ``densenet_bc_<depth>``
-    or ``densenet_<depth>`` with a depth the paper's rule allows."""
-    if text in MODELS:
-        return text
-    m = re.fullmatch(r"densenet_(bc_)?(\d+)", text)
+    or ``densenet_<depth>`` with a depth the paper's rule allows. Case-insensitive, as :func:`effdense.get_model`;
+    returns the lower-case name (file names, the ImageNet/CIFAR defaults)."""
+    name = text.strip().lower()
+    if name in MODELS:
+        return name
+    m = re.fullmatch(r"densenet_(bc_)?(\d+)", name)
     if m:
         try:
             cifar_layers_per_block(int(m.group(2)), bottleneck=m.group(1) is not None)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
-        return text
+        return name
     raise argparse.ArgumentTypeError(
         f"unknown model {text!r}; expected one of {', '.join(sorted(MODELS))} or densenet_bc_<depth>"
     )

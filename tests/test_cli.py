@@ -124,6 +124,13 @@ def test_summary_tiny(capsys, tmp_path):
     assert model["macs"] > 0 and resnet["model"] == "torchvision resnet18"
 
 
+def test_model_names_are_case_insensitive(capsys, tmp_path):
+    # as effdense.get_model; before: "unknown model 'DenseNet_BC_10'"
+    code, _, err = run(capsys, "summary", "DenseNet_BC_10", "--no-memory", "--out", str(tmp_path))
+    assert code == 0, err
+    assert json.loads((tmp_path / "summary_densenet_bc_10.json").read_text())["blocks"] == [1, 1, 1]
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [
