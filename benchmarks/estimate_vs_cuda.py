@@ -9,7 +9,11 @@ backward; no optimizer step; parameters, buffers, input and gradients included):
   ``torch.cuda.max_memory_allocated()`` after one warm-up step (cuDNN/cuBLAS workspaces, Triton scratch and
   the allocator's 512-byte rounding are in it); on CPU the exact tracked peak;
 * ``tracked_mib``: the live-storage tracker's own peak during the measured step (on CPU equal to
-  ``measured_mib``; on CUDA what the estimate should equal, since both count the same storages).
+  ``measured_mib``; on CUDA what the estimate should equal, since both count the same storages);
+* ``workspace_mib``: the estimate's modelled cuBLAS/cuBLASLt workspaces (in ``estimate_mib``; see
+  :func:`effdense.memory.cuda_library_workspace`), and ``resident_mib``: what the allocator held before
+  the measured step beyond parameters, buffers and input (the workspaces the warm-up step left), which
+  checks that model.
 
 ``ratio = measured_mib / estimate_mib``. Never asserts: writes ``estimate_vs_<device>.json`` and ``.csv``
 (one row per configuration and strategy) and prints a table; exits 1 if a row failed.
@@ -49,7 +53,7 @@ DEFAULT_CONFIGS = ("densenet_bc_100:64:32:fp32", "densenet121:64:224:fp32")
 RESULTS = Path(__file__).resolve().parent / "results"
 COLUMNS = (
     "config", "model", "batch_size", "image_size", "dtype", "strategy", "status", "estimate_mib", "measured_mib",
-    "ratio", "tracked_mib", "measure_mode", "estimate_s", "measure_s", "note",
+    "ratio", "tracked_mib", "workspace_mib", "resident_mib", "measure_mode", "estimate_s", "measure_s", "note",
     "device", "device_name", "torch", "triton", "git_commit",
 )  # fmt: skip
 
@@ -98,6 +102,8 @@ def run_one(model_name: str, strategy: str, shape: tuple[int, ...], dtype: str, 
         "measured_mib": mib(mem.peak),
         "ratio": mem.peak / est.peak,
         "tracked_mib": mib(mem.tracked_peak),
+        "workspace_mib": mib(est.workspace),
+        "resident_mib": mib(mem.workspace),
         "measure_mode": mem.mode,
         "estimate_s": round(estimate_s, 2),
         "measure_s": round(measure_s, 2),
@@ -146,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         ("measured_mib", "measured MiB", lambda v: f"{v:,.1f}"),
         ("ratio", "measured/estimate", lambda v: f"{v:.3f}"),
         ("tracked_mib", "tracked MiB", lambda v: f"{v:,.1f}"),
+        ("workspace_mib", "modelled ws MiB", lambda v: f"{v:,.1f}"),
+        ("resident_mib", "resident MiB", lambda v: f"{v:,.1f}"),
         ("status", "status", str),
         ("note", "note", str),
     )))  # fmt: skip

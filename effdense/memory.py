@@ -27,7 +27,9 @@ Three ways to get the number, one API (:func:`measure_step`, :func:`estimate_ste
   faster, for code that runs on meta tensors (``estimate_step(..., backend="meta"|"auto")``).
 - CUDA: ``torch.cuda.reset_peak_memory_stats()`` with model and input already on the device, then
   ``torch.cuda.max_memory_allocated()`` (the allocator's view, so cuDNN workspaces and 512-byte rounding
-  are in it). The tracker runs alongside and its number is reported too (``tracked_peak``).
+  are in it). The tracker runs alongside and its number is reported too (``tracked_peak``). A fake-CUDA
+  estimate adds the cuBLAS/cuBLASLt workspaces that the allocator holds as well (:func:`cuda_library_workspace`,
+  modelled, in ``StepMemory.workspace``).
 
 Reference points (DESIGN.md section 5), reproduced by estimate and by exact measurement, fp32, batch 64:
 torchvision DenseNet-121 at 224x224 7,979.1 MiB plain and 3,869.3 MiB ``memory_efficient=True``;
@@ -42,6 +44,7 @@ import dataclasses
 import functools
 import math
 import operator
+import os
 import re
 import weakref
 from typing import Any, Callable, Iterable, Sequence
@@ -60,6 +63,7 @@ __all__ = [
     "MiB",
     "MemoryTracker",
     "StepMemory",
+    "cuda_library_workspace",
     "estimate_step",
     "format_bytes",
     "format_mib",
@@ -294,6 +298,11 @@ class StepMemory:
         device: the device the step ran on (or pretended to).
         tracked_peak: the tracker's peak (equal to ``peak`` except on CUDA).
         baseline: live bytes before the forward pass (CUDA: ``memory_allocated()``; else tracked bytes).
+        workspace: memory in ``peak`` that no tensor owns: CUDA libraries' workspaces. Measured on CUDA:
+            what the allocator held before the step beyond parameters, buffers and input (the cuBLAS and
+            cuBLASLt workspaces that the warm-up step left, plus anything else already on the device).
+            In a fake-CUDA estimate: :func:`cuda_library_workspace`, modelled and added to the tracked
+            peak. Zero elsewhere.
     """
 
     peak: int
@@ -307,6 +316,7 @@ class StepMemory:
     device: str
     tracked_peak: int
     baseline: int
+    workspace: int = 0
 
     @property
     def peak_mib(self) -> float:
@@ -315,7 +325,7 @@ class StepMemory:
     def as_dict(self) -> dict[str, Any]:
         """Plain dict with bytes and, for each byte field, a ``*_mib`` companion."""
         d = dataclasses.asdict(self)
-        for name in ("peak", "params", "buffers", "input", "grads", "grads_at_peak", "activations", "tracked_peak"):
+        for name in ("peak", "params", "buffers", "input", "grads", "grads_at_peak", "activations", "tracked_peak", "workspace"):
             d[f"{name}_mib"] = round(mib(d[name]), 3)
         return d
 
@@ -420,7 +430,7 @@ def _to_channels_last(model: nn.Module) -> None:
 
 
 def _breakdown(
-    model: nn.Module, x: torch.Tensor, tracker: MemoryTracker, peak: int, mode: str, baseline: int
+    model: nn.Module, x: torch.Tensor, tracker: MemoryTracker, peak: int, mode: str, baseline: int, workspace: int = 0
 ) -> StepMemory:
     params = list(model.parameters())
     grads = [p.grad for p in params]
@@ -443,6 +453,7 @@ def _breakdown(
         device=str(x.device),
         tracked_peak=tracker.peak,
         baseline=int(baseline),
+        workspace=int(workspace),
     )
 
 
@@ -498,15 +509,61 @@ def measure_step(
         baseline = tracker.current
     with tracker if tracked else contextlib.nullcontext():
         training_step(model, x, autocast_dtype=autocast_dtype, loss=loss)
+    workspace = 0
     if is_cuda and not fake:
         torch.cuda.synchronize(x.device)
         peak, mode = torch.cuda.max_memory_allocated(x.device), "cuda"
+        workspace = max(0, baseline - storage_bytes([*model.parameters(), *model.buffers(), x]))
     else:
         peak, mode = tracker.peak, ("estimate" if fake or x.device.type == "meta" else "exact")
-    result = _breakdown(model, x, tracker, peak, mode, baseline)
+        if fake and is_cuda:  # the allocator would also hold the math libraries' workspaces
+            workspace = cuda_library_workspace(x.device)
+            peak += workspace
+    result = _breakdown(model, x, tracker, peak, mode, baseline, workspace)
     if not keep_grads:
         model.zero_grad(set_to_none=True)
     return result
+
+
+_CUBLAS_CONFIG = re.compile(r":(\d+):(\d+)")
+
+
+def _cublas_workspace(capability: tuple[int, int]) -> int:
+    """One cuBLAS handle's workspace, as PyTorch sizes it: ``CUBLAS_WORKSPACE_CONFIG`` (``:SIZE:COUNT``
+    pairs, SIZE in KiB) if set, else 32 MiB on Hopper (sm90) and 8 MiB + 128 KiB elsewhere."""
+    config = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if config is not None:
+        pairs = _CUBLAS_CONFIG.findall(config)
+        if pairs:
+            return sum(int(size) * int(count) for size, count in pairs) * 1024
+    if capability == (9, 0):
+        return 4096 * 8 * 1024
+    return 4096 * 1024 * 2 + 16 * 1024 * 8
+
+
+def cuda_library_workspace(device: torch.device | str | int | None = None) -> int:
+    """Bytes that PyTorch's CUDA math libraries keep in the caching allocator once a training step has
+    run, on ``device``, by PyTorch's defaults (read from its sources as of 2.11; later versions may differ):
+
+    - a cuBLAS workspace per handle, created at a handle's first GEMM and kept: one handle per host thread,
+      so two in a training step (the Python thread's forward GEMMs, the autograd engine's device thread's
+      backward ones), each 32 MiB on Hopper (sm90) and 8 MiB + 128 KiB elsewhere, or as
+      ``CUBLAS_WORKSPACE_CONFIG`` sets;
+    - a cuBLASLt workspace (``addmm`` with a bias, as ``nn.Linear``'s forward), ``CUBLASLT_WORKSPACE_SIZE``
+      KiB, 1 MiB by default.
+
+    Transient workspaces (cuDNN convolution and BatchNorm) live only inside one operator and are not
+    modelled. Fake-CUDA estimates (:func:`estimate_step` with ``device="cuda"``) add this to the tracked
+    peak, since ``torch.cuda.max_memory_allocated()`` counts it. An H100 measurement of DenseNet-BC-100
+    (torch 2.11) exceeded the tracked peak by 65 MiB for ``shared``, 2 x 32 + 1 by this model.
+    """
+    index = torch.device(device if device is not None else "cuda").index
+    capability = torch.cuda.get_device_capability(index if index is not None else torch.cuda.current_device())
+    try:
+        lt_kib = int(os.environ.get("CUBLASLT_WORKSPACE_SIZE", "1024"))
+    except ValueError:
+        lt_kib = 1024
+    return 2 * _cublas_workspace(tuple(capability)) + max(0, lt_kib) * 1024
 
 
 def _is_fake(t: torch.Tensor) -> bool:

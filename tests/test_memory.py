@@ -253,5 +253,45 @@ def test_cuda_peak_is_the_allocator_peak():
     model = effdense.get_model("densenet_bc_40", strategy="naive").cuda()
     mem = measure_step(model, (16, 3, 32, 32))
     assert mem.mode == "cuda"
-    # the allocator rounds every block up to 512 B and sees cuDNN workspaces: a little above the tracker
-    assert mem.tracked_peak <= mem.peak <= 1.25 * mem.tracked_peak + 64 * MiB
+    # the allocator rounds every block up to 512 B and sees cuDNN workspaces, and the cuBLAS ones kept
+    # from the warm-up step (in mem.workspace): a little above the tracker
+    from effdense.memory import cuda_library_workspace
+
+    assert 0 <= mem.workspace <= mem.baseline
+    assert mem.tracked_peak <= mem.peak <= 1.25 * mem.tracked_peak + cuda_library_workspace("cuda") + 64 * MiB
+
+
+@pytest.mark.parametrize(
+    "capability, env, cublas",
+    [
+        ((9, 0), {}, 32 * MiB),  # Hopper: 4096 KiB x 8
+        ((8, 0), {}, 8 * MiB + 128 * 1024),  # elsewhere: 4096 KiB x 2 + 16 KiB x 8
+        ((9, 0), {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}, 32 * MiB),
+        ((9, 0), {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}, 128 * 1024),  # the deterministic-algorithms setting
+        ((8, 6), {"CUBLAS_WORKSPACE_CONFIG": ":4096:2:16:8"}, 8 * MiB + 128 * 1024),
+        ((9, 0), {"CUBLAS_WORKSPACE_CONFIG": ":0:0"}, 0),
+    ],
+)
+def test_cuda_library_workspace_model(monkeypatch, capability, env, cublas):
+    """Two cuBLAS handles (forward thread, autograd's device thread) plus a 1 MiB cuBLASLt workspace, sized
+    as PyTorch sizes them from the device and the environment; no GPU needed."""
+    from effdense import memory
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE", raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: capability)
+    assert memory.cuda_library_workspace("cuda:0") == 2 * cublas + MiB
+    monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "0")
+    assert memory.cuda_library_workspace("cuda:0") == 2 * cublas
+
+
+@pytest.mark.cuda
+def test_fake_cuda_estimate_includes_the_library_workspaces():
+    from effdense.memory import cuda_library_workspace
+
+    cpu = estimate_step("densenet_bc_16", (4, 3, 16, 16), strategy="shared", device="cpu")
+    cuda = estimate_step("densenet_bc_16", (4, 3, 16, 16), strategy="shared", device="cuda")
+    assert cuda.workspace == cuda_library_workspace("cuda") > 0 and cpu.workspace == 0
+    assert cuda.peak == cuda.tracked_peak + cuda.workspace
