@@ -79,6 +79,11 @@ def _plane_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# private torch hooks behind _plain_eager; a torch without one takes the library op every time
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
 def _plain_eager(tensors: tuple) -> bool:
     """Whether a launch may skip its ``torch.library`` op: plain tensors in eager execution, with no
     dispatch mode (FakeTensorMode, memory or FLOP trackers), no ``torch.compile`` tracing and no functorch
@@ -86,8 +91,8 @@ def _plain_eager(tensors: tuple) -> bool:
     times the checks and allocation around it (host time that small GPU steps are bound by)."""
     return (
         not torch.compiler.is_compiling()
-        and torch._C._len_torch_dispatch_stack() == 0
-        and not torch._C._are_functorch_transforms_active()
+        and _dispatch_modes() == 0
+        and not _functorch_active()
         and all(type(t) is torch.Tensor for t in tensors)
     )
 
