@@ -227,10 +227,12 @@ def main(args: argparse.Namespace) -> int:
         if n and device.type == "cuda" and not args.no_verify:
             row.update(_verify(s, depth_of(n), args, device, shape, autocast))
         results.append(row)
-        progress(
-            f"{s}: max depth {row['max_depth']} ({row['peak_mib'] or 0:,.1f} MiB), {row['estimates']} estimates "
-            f"in {row['seconds']} s"
-        )
+        if n:
+            found = f"max depth {row['max_depth']} ({row['peak_mib']:,.1f} MiB)"
+        else:
+            shallowest = f", needs {mib(evals[1]):,.1f} MiB" if 1 in evals else ""
+            found = f"no depth fits the budget (the shallowest, depth {depth_of(1)}{shallowest})"
+        progress(f"{s}: {found}, {row['estimates']} estimates in {row['seconds']} s")
     for r in results:
         r.update({k: env[k] for k in ("device_name", "torch", "git_commit", "command")})
     print(format_table(results, (
@@ -243,7 +245,8 @@ def main(args: argparse.Namespace) -> int:
         ("verified_peak_mib", "GPU MiB", lambda v: f"{v:,.1f}"),
         ("status", "status", str),
     )))  # fmt: skip
-    stem = f"max_depth_{args.budget // (1 << 20)}MiB_k{args.growth_rate}_b{args.batch_size}_{args.image_size}px_{args.dtype}"
+    budget = f"{args.budget >> 20}MiB" if args.budget % (1 << 20) == 0 else f"{args.budget}B"  # distinct names below 1 MiB
+    stem = f"max_depth_{budget}_k{args.growth_rate}_b{args.batch_size}_{args.image_size}px_{args.dtype}"
     json_path, csv_path = args.out / f"{stem}.json", args.out / f"{stem}.csv"
     write_json(json_path, {"meta": {**env, **settings}, "rows": results})
     write_csv(csv_path, results, CSV_COLUMNS)

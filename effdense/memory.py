@@ -490,6 +490,8 @@ def measure_step(
         tracked: on CUDA, also run the tracker (``tracked_peak``, ``grads_at_peak``); turn it off for
             ``torch.compile``d models, which a dispatch mode would push back to eager execution.
     """
+    if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0):
+        raise ValueError(f"warmup: expected a number of steps >= 0 or None, got {warmup!r}")
     model, x = _prepare(model, input_shape_or_tensor, device, channels_last)
     is_cuda = x.device.type == "cuda"
     fake = _is_fake(x)

@@ -143,7 +143,7 @@ def main(args: argparse.Namespace) -> int:
             ("strategy", "strategy", str),
             ("peak_mib", "peak MiB", lambda v: f"{v:,.1f}"),
             ("activations_mib", "activations MiB", lambda v: f"{v:,.1f}"),
-            ("ratio", "x naive", lambda v: f"{v:.3f}"),
+            ("ratio", "activations x naive", lambda v: f"{v:.3f}"),
             ("params_grads_mib", "params+grads MiB", lambda v: f"{v:,.1f}"),
             ("status", "status", str),
         )))  # fmt: skip

@@ -113,6 +113,17 @@ def test_max_depth_tiny(capsys, tmp_path):
     assert by["checkpoint"]["max_depth"] >= by["naive"]["max_depth"]
 
 
+def test_max_depth_when_nothing_fits_says_so(capsys, tmp_path):
+    """A budget below the shallowest model: status 'none fits', a progress line that says it, and a file
+    named after the budget in bytes (budgets under 1 MiB would otherwise all be '0MiB')."""
+    code, out, err = run(capsys, "max-depth", "--budget", "300KiB", "--batch-size", "4", "--strategies", "naive",
+                         "--depth-limit", "16", "--device", "cpu", "--out", str(tmp_path))  # fmt: skip
+    assert code == 0, err
+    assert "no depth fits the budget (the shallowest, depth 10, needs" in err + out
+    rows = json.loads((tmp_path / "max_depth_307200B_k12_b4_32px_fp32.json").read_text())["rows"]
+    assert rows[0]["status"] == "none fits" and rows[0]["max_depth"] is None
+
+
 def test_summary_tiny(capsys, tmp_path):
     code, out, err = run(capsys, "summary", "densenet_bc_16", "--strategies", "naive", "--batch-size", "2",
                          "--out", str(tmp_path))  # fmt: skip

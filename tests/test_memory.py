@@ -295,3 +295,9 @@ def test_fake_cuda_estimate_includes_the_library_workspaces():
     cuda = estimate_step("densenet_bc_16", (4, 3, 16, 16), strategy="shared", device="cuda")
     assert cuda.workspace == cuda_library_workspace("cuda") > 0 and cpu.workspace == 0
     assert cuda.peak == cuda.tracked_peak + cuda.workspace
+
+
+@pytest.mark.parametrize("warmup", [-1, 1.5, True, "2"])
+def test_bad_warmup_is_named(warmup):
+    with pytest.raises(ValueError, match="warmup: expected a number of steps"):
+        measure_step(nn.Linear(4, 2), (3, 4), warmup=warmup, loss="sum")
