@@ -76,7 +76,7 @@ default                 GPU     CPU
 --warmup                {GPU_DEFAULTS['warmup']:<8}{CPU_DEFAULTS['warmup']} (the memory step warms up)
 --max-seconds-per-row   {'none':<8}{CPU_DEFAULTS['max_seconds_per_row']:g} (seconds of timed steps; at least {MIN_TIMED_STEPS} step is timed)
 
-With these, `effdense bench` (DenseNet-BC-100, batch 64, 32x32, fp32, 6 rows) took 48 s on two quiet x86
+With these, `effdense bench` (DenseNet-BC-100, batch 64, 32x32, fp32, 6 rows) took 48-54 s on two quiet x86
 cores (several minutes when other jobs share them). CPU step times are for orientation only; compare
 memory there, and time on a GPU.
 """
