@@ -71,6 +71,12 @@ def _zeros(n: int, like: torch.Tensor) -> torch.Tensor:
     return torch.zeros(n, dtype=torch.float32, device=like.device)
 
 
+def _rows(weight: torch.Tensor) -> torch.Tensor:
+    """The kernels read a ``(B, C)`` weight with any row stride and unit column stride: a column slice of a
+    contiguous weight (a channel chunk) goes in as it is; anything else is copied."""
+    return weight if (weight.stride(1) == 1 or weight.shape[1] == 1) else weight.contiguous()
+
+
 def _plane_contiguous(t: torch.Tensor) -> torch.Tensor:
     """Gradients arriving from autograd may be in any layout; the kernels read (H, W) planes contiguously."""
     W, H = t.shape[3], t.shape[2]
@@ -267,7 +273,7 @@ def bottleneck_forward(
     B = weight.shape[0]
     y = torch.empty((N, B, H, W), dtype=x.dtype, device=x.device)
     y_sum, y_sqsum = _zeros(B, x), _zeros(B, x)
-    _call(_bottleneck_forward_op, _bottleneck.bottleneck_forward_launch, x, scale, shift, weight.contiguous(), y, y_sum, y_sqsum)
+    _call(_bottleneck_forward_op, _bottleneck.bottleneck_forward_launch, x, scale, shift, _rows(weight), y, y_sum, y_sqsum)
     return (y, y_sum, y_sqsum) if stats else (y, None, None)
 
 
@@ -332,7 +338,7 @@ def bottleneck_backward_input(
     sum_dh, sum_dh_xmu = _zeros(C, x), _zeros(C, x)
     _call(
         _bottleneck_backward_input_op, _bottleneck.bottleneck_backward_input_launch,
-        x, scale, shift, weight.contiguous(), dy, mean, out, sum_dh, sum_dh_xmu, mutated=(out,),
+        x, scale, shift, _rows(weight), dy, mean, out, sum_dh, sum_dh_xmu, mutated=(out,),
     )  # fmt: skip
     return out, sum_dh, sum_dh_xmu
 

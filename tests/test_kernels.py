@@ -441,6 +441,29 @@ def test_plain_eager_launch_skips_the_library_op_and_agrees_with_it(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_weight_column_slice_matches_its_contiguous_copy(device):
+    """A channel chunk's weight, ``w[:, c0:c1]`` of a contiguous ``(B, C)`` weight (unit column stride, row
+    stride C), gives the results of its contiguous copy in the forward and input-gradient kernels."""
+    _need_triton(device)
+    c = _case(SHAPES[1], torch.float32, device)
+    B, C = c["weight"].shape
+    wide = torch.randn(B, C + 9, device=device)
+    wide[:, 5 : 5 + C] = c["weight"]
+    w_slice = wide[:, 5 : 5 + C]
+    assert not w_slice.is_contiguous() and w_slice.stride(1) == 1
+    for a, b in zip(
+        K.bottleneck_forward(c["x"], c["scale"], c["shift"], w_slice, backend="triton"),
+        K.bottleneck_forward(c["x"], c["scale"], c["shift"], c["weight"], backend="triton"),
+    ):
+        torch.testing.assert_close(a, b, **FP32_TOL)
+    args = (c["x"], c["scale"], c["shift"])
+    got = K.bottleneck_backward_input(*args, w_slice, c["dy"], c["mean"], backend="triton")
+    ref = K.bottleneck_backward_input(*args, c["weight"], c["dy"], c["mean"], backend="triton")
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, **FP32_TOL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_plain_eager_launch_bumps_versions_of_caller_tensors(device):
     """A direct launch writes the caller's ``out``/``grad`` in place: their version counters move, as the
     library op's would, so autograd still catches a saved tensor modified in place."""

@@ -293,7 +293,7 @@ def _bottleneck_backward(
     target = G if stage.policy.shared_grad else torch.zeros_like(G)  # ablation: a per-layer gradient tensor
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (dW, dgamma, dbeta) per chunk
     for c0, c1 in channel_chunks(x.shape[1], stage.chunk_width):
-        xs, sc, sh, wc = x[:, c0:c1], scale[c0:c1], shift[c0:c1], w[:, c0:c1].contiguous()
+        xs, sc, sh, wc = x[:, c0:c1], scale[c0:c1], shift[c0:c1], w[:, c0:c1]  # the twins copy it, the kernels need not
         if not stage.sync:
             parts.append(stage.ops.bottleneck_backward(
                 xs, sc, sh, wc, dy, mean[c0:c1], invstd[c0:c1], gamma[c0:c1], target[:, c0:c1], batch_stats=batch_stats
