@@ -149,6 +149,20 @@ def test_batchnorm_momentum_and_eval(momentum) -> None:
     assert_matches(ref, other, x, steps=1)
 
 
+def test_batchnorm_momenta_mixed_within_a_block() -> None:
+    """A stage's running-statistics updates run together, grouped by factor: BatchNorms with different
+    momenta (None: cumulative average, with num_batches_tracked started at different counts) in one block
+    still match nn.BatchNorm2d one by one."""
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(16, 4)
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for i, m in enumerate(bns):
+        m.momentum = (None, 0.3, 0.1, None)[i % 4]
+        m.num_batches_tracked.fill_(i % 3)
+    ref, other = _pair(model, "shared")
+    assert_matches(ref, other, torch.randn(3, 3, 8, 8), steps=3)
+
+
 def test_track_running_stats_false_is_honoured() -> None:
     torch.manual_seed(0)
     model = effdense.densenet_cifar(16, 4)
