@@ -322,7 +322,8 @@ def main(args: argparse.Namespace) -> int:
         results.append(result)
         desc = f"{result.get('peak_mib', 0):,.1f} MiB" if result["status"] == "ok" else result["status"]
         if result.get("time_ms") is not None:
-            desc += f", {result['time_ms']:,.1f} ms/step ({result['timed_steps']} step{'s' if result['timed_steps'] != 1 else ''})"
+            steps = result["timed_steps"]
+            desc += f", {result['time_ms']:,.1f} ms/step ({steps} step{'s' if steps != 1 else ''})"
         say(desc)
         save(complete=False)
     elapsed = save(complete=True)

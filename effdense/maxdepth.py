@@ -245,7 +245,8 @@ def main(args: argparse.Namespace) -> int:
         ("verified_peak_mib", "GPU MiB", lambda v: f"{v:,.1f}"),
         ("status", "status", str),
     )))  # fmt: skip
-    budget = f"{args.budget >> 20}MiB" if args.budget % (1 << 20) == 0 else f"{args.budget}B"  # distinct names below 1 MiB
+    # whole MiB name the file in MiB, other budgets in bytes (so budgets under 1 MiB get distinct names)
+    budget = f"{args.budget >> 20}MiB" if args.budget % (1 << 20) == 0 else f"{args.budget}B"
     stem = f"max_depth_{budget}_k{args.growth_rate}_b{args.batch_size}_{args.image_size}px_{args.dtype}"
     json_path, csv_path = args.out / f"{stem}.json", args.out / f"{stem}.csv"
     write_json(json_path, {"meta": {**env, **settings}, "rows": results})

@@ -273,7 +273,10 @@ def bottleneck_forward(
     B = weight.shape[0]
     y = torch.empty((N, B, H, W), dtype=x.dtype, device=x.device)
     y_sum, y_sqsum = _zeros(B, x), _zeros(B, x)
-    _call(_bottleneck_forward_op, _bottleneck.bottleneck_forward_launch, x, scale, shift, _rows(weight), y, y_sum, y_sqsum)
+    _call(
+        _bottleneck_forward_op, _bottleneck.bottleneck_forward_launch,
+        x, scale, shift, _rows(weight), y, y_sum, y_sqsum,
+    )  # fmt: skip
     return (y, y_sum, y_sqsum) if stats else (y, None, None)
 
 

@@ -4,8 +4,8 @@ Numerics: each program walks a contiguous range of ``N*H*W`` columns in tiles. A
 sum of squares are exact two-pass values (the tile sits in registers); tiles are merged into a running
 (count, mean, M2) with Chan et al.'s formula, and the per-program partials are merged the same way by a
 second, one-program-per-channel-block kernel (two launches in all: a host-side merge took a dozen small
-operators, which dominated the op's time on a GPU). Nothing ever forms ``E[x²] - E[x]²`` on raw values, so a channel with mean 1e3 and std 1
-keeps its variance to fp32 precision.
+operators, which dominated the op's time on a GPU). Nothing ever forms ``E[x²] - E[x]²`` on raw values,
+so a channel with mean 1e3 and std 1 keeps its variance to fp32 precision.
 """
 
 from __future__ import annotations
