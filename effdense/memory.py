@@ -548,7 +548,8 @@ def _cublas_workspace(capability: tuple[int, int]) -> int:
 
 def cuda_library_workspace(device: torch.device | str | int | None = None) -> int:
     """Bytes that PyTorch's CUDA math libraries keep in the caching allocator once a training step has
-    run, on ``device``, by PyTorch's defaults (read from its sources as of 2.11; later versions may differ):
+    run, on ``device``, by PyTorch's defaults (read from its sources around 2.11,
+    ``aten/src/ATen/cuda/CublasHandlePool.cpp``; later versions may differ):
 
     - a cuBLAS workspace per handle, created at a handle's first GEMM and kept: one handle per host thread,
       so two in a training step (the Python thread's forward GEMMs, the autograd engine's device thread's
