@@ -59,6 +59,12 @@ def recompute_once(fn: Callable[..., torch.Tensor], modules: Sequence[nn.Module]
     return wrapped
 
 
+# What is recomputed here (the ImageNet stem conv-BN-ReLU-pool; BN1-ReLU-conv1x1) draws no random numbers,
+# so checkpoint need not save and restore the RNG states around the recomputation (a host cost per call on
+# CUDA, and a generator-state read that CUDA graph capture may not allow). Dropout stays outside.
+_PRESERVE_RNG = False
+
+
 def _needs_grad(tensors: Sequence[torch.Tensor], modules: Sequence[nn.Module]) -> bool:
     return torch.is_grad_enabled() and (
         any(t.requires_grad for t in tensors) or any(p.requires_grad for m in modules for p in m.parameters())
@@ -77,7 +83,7 @@ def run_recomputed(modules: Sequence[nn.Module], x: torch.Tensor) -> torch.Tenso
 
     if len(modules) <= 1 or not _needs_grad([x], modules):
         return run(x)
-    return checkpoint(recompute_once(run, modules), x, use_reentrant=False)
+    return checkpoint(recompute_once(run, modules), x, use_reentrant=False, preserve_rng_state=_PRESERVE_RNG)
 
 
 def run_block(block, x: torch.Tensor) -> torch.Tensor:
@@ -85,7 +91,7 @@ def run_block(block, x: torch.Tensor) -> torch.Tensor:
     for layer in block.layers:
         if _needs_grad(features, [layer]):
             fn = recompute_once(lambda *inputs, layer=layer: layer.bn_function(inputs), [layer.norm1])
-            bottleneck = checkpoint(fn, *features, use_reentrant=False)
+            bottleneck = checkpoint(fn, *features, use_reentrant=False, preserve_rng_state=_PRESERVE_RNG)
         else:
             bottleneck = layer.bn_function(features)
         features.append(layer.tail(bottleneck))
