@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One-command GPU suite: environment, CUDA tests, kernel benchmark, effdense bench (DenseNet-BC-100 fp32 and
-# DenseNet-121 b64 224px bf16), memory estimate vs torch.cuda.max_memory_allocated.
+# DenseNet-121 b64 224px bf16), memory estimate vs torch.cuda.max_memory_allocated, and the DenseNet-121 step
+# replayed from a CUDA graph (its host overhead).
 #
 #   bash benchmarks/gpu_suite.sh                  # on a CUDA machine, effdense installed (pip install -e .)
 #   OUT=/some/dir GIT_COMMIT=abc123 bash benchmarks/gpu_suite.sh
@@ -161,6 +162,8 @@ if [ "$MODE" = gpu ]; then
     step estimate_vs_cuda 120 "$PY" benchmarks/estimate_vs_cuda.py --device cuda --out "$OUT"
     # (c) Triton bottleneck kernels vs cuBLAS on DenseNet-121 shapes, bf16 (the >= 70 % of cuBLAS target)
     step bench_kernels 120 "$PY" benchmarks/bench_kernels.py --dtypes bf16 --out "$OUT"
+    # (f) DenseNet-121 b64 bf16 step, eager and replayed from a CUDA graph: the host overhead in the step time
+    step step_graph_time 150 "$PY" benchmarks/step_graph_time.py --out "$OUT"
 else
     # the same steps on tiny settings: checks the plumbing, measures nothing worth keeping
     step tests_cuda 120 "$PY" -m pytest tests -q -m cuda --junitxml="$OUT/pytest_cuda.xml"
@@ -173,6 +176,7 @@ else
     step estimate_vs_cuda 120 "$PY" benchmarks/estimate_vs_cuda.py --device cpu \
         --config densenet_bc_16:4:32:fp32 --config densenet121:2:64:fp32 --out "$OUT"
     step bench_kernels 60 "$PY" benchmarks/bench_kernels.py --help  # it needs CUDA: only its arguments here
+    step step_graph_time 60 "$PY" benchmarks/step_graph_time.py --help  # likewise
 fi
 
 "$PY" - "$OUT" "$MODE" "$((SECONDS - SUITE_START))" <<'EOF'

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import effdense
 from effdense import cli
@@ -210,3 +211,28 @@ def test_subcommands_come_from_one_table():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
     assert {"bench", "ablate", "max-depth", "summary"} <= set(sub.choices) <= set(cli.COMMANDS)
+
+
+def _benchmark_script(name: str):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_step_graph_time_arguments_and_device(capsys):
+    """benchmarks/step_graph_time.py (GPU suite): its arguments parse, bad ones exit 2, and without CUDA it
+    says it needs a CUDA device (exit 2) instead of failing later."""
+    script = _benchmark_script("step_graph_time")
+    args = script.parse_args(["--model", "densenet_bc_16", "--batch-size", "2", "--dtype", "fp16", "--strategies", "fused"])
+    assert (args.model, args.batch_size, args.dtype, args.strategies) == ("densenet_bc_16", 2, "fp16", ["fused"])
+    with pytest.raises(SystemExit) as exc:
+        script.parse_args(["--dtype", "fp64"])
+    assert exc.value.code == 2
+    if not torch.cuda.is_available():
+        assert script.main(["--model", "densenet_bc_16"]) == 2
+        assert "needs a CUDA device" in capsys.readouterr().err
