@@ -17,6 +17,7 @@ with the same weights where torchvision can express the model. Never asserts; wr
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
 from pathlib import Path
@@ -62,7 +63,7 @@ def _step_fn(
     model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, autocast: torch.dtype | None
 ) -> Callable[[], None]:
     def step() -> None:
-        with torch.autocast("cuda", dtype=autocast or torch.float32, enabled=autocast is not None):
+        with torch.autocast("cuda", dtype=autocast) if autocast is not None else contextlib.nullcontext():
             loss = F.cross_entropy(model(x).float(), target)
         loss.backward()
 
