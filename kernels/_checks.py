@@ -62,6 +62,32 @@ def check_vector(
         raise ValueError(f"{name}: expected device {device}, got {v.device}")
 
 
+def check_vectors(length: int, device: torch.device, dtype: torch.dtype, **vectors: torch.Tensor) -> None:
+    """:func:`check_vector` for each named vector (keyword order is the order checked)."""
+    for name, v in vectors.items():
+        check_vector(name, v, length, device, dtype)
+
+
+def check_accumulate(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    dh: torch.Tensor,
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
+    gamma: torch.Tensor,
+    sum_dh: torch.Tensor,
+    sum_dh_xmu: torch.Tensor,
+) -> None:
+    """The arguments of ``bn_backward_accumulate`` (Triton entry point and twin alike)."""
+    check_activation("x", x)
+    C = x.shape[1]
+    check_activation("grad", grad, like=x, channels=C)
+    check_activation("dh", dh, like=x, channels=C)
+    check_vectors(
+        C, x.device, stats_dtype(x.dtype), mean=mean, invstd=invstd, gamma=gamma, sum_dh=sum_dh, sum_dh_xmu=sum_dh_xmu
+    )
+
+
 def check_weight(weight: torch.Tensor, x: torch.Tensor) -> None:
     """``weight`` is the 1x1 convolution's ``(B, C)`` matrix in x's dtype (a ``(B, C, 1, 1)`` view is not accepted)."""
     if not isinstance(weight, torch.Tensor):

@@ -369,12 +369,7 @@ def bn_backward_accumulate(
     """
     if not _use_triton(x, backend):
         return reference.bn_backward_accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)
-    _checks.check_activation("x", x)
-    C = x.shape[1]
-    _checks.check_activation("grad", grad, like=x, channels=C)
-    _checks.check_activation("dh", dh, like=x, channels=C)
-    for name, v in (("mean", mean), ("invstd", invstd), ("gamma", gamma), ("sum_dh", sum_dh), ("sum_dh_xmu", sum_dh_xmu)):
-        _checks.check_vector(name, v, C, x.device)
+    _checks.check_accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)  # fp32 vectors: x is a kernel dtype
     _call(
         _bn_backward_accumulate_op, _bottleneck.bn_backward_accumulate_launch,
         grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu, mutated=(grad,),
@@ -483,8 +478,7 @@ def bottleneck_backward(
     _checks.check_activation("x", x)
     C = x.shape[1]
     _checks.check_activation("grad", grad, like=x, channels=C)
-    for name, v in (("invstd", invstd), ("gamma", gamma)):
-        _checks.check_vector(name, v, C, x.device)
+    _checks.check_vectors(C, x.device, torch.float32, invstd=invstd, gamma=gamma)
     return reference._three_step_backward(
         functools.partial(bottleneck_backward_weight, backend=backend),
         functools.partial(bottleneck_backward_input, backend=backend),

@@ -205,12 +205,7 @@ def bn_backward_accumulate(
     sum_dh_xmu: torch.Tensor,
 ) -> None:
     """``grad += gamma*invstd * (dh - Σdh/M - (x-mean)*invstd²*Σdh(x-mean)/M)``, in fp32, in place."""
-    _checks.check_activation("x", x)
-    C = x.shape[1]
-    _checks.check_activation("grad", grad, like=x, channels=C)
-    _checks.check_activation("dh", dh, like=x, channels=C)
-    for name, v in (("mean", mean), ("invstd", invstd), ("gamma", gamma), ("sum_dh", sum_dh), ("sum_dh_xmu", sum_dh_xmu)):
-        _checks.check_vector(name, v, C, x.device, _checks.stats_dtype(x.dtype))
+    _checks.check_accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)
     M = x.shape[0] * x.shape[2] * x.shape[3]
     # per channel: grad += a*dh + b*(x-mean) + c, formed in fp32 and rounded once into grad (4 passes)
     a = gamma * invstd
@@ -249,8 +244,7 @@ def bottleneck_backward(
     _checks.check_dy(dy, x, B)
     _checks.check_activation("grad", grad, like=x, channels=C)
     acc = _checks.stats_dtype(x.dtype)
-    for name, v in (("mean", mean), ("invstd", invstd), ("gamma", gamma)):
-        _checks.check_vector(name, v, C, x.device, acc)
+    _checks.check_vectors(C, x.device, acc, mean=mean, invstd=invstd, gamma=gamma)
     if not (batch_stats and x.dtype == acc):
         return _three_step_backward(
             bottleneck_backward_weight, bottleneck_backward_input, bn_backward_accumulate,
