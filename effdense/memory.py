@@ -435,6 +435,7 @@ def _to_channels_last(model: nn.Module) -> None:
 def _breakdown(
     model: nn.Module, x: torch.Tensor, tracker: MemoryTracker, peak: int, mode: str, baseline: int, workspace: int = 0
 ) -> StepMemory:
+    """The step's breakdown; ``workspace``: the modelled one of a fake-CUDA estimate (measured on CUDA here)."""
     params = list(model.parameters())
     grads = [p.grad for p in params]
     n_params = storage_bytes(params)
@@ -444,6 +445,8 @@ def _breakdown(
     grads_at_peak = tracker.bytes_live_at_peak(grads)
     if mode == "cuda":  # the tracker's peak is not the allocator's peak: assume every grad was live
         grads_at_peak = n_grads
+        # what the allocator held before the step beyond the model and input: library workspaces
+        workspace = max(0, baseline - n_params - n_buffers - n_input)
     return StepMemory(
         peak=int(peak),
         params=n_params,
@@ -518,7 +521,6 @@ def measure_step(
     if is_cuda and not fake:
         torch.cuda.synchronize(x.device)
         peak, mode = torch.cuda.max_memory_allocated(x.device), "cuda"
-        workspace = max(0, baseline - storage_bytes([*model.parameters(), *model.buffers(), x]))
     else:
         peak, mode = tracker.peak, ("estimate" if fake or x.device.type == "meta" else "exact")
         if fake and is_cuda:  # the allocator would also hold the math libraries' workspaces
