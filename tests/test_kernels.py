@@ -96,25 +96,34 @@ def test_reference_forward_matches_pytorch():
     assert y.is_contiguous() and y.dtype == torch.float32
 
 
+def _autograd_grads(c, batch_stats: bool = True) -> dict:
+    """float64 autograd of ``conv1x1(relu(bn(x)))`` for case ``c``: the gradients of x, BN1's gamma and beta,
+    and the weight. ``batch_stats=False``: BN1 with running statistics equal to the case's (mean, var)."""
+    x64 = c["x"].double().requires_grad_()
+    g64 = c["gamma"].double().requires_grad_()
+    b64 = c["beta"].double().requires_grad_()
+    w64 = c["weight"].double().requires_grad_()
+    var = 1.0 / c["invstd"].double() ** 2 - 1e-5
+    stats = (None, None) if batch_stats else (c["mean"].double(), var)
+    h = F.relu(F.batch_norm(x64, *stats, g64, b64, training=batch_stats, eps=1e-5))
+    F.conv2d(h, w64[:, :, None, None]).backward(c["dy"].double())
+    return {"x": x64.grad, "gamma": g64.grad, "beta": b64.grad, "weight": w64.grad}
+
+
 def test_reference_backward_matches_autograd():
     """weight grad, input grad through BN1 (batch statistics), dgamma, dbeta, composed from the twins."""
     c = _case((2, 40, 4, 30, 5, 5, 16), torch.float32, "cpu")
     x, w, dy = c["x"], c["weight"], c["dy"]
-    x64 = x.double().requires_grad_()
-    g64 = c["gamma"].double().requires_grad_()
-    b64 = c["beta"].double().requires_grad_()
-    w64 = w.double().requires_grad_()
-    y = F.conv2d(F.relu(F.batch_norm(x64, None, None, g64, b64, training=True, eps=1e-5)), w64[:, :, None, None])
-    y.backward(dy.double())
+    gold = _autograd_grads(c)
 
     dw = R.bottleneck_backward_weight(x, c["scale"], c["shift"], dy)
     dh, sum_dh, sum_dh_xmu = R.bottleneck_backward_input(x, c["scale"], c["shift"], w, dy, c["mean"])
     grad = torch.zeros_like(x)
     R.bn_backward_accumulate(grad, x, dh, c["mean"], c["invstd"], c["gamma"], sum_dh, sum_dh_xmu)
-    torch.testing.assert_close(dw.double(), w64.grad, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(grad.double(), x64.grad, atol=1e-4, rtol=1e-3)
-    torch.testing.assert_close(sum_dh.double(), b64.grad, atol=1e-4, rtol=1e-4)  # dbeta
-    torch.testing.assert_close((sum_dh_xmu * c["invstd"]).double(), g64.grad, atol=1e-4, rtol=1e-4)  # dgamma
+    torch.testing.assert_close(dw.double(), gold["weight"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(grad.double(), gold["x"], atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(sum_dh.double(), gold["beta"], atol=1e-4, rtol=1e-4)  # dbeta
+    torch.testing.assert_close((sum_dh_xmu * c["invstd"]).double(), gold["gamma"], atol=1e-4, rtol=1e-4)  # dgamma
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
@@ -142,24 +151,17 @@ def test_reference_whole_backward_matches_autograd(batch_stats):
     """R.bottleneck_backward (fewer passes, ATen's BN backward) into a channel slice of a gradient buffer."""
     c = _case((2, 40, 4, 30, 5, 5, 16), torch.float32, "cpu")
     x, w, dy = c["x"], c["weight"], c["dy"]
-    x64 = x.double().requires_grad_()
-    g64 = c["gamma"].double().requires_grad_()
-    b64 = c["beta"].double().requires_grad_()
-    w64 = w.double().requires_grad_()
-    var = 1.0 / c["invstd"].double() ** 2 - 1e-5
-    stats = (None, None) if batch_stats else (c["mean"].double(), var)
-    h = F.relu(F.batch_norm(x64, *stats, g64, b64, training=batch_stats, eps=1e-5))
-    F.conv2d(h, w64[:, :, None, None]).backward(dy.double())
+    gold = _autograd_grads(c, batch_stats)
 
     G = torch.randn(2, 40, 5, 5)
     before = G.clone()
     dw, dgamma, dbeta = R.bottleneck_backward(
         x, c["scale"], c["shift"], w, dy, c["mean"], c["invstd"], c["gamma"], G[:, 4:34], batch_stats=batch_stats
     )
-    torch.testing.assert_close(dw.double(), w64.grad, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close((G[:, 4:34] - before[:, 4:34]).double(), x64.grad, atol=1e-4, rtol=1e-3)
-    torch.testing.assert_close(dgamma.double(), g64.grad, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(dbeta.double(), b64.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dw.double(), gold["weight"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close((G[:, 4:34] - before[:, 4:34]).double(), gold["x"], atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(dgamma.double(), gold["gamma"], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(dbeta.double(), gold["beta"], atol=1e-4, rtol=1e-4)
     assert torch.equal(G[:, :4], before[:, :4]) and torch.equal(G[:, 34:], before[:, 34:])
 
 
