@@ -11,9 +11,27 @@ import os
 import torch
 
 
+# Triton decides interpreter or compiler when ``@triton.jit`` decorates, i.e. when the kernel modules are
+# imported (effdense.kernels is imported lazily, at the first fused call); read the variable once then, with
+# Triton's own spelling rules, instead of on every launch (an environment lookup costs microseconds).
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")
+
+
 def interpreting() -> bool:
-    """Whether Triton kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Whether Triton kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET=1`` (or ``true``/``on``) was
+    set when :mod:`effdense.kernels` was imported, which is when Triton read it."""
+    return _INTERPRETING
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host-side grid arithmetic. ``triton.cdiv`` is a constexpr function whose call
+    from Python costs several microseconds, a cost paid on every launch."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` for ``n >= 1`` (0 for 0), as ``triton.next_power_of_2``, at host speed."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 @functools.lru_cache(maxsize=None)

@@ -57,8 +57,8 @@ def _bottleneck_fwd_kernel(
     Shift_ptr,  # (C,) fp32
     W_ptr,  # (B, C), x.dtype, w[b, c] at b*stride_wb + c
     Y_ptr,  # (N, B, P), x.dtype
-    YSum_ptr,  # (B,) fp32, zeroed: Σ_{n,p} y
-    YSqSum_ptr,  # (B,) fp32, zeroed: Σ_{n,p} y²
+    YSum_ptr,  # (B,) fp32, zeroed: Σ_{n,p} y (not touched unless STATS)
+    YSqSum_ptr,  # (B,) fp32, zeroed: Σ_{n,p} y² (not touched unless STATS)
     C,
     B,
     P,
@@ -73,6 +73,7 @@ def _bottleneck_fwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    STATS: tl.constexpr,  # accumulate Σy and Σy² (False: backward's recomputation, BN2 statistics cached)
     INPUT_PRECISION: tl.constexpr,
     BF16_INTERP: tl.constexpr,
 ):
@@ -113,10 +114,11 @@ def _bottleneck_fwd_kernel(
     y = _downcast(acc, Y_ptr.dtype.element_ty, BF16_INTERP)
     mask = mask_p[:, None] & mask_b[None, :]
     tl.store(Y_ptr + n * stride_yn + offs_p[:, None] + offs_b[None, :] * stride_yb, y, mask=mask)
-    # epilogue: BN2 batch sums of y as stored (padded pixels hold relu(shift) . w, so mask them)
-    yf = tl.where(mask, y.to(tl.float32), 0.0)
-    tl.atomic_add(YSum_ptr + offs_b, tl.sum(yf, axis=0), mask=mask_b)
-    tl.atomic_add(YSqSum_ptr + offs_b, tl.sum(yf * yf, axis=0), mask=mask_b)
+    if STATS:
+        # epilogue: BN2 batch sums of y as stored (padded pixels hold relu(shift) . w, so mask them)
+        yf = tl.where(mask, y.to(tl.float32), 0.0)
+        tl.atomic_add(YSum_ptr + offs_b, tl.sum(yf, axis=0), mask=mask_b)
+        tl.atomic_add(YSqSum_ptr + offs_b, tl.sum(yf * yf, axis=0), mask=mask_b)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -377,7 +379,7 @@ def _prune(tile: tuple[str, str], operands: tuple[tuple[str, str], ...], x_arg: 
         for cfg in configs:
             kw = cfg.kwargs
             smem = cfg.num_stages * sum(kw[a] * kw[b] for a, b in operands) * size
-            if smem > limit or kw[tile[0]] > max(64, 2 * triton.next_power_of_2(rows)):
+            if smem > limit or kw[tile[0]] > max(64, 2 * _launch.next_power_of_2(rows)):
                 continue
             if size == 4 and kw[tile[0]] * kw[tile[1]] > 128 * 128:  # fp32 FMA/tf32 tiles: keep registers sane
                 continue
@@ -408,7 +410,7 @@ _bwd_input_tuned = triton.autotune(
 
 
 def _p2(v: int, cap: int, floor: int = 16) -> int:
-    return max(floor, min(cap, triton.next_power_of_2(v)))
+    return max(floor, min(cap, _launch.next_power_of_2(v)))
 
 
 def _bf16_interp(x: torch.Tensor) -> bool:
@@ -416,7 +418,7 @@ def _bf16_interp(x: torch.Tensor) -> bool:
 
 
 def _keys(C: int, M: int) -> tuple[int, int]:
-    return triton.next_power_of_2(C), triton.next_power_of_2(M)
+    return _launch.next_power_of_2(C), _launch.next_power_of_2(M)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -424,8 +426,12 @@ def _keys(C: int, M: int) -> tuple[int, int]:
 
 
 def bottleneck_forward_launch(x, scale, shift, weight, y, y_sum, y_sqsum) -> None:
+    """``y_sum``/``y_sqsum``: zeroed fp32 ``[B]`` for BN2's sums, or both ``None`` to skip them."""
     N, C, H, W = x.shape
     B, P, M = weight.shape[0], H * W, N * H * W
+    stats = y_sum is not None
+    if not stats:  # never dereferenced (STATS=False); the autotuner's reset_to_zero may zero y, which is then written
+        y_sum = y_sqsum = y
     args = (
         x, scale, shift, weight, y, y_sum, y_sqsum,
         C, B, P, M, x.stride(0), x.stride(1), weight.stride(0), y.stride(0), y.stride(1), *_keys(C, M),
@@ -433,17 +439,19 @@ def bottleneck_forward_launch(x, scale, shift, weight, y, y_sum, y_sqsum) -> Non
     prec, up = _launch.input_precision(x.dtype), _bf16_interp(x)
     if _launch.interpreting():
         bb, bm, bk = _p2(B, 128), _p2(P, 1024), _p2(C, 128)
-        grid = (triton.cdiv(B, bb) * N * triton.cdiv(P, bm),)
-        _bottleneck_fwd_kernel[grid](*args, BLOCK_B=bb, BLOCK_M=bm, BLOCK_K=bk, INPUT_PRECISION=prec, BF16_INTERP=up)
+        grid = (_launch.cdiv(B, bb) * N * _launch.cdiv(P, bm),)
+        _bottleneck_fwd_kernel[grid](
+            *args, BLOCK_B=bb, BLOCK_M=bm, BLOCK_K=bk, STATS=stats, INPUT_PRECISION=prec, BF16_INTERP=up
+        )
     else:
-        grid = lambda meta: (triton.cdiv(B, meta["BLOCK_B"]) * N * triton.cdiv(P, meta["BLOCK_M"]),)  # noqa: E731
-        _fwd_tuned[grid](*args, INPUT_PRECISION=prec, BF16_INTERP=up)
+        grid = lambda meta: (_launch.cdiv(B, meta["BLOCK_B"]) * N * _launch.cdiv(P, meta["BLOCK_M"]),)  # noqa: E731
+        _fwd_tuned[grid](*args, STATS=stats, INPUT_PRECISION=prec, BF16_INTERP=up)
 
 
 def _weight_splits(device: torch.device, tiles: int, tiles_m: int) -> int:
     # enough programs to fill the GPU, but >= 16 pixel tiles each: every split ends in BLOCK_B*BLOCK_C atomics
     min_per_split = 1 if _launch.interpreting() else 16
-    return max(1, min(tiles_m // min_per_split, triton.cdiv(_launch.target_programs(device), tiles)))
+    return max(1, min(tiles_m // min_per_split, _launch.cdiv(_launch.target_programs(device), tiles)))
 
 
 def bottleneck_backward_weight_launch(x, scale, shift, dy, dw) -> None:
@@ -453,8 +461,8 @@ def bottleneck_backward_weight_launch(x, scale, shift, dy, dw) -> None:
     prec, up = _launch.input_precision(x.dtype), _bf16_interp(x)
 
     def grid(meta):
-        tiles = triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(C, meta["BLOCK_C"])
-        return (tiles, _weight_splits(x.device, tiles, N * triton.cdiv(P, meta["BLOCK_M"])))
+        tiles = _launch.cdiv(B, meta["BLOCK_B"]) * _launch.cdiv(C, meta["BLOCK_C"])
+        return (tiles, _weight_splits(x.device, tiles, N * _launch.cdiv(P, meta["BLOCK_M"])))
 
     if _launch.interpreting():
         meta = dict(BLOCK_B=_p2(B, 128), BLOCK_C=_p2(C, 128), BLOCK_M=_p2(P, 1024))
@@ -474,10 +482,10 @@ def bottleneck_backward_input_launch(x, scale, shift, weight, dy, mean, dh, sum_
     prec, up = _launch.input_precision(x.dtype), _bf16_interp(x)
     if _launch.interpreting():
         bc, bm, bk = _p2(C, 128), _p2(P, 1024), _p2(B, 128)
-        grid = (triton.cdiv(C, bc) * N * triton.cdiv(P, bm),)
+        grid = (_launch.cdiv(C, bc) * N * _launch.cdiv(P, bm),)
         _bottleneck_bwd_input_kernel[grid](*args, BLOCK_C=bc, BLOCK_M=bm, BLOCK_K=bk, INPUT_PRECISION=prec, BF16_INTERP=up)
     else:
-        grid = lambda meta: (triton.cdiv(C, meta["BLOCK_C"]) * N * triton.cdiv(P, meta["BLOCK_M"]),)  # noqa: E731
+        grid = lambda meta: (_launch.cdiv(C, meta["BLOCK_C"]) * N * _launch.cdiv(P, meta["BLOCK_M"]),)  # noqa: E731
         _bwd_input_tuned[grid](*args, INPUT_PRECISION=prec, BF16_INTERP=up)
 
 
@@ -489,7 +497,7 @@ def bn_backward_accumulate_launch(grad, x, dh, mean, invstd, gamma, sum_dh, sum_
         bm, warps = _p2(M, (1 << 18) // bc, floor=1), 4
     else:
         bc, bm, warps = 4, 1024, 4
-    grid = (triton.cdiv(M, bm), triton.cdiv(C, bc))
+    grid = (_launch.cdiv(M, bm), _launch.cdiv(C, bc))
     _bn_backward_accumulate_kernel[grid](
         grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu,
         C, P, M, 1.0 / M, grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), dh.stride(0), dh.stride(1),

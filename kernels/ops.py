@@ -99,7 +99,7 @@ def _plain_eager(tensors: tuple) -> bool:
         not torch.compiler.is_compiling()
         and _dispatch_modes() == 0
         and not _functorch_active()
-        and all(type(t) is torch.Tensor for t in tensors)
+        and all(type(t) is torch.Tensor or t is None for t in tensors)
     )
 
 
@@ -146,8 +146,8 @@ def _bottleneck_forward_op(
     shift: torch.Tensor,
     weight: torch.Tensor,
     y: torch.Tensor,
-    y_sum: torch.Tensor,
-    y_sqsum: torch.Tensor,
+    y_sum: torch.Tensor | None,
+    y_sqsum: torch.Tensor | None,
 ) -> None:
     _use_triton(x, "triton")
     _bottleneck.bottleneck_forward_launch(x, scale, shift, weight, y, y_sum, y_sqsum)
@@ -254,8 +254,8 @@ def bottleneck_forward(
         x: ``(N, C, H, W)``, (H, W) plane contiguous, any channel offset/stride.
         scale, shift: fp32 ``[C]``, BN1's affine (``gamma*invstd``, ``beta - mean*gamma*invstd``).
         weight: ``(B, C)`` in x.dtype.
-        stats: return the sums; ``False`` returns ``None`` for them (the PyTorch twin then skips three
-            passes over ``y``; the kernel's epilogue computes them regardless).
+        stats: return the sums; ``False`` returns ``None`` for them and skips computing them (the
+            kernel's epilogue reductions and atomics; the PyTorch twin's three passes over ``y``).
         chunk: the PyTorch twin materialises ``relu(scale*x + shift)`` at most this many input channels
             at a time (see :func:`reference.bottleneck_forward`); the kernel never materialises it and
             ignores this.
@@ -272,12 +272,12 @@ def bottleneck_forward(
     N, C, H, W = x.shape
     B = weight.shape[0]
     y = torch.empty((N, B, H, W), dtype=x.dtype, device=x.device)
-    y_sum, y_sqsum = _zeros(B, x), _zeros(B, x)
+    y_sum, y_sqsum = (_zeros(B, x), _zeros(B, x)) if stats else (None, None)
     _call(
         _bottleneck_forward_op, _bottleneck.bottleneck_forward_launch,
         x, scale, shift, _rows(weight), y, y_sum, y_sqsum,
     )  # fmt: skip
-    return (y, y_sum, y_sqsum) if stats else (y, None, None)
+    return y, y_sum, y_sqsum
 
 
 def bottleneck_backward_weight(

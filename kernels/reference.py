@@ -284,7 +284,7 @@ def _three_step_backward(
     are the twins here, or the Triton entry points of :mod:`.ops` (with their backend bound)."""
     dw = weight_grad(x, scale, shift, dy)
     dh, sum_dh, sum_dh_xmu = input_grad(x, scale, shift, weight, dy, mean)
-    dgamma, dbeta = sum_dh_xmu * invstd, sum_dh.clone()
+    dgamma, dbeta = sum_dh_xmu * invstd, sum_dh  # accumulate reads the sums, never writes them
     if not batch_stats:  # running statistics: no terms through the mean and variance
         sum_dh, sum_dh_xmu = torch.zeros_like(sum_dh), torch.zeros_like(sum_dh_xmu)
     accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)

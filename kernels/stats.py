@@ -104,8 +104,8 @@ def stats_splits(x: torch.Tensor) -> int:
     """How many column ranges the statistics of ``x`` are split into (rows of the partial workspaces)."""
     N, C, H, W = x.shape
     block_c, block_m = _stats_blocks(x)
-    tiles_m = triton.cdiv(N * H * W, block_m)
-    programs_c = triton.cdiv(C, block_c)
+    tiles_m = _launch.cdiv(N * H * W, block_m)
+    programs_c = _launch.cdiv(C, block_c)
     want = _launch.target_programs(x.device) // programs_c
     return max(1, min(tiles_m, want))
 
@@ -113,9 +113,9 @@ def stats_splits(x: torch.Tensor) -> int:
 def _stats_blocks(x: torch.Tensor) -> tuple[int, int]:
     C = x.shape[1]
     if _launch.interpreting():
-        block_c = min(64, triton.next_power_of_2(C))
+        block_c = min(64, _launch.next_power_of_2(C))
         return block_c, min(4096, (1 << 18) // block_c)
-    return min(32, triton.next_power_of_2(C)), 256
+    return min(32, _launch.next_power_of_2(C)), 256
 
 
 def channel_stats_launch(
@@ -131,14 +131,14 @@ def channel_stats_launch(
     M = N * H * W
     splits = part_mean.shape[0]
     block_c, block_m = _stats_blocks(x)
-    grid = (triton.cdiv(C, block_c), splits)
+    grid = (_launch.cdiv(C, block_c), splits)
     _channel_stats_kernel[grid](
         x, part_mean, part_m2, part_count,
         C, H * W, M, x.stride(0), x.stride(1),
         BLOCK_C=block_c, BLOCK_M=block_m,
         num_warps=4,
     )
-    merge_block = min(1024 if not _launch.interpreting() else 4096, triton.next_power_of_2(C))
-    _merge_stats_kernel[(triton.cdiv(C, merge_block),)](
+    merge_block = min(1024 if not _launch.interpreting() else 4096, _launch.next_power_of_2(C))
+    _merge_stats_kernel[(_launch.cdiv(C, merge_block),)](
         part_mean, part_m2, part_count, mean, var, C, splits, BLOCK_C=merge_block, num_warps=4
     )

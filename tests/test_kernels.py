@@ -413,6 +413,36 @@ def test_opcheck_forward():
     )
 
 
+def test_opcheck_forward_without_sums():
+    """``stats=False`` passes no sum buffers to the op (``None``, the kernel skips its epilogue)."""
+    _need_triton("cpu")
+    c = _case(SHAPES[0], torch.float32, "cpu")
+    N, _, _, C, H, W, B = SHAPES[0]
+    args = (c["x"], c["scale"], c["shift"], c["weight"], torch.empty(N, B, H, W), None, None)
+    torch.library.opcheck(
+        torch.ops.effdense.bottleneck_forward.default,
+        args,
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_without_sums_gives_the_same_output(device):
+    """``stats=False`` (backward's recomputation) writes the same ``y`` and returns no sums, on the direct
+    launch and through the library op alike."""
+    _need_triton(device)
+    c = _case(SHAPES[4], torch.float32, device)
+    args = (c["x"], c["scale"], c["shift"], c["weight"])
+    y, y_sum, y_sqsum = K.bottleneck_forward(*args, backend="triton")
+    assert y_sum is not None and y_sqsum is not None
+    direct = K.bottleneck_forward(*args, stats=False, backend="triton")
+    with _OpLog():
+        via_op = K.bottleneck_forward(*args, stats=False, backend="triton")
+    for got in (direct, via_op):
+        assert got[1] is None and got[2] is None
+        torch.testing.assert_close(got[0], y, rtol=0, atol=0)
+
+
 class _OpLog(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
@@ -586,3 +616,16 @@ def test_cuda_densenet_shapes(dtype):
     dh_ref, a_ref, b_ref = K.bottleneck_backward_input(*bi, backend="reference")
     _assert_close(dh, dh_ref, R.bottleneck_backward_input(*map(_up, bi))[0], dtype, "dh")
     torch.testing.assert_close(a, a_ref, atol=1e-1, rtol=1e-2)
+
+
+def test_host_grid_arithmetic_matches_triton():
+    """The launches' grid arithmetic (``_launch.cdiv``/``next_power_of_2``, plain Python because Triton's
+    constexpr functions cost microseconds per call from the host) agrees with Triton's."""
+    triton = pytest.importorskip("triton")
+    from effdense.kernels import _launch
+
+    for n in range(0, 3000):
+        assert _launch.next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 64, 1000):
+            assert _launch.cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    assert _launch.next_power_of_2(2**40 + 1) == triton.next_power_of_2(2**40 + 1)

@@ -115,7 +115,7 @@ def _bcast(v: torch.Tensor) -> torch.Tensor:
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics and accumulation dtype: fp32 for fp32/bf16/fp16 buffers, fp64 for fp64 (gradcheck)."""
-    return torch.promote_types(dtype, torch.float32)
+    return torch.float64 if dtype == torch.float64 else torch.float32  # torch.promote_types is a dispatched op
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
@@ -196,7 +196,7 @@ def _bn_affine(
     """(scale, shift, mean, invstd) in fp32 for ``bn``: batch statistics if given, else running ones."""
     if mean is None:
         mean, var = bn.running_mean, bn.running_var
-    acc = torch.promote_types(mean.dtype, torch.float32)
+    acc = _acc_dtype(mean.dtype)
     mean, var = mean.to(acc), var.to(acc)
     invstd = torch.rsqrt(var + bn.eps)
     scale = bn.weight.to(acc) * invstd
