@@ -91,12 +91,14 @@ _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda
 
 
 def _plain_eager(tensors: tuple) -> bool:
-    """Whether a launch may skip its ``torch.library`` op: plain tensors in eager execution, with no
-    dispatch mode (FakeTensorMode, memory or FLOP trackers), no ``torch.compile`` tracing and no functorch
-    transform active. Those need the op; plain eager calls do not, and the op's dispatch costs several
-    times the checks and allocation around it (host time that small GPU steps are bound by)."""
+    """Whether a launch may skip its ``torch.library`` op: plain tensors with data (not ``meta``) in eager
+    execution, with no dispatch mode (FakeTensorMode, memory or FLOP trackers), no ``torch.compile``
+    tracing and no functorch transform active. Those need the op (meta tensors its fake implementation);
+    plain eager calls do not, and the op's dispatch costs several times the checks and allocation around
+    it (host time that small GPU steps are bound by)."""
     return (
-        not torch.compiler.is_compiling()
+        not tensors[0].is_meta  # the first argument is the activation: all arguments share its device
+        and not torch.compiler.is_compiling()
         and _dispatch_modes() == 0
         and not _functorch_active()
         and all(type(t) is torch.Tensor or t is None for t in tensors)

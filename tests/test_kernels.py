@@ -629,3 +629,23 @@ def test_host_grid_arithmetic_matches_triton():
         for d in (1, 3, 16, 64, 1000):
             assert _launch.cdiv(n, d) == triton.cdiv(n, d), (n, d)
     assert _launch.next_power_of_2(2**40 + 1) == triton.next_power_of_2(2**40 + 1)
+
+
+def test_meta_tensors_take_the_library_op_in_plain_eager():
+    """Meta tensors (shape-only runs, ``estimate_step(backend="meta")`` without a tracker) have no data to
+    launch on: the entry points go through the op's fake implementation instead of the direct launch."""
+    _need_triton("cpu")
+    N, C, H, W, B = 2, 40, 5, 5, 24
+    x = torch.empty(N, C + 8, H, W, device="meta")[:, 4 : 4 + C]
+    v = torch.empty(C, device="meta")
+    w = torch.empty(B, C, device="meta")
+    dy = torch.empty(N, B, H, W, device="meta")
+    y, y_sum, y_sqsum = K.bottleneck_forward(x, v, v, w, backend="triton")
+    assert (y.shape, y_sum.shape, y_sqsum.shape) == ((N, B, H, W), (B,), (B,)) and y.is_meta
+    mean, var = K.channel_stats(x, backend="triton")
+    assert mean.shape == var.shape == (C,) and mean.is_meta
+    assert K.bottleneck_backward_weight(x, v, v, dy, backend="triton").shape == (B, C)
+    dh, s1, s2 = K.bottleneck_backward_input(x, v, v, w, dy, v, backend="triton")
+    assert dh.shape == (N, C, H, W) and s1.shape == s2.shape == (C,)
+    grad = torch.empty(N, C, H, W, device="meta")
+    K.bn_backward_accumulate(grad, x, dh, v, v, v, s1, s2, backend="triton")

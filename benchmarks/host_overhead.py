@@ -1,0 +1,211 @@
+"""Host-side cost of a training step: dispatched operators per step, and the kernel wrappers' own time.
+
+A small GPU step (DenseNet-BC-100 at batch 64, 32x32) is bound by the host: every operator costs
+microseconds of Python and dispatch before its kernel is queued, whatever the kernel's size. Two
+deterministic or device-free measurements of that cost, both runnable on a CPU:
+
+* **operators per step**: every ATen operator (and ``effdense::*`` kernel op) dispatched by one training
+  step (forward, loss, backward), counted by a ``TorchDispatchMode`` on ``meta`` tensors, so any shape is
+  free to count. Grouped into views (no kernel), allocations, fills, kernel ops and the rest (compute).
+  ``fused`` is counted on its Triton path (TRITON_INTERPRET=1 is set here before effdense.kernels is
+  imported), which is the path it takes on a GPU; each ``effdense::channel_stats`` launches two kernels.
+* **wrapper time**: microseconds of host time per call of each public kernel entry point (argument
+  checks, allocation, dispatch) with the Triton launch itself replaced by a no-op, median over repeats.
+
+    python benchmarks/host_overhead.py                              # BC-100, batch 64, 32x32
+    python benchmarks/host_overhead.py --out benchmarks/results     # also write host_overhead_<model>_b<N>.json
+
+Counts are exact and repeatable; wrapper times depend on this machine's CPU and load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before effdense.kernels is imported: fused takes its kernel path
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import effdense  # noqa: E402
+from effdense.benchutil import environment, format_table, model_name, positive_int, strategy_list, write_json  # noqa: E402
+
+VIEW_OPS = {
+    "view", "_unsafe_view", "slice", "select", "expand", "alias", "detach", "t", "transpose", "permute",
+    "unsqueeze", "squeeze", "as_strided", "split", "split_with_sizes", "unbind", "unflatten", "flatten",
+    "reshape", "narrow",
+}  # fmt: skip
+ALLOC_OPS = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided"}
+FILL_OPS = {"zeros", "zeros_like", "zero_", "fill_", "full", "full_like", "ones", "ones_like", "new_zeros"}
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _kind(name: str) -> str:
+    namespace, _, op = name.partition(".")
+    if namespace != "aten":
+        return "kernel_ops"
+    if op in VIEW_OPS:
+        return "views"
+    if op in ALLOC_OPS:
+        return "allocations"
+    if op in FILL_OPS:
+        return "fills"
+    return "compute"
+
+
+def count_ops(model_name: str, strategy: str, shape: tuple[int, ...]) -> dict[str, Any]:
+    """Operators dispatched by one training step (after one uncounted step) on ``meta`` tensors."""
+    with torch.device("meta"):
+        model = effdense.get_model(model_name, strategy=strategy)
+        x = torch.empty(shape)
+    target = torch.zeros(shape[0], dtype=torch.long, device="meta")
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(x), target).backward()
+
+    step()  # first-call effects (lazy imports, caches) stay out of the count
+    counter = _OpCounter()
+    with counter:
+        step()
+    by_kind: collections.Counter[str] = collections.Counter()
+    for name, n in counter.counts.items():
+        by_kind[_kind(name)] += n
+    return {
+        "strategy": strategy,
+        "total": sum(counter.counts.values()),
+        **{k: by_kind[k] for k in ("views", "allocations", "fills", "compute", "kernel_ops")},
+        "ops": dict(counter.counts.most_common()),
+    }
+
+
+def _stub_launches() -> dict[str, Callable[..., None]]:
+    """Replace the Triton launches with no-ops; returns the originals (to restore)."""
+    from effdense.kernels import bottleneck as _b
+    from effdense.kernels import stats as _s
+
+    saved = {}
+    for module, names in (
+        (_b, ("bottleneck_forward_launch", "bottleneck_backward_weight_launch",
+              "bottleneck_backward_input_launch", "bn_backward_accumulate_launch")),
+        (_s, ("channel_stats_launch",)),
+    ):  # fmt: skip
+        for name in names:
+            saved[f"{module.__name__}.{name}"] = getattr(module, name)
+            setattr(module, name, lambda *args: None)
+    return saved
+
+
+def _restore(saved: dict[str, Callable[..., None]]) -> None:
+    for key, fn in saved.items():
+        module_name, _, name = key.rpartition(".")
+        setattr(sys.modules[module_name], name, fn)
+
+
+def wrapper_times(repeats: int, calls: int) -> dict[str, float]:
+    """Median host microseconds per call of each kernel entry point, launches stubbed out. Shapes of a late
+    DenseNet-BC layer (a 200-channel slice of a buffer, batch 64 at 16x16, 48 bottleneck channels)."""
+    from effdense import kernels as K
+
+    N, C, H, W, B = 64, 200, 16, 16, 48
+    buf = torch.randn(N, C + 12, H, W)
+    x = buf[:, :C]
+    scale, shift, mean = torch.rand(C), torch.randn(C), torch.zeros(C)
+    w = torch.randn(B, C)
+    dy = torch.randn(N, B, H, W)
+    grad = torch.zeros_like(buf)[:, :C]
+    cases: dict[str, Callable[[], Any]] = {
+        "channel_stats (12 channels)": lambda: K.channel_stats(buf[:, C:]),
+        "bottleneck_forward": lambda: K.bottleneck_forward(x, scale, shift, w),
+        "bottleneck_forward stats=False": lambda: K.bottleneck_forward(x, scale, shift, w, stats=False),
+        "bottleneck_backward_weight": lambda: K.bottleneck_backward_weight(x, scale, shift, dy),
+        "bottleneck_backward_input": lambda: K.bottleneck_backward_input(x, scale, shift, w, dy, mean),
+        "bottleneck_backward (all three)": lambda: K.bottleneck_backward(x, scale, shift, w, dy, mean, scale, scale, grad),
+    }
+    saved = _stub_launches()
+    try:
+        out = {}
+        for name, fn in cases.items():
+            for _ in range(min(calls, 50)):
+                fn()
+            samples = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                samples.append((time.perf_counter() - t0) / calls * 1e6)
+            out[name] = statistics.median(samples)
+        return out
+    finally:
+        _restore(saved)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", type=model_name, default="densenet_bc_100")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--image-size", type=positive_int, default=32)
+    p.add_argument("--strategies", type=strategy_list, default="naive,checkpoint,shared,fused")
+    p.add_argument("--repeats", type=positive_int, default=7, help="timed repeats per wrapper (median; default 7)")
+    p.add_argument("--calls", type=positive_int, default=2000, help="calls per repeat (default 2000)")
+    p.add_argument("--no-wrapper-times", action="store_true", help="count operators only")
+    p.add_argument("--out", default=None, help="folder for the JSON (default: print only)")
+    args = p.parse_args(argv)
+    model, strategies = args.model, args.strategies
+    shape = (args.batch_size, 3, args.image_size, args.image_size)
+
+    from effdense.kernels import kernels_available
+
+    rows = []
+    for s in strategies:
+        print(f"counting {s} ...", file=sys.stderr, flush=True)
+        rows.append(count_ops(model, s, shape))
+    print(f"\nOperators per training step, {model}, input {shape} (meta tensors):")
+    count = "{:,}".format
+    print(format_table(rows, [
+        ("strategy", "strategy", str), ("total", "total", count), ("views", "views", count),
+        ("allocations", "allocations", count), ("fills", "fills", count), ("compute", "compute", count),
+        ("kernel_ops", "effdense ops", count),
+    ]))  # fmt: skip
+    times = {}
+    if not args.no_wrapper_times:
+        times = wrapper_times(args.repeats, args.calls)
+        print("\nKernel wrapper host time, launch stubbed (us per call, median):")
+        for name, us in times.items():
+            print(f"  {name:34s} {us:7.1f}")
+    payload = {
+        "benchmark": "host_overhead",
+        "environment": environment(torch.device("cpu")),
+        "model": model,
+        "input_shape": list(shape),
+        "fused_counted_on_triton_path": kernels_available("cpu"),
+        "op_counts": rows,
+        "wrapper_us_per_call": times,
+    }
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"host_overhead_{model}_b{args.batch_size}_{args.image_size}px.json"
+        write_json(path, payload)
+        print(f"\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
