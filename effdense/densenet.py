@@ -383,6 +383,19 @@ def _unwrap_checkpoint(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     return obj
 
 
+# What ``nn.DataParallel`` and ``DistributedDataParallel`` put before every key of the wrapped model's state dict.
+_WRAPPER_PREFIX = "module."
+
+
+def _strip_wrapper_prefix(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """A state dict saved from a DataParallel/DDP-wrapped model (``ddp.state_dict()``) has every key
+    prefixed ``module.``: strip it, as timm's checkpoint loader does. Only when every key has it, so a
+    model's own submodule named ``module`` is left alone."""
+    if state_dict and all(isinstance(k, str) and k.startswith(_WRAPPER_PREFIX) for k in state_dict):
+        return OrderedDict((k[len(_WRAPPER_PREFIX) :], v) for k, v in state_dict.items())
+    return state_dict
+
+
 def _is_weights_enum(weights: Any) -> bool:
     """A torchvision ``WeightsEnum`` member, or anything with its surface (``meta``, ``get_state_dict``)."""
     return hasattr(weights, "get_state_dict") and hasattr(weights, "meta")
@@ -460,11 +473,12 @@ def _resolve_weights(weights: Any, progress: bool) -> Mapping[str, torch.Tensor]
 
 def load_weights(model: DenseNet, weights: Any, progress: bool = True) -> DenseNet:
     """Load ``weights`` into ``model`` strictly: a torchvision ``WeightsEnum``, a state dict or a file path
-    (a checkpoint dict holding the state dict under ``"state_dict"`` or ``"model"`` is unwrapped; legacy
-    key names are accepted)."""
+    (a checkpoint dict holding the state dict under ``"state_dict"`` or ``"model"`` is unwrapped; the
+    ``module.`` prefix of a state dict saved from an ``nn.DataParallel``/``DistributedDataParallel``-wrapped
+    model is stripped when every key has it; legacy key names are accepted)."""
     state_dict = _resolve_weights(weights, progress)
     if state_dict is not None:
-        model.load_state_dict(_upgrade_legacy_keys(state_dict), strict=True)
+        model.load_state_dict(_upgrade_legacy_keys(_strip_wrapper_prefix(state_dict)), strict=True)
     return model
 
 
@@ -502,7 +516,11 @@ def _densenet(arch: str, weights: Any, progress: bool, **kwargs: Any) -> DenseNe
 
 
 def densenet121(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
-    """DenseNet-121 (k=32, blocks 6-12-24-16). ``kwargs`` go to :class:`DenseNet` (``strategy=`` among them)."""
+    """DenseNet-121 (k=32, blocks 6-12-24-16). ``kwargs`` go to :class:`DenseNet` (``strategy=`` among them).
+
+    ``weights``: a torchvision ``DenseNet121_Weights`` member or its name (``"DEFAULT"``), a state dict or
+    a file path (see :func:`load_weights`: training checkpoints are unwrapped and a DataParallel/DDP
+    ``module.`` prefix is stripped), or None."""
     return _densenet("densenet121", weights, progress, **kwargs)
 
 
@@ -563,7 +581,8 @@ def densenet_cifar(
         num_classes: number of classes.
         drop_rate: dropout rate after each layer.
         strategy: block strategy (see :class:`DenseNet`).
-        weights: a state dict or a file path to load (see :func:`load_weights`), or None.
+        weights: a state dict or a file path to load (see :func:`load_weights`: training checkpoints are
+            unwrapped and a DataParallel/DDP ``module.`` prefix is stripped), or None.
         **kwargs: further :class:`DenseNet` keyword arguments (``policy``, ``in_channels``).
     """
     n = cifar_layers_per_block(depth, bottleneck)
@@ -587,10 +606,33 @@ def densenet_cifar(
     return load_weights(model, weights)
 
 
+def _cifar_name(depth: Any, bottleneck: Any) -> str:
+    return f"densenet_bc_{depth}" if bottleneck else f"densenet_{depth}"
+
+
+def _check_name_fixes(name: str, fixed: Mapping[str, Any], kwargs: dict[str, Any]) -> None:
+    """A CIFAR model name fixes ``depth`` and ``bottleneck``: a keyword that contradicts it is an error
+    (it would silently build another model); one equal to it is dropped from ``kwargs``."""
+    for key, value in fixed.items():
+        if key in kwargs and kwargs[key] != value:
+            wanted = {**fixed, key: kwargs[key]}
+            fixes = " and ".join(f"{k}={v!r}" for k, v in fixed.items())
+            raise ValueError(
+                f"{name} fixes {fixes}; got {key}={kwargs[key]!r}: ask for the model by its own name "
+                f"({_cifar_name(wanted['depth'], wanted['bottleneck'])!r}), or build it with "
+                "effdense.densenet_cifar(depth, growth_rate, bottleneck=...)"
+            )
+        kwargs.pop(key, None)
+
+
 def _cifar_preset(name: str, **kwargs: Any) -> DenseNet:
+    """A CIFAR preset: its name fixes ``depth`` and ``bottleneck``; ``growth_rate`` and ``compression``
+    are defaults that ``kwargs`` may change (as for any ``densenet_bc_<depth>``)."""
     preset = dict(CIFAR_PRESETS[name])
+    fixed = {"depth": preset.pop("depth"), "bottleneck": preset.pop("bottleneck", True)}
+    _check_name_fixes(name, fixed, kwargs)
     preset.update(kwargs)
-    return densenet_cifar(preset.pop("depth"), preset.pop("growth_rate"), **preset)
+    return densenet_cifar(fixed["depth"], preset.pop("growth_rate"), bottleneck=fixed["bottleneck"], **preset)
 
 
 def densenet_40(**kwargs: Any) -> DenseNet:
@@ -628,7 +670,11 @@ MODELS = {
 
 def get_model(name: str, **kwargs: Any) -> DenseNet:
     """Build a model by name (see :data:`MODELS`); ``densenet_bc_<depth>`` / ``densenet_<depth>`` also work
-    for any depth the paper's rule allows (k=12). Names are case-insensitive, as torchvision's."""
+    for any depth the paper's rule allows (k=12). Names are case-insensitive, as torchvision's.
+
+    A CIFAR name fixes the depth and whether layers have a bottleneck: ``depth=`` or ``bottleneck=``
+    other than the name's is a ``ValueError``. ``growth_rate=`` (default: the preset's ``k``, else 12) and
+    ``compression=`` may be changed; other ``kwargs`` go to the builder (``num_classes``, ``strategy``, ...)."""
     if not isinstance(name, str):
         raise TypeError(f"model name must be a str, got {type(name).__name__}")
     name = name.lower()
@@ -637,21 +683,50 @@ def get_model(name: str, **kwargs: Any) -> DenseNet:
     m = re.fullmatch(r"densenet_(bc_)?(\d+)", name)
     if m:
         kwargs.setdefault("growth_rate", 12)
-        bc = m.group(1) is not None
+        depth, bc = int(m.group(2)), m.group(1) is not None
+        _check_name_fixes(name, {"depth": depth, "bottleneck": bc}, kwargs)
         if not bc:
             kwargs.setdefault("compression", 1.0)
-        return densenet_cifar(int(m.group(2)), kwargs.pop("growth_rate"), bottleneck=bc, **kwargs)
+        return densenet_cifar(depth, kwargs.pop("growth_rate"), bottleneck=bc, **kwargs)
     raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)} or densenet_bc_<depth>")
+
+
+def _source_sync_bn(model: nn.Module, features: nn.Sequential) -> tuple[bool, Any]:
+    """Whether ``convert()``'s source has SyncBatchNorm semantics, and over which process group: an
+    effdense DenseNet's :meth:`DenseNet.set_sync_bn` state, or a torchvision DenseNet whose BatchNorms
+    are all ``nn.SyncBatchNorm`` over one group (``nn.SyncBatchNorm.convert_sync_batchnorm``)."""
+    if isinstance(model, DenseNet):
+        block = model.dense_blocks[0]
+        return bool(block.sync_bn), block.sync_group
+    norms = [m for m in features.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    synced = [m for m in norms if isinstance(m, nn.SyncBatchNorm)]
+    if not synced:
+        return False, None
+    groups = {id(m.process_group) for m in synced}
+    if len(synced) != len(norms) or len(groups) > 1:
+        raise ValueError(
+            f"convert() cannot carry the source's SyncBatchNorm layers: {len(synced)} of its {len(norms)} "
+            f"BatchNorms are nn.SyncBatchNorm, over {len(groups)} process group(s), but an effdense DenseNet "
+            "synchronises all of its BatchNorms over one group or none (DenseNet.set_sync_bn); convert the "
+            "model without nn.SyncBatchNorm and call set_sync_bn on the result"
+        )
+    return True, synced[0].process_group
 
 
 def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = None) -> DenseNet:
     """Build an effdense :class:`DenseNet` from a torchvision DenseNet, with a copy of its parameters
     and buffers (same values, device and dtype) and the given strategy.
 
+    The copy also keeps what the state dict does not carry: train/eval flags, ``requires_grad``, BatchNorm
+    momentum and eps, and SyncBatchNorm semantics: a source with :meth:`DenseNet.set_sync_bn` on (or a
+    torchvision DenseNet whose BatchNorms are all ``nn.SyncBatchNorm`` over one process group) gives a copy
+    with ``set_sync_bn(True, <the same process group>)``.
+
     Args:
         model: a ``torchvision.models.DenseNet`` (or an effdense one).
         strategy: block strategy of the new model.
-        policy: :class:`effdense.Policy` of the new model.
+        policy: :class:`effdense.Policy` of the new model; ``None`` keeps an effdense source's policy
+            (the default ``Policy()`` for a torchvision source).
     """
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         raise TypeError(
@@ -679,6 +754,9 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
     compression = 0.5
     if transition is not None and transition.conv.out_channels != transition.conv.in_channels // 2:
         compression = transition.conv.out_channels / transition.conv.in_channels
+    sync_bn, sync_group = _source_sync_bn(model, features)
+    if policy is None and isinstance(model, DenseNet):
+        policy = model.policy
     clone = DenseNet(
         growth_rate=growth_rate,
         block_config=tuple(len(list(b.children())) for b in blocks),
@@ -695,6 +773,8 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
     )
     ref = next(model.parameters())
     clone.to(device=ref.device, dtype=ref.dtype)
+    if sync_bn:
+        clone.set_sync_bn(True, sync_group)
     clone.load_state_dict(model.state_dict(), strict=True)
     # what a state dict does not carry, module by module: train/eval flags (a backbone whose BatchNorms
     # were put in eval mode for fine-tuning), frozen parameters, BatchNorm momentum and eps

@@ -496,3 +496,148 @@ def test_get_model_names_are_case_insensitive() -> None:
     assert effdense.get_model("DenseNet_BC_16").block_config == (2, 2, 2)
     with pytest.raises(ValueError, match="unknown model 'resnet50'"):
         effdense.get_model("ResNet50")
+
+
+# --------------------------------------------------------------------------------------------------
+# what a CIFAR name fixes, DataParallel weights, convert() from an effdense model, empty batch per block
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, message",
+    [
+        ("densenet_bc_100", {"depth": 40}, "densenet_bc_100 fixes depth=100 and bottleneck=True; got depth=40.*bc_40"),
+        ("densenet_bc_100", {"bottleneck": False}, "densenet_bc_100 fixes .*; got bottleneck=False.*'densenet_100'"),
+        ("densenet_40", {"bottleneck": True}, "densenet_40 fixes depth=40 and bottleneck=False; got bottleneck=True"),
+        ("densenet_bc_16", {"depth": 40}, "densenet_bc_16 fixes depth=16 and bottleneck=True; got depth=40"),
+        ("densenet_bc_16", {"bottleneck": False}, "densenet_bc_16 fixes .*; got bottleneck=False.*densenet_cifar"),
+        ("densenet_16", {"depth": 100}, "densenet_16 fixes depth=16 and bottleneck=False; got depth=100"),
+    ],
+)
+def test_cifar_names_reject_keywords_that_contradict_them(name, kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        effdense.get_model(name, **kwargs)
+    if name in effdense.MODELS:
+        with pytest.raises(ValueError, match=message):
+            effdense.MODELS[name](**kwargs)
+
+
+def test_cifar_names_accept_keywords_that_agree_and_their_defaults() -> None:
+    model = effdense.get_model("densenet_bc_100", depth=100, bottleneck=True, num_classes=100, strategy="naive")
+    assert model.block_config == (16, 16, 16) and model.growth_rate == 12 and model.classifier.out_features == 100
+    assert effdense.get_model("densenet_40", bottleneck=False, depth=40).block_config == (12, 12, 12)
+    assert effdense.get_model("densenet_bc_16", depth=16, bottleneck=True, growth_rate=6).growth_rate == 6
+    # growth_rate stays a default, for presets too (effdense max-depth and ablate ask for densenet_bc_<d> at any k)
+    assert effdense.get_model("densenet_bc_190", growth_rate=4).growth_rate == 4
+    assert effdense.get_model("densenet_bc_100", growth_rate=6, compression=1.0).growth_rate == 6
+
+
+def test_weights_from_data_parallel_state_dict(tmp_path) -> None:
+    torch.manual_seed(0)
+    source = effdense.densenet_cifar(16, 6, num_classes=5, strategy="naive")
+    train_step(source, torch.randn(4, 3, 16, 16))  # running statistics away from their initial values
+    own = source.state_dict()
+    sd = nn.DataParallel(source).state_dict()
+    assert sd.keys() == {"module." + k for k in own}
+    path = tmp_path / "dp.pth"
+    torch.save(sd, path)
+    torch.save({"model": sd, "epoch": 1}, tmp_path / "dp_train.pt")
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        expected = source.eval()(x)
+    models = [
+        effdense.densenet_cifar(16, 6, num_classes=5, weights=sd),
+        effdense.densenet_cifar(16, 6, num_classes=5, weights=str(path)),
+        effdense.get_model("densenet_bc_16", growth_rate=6, num_classes=5, weights=tmp_path / "dp_train.pt"),
+        effdense.load_weights(effdense.densenet_cifar(16, 6, num_classes=5), {f"module.{k}": v for k, v in own.items()}),
+    ]
+    for model in models:
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, own[key]), key
+        with torch.no_grad():
+            assert_close_rel(model.eval()(x), expected, name="output")  # the source runs naive, the copy auto
+    # only a prefix every key has is a wrapper's: a partly prefixed state dict is left as it is
+    partly = dict(own)
+    partly["module.classifier.bias"] = partly.pop("classifier.bias")
+    with pytest.raises(RuntimeError, match="Missing key.*classifier.bias"):
+        effdense.densenet_cifar(16, 6, num_classes=5, weights=partly)
+
+
+def test_convert_keeps_an_effdense_sources_policy() -> None:
+    policy = effdense.Policy(cache_stats=False, shared_grad=False)
+    source = effdense.densenet_cifar(16, 6, strategy="shared", policy=policy)
+    ours = effdense.convert(source, strategy="shared")
+    assert ours.policy == policy and all(b.policy == policy for b in ours.dense_blocks)
+    other = effdense.Policy(recompute_bottleneck=False)
+    assert effdense.convert(source, policy=other).policy == other
+    assert effdense.convert(_small_torchvision_densenet()).policy == effdense.Policy()
+
+
+def _sync_norms(model: nn.Module) -> list:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+def test_convert_keeps_sync_bn_and_its_process_group() -> None:
+    group = object()  # stands for a torch.distributed process group: set_sync_bn only keeps it
+    source = effdense.densenet_cifar(16, 6, num_classes=3, strategy="naive").set_sync_bn(True, group)
+    for strategy in effdense.available_strategies():
+        ours = effdense.convert(source, strategy=strategy)
+        assert all(b.sync_bn and b.sync_group is group for b in ours.dense_blocks), strategy
+        norms = _sync_norms(ours)
+        assert norms and all(isinstance(m, nn.SyncBatchNorm) and m.process_group is group for m in norms), strategy
+        x = torch.randn(2, 3, 16, 16)
+        with torch.no_grad():
+            assert_close_rel(ours.eval()(x), source.eval()(x), name=strategy)
+    plain = effdense.convert(effdense.densenet_cifar(16, 6))
+    assert not any(b.sync_bn for b in plain.dense_blocks)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in plain.modules())
+    # a torchvision DenseNet made SyncBatchNorm as a whole carries it too; partly, it cannot
+    tv = nn.SyncBatchNorm.convert_sync_batchnorm(_small_torchvision_densenet(), group)
+    ours = effdense.convert(tv)
+    assert all(b.sync_bn and b.sync_group is group for b in ours.dense_blocks)
+    assert all(isinstance(m, nn.SyncBatchNorm) and m.process_group is group for m in _sync_norms(ours))
+    tv = _small_torchvision_densenet()
+    tv.features.denseblock1 = nn.SyncBatchNorm.convert_sync_batchnorm(tv.features.denseblock1, group)
+    with pytest.raises(ValueError, match="cannot carry the source's SyncBatchNorm.*call set_sync_bn on the result"):
+        effdense.convert(tv)
+
+
+def _empty_batch_entries():
+    from effdense.strategies import fused, shared
+
+    return {
+        "shared.run_block": lambda block, transition, x: shared.run_block(block, x),
+        "fused.run_block": lambda block, transition, x: fused.run_block(block, x),
+        "shared.run_stage": lambda block, transition, x: shared.run_stage(block, transition, x, shared.reference_ops()),
+    }
+
+
+@pytest.mark.parametrize("entry", ["shared.run_block", "fused.run_block", "shared.run_stage"])
+def test_shared_block_function_runs_an_empty_batch_as_naive(entry: str) -> None:
+    run = _empty_batch_entries()[entry]
+    with_transition = entry.endswith("run_stage")
+    naive = effdense.densenet_cifar(16, 6, drop_rate=0.2, strategy="naive")
+    train_step(naive, torch.randn(4, 3, 8, 8))  # running statistics away from their initial values
+    ours = copy.deepcopy(naive)
+    shapes = []
+    for model in (naive, ours):
+        model.zero_grad(set_to_none=True)
+        block, transition = model.features.denseblock1, model.features.transition1
+        x = torch.randn(0, block.num_input_features, 8, 8, requires_grad=True)
+        if model is naive:
+            out = block(x) if not with_transition else transition(block(x))
+        else:
+            out = run(block, transition if with_transition else None, x)
+        out.sum().backward()
+        assert x.grad is not None and x.grad.shape == x.shape
+        shapes.append(tuple(out.shape))
+    assert shapes[1] == shapes[0] == ((0, 12, 4, 4) if with_transition else (0, 24, 8, 8))
+    for (name, p), q in zip(naive.named_parameters(), ours.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if q.grad is not None:
+            assert torch.equal(q.grad, torch.zeros_like(q)), name
+    for (name, a), b in zip(_bn_buffers(naive).items(), _bn_buffers(ours).values()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        ours.eval()
+        transition = ours.features.transition1 if with_transition else None
+        assert run(ours.features.denseblock1, transition, torch.randn(0, 12, 8, 8)).shape == shapes[0]

@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from effdense.strategies import checkpoint as _checkpoint
+from effdense.strategies import naive as _naive
 
 # --------------------------------------------------------------------------------------------------
 # BatchNorm bookkeeping: nn.BatchNorm2d semantics on cached statistics
@@ -669,6 +670,12 @@ def run_stage(block, transition, x: torch.Tensor, ops: ModuleType, **stage_optio
     buffer, or the transition's pooled output when a transition is given. ``stage_options`` are
     ``chunk_factor`` (see :class:`_Stage`)."""
     _check_block_input(block, x)
+    if x.shape[0] == 0:
+        # an empty batch has no statistics for the shared buffers: the plain modules, as a model does for
+        # every strategy (strategies._runner_for), with PyTorch's semantics (an empty output, zero gradients,
+        # BatchNorm counters advanced and running statistics kept)
+        out = _naive.run_block(block, x)
+        return out if transition is None else transition(out)
     stage = _make_stage(block, transition, ops, x, **stage_options)
     params = stage.params()
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
