@@ -13,6 +13,8 @@ percentiles, in ms):
 ``*_graph`` columns time the same calls replayed from a CUDA graph (GPU time without Python and launch
 overhead, which dominates the small 14x14/7x7 problems). ``ms_reference`` is the eager PyTorch twin the kernel replaces (unfused, materialising ``h``).
 Writes ``benchmarks/results/bench_kernels_<device>.json`` and ``.csv`` and prints a table. Never asserts.
+The JSON's ``metadata`` is :func:`effdense.benchutil.environment` (device, versions, commit, command line,
+time), as in the other benchmarks' files, plus this script's settings; ``device`` there is the GPU's name.
 
 Usage: ``python benchmarks/bench_kernels.py [--dtypes bf16,fp32] [--batch 64] [--quick]``
 """
@@ -21,13 +23,18 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import json
-import os
 import pathlib
 import re
-import subprocess
 import sys
+
+from effdense.benchutil import (
+    UsageError,
+    dtype_list,
+    environment,
+    output_dir,
+    positive_int,
+)
 
 # DenseNet-121: (C, H=W) pairs a bottleneck meets (block 1 ends at C=256 at 56x56, block 2 at 512 at 28x28, ...)
 SHAPES_121 = [(256, 56), (512, 28), (1024, 14), (1024, 7)]
@@ -38,22 +45,34 @@ RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 def _parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dtypes", default="bf16,fp32", help="comma-separated subset of bf16, fp16, fp32 (default: bf16,fp32)")
-    p.add_argument("--batch", type=int, default=64, help="batch size N (default 64)")
-    p.add_argument("--bottleneck", type=int, default=128, help="output channels B = bn_size*growth (default 128)")
+    p.add_argument("--dtypes", type=dtype_list, default=["bf16", "fp32"],
+                   help="comma-separated subset of bf16, fp16, fp32 (default: bf16,fp32)")
+    p.add_argument("--batch", type=positive_int, default=64, help="batch size N (default 64)")
+    p.add_argument("--bottleneck", type=positive_int, default=128, help="output channels B = bn_size*growth (default 128)")
     p.add_argument("--grid", action="store_true", help="every C in {256,512,1024} x every H in {56,28,14,7}")
     p.add_argument("--quick", action="store_true", help="two shapes only (smoke run)")
     p.add_argument("--out", type=pathlib.Path, default=RESULTS, help="output folder (default benchmarks/results)")
     return p.parse_args(argv)
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=pathlib.Path(__file__).parent
-        ).stdout.strip()
-    except Exception:  # not a checkout (e.g. a copied tree): let the caller say
-        return os.environ.get("GIT_COMMIT", "unknown")
+def metadata(args: argparse.Namespace, device, argv: list[str] | None = None) -> dict:
+    """Where, with what and by which command the results were recorded: :func:`effdense.benchutil.environment`
+    (as every effdense result file), the command line as given (``argv``, default ``sys.argv[1:]``), and this
+    script's settings. ``device`` keeps its earlier meaning here, the GPU's name (also in ``device_name``);
+    ``date`` is ``time``, under the name earlier files used."""
+    env = environment(device)
+    script = sys.argv[0] if argv is None else "benchmarks/bench_kernels.py"
+    command = ["python", script, *(sys.argv[1:] if argv is None else argv)]
+    return {
+        **env,
+        "device": env["device_name"],
+        "command": " ".join(command),
+        "date": env["time"],
+        "batch": args.batch,
+        "bottleneck": args.bottleneck,
+        "timing": "triton.testing.do_bench median (ms), warmup 25 ms, rep 100 ms; q20/q80 for the kernel",
+        "ratio": "ms_cublas / ms_kernel",
+    }
 
 
 def _bench(fn):
@@ -83,83 +102,90 @@ def _tflops(flops: float, ms: float | None) -> float | None:
 def run(args: argparse.Namespace) -> list[dict]:
     import torch
 
-    from effdense import kernels as K
-    from effdense.kernels import reference as R
-
-    dev = torch.device("cuda")
-    rows = []
     if args.quick:
         shapes = SHAPES_QUICK
     elif args.grid:
         shapes = [(c, h) for c in (256, 512, 1024) for h in (56, 28, 14, 7)]
     else:
         shapes = SHAPES_121
-    N, B = args.batch, args.bottleneck
-    for dname in args.dtypes.split(","):
-        dtype = getattr(torch, DTYPES[dname.strip()])
+    rows = []
+    for dname in args.dtypes:
         for C, S in shapes:
-            P, M = S * S, N * S * S
-            buf = torch.randn(N, C + 32, S, S, device=dev).to(dtype)  # a wider block buffer
-            x = buf[:, :C]
-            scale = torch.rand(C, device=dev) + 0.5
-            shift = torch.randn(C, device=dev) * 0.1
-            mean = torch.randn(C, device=dev) * 0.1
-            invstd = torch.rand(C, device=dev) + 0.5
-            w = (torch.randn(B, C, device=dev) / C**0.5).to(dtype)
-            dy = torch.randn(N, B, S, S, device=dev).to(dtype)
-            scratch = torch.empty(N, C, S, S, device=dev, dtype=dtype)
-            grad = torch.zeros(N, C + 32, S, S, device=dev, dtype=dtype)[:, :C]
-            sums = torch.randn(C, device=dev), torch.randn(C, device=dev)
-            # cuBLAS operands, contiguous, same GEMM shapes, no prologue/epilogue
-            x3 = torch.randn(N, C, P, device=dev).to(dtype)
-            dy3 = dy.view(N, B, P)
-            dy2 = torch.randn(B, M, device=dev).to(dtype)
-            h2 = torch.randn(M, C, device=dev).to(dtype)
-            flops = 2.0 * B * C * M
-            shape = f"N={N} C={C} B={B} HxW={S}x{S}"
-            cases = [
-                ("forward", flops,
-                 lambda: K.bottleneck_forward(x, scale, shift, w),
-                 lambda: torch.matmul(w, x3),
-                 lambda: R.bottleneck_forward(x, scale, shift, w)),
-                ("backward_weight", flops,
-                 lambda: K.bottleneck_backward_weight(x, scale, shift, dy),
-                 lambda: torch.mm(dy2, h2),
-                 lambda: R.bottleneck_backward_weight(x, scale, shift, dy)),
-                ("backward_input", flops,
-                 lambda: K.bottleneck_backward_input(x, scale, shift, w, dy, mean, out=scratch),
-                 lambda: torch.matmul(w.t(), dy3),
-                 lambda: R.bottleneck_backward_input(x, scale, shift, w, dy, mean, out=scratch)),
-                ("channel_stats", None,
-                 lambda: K.channel_stats(x),
-                 None,
-                 lambda: R.channel_stats(x)),
-                ("bn_backward_accumulate", None,
-                 lambda: K.bn_backward_accumulate(grad, x, scratch, mean, invstd, scale, *sums),
-                 None,
-                 lambda: R.bn_backward_accumulate(grad, x, scratch, mean, invstd, scale, *sums)),
-            ]
-            for op, fl, kernel, cublas, ref in cases:
-                k_med, k_lo, k_hi = _bench(kernel)
-                c_med = _bench(cublas)[0] if cublas is not None else None
-                r_med = _bench(ref)[0]
-                k_graph = _bench_graph(kernel)
-                c_graph = _bench_graph(cublas) if cublas is not None else None
-                row = dict(
-                    op=op, shape=shape, dtype=dname, ms_kernel=k_med, ms_kernel_q20=k_lo, ms_kernel_q80=k_hi,
-                    ms_cublas=c_med, ms_reference=r_med,
-                    tflops_kernel=_tflops(fl, k_med) if fl else None,
-                    tflops_cublas=_tflops(fl, c_med) if fl else None,
-                    ratio=(c_med / k_med) if c_med is not None else None,
-                    speedup_vs_reference=r_med / k_med,
-                    ms_kernel_graph=k_graph,
-                    ms_cublas_graph=c_graph,
-                    ratio_graph=(c_graph / k_graph) if (c_graph and k_graph) else None,
-                )
-                rows.append(row)
-                print(_fmt_row(row), flush=True)
-            del buf, x3, dy2, h2, scratch, grad
-            torch.cuda.empty_cache()
+            rows += _shape_rows(dname, args.batch, C, args.bottleneck, S)
+            torch.cuda.empty_cache()  # the shape's tensors went with _shape_rows' frame
+    return rows
+
+
+def _shape_rows(dname: str, N: int, C: int, B: int, S: int) -> list[dict]:
+    """Every op timed at one shape and dtype: one row each (also printed as it is measured)."""
+    import torch
+
+    from effdense import kernels as K
+    from effdense.kernels import reference as R
+
+    dev = torch.device("cuda")
+    dtype = getattr(torch, DTYPES[dname])
+    P, M = S * S, N * S * S
+    buf = torch.randn(N, C + 32, S, S, device=dev).to(dtype)  # a wider block buffer
+    x = buf[:, :C]
+    scale = torch.rand(C, device=dev) + 0.5
+    shift = torch.randn(C, device=dev) * 0.1
+    mean = torch.randn(C, device=dev) * 0.1
+    invstd = torch.rand(C, device=dev) + 0.5
+    w = (torch.randn(B, C, device=dev) / C**0.5).to(dtype)
+    dy = torch.randn(N, B, S, S, device=dev).to(dtype)
+    scratch = torch.empty(N, C, S, S, device=dev, dtype=dtype)
+    grad = torch.zeros(N, C + 32, S, S, device=dev, dtype=dtype)[:, :C]
+    sums = torch.randn(C, device=dev), torch.randn(C, device=dev)
+    # cuBLAS operands, contiguous, same GEMM shapes, no prologue/epilogue
+    x3 = torch.randn(N, C, P, device=dev).to(dtype)
+    dy3 = dy.view(N, B, P)
+    dy2 = torch.randn(B, M, device=dev).to(dtype)
+    h2 = torch.randn(M, C, device=dev).to(dtype)
+    flops = 2.0 * B * C * M
+    shape = f"N={N} C={C} B={B} HxW={S}x{S}"
+    cases = [
+        ("forward", flops,
+         lambda: K.bottleneck_forward(x, scale, shift, w),
+         lambda: torch.matmul(w, x3),
+         lambda: R.bottleneck_forward(x, scale, shift, w)),
+        ("backward_weight", flops,
+         lambda: K.bottleneck_backward_weight(x, scale, shift, dy),
+         lambda: torch.mm(dy2, h2),
+         lambda: R.bottleneck_backward_weight(x, scale, shift, dy)),
+        ("backward_input", flops,
+         lambda: K.bottleneck_backward_input(x, scale, shift, w, dy, mean, out=scratch),
+         lambda: torch.matmul(w.t(), dy3),
+         lambda: R.bottleneck_backward_input(x, scale, shift, w, dy, mean, out=scratch)),
+        ("channel_stats", None,
+         lambda: K.channel_stats(x),
+         None,
+         lambda: R.channel_stats(x)),
+        ("bn_backward_accumulate", None,
+         lambda: K.bn_backward_accumulate(grad, x, scratch, mean, invstd, scale, *sums),
+         None,
+         lambda: R.bn_backward_accumulate(grad, x, scratch, mean, invstd, scale, *sums)),
+    ]  # fmt: skip
+    rows = []
+    for op, fl, kernel, cublas, ref in cases:
+        k_med, k_lo, k_hi = _bench(kernel)
+        c_med = _bench(cublas)[0] if cublas is not None else None
+        r_med = _bench(ref)[0]
+        k_graph = _bench_graph(kernel)
+        c_graph = _bench_graph(cublas) if cublas is not None else None
+        row = {
+            "op": op, "shape": shape, "dtype": dname, "ms_kernel": k_med, "ms_kernel_q20": k_lo, "ms_kernel_q80": k_hi,
+            "ms_cublas": c_med, "ms_reference": r_med,
+            "tflops_kernel": _tflops(fl, k_med) if fl else None,
+            "tflops_cublas": _tflops(fl, c_med) if fl else None,
+            "ratio": (c_med / k_med) if c_med is not None else None,
+            "speedup_vs_reference": r_med / k_med,
+            "ms_kernel_graph": k_graph,
+            "ms_cublas_graph": c_graph,
+            "ratio_graph": (c_graph / k_graph) if (c_graph and k_graph) else None,
+        }  # fmt: skip
+        rows.append(row)
+        print(_fmt_row(row), flush=True)
     return rows
 
 
@@ -178,42 +204,36 @@ def _fmt_row(r: dict) -> str:
     )
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     import torch
 
     if not torch.cuda.is_available():
         print("bench_kernels: needs a CUDA GPU (the kernels are timed against cuBLAS); nothing to do here.", file=sys.stderr)
         return 2
-    import triton
+    try:
+        output_dir(args.out)  # before the work: a --out that cannot be a folder is said at once
+    except UsageError as exc:
+        print(f"bench_kernels: error: {exc}", file=sys.stderr)
+        return 2
 
-    name = torch.cuda.get_device_name()
-    meta = dict(
-        device=name,
-        torch=torch.__version__,
-        triton=triton.__version__,
-        cuda=torch.version.cuda,
-        git_commit=_git_commit(),
-        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        batch=args.batch,
-        bottleneck=args.bottleneck,
-        timing="triton.testing.do_bench median (ms), warmup 25 ms, rep 100 ms; q20/q80 for the kernel",
-        ratio="ms_cublas / ms_kernel",
-    )
+    meta = metadata(args, torch.device("cuda"), argv)
+    name = meta["device"]
     print(HEADER)
     rows = run(args)
-    args.out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
     json_path = args.out / f"bench_kernels_{slug}.json"
     csv_path = args.out / f"bench_kernels_{slug}.csv"
-    json_path.write_text(json.dumps(dict(metadata=meta, rows=rows), indent=2))
+    json_path.write_text(json.dumps({"metadata": meta, "rows": rows}, indent=2))
+    meta_columns = ("device", "torch", "triton", "git_commit", "command")  # as effdense bench's CSV, per row
     with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*rows[0].keys(), "device", "torch", "triton", "git_commit"])
+        writer = csv.DictWriter(f, fieldnames=[*rows[0].keys(), *meta_columns])
         writer.writeheader()
         for r in rows:
-            writer.writerow({**r, **{k: meta[k] for k in ("device", "torch", "triton", "git_commit")}})
+            writer.writerow({**r, **{k: meta[k] for k in meta_columns}})
     print()
     print(f"{name} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['git_commit'][:10]}")
+    print(f"command: {meta['command']}")
     print(HEADER)
     for r in rows:
         print(_fmt_row(r))

@@ -44,6 +44,7 @@ from effdense.benchutil import (
     write_csv,
     write_json,
 )
+from effdense.densenet import get_model
 from effdense.memory import GiB, estimate_step, format_bytes, measure_step, mib
 
 CSV_COLUMNS = (
@@ -147,6 +148,11 @@ def main(args: argparse.Namespace) -> int:
     n_max = (args.depth_limit - 4) // 6
     if n_max < 1:
         raise UsageError(f"--depth-limit {args.depth_limit} allows no DenseNet-BC; it must be at least 10")
+    if args.estimate_limit is not None and args.estimate_limit < depth_of(1):
+        raise UsageError(f"--estimate-limit {args.estimate_limit} allows no DenseNet-BC; it must be at least {depth_of(1)}")
+    min_size = get_model(f"densenet_bc_{depth_of(1)}", strategy="naive").min_input_size()  # the same at every depth
+    if args.image_size < min_size:
+        raise UsageError(f"--image-size {args.image_size} is too small for DenseNet-BC: it needs at least {min_size}")
     if args.backend == "meta" and DTYPES[args.dtype] is not None:
         raise UsageError(
             f"--backend meta cannot estimate --dtype {args.dtype} (autocast has no meta device); use --backend auto or fake"
@@ -257,8 +263,6 @@ def main(args: argparse.Namespace) -> int:
 
 def _verify(strategy: str, depth: int, args: argparse.Namespace, device: torch.device, shape, autocast) -> dict[str, Any]:
     """Build the model found and measure its step on the GPU."""
-    from effdense.densenet import get_model
-
     free_memory(device)
     try:
         model = get_model(f"densenet_bc_{depth}", strategy=strategy, growth_rate=args.growth_rate).to(device)

@@ -8,7 +8,12 @@
 - dense connections per block, ``L(L+1)/2`` for a block of ``L`` layers;
 - the training-step peak per strategy at ``--batch-size`` and its activation part, estimated
   (:func:`effdense.memory.estimate_step`);
-- the torchvision ResNet whose depth (convolutions plus the classifier) is closest, as a reference row.
+- the torchvision ResNet whose nominal depth is closest, as a reference row for parameters against depth.
+  It is torchvision's ImageNet architecture (7x7 stride-2 stem, max-pool, four stages of 64 to 512 or
+  2048 channels) with the model's number of classes, run at the same input size; it is labelled so
+  (``torchvision resnet<depth> (ImageNet architecture)``), and for a CIFAR model a note says that it is
+  not the CIFAR ResNet of the papers (ResNet-110: three stages of 16/32/64 channels on 32x32 maps) and that
+  its MACs at 32x32 are not what those papers compare against. No CIFAR ResNet is built here.
 """
 
 from __future__ import annotations
@@ -64,6 +69,15 @@ def count_macs(build: Callable[[], nn.Module], image_size: int) -> int:
     return counter.get_total_flops() // 2  # FlopCounterMode counts a multiply-add as two FLOPs
 
 
+def resnet_final_map(image_size: int) -> int:
+    """Side of the last feature map of a torchvision ResNet at ``image_size``: the 7x7 stride-2 stem
+    convolution, the 3x3 stride-2 max-pool, then three stride-2 stages (32x smaller in all)."""
+    side = (image_size + 2 * 3 - 7) // 2 + 1
+    for _ in range(4):  # max-pool, layer2, layer3, layer4: kernel 3, stride 2, padding 1
+        side = (side + 2 - 3) // 2 + 1
+    return side
+
+
 def layer_depth(model: nn.Module) -> int:
     """Depth as papers count it: convolution and fully connected layers."""
     return sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
@@ -90,22 +104,36 @@ def main(args: argparse.Namespace) -> int:
         "input": f"{size}x{size}", "num_classes": num_classes,
     }]  # fmt: skip
     resnet_depth = min(RESNET_DEPTHS, key=lambda d: (abs(d - depth), d))
+    cifar_model = default_image_size(args.model) == 32
+    notes: list[str] = []
     try:
         import torchvision
 
         build = getattr(torchvision.models, f"resnet{resnet_depth}")
         ref = build(num_classes=num_classes)
         ref_params = sum(p.numel() for p in ref.parameters())
+        final = resnet_final_map(size)
+        note = (f"torchvision.models.resnet{resnet_depth}, the ImageNet architecture (7x7 stride-2 stem, max-pool, "
+                f"4 stages of 64-{ref.fc.in_features} channels) with {num_classes} classes, run at {size}x{size} "
+                f"input (last feature map {final}x{final}); the torchvision depth nearest to {depth}.")
+        notes.append(f"reference row: {note}")
+        if cifar_model:
+            cifar_note = (f"It is not a CIFAR ResNet (e.g. the papers' ResNet-110: 3 stages of 16/32/64 channels "
+                          f"on 32x32 maps): its parameters are the ImageNet network's, and its MACs at {size}x{size} "
+                          f"are not what CIFAR papers compare against.")
+            notes.append(cifar_note)
+            note += " " + cifar_note
         rows.append({
-            "model": f"torchvision resnet{resnet_depth}", "depth": resnet_depth,
+            "model": f"torchvision resnet{resnet_depth} (ImageNet architecture)", "depth": resnet_depth,
             "params": ref_params, "params_m": ref_params / 1e6,
             "macs": count_macs(lambda: build(num_classes=num_classes), size),
             "input": f"{size}x{size}", "num_classes": num_classes,
+            "reference": f"torchvision.models.resnet{resnet_depth}", "architecture": "imagenet", "note": note,
         })  # fmt: skip
         rows[-1]["gmacs"] = rows[-1]["macs"] / 1e9
         del ref
     except ImportError:
-        pass
+        notes.append("reference row: none (torchvision is not installed)")
     print(format_table(rows, (
         ("model", "model", str),
         ("depth", "depth", str),
@@ -113,6 +141,8 @@ def main(args: argparse.Namespace) -> int:
         ("gmacs", "GMACs", lambda v: f"{v:.3f}"),
         ("input", "input", str),
     )))  # fmt: skip
+    for line in notes:
+        print(line)
     print(f"\ndense blocks: {len(blocks)}, layers per block {blocks}, dense connections per block L(L+1)/2 = "
           f"{connections} (total {sum(connections)})")
 

@@ -19,6 +19,7 @@ import contextlib
 import csv
 import dataclasses
 import json
+import math
 import os
 import random
 import signal
@@ -388,6 +389,40 @@ def _validate(args: argparse.Namespace) -> None:
         raise TrainError("--workers and --save-every must be >= 0")
     if args.metrics and not args.metrics.endswith((".csv", ".jsonl")):
         raise TrainError(f"--metrics must end in .csv or .jsonl, got {args.metrics!r}")
+    # numbers torch would reject with a traceback (lr, momentum; label smoothing only at the first step) or
+    # take silently (a negative weight decay, gamma or warm-up, a nan learning rate)
+    for name, value, ok, expected in (
+        ("lr", args.lr, lambda v: v >= 0, "a number >= 0"),
+        ("momentum", args.momentum, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+        ("weight_decay", args.weight_decay, lambda v: v >= 0, "a number >= 0"),
+        ("lr_gamma", args.lr_gamma, lambda v: v > 0, "a number > 0"),
+        ("warmup_epochs", args.warmup_epochs, lambda v: v >= 0, "a number >= 0"),
+        ("label_smoothing", args.label_smoothing, lambda v: 0 <= v <= 1, "a number in [0, 1]"),
+    ):
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise TrainError(f"--{name.replace('_', '-')} must be {expected}, got {value}")
+    if args.lr_schedule == "step":
+        try:
+            fractions = [float(f) for f in args.lr_milestones.split(",") if f.strip()]
+        except ValueError:
+            fractions = [math.nan]
+        if not all(0 < f <= 1 for f in fractions):
+            raise TrainError(f"--lr-milestones must be comma-separated fractions of training in (0, 1] like 0.5,0.75, "
+                             f"got {args.lr_milestones!r}")
+
+
+def _output_file(path: str, option: str) -> None:
+    """Create the folder of an output file before any work, or raise :class:`TrainError` saying why it cannot
+    be written there (before: a traceback at the first metrics row or checkpoint, after the epoch's work)."""
+    if os.path.isdir(path):
+        raise TrainError(f"{option}: {path!r} is a folder, not a file")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as exc:
+        raise TrainError(f"{option}: cannot create the folder {folder!r} for {path!r}: {exc.strerror or exc}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise TrainError(f"{option}: the folder {folder!r} for {path!r} is not writable")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -618,6 +653,10 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
     out_dir = args.out_dir or "."
     ckpt_path = args.checkpoint or os.path.join(out_dir, "checkpoint.pt")
     metrics_path = args.metrics if args.metrics is not None else os.path.join(out_dir, "metrics.csv")
+    if ctx.is_main:  # the rank that writes them
+        _output_file(ckpt_path, "--checkpoint" if args.checkpoint else "--out-dir")
+        if metrics_path:  # --metrics "": no log
+            _output_file(metrics_path, "--metrics" if args.metrics is not None else "--out-dir")
 
     resume_state = load_checkpoint(args.resume) if args.resume else None
 

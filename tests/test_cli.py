@@ -133,7 +133,8 @@ def test_summary_tiny(capsys, tmp_path):
     assert payload["blocks"] == [2, 2, 2] and payload["dense_connections_per_block"] == [3, 3, 3]
     model, resnet = payload["models"]
     assert model["params"] == sum(p.numel() for p in effdense.get_model("densenet_bc_16").parameters())
-    assert model["macs"] > 0 and resnet["model"] == "torchvision resnet18"
+    assert model["macs"] > 0 and resnet["model"] == "torchvision resnet18 (ImageNet architecture)"
+    assert resnet["reference"] == "torchvision.models.resnet18" and resnet["architecture"] == "imagenet"
 
 
 def test_model_names_are_case_insensitive(capsys, tmp_path):
@@ -236,3 +237,93 @@ def test_step_graph_time_arguments_and_device(capsys):
     if not torch.cuda.is_available():
         assert script.main(["--model", "densenet_bc_16"]) == 2
         assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_bench_kernels_records_command_and_environment(capsys):
+    """benchmarks/bench_kernels.py (GPU suite) records what effdense.benchutil.environment records (versions,
+    commit, time) and the command line, as the other result files do (before: no command, no torchvision or
+    python version). Its arguments parse, bad ones exit 2, --help exits 0, and without CUDA it says it needs a
+    GPU (exit 2). No timing is run or asserted."""
+    from effdense.benchutil import environment
+
+    script = _benchmark_script("bench_kernels")
+    argv = ["--dtypes", "bf16", "--batch", "2", "--quick"]
+    args = script._parse(argv)
+    assert (args.dtypes, args.batch, args.quick) == (["bf16"], 2, True)
+    meta = script.metadata(args, torch.device("cpu"), argv)
+    assert meta["command"] == "python benchmarks/bench_kernels.py --dtypes bf16 --batch 2 --quick"
+    assert set(environment(torch.device("cpu"))) <= set(meta)
+    assert meta["git_commit"] and meta["torch"] == torch.__version__ and meta["time"] == meta["date"]
+    assert meta["device"] == meta["device_name"] and (meta["batch"], meta["bottleneck"]) == (2, 128)
+    for bad in (["--dtypes", "fp64"], ["--batch", "0"], ["--bottleneck", "-1"]):
+        with pytest.raises(SystemExit) as exc:
+            script._parse(bad)
+        assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        script._parse(["--help"])
+    assert exc.value.code == 0
+    capsys.readouterr()
+    if not torch.cuda.is_available():
+        assert script.main(["--quick"]) == 2
+        assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_summary_reference_row_says_it_is_the_imagenet_resnet(capsys, tmp_path):
+    """For a CIFAR model the reference row is torchvision's ImageNet ResNet at 32x32: the table and its note
+    say so, and that it is not a CIFAR ResNet (before: 'torchvision resnet18' and nothing else)."""
+    code, out, err = run(capsys, "summary", "densenet_bc_16", "--no-memory", "--out", str(tmp_path))
+    assert code == 0, err
+    assert "torchvision resnet18 (ImageNet architecture)" in out
+    assert "run at 32x32 input (last feature map 1x1)" in out and "It is not a CIFAR ResNet" in out
+    (resnet,) = json.loads((tmp_path / "summary_densenet_bc_16.json").read_text())["models"][1:]
+    assert "not a CIFAR ResNet" in resnet["note"] and resnet["input"] == "32x32"
+
+
+_TINY_TRAIN = ["--epochs", "1", "--subset", "64", "--test-subset", "64", "--batch-size", "32", "--no-progress"]
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        # before: every grid point or strategy failed on its own and the run ended with exit code 0
+        (["ablate", "--image-size", "2", "--depths", "10", "--estimate", "--no-progress"], "--image-size 2 is too small"),
+        (["max-depth", "--image-size", "3", "--depth-limit", "16", "--strategies", "naive"], "--image-size 3 is too small"),
+        (["max-depth", "--estimate-limit", "5", "--depth-limit", "16", "--strategies", "naive"],
+         "--estimate-limit 5 allows no DenseNet-BC"),
+        # before: a traceback (exit code 1) from torch, or taken silently
+        (["train", *_TINY_TRAIN, "--lr", "-1"], "--lr must be a number >= 0"),
+        (["train", *_TINY_TRAIN, "--lr", "nan"], "--lr must be a number >= 0"),
+        (["train", *_TINY_TRAIN, "--momentum", "-1"], "--momentum must be"),
+        (["train", *_TINY_TRAIN, "--weight-decay", "-1"], "--weight-decay must be a number >= 0"),
+        (["train", *_TINY_TRAIN, "--lr-schedule", "step", "--lr-gamma", "-1"], "--lr-gamma must be a number > 0"),
+        (["train", *_TINY_TRAIN, "--warmup-epochs", "-1"], "--warmup-epochs must be a number >= 0"),
+        (["train", *_TINY_TRAIN, "--label-smoothing", "2"], "--label-smoothing must be a number in [0, 1]"),
+        (["train", *_TINY_TRAIN, "--lr-schedule", "step", "--lr-milestones", "2"], "--lr-milestones must be"),
+    ],
+    ids=["ablate-image-size", "max-depth-image-size", "max-depth-estimate-limit", "train-lr", "train-lr-nan",
+         "train-momentum", "train-weight-decay", "train-lr-gamma", "train-warmup", "train-label-smoothing",
+         "train-milestones"],
+)
+def test_bad_values_found_after_parsing_one_line_exit_2(capsys, tmp_path, argv, fragment):
+    out_option = "--out-dir" if argv[0] == "train" else "--out"
+    code, _, err = run(capsys, *argv, out_option, str(tmp_path / "out"))
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"effdense {argv[0]}: error: ") and fragment in err, err
+    assert not (tmp_path / "out").exists()  # said before any work or output
+
+
+@pytest.mark.parametrize("option", ["--out-dir", "--checkpoint", "--metrics"])
+def test_train_output_that_cannot_be_written_is_a_usage_error(capsys, tmp_path, option):
+    # before: a FileNotFoundError/IsADirectoryError traceback (exit code 1), after the epoch was trained
+    blocker = tmp_path / "results"
+    blocker.write_text("not a folder")
+    target = {
+        "--out-dir": blocker / "run",  # below a file
+        "--checkpoint": tmp_path,  # a folder
+        "--metrics": blocker / "metrics.csv",  # below a file
+    }[option]
+    argv = ["train", *_TINY_TRAIN, option, str(target)]
+    if option != "--out-dir":
+        argv += ["--out-dir", str(tmp_path / "run")]
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and option in err and str(target) in err, err
+    assert "epoch 1/1" not in out and blocker.read_text() == "not a folder"
