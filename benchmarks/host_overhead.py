@@ -191,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:34s} {us:7.1f}")
     payload = {
         "benchmark": "host_overhead",
-        "environment": environment(torch.device("cpu")),
+        "environment": {
+            **environment(torch.device("cpu")),
+            "command": " ".join(["python", "benchmarks/host_overhead.py", *(sys.argv[1:] if argv is None else argv)]),
+        },
         "model": model,
         "input_shape": list(shape),
         "fused_counted_on_triton_path": kernels_available("cpu"),

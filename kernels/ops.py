@@ -14,7 +14,6 @@ Numerics, layouts and shapes are documented on each function; the twins follow t
 
 from __future__ import annotations
 
-import functools
 from typing import Literal
 
 import torch
@@ -341,11 +340,16 @@ def bottleneck_backward_input(
     else:
         _checks.check_activation("out", out, like=x, channels=C)
     sum_dh, sum_dh_xmu = _zeros(C, x), _zeros(C, x)
+    _input_grad(x, scale, shift, weight, dy, mean, out, sum_dh, sum_dh_xmu)
+    return out, sum_dh, sum_dh_xmu
+
+
+def _input_grad(x, scale, shift, weight, dy, mean, dh, sum_dh, sum_dh_xmu) -> None:
+    """The input-gradient launch on checked arguments: writes ``dh``, adds into the zeroed sums."""
     _call(
         _bottleneck_backward_input_op, _bottleneck.bottleneck_backward_input_launch,
-        x, scale, shift, _rows(weight), dy, mean, out, sum_dh, sum_dh_xmu, mutated=(out,),
+        x, scale, shift, _rows(weight), dy, mean, dh, sum_dh, sum_dh_xmu, mutated=(dh,),
     )  # fmt: skip
-    return out, sum_dh, sum_dh_xmu
 
 
 def bn_backward_accumulate(
@@ -453,14 +457,18 @@ def bottleneck_backward(
     grad: torch.Tensor,
     *,
     batch_stats: bool = True,
+    chunk: int | None = None,
     backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The bottleneck's whole backward when BN1's statistics are local (no SyncBatchNorm): the weight
     gradient, the input gradient through ReLU and BN1 added into ``grad``, and BN1's affine gradients.
 
-    On Triton: :func:`bottleneck_backward_weight`, :func:`bottleneck_backward_input` and (for batch
-    statistics) :func:`bn_backward_accumulate` in turn. Under SyncBatchNorm the two BN sums must be
-    all-reduced between the last two, so callers use those three functions directly.
+    On Triton: the weight-gradient kernel once over all channels, then per channel chunk the input-gradient
+    kernel (into one ``dh`` scratch the width of a chunk, its sums into slices of one zeroed buffer) and the
+    BN-backward accumulation: the kernels of :func:`bottleneck_backward_weight`,
+    :func:`bottleneck_backward_input` and :func:`bn_backward_accumulate`, with one allocation of each
+    output per call instead of per chunk. Under SyncBatchNorm the two BN sums must be all-reduced between
+    the last two, so callers use those three functions directly.
 
     Args:
         x, scale, shift, weight, dy, mean: as in :func:`bottleneck_backward_input`.
@@ -468,6 +476,9 @@ def bottleneck_backward(
         grad: ``(N, C, H, W)`` in x.dtype, updated in place (a channel slice of the block's gradient buffer).
         batch_stats: BN1 normalised with batch statistics (training); ``False``: with running statistics,
             given as ``mean``/``invstd``, and no gradient terms through them.
+        chunk: at most this many input channels at a time for the input gradient (``None``: all), which
+            bounds its temporaries: the kernels' ``dh`` scratch, ``(N, chunk, H, W)`` in x.dtype; the twins'
+            normalised input and ``dh``. The results do not depend on it.
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
 
     Returns:
@@ -475,15 +486,35 @@ def bottleneck_backward(
     """
     if not _use_triton(x, backend):
         return reference.bottleneck_backward(
-            x, scale, shift, weight, dy, mean, invstd, gamma, grad, batch_stats=batch_stats
+            x, scale, shift, weight, dy, mean, invstd, gamma, grad, batch_stats=batch_stats, chunk=chunk
         )
-    _checks.check_activation("x", x)
-    C = x.shape[1]
+    reference._check_affine(x, scale, shift)
+    _checks.check_weight(weight, x)
+    N, C, H, W = x.shape
+    _checks.check_dy(dy, x, weight.shape[0])
     _checks.check_activation("grad", grad, like=x, channels=C)
-    _checks.check_vectors(C, x.device, torch.float32, invstd=invstd, gamma=gamma)
-    return reference._three_step_backward(
-        functools.partial(bottleneck_backward_weight, backend=backend),
-        functools.partial(bottleneck_backward_input, backend=backend),
-        functools.partial(bn_backward_accumulate, backend=backend),
-        x, scale, shift, weight, dy, mean, invstd, gamma, grad, batch_stats,
-    )
+    _checks.check_vectors(C, x.device, torch.float32, mean=mean, invstd=invstd, gamma=gamma)
+    reference.check_chunk(chunk)
+    dw = torch.zeros((weight.shape[0], C), dtype=torch.float32, device=x.device)
+    _call(_bottleneck_backward_weight_op, _bottleneck.bottleneck_backward_weight_launch, x, scale, shift, dy, dw)
+    sums = torch.zeros((2, C), dtype=torch.float32, device=x.device)
+    sum_dh, sum_dh_xmu = sums.unbind(0)
+    # running statistics: no terms through the mean and variance, i.e. the accumulation sees zero sums
+    zero = None if batch_stats else torch.zeros(C, dtype=torch.float32, device=x.device)
+    chunks = reference.channel_chunks(C, chunk)
+    scratch = torch.empty((N, chunks[0][1] - chunks[0][0], H, W), dtype=x.dtype, device=x.device)  # widest first
+    for c0, c1 in chunks:
+        if c1 - c0 == C:  # one chunk: no slicing (each view costs host time too)
+            xs, sc, sh, wc, mn, isd, gm, sd, sx, g, dh = x, scale, shift, weight, mean, invstd, gamma, sum_dh, sum_dh_xmu, grad, scratch
+        else:
+            xs, wc, g, dh = x[:, c0:c1], weight[:, c0:c1], grad[:, c0:c1], scratch[:, : c1 - c0]
+            sc, sh, mn, isd, gm, sd, sx = (v[c0:c1] for v in (scale, shift, mean, invstd, gamma, sum_dh, sum_dh_xmu))
+        _input_grad(xs, sc, sh, wc, dy, mn, dh, sd, sx)
+        if zero is not None:
+            sd = sx = zero[c0:c1] if c1 - c0 != C else zero
+        _call(
+            _bn_backward_accumulate_op, _bottleneck.bn_backward_accumulate_launch,
+            g, xs, dh, mn, isd, gm, sd, sx, mutated=(grad,),
+        )  # fmt: skip
+    del scratch
+    return dw, sum_dh_xmu.mul_(invstd), sum_dh  # dgamma in place: the two rows of one buffer

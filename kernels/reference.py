@@ -89,6 +89,11 @@ def _two_pass_stats(x: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, to
     return torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])
 
 
+def check_chunk(chunk: int | None) -> None:
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk: expected a positive int or None, got {chunk!r}")
+
+
 def channel_chunks(channels: int, width: int | None) -> list[tuple[int, int]]:
     """Split ``channels`` into near-equal ``(start, stop)`` ranges of at most ``width`` (None: one range)."""
     if width is None or width >= channels:
@@ -116,8 +121,7 @@ def bottleneck_forward(
     width are also faster than one wide ``h``, which falls out of cache."""
     _check_affine(x, scale, shift)
     _checks.check_weight(weight, x)
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"chunk: expected a positive int or None, got {chunk!r}")
+    check_chunk(chunk)
     N, C, H, W = x.shape
     B = weight.shape[0]
     acc = _checks.stats_dtype(x.dtype)
@@ -227,10 +231,13 @@ def bottleneck_backward(
     grad: torch.Tensor,
     *,
     batch_stats: bool = True,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The whole backward of ``y = weight · relu(bn(x))`` on statistics local to this process: the input
     gradient added into ``grad``; returns ``(dW fp32 (B, C), dgamma, dbeta)``. ``bn`` uses the batch
     statistics ``(mean, invstd)`` if ``batch_stats``, else the same vectors as running statistics.
+    ``chunk``: at most this many channels at a time (each chunk's results depend only on its channels),
+    which bounds the temporaries below to a chunk's width.
 
     Equals :func:`bottleneck_backward_weight`, :func:`bottleneck_backward_input` and
     :func:`bn_backward_accumulate` in turn (their path for low precision and running statistics). For
@@ -245,6 +252,17 @@ def bottleneck_backward(
     _checks.check_activation("grad", grad, like=x, channels=C)
     acc = _checks.stats_dtype(x.dtype)
     _checks.check_vectors(C, x.device, acc, mean=mean, invstd=invstd, gamma=gamma)
+    check_chunk(chunk)
+    chunks = channel_chunks(C, chunk)
+    if len(chunks) > 1:
+        parts = [
+            bottleneck_backward(
+                x[:, c0:c1], scale[c0:c1], shift[c0:c1], weight[:, c0:c1], dy, mean[c0:c1], invstd[c0:c1],
+                gamma[c0:c1], grad[:, c0:c1], batch_stats=batch_stats,
+            )
+            for c0, c1 in chunks
+        ]
+        return tuple(torch.cat(t, dim=-1) for t in zip(*parts))  # type: ignore[return-value]
     if not (batch_stats and x.dtype == acc):
         return _three_step_backward(
             bottleneck_backward_weight, bottleneck_backward_input, bn_backward_accumulate,

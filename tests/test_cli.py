@@ -239,6 +239,45 @@ def test_step_graph_time_arguments_and_device(capsys):
         assert "needs a CUDA device" in capsys.readouterr().err
 
 
+def test_host_overhead_counts_and_writes(tmp_path, capsys):
+    """benchmarks/host_overhead.py: per strategy the operator kinds add up to the total, counts repeat
+    exactly, the wrapper times are written, bad arguments exit 2."""
+    script = _benchmark_script("host_overhead")
+    argv = ["--model", "densenet_bc_16", "--batch-size", "2", "--image-size", "8", "--repeats", "1", "--calls", "3",
+            "--strategies", "naive,fused", "--out", str(tmp_path)]  # fmt: skip
+    assert script.main(argv) == 0
+    data = json.loads((tmp_path / "host_overhead_densenet_bc_16_b2_8px.json").read_text())
+    assert data["environment"]["command"] == " ".join(["python", "benchmarks/host_overhead.py", *argv])
+    rows = {r["strategy"]: r for r in data["op_counts"]}
+    for row in rows.values():
+        kinds = ("views", "allocations", "fills", "compute", "kernel_ops")
+        assert sum(row[k] for k in kinds) == row["total"] == sum(row["ops"].values()) > 0
+    assert rows["naive"]["kernel_ops"] == 0
+    if data["fused_counted_on_triton_path"]:
+        assert rows["fused"]["ops"]["effdense.bottleneck_forward"] > 0
+    assert rows["fused"] == script.count_ops("densenet_bc_16", "fused", (2, 3, 8, 8))  # deterministic
+    assert set(data["wrapper_us_per_call"]) and all(v > 0 for v in data["wrapper_us_per_call"].values())
+    for bad in (["--strategies", "nope"], ["--model", "resnet50"], ["--calls", "0"]):
+        with pytest.raises(SystemExit) as exc:
+            script.main(bad)
+        assert exc.value.code == 2
+
+
+def test_fused_weight_gradient_is_one_launch_per_bottleneck():
+    """On its kernel path ``fused`` computes each bottleneck's weight gradient in one launch over all input
+    channels; only the input gradient works on channel chunks (its dh scratch). DenseNet-BC-100 at batch 64,
+    32x32 (counted on meta tensors): 48 layers and 2 transitions, wide layers in several chunks."""
+    from effdense.kernels import kernels_available
+
+    if not kernels_available("cpu"):
+        pytest.skip("the fused kernel path needs TRITON_INTERPRET=1 on CPU (conftest sets it)")
+    script = _benchmark_script("host_overhead")
+    ops = script.count_ops("densenet_bc_100", "fused", (64, 3, 32, 32))["ops"]
+    assert ops["effdense.bottleneck_backward_weight"] == 50
+    assert ops["effdense.bottleneck_forward"] == 2 * 48 + 2  # layers: forward and backward's recomputation
+    assert ops["effdense.bottleneck_backward_input"] == ops["effdense.bn_backward_accumulate"] > 50
+
+
 def test_bench_kernels_records_command_and_environment(capsys):
     """benchmarks/bench_kernels.py (GPU suite) records what effdense.benchutil.environment records (versions,
     commit, time) and the command line, as the other result files do (before: no command, no torchvision or

@@ -290,16 +290,23 @@ def test_bn_backward_accumulate_into_grad_slice(shape, dtype, device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("batch_stats", [True, False], ids=["batch-stats", "running-stats"])
-def test_whole_bottleneck_backward(batch_stats, dtype, device):
+@pytest.mark.parametrize("chunk", [None, 7, 1000], ids=["whole", "chunk7", "chunk-wider"])
+def test_whole_bottleneck_backward(batch_stats, dtype, device, chunk):
+    """Triton's whole backward against the twin's, on a channel slice of a gradient buffer; with ``chunk``
+    the kernels work 7 channels at a time (6 chunks of 40, the last narrower) and the twin works whole,
+    and the twin's own chunked result matches its whole one."""
     _need_triton(device)
     shape = SHAPES[1]
     c = _case(shape, dtype, device)
     N, C_total, off, C, H, W, _ = shape
     args = (c["x"], c["scale"], c["shift"], c["weight"], c["dy"], c["mean"], c["invstd"], c["gamma"])
     G = torch.randn(N, C_total, H, W, device=device).to(dtype)
-    G_ref = G.clone()
-    got = K.bottleneck_backward(*args, G[:, off : off + C], batch_stats=batch_stats, backend="triton")
+    G_ref, G_ref_chunked = G.clone(), G.clone()
+    got = K.bottleneck_backward(*args, G[:, off : off + C], batch_stats=batch_stats, chunk=chunk, backend="triton")
     ref = K.bottleneck_backward(*args, G_ref[:, off : off + C], batch_stats=batch_stats, backend="reference")
+    ref_chunked = K.bottleneck_backward(
+        *args, G_ref_chunked[:, off : off + C], batch_stats=batch_stats, chunk=chunk, backend="reference"
+    )
     assert torch.equal(G[:, :off], G_ref[:, :off]) and torch.equal(G[:, off + C :], G_ref[:, off + C :])
     for what, a, b in zip(("dW", "dgamma", "dbeta", "grad"), (*got, G), (*ref, G_ref)):
         if dtype == torch.float32:
@@ -307,6 +314,18 @@ def test_whole_bottleneck_backward(batch_stats, dtype, device):
         else:  # the same math in bf16 operands: judged relative to the result's magnitude
             scale = max(1.0, b.float().abs().max().item())
             assert (a.float() - b.float()).abs().max().item() <= LOW_ATOL[dtype] * scale * 4, what
+    for what, a, b in zip(("dW", "dgamma", "dbeta", "grad"), (*ref_chunked, G_ref_chunked), (*ref, G_ref)):
+        tol = FP32_TOL if dtype == torch.float32 else dict(atol=LOW_ATOL[dtype] * 4, rtol=LOW_ATOL[dtype] * 4)
+        torch.testing.assert_close(a, b, **tol, msg=lambda m, what=what: f"twin chunked, {what}: {m}")
+
+
+def test_whole_bottleneck_backward_rejects_a_bad_chunk():
+    c = _case(SHAPES[0], torch.float32, "cpu")
+    args = (c["x"], c["scale"], c["shift"], c["weight"], c["dy"], c["mean"], c["invstd"], c["gamma"])
+    for backend in ("reference", "triton") if K.kernels_available("cpu") else ("reference",):
+        for bad in (0, -3, 2.5, True):
+            with pytest.raises(ValueError, match="chunk: expected a positive int or None"):
+                K.bottleneck_backward(*args, torch.zeros_like(c["x"]), chunk=bad, backend=backend)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -285,21 +285,24 @@ def _bottleneck_backward(
     dy: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Backward of ``y = W · relu(bn(x))`` given ``dy``: adds the input gradient into ``G`` (the gradient
-    slice matching ``x``) and returns (dW fp32 (B, C), dgamma, dbeta). Runs on channel chunks: each
-    chunk's weight gradient, masked ``dh``, BN sums and BN backward depend only on its own channels."""
+    slice matching ``x``) and returns (dW fp32 (B, C), dgamma, dbeta). Works on channel chunks (inside
+    ``ops.bottleneck_backward`` when BN statistics are local): each chunk's masked ``dh``, BN sums and BN
+    backward depend only on its own channels, so its temporaries are a chunk wide."""
     from effdense.kernels.reference import channel_chunks  # not at import: effdense.kernels imports triton
 
     scale, shift, mean, invstd = affine
     gamma = bn.weight.to(invstd.dtype)
     target = G if stage.policy.shared_grad else torch.zeros_like(G)  # ablation: a per-layer gradient tensor
+    if not stage.sync:
+        dw, dgamma, dbeta = stage.ops.bottleneck_backward(
+            x, scale, shift, w, dy, mean, invstd, gamma, target, batch_stats=batch_stats, chunk=stage.chunk_width
+        )
+        if target is not G:
+            G.add_(target)
+        return dw, dgamma, dbeta
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (dW, dgamma, dbeta) per chunk
     for c0, c1 in channel_chunks(x.shape[1], stage.chunk_width):
         xs, sc, sh, wc = x[:, c0:c1], scale[c0:c1], shift[c0:c1], w[:, c0:c1]  # the twins copy it, the kernels need not
-        if not stage.sync:
-            parts.append(stage.ops.bottleneck_backward(
-                xs, sc, sh, wc, dy, mean[c0:c1], invstd[c0:c1], gamma[c0:c1], target[:, c0:c1], batch_stats=batch_stats
-            ))
-            continue
         # SyncBatchNorm semantics: BN1's sums are all-reduced between the input gradient and the BN backward
         dwc = stage.ops.bottleneck_backward_weight(xs, sc, sh, dy)
         dh, sum_dh, sum_dh_xmu = stage.ops.bottleneck_backward_input(xs, sc, sh, wc, dy, mean[c0:c1])
