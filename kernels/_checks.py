@@ -62,6 +62,17 @@ def check_vector(
         raise ValueError(f"{name}: expected device {device}, got {v.device}")
 
 
+def check_stats_out(out: object, length: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``channel_stats``'s ``out``: a ``(mean, var)`` pair of unit-stride 1-D statistics vectors for ``x``."""
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError(f"out: expected a (mean, var) pair of tensors, got {type(out).__name__}")
+    for name, v in zip(("out[0] (mean)", "out[1] (var)"), out):
+        check_vector(name, v, length, x.device, stats_dtype(x.dtype))
+        if length > 1 and v.stride(0) != 1:
+            raise ValueError(f"{name}: expected unit stride (a contiguous vector or a slice of one), got stride {v.stride(0)}")
+    return out[0], out[1]
+
+
 def check_vectors(length: int, device: torch.device, dtype: torch.dtype, **vectors: torch.Tensor) -> None:
     """:func:`check_vector` for each named vector (keyword order is the order checked)."""
     for name, v in vectors.items():

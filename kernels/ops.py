@@ -217,25 +217,35 @@ def _(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu) -> None:
 # Public functions
 
 
-def channel_stats(x: torch.Tensor, *, backend: Backend = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def channel_stats(
+    x: torch.Tensor, *, out: tuple[torch.Tensor, torch.Tensor] | None = None, backend: Backend = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel batch mean and biased variance (divided by ``N*H*W``) of ``x``.
 
     Args:
         x: ``(N, C, H, W)`` float32/bfloat16/float16, (H, W) plane contiguous (a channel slice is fine).
+        out: optional ``(mean, var)`` to write, fp32 ``[C]`` each with unit stride (slices of longer
+            vectors are fine, e.g. the block's per-channel statistics); allocated if None.
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
 
     Returns:
-        ``(mean, var)``, fp32 ``[C]`` each, computed with shifted tile sums merged by Chan's formula.
+        ``(mean, var)`` (``out`` itself when given), fp32 ``[C]`` each, computed with shifted tile sums
+        merged by Chan's formula.
     """
     if not _use_triton(x, backend):
-        return reference.channel_stats(x)
+        return reference.channel_stats(x, out=out)
     _checks.check_activation("x", x)
     C = x.shape[1]
-    mean = torch.empty(C, dtype=torch.float32, device=x.device)  # the merge kernel writes every channel
-    var = torch.empty_like(mean)
+    if out is None:
+        mean = torch.empty(C, dtype=torch.float32, device=x.device)  # the merge kernel writes every channel
+        var = torch.empty_like(mean)
+        mutated: tuple[torch.Tensor, ...] = ()
+    else:
+        mean, var = _checks.check_stats_out(out, C, x)
+        mutated = (mean, var)
     splits = _stats.stats_splits(x)
     parts = [torch.empty((splits, C), dtype=torch.float32, device=x.device) for _ in range(3)]
-    _call(_channel_stats_op, _stats.channel_stats_launch, x, mean, var, *parts)
+    _call(_channel_stats_op, _stats.channel_stats_launch, x, mean, var, *parts, mutated=mutated)
     return mean, var
 
 

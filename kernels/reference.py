@@ -58,19 +58,29 @@ def _check_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> 
     _checks.check_vector("shift", shift, x.shape[1], x.device, acc)
 
 
-def channel_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel batch mean and biased variance of ``x`` over (N, H, W), fp32 ``[C]`` each (fp64 for fp64 ``x``).
+def channel_stats(
+    x: torch.Tensor, *, out: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel batch mean and biased variance of ``x`` over (N, H, W), fp32 ``[C]`` each (fp64 for fp64
+    ``x``); written into ``out = (mean, var)`` and returned when given.
 
     Numerically safe for large means. On CUDA, fp32/fp64: ``torch.var_mean`` (Welford; one kernel).
     Elsewhere two passes (the mean, then the mean squared deviation from it) over channel chunks of at
     most ``_STATS_CHUNK`` elements, so the deviation temporary stays small: on CPU several times faster
     than ``torch.var_mean`` over a strided slice of a block buffer; in bf16/fp16 accumulated in fp32."""
     _checks.check_activation("x", x)
+    if out is not None:
+        _checks.check_stats_out(out, x.shape[1], x)
     acc = _checks.stats_dtype(x.dtype)
     if x.device.type == "cuda" and x.dtype == acc:
         var, mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    else:
+        mean, var = _two_pass_stats(x, acc)
+    if out is None:
         return mean, var
-    return _two_pass_stats(x, acc)
+    out[0].copy_(mean)
+    out[1].copy_(var)
+    return out[0], out[1]
 
 
 def _two_pass_stats(x: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -373,6 +373,46 @@ def test_channel_stats_shapes(shape, device):
     torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_channel_stats_into_slices_of_longer_vectors(backend, device):
+    """``out=``: the statistics land in slices of longer vectors (the block's statistics cache), which are
+    returned; nothing else in those vectors changes; the plain eager launch bumps their versions."""
+    if backend == "triton":
+        _need_triton(device)
+    x = _case(SHAPES[1], torch.float32, device)["x"]
+    C = x.shape[1]
+    mean_all = torch.full((C + 10,), -7.0, device=device)
+    var_all = torch.full((C + 10,), -7.0, device=device)
+    out = (mean_all[4 : 4 + C], var_all[4 : 4 + C])
+    version = mean_all._version
+    m, v = K.channel_stats(x, out=out, backend=backend)
+    assert m is out[0] and v is out[1] and mean_all._version > version
+    m_ref, v_ref = K.channel_stats(x, backend="reference")
+    torch.testing.assert_close(m, m_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-5)
+    for t in (mean_all, var_all):
+        assert torch.all(t[:4] == -7.0) and torch.all(t[4 + C :] == -7.0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_channel_stats_out_errors(backend):
+    if backend == "triton":
+        _need_triton("cpu")
+    x = _case(SHAPES[0], torch.float32, "cpu")["x"]
+    C = x.shape[1]
+    good = torch.zeros(C)
+    cases = [
+        (good, TypeError, "a \\(mean, var\\) pair"),
+        ((good, torch.zeros(C + 1)), ValueError, "out\\[1\\] \\(var\\): expected a 1-D tensor of shape"),
+        ((good, torch.zeros(C, dtype=torch.float64)), TypeError, "out\\[1\\] \\(var\\): expected dtype torch.float32"),
+        ((torch.zeros(2 * C)[::2], good), ValueError, "out\\[0\\] \\(mean\\): expected unit stride"),
+    ]
+    for out, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            K.channel_stats(x, out=out, backend=backend)
+
+
 # --------------------------------------------------------------------------------------------------
 # Differentiable functional op
 

@@ -191,6 +191,14 @@ def _channel_stats(stage: _Stage, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     return mean, var
 
 
+def _cache_channel_stats(stage: _Stage, state: "_StageState", Fbuf: torch.Tensor, c0: int, c1: int) -> None:
+    """Batch statistics of the buffer's channels ``c0:c1`` into the cache (written in place by the op)."""
+    if stage.sync:  # all-reduced first, then stored
+        state.mean[c0:c1], state.var[c0:c1] = _channel_stats(stage, Fbuf[:, c0:c1])
+    else:
+        stage.ops.channel_stats(Fbuf[:, c0:c1], out=(state.mean[c0:c1], state.var[c0:c1]))
+
+
 def _bn_affine(
     bn, mean: torch.Tensor | None, var: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -376,14 +384,14 @@ def _stage_forward(stage: _Stage, x: torch.Tensor, keep: bool) -> tuple[torch.Te
     if cache:
         state.mean = torch.empty(c_total, dtype=_acc_dtype(stage.dtype), device=x.device)
         state.var = torch.empty_like(state.mean)
-        state.mean[:C0], state.var[:C0] = _channel_stats(stage, Fbuf[:, :C0])
+        _cache_channel_stats(stage, state, Fbuf, 0, C0)
     for l, layer in enumerate(stage.layers):
         c = C0 + l * k
         new = _layer_forward(stage, state, layer, Fbuf, c)
         Fbuf[:, c : c + k].copy_(new)
         del new
         if cache:
-            state.mean[c : c + k], state.var[c : c + k] = _channel_stats(stage, Fbuf[:, c : c + k])
+            _cache_channel_stats(stage, state, Fbuf, c, c + k)
     out = _transition_forward(stage, state, Fbuf) if stage.transition is not None else None
     _update_running_stats(state.updates, state.count)
     state.updates = []
