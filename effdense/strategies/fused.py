@@ -16,9 +16,9 @@ import torch
 
 from effdense.strategies import shared
 
-# Backward works on channel chunks of this many bottleneck widths: the kernels hold only a dh scratch per
-# chunk (the twins also a normalised input), so wider chunks than ``shared``'s cost no extra memory
-# and re-read the output gradient fewer times.
+# The input gradient works on channel chunks of this many bottleneck widths (the weight gradient is one
+# launch over all channels): the kernels hold only a dh scratch per chunk (the twins also a normalised
+# input), so wider chunks than ``shared``'s cost no extra memory and re-read the output gradient fewer times.
 _CHUNK_FACTOR = 2
 
 
