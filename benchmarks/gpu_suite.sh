@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command GPU suite: environment, CUDA tests, kernel benchmark, effdense bench (DenseNet-BC-100 fp32 and
-# DenseNet-121 b64 224px bf16), memory estimate vs torch.cuda.max_memory_allocated, and the DenseNet-121 step
-# replayed from a CUDA graph (its host overhead).
+# DenseNet-121 b64 224px bf16), memory estimate vs torch.cuda.max_memory_allocated, the DenseNet-121 step
+# replayed from a CUDA graph (its host overhead), and operators per step with each kernel call's host time.
 #
 #   bash benchmarks/gpu_suite.sh                  # on a CUDA machine, effdense installed (pip install -e .)
 #   OUT=/some/dir GIT_COMMIT=abc123 bash benchmarks/gpu_suite.sh
@@ -164,6 +164,9 @@ if [ "$MODE" = gpu ]; then
     step bench_kernels 120 "$PY" benchmarks/bench_kernels.py --dtypes bf16 --out "$OUT"
     # (f) DenseNet-121 b64 bf16 step, eager and replayed from a CUDA graph: the host overhead in the step time
     step step_graph_time 150 "$PY" benchmarks/step_graph_time.py --out "$OUT"
+    # (g) operators per BC-100 b64 step (naive, fused on its kernels) and each kernel call's host time with
+    # real launches: what the H100's BC-100 step times are made of
+    step host_overhead 90 "$PY" benchmarks/host_overhead.py --device cuda --strategies naive,fused --out "$OUT"
 else
     # the same steps on tiny settings: checks the plumbing, measures nothing worth keeping
     step tests_cuda 120 "$PY" -m pytest tests -q -m cuda --junitxml="$OUT/pytest_cuda.xml"
@@ -177,6 +180,8 @@ else
         --config densenet_bc_16:4:32:fp32 --config densenet121:2:64:fp32 --out "$OUT"
     step bench_kernels 60 "$PY" benchmarks/bench_kernels.py --help  # it needs CUDA: only its arguments here
     step step_graph_time 60 "$PY" benchmarks/step_graph_time.py --help  # likewise
+    step host_overhead 60 "$PY" benchmarks/host_overhead.py --device cpu --model densenet_bc_16 --batch-size 2 \
+        --image-size 8 --repeats 1 --calls 10 --out "$OUT"
 fi
 
 "$PY" - "$OUT" "$MODE" "$((SECONDS - SUITE_START))" <<'EOF'

@@ -2,18 +2,21 @@
 
 A small GPU step (DenseNet-BC-100 at batch 64, 32x32) is bound by the host: every operator costs
 microseconds of Python and dispatch before its kernel is queued, whatever the kernel's size. Two
-deterministic or device-free measurements of that cost, both runnable on a CPU:
+measurements of that cost, both runnable on a CPU:
 
 * **operators per step**: every ATen operator (and ``effdense::*`` kernel op) dispatched by one training
-  step (forward, loss, backward), counted by a ``TorchDispatchMode`` on ``meta`` tensors, so any shape is
-  free to count. Grouped into views (no kernel), allocations, fills, kernel ops and the rest (compute).
-  ``fused`` is counted on its Triton path (TRITON_INTERPRET=1 is set here before effdense.kernels is
-  imported), which is the path it takes on a GPU; each ``effdense::channel_stats`` launches two kernels.
+  step (forward, loss, backward), counted by a ``TorchDispatchMode``; on a CPU on ``meta`` tensors, so any
+  shape is free to count, with ``--device cuda`` on the GPU's real tensors. Grouped into views (no
+  kernel), allocations, fills, kernel ops and the rest (compute). ``fused`` is counted on its Triton path
+  (on a CPU TRITON_INTERPRET=1 is set here before effdense.kernels is imported), the path it takes on a
+  GPU; each ``effdense::channel_stats`` launches two kernels.
 * **wrapper time**: microseconds of host time per call of each public kernel entry point (argument
-  checks, allocation, dispatch) with the Triton launch itself replaced by a no-op, median over repeats.
+  checks, allocation, dispatch) with the Triton launch itself replaced by a no-op, median over repeats;
+  with ``--device cuda``, the real launches on tiny shapes (the whole host cost of a call, launch included).
 
     python benchmarks/host_overhead.py                              # BC-100, batch 64, 32x32
-    python benchmarks/host_overhead.py --out benchmarks/results     # also write host_overhead_<model>_b<N>.json
+    python benchmarks/host_overhead.py --out benchmarks/results     # also write host_overhead_<model>_b<N>_<S>px.json
+    python benchmarks/host_overhead.py --device cuda --out DIR      # on a GPU (..._cuda.json)
 
 Counts are exact and repeatable; wrapper times depend on this machine's CPU and load.
 """
@@ -29,9 +32,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before effdense.kernels is imported: fused takes its kernel path
-
 import torch  # noqa: E402
+
+if not torch.cuda.is_available():  # before effdense.kernels is imported: fused takes its kernel path on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import effdense  # noqa: E402
@@ -69,12 +73,13 @@ def _kind(name: str) -> str:
     return "compute"
 
 
-def count_ops(model_name: str, strategy: str, shape: tuple[int, ...]) -> dict[str, Any]:
-    """Operators dispatched by one training step (after one uncounted step) on ``meta`` tensors."""
-    with torch.device("meta"):
+def count_ops(model_name: str, strategy: str, shape: tuple[int, ...], device: str = "meta") -> dict[str, Any]:
+    """Operators dispatched by one training step (after one uncounted step) on ``device``: ``meta`` tensors
+    (no data, any shape; on CPU), or real CUDA tensors on a GPU machine, where fused runs its kernels."""
+    with torch.device(device):
         model = effdense.get_model(model_name, strategy=strategy)
-        x = torch.empty(shape)
-    target = torch.zeros(shape[0], dtype=torch.long, device="meta")
+        x = torch.randn(shape) if device != "meta" else torch.empty(shape)
+    target = torch.zeros(shape[0], dtype=torch.long, device=device)
 
     def step() -> None:
         model.zero_grad(set_to_none=True)
@@ -118,18 +123,25 @@ def _restore(saved: dict[str, Callable[..., None]]) -> None:
         setattr(sys.modules[module_name], name, fn)
 
 
-def wrapper_times(repeats: int, calls: int) -> dict[str, float]:
-    """Median host microseconds per call of each kernel entry point, launches stubbed out. Shapes of a late
-    DenseNet-BC layer (a 200-channel slice of a buffer, batch 64 at 16x16, 48 bottleneck channels)."""
+def wrapper_times(repeats: int, calls: int, device: str = "cpu") -> dict[str, float]:
+    """Median host microseconds per call of each kernel entry point.
+
+    ``device="cpu"``: the launches are stubbed out, so the figure is the wrapper's own time (checks,
+    allocation, dispatch), on the shapes of a late DenseNet-BC layer (a 200-channel slice of a buffer, batch
+    64 at 16x16, 48 bottleneck channels). ``device="cuda"``: the kernels really launch, on shapes so small
+    (batch 2 at 8x8) that the GPU finishes each before the host has issued the next, so the figure is the
+    whole host cost of a call, Triton's launch included (synchronised once per repeat)."""
     from effdense import kernels as K
 
-    N, C, H, W, B = 64, 200, 16, 16, 48
-    buf = torch.randn(N, C + 12, H, W)
-    x = buf[:, :C]
-    scale, shift, mean = torch.rand(C), torch.randn(C), torch.zeros(C)
-    w = torch.randn(B, C)
-    dy = torch.randn(N, B, H, W)
-    grad = torch.zeros_like(buf)[:, :C]
+    on_gpu = device == "cuda"
+    N, C, H, W, B = (2, 200, 8, 8, 48) if on_gpu else (64, 200, 16, 16, 48)
+    with torch.device(device):
+        buf = torch.randn(N, C + 12, H, W)
+        x = buf[:, :C]
+        scale, shift, mean = torch.rand(C), torch.randn(C), torch.zeros(C)
+        w = torch.randn(B, C)
+        dy = torch.randn(N, B, H, W)
+        grad = torch.zeros_like(buf)[:, :C]
     cases: dict[str, Callable[[], Any]] = {
         "channel_stats (12 channels)": lambda: K.channel_stats(buf[:, C:]),
         "bottleneck_forward": lambda: K.bottleneck_forward(x, scale, shift, w),
@@ -138,17 +150,20 @@ def wrapper_times(repeats: int, calls: int) -> dict[str, float]:
         "bottleneck_backward_input": lambda: K.bottleneck_backward_input(x, scale, shift, w, dy, mean),
         "bottleneck_backward (all three)": lambda: K.bottleneck_backward(x, scale, shift, w, dy, mean, scale, scale, grad),
     }
-    saved = _stub_launches()
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    saved = {} if on_gpu else _stub_launches()
     try:
         out = {}
         for name, fn in cases.items():
-            for _ in range(min(calls, 50)):
+            for _ in range(min(calls, 50)):  # on a GPU also the autotuning of each kernel for these shapes
                 fn()
+            sync()
             samples = []
             for _ in range(repeats):
                 t0 = time.perf_counter()
                 for _ in range(calls):
                     fn()
+                sync()
                 samples.append((time.perf_counter() - t0) / calls * 1e6)
             out[name] = statistics.median(samples)
         return out
@@ -165,9 +180,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=positive_int, default=7, help="timed repeats per wrapper (median; default 7)")
     p.add_argument("--calls", type=positive_int, default=2000, help="calls per repeat (default 2000)")
     p.add_argument("--no-wrapper-times", action="store_true", help="count operators only")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu: operators counted on meta tensors, wrapper times with the launches stubbed (Triton's "
+                        "interpreter); cuda: both on the GPU, real launches on tiny shapes (default: cuda if present)")
     p.add_argument("--out", default=None, help="folder for the JSON (default: print only)")
     args = p.parse_args(argv)
     model, strategies = args.model, args.strategies
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("host_overhead.py: error: --device cuda needs a CUDA device (torch.cuda.is_available() is False)",
+              file=sys.stderr)
+        return 2
+    if args.device == "cpu" and torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        print("host_overhead.py: error: --device cpu on a CUDA machine needs TRITON_INTERPRET=1 in the environment "
+              "(the kernels' CPU path); or use --device cuda", file=sys.stderr)
+        return 2
+    count_device = "meta" if args.device == "cpu" else "cuda"
     shape = (args.batch_size, 3, args.image_size, args.image_size)
 
     from effdense.kernels import kernels_available
@@ -175,8 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for s in strategies:
         print(f"counting {s} ...", file=sys.stderr, flush=True)
-        rows.append(count_ops(model, s, shape))
-    print(f"\nOperators per training step, {model}, input {shape} (meta tensors):")
+        rows.append(count_ops(model, s, shape, count_device))
+    print(f"\nOperators per training step, {model}, input {shape} ({count_device} tensors):")
     count = "{:,}".format
     print(format_table(rows, [
         ("strategy", "strategy", str), ("total", "total", count), ("views", "views", count),
@@ -185,26 +212,30 @@ def main(argv: list[str] | None = None) -> int:
     ]))  # fmt: skip
     times = {}
     if not args.no_wrapper_times:
-        times = wrapper_times(args.repeats, args.calls)
-        print("\nKernel wrapper host time, launch stubbed (us per call, median):")
+        times = wrapper_times(args.repeats, args.calls, args.device)
+        what = "launch stubbed" if args.device == "cpu" else "real CUDA launches, batch 2 at 8x8"
+        print(f"\nKernel wrapper host time, {what} (us per call, median):")
         for name, us in times.items():
             print(f"  {name:34s} {us:7.1f}")
     payload = {
         "benchmark": "host_overhead",
         "environment": {
-            **environment(torch.device("cpu")),
+            **environment(torch.device(args.device)),
             "command": " ".join(["python", "benchmarks/host_overhead.py", *(sys.argv[1:] if argv is None else argv)]),
         },
         "model": model,
         "input_shape": list(shape),
-        "fused_counted_on_triton_path": kernels_available("cpu"),
+        "counted_on": count_device,
+        "fused_counted_on_triton_path": kernels_available(args.device),
         "op_counts": rows,
+        "wrapper_device": args.device,
+        "wrapper_launches": "stubbed" if args.device == "cpu" else "real",
         "wrapper_us_per_call": times,
     }
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"host_overhead_{model}_b{args.batch_size}_{args.image_size}px.json"
+        path = out / f"host_overhead_{model}_b{args.batch_size}_{args.image_size}px{'_cuda' if args.device == 'cuda' else ''}.json"
         write_json(path, payload)
         print(f"\nwrote {path}")
     return 0
