@@ -12,6 +12,9 @@ they finish, and a rerun skips the points already in it (resumable). Plots are d
 
 Policy knobs (:class:`effdense.Policy` fields) only matter to ``shared`` and ``fused``; ``--vary`` lists
 the fields that take both values, the others keep their defaults.
+
+Options that would change nothing are errors: ``--steps``/``--warmup`` without ``--time``, ``--device``
+with ``--estimate`` and no ``--time``, ``--vary`` when the grid has neither ``shared`` nor ``fused``.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from effdense.benchutil import (
     positive_int,
     progress,
     quantiles,
+    reject_ineffective,
     resolve_device,
     strategy_list,
     time_steps,
@@ -59,6 +63,10 @@ CSV_COLUMNS = (
 )  # fmt: skip
 
 
+TIME_DEFAULTS = {"steps": 10, "warmup": 1}
+"""``--steps``/``--warmup`` when ``--time`` is given (without it they are errors: they would do nothing)."""
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategies", type=strategy_list, default=None, help="'all' (default) or a comma list")
     parser.add_argument("--vary", type=_policy_fields, default=[],
@@ -72,9 +80,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--estimate", action="store_true",
                         help="estimate memory without allocating (FakeTensor/meta) instead of measuring it")
     parser.add_argument("--time", action="store_true", help="also time training steps (real runs)")
-    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per point (with --time)")
-    parser.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed steps first (with --time)")
-    parser.add_argument("--device", type=device_name, default="auto", help="auto (GPU if any), cpu or cuda[:N]")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help=f"timed steps per point (with --time only); default {TIME_DEFAULTS['steps']}")
+    parser.add_argument("--warmup", type=nonnegative_int, default=None,
+                        help=f"untimed steps first (with --time only); default {TIME_DEFAULTS['warmup']}")
+    parser.add_argument("--device", type=device_name, default=None,
+                        help="auto (default: GPU if any), cpu or cuda[:N]: where memory is measured and steps timed "
+                        "(with --estimate, only with --time)")
     parser.add_argument("--out", type=Path, default=Path("effdense_results"), help="folder of ablate.csv and the plots")
     parser.add_argument("--no-plots", action="store_true", help="CSV only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -175,7 +187,28 @@ def _run_point(point: dict[str, Any], args: argparse.Namespace, device: torch.de
     return out
 
 
+def _reject_ineffective_options(args: argparse.Namespace) -> None:
+    """Options given that would change nothing are errors (see :func:`effdense.benchutil.reject_ineffective`)."""
+    if not args.time:
+        reject_ineffective(args, ("--steps", "--warmup"), "without --time (nothing is timed)")
+        if args.estimate:
+            reject_ineffective(args, ("--device",), "with --estimate unless --time is given (estimates run on the CPU)")
+    if args.vary:
+        names = args.strategies if args.strategies is not None else list(_strategies.available())
+        if not set(names) & set(POLICY_STRATEGIES):
+            raise UsageError(
+                f"--vary has no effect: Policy fields matter only to {' and '.join(POLICY_STRATEGIES)}, "
+                f"and the grid has {', '.join(names) or 'no strategy'}"
+            )
+
+
 def main(args: argparse.Namespace) -> int:
+    _reject_ineffective_options(args)
+    for key, value in TIME_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.device is None:
+        args.device = "auto"
     device = resolve_device(args.device)
     # every grid model is a 3-block DenseNet-BC, whatever its depth and growth rate: one probe says how small
     # an input they take (before: each point failed on its own, the run exited 0 with a CSV of errors)

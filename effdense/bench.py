@@ -37,6 +37,7 @@ from effdense.benchutil import (
     positive_int,
     progress,
     quantiles,
+    reject_ineffective,
     resolve_device,
     strategy_list,
     time_steps,
@@ -75,6 +76,8 @@ default                 GPU     CPU
 --steps                 {GPU_DEFAULTS['steps']:<8}{CPU_DEFAULTS['steps']}
 --warmup                {GPU_DEFAULTS['warmup']:<8}{CPU_DEFAULTS['warmup']} (the memory step warms up)
 --max-seconds-per-row   {'none':<8}{CPU_DEFAULTS['max_seconds_per_row']:g} (seconds of timed steps; at least {MIN_TIMED_STEPS} step is timed)
+
+These three time steps; with --memory estimate or --no-timing nothing is timed, and giving them is an error.
 
 With these, `effdense bench` (DenseNet-BC-100, batch 64, 32x32, fp32, 6 rows) took 48-54 s on two quiet x86
 cores (several minutes when other jobs share them). CPU step times are for orientation only; compare
@@ -259,7 +262,17 @@ TABLE_COLUMNS = (
 )
 
 
+def _reject_ineffective_options(args: argparse.Namespace) -> None:
+    """Timing options given for a run that times nothing are errors (see :func:`effdense.benchutil.reject_ineffective`)."""
+    timing_options = ("--steps", "--warmup", "--max-seconds-per-row")
+    if args.memory == "estimate":
+        reject_ineffective(args, timing_options, "with --memory estimate (nothing is timed)")
+    if args.no_timing:
+        reject_ineffective(args, timing_options, "with --no-timing")
+
+
 def main(args: argparse.Namespace) -> int:
+    _reject_ineffective_options(args)
     device = resolve_device(args.device)
     if args.dtype == "fp16" and device.type == "cpu":
         progress("note: fp16 autocast on CPU is slow and rarely used; bf16 is the CPU's low precision")

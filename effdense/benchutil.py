@@ -154,6 +154,22 @@ def device_name(text: str) -> str:
     return text
 
 
+def reject_ineffective(args: argparse.Namespace, options: Sequence[str], reason: str) -> None:
+    """Raise :class:`UsageError` when one of ``options`` (``"--steps"``) was given although it has no
+    effect, ``reason`` saying why (``"without --time"``).
+
+    The policy of every subcommand: an option that sets a value the run would never use is an error, not
+    silently ignored. Such options default to ``None`` (the real default is filled in once it is known to
+    apply), so an option counts as given when its value is not ``None``; a default never triggers this.
+    Switches that only turn off what is already off (``--no-timing`` with ``--memory estimate``) ask for
+    what happens anyway and are accepted.
+    """
+    given = [o for o in options if getattr(args, o.lstrip("-").replace("-", "_")) is not None]
+    if given:
+        verb = "has" if len(given) == 1 else "have"
+        raise UsageError(f"{' and '.join(given)} {verb} no effect {reason}")
+
+
 def resolve_device(text: str) -> torch.device:
     """``auto``: the GPU if there is one, else the CPU."""
     if text == "auto":

@@ -2,7 +2,10 @@
 
 A subcommand is a module with ``add_arguments(parser)`` and ``main(args) -> int``; adding one is one line
 in :data:`COMMANDS`. Bad arguments end with a one-line error on stderr and exit code 2, whether argparse
-finds them or the subcommand does (by raising :class:`effdense.benchutil.UsageError`).
+finds them or the subcommand does (by raising :class:`effdense.benchutil.UsageError`); the error names the
+subcommand (``effdense summary: error: ...``). An option given where it has no effect (``--steps`` for a
+run that times nothing) is such an error too, never silently ignored: see
+:func:`effdense.benchutil.reject_ineffective`.
 """
 
 from __future__ import annotations
@@ -42,9 +45,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+class _SubcommandParser(_Parser):
+    """The parser of one subcommand: arguments it does not know are its error (``effdense summary: error:
+    unrecognized arguments: extra``), not the top-level parser's.
+
+    argparse hands a subcommand's leftover arguments back to the top-level parser, which reports them under
+    its own name (``effdense: error: ...``). The top-level parser has no options of its own after the
+    subcommand name, so whatever the subcommand leaves over is an argument nobody takes.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="effdense", description="Memory-efficient DenseNets: benchmarks, ablations, training.")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_SubcommandParser)
     sub.required = True
     for name, (module_name, help_text) in COMMANDS.items():
         try:

@@ -8,7 +8,13 @@
 - dense connections per block, ``L(L+1)/2`` for a block of ``L`` layers;
 - the training-step peak per strategy at ``--batch-size`` and its activation part, estimated
   (:func:`effdense.memory.estimate_step`);
-- the torchvision ResNet whose nominal depth is closest, as a reference row for parameters against depth.
+- depth: the convolution and fully connected layers on the longest path from input to output
+  (:func:`layer_depth`), the count both the DenseNet and the ResNet papers use. Every convolution of a
+  DenseNet lies on that path (each layer reads all earlier ones), so for it this is the count of all its
+  convolution and linear layers (DenseNet-121: 121); a ResNet's 1x1 projection shortcuts lie beside it
+  and are not counted (ResNet-50: 50, of 54 such layers). Both rows of the table are counted this way,
+  from the autograd graph of one forward pass on the meta device;
+- the torchvision ResNet whose depth is closest, as a reference row for parameters against depth.
   It is torchvision's ImageNet architecture (7x7 stride-2 stem, max-pool, four stages of 64 to 512 or
   2048 channels) with the model's number of classes, run at the same input size; it is labelled so
   (``torchvision resnet<depth> (ImageNet architecture)``), and for a CIFAR model a note says that it is
@@ -36,6 +42,7 @@ from effdense.benchutil import (
     output_dir,
     positive_int,
     progress,
+    reject_ineffective,
     strategy_list,
     write_json,
 )
@@ -43,16 +50,30 @@ from effdense.densenet import get_model
 from effdense.memory import estimate_step, mib
 
 RESNET_DEPTHS = (18, 34, 50, 101, 152)
+"""The torchvision ResNets (``torchvision.models.resnet<depth>``); each one's :func:`layer_depth` is its depth."""
+
+MEMORY_DEFAULTS = {"batch_size": 64, "dtype": "fp32"}
+"""``--batch-size``/``--dtype`` of the memory estimates when not given (recorded in the JSON even with
+``--no-memory``, as before)."""
+
+DEPTH_NOTE = (
+    "depth: convolution and fully connected layers on the longest input-to-output path, as the DenseNet and "
+    "ResNet papers count them (for both rows; a ResNet's projection shortcuts are off that path)"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=model_name, help="model name (effdense.MODELS or densenet_bc_<depth>)")
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help="square input side; default 32 for CIFAR models, 224 for ImageNet ones")
-    parser.add_argument("--batch-size", type=positive_int, default=64, help="batch of the memory estimates (default 64)")
-    parser.add_argument("--dtype", type=dtype_name, default="fp32", help="dtype of the memory estimates")
-    parser.add_argument("--strategies", type=strategy_list, default=None, help="'all' (default) or a comma list")
-    parser.add_argument("--no-memory", action="store_true", help="skip the memory estimates")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help=f"batch of the memory estimates (default {MEMORY_DEFAULTS['batch_size']})")
+    parser.add_argument("--dtype", type=dtype_name, default=None,
+                        help="dtype of the memory estimates: fp32 (default), bf16 or fp16 autocast")
+    parser.add_argument("--strategies", type=strategy_list, default=None,
+                        help="strategies of the memory estimates: 'all' (default) or a comma list")
+    parser.add_argument("--no-memory", action="store_true",
+                        help="skip the memory estimates (then --batch-size, --dtype and --strategies are errors)")
     parser.add_argument("--out", type=Path, default=Path("effdense_results"), help="output folder (JSON)")
 
 
@@ -78,12 +99,53 @@ def resnet_final_map(image_size: int) -> int:
     return side
 
 
-def layer_depth(model: nn.Module) -> int:
-    """Depth as papers count it: convolution and fully connected layers."""
-    return sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
+_WEIGHTED_NODES = frozenset({"ConvolutionBackward0", "AddmmBackward0", "MmBackward0"})
+"""Autograd nodes of convolutions and fully connected layers (``nn.Linear`` is ``addmm`` with a bias,
+``mm`` without)."""
+
+
+def layer_depth(build: Callable[[], nn.Module], image_size: int) -> int:
+    """Depth as the DenseNet and ResNet papers count it: convolution and fully connected layers on the
+    longest path from input to output.
+
+    Found from the autograd graph of one forward pass of one image on the meta device (no arithmetic):
+    the most convolution/linear nodes on any path from the output back to the input. For a DenseNet
+    that is every such layer (121 for DenseNet-121); for a torchvision ResNet it leaves out the 1x1
+    projection shortcuts, which run beside the blocks they skip (18 for ResNet-18, which has 21).
+    """
+    with torch.device("meta"):
+        model = build().eval()  # eval: BatchNorm takes a batch of one image
+        x = torch.empty(1, 3, image_size, image_size)
+    with torch.enable_grad():
+        root = model(x).grad_fn
+    if root is None:
+        return 0
+    depth: dict[Any, int] = {}  # node -> weighted layers on the longest path from it to the input
+    stack: list[tuple[Any, bool]] = [(root, False)]
+    while stack:  # iterative post-order: deep models' graphs outgrow Python's recursion limit
+        node, expanded = stack.pop()
+        if node in depth:
+            continue
+        children = [n for n, _ in node.next_functions if n is not None]
+        if expanded:
+            depth[node] = (node.name() in _WEIGHTED_NODES) + max((depth[c] for c in children), default=0)
+        else:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if c not in depth)
+    return depth[root]
+
+
+def _reject_ineffective_options(args: argparse.Namespace) -> None:
+    """Memory options given with ``--no-memory`` are errors (see :func:`effdense.benchutil.reject_ineffective`)."""
+    if args.no_memory:
+        reject_ineffective(args, ("--strategies", "--batch-size", "--dtype"), "with --no-memory (no memory is estimated)")
 
 
 def main(args: argparse.Namespace) -> int:
+    _reject_ineffective_options(args)
+    for key, value in MEMORY_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     size = args.image_size or default_image_size(args.model)
     model = get_model(args.model, strategy="naive")
     if model._final_spatial(size) < 1:
@@ -94,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
     num_classes = model.classifier.out_features
     blocks = [len(b.layers) for b in model.dense_blocks]
     connections = [n * (n + 1) // 2 for n in blocks]
-    depth = layer_depth(model)
+    depth = layer_depth(lambda: get_model(args.model, strategy="naive"), size)
     params = sum(p.numel() for p in model.parameters())
     del model
     macs = count_macs(lambda: get_model(args.model, strategy="naive"), size)
@@ -105,12 +167,13 @@ def main(args: argparse.Namespace) -> int:
     }]  # fmt: skip
     resnet_depth = min(RESNET_DEPTHS, key=lambda d: (abs(d - depth), d))
     cifar_model = default_image_size(args.model) == 32
-    notes: list[str] = []
+    notes: list[str] = [DEPTH_NOTE]
     try:
         import torchvision
 
         build = getattr(torchvision.models, f"resnet{resnet_depth}")
         ref = build(num_classes=num_classes)
+        ref_depth = layer_depth(lambda: build(num_classes=num_classes), size)  # the same rule as the model's
         ref_params = sum(p.numel() for p in ref.parameters())
         final = resnet_final_map(size)
         note = (f"torchvision.models.resnet{resnet_depth}, the ImageNet architecture (7x7 stride-2 stem, max-pool, "
@@ -124,7 +187,7 @@ def main(args: argparse.Namespace) -> int:
             notes.append(cifar_note)
             note += " " + cifar_note
         rows.append({
-            "model": f"torchvision resnet{resnet_depth} (ImageNet architecture)", "depth": resnet_depth,
+            "model": f"torchvision resnet{resnet_depth} (ImageNet architecture)", "depth": ref_depth,
             "params": ref_params, "params_m": ref_params / 1e6,
             "macs": count_macs(lambda: build(num_classes=num_classes), size),
             "input": f"{size}x{size}", "num_classes": num_classes,

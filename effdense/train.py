@@ -22,10 +22,12 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import threading
 import time
+import warnings
 from typing import Any, Callable
 
 import numpy as np
@@ -44,6 +46,12 @@ DEFAULT_DEPTH = 22
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 CHECKPOINT_VERSION = 1
 
+DEFAULTS: dict[str, Any] = {"momentum": 0.9, "lr_milestones": "0.5,0.75", "lr_gamma": 0.1, "log_interval": 10}
+"""Defaults of the options that only act in some runs (``--momentum``: SGD; ``--lr-milestones`` and
+``--lr-gamma``: the step schedule; ``--log-interval``: the progress bar). They parse as ``None``, so that
+giving one where it would do nothing is an error (see :func:`_reject_ineffective_options`), and
+:func:`train` fills them in."""
+
 
 class TrainError(Exception):
     """A problem the user can fix (bad option, data, checkpoint); ``main`` prints it on one line, exit code 2."""
@@ -61,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``effdense train`` to ``parser``."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", choices=DATASETS, default="digits", help="dataset (default: %(default)s, bundled)")
-    g.add_argument("--data-dir", default=None, metavar="PATH", help="local folder of cifar10/cifar100/imagefolder")
+    g.add_argument("--data-dir", default=None, metavar="PATH", help="local folder of cifar10/cifar100/imagefolder (not digits)")
     g.add_argument("--image-size", type=int, default=None, help="square input side (default: 16 digits, 32 CIFAR, 224 imagefolder)")
     g.add_argument("--subset", type=int, default=None, metavar="N", help="train on the first N training images only")
     g.add_argument("--test-subset", type=int, default=None, metavar="N", help="evaluate on the first N test images only")
@@ -80,11 +88,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--batch-size", type=int, default=64, help="per-process batch size (global = this x world size)")
     g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="SGD with Nesterov momentum, or AdamW")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.1 sgd, 1e-3 adamw)")
-    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--momentum", type=float, default=None, help=f"SGD only (default {DEFAULTS['momentum']})")
     g.add_argument("--weight-decay", type=float, default=None, help="default: 1e-4 sgd, 0.05 adamw")
     g.add_argument("--lr-schedule", choices=("cosine", "step", "constant"), default="cosine", help="stepped every iteration")
-    g.add_argument("--lr-milestones", default="0.5,0.75", help="step schedule: fractions of training (default: %(default)s)")
-    g.add_argument("--lr-gamma", type=float, default=0.1, help="step schedule: factor at each milestone")
+    g.add_argument("--lr-milestones", default=None,
+                   help=f"--lr-schedule step only: fractions of training (default: {DEFAULTS['lr_milestones']})")
+    g.add_argument("--lr-gamma", type=float, default=None,
+                   help=f"--lr-schedule step only: factor at each milestone (default: {DEFAULTS['lr_gamma']})")
     g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the schedule")
     g.add_argument("--label-smoothing", type=float, default=0.0)
 
@@ -103,7 +113,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--save-every", type=int, default=1, metavar="EPOCHS", help="save a checkpoint every N epochs; 0: at the end only")
     g.add_argument("--resume", default=None, metavar="PATH", help="continue from this checkpoint")
     g.add_argument("--metrics", default=None, metavar="PATH", help="per-epoch log, .csv or .jsonl (default: OUT_DIR/metrics.csv)")
-    g.add_argument("--log-interval", type=int, default=10, metavar="STEPS", help="progress-bar refresh (default: %(default)s)")
+    g.add_argument("--log-interval", type=int, default=None, metavar="STEPS",
+                   help=f"progress-bar refresh, every N steps (default: {DEFAULTS['log_interval']})")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch)")
     g.add_argument("--quiet", action="store_true", help="no output except errors")
 
@@ -374,12 +385,40 @@ def _build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer,
     return sched
 
 
+def _reject_ineffective_options(args: argparse.Namespace) -> None:
+    """Options given that would change nothing are errors, as in the other ``effdense`` subcommands: an
+    option that sets a value the run never uses (``--momentum`` with AdamW) is an error, not ignored.
+    Switches that turn off what is already off (``--no-augment`` on digits) are accepted."""
+    checks = (
+        (("momentum",), args.optimizer != "sgd", f"with --optimizer {args.optimizer} (only SGD has a momentum to set)"),
+        (("lr_milestones", "lr_gamma"), args.lr_schedule != "step",
+         f"with --lr-schedule {args.lr_schedule} (only --lr-schedule step has milestones)"),
+        (("log_interval",), args.no_progress or args.quiet,
+         f"with {'--quiet' if args.quiet else '--no-progress'} (there is no progress bar to refresh)"),
+        (("data_dir",), args.data == "digits", "with --data digits (the digits are bundled)"),
+    )
+    for names, inert, reason in checks:
+        given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None) is not None]
+        if inert and given:
+            raise TrainError(f"{' and '.join(given)} {'has' if len(given) == 1 else 'have'} no effect {reason}")
+
+
+def _with_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """A copy of ``args`` with :data:`DEFAULTS` filled in where an option was not given."""
+    args = argparse.Namespace(**vars(args))
+    for name, value in DEFAULTS.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    return args
+
+
 def _validate(args: argparse.Namespace) -> None:
-    for name in ("epochs", "batch_size", "log_interval"):
+    _reject_ineffective_options(args)
+    for name in ("epochs", "batch_size"):
         v = getattr(args, name)
         if v is None or v <= 0:
             raise TrainError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
-    for name in ("subset", "test_subset"):
+    for name in ("subset", "test_subset", "log_interval"):
         v = getattr(args, name)
         if v is not None and v <= 0:
             raise TrainError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
@@ -401,7 +440,7 @@ def _validate(args: argparse.Namespace) -> None:
     ):
         if value is not None and not (math.isfinite(value) and ok(value)):
             raise TrainError(f"--{name.replace('_', '-')} must be {expected}, got {value}")
-    if args.lr_schedule == "step":
+    if args.lr_schedule == "step" and args.lr_milestones is not None:
         try:
             fractions = [float(f) for f in args.lr_milestones.split(",") if f.strip()]
         except ValueError:
@@ -467,19 +506,50 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def _first_sentence(text: str, limit: int = 120) -> str:
+    """The first sentence of ``text`` (its first line, up to a full stop followed by a space), at most
+    ``limit`` characters, without terminal colour codes or C++ assertion prefixes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", text).strip()
+    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", text)  # c10 asserts: "[enforce fail at x.cc:1] . msg"
+    line = text.splitlines()[0].strip() if text else ""
+    match = re.match(r"(.+?[.!?])(\s|$)", line)
+    sentence = match.group(1) if match else line
+    return sentence if len(sentence) <= limit else sentence[: limit - 3].rstrip() + "..."
+
+
+def _load_failure(path: str, exc: BaseException) -> str:
+    """Why ``torch.load`` could not read ``path``, in a few words: the exception type and the first
+    sentence of its message. torch's weights-only refusal is a page of advice; its cause is the line
+    after ``WeightsUnpickler error:`` (an unsupported pickle operand: not a torch file; an unsupported
+    global: a file holding Python objects other than tensors and containers)."""
+    if os.path.getsize(path) == 0:
+        return "the file is empty"
+    message = str(exc)
+    refused = re.search(r"Unsupported global: GLOBAL (\S+)", message)
+    if refused:
+        return f"{type(exc).__name__}: it holds a {refused.group(1)}, which a weights-only load refuses"
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", message, flags=re.DOTALL)
+    reason = _first_sentence(detail.group(1) if detail else message)
+    return f"{type(exc).__name__}: {reason}" if reason else type(exc).__name__
+
+
 def load_checkpoint(path: str) -> dict[str, Any]:
     """Read a checkpoint written by ``effdense train``; :class:`CheckpointError` when it cannot be used."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4" from a file that is no checkpoint
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"cannot read checkpoint {path!r}: {reason}") from exc
+        raise CheckpointError(
+            f"cannot read checkpoint {path!r}: it is not an effdense train checkpoint ({_load_failure(path, exc)})"
+        ) from exc
     required = {"version", "model", "optimizer", "scheduler", "epoch", "step", "rng"}
-    if not isinstance(state, dict) or not required <= set(state):
-        missing = sorted(required - set(state)) if isinstance(state, dict) else ["everything"]
-        raise CheckpointError(f"{path!r} is not an effdense train checkpoint (missing {missing})")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path!r} is not an effdense train checkpoint (it holds a {type(state).__name__}, not a dict)")
+    if not required <= set(state):
+        raise CheckpointError(f"{path!r} is not an effdense train checkpoint (missing {sorted(required - set(state))})")
     return state
 
 
@@ -638,6 +708,7 @@ def train(args: argparse.Namespace, *, on_step: Callable[[int, int, float], None
     """
     t_start = time.perf_counter()
     _validate(args)
+    args = _with_defaults(args)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     ctx, device = _setup_distributed(args.device)

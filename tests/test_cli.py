@@ -369,3 +369,124 @@ def test_train_output_that_cannot_be_written_is_a_usage_error(capsys, tmp_path, 
     code, out, err = run(capsys, *argv)
     assert code == 2 and err.count("\n") == 1 and option in err and str(target) in err, err
     assert "epoch 1/1" not in out and blocker.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["summary", "densenet_bc_16", "extra"], "effdense summary: error: unrecognized arguments: extra"),
+        (["bench", "--bogus"], "effdense bench: error: unrecognized arguments: --bogus"),
+        (["train", "--epochs", "1", "extra", "more"], "effdense train: error: unrecognized arguments: extra more"),
+        # an unknown argument before the subcommand is the top-level parser's
+        (["--bogus", "summary", "densenet_bc_16"], "effdense: error: unrecognized arguments: --bogus"),
+    ],
+    ids=["summary", "bench", "train", "top-level"],
+)
+def test_unrecognized_arguments_are_the_subcommands_error(capsys, argv, expected):
+    # before: "effdense: error: unrecognized arguments: extra", naming the top-level program
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and err == expected + "\n" and not out, err
+
+
+_TINY_TRAIN_RUN = [*_TINY_TRAIN, "--depth", "10", "--growth-rate", "4", "--image-size", "12", "--strategy", "naive",
+                   "--quiet"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "argv, option, reason",
+    [
+        # each would run in a few seconds without the check: the option was silently ignored, exit code 0
+        (["ablate", "--strategies", "naive", "--depths", "10", "--batch-sizes", "2", "--image-size", "8", "--estimate",
+          "--no-progress", "--no-plots", "--steps", "3"], "--steps", "without --time"),
+        (["ablate", "--strategies", "naive", "--depths", "10", "--batch-sizes", "2", "--image-size", "8", "--estimate",
+          "--no-progress", "--no-plots", "--warmup", "0"], "--warmup", "without --time"),
+        (["ablate", "--strategies", "naive", "--depths", "10", "--batch-sizes", "2", "--image-size", "8", "--estimate",
+          "--no-progress", "--no-plots", "--device", "cpu"], "--device", "with --estimate"),
+        (["ablate", "--strategies", "naive", "--depths", "10", "--batch-sizes", "2", "--image-size", "8", "--estimate",
+          "--no-progress", "--no-plots", "--vary", "all"], "--vary", "shared and fused"),
+        (["bench", "--model", "densenet_bc_10", "--batch-size", "2", "--strategies", "naive", "--no-reference",
+          "--memory", "estimate", "--steps", "2"], "--steps", "with --memory estimate"),
+        (["bench", "--model", "densenet_bc_10", "--batch-size", "2", "--strategies", "naive", "--no-reference",
+          "--no-timing", "--max-seconds-per-row", "1"], "--max-seconds-per-row", "with --no-timing"),
+        (["summary", "densenet_bc_10", "--no-memory", "--strategies", "naive"], "--strategies", "with --no-memory"),
+        (["summary", "densenet_bc_10", "--no-memory", "--batch-size", "2"], "--batch-size", "with --no-memory"),
+        (["summary", "densenet_bc_10", "--no-memory", "--dtype", "bf16"], "--dtype", "with --no-memory"),
+        (["train", *_TINY_TRAIN_RUN, "--optimizer", "adamw", "--momentum", "0.5"], "--momentum", "with --optimizer adamw"),
+        (["train", *_TINY_TRAIN_RUN, "--lr-gamma", "0.5"], "--lr-gamma", "with --lr-schedule cosine"),
+        (["train", *_TINY_TRAIN_RUN, "--lr-schedule", "constant", "--lr-milestones", "0.5"], "--lr-milestones",
+         "with --lr-schedule constant"),
+        (["train", *_TINY_TRAIN_RUN, "--log-interval", "2"], "--log-interval", "with --quiet"),
+        (["train", *_TINY_TRAIN_RUN, "--data-dir", "/tmp"], "--data-dir", "with --data digits"),
+    ],
+    ids=["ablate-steps", "ablate-warmup", "ablate-device", "ablate-vary", "bench-steps-estimate",
+         "bench-max-seconds-no-timing", "summary-strategies", "summary-batch-size", "summary-dtype", "train-momentum",
+         "train-lr-gamma", "train-lr-milestones", "train-log-interval", "train-data-dir"],
+)
+def test_options_given_without_effect_are_usage_errors(capsys, tmp_path, argv, option, reason):
+    out_option = "--out-dir" if argv[0] == "train" else "--out"
+    code, _, err = run(capsys, *argv, out_option, str(tmp_path / "out"))
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"effdense {argv[0]}: error: {option}"), err
+    assert "no effect" in err and reason in err, err
+    assert not (tmp_path / "out").exists()  # said before any work or output
+
+
+def test_options_without_effect_name_all_of_those_given(capsys):
+    code, _, err = run(capsys, "bench", "--memory", "estimate", "--warmup", "1", "--steps", "2")
+    assert code == 2 and "--steps and --warmup have no effect with --memory estimate" in err, err
+
+
+# The documented commands (README.md, benchmarks/results/README.md, benchmarks/gpu_suite.sh): none of them
+# gives an option that has no effect, so none of them is refused.
+_DOCUMENTED = [
+    "bench",
+    "bench --out benchmarks/results",
+    "bench --model densenet121 --batch-size 64 --memory estimate --out benchmarks/results",
+    "bench --model densenet121 --batch-size 64 --memory estimate --dtype bf16 --out benchmarks/results",
+    ("bench --model densenet_bc_400 --batch-size 64 --memory estimate --strategies naive,shared,fused --no-reference "
+     "--out benchmarks/results"),
+    "bench --device cuda --model densenet121 --batch-size 64 --image-size 224 --dtype bf16",
+    ("bench --device cuda --model densenet121 --batch-size 64 --image-size 224 --dtype bf16 --max-seconds-per-row 20 "
+     "--out OUT"),
+    "bench --device cuda --max-seconds-per-row 20 --out OUT",
+    "bench --device cpu --model densenet121 --batch-size 2 --image-size 32 --dtype bf16 --steps 1 --out OUT",
+    "bench --device cpu --model densenet_bc_16 --batch-size 2 --steps 1 --out OUT",
+    ("ablate --strategies naive,checkpoint,shared --vary recompute_bottleneck --depths 16,40,64 --batch-sizes 16,64 "
+     "--estimate --time --steps 3 --warmup 1 --device cpu --out /tmp/ablate_new"),
+    "summary densenet_bc_100",
+    "train",
+    "train --data cifar10 --data-dir ~/data --model densenet_bc_100 --epochs 300 --precision bf16",
+    "train --no-progress --out-dir /tmp/rec --metrics benchmarks/results/train-digits-default.csv",
+]
+
+
+@pytest.mark.parametrize("command", _DOCUMENTED)
+def test_documented_commands_give_no_option_without_effect(command):
+    from effdense import ablate, bench, summary, train
+
+    args = cli.build_parser().parse_args(command.split())
+    check = {"bench": bench._reject_ineffective_options, "ablate": ablate._reject_ineffective_options,
+             "summary": summary._reject_ineffective_options, "train": train._reject_ineffective_options}[args.command]  # fmt: skip
+    check(args)  # raises on an option without effect
+
+
+def test_summary_depth_column_counts_both_rows_the_same_way(capsys, tmp_path):
+    """The depth column counts convolution and fully connected layers on the longest input-to-output path,
+    for the DenseNet and the ResNet row alike (before: every such layer of the DenseNet, but the ResNet's
+    nominal depth, which leaves out its projection shortcuts: ResNet-18 has 21 such layers), and the output
+    says what the column means."""
+    import torchvision
+
+    from effdense.summary import RESNET_DEPTHS, layer_depth
+
+    for d in RESNET_DEPTHS:  # the nearest reference is chosen by these numbers: they are the counted depths
+        assert layer_depth(getattr(torchvision.models, f"resnet{d}"), 32) == d
+    for name, depth in {"densenet_bc_16": 16, "densenet121": 121, "densenet_40": 40}.items():
+        model = effdense.get_model(name, strategy="naive")
+        all_layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+        # every convolution of a DenseNet is on the longest path
+        assert layer_depth(lambda name=name: effdense.get_model(name, strategy="naive"), 32) == all_layers == depth
+    code, out, err = run(capsys, "summary", "densenet_bc_16", "--no-memory", "--out", str(tmp_path))
+    assert code == 0, err
+    model, resnet = json.loads((tmp_path / "summary_densenet_bc_16.json").read_text())["models"]
+    assert (model["depth"], resnet["depth"]) == (16, 18)
+    assert "depth: convolution and fully connected layers on the longest input-to-output path" in out

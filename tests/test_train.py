@@ -214,3 +214,54 @@ def test_python_dash_m_entry_point(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().startswith("effdense train: error: unknown model 'nope'")
+
+
+class NotACheckpoint:
+    """A Python object in a file: what torch.load(weights_only=True) refuses with a page of advice."""
+
+
+@pytest.mark.parametrize("kind", ["garbage", "python-object", "plain-pickle", "empty"])
+def test_resume_from_a_file_that_is_not_a_checkpoint_is_one_short_line(tmp_path, capsys, kind):
+    # before: the first line of torch's weights_only message, 170-300 characters of advice (with terminal
+    # colour codes), and for a plain pickle a UserWarning about its protocol as well
+    import pickle
+    import warnings
+
+    path = tmp_path / f"{kind}.pt"
+    if kind == "garbage":
+        path.write_bytes(b"\x00not a checkpoint" * 10)
+    elif kind == "python-object":
+        torch.save({"model": NotACheckpoint()}, path)
+    elif kind == "plain-pickle":
+        path.write_bytes(pickle.dumps({"model": 1}, protocol=4))
+    else:
+        path.write_bytes(b"")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, err = _run_main(capsys, [*TINY, "--out-dir", str(tmp_path / "run"), "--epochs", "1", "--resume", str(path)])
+    assert code == 2 and "\n" not in err, err
+    assert err.startswith(f"effdense train: error: cannot read checkpoint {str(path)!r}: it is not an effdense train checkpoint (")
+    reason = err.split("checkpoint (", 1)[1]
+    assert len(reason) <= 100 and "\x1b" not in err and "weights_only" not in err, err
+    expected = {"garbage": "UnpicklingError: Unsupported operand 0", "python-object": "NotACheckpoint",
+                "plain-pickle": "UnpicklingError", "empty": "the file is empty"}[kind]  # fmt: skip
+    assert expected in reason, err
+    assert not [w for w in caught if "pickle protocol" in str(w.message)]
+
+
+def test_options_that_act_only_in_some_runs_keep_their_defaults(tmp_path):
+    """--momentum, --lr-milestones, --lr-gamma and --log-interval parse as None (so that giving one where it
+    does nothing is an error); the run, and its checkpoint's config, still use the defaults, and where they
+    act, the given values are taken."""
+    args = _args(tmp_path / "a", "--epochs", 1)
+    assert (args.momentum, args.lr_milestones, args.lr_gamma, args.log_interval) == (None, None, None, None)
+    result = T.train(args)
+    assert args.momentum is None  # the caller's namespace is left as it was
+    config = T.load_checkpoint(result["checkpoint"])["config"]
+    assert {k: config[k] for k in T.DEFAULTS} == T.DEFAULTS
+    result = T.train(_args(tmp_path / "b", "--epochs", 1, "--momentum", 0.5, "--lr-schedule", "step",
+                           "--lr-milestones", "0.5", "--lr-gamma", 0.5))  # fmt: skip
+    config = T.load_checkpoint(result["checkpoint"])["config"]
+    assert (config["momentum"], config["lr_milestones"], config["lr_gamma"]) == (0.5, "0.5", 0.5)
+    state = T.load_checkpoint(result["checkpoint"])
+    assert state["optimizer"]["param_groups"][0]["momentum"] == 0.5
