@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fractions
 import functools
 import math
 import operator
@@ -93,11 +94,24 @@ def format_mib(nbytes: float, digits: int = 1) -> str:
 
 
 def format_bytes(nbytes: float) -> str:
-    """Human-readable binary size: ``"512 B"``, ``"3.5 KiB"``, ``"12.0 GiB"``."""
-    value = float(nbytes)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024:
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+    """Human-readable binary size: ``"512 B"``, ``"3.5 KiB"``, ``"12.0 GiB"``; the unit is the largest in
+    which the *rounded* value stays below 1024 (``1048575`` is ``"1.0 MiB"``, not ``"1024.0 KiB"``).
+
+    Raises:
+        TypeError: for text (use :func:`parse_bytes`) and other non-numbers.
+        ValueError: for NaN and infinities.
+    """
+    if isinstance(nbytes, (str, bytes)):
+        raise TypeError(f"nbytes: expected a number of bytes, got {type(nbytes).__name__} {nbytes!r}; parse text with parse_bytes")
+    try:
+        value = float(nbytes)
+    except (TypeError, ValueError):
+        raise TypeError(f"nbytes: expected a number of bytes, got {type(nbytes).__name__}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"nbytes: expected a finite number of bytes, got {value}")
+    for unit, digits in (("B", 0), ("KiB", 1), ("MiB", 1), ("GiB", 1)):
+        if abs(round(value, digits)) < 1024:
+            return f"{value:.{digits}f} {unit}"
         value /= 1024
     return f"{value:.1f} TiB"
 
@@ -124,12 +138,16 @@ def parse_bytes(text: str) -> int:
             f"cannot parse memory size {text!r}; expected a number and a unit such as 12GiB, 800MiB, "
             "16GB or 1.5G (binary: K/KiB, M/MiB, G/GiB, T/TiB; decimal: KB, MB, GB, TB)"
         )
-    value = float(m.group(2)) * _UNITS[unit]
-    if m.group(1) or value < 1:  # "0", "-1GiB", and fractions of a byte ("0.5")
+    if m.group(1):  # "-1GiB", "-0"
         raise ValueError(f"memory size must be at least 1 byte, got {text!r}")
-    if not math.isfinite(value) or value >= 1 << 80:  # "1e400": float overflow; beyond any machine
+    approx = float(m.group(2)) * _UNITS[unit]  # bounds the exponent before the exact arithmetic below
+    if not math.isfinite(approx) or approx >= 1 << 80:  # "1e400": float overflow; beyond any machine
         raise ValueError(f"memory size {text!r} is too large")
-    return int(value)
+    # exact decimal arithmetic: in floats "8.2GB" is 8199999999 bytes and "9007199254740993" loses its last digit
+    value = fractions.Fraction(m.group(2)) * _UNITS[unit]
+    if value < 1:  # "0", and fractions of a byte ("0.5")
+        raise ValueError(f"memory size must be at least 1 byte, got {text!r}")
+    return int(value)  # whole bytes, rounded down ("1.5" is 1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -370,12 +388,34 @@ def training_step(
     autocast_dtype: torch.dtype | None = None,
     loss: str | Callable[[Any], torch.Tensor] = "cross_entropy",
 ) -> None:
-    """One forward (under autocast if asked), loss and backward; no optimizer step. Grads are accumulated."""
+    """One forward (under autocast if asked), loss and backward; no optimizer step. Grads are accumulated.
+
+    Raises:
+        TypeError: ``loss`` (a callable) returned something other than a one-element floating-point tensor.
+        ValueError: the loss does not require grad, so there would be no backward pass to run.
+    """
     with _autocast(x.device, autocast_dtype):
         out = model(x)
         value = _loss(out, loss)
     del out
+    _check_loss_value(value, loss)
     value.backward()
+
+
+def _check_loss_value(value: Any, loss: Any) -> None:
+    what = "the loss callable" if callable(loss) else f"loss={loss!r}"
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"loss: expected {what} to return a scalar tensor, got {type(value).__name__}")
+    if value.numel() != 1 or not value.is_floating_point():
+        raise TypeError(
+            f"loss: expected {what} to return a scalar floating-point tensor, got a {value.dtype} tensor of shape "
+            f"{tuple(value.shape)}" + ("; reduce it, e.g. lambda out: out.sum()" if value.numel() != 1 else "")
+        )
+    if not value.requires_grad:
+        raise ValueError(
+            f"loss: the value of {what} does not require grad, so there is no backward pass to measure: the model "
+            "has no parameters that require grad and the input does not require grad, or the loss was detached"
+        )
 
 
 def _input_shape(shape: Any) -> tuple[int, ...]:
@@ -405,8 +445,16 @@ def _prepare(
         if device is None:
             ref = next(iter(model.parameters()), None)
             device = ref.device if ref is not None else "cpu"
-        x = torch.randn(shape, device=device)
-    if device is not None and any(t.device != x.device for t in [*model.parameters(), *model.buffers()]):
+        x = torch.randn(shape, device=device, dtype=_model_dtype(model))
+    if channels_last and x.dim() != 4:
+        raise ValueError(f"channels_last=True needs a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+    tensors = [*model.parameters(), *model.buffers()]
+    if device is not None and any(t.device != x.device for t in tensors):
+        if x.device.type == "meta":
+            raise ValueError(
+                "device='meta' would move the model's parameters to the meta device, discarding their values; "
+                "estimate_step(model, ..., backend='meta') estimates on a meta copy and leaves the model alone"
+            )
         model.to(x.device)
     if channels_last:
         _to_channels_last(model)
@@ -414,6 +462,15 @@ def _prepare(
     model.train()
     model.zero_grad(set_to_none=True)
     return model, x
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of an input made from a shape: the model's first floating-point parameter's (or buffer's),
+    so that an fp64 or bf16 model gets an input it can take; the default dtype for a model without any."""
+    for t in (*model.parameters(), *model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return torch.get_default_dtype()
 
 
 def _to_channels_last(model: nn.Module) -> None:
@@ -477,27 +534,49 @@ def measure_step(
 ) -> StepMemory:
     """Peak memory of one training step of ``model`` (forward, loss, backward; no optimizer step).
 
-    The model is put in training mode, moved to ``device`` (if given) and its ``.grad`` tensors are
-    dropped first; the step updates BatchNorm running statistics as training does. On CUDA the number is
+    The model is put in training mode for the step (each module's train/eval flag is restored afterwards),
+    moved to ``device`` (if given) and its ``.grad`` tensors are dropped first; the step updates BatchNorm
+    running statistics as training does. On CUDA the number is
     the allocator's ``max_memory_allocated()`` (after ``warmup`` steps, default 1, so that one-time
     library workspaces are not in it); elsewhere the exact tracked peak (``warmup`` default 0). Called
     under ``FakeTensorMode`` with a fake model it returns the estimate (see :func:`estimate_step`).
 
     Args:
         model: the module to step.
-        input_shape_or_tensor: an input tensor, or its shape (filled with ``torch.randn``).
-        device: where to run; default: where the model's parameters are.
+        input_shape_or_tensor: an input tensor, or its shape (filled with ``torch.randn`` in the dtype of
+            the model's floating-point parameters).
+        device: where to run; default: where the model's parameters are. Not ``"meta"`` for a model with
+            data (its values would be lost): estimate with :func:`estimate_step` instead.
         autocast_dtype: ``torch.bfloat16``/``torch.float16`` to run forward and loss under autocast;
             ``None`` or ``torch.float32`` for plain fp32.
         channels_last: convert model and input to ``torch.channels_last``.
-        loss: ``"cross_entropy"`` against random labels, ``"sum"`` of the outputs, or a callable.
-        warmup: untracked steps run first (their grads dropped).
+        loss: ``"cross_entropy"`` against random labels, ``"sum"`` of the outputs, or a callable taking
+            the model's output and returning a scalar tensor that requires grad.
+        warmup: untracked steps run first (their grads dropped): an int >= 0.
         keep_grads: leave the step's ``.grad`` tensors on the model (default: set them to ``None``).
         tracked: on CUDA, also run the tracker (``tracked_peak``, ``grads_at_peak``); turn it off for
             ``torch.compile``d models, which a dispatch mode would push back to eager execution.
     """
-    if warmup is not None and (isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0):
-        raise ValueError(f"warmup: expected a number of steps >= 0 or None, got {warmup!r}")
+    if not isinstance(model, nn.Module):
+        hint = " (build it with effdense.get_model(name), or estimate by name with estimate_step)" if isinstance(model, str) else ""
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}{hint}")
+    if warmup is not None:
+        try:  # any integer (a numpy one too), but not a bool
+            steps = -1 if isinstance(warmup, bool) else operator.index(warmup)
+        except TypeError:
+            steps = -1
+        if steps < 0:
+            raise ValueError(f"warmup: expected a number of steps >= 0 or None, got {warmup!r}")
+        warmup = steps
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        return _measure(model, input_shape_or_tensor, device, autocast_dtype, channels_last, loss, warmup, keep_grads, tracked)
+    finally:  # the step ran in training mode; the caller's train/eval flags come back
+        for m, training in modes:
+            m.training = training
+
+
+def _measure(model, input_shape_or_tensor, device, autocast_dtype, channels_last, loss, warmup, keep_grads, tracked) -> StepMemory:
     model, x = _prepare(model, input_shape_or_tensor, device, channels_last)
     is_cuda = x.device.type == "cuda"
     fake = _is_fake(x)
@@ -627,25 +706,34 @@ def estimate_step(
     """
     if backend not in ("fake", "meta", "auto"):
         raise ValueError(f"unknown estimate backend {backend!r}; expected 'fake', 'meta' or 'auto'")
+    given_device = device
+    device = torch.device(device)
+    if device.type == "cpu":  # "cpu:0" is the CPU: tensors report "cpu", and a fake model could not be moved
+        device = torch.device("cpu")
+    elif device.type == "meta":
+        raise ValueError(
+            f"device: expected the device whose step is estimated ('cpu' or 'cuda'), got {given_device!r}; for an "
+            "estimate on meta tensors pass device='cpu' with backend='meta' (or 'auto')"
+        )
     if isinstance(input_shape, torch.Tensor):  # stands for its shape and dtype; its values are not read
         shape, in_dtype = tuple(input_shape.shape), input_shape.dtype
-    else:
-        shape, in_dtype = _input_shape(input_shape), torch.get_default_dtype()
+    else:  # the dtype of the model's parameters, once it is built
+        shape, in_dtype = _input_shape(input_shape), None
     low_precision = autocast_dtype is not None and autocast_dtype != torch.float32
     if backend == "auto":
         kwargs = dict(
-            device=device, autocast_dtype=autocast_dtype, channels_last=channels_last, loss=loss,
+            device=given_device, autocast_dtype=autocast_dtype, channels_last=channels_last, loss=loss,
             strategy=strategy, policy=policy, **model_kwargs,
         )  # fmt: skip
-        if torch.device(device).type == "cpu" and not low_precision:  # autocast has no meta device
+        if device.type == "cpu" and not low_precision:  # autocast has no meta device
             try:
                 return estimate_step(model, input_shape, backend="meta", **kwargs)
             except Exception:  # code that cannot run on meta tensors (autocast queries, .item()): fake mode can
                 pass
         return estimate_step(model, input_shape, backend="fake", **kwargs)
     if backend == "meta":
-        if torch.device(device).type != "cpu":
-            raise ValueError(f"backend='meta' cannot pretend to be on {device!r}; use backend='fake'")
+        if device.type != "cpu":
+            raise ValueError(f"backend='meta' cannot pretend to be on {given_device!r}; use backend='fake'")
         if low_precision:
             raise ValueError(
                 f"backend='meta' cannot run autocast (autocast_dtype={autocast_dtype}): autocast has no meta "
@@ -657,9 +745,9 @@ def estimate_step(
     else:
         from torch._subclasses.fake_tensor import FakeTensorMode
 
-        if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(
-                f"estimating on device={device!r} needs a CUDA device and driver (building modules under fake CUDA "
+                f"estimating on device={given_device!r} needs a CUDA device and driver (building modules under fake CUDA "
                 "initialises CUDA), and this machine has none; estimate with device='cpu'"
             )
         context = FakeTensorMode(allow_non_fake_inputs=False)
@@ -675,7 +763,16 @@ def estimate_step(
         elif isinstance(model, nn.Module):
             pass
         elif callable(model):
-            module = model()
+            try:
+                module = model()
+            except RuntimeError as exc:
+                if "Couldn't swap" not in str(exc):
+                    raise
+                raise RuntimeError(
+                    f"the model builder converted a module ({exc}): the builder runs on fake tensors, whose "
+                    ".to()/.double()/.half()/.cuda() PyTorch cannot apply to modules; build the model in the wanted "
+                    "dtype (torch.set_default_dtype, dtype=...) or pass the built nn.Module, which is copied"
+                ) from exc
         else:
             raise TypeError(f"model must be a name, a builder or an nn.Module, got {type(model).__name__}")
         if strategy is not None or policy is not None:
@@ -684,6 +781,8 @@ def estimate_step(
             module.set_strategy(strategy or module.strategy, policy)
         if not isinstance(module, nn.Module):
             raise TypeError(f"the model builder returned a {type(module).__name__} object, not an nn.Module")
+        if in_dtype is None:
+            in_dtype = _model_dtype(module)
         x = torch.empty(shape, dtype=in_dtype, device=device)  # fake or meta: no values to fill in
         return measure_step(
             module, x, device=device, autocast_dtype=autocast_dtype, channels_last=channels_last, loss=loss, warmup=0

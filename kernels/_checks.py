@@ -49,7 +49,9 @@ def check_activation(name: str, t: torch.Tensor, *, like: torch.Tensor | None = 
 def check_vector(
     name: str, v: torch.Tensor, length: int, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> None:
-    """``v`` is a 1-D tensor of ``length`` elements on ``device`` in ``dtype`` (:func:`stats_dtype` of the activations)."""
+    """``v`` is a 1-D tensor of ``length`` elements on ``device`` in ``dtype`` (:func:`stats_dtype` of the
+    activations), with unit stride: the kernels read ``v[c]`` at ``ptr + c``, so a strided view (``t[::2]``,
+    a column of a matrix, an ``expand``) is refused by the twins too."""
     if not isinstance(v, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(v).__name__}")
     if v.dim() != 1 or v.shape[0] != length:
@@ -60,6 +62,8 @@ def check_vector(
         )
     if v.device != device:
         raise ValueError(f"{name}: expected device {device}, got {v.device}")
+    if not v.is_contiguous():  # 1-D: unit stride (or at most one element); cheaper to ask than stride(0)
+        raise ValueError(f"{name}: expected unit stride (a contiguous vector or a slice of one), got stride {v.stride(0)}")
 
 
 def check_stats_out(out: object, length: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,8 +72,6 @@ def check_stats_out(out: object, length: int, x: torch.Tensor) -> tuple[torch.Te
         raise TypeError(f"out: expected a (mean, var) pair of tensors, got {type(out).__name__}")
     for name, v in zip(("out[0] (mean)", "out[1] (var)"), out):
         check_vector(name, v, length, x.device, stats_dtype(x.dtype))
-        if length > 1 and v.stride(0) != 1:
-            raise ValueError(f"{name}: expected unit stride (a contiguous vector or a slice of one), got stride {v.stride(0)}")
     return out[0], out[1]
 
 
@@ -115,3 +117,51 @@ def check_weight(weight: torch.Tensor, x: torch.Tensor) -> None:
 
 def check_dy(dy: torch.Tensor, x: torch.Tensor, B: int) -> None:
     check_activation("dy", dy, like=x, channels=B)
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """The ``[first, last + 1)`` element offsets that a non-empty tensor covers in its storage."""
+    lo = t.storage_offset()
+    return lo, lo + 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+
+
+def _planes_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two plane-contiguous 4-D tensors on one storage share an element: exact for views with the
+    same ``(N, ·, H, W)`` shape and strides (channel slices of one NCHW buffer), else whether their spans meet."""
+    (la, ha), (lb, hb) = _span(a), _span(b)
+    if ha <= lb or hb <= la:
+        return False
+    N, Ca, H, W = a.shape
+    Cb = b.shape[1]
+    s0, s1 = a.stride(0), a.stride(1)
+    if (b.shape[0], b.shape[2], b.shape[3]) != (N, H, W) or (b.stride(0), b.stride(1)) != (s0, s1):
+        return True
+    if s1 < H * W or (lb - la) % s1 or (N > 1 and s0 % s1):
+        return True
+    # plane (n, c) of a starts at la + (n*R + c)*s1, of b at la + (n*R + k + c)*s1: planes of H*W <= s1
+    # elements meet only where those indices are equal, i.e. for some j = n - m in (-N, N), the channel
+    # ranges [0, Ca) of a and [k + j*R, k + j*R + Cb) of b intersect
+    k = (lb - la) // s1
+    if N == 1:
+        return k < Ca and k + Cb > 0
+    R = s0 // s1
+    if R == 0:
+        return True
+    j_lo = max(-(N - 1), -((Cb + k - 1) // R))  # smallest j with k + j*R + Cb > 0
+    j_hi = min(N - 1, (Ca - 1 - k) // R)  # largest j with k + j*R < Ca
+    return j_lo <= j_hi
+
+
+def check_disjoint(name: str, t: torch.Tensor, **read: torch.Tensor) -> None:
+    """``t``, written by a kernel, shares no element with the named tensors it reads (checked on tensors
+    with data; plane-contiguous 4-D tensors, as :func:`check_activation` leaves them)."""
+    if t.is_meta or type(t) is not torch.Tensor or t.numel() == 0:
+        return
+    ptr = t.untyped_storage().data_ptr()
+    for other, o in read.items():
+        if type(o) is torch.Tensor and o.numel() and o.untyped_storage().data_ptr() == ptr and _planes_overlap(t, o):
+            raise ValueError(
+                f"{name}: expected memory separate from {other} (it is written while {other} is read), got a tensor "
+                f"that overlaps it (shapes {tuple(t.shape)} and {tuple(o.shape)}, storage offsets {t.storage_offset()} "
+                f"and {o.storage_offset()}); pass a separate buffer"
+            )

@@ -50,13 +50,16 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
         return False
     if backend == "auto":
         # float64 (gradcheck, numerics studies) always runs on the PyTorch twins
-        return x.dtype in _checks.KERNEL_DTYPES and kernels_available(x.device)
+        try:
+            return x.dtype in _checks.KERNEL_DTYPES and kernels_available(x.device)
+        except AttributeError:  # not a tensor (None, a list, a number): the twin's check names it
+            return False
     if backend == "triton":
-        if isinstance(x, torch.Tensor) and x.dtype not in _checks.KERNEL_DTYPES:
-            raise TypeError(
-                f"backend='triton': the kernels take float32, bfloat16 or float16, got {x.dtype}; "
-                "use backend='reference' (or 'auto') for float64"
-            )
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dtype not in _checks.KERNEL_DTYPES:
+            hint = "; use backend='reference' (or 'auto') for float64" if x.dtype == torch.float64 else ""
+            raise TypeError(f"backend='triton': the kernels take float32, bfloat16 or float16, got {x.dtype}{hint}")
         if not kernels_available(x.device):
             why = f"triton failed to import ({_TRITON_ERROR})" if _TRITON_ERROR is not None else (
                 f"the tensor is on {x.device}; use a CUDA tensor or set TRITON_INTERPRET=1 before importing effdense"
@@ -230,7 +233,7 @@ def channel_stats(
 
     Returns:
         ``(mean, var)`` (``out`` itself when given), fp32 ``[C]`` each, computed with shifted tile sums
-        merged by Chan's formula.
+        merged by Chan's formula; NaN when ``x`` has no values per channel (``N*H*W == 0``), as ``torch.var_mean``.
     """
     if not _use_triton(x, backend):
         return reference.channel_stats(x, out=out)
@@ -243,6 +246,10 @@ def channel_stats(
     else:
         mean, var = _checks.check_stats_out(out, C, x)
         mutated = (mean, var)
+    if not x.numel():  # no values (N, H or W = 0): NaN as torch.var_mean and the twin; C = 0: nothing to do
+        mean.fill_(float("nan"))
+        var.fill_(float("nan"))
+        return mean, var
     splits = _stats.stats_splits(x)
     parts = [torch.empty((splits, C), dtype=torch.float32, device=x.device) for _ in range(3)]
     _call(_channel_stats_op, _stats.channel_stats_launch, x, mean, var, *parts, mutated=mutated)
@@ -269,7 +276,7 @@ def bottleneck_forward(
             kernel's epilogue reductions and atomics; the PyTorch twin's three passes over ``y``).
         chunk: the PyTorch twin materialises ``relu(scale*x + shift)`` at most this many input channels
             at a time (see :func:`reference.bottleneck_forward`); the kernel never materialises it and
-            ignores this.
+            ignores this (a positive int or None on both).
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
 
     Returns:
@@ -280,6 +287,8 @@ def bottleneck_forward(
         return reference.bottleneck_forward(x, scale, shift, weight, stats=stats, chunk=chunk)
     reference._check_affine(x, scale, shift)
     _checks.check_weight(weight, x)
+    if chunk is not None:  # unused here, but as wrong as on the twin
+        reference.check_chunk(chunk)
     N, C, H, W = x.shape
     B = weight.shape[0]
     y = torch.empty((N, B, H, W), dtype=x.dtype, device=x.device)
@@ -309,7 +318,8 @@ def bottleneck_backward_weight(
     reference._check_affine(x, scale, shift)
     _checks.check_activation("dy", dy, like=x)
     dw = torch.zeros((dy.shape[1], x.shape[1]), dtype=torch.float32, device=x.device)
-    _call(_bottleneck_backward_weight_op, _bottleneck.bottleneck_backward_weight_launch, x, scale, shift, dy, dw)
+    if x.numel() and dy.numel():  # an empty sum is the zeros (the launch's grid would divide by zero)
+        _call(_bottleneck_backward_weight_op, _bottleneck.bottleneck_backward_weight_launch, x, scale, shift, dy, dw)
     return dw
 
 
@@ -331,7 +341,7 @@ def bottleneck_backward_input(
         dy: ``(N, B, H, W)`` in x.dtype.
         mean: fp32 ``[C]``, BN1's mean (the one that ``scale``/``shift`` were formed from).
         out: optional ``(N, C, H, W)`` tensor in x.dtype for ``dh`` (a channel slice of a reused scratch
-            buffer is fine); allocated if None.
+            buffer is fine; one overlapping ``x`` or ``dy`` is refused); allocated if None.
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
 
     Returns:
@@ -349,6 +359,7 @@ def bottleneck_backward_input(
         out = torch.empty((N, C, H, W), dtype=x.dtype, device=x.device)
     else:
         _checks.check_activation("out", out, like=x, channels=C)
+        _checks.check_disjoint("out", out, x=x, dy=dy)
     sum_dh, sum_dh_xmu = _zeros(C, x), _zeros(C, x)
     _input_grad(x, scale, shift, weight, dy, mean, out, sum_dh, sum_dh_xmu)
     return out, sum_dh, sum_dh_xmu
@@ -386,6 +397,8 @@ def bn_backward_accumulate(
     if not _use_triton(x, backend):
         return reference.bn_backward_accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)
     _checks.check_accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)  # fp32 vectors: x is a kernel dtype
+    if not x.numel():  # nothing to update (and M = 0 would divide by zero)
+        return None
     _call(
         _bn_backward_accumulate_op, _bottleneck.bn_backward_accumulate_launch,
         grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu, mutated=(grad,),
@@ -448,8 +461,8 @@ def bn_relu_conv1x1(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, w
         ``(N, B, H, W)`` contiguous in x.dtype. Gradients flow to x, scale, shift and weight; the backend is
         chosen as ``"auto"`` (Triton on CUDA or under the interpreter, else the PyTorch twins).
     """
-    if isinstance(weight, torch.Tensor) and weight.dim() == 4:
-        weight = weight.flatten(1)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 4 and weight.shape[2:] == (1, 1):
+        weight = weight.flatten(1)  # (B, C, 1, 1); a k x k kernel is refused with its own shape
     reference._check_affine(x, scale, shift)
     _checks.check_weight(weight, x)
     return _bn_relu_conv1x1_op(x, scale, shift, weight)
@@ -483,7 +496,8 @@ def bottleneck_backward(
     Args:
         x, scale, shift, weight, dy, mean: as in :func:`bottleneck_backward_input`.
         invstd, gamma: fp32 ``[C]``, BN1's ``1/sqrt(var + eps)`` and weight.
-        grad: ``(N, C, H, W)`` in x.dtype, updated in place (a channel slice of the block's gradient buffer).
+        grad: ``(N, C, H, W)`` in x.dtype, updated in place (a channel slice of the block's gradient buffer;
+            it may be ``x`` itself, but must not overlap ``dy``, which is refused when working in chunks).
         batch_stats: BN1 normalised with batch statistics (training); ``False``: with running statistics,
             given as ``mean``/``invstd``, and no gradient terms through them.
         chunk: at most this many input channels at a time for the input gradient (``None``: all), which
@@ -505,6 +519,10 @@ def bottleneck_backward(
     _checks.check_activation("grad", grad, like=x, channels=C)
     _checks.check_vectors(C, x.device, torch.float32, mean=mean, invstd=invstd, gamma=gamma)
     reference.check_chunk(chunk)
+    if not (x.numel() and dy.numel()):  # N, C, H, W or B = 0: nothing to add into grad, zero sums
+        return (
+            torch.zeros((weight.shape[0], C), dtype=torch.float32, device=x.device), _zeros(C, x), _zeros(C, x)
+        )
     dw = torch.zeros((weight.shape[0], C), dtype=torch.float32, device=x.device)
     _call(_bottleneck_backward_weight_op, _bottleneck.bottleneck_backward_weight_launch, x, scale, shift, dy, dw)
     sums = torch.zeros((2, C), dtype=torch.float32, device=x.device)
@@ -512,6 +530,8 @@ def bottleneck_backward(
     # running statistics: no terms through the mean and variance, i.e. the accumulation sees zero sums
     zero = None if batch_stats else torch.zeros(C, dtype=torch.float32, device=x.device)
     chunks = reference.channel_chunks(C, chunk)
+    if len(chunks) > 1:  # a later chunk reads all of dy after an earlier one has added into grad
+        _checks.check_disjoint("grad", grad, dy=dy)
     scratch = torch.empty((N, chunks[0][1] - chunks[0][0], H, W), dtype=x.dtype, device=x.device)  # widest first
     for c0, c1 in chunks:
         if c1 - c0 == C:  # one chunk: no slicing (each view costs host time too)

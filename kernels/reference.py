@@ -7,12 +7,17 @@ Each function allocates at most one activation-sized fp32 temporary at a time, b
 
 Shapes: ``x`` is ``(N, C, H, W)`` with a contiguous (H, W) plane (a channel slice of a larger buffer is fine),
 ``weight`` is ``(B, C)``, ``dy`` is ``(N, B, H, W)``, per-channel vectors are fp32 ``[C]`` (or ``[B]``).
+
+Like the kernels, the twins are not differentiable: they run as under ``torch.no_grad()`` whatever their
+inputs (outputs never require grad; ``out``/``grad`` arguments are written even if they require grad).
+Differentiable use goes through :func:`effdense.kernels.bn_relu_conv1x1`.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Callable
+from typing import Callable, TypeVar
 
 import torch
 
@@ -20,6 +25,23 @@ from effdense.kernels import _checks
 
 # channel_stats forms deviations from the mean in chunks of at most this many elements (4 MiB in fp32)
 _STATS_CHUNK = 1 << 20
+
+_F = TypeVar("_F", bound=Callable)
+
+
+def _no_grad(fn: _F) -> _F:
+    """Run ``fn`` with gradients off, as the kernels run: outputs do not require grad even when an input
+    does, and ``out=``/in-place writes into tensors that require grad are allowed. One flag read when grad
+    mode is already off (the strategies call the twins inside an ``autograd.Function``)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return fn(*args, **kwargs)
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _col(v: torch.Tensor) -> torch.Tensor:
@@ -58,6 +80,7 @@ def _check_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> 
     _checks.check_vector("shift", shift, x.shape[1], x.device, acc)
 
 
+@_no_grad
 def channel_stats(
     x: torch.Tensor, *, out: tuple[torch.Tensor, torch.Tensor] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +119,8 @@ def _two_pass_stats(x: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, to
         del d
     if len(parts) == 1:
         return parts[0]
+    if not parts:  # C = 0
+        return x.new_empty(0, dtype=acc), x.new_empty(0, dtype=acc)
     return torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])
 
 
@@ -113,6 +138,7 @@ def channel_chunks(channels: int, width: int | None) -> list[tuple[int, int]]:
     return [(c0, min(c0 + step, channels)) for c0 in range(0, channels, step)]
 
 
+@_no_grad
 def bottleneck_forward(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -157,6 +183,7 @@ def bottleneck_forward(
     return y, y_sum, y_sqsum
 
 
+@_no_grad
 def bottleneck_backward_weight(
     x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dy: torch.Tensor
 ) -> torch.Tensor:
@@ -174,6 +201,7 @@ def bottleneck_backward_weight(
     return dw.sum(dim=0)
 
 
+@_no_grad
 def bottleneck_backward_input(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -195,6 +223,7 @@ def bottleneck_backward_input(
         out = torch.empty((N, C, H, W), dtype=x.dtype, device=x.device)
     else:
         _checks.check_activation("out", out, like=x, channels=C)
+        _checks.check_disjoint("out", out, x=x, dy=dy)
     g = _wmm(weight.contiguous().t(), dy.reshape(N, B, H * W)).view(N, C, H, W)
     # ReLU mask as 0/1 in the pre-activation's own storage (gt_ in place), applied with one multiply:
     # half the time of a boolean mask and torch.where on CPU
@@ -208,6 +237,7 @@ def bottleneck_backward_input(
     return out, sum_dh, sum_dh_xmu
 
 
+@_no_grad
 def bn_backward_accumulate(
     grad: torch.Tensor,
     x: torch.Tensor,
@@ -229,6 +259,7 @@ def bn_backward_accumulate(
     grad.add_(t.mul_(_col(b)).add_(_col(c)).addcmul_(dh, _col(a)))
 
 
+@_no_grad
 def bottleneck_backward(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -265,6 +296,7 @@ def bottleneck_backward(
     check_chunk(chunk)
     chunks = channel_chunks(C, chunk)
     if len(chunks) > 1:
+        _checks.check_disjoint("grad", grad, dy=dy)  # a later chunk reads all of dy after grad was updated
         parts = [
             bottleneck_backward(
                 x[:, c0:c1], scale[c0:c1], shift[c0:c1], weight[:, c0:c1], dy, mean[c0:c1], invstd[c0:c1],
@@ -273,7 +305,7 @@ def bottleneck_backward(
             for c0, c1 in chunks
         ]
         return tuple(torch.cat(t, dim=-1) for t in zip(*parts))  # type: ignore[return-value]
-    if not (batch_stats and x.dtype == acc):
+    if not (batch_stats and x.dtype == acc and x.numel()):  # (ATen's BN backward crashes on empty input)
         return _three_step_backward(
             bottleneck_backward_weight, bottleneck_backward_input, bn_backward_accumulate,
             x, scale, shift, weight, dy, mean, invstd, gamma, grad, batch_stats,

@@ -708,3 +708,227 @@ def test_meta_tensors_take_the_library_op_in_plain_eager():
     assert dh.shape == (N, C, H, W) and s1.shape == s2.shape == (C,)
     grad = torch.empty(N, C, H, W, device="meta")
     K.bn_backward_accumulate(grad, x, dh, v, v, v, s1, s2, backend="triton")
+
+
+# --------------------------------------------------------------------------------------------------
+# Unusual and wrong inputs: both backends work and agree, or both name the argument
+
+
+def _need_backend(backend: str) -> None:
+    if backend == "triton":
+        _need_triton("cpu")
+
+
+def _small(N=2, C=8, H=5, W=5, B=4, dtype=torch.float32):
+    x = torch.randn(N, C, H, W).to(dtype)
+    scale, shift = torch.rand(C) + 0.5, torch.randn(C) * 0.5
+    weight = (torch.randn(B, C) / max(C, 1) ** 0.5).to(dtype)
+    dy = torch.randn(N, B, H, W).to(dtype)
+    mean = x.float().mean(dim=(0, 2, 3)) if x.numel() else torch.zeros(C)
+    return x, scale, shift, weight, dy, mean
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_strided_per_channel_vectors_are_refused(backend):
+    # before: the kernels read every vector at unit stride, so a strided view (a column of a (C, 2)
+    # matrix, t[::2], an expand) silently gave wrong results on Triton (y off by ~9), while the twins
+    # read it correctly
+    _need_backend(backend)
+    x, s, t, w, dy, m = _small()
+    column = torch.stack([s, torch.zeros_like(s)], dim=1)[:, 0]
+    with pytest.raises(ValueError, match=r"scale: expected unit stride .* got stride 2"):
+        K.bottleneck_forward(x, column, t, w, backend=backend)
+    with pytest.raises(ValueError, match=r"shift: expected unit stride"):
+        K.bottleneck_backward_weight(x, s, torch.randn(16)[::2], dy, backend=backend)
+    with pytest.raises(ValueError, match=r"mean: expected unit stride .* got stride 0"):
+        K.bottleneck_backward_input(x, s, t, w, dy, torch.zeros(1).expand(8), backend=backend)
+    with pytest.raises(ValueError, match=r"gamma: expected unit stride .* got stride 0"):
+        K.bn_backward_accumulate(torch.zeros_like(x), x, x, m, s, torch.ones(1).expand(8), s, s, backend=backend)
+    with pytest.raises(ValueError, match=r"invstd: expected unit stride"):
+        K.bottleneck_backward(x, s, t, w, dy, m, column, s, torch.zeros_like(x), backend=backend)
+    # a contiguous slice of a longer vector is fine, and a single channel has no stride to speak of
+    ys = K.bottleneck_forward(x[:, 2:3], torch.randn(16)[::2][2:3], t[2:3], w[:, 2:3].contiguous(), backend=backend)
+    assert ys[0].shape == (2, 4, 5, 5)
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("x", [None, [[1.0]], 3.0], ids=["None", "list", "float"])
+def test_non_tensor_x_is_named(backend, x):
+    # before: AttributeError "'NoneType' object has no attribute 'dtype'" (auto) or "... 'device'" (triton)
+    _need_backend(backend)
+    with pytest.raises(TypeError, match=r"x: expected a torch.Tensor, got (NoneType|list|float)"):
+        K.channel_stats(x, backend=backend)
+    with pytest.raises(TypeError, match=r"x: expected a torch.Tensor"):
+        K.bottleneck_forward(x, torch.ones(1), torch.ones(1), torch.ones(1, 1), backend=backend)
+
+
+def test_triton_integer_x_message_has_no_float64_hint():
+    _need_triton("cpu")
+    with pytest.raises(TypeError, match=r"take float32, bfloat16 or float16, got torch.int64$"):
+        K.channel_stats(torch.ones(1, 2, 3, 3, dtype=torch.long), backend="triton")
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_entry_points_are_not_differentiable_on_either_backend(backend):
+    # before, on the twins: bottleneck_forward/channel_stats/bottleneck_backward_weight returned outputs
+    # that required grad (the kernels' do not), bottleneck_backward_input/bottleneck_backward raised
+    # "functions with out=... arguments don't support automatic differentiation", and writing into a
+    # grad/out that requires grad raised "a leaf Variable that requires grad is being used in an in-place
+    # operation" (the kernels write it)
+    _need_backend(backend)
+    x, s, t, w, dy, m = _small()
+    xr, sr, wr = x.clone().requires_grad_(), s.clone().requires_grad_(), w.clone().requires_grad_()
+    outs = [
+        *K.channel_stats(xr, backend=backend),
+        *K.bottleneck_forward(xr, sr, t, wr, backend=backend),
+        K.bottleneck_backward_weight(xr, sr, t, dy, backend=backend),
+        *K.bottleneck_backward_input(xr, sr, t, wr, dy, m, backend=backend),
+        *K.bottleneck_backward(xr, sr, t, wr, dy, m, s, s, torch.zeros_like(x), backend=backend),
+    ]
+    assert not any(o.requires_grad for o in outs)
+    ref = K.bottleneck_backward_input(x, s, t, w, dy, m, backend="reference")
+    out = torch.empty_like(x).requires_grad_()
+    K.bottleneck_backward_input(xr, sr, t, wr, dy, m, out=out, backend=backend)
+    torch.testing.assert_close(out.detach(), ref[0], **FP32_TOL)
+    grad = torch.zeros_like(x).requires_grad_()
+    K.bn_backward_accumulate(grad, xr, ref[0], m, s, s, ref[1], ref[2], backend=backend)
+    assert grad.detach().abs().sum() > 0
+    mean, var = torch.empty(8).requires_grad_(), torch.empty(8)
+    K.channel_stats(xr, out=(mean, var), backend=backend)
+    torch.testing.assert_close(mean.detach(), x.mean(dim=(0, 2, 3)), **FP32_TOL)
+
+
+# (N, C, H, W, B) with one of them zero
+EMPTY = [(0, 8, 5, 5, 4), (2, 0, 5, 5, 4), (2, 8, 0, 5, 4), (2, 8, 5, 5, 0)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("shape", EMPTY, ids=["N0", "C0", "H0", "B0"])
+def test_empty_dims(backend, shape):
+    # before: Triton raised ZeroDivisionError (bn_backward_accumulate with N*H*W = 0, the weight gradient
+    # with B or C = 0, channel_stats with C = 0), channel_stats gave 0 where the twin gives NaN (N*H*W = 0),
+    # the twin's channel_stats raised "torch.cat(): expected a non-empty list" (C = 0), and the twin's
+    # bottleneck_backward killed the process with SIGFPE in ATen's BatchNorm backward (N or C = 0)
+    _need_backend(backend)
+    N, C, H, W, B = shape
+    x, s, t, w, dy, m = _small(N, C, H, W, B)
+    M = N * H * W
+    mean, var = K.channel_stats(x, backend=backend)
+    assert mean.shape == var.shape == (C,)
+    if M == 0:
+        assert torch.isnan(mean).all() and torch.isnan(var).all()
+    y, y_sum, y_sqsum = K.bottleneck_forward(x, s, t, w, backend=backend)
+    assert y.shape == (N, B, H, W) and not y.any() and not y_sum.any() and not y_sqsum.any()
+    assert torch.equal(K.bottleneck_backward_weight(x, s, t, dy, backend=backend), torch.zeros(B, C))
+    dh, sum_dh, sum_dh_xmu = K.bottleneck_backward_input(x, s, t, w, dy, m, backend=backend)
+    assert dh.shape == x.shape and not dh.any() and not sum_dh.any() and not sum_dh_xmu.any()
+    grad = torch.randn_like(x)
+    before = grad.clone()
+    K.bn_backward_accumulate(grad, x, dh, m, s, s, sum_dh, sum_dh_xmu, backend=backend)
+    assert torch.equal(grad, before)
+    for batch_stats in (True, False):
+        dw, dgamma, dbeta = K.bottleneck_backward(x, s, t, w, dy, m, s, s, grad, batch_stats=batch_stats, backend=backend)
+        assert (dw.shape, dgamma.shape, dbeta.shape) == ((B, C), (C,), (C,))
+        assert not dw.any() and not dgamma.any() and not dbeta.any() and torch.equal(grad, before)
+    xr = x.clone().requires_grad_()
+    y = K.bn_relu_conv1x1(xr, s, t, w)
+    y.backward(torch.ones_like(y))
+    assert xr.grad.shape == x.shape and not xr.grad.any()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_one_by_one_spatial_and_many_channels_agree(backend):
+    """1x1 planes and C = 4100 with tiny N, H, W (several channel tiles, one pixel each): both backends
+    against the fp32 twin, including the whole backward in chunks."""
+    _need_backend(backend)
+    for N, C, H, W, B in ((3, 8, 1, 1, 4), (1, 4100, 2, 2, 3)):
+        x, s, t, w, dy, m = _small(N, C, H, W, B)
+        for got, ref in zip(K.bottleneck_forward(x, s, t, w, backend=backend), R.bottleneck_forward(x, s, t, w)):
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+        g, g_ref = torch.zeros_like(x), torch.zeros_like(x)
+        got = K.bottleneck_backward(x, s, t, w, dy, m, s, s, g, chunk=1000, backend=backend)
+        ref = R.bottleneck_backward(x, s, t, w, dy, m, s, s, g_ref)
+        for a, b in zip((*got, g), (*ref, g_ref)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_out_overlapping_x_or_dy_is_refused(backend):
+    # before: out=x gave a wrong sum_dh_xmu on the twin (off by ~40: x overwritten by dh before it was
+    # read), and out overlapping dy races on a GPU (every program reads all of dy's channels)
+    _need_backend(backend)
+    x, s, t, w, dy, m = _small(B=8)
+    for name, out, kw in (("x", x.clone(), "x"), ("dy", dy.clone(), "dy")):
+        args = dict(x=x, dy=dy)
+        args[kw] = out
+        with pytest.raises(ValueError, match=f"out: expected memory separate from {name}"):
+            K.bottleneck_backward_input(args["x"], s, t, w, args["dy"], m, out=out, backend=backend)
+    buf = torch.randn(2, 20, 5, 5)
+    xb = buf[:, 4:12]
+    with pytest.raises(ValueError, match="out: expected memory separate from x"):
+        K.bottleneck_backward_input(xb, s, t, w, dy, m, out=buf[:, 8:16], backend=backend)
+    # a disjoint channel slice of the same buffer is fine, and gives what a separate buffer gets
+    ref = K.bottleneck_backward_input(xb.clone(), s, t, w, dy, m, backend=backend)
+    got = K.bottleneck_backward_input(xb, s, t, w, dy, m, out=buf[:, 12:20], backend=backend)
+    assert got[0].data_ptr() == buf[:, 12:20].data_ptr()
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, **FP32_TOL)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_whole_backward_in_chunks_refuses_grad_overlapping_dy(backend):
+    # before: with B == C and grad=dy, later chunks read dy after earlier ones had added into it (dW off
+    # by ~7 on the twin, dgamma/dbeta on both); grad=x works (each chunk reads only its own channels)
+    _need_backend(backend)
+    x, s, t, w, dy, m = _small(B=8)
+    with pytest.raises(ValueError, match="grad: expected memory separate from dy"):
+        K.bottleneck_backward(x, s, t, w, dy, m, s, s, dy, chunk=3, backend=backend)
+    g_ref = x.clone()
+    ref = K.bottleneck_backward(x, s, t, w, dy, m, s, s, g_ref, backend="reference")
+    xx = x.clone()
+    got = K.bottleneck_backward(xx, s, t, w, dy, m, s, s, xx, chunk=3, backend=backend)
+    for a, b in zip((*got, xx), (*ref, g_ref)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_overlap_test_matches_brute_force():
+    """``check_disjoint``'s arithmetic for views of one buffer against marking the elements one by one."""
+    from effdense.kernels import _checks
+
+    def brute(a, b):
+        mark = torch.zeros(a.untyped_storage().nbytes() // 4)
+        flat = torch.empty(0).set_(a.untyped_storage())
+        idx = torch.arange(flat.numel(), dtype=torch.float32)
+        ia = torch.as_strided(idx, a.shape, a.stride(), a.storage_offset())
+        ib = torch.as_strided(idx, b.shape, b.stride(), b.storage_offset())
+        mark[ia.long().flatten()] = 1
+        return bool(mark[ib.long().flatten()].any())
+
+    for N, Ct, H, W in ((1, 12, 3, 2), (3, 12, 3, 2), (2, 7, 1, 1)):
+        buf = torch.zeros(N, Ct, H, W)
+        slices = [buf[:, i:j] for i in range(Ct) for j in range(i + 1, Ct + 1)]
+        for a in slices:
+            for b in slices:
+                if a.shape[0] and b.shape[0]:
+                    assert _checks._planes_overlap(a, b) == brute(a, b), (a.storage_offset(), a.shape, b.storage_offset(), b.shape)
+    flat = torch.zeros(2 * 6 * 3 * 2)  # same storage, different layouts: conservative where not exact
+    a, b = flat[:36].view(2, 3, 3, 2), flat[36:].view(2, 3, 3, 2)
+    assert not _checks._planes_overlap(a, b) and _checks._planes_overlap(a, flat[6:42].view(2, 3, 3, 2))
+
+
+@pytest.mark.parametrize("chunk", [0, -1, True, 1.5, "4"])
+def test_triton_forward_checks_chunk_as_the_twin_does(chunk):
+    # before: the kernel path ignored chunk without looking at it, so chunk=0 or "4" passed on Triton only
+    _need_triton("cpu")
+    x, s, t, w, _, _ = _small()
+    for backend in ("reference", "triton"):
+        with pytest.raises(ValueError, match="chunk: expected a positive int or None"):
+            K.bottleneck_forward(x, s, t, w, chunk=chunk, backend=backend)
+
+
+def test_bn_relu_conv1x1_names_a_kxk_weight_by_its_shape():
+    # before: a 3x3 weight was flattened to (B, 9C) first: "expected shape (B, 8) ..., got shape (4, 72)"
+    x, s, t, _, _, _ = _small()
+    with pytest.raises(ValueError, match=r"weight: expected shape \(B, 8\).*got shape \(4, 8, 3, 3\)"):
+        K.bn_relu_conv1x1(x, s, t, torch.randn(4, 8, 3, 3))
+    assert K.bn_relu_conv1x1(x, s, t, torch.randn(4, 8, 1, 1)).shape == (2, 4, 5, 5)

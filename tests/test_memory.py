@@ -6,9 +6,11 @@ import torch.nn as nn
 
 import effdense
 from effdense.memory import (
+    GiB,
     MiB,
     MemoryTracker,
     estimate_step,
+    format_bytes,
     format_mib,
     measure_step,
     parse_bytes,
@@ -301,3 +303,158 @@ def test_fake_cuda_estimate_includes_the_library_workspaces():
 def test_bad_warmup_is_named(warmup):
     with pytest.raises(ValueError, match="warmup: expected a number of steps"):
         measure_step(nn.Linear(4, 2), (3, 4), warmup=warmup, loss="sum")
+
+
+# ------------------------------------------------------------------------------------------------
+# Unusual and wrong inputs
+
+
+def _bn_net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+
+
+def test_measure_step_restores_train_eval_flags():
+    # before: the model was left in training mode, so an eval model measured and then evaluated used batch
+    # statistics from then on
+    model = _bn_net().eval()
+    model[4].train()  # a mixed configuration comes back as it was, module by module
+    measure_step(model, (2, 3, 8, 8))
+    assert [m.training for m in model.modules()] == [False, False, False, False, False, True]
+    with pytest.raises(ValueError):  # restored on errors too
+        measure_step(model, (2, 3, 8, 8), loss="mse")
+    assert not model.training and model[4].training
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_input_from_a_shape_takes_the_model_dtype(dtype):
+    # before: the input was made in the default dtype, so an fp64 or bf16 model failed with "mat1 and mat2
+    # must have the same dtype" (measure) or was estimated with an fp32 input (estimate of a module).
+    # No BatchNorm: on CPU its bf16 kernel saves fp32 statistics where the meta kernel claims bf16 (PyTorch's)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 5)).to(dtype)
+    exact = measure_step(model, (2, 3, 8, 8))
+    assert exact.input == 2 * 3 * 8 * 8 * dtype.itemsize
+    for backend in ("fake", "meta"):
+        est = estimate_step(model, (2, 3, 8, 8), backend=backend)
+        assert (est.peak, est.input) == (exact.peak, exact.input)
+
+
+class _Double(nn.Module):
+    def forward(self, x):
+        return x * 2
+
+
+@pytest.mark.parametrize(
+    "loss, exc, msg",
+    [
+        (lambda out: out, TypeError, r"loss: expected the loss callable to return a scalar floating-point tensor, got "
+                                     r"a torch.float32 tensor of shape \(3, 2\); reduce it"),
+        (lambda out: 1.0, TypeError, "loss: expected the loss callable to return a scalar tensor, got float"),
+        (lambda out: None, TypeError, "got NoneType"),
+        (lambda out: (out.sum(), out.mean()), TypeError, "got tuple"),
+        (lambda out: out.sum().long(), TypeError, "got a torch.int64 tensor of shape"),
+        (lambda out: out.sum().detach(), ValueError, "loss: the value of the loss callable does not require grad"),
+    ],
+    ids=["not-reduced", "float", "None", "tuple", "int", "detached"],
+)
+def test_bad_loss_values_are_named(loss, exc, msg):
+    # before: "grad can be implicitly created only for scalar outputs", "'float' object has no attribute
+    # 'backward'", "element 0 of tensors does not require grad and does not have a grad_fn"
+    for step in (lambda: measure_step(nn.Linear(4, 2), (3, 4), loss=loss),
+                 lambda: estimate_step(nn.Linear(4, 2), (3, 4), loss=loss)):  # fmt: skip
+        with pytest.raises(exc, match=msg):
+            step()
+    assert measure_step(nn.Linear(4, 2), (3, 4), loss=lambda out: out.sum().view(1)).peak > 0  # one element is fine
+
+
+def test_a_model_without_parameters_needs_an_input_that_requires_grad():
+    # before: RuntimeError "element 0 of tensors does not require grad and does not have a grad_fn"
+    with pytest.raises(ValueError, match="loss='sum' does not require grad.*no parameters that require grad"):
+        measure_step(_Double(), (2, 4), loss="sum")
+    x = torch.randn(2, 4, requires_grad=True)
+    assert measure_step(_Double(), x, loss="sum").peak >= 2 * x.nbytes
+
+
+@pytest.mark.parametrize("model", ["densenet_bc_10", None], ids=["name", "None"])
+def test_measure_step_model_must_be_a_module(model):
+    # before: AttributeError "'str' object has no attribute 'parameters'"
+    with pytest.raises(TypeError, match="model: expected an nn.Module, got (str|NoneType)"):
+        measure_step(model, (2, 3, 16, 16))
+
+
+def test_warmup_takes_any_integer():
+    np = pytest.importorskip("numpy")
+    # before: ValueError "warmup: expected a number of steps >= 0 or None, got np.int64(1)"
+    assert measure_step(nn.Linear(4, 2), (3, 4), warmup=np.int64(1)).peak == measure_step(nn.Linear(4, 2), (3, 4)).peak
+
+
+def test_measure_step_refuses_to_move_a_model_with_data_to_meta():
+    # before: the model's parameters were replaced by meta tensors (their values lost) and an estimate returned
+    model = nn.Linear(4, 2)
+    before = model.weight.detach().clone()
+    with pytest.raises(ValueError, match="device='meta' would move the model's parameters.*estimate_step"):
+        measure_step(model, (3, 4), device="meta")
+    assert model.weight.device.type == "cpu" and torch.equal(model.weight.detach(), before)
+
+
+def test_channels_last_needs_a_4d_input():
+    # before: RuntimeError "required rank 4 tensor to use channels_last format" from inside the conversion
+    for step in (lambda: measure_step(nn.Linear(4, 2), (3, 4), channels_last=True),
+                 lambda: estimate_step(nn.Linear(4, 2), (3, 4), channels_last=True)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"channels_last=True needs a 4-D input \(N, C, H, W\), got shape \(3, 4\)"):
+            step()
+
+
+def test_estimate_device_spellings():
+    # before: device="cpu:0" with a module failed with "_apply(): Couldn't swap Linear.weight", and
+    # device="meta" with the same error (fake backend) or "backend='meta' cannot pretend to be on 'meta'"
+    model = _bn_net()
+    cpu = estimate_step(model, (2, 3, 8, 8)).peak
+    for device in ("cpu:0", torch.device("cpu")):
+        for backend in ("fake", "meta", "auto"):
+            assert estimate_step(model, (2, 3, 8, 8), device=device, backend=backend).peak == cpu
+    for backend in ("fake", "meta", "auto"):
+        with pytest.raises(ValueError, match="device: expected the device whose step is estimated.*got 'meta'"):
+            estimate_step(model, (2, 3, 8, 8), device="meta", backend=backend)
+
+
+def test_estimate_builder_that_converts_the_model_is_named():
+    # before: RuntimeError "_apply(): Couldn't swap Linear.weight" with no hint
+    with pytest.raises(RuntimeError, match=r"builder converted a module.*pass the built nn.Module"):
+        estimate_step(lambda: nn.Linear(4, 2).double(), (3, 4))
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [("8.2GB", 8_200_000_000), ("4.35KB", 4350), ("9007199254740993", 2**53 + 1), ("0.1KB", 100), ("1.1K", 1126)],
+)
+def test_parse_bytes_is_exact(text, expected):
+    # before: float arithmetic: "8.2GB" was 8,199,999,999 bytes and 2**53 + 1 lost its last bit
+    assert parse_bytes(text) == expected
+
+
+def test_parse_bytes_rejects_just_under_one_byte():
+    # before: "0.9999999999999999999" rounded to the float 1.0 and was accepted as 1 byte
+    with pytest.raises(ValueError, match="at least 1 byte"):
+        parse_bytes("0.9999999999999999999")
+
+
+@pytest.mark.parametrize(
+    "nbytes, text",
+    [(0, "0 B"), (1023, "1023 B"), (1023.5, "1.0 KiB"), (1536, "1.5 KiB"), (MiB - 52, "1023.9 KiB"),
+     (MiB - 1, "1.0 MiB"), (GiB - 1, "1.0 GiB"), (1024 * GiB - 1, "1.0 TiB"), (-(MiB - 1), "-1.0 MiB")],
+)  # fmt: skip
+def test_format_bytes(nbytes, text):
+    # before: the unit was chosen before rounding: "1024 B", "1024.0 KiB", "1024.0 MiB", "1024.0 GiB"
+    assert format_bytes(nbytes) == text
+
+
+@pytest.mark.parametrize(
+    "nbytes, exc, msg",
+    [(float("nan"), ValueError, "nbytes: expected a finite number of bytes, got nan"),
+     (float("inf"), ValueError, "got inf"), ("12", TypeError, "nbytes: expected a number of bytes, got str.*parse_bytes"),
+     (None, TypeError, "got NoneType")],
+)  # fmt: skip
+def test_format_bytes_rejects(nbytes, exc, msg):
+    # before: "nan TiB", "inf TiB", "12 B" for the text "12", and float()'s own TypeError for None
+    with pytest.raises(exc, match=msg):
+        format_bytes(nbytes)
