@@ -154,9 +154,9 @@ def _planes_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def check_disjoint(name: str, t: torch.Tensor, **read: torch.Tensor) -> None:
     """``t``, written by a kernel, shares no element with the named tensors it reads (checked on tensors
-    with data; plane-contiguous 4-D tensors, as :func:`check_activation` leaves them)."""
-    if t.is_meta or type(t) is not torch.Tensor or t.numel() == 0:
-        return
+    with data in eager execution; plane-contiguous 4-D tensors, as :func:`check_activation` leaves them)."""
+    if torch.compiler.is_compiling() or t.is_meta or type(t) is not torch.Tensor or t.numel() == 0:
+        return  # tracing has no storages to compare (and must not break the graph); meta/fake have none either
     ptr = t.untyped_storage().data_ptr()
     for other, o in read.items():
         if type(o) is torch.Tensor and o.numel() and o.untyped_storage().data_ptr() == ptr and _planes_overlap(t, o):
