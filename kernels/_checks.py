@@ -72,7 +72,21 @@ def check_stats_out(out: object, length: int, x: torch.Tensor) -> tuple[torch.Te
         raise TypeError(f"out: expected a (mean, var) pair of tensors, got {type(out).__name__}")
     for name, v in zip(("out[0] (mean)", "out[1] (var)"), out):
         check_vector(name, v, length, x.device, stats_dtype(x.dtype))
-    return out[0], out[1]
+    mean, var = out
+    if (
+        length
+        and not torch.compiler.is_compiling()  # tracing has no storages to compare
+        and type(mean) is torch.Tensor
+        and type(var) is torch.Tensor
+        and not mean.is_meta
+        and mean.untyped_storage().data_ptr() == var.untyped_storage().data_ptr()
+        and abs(mean.storage_offset() - var.storage_offset()) < length  # unit stride: the spans meet
+    ):
+        raise ValueError(
+            f"out: expected separate memory for mean and var, got vectors that overlap (storage offsets "
+            f"{mean.storage_offset()} and {var.storage_offset()}, {length} elements each)"
+        )
+    return mean, var
 
 
 def check_vectors(length: int, device: torch.device, dtype: torch.dtype, **vectors: torch.Tensor) -> None:

@@ -407,8 +407,16 @@ def test_channel_stats_out_errors(backend):
         ((good, torch.zeros(C + 1)), ValueError, "out\\[1\\] \\(var\\): expected a 1-D tensor of shape"),
         ((good, torch.zeros(C, dtype=torch.float64)), TypeError, "out\\[1\\] \\(var\\): expected dtype torch.float32"),
         ((torch.zeros(2 * C)[::2], good), ValueError, "out\\[0\\] \\(mean\\): expected unit stride"),
+        ((good, good), ValueError, "out: expected separate memory for mean and var"),
+        ((torch.zeros(2 * C)[:C], torch.zeros(2 * C)[1 : C + 1]), None, None),  # separate storages: fine
     ]
+    shared = torch.zeros(2 * C)
+    cases.append(((shared[:C], shared[1 : C + 1]), ValueError, "out: expected separate memory for mean and var"))
+    cases.append(((shared[:C], shared[C:]), None, None))  # adjacent, not overlapping: fine
     for out, exc, msg in cases:
+        if exc is None:
+            K.channel_stats(x, out=out, backend=backend)
+            continue
         with pytest.raises(exc, match=msg):
             K.channel_stats(x, out=out, backend=backend)
 
