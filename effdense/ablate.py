@@ -45,6 +45,7 @@ from effdense.benchutil import (
     progress,
     quantiles,
     reject_ineffective,
+    require_image_size,
     resolve_device,
     strategy_list,
     time_steps,
@@ -212,10 +213,7 @@ def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     # every grid model is a 3-block DenseNet-BC, whatever its depth and growth rate: one probe says how small
     # an input they take (before: each point failed on its own, the run exited 0 with a CSV of errors)
-    probe = get_model(f"densenet_bc_{min(args.depths)}", strategy="naive")
-    if args.image_size < probe.min_input_size():
-        raise UsageError(f"--image-size {args.image_size} is too small for DenseNet-BC: it needs at least {probe.min_input_size()}")
-    del probe
+    require_image_size(get_model(f"densenet_bc_{min(args.depths)}", strategy="naive"), args.image_size, "DenseNet-BC")
     points = list(grid(args))
     if not points:
         raise UsageError("the grid is empty: give at least one strategy, depth, growth rate, batch size and dtype")

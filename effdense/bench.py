@@ -38,6 +38,7 @@ from effdense.benchutil import (
     progress,
     quantiles,
     reject_ineffective,
+    require_image_size,
     resolve_device,
     strategy_list,
     time_steps,
@@ -282,10 +283,7 @@ def main(args: argparse.Namespace) -> int:
             setattr(args, key, value)
     run_start = time.perf_counter()
     size = args.image_size or default_image_size(args.model)
-    probe = get_model(args.model, strategy="naive")
-    if probe._final_spatial(size) < 1:
-        raise UsageError(f"--image-size {size} is too small for {args.model}: it needs at least {probe.min_input_size()}")
-    del probe
+    require_image_size(get_model(args.model, strategy="naive"), size, args.model)
     rows = _rows(args, device)
     if not rows:
         raise UsageError("nothing to run: no strategy selected and --no-reference given")

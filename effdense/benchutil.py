@@ -170,6 +170,14 @@ def reject_ineffective(args: argparse.Namespace, options: Sequence[str], reason:
         raise UsageError(f"{' and '.join(given)} {verb} no effect {reason}")
 
 
+def require_image_size(model: Any, size: int, what: str) -> None:
+    """:class:`UsageError` unless ``model`` (an effdense DenseNet) takes ``size`` x ``size`` inputs; ``what``
+    names the model in the message (``densenet_bc_16``, or ``DenseNet-BC`` for a whole family)."""
+    need = model.min_input_size()
+    if size < need:
+        raise UsageError(f"--image-size {size} is too small for {what}: it needs at least {need}")
+
+
 def resolve_device(text: str) -> torch.device:
     """``auto``: the GPU if there is one, else the CPU."""
     if text == "auto":

@@ -39,6 +39,7 @@ from effdense.benchutil import (
     output_dir,
     positive_int,
     progress,
+    require_image_size,
     resolve_device,
     strategy_list,
     write_csv,
@@ -150,9 +151,8 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--depth-limit {args.depth_limit} allows no DenseNet-BC; it must be at least 10")
     if args.estimate_limit is not None and args.estimate_limit < depth_of(1):
         raise UsageError(f"--estimate-limit {args.estimate_limit} allows no DenseNet-BC; it must be at least {depth_of(1)}")
-    min_size = get_model(f"densenet_bc_{depth_of(1)}", strategy="naive").min_input_size()  # the same at every depth
-    if args.image_size < min_size:
-        raise UsageError(f"--image-size {args.image_size} is too small for DenseNet-BC: it needs at least {min_size}")
+    # the shallowest model stands for all: the same input size at every depth
+    require_image_size(get_model(f"densenet_bc_{depth_of(1)}", strategy="naive"), args.image_size, "DenseNet-BC")
     if args.backend == "meta" and DTYPES[args.dtype] is not None:
         raise UsageError(
             f"--backend meta cannot estimate --dtype {args.dtype} (autocast has no meta device); use --backend auto or fake"

@@ -43,6 +43,7 @@ from effdense.benchutil import (
     positive_int,
     progress,
     reject_ineffective,
+    require_image_size,
     strategy_list,
     write_json,
 )
@@ -148,10 +149,7 @@ def main(args: argparse.Namespace) -> int:
             setattr(args, key, value)
     size = args.image_size or default_image_size(args.model)
     model = get_model(args.model, strategy="naive")
-    if model._final_spatial(size) < 1:
-        from effdense.benchutil import UsageError
-
-        raise UsageError(f"--image-size {size} is too small for {args.model}: it needs at least {model.min_input_size()}")
+    require_image_size(model, size, args.model)
     output_dir(args.out)
     num_classes = model.classifier.out_features
     blocks = [len(b.layers) for b in model.dense_blocks]
