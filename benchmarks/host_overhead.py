@@ -100,27 +100,21 @@ def count_ops(model_name: str, strategy: str, shape: tuple[int, ...], device: st
     }
 
 
-def _stub_launches() -> dict[str, Callable[..., None]]:
-    """Replace the Triton launches with no-ops; returns the originals (to restore)."""
+def _stub_launches() -> list[tuple[Any, str, Callable[..., None]]]:
+    """Replace the Triton launches with no-ops; returns ``(module, name, original)`` to restore."""
     from effdense.kernels import bottleneck as _b
     from effdense.kernels import stats as _s
 
-    saved = {}
+    saved = []
     for module, names in (
         (_b, ("bottleneck_forward_launch", "bottleneck_backward_weight_launch",
               "bottleneck_backward_input_launch", "bn_backward_accumulate_launch")),
         (_s, ("channel_stats_launch",)),
     ):  # fmt: skip
         for name in names:
-            saved[f"{module.__name__}.{name}"] = getattr(module, name)
+            saved.append((module, name, getattr(module, name)))
             setattr(module, name, lambda *args: None)
     return saved
-
-
-def _restore(saved: dict[str, Callable[..., None]]) -> None:
-    for key, fn in saved.items():
-        module_name, _, name = key.rpartition(".")
-        setattr(sys.modules[module_name], name, fn)
 
 
 def wrapper_times(repeats: int, calls: int, device: str = "cpu") -> dict[str, float]:
@@ -151,7 +145,7 @@ def wrapper_times(repeats: int, calls: int, device: str = "cpu") -> dict[str, fl
         "bottleneck_backward (all three)": lambda: K.bottleneck_backward(x, scale, shift, w, dy, mean, scale, scale, grad),
     }
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
-    saved = {} if on_gpu else _stub_launches()
+    saved = [] if on_gpu else _stub_launches()
     try:
         out = {}
         for name, fn in cases.items():
@@ -168,7 +162,8 @@ def wrapper_times(repeats: int, calls: int, device: str = "cpu") -> dict[str, fl
             out[name] = statistics.median(samples)
         return out
     finally:
-        _restore(saved)
+        for module, name, fn in saved:
+            setattr(module, name, fn)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -73,15 +73,7 @@ def check_stats_out(out: object, length: int, x: torch.Tensor) -> tuple[torch.Te
     for name, v in zip(("out[0] (mean)", "out[1] (var)"), out):
         check_vector(name, v, length, x.device, stats_dtype(x.dtype))
     mean, var = out
-    if (
-        length
-        and not torch.compiler.is_compiling()  # tracing has no storages to compare
-        and type(mean) is torch.Tensor
-        and type(var) is torch.Tensor
-        and not mean.is_meta
-        and mean.untyped_storage().data_ptr() == var.untyped_storage().data_ptr()
-        and abs(mean.storage_offset() - var.storage_offset()) < length  # unit stride: the spans meet
-    ):
+    if _comparable(mean) and _comparable(var) and _same_storage(mean, var) and _spans_meet(mean, var):
         raise ValueError(
             f"out: expected separate memory for mean and var, got vectors that overlap (storage offsets "
             f"{mean.storage_offset()} and {var.storage_offset()}, {length} elements each)"
@@ -133,18 +125,34 @@ def check_dy(dy: torch.Tensor, x: torch.Tensor, B: int) -> None:
     check_activation("dy", dy, like=x, channels=B)
 
 
+def _comparable(t: torch.Tensor) -> bool:
+    """Whether ``t`` has storage whose overlap with another tensor's can be asked: a plain, non-empty tensor
+    with data in eager execution (tracing has no storages, and must not break the graph; meta/fake have none)."""
+    return not torch.compiler.is_compiling() and type(t) is torch.Tensor and not t.is_meta and t.numel() > 0
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+
+
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """The ``[first, last + 1)`` element offsets that a non-empty tensor covers in its storage."""
     lo = t.storage_offset()
     return lo, lo + 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
 
 
+def _spans_meet(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the element ranges of two tensors on one storage meet (exact for unit-stride vectors)."""
+    (la, ha), (lb, hb) = _span(a), _span(b)
+    return ha > lb and hb > la
+
+
 def _planes_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two plane-contiguous 4-D tensors on one storage share an element: exact for views with the
     same ``(N, ·, H, W)`` shape and strides (channel slices of one NCHW buffer), else whether their spans meet."""
-    (la, ha), (lb, hb) = _span(a), _span(b)
-    if ha <= lb or hb <= la:
+    if not _spans_meet(a, b):
         return False
+    la, lb = a.storage_offset(), b.storage_offset()
     N, Ca, H, W = a.shape
     Cb = b.shape[1]
     s0, s1 = a.stride(0), a.stride(1)
@@ -169,11 +177,10 @@ def _planes_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
 def check_disjoint(name: str, t: torch.Tensor, **read: torch.Tensor) -> None:
     """``t``, written by a kernel, shares no element with the named tensors it reads (checked on tensors
     with data in eager execution; plane-contiguous 4-D tensors, as :func:`check_activation` leaves them)."""
-    if torch.compiler.is_compiling() or t.is_meta or type(t) is not torch.Tensor or t.numel() == 0:
-        return  # tracing has no storages to compare (and must not break the graph); meta/fake have none either
-    ptr = t.untyped_storage().data_ptr()
+    if not _comparable(t):
+        return
     for other, o in read.items():
-        if type(o) is torch.Tensor and o.numel() and o.untyped_storage().data_ptr() == ptr and _planes_overlap(t, o):
+        if _comparable(o) and _same_storage(t, o) and _planes_overlap(t, o):
             raise ValueError(
                 f"{name}: expected memory separate from {other} (it is written while {other} is read), got a tensor "
                 f"that overlaps it (shapes {tuple(t.shape)} and {tuple(o.shape)}, storage offsets {t.storage_offset()} "

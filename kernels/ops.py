@@ -317,6 +317,11 @@ def bottleneck_backward_weight(
         return reference.bottleneck_backward_weight(x, scale, shift, dy)
     reference._check_affine(x, scale, shift)
     _checks.check_activation("dy", dy, like=x)
+    return _weight_grad(x, scale, shift, dy)
+
+
+def _weight_grad(x, scale, shift, dy) -> torch.Tensor:
+    """The weight-gradient launch on checked arguments: a new fp32 ``(B, C)`` dW."""
     dw = torch.zeros((dy.shape[1], x.shape[1]), dtype=torch.float32, device=x.device)
     if x.numel() and dy.numel():  # an empty sum is the zeros (the launch's grid would divide by zero)
         _call(_bottleneck_backward_weight_op, _bottleneck.bottleneck_backward_weight_launch, x, scale, shift, dy, dw)
@@ -397,13 +402,18 @@ def bn_backward_accumulate(
     if not _use_triton(x, backend):
         return reference.bn_backward_accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)
     _checks.check_accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)  # fp32 vectors: x is a kernel dtype
-    if not x.numel():  # nothing to update (and M = 0 would divide by zero)
-        return None
+    if x.numel():  # else nothing to update (and M = 0 would divide by zero)
+        _accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)
+    return None
+
+
+def _accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu) -> None:
+    """The BN-backward accumulation launch on checked arguments: adds into ``grad`` (a caller's tensor, or a
+    view of one: its version moves)."""
     _call(
         _bn_backward_accumulate_op, _bottleneck.bn_backward_accumulate_launch,
         grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu, mutated=(grad,),
     )  # fmt: skip
-    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -519,12 +529,9 @@ def bottleneck_backward(
     _checks.check_activation("grad", grad, like=x, channels=C)
     _checks.check_vectors(C, x.device, torch.float32, mean=mean, invstd=invstd, gamma=gamma)
     reference.check_chunk(chunk)
+    dw = _weight_grad(x, scale, shift, dy)
     if not (x.numel() and dy.numel()):  # N, C, H, W or B = 0: nothing to add into grad, zero sums
-        return (
-            torch.zeros((weight.shape[0], C), dtype=torch.float32, device=x.device), _zeros(C, x), _zeros(C, x)
-        )
-    dw = torch.zeros((weight.shape[0], C), dtype=torch.float32, device=x.device)
-    _call(_bottleneck_backward_weight_op, _bottleneck.bottleneck_backward_weight_launch, x, scale, shift, dy, dw)
+        return dw, _zeros(C, x), _zeros(C, x)
     sums = torch.zeros((2, C), dtype=torch.float32, device=x.device)
     sum_dh, sum_dh_xmu = sums.unbind(0)
     # running statistics: no terms through the mean and variance, i.e. the accumulation sees zero sums
@@ -542,9 +549,6 @@ def bottleneck_backward(
         _input_grad(xs, sc, sh, wc, dy, mn, dh, sd, sx)
         if zero is not None:
             sd = sx = zero[c0:c1] if c1 - c0 != C else zero
-        _call(
-            _bn_backward_accumulate_op, _bottleneck.bn_backward_accumulate_launch,
-            g, xs, dh, mn, isd, gm, sd, sx, mutated=(grad,),
-        )  # fmt: skip
+        _accumulate(g, xs, dh, mn, isd, gm, sd, sx)
     del scratch
     return dw, sum_dh_xmu.mul_(invstd), sum_dh  # dgamma in place: the two rows of one buffer

@@ -306,10 +306,7 @@ def bottleneck_backward(
         ]
         return tuple(torch.cat(t, dim=-1) for t in zip(*parts))  # type: ignore[return-value]
     if not (batch_stats and x.dtype == acc and x.numel()):  # (ATen's BN backward crashes on empty input)
-        return _three_step_backward(
-            bottleneck_backward_weight, bottleneck_backward_input, bn_backward_accumulate,
-            x, scale, shift, weight, dy, mean, invstd, gamma, grad, batch_stats,
-        )
+        return _three_step_backward(x, scale, shift, weight, dy, mean, invstd, gamma, grad, batch_stats)
     xc = x.contiguous()
     h = _relu_affine(xc, scale, shift)
     d = dy.reshape(N, B, H * W)
@@ -326,9 +323,6 @@ def bottleneck_backward(
 
 
 def _three_step_backward(
-    weight_grad: Callable[..., torch.Tensor],
-    input_grad: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-    accumulate: Callable[..., None],
     x: torch.Tensor,
     scale: torch.Tensor,
     shift: torch.Tensor,
@@ -340,12 +334,12 @@ def _three_step_backward(
     grad: torch.Tensor,
     batch_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``bottleneck_backward`` as its three ops in turn: ``weight_grad``, ``input_grad`` and ``accumulate``
-    are the twins here, or the Triton entry points of :mod:`.ops` (with their backend bound)."""
-    dw = weight_grad(x, scale, shift, dy)
-    dh, sum_dh, sum_dh_xmu = input_grad(x, scale, shift, weight, dy, mean)
+    """``bottleneck_backward`` as its three twins in turn: :func:`bottleneck_backward_weight`,
+    :func:`bottleneck_backward_input` and :func:`bn_backward_accumulate`."""
+    dw = bottleneck_backward_weight(x, scale, shift, dy)
+    dh, sum_dh, sum_dh_xmu = bottleneck_backward_input(x, scale, shift, weight, dy, mean)
     dgamma, dbeta = sum_dh_xmu * invstd, sum_dh  # accumulate reads the sums, never writes them
     if not batch_stats:  # running statistics: no terms through the mean and variance
         sum_dh, sum_dh_xmu = torch.zeros_like(sum_dh), torch.zeros_like(sum_dh_xmu)
-    accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)
+    bn_backward_accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)
     return dw, dgamma, dbeta
