@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -641,3 +642,181 @@ def test_shared_block_function_runs_an_empty_batch_as_naive(entry: str) -> None:
         ours.eval()
         transition = ours.features.transition1 if with_transition else None
         assert run(ours.features.denseblock1, transition, torch.randn(0, 12, 8, 8)).shape == shapes[0]
+
+
+# ------------------------------------------------------------------------------------------------
+# Module hooks and fx tracing: what torchvision users do with a DenseNet (Grad-CAM, feature extraction,
+# FLOP and shape counters) works on every strategy
+
+
+def _small_densenet(strategy: str) -> effdense.DenseNet:
+    torch.manual_seed(3)
+    return effdense.DenseNet(growth_rate=8, block_config=(2, 3), num_init_features=16, num_classes=5, strategy=strategy)
+
+
+# one module of each kind a strategy may compute without calling it
+_HOOKED = [
+    "features.conv0",
+    "features.denseblock1.denselayer2.conv1",
+    "features.denseblock1.denselayer2.norm2",
+    "features.denseblock2.denselayer1",
+    "features.denseblock2",
+    "features.transition1.norm",
+    "features.transition1",
+    "features.norm5",
+    "features",
+]
+
+
+# modules whose output an in-place ReLU modifies (nn.ReLU(inplace=True) after a norm, DenseNet.forward's
+# F.relu(features, inplace=True)): a full backward hook there fails in torchvision's model too ("Output 0 of
+# BackwardHookFunction is a view and is being modified inplace")
+_INPLACE_OUTPUTS = ("features", "features.norm5", "features.denseblock1.denselayer2.norm2", "features.transition1.norm")
+
+
+def _hook_everything(model: nn.Module, names: list[str], calls: dict) -> list:
+    modules = dict(model.named_modules())
+    handles = []
+    for name in names:
+        def forward_hook(module, inputs, output, name=name):
+            calls.setdefault(("forward", name), []).append(output.detach().clone())
+
+        def backward_hook(module, grad_inputs, grad_outputs, name=name):
+            calls.setdefault(("backward", name), []).append(grad_outputs[0].detach().clone())
+
+        handles.append(modules[name].register_forward_hook(forward_hook))
+        if name not in _INPLACE_OUTPUTS:
+            handles.append(modules[name].register_full_backward_hook(backward_hook))
+    return handles
+
+
+@pytest.mark.parametrize("strategy", ["checkpoint", "shared", "fused", "auto"])
+@pytest.mark.parametrize("hooked", [_HOOKED[1:2], _HOOKED[3:4], _HOOKED[4:5], _HOOKED])
+def test_hooks_fire_once_with_naives_values(strategy: str, hooked: list[str]) -> None:
+    reference = _small_densenet("naive")
+    model = _small_densenet(strategy)
+    x = torch.randn(2, 3, 29, 29)
+    expected_calls: dict = {}
+    calls: dict = {}
+    _hook_everything(reference, hooked, expected_calls)
+    _hook_everything(model, hooked, calls)
+    out_ref = train_step(reference, x)
+    out = train_step(model, x)
+    # shared/fused against naive as tests/test_shared.py judges them: 1e-4 relative, plus 1e-6 of the largest
+    # gradient for the cancellation-dominated ones (norm0's weight)
+    assert_close_rel(out, out_ref, rtol=1e-4, name="output")
+    assert sorted(calls) == sorted(expected_calls)
+    assert len(calls) == 2 * len(hooked) - len(set(hooked) & set(_INPLACE_OUTPUTS))
+    for key, values in expected_calls.items():
+        assert len(calls[key]) == len(values) == 1, key
+        assert_close_rel(calls[key][0], values[0], rtol=1e-4, name=str(key))
+    ref_params = dict(reference.named_parameters())
+    gmax = max(p.grad.abs().max().item() for p in reference.parameters())
+    for name, p in model.named_parameters():
+        expected = ref_params[name].grad
+        err = (p.grad - expected).abs().max().item()
+        assert err <= 1e-4 * expected.abs().max().item() + 1e-6 * gmax, f"{name}: gradient error {err:.3g}"
+    for (name, a), b in zip(_bn_buffers(model).items(), _bn_buffers(reference).values()):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), name
+
+
+def test_hooks_inside_a_block_make_it_naive_with_a_warning(monkeypatch) -> None:
+    from effdense.strategies import shared
+
+    model = _small_densenet("shared")
+    x = torch.randn(2, 3, 29, 29)
+    stages = []
+    run_stage = shared.run_stage
+    monkeypatch.setattr(shared, "run_stage", lambda block, *a, **k: stages.append(block) or run_stage(block, *a, **k))
+
+    # hooks outside the blocks' layers: every block still runs shared (per block), no warning
+    handle = model.features.transition1.register_forward_hook(lambda *a: None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)
+    assert stages == [model.features.denseblock1, model.features.denseblock2]
+
+    # a hook on a layer's module: that block runs naive and says so, the other stays shared
+    stages.clear()
+    handle.remove()
+    handle = model.features.denseblock1.denselayer2.conv1.register_forward_pre_hook(lambda *a: None)
+    with pytest.warns(UserWarning, match=r"runs as strategy 'naive' instead of 'shared'.*denselayer2\.conv1"):
+        model(x)
+    assert stages == [model.features.denseblock2]
+
+    # removed: back to one shared stage per block and transition, from run_features
+    stages.clear()
+    handle.remove()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)
+    assert stages == [model.features.denseblock1, model.features.denseblock2]
+
+
+def test_checkpoint_keeps_inner_hooks_as_torchvision_memory_efficient() -> None:
+    # checkpoint calls a layer's modules (and recomputes norm1/relu1/conv1 in backward) as torchvision's
+    # memory_efficient=True does, but not the layer itself: only a hook on a layer makes it fall back
+    model = _small_densenet("checkpoint")
+    tv = _small_torchvision_densenet(num_classes=5, memory_efficient=True)
+    tv.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 29, 29)
+    counts = {"ours": 0, "tv": 0}
+    model.features.denseblock1.denselayer1.conv1.register_forward_hook(lambda *a: counts.__setitem__("ours", counts["ours"] + 1))
+    tv.features.denseblock1.denselayer1.conv1.register_forward_hook(lambda *a: counts.__setitem__("tv", counts["tv"] + 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_step(model, x)
+    train_step(tv, x)
+    assert counts["ours"] == counts["tv"] >= 1
+    model.features.denseblock1.denselayer1.register_forward_hook(lambda *a: None)
+    with pytest.warns(UserWarning, match="instead of 'checkpoint'.*denselayer1 .*its dense layers"):
+        train_step(model, x)
+
+
+def test_global_module_hooks_see_every_module_once() -> None:
+    from torch.nn.modules.module import register_module_forward_hook
+
+    reference, model = _small_densenet("naive"), _small_densenet("shared")
+    x = torch.randn(2, 3, 29, 29)
+    seen: list = []
+    handle = register_module_forward_hook(lambda module, inputs, output: seen.append(module))
+    try:
+        reference(x)
+        expected = [type(m).__name__ for m in seen]
+        seen.clear()
+        with pytest.warns(UserWarning, match="registered on all modules"):
+            model(x)
+    finally:
+        handle.remove()
+    assert [type(m).__name__ for m in seen] == expected
+
+
+def test_fx_feature_extraction_as_torchvision() -> None:
+    from torchvision.models.feature_extraction import create_feature_extractor
+
+    tv = _small_torchvision_densenet(num_classes=5)
+    model = effdense.convert(tv, strategy="auto")
+    nodes = {"features.denseblock2": "block", "features.transition1.conv": "transition", "features.denseblock1.denselayer2.conv2": "layer"}
+    x = torch.randn(2, 3, 29, 29)
+    for mode in ("train", "eval"):
+        getattr(tv, mode)(), getattr(model, mode)()
+        ours = create_feature_extractor(model, nodes)(x)
+        theirs = create_feature_extractor(tv, nodes)(x)
+        for key in nodes.values():
+            assert_close_rel(ours[key], theirs[key], name=f"{mode} {key}")
+    traced = torch.fx.symbolic_trace(model.eval())
+    assert_close_rel(traced(x), tv(x), name="symbolic_trace")
+    for strategy in ("checkpoint", "shared", "fused"):
+        with pytest.raises(RuntimeError, match=f"strategy '{strategy}' cannot be traced by torch.fx symbolic tracing.*'auto'"):
+            torch.fx.symbolic_trace(model.set_strategy(strategy))
+
+
+def test_jit_trace_of_auto_records_the_plain_model() -> None:
+    model = _small_densenet("auto").eval()
+    x = torch.randn(2, 3, 29, 29)
+    with torch.no_grad():
+        expected = model(x)
+    traced = torch.jit.trace(model, x)
+    assert model.strategy == "auto"
+    assert_close_rel(traced(x), expected, name="traced auto")
+    assert "aten::cat" in str(traced.inlined_graph)  # naive's concatenations, not a shared buffer

@@ -12,8 +12,9 @@ knows which strategies exist and how ``"auto"`` resolves.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
@@ -116,30 +117,105 @@ def resolve(name: str, x: torch.Tensor) -> str:
 
 def _runner_for(name: str, x: torch.Tensor) -> ModuleType:
     """The module that runs strategy ``name`` on ``x``."""
+    if isinstance(x, torch.fx.Proxy):
+        # torch.fx symbolic tracing (torchvision's create_feature_extractor, fx quantization): only naive's
+        # plain module calls trace, and they make a graph of the model's own modules
+        return _runners()["naive"] if name in ("auto", "naive") else _untraceable(name, "torch.fx symbolic tracing")
     if x.shape[0] == 0:
         # an empty batch holds no activations to save memory on; naive gives it PyTorch's own semantics
         # (an empty output, BatchNorm counters advanced), as torchvision, where the shared buffers need a batch
         return _runners()["naive"]
-    concrete = resolve(name, x)
-    if concrete in ("shared", "fused") and torch.jit.is_tracing():
-        raise RuntimeError(
-            f"strategy {concrete!r} cannot be traced by torch.jit.trace (its autograd Function computes sizes "
-            "from the input's shape in Python); call model.set_strategy('naive') or 'checkpoint' before tracing, "
-            "or use torch.compile, which runs the shared/fused blocks"
-        )
-    return _runners()[concrete]
+    if torch.jit.is_tracing():
+        # a trace records operators, not Python: "auto" records the plain model, as torchvision's traces
+        if name == "auto":
+            return _runners()["naive"]
+        if name in ("shared", "fused"):
+            _untraceable(name, "torch.jit.trace")
+    return _runners()[resolve(name, x)]
+
+
+def _untraceable(name: str, tracer: str) -> NoReturn:
+    raise RuntimeError(
+        f"strategy {name!r} cannot be traced by {tracer} (it computes sizes from the input's shape in Python"
+        f"{'' if name != 'checkpoint' else ' and branches on requires_grad'}); call model.set_strategy('naive') "
+        "(or 'auto', which traces as naive) before tracing, or use torch.compile or torch.export, which run "
+        "every strategy"
+    )
+
+
+# ------------------------------------------------------------------------------------------------
+# Module hooks. shared/fused compute a block (and the stem, transitions) without calling its modules, and
+# checkpoint calls a layer's parts but not the layer; a forward or backward hook registered on any of those
+# modules (by Grad-CAM, feature extraction, FLOP or shape counters) would silently not fire. Such a block
+# runs as naive, whose module calls fire every hook once per forward, as torchvision's plain model does.
+
+
+def _own_hooks(module: torch.nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks)
+
+
+def _has_hooks(module: torch.nn.Module) -> bool:
+    """Whether ``module`` or a module below it has a forward (pre-)hook or a backward (pre-)hook. A plain walk
+    over ``_modules``, ~0.4 µs per module: the same checks ``nn.Module.__call__`` makes on every call."""
+    return _own_hooks(module) or any(child is not None and _has_hooks(child) for child in module._modules.values())
+
+
+def _global_hooks() -> bool:
+    """Whether module hooks registered for all modules (``torch.nn.modules.module.register_module_*``) exist."""
+    from torch.nn.modules import module as m
+
+    return bool(
+        m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks or m._global_backward_pre_hooks
+    )
+
+
+def _hook_fallback(block: "_DenseBlock", concrete: str) -> bool:
+    """Whether ``block`` must run as naive so that its modules' hooks fire (and warn if so). ``checkpoint``
+    calls every module of a layer, and recomputes ``norm1``/``relu1``/``conv1`` in backward, as torchvision's
+    ``memory_efficient=True`` does, but not the layer itself; ``shared`` and ``fused`` call none of a block's
+    modules."""
+    if concrete == "naive" or torch.compiler.is_compiling():
+        # naive calls every module. Under torch.compile the shared/fused/checkpoint blocks are traced as they
+        # are (dynamo refuses warnings.warn there), so hooks inside a block do not fire: documented
+        return False
+    skipped = _own_hooks if concrete == "checkpoint" else _has_hooks
+    if not (_global_hooks() or any(skipped(layer) for layer in block.values())):
+        return False
+    hooked = [
+        f"{name}.{sub}" if sub else name
+        for name, layer in block.named_children()
+        for sub, m in (layer.named_modules() if concrete != "checkpoint" else [("", layer)])
+        if _own_hooks(m)
+    ]
+    names = ", ".join(hooked[:3]) + (", ..." if len(hooked) > 3 else "") if hooked else "all modules"
+    warnings.warn(
+        f"effdense: a dense block runs as strategy 'naive' instead of {concrete!r}, because module hooks are "
+        f"registered on {names} and {concrete!r} computes the block without calling "
+        f"{'its dense layers' if concrete == 'checkpoint' else 'its modules'}; naive fires each hook once per "
+        "forward, as torchvision's model does. The block keeps naive's memory while the hooks are registered.",
+        stacklevel=2,
+    )
+    return True
 
 
 def run_block(name: str, block: "_DenseBlock", x: torch.Tensor) -> torch.Tensor:
-    """Run ``block`` on ``x`` with strategy ``name`` (``"auto"`` resolved for ``x``)."""
-    return _runner_for(name, x).run_block(block, x)
+    """Run ``block`` on ``x`` with strategy ``name`` (``"auto"`` resolved for ``x``); as ``naive`` if hooks
+    are registered on the block's layers or their modules, so that they fire."""
+    module = _runner_for(name, x)
+    if _hook_fallback(block, module.__name__.rsplit(".", 1)[-1]):
+        module = _runners()["naive"]
+    return module.run_block(block, x)
 
 
 def run_features(name: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run ``model.features`` on ``x`` with strategy ``name``: the strategy's own ``run_features`` if it
-    has one, else the plain module (whose dense blocks call :func:`run_block`)."""
+    has one, else the plain module (whose dense blocks call :func:`run_block`). With hooks on any module
+    of ``model.features``, the plain module, so that the stem, transitions and blocks are called (each
+    block then on its strategy, or as ``naive`` when its own layers hold the hooks)."""
     module = _runner_for(name, x)
-    if hasattr(module, "run_features"):
+    if hasattr(module, "run_features") and (
+        torch.compiler.is_compiling() or not (_global_hooks() or _has_hooks(model.features))
+    ):
         return module.run_features(model, x)
     return model.features(x)
 
