@@ -273,16 +273,20 @@ class DenseNet(nn.Module):
         Every ``nn.BatchNorm2d`` becomes an ``nn.SyncBatchNorm`` (same names and state-dict keys), and the
         ``shared``/``fused`` strategies all-reduce their cached per-channel statistics. Call it after
         ``torch.distributed.init_process_group`` and before wrapping the model in DDP. Returns ``self``.
+        (PyTorch's ``nn.SyncBatchNorm.convert_sync_batchnorm(model)`` has the same effect: every strategy
+        follows its modules.)
 
         Args:
-            enabled: turn synchronisation on or off (off leaves converted modules in place; they behave
-                as plain BatchNorm without a process group of size > 1).
+            enabled: turn synchronisation on or off. Off makes every synchronised BatchNorm of the model
+                an ``nn.BatchNorm2d`` again, holding the same parameter and buffer tensors.
             process_group: the group to reduce over; ``None`` means the default (world) group.
         """
         if enabled:
             converted = nn.SyncBatchNorm.convert_sync_batchnorm(self.features, process_group)
             if converted is not self.features:  # pragma: no cover - only when features itself is a BN
                 self.features = converted
+        else:
+            _local_batchnorms(self.features)
         for block in self.dense_blocks:
             block.sync_bn = bool(enabled)
             block.sync_group = process_group if enabled else None
@@ -690,6 +694,26 @@ def get_model(name: str, **kwargs: Any) -> DenseNet:
             kwargs.setdefault("compression", 1.0)
         return densenet_cifar(depth, kwargs.pop("growth_rate"), bottleneck=bc, **kwargs)
     raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)} or densenet_bc_<depth>")
+
+
+def _local_batchnorms(module: nn.Module) -> None:
+    """Replace, in place below ``module``, every synchronised BatchNorm (one with a ``process_group``:
+    ``nn.SyncBatchNorm``, ``effdense.train.CPUSyncBatchNorm``) by an ``nn.BatchNorm2d`` that holds the same
+    parameters and buffers (so an optimizer's references stay valid) and mode."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm) and hasattr(child, "process_group"):
+            local = nn.BatchNorm2d(
+                child.num_features, child.eps, child.momentum, affine=False, track_running_stats=False, device="meta"
+            )
+            local.affine, local.track_running_stats = child.affine, child.track_running_stats
+            for key in ("weight", "bias"):
+                setattr(local, key, getattr(child, key))
+            for key in ("running_mean", "running_var", "num_batches_tracked"):
+                local.register_buffer(key, getattr(child, key))
+            local.train(child.training)
+            setattr(module, name, local)
+        else:
+            _local_batchnorms(child)
 
 
 def _source_sync_bn(model: nn.Module, features: nn.Sequential) -> tuple[bool, Any]:

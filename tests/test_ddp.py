@@ -75,6 +75,32 @@ def _ghost_reference(strategy):
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
+def _torch_sync_bn_ddp(strategy, rank):
+    # PyTorch's recipe instead of set_sync_bn: nn.SyncBatchNorm.convert_sync_batchnorm, then (CPU only: DDP
+    # refuses nn.SyncBatchNorm on CPU modules) effdense's CPU stand-in for it
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(_tiny_model(strategy))
+    T.enable_cpu_sync_bn(model)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    opt = _sgd(model)
+    for x, y in _global_batches():
+        loss = F.cross_entropy(ddp(x.chunk(WORLD)[rank]), y.chunk(WORLD)[rank])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _global_reference(strategy):
+    model = _tiny_model(strategy)
+    opt = _sgd(model)
+    for x, y in _global_batches():
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def _train_argv(strategy, out_dir, batch_size, sync):
     return [*TRAIN_ARGV, "--strategy", strategy, "--batch-size", str(batch_size), "--out-dir", out_dir,
             *(["--sync-bn"] if sync else [])]
@@ -88,11 +114,13 @@ def _worker(rank, init_file, out_dir, strategies):
                             timeout=timedelta(seconds=30))
     try:
         for s in strategies:
-            for kind in ("ghost", "sync"):
+            for kind in ("ghost", "sync", "torch_sync"):
                 path = os.path.join(out_dir, f"{kind}-{s}-rank{rank}.pt")
                 try:
                     if kind == "ghost":
                         result = {"params": _ghost_ddp(s, rank)}
+                    elif kind == "torch_sync":
+                        result = {"state": _torch_sync_bn_ddp(s, rank)}
                     else:
                         r = T.train(T.parse_args(_train_argv(s, os.path.join(out_dir, f"run-{s}"), 8, sync=True)))
                         result = {"state": r["model"].state_dict(), "history": r["history"]}
@@ -166,3 +194,11 @@ def test_ddp_sync_bn_matches_single_process_global_batch(ddp_runs, strategy, tmp
             for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
                 assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (rank, key)
             assert len(got["peak_mem_mib_per_rank"]) == WORLD and got["world_size"] == WORLD
+
+
+@pytest.mark.parametrize("strategy", _strategy_params(effdense.STRATEGIES))
+def test_ddp_with_pytorchs_sync_batchnorm_recipe_matches_global_batch(ddp_runs, strategy):
+    # without reading the modules, shared/fused normalised each rank's half on its own: a silent divergence
+    expected = _global_reference(strategy)
+    for rank in range(WORLD):
+        _close(_load(ddp_runs, "torch_sync", strategy, rank)["state"], expected, f"rank {rank}")

@@ -820,3 +820,30 @@ def test_jit_trace_of_auto_records_the_plain_model() -> None:
     assert model.strategy == "auto"
     assert_close_rel(traced(x), expected, name="traced auto")
     assert "aten::cat" in str(traced.inlined_graph)  # naive's concatenations, not a shared buffer
+
+
+def test_pytorch_sync_batchnorm_recipe_is_followed_by_every_strategy() -> None:
+    # nn.SyncBatchNorm.convert_sync_batchnorm(model), PyTorch's DDP recipe, must mean what set_sync_bn means:
+    # shared/fused read it from the modules (tests/test_ddp.py checks the numbers on two ranks)
+    from effdense.strategies import shared
+
+    group = object()  # stands for a torch.distributed process group: only its identity is read here
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(effdense.densenet_cifar(16, 6, num_classes=3), group)
+    block, transition = model.features.denseblock1, model.features.transition1
+    assert not block.sync_bn
+    assert shared._sync_semantics(block, transition) == (True, group)
+    assert shared._sync_semantics(model.features.denseblock3, None) == (True, group)
+
+    # half-converted blocks have no meaning for a shared buffer: named, not guessed
+    transition.norm = nn.BatchNorm2d(transition.norm.num_features)
+    with pytest.raises(ValueError, match=r"4 of this block's 5 are synchronised \(over 1 group"):
+        shared._sync_semantics(block, transition)
+
+    # set_sync_bn(False) undoes either conversion, keeping the very parameter tensors an optimizer holds
+    weight = block.denselayer1.norm1.weight
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.set_sync_bn(False)
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())
+    assert block.denselayer1.norm1.weight is weight and type(block.denselayer1.norm1) is nn.BatchNorm2d
+    assert shared._sync_semantics(block, transition) == (False, None)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

@@ -645,19 +645,46 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+_LOCAL = object()
+
+
+def _sync_semantics(block, transition) -> tuple[bool, Any]:
+    """Whether the stage's BatchNorms synchronise their batch statistics, and over which process group.
+
+    ``DenseNet.set_sync_bn`` says so on the block. Without it the modules decide, as they would for
+    ``naive``: ``nn.SyncBatchNorm.convert_sync_batchnorm(model)``, PyTorch's own recipe, makes every
+    BatchNorm synchronised (a module with a ``process_group``: ``nn.SyncBatchNorm``, or
+    ``effdense.train.CPUSyncBatchNorm``, its stand-in on CPU)."""
+    if getattr(block, "sync_bn", False):
+        return True, getattr(block, "sync_group", None)
+    norms = [m for layer in block.values() for m in (layer.norm1, getattr(layer, "norm2", None)) if m is not None]
+    if transition is not None:
+        norms.append(transition.norm)
+    groups = [getattr(m, "process_group", _LOCAL) for m in norms]
+    if all(g is _LOCAL for g in groups):
+        return False, None
+    if any(g is _LOCAL for g in groups) or any(g is not groups[0] for g in groups):
+        raise ValueError(
+            f"strategies 'shared' and 'fused' synchronise all of a dense block's BatchNorms over one process group or "
+            f"none, but {sum(g is not _LOCAL for g in groups)} of this block's {len(groups)} are synchronised "
+            f"(over {len({id(g) for g in groups if g is not _LOCAL})} group(s)); convert every BatchNorm with "
+            "nn.SyncBatchNorm.convert_sync_batchnorm(model) or DenseNet.set_sync_bn, or use strategy 'naive'"
+        )
+    return True, groups[0]
+
+
 def _make_stage(block, transition, ops: ModuleType, x: torch.Tensor, chunk_factor: int = 1) -> _Stage:
     import torch.distributed as dist
 
-    sync = bool(getattr(block, "sync_bn", False)) and dist.is_available() and dist.is_initialized()
-    if sync and dist.get_world_size(getattr(block, "sync_group", None)) == 1:
-        sync = False
+    sync, group = _sync_semantics(block, transition)
+    sync = sync and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
     return _Stage(
         block=block,
         transition=transition,
         ops=ops,
         policy=block.policy,
         dtype=_autocast_dtype(x),
-        sync_group=getattr(block, "sync_group", None),
+        sync_group=group,
         sync=sync,
         chunk_width=_chunk_width(block, x, chunk_factor),
     )
