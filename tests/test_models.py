@@ -847,3 +847,27 @@ def test_pytorch_sync_batchnorm_recipe_is_followed_by_every_strategy() -> None:
     assert block.denselayer1.norm1.weight is weight and type(block.denselayer1.norm1) is nn.BatchNorm2d
     assert shared._sync_semantics(block, transition) == (False, None)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_torch_func_transforms_run_auto_as_naive() -> None:
+    from torch.func import functional_call, grad, vmap
+
+    model = _small_densenet("auto").eval()
+    reference = _small_densenet("naive").eval()
+    x = torch.randn(3, 3, 29, 29)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def per_sample_input_grads(m):
+        return vmap(grad(lambda xi: m(xi[None]).square().sum()))(x)
+
+    def param_grads(m):
+        return grad(lambda p: functional_call(m, p, (x,)).square().sum())(params)
+
+    assert_close_rel(per_sample_input_grads(model), per_sample_input_grads(reference), name="vmap(grad)")
+    ours, theirs = param_grads(model), param_grads(reference)
+    for k in theirs:
+        assert_close_rel(ours[k], theirs[k], name=k)
+    assert model.strategy == "auto"
+    for strategy in ("shared", "fused"):
+        with pytest.raises(RuntimeError, match=f"strategy '{strategy}' cannot run inside a torch.func transform"):
+            per_sample_input_grads(model.set_strategy(strategy))

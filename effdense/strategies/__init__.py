@@ -131,6 +131,17 @@ def _runner_for(name: str, x: torch.Tensor) -> ModuleType:
             return _runners()["naive"]
         if name in ("shared", "fused"):
             _untraceable(name, "torch.jit.trace")
+    if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
+        # inside a torch.func transform (grad, vmap, jacrev, ...): the shared/fused autograd Function mutates
+        # its buffers and saves state through ctx, which functorch cannot transform; naive's plain operators can
+        if name == "auto":
+            return _runners()["naive"]
+        if name in ("shared", "fused"):
+            raise RuntimeError(
+                f"strategy {name!r} cannot run inside a torch.func transform (grad, vmap, jacrev, ...): its autograd "
+                "Function writes shared buffers in place; call model.set_strategy('naive') (or 'auto', which runs "
+                "as naive there) first"
+            )
     return _runners()[resolve(name, x)]
 
 
