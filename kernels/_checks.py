@@ -46,6 +46,18 @@ def check_activation(name: str, t: torch.Tensor, *, like: torch.Tensor | None = 
         raise ValueError(f"{name}: expected {channels} channels, got shape {tuple(t.shape)}")
 
 
+def check_written(name: str, t: torch.Tensor) -> None:
+    """``t``, a 4-D tensor that a kernel writes (after :func:`check_activation`), has no broadcast dimension:
+    no stride 0 over more than one sample or channel, as an ``expand``ed view has. PyTorch refuses to write
+    such a tensor in place (so the twins did, with "more than one element of the written-to tensor refers to
+    a single memory location"); the kernels' programs would write one address from several places at once."""
+    if (t.stride(1) == 0 and t.shape[1] > 1) or (t.stride(0) == 0 and t.shape[0] > 1):
+        raise ValueError(
+            f"{name}: expected a tensor with memory of its own for each element (it is written in place), got "
+            f"a broadcast view (shape {tuple(t.shape)}, strides {t.stride()}); pass a separate buffer, e.g. .clone()"
+        )
+
+
 def check_vector(
     name: str, v: torch.Tensor, length: int, device: torch.device, dtype: torch.dtype = torch.float32
 ) -> None:
@@ -101,6 +113,7 @@ def check_accumulate(
     check_activation("x", x)
     C = x.shape[1]
     check_activation("grad", grad, like=x, channels=C)
+    check_written("grad", grad)
     check_activation("dh", dh, like=x, channels=C)
     check_vectors(
         C, x.device, stats_dtype(x.dtype), mean=mean, invstd=invstd, gamma=gamma, sum_dh=sum_dh, sum_dh_xmu=sum_dh_xmu

@@ -10,6 +10,8 @@ fake implementation does nothing. The Python functions below choose the backend:
 * ``backend="reference"``: always the PyTorch twin.
 
 Numerics, layouts and shapes are documented on each function; the twins follow the same contract.
+float64 inputs run on the twins only (``"auto"`` picks them, ``"triton"`` refuses), with float64 per-channel
+vectors and statistics wherever fp32 is written below.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from effdense.kernels import _checks, _launch, reference
 
@@ -247,8 +250,9 @@ def channel_stats(
         mean, var = _checks.check_stats_out(out, C, x)
         mutated = (mean, var)
     if not x.numel():  # no values (N, H or W = 0): NaN as torch.var_mean and the twin; C = 0: nothing to do
-        mean.fill_(float("nan"))
-        var.fill_(float("nan"))
+        with torch.no_grad():  # as the kernels write: into an out= that requires grad too
+            mean.fill_(float("nan"))
+            var.fill_(float("nan"))
         return mean, var
     splits = _stats.stats_splits(x)
     parts = [torch.empty((splits, C), dtype=torch.float32, device=x.device) for _ in range(3)]
@@ -364,6 +368,7 @@ def bottleneck_backward_input(
         out = torch.empty((N, C, H, W), dtype=x.dtype, device=x.device)
     else:
         _checks.check_activation("out", out, like=x, channels=C)
+        _checks.check_written("out", out)
         _checks.check_disjoint("out", out, x=x, dy=dy)
     sum_dh, sum_dh_xmu = _zeros(C, x), _zeros(C, x)
     _input_grad(x, scale, shift, weight, dy, mean, out, sum_dh, sum_dh_xmu)
@@ -451,7 +456,29 @@ def _bn_relu_conv1x1_backward(ctx, dy):
             zero = torch.zeros_like(scale)
             bn_backward_accumulate(dx, x, du, zero, torch.ones_like(scale), scale, zero, zero)
         del du
-    return dx, dscale, dshift, dweight
+    grads = (dx, dscale, dshift, dweight)
+    if torch.is_grad_enabled():  # create_graph=True: the kernels have no backward of their own
+        live = [t for t in (dy, *ctx.saved_tensors) if t.requires_grad]
+        if live:
+            return _differentiable_once(grads, live)
+    return grads
+
+
+def _differentiable_once(grads: tuple, inputs: list) -> tuple:
+    """``grads`` as outputs of a node that raises when it is differentiated, with edges to ``inputs`` (``dy``
+    and the saved tensors that require grad), so that a double backward (``create_graph=True`` and then a
+    gradient of these gradients: gradgradcheck, gradient penalties) reaches it and fails clearly. Without
+    it these gradients did not depend on x, scale, shift or the weight, and second derivatives came out as
+    zero. (``torch.autograd.function.once_differentiable`` links the node to ``dy`` only, so a gradient
+    with respect to a saved input would still not reach it.)"""
+    live = [g for g in grads if g is not None]
+    err = torch._C._functions.DelayedError(
+        b"effdense::bn_relu_conv1x1 is differentiable once: its backward runs the bottleneck kernels, "
+        b"which have no backward of their own, so double backward is not supported",
+        len(live) + len(inputs),
+    )
+    it = iter(err(*live, *inputs))  # a tuple: at least two inputs
+    return tuple(None if g is None else next(it) for g in grads)
 
 
 torch.library.register_autograd(
@@ -464,18 +491,55 @@ def bn_relu_conv1x1(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, w
 
     Args:
         x: ``(N, C, H, W)``, (H, W) plane contiguous.
-        scale, shift: fp32 ``[C]`` (differentiable).
+        scale, shift: fp32 ``[C]`` (fp64 for fp64 x; differentiable).
         weight: ``(B, C)`` or ``(B, C, 1, 1)`` in x.dtype (differentiable).
 
     Returns:
         ``(N, B, H, W)`` contiguous in x.dtype. Gradients flow to x, scale, shift and weight; the backend is
         chosen as ``"auto"`` (Triton on CUDA or under the interpreter, else the PyTorch twins).
+
+    Differentiable once, in reverse mode (``.backward()``, ``torch.autograd.grad``, also under
+    ``torch.func.vmap``): differentiating its gradients again (double backward), forward-mode AD
+    (``torch.autograd.forward_ad``, ``torch.func.jvp``) and ``torch.func.grad``/``vjp``/``jacrev`` raise.
     """
     if isinstance(weight, torch.Tensor) and weight.dim() == 4 and weight.shape[2:] == (1, 1):
         weight = weight.flatten(1)  # (B, C, 1, 1); a k x k kernel is refused with its own shape
     reference._check_affine(x, scale, shift)
     _checks.check_weight(weight, x)
+    if _forward_ad._current_level >= 0 or _functorch_active():  # (two flag reads on the common path)
+        _check_autodiff(x, scale, shift, weight)
     return _bn_relu_conv1x1_op(x, scale, shift, weight)
+
+
+def _check_autodiff(*inputs: torch.Tensor) -> None:
+    """Refuse the differentiation modes that the op's ``torch.library`` registration (a backward only) does
+    not support, instead of a wrong answer or PyTorch's message about ``autograd.Function.setup_context``:
+
+    * forward mode (``torch.autograd.forward_ad``, ``torch.func.jvp``/``jacfwd``/``hessian``): the op has no
+      forward derivative, and PyTorch ran it on the primals alone, so tangents came out as zero (or ``None``);
+    * ``torch.func.grad``/``vjp``/``jacrev``, which need an ``autograd.Function`` with ``setup_context``.
+
+    ``torch.func.vmap`` and ordinary autograd (``.backward()``, ``torch.autograd.grad``) work."""
+    if _forward_ad._current_level >= 0:  # a dual level is open: is any input a dual tensor?
+        try:
+            dual = any(_forward_ad.unpack_dual(t).tangent is not None for t in inputs)
+        except RuntimeError:  # e.g. jvp over vmap: unpack_dual has no batching rule; assume a tangent
+            dual = True
+        if dual:
+            raise NotImplementedError(
+                "bn_relu_conv1x1: forward-mode AD (torch.autograd.forward_ad, torch.func.jvp/jacfwd/hessian) "
+                "is not supported: the op has no forward derivative; use reverse mode (.backward(), "
+                "torch.autograd.grad)"
+            )
+    if _functorch_active() and any(t.requires_grad for t in inputs):
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        if any(i.key() == torch._C._functorch.TransformType.Grad for i in retrieve_all_functorch_interpreters()):
+            raise NotImplementedError(
+                "bn_relu_conv1x1: torch.func.grad/vjp/jacrev are not supported (the op's backward is registered "
+                "for torch.autograd only); use .backward() or torch.autograd.grad, which also work under "
+                "torch.func.vmap and torch.func.functional_call"
+            )
 
 
 def bottleneck_backward(
@@ -527,6 +591,7 @@ def bottleneck_backward(
     N, C, H, W = x.shape
     _checks.check_dy(dy, x, weight.shape[0])
     _checks.check_activation("grad", grad, like=x, channels=C)
+    _checks.check_written("grad", grad)
     _checks.check_vectors(C, x.device, torch.float32, mean=mean, invstd=invstd, gamma=gamma)
     reference.check_chunk(chunk)
     dw = _weight_grad(x, scale, shift, dy)
@@ -551,4 +616,5 @@ def bottleneck_backward(
             sd = sx = zero[c0:c1] if c1 - c0 != C else zero
         _accumulate(g, xs, dh, mn, isd, gm, sd, sx)
     del scratch
-    return dw, sum_dh_xmu.mul_(invstd), sum_dh  # dgamma in place: the two rows of one buffer
+    # dgamma in place: the two rows of one buffer (an invstd that requires grad must not make it differentiable)
+    return dw, sum_dh_xmu.mul_(invstd.detach() if invstd.requires_grad else invstd), sum_dh

@@ -3,7 +3,8 @@
 Same signatures and the same numerics contract as :mod:`effdense.kernels.ops`: statistics and reductions in
 fp32, ``h = relu(scale*x + shift)`` formed in fp32 and rounded to ``x.dtype`` before the matrix product
 (what autocast feeds a convolution), outputs in ``x.dtype`` except the fp32 weight gradient and sums.
-Each function allocates at most one activation-sized fp32 temporary at a time, besides its outputs.
+Besides its outputs, each function allocates a few temporaries the size of ``x`` (or, with ``chunk=``,
+of a channel chunk of it; in fp32), e.g. the matrix product and the ReLU mask at once.
 
 Shapes: ``x`` is ``(N, C, H, W)`` with a contiguous (H, W) plane (a channel slice of a larger buffer is fine),
 ``weight`` is ``(B, C)``, ``dy`` is ``(N, B, H, W)``, per-channel vectors are fp32 ``[C]`` (or ``[B]``).
@@ -223,6 +224,7 @@ def bottleneck_backward_input(
         out = torch.empty((N, C, H, W), dtype=x.dtype, device=x.device)
     else:
         _checks.check_activation("out", out, like=x, channels=C)
+        _checks.check_written("out", out)
         _checks.check_disjoint("out", out, x=x, dy=dy)
     g = _wmm(weight.contiguous().t(), dy.reshape(N, B, H * W)).view(N, C, H, W)
     # ReLU mask as 0/1 in the pre-activation's own storage (gt_ in place), applied with one multiply:
@@ -291,6 +293,7 @@ def bottleneck_backward(
     B = weight.shape[0]
     _checks.check_dy(dy, x, B)
     _checks.check_activation("grad", grad, like=x, channels=C)
+    _checks.check_written("grad", grad)
     acc = _checks.stats_dtype(x.dtype)
     _checks.check_vectors(C, x.device, acc, mean=mean, invstd=invstd, gamma=gamma)
     check_chunk(chunk)

@@ -940,3 +940,113 @@ def test_bn_relu_conv1x1_names_a_kxk_weight_by_its_shape():
     with pytest.raises(ValueError, match=r"weight: expected shape \(B, 8\).*got shape \(4, 8, 3, 3\)"):
         K.bn_relu_conv1x1(x, s, t, torch.randn(4, 8, 3, 3))
     assert K.bn_relu_conv1x1(x, s, t, torch.randn(4, 8, 1, 1)).shape == (2, 4, 5, 5)
+
+
+# --------------------------------------------------------------------------------------------------
+# Differentiation modes of bn_relu_conv1x1 beyond first-order reverse mode
+
+
+def _brc_inputs(dtype=torch.float64):
+    x, s, t, w, _, _ = _small(N=2, C=5, H=3, W=2, B=3)
+    s, t = s.to(dtype), (t * 0.3).to(dtype)
+    return [a.to(dtype).requires_grad_() for a in (x, s, t, w)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64-twin", "fp32-auto"])
+def test_bn_relu_conv1x1_double_backward_raises(dtype):
+    # before: with create_graph=True the gradients came back without a graph (the kernels and twins have
+    # no backward), so a second derivative was silently zero: gradgradcheck failed "Numerical gradient for
+    # function expected to be zero", and torch.autograd.grad of a gradient said "appears to not have been
+    # used in the graph" (or, with allow_unused=True, gave None: zero)
+    ins = _brc_inputs(dtype)
+    first = torch.autograd.grad(K.bn_relu_conv1x1(*ins).square().sum(), ins)
+    grads = torch.autograd.grad(K.bn_relu_conv1x1(*ins).square().sum(), ins, create_graph=True)
+    for a, b in zip(grads, first):  # first order unchanged
+        assert a.requires_grad
+        torch.testing.assert_close(a.detach(), b, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="bn_relu_conv1x1 is differentiable once"):
+        torch.autograd.grad(grads[3].sum(), ins[0], allow_unused=True)  # d(dW)/dx: through the saved x
+    with pytest.raises(RuntimeError, match="bn_relu_conv1x1 is differentiable once"):
+        grads[0].sum().backward()
+    if dtype == torch.float64:
+        with pytest.raises(RuntimeError, match="bn_relu_conv1x1 is differentiable once"):
+            torch.autograd.gradgradcheck(K.bn_relu_conv1x1, _brc_inputs(dtype))
+    # gradcheck (first order) still passes on the twin
+    assert dtype != torch.float64 or torch.autograd.gradcheck(K.bn_relu_conv1x1, _brc_inputs(dtype))
+
+
+def test_bn_relu_conv1x1_forward_mode_and_func_grad_are_refused():
+    # before: forward-mode AD ran the op on the primals alone (a torch.library op has no forward
+    # derivative): torch.func.jvp returned a zero tangent and forward_ad.unpack_dual a None tangent;
+    # torch.func.grad/jacrev failed with PyTorch's "an autograd.Function ... must override the
+    # setup_context staticmethod"
+    import torch.autograd.forward_ad as fwAD
+
+    x, s, t, w = (a.detach() for a in _brc_inputs(torch.float32))
+    fwd = "forward-mode AD .* is not supported"
+    with pytest.raises(NotImplementedError, match=fwd):
+        torch.func.jvp(lambda a: K.bn_relu_conv1x1(x, s, t, a), (w,), (torch.ones_like(w),))
+    with pytest.raises(NotImplementedError, match=fwd):
+        torch.func.jacfwd(lambda a: K.bn_relu_conv1x1(a, s, t, w))(x)
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match=fwd):
+            K.bn_relu_conv1x1(x, s, fwAD.make_dual(t, torch.ones_like(t)), w)
+        y = K.bn_relu_conv1x1(x, s, t, w)  # no dual input: fine
+    with pytest.raises(NotImplementedError, match=r"torch.func.grad/vjp/jacrev are not supported"):
+        torch.func.grad(lambda a: K.bn_relu_conv1x1(x, s, t, a).sum())(w)
+    # what works: tangents/gradients that do not pass through the op, vmap, and autograd under vmap
+    a = torch.tensor(2.0)
+    _, tangent = torch.func.jvp(lambda a: K.bn_relu_conv1x1(x, s, t, w).sum() * a, (a,), (torch.tensor(1.0),))
+    torch.testing.assert_close(tangent, y.sum())
+    torch.testing.assert_close(torch.func.grad(lambda a: K.bn_relu_conv1x1(x, s, t, w).sum() * a)(a), y.sum())
+    xs = torch.stack([x, 2 * x])
+    ys = torch.func.vmap(lambda b: K.bn_relu_conv1x1(b, s, t, w))(xs)
+    torch.testing.assert_close(ys[1], K.bn_relu_conv1x1(2 * x, s, t, w), **FP32_TOL)
+
+
+# --------------------------------------------------------------------------------------------------
+# More unusual inputs
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_broadcast_grad_and_out_are_refused(backend):
+    # before: an expanded (stride-0) grad or out was written by the kernels from several programs at once
+    # (bn_backward_accumulate's result off by ~5 in the interpreter, a race on a GPU), while the twins
+    # raised PyTorch's "more than one element of the written-to tensor refers to a single memory location"
+    _need_backend(backend)
+    x, s, t, w, dy, m = _small()
+    dh, sum_dh, sum_dh_xmu = K.bottleneck_backward_input(x, s, t, w, dy, m, backend="reference")
+    msg = r"{}: expected a tensor with memory of its own for each element .* broadcast view"
+    for bcast in (torch.zeros(1, 8, 5, 5).expand(2, 8, 5, 5), torch.zeros(2, 1, 5, 5).expand(2, 8, 5, 5)):
+        with pytest.raises(ValueError, match=msg.format("grad")):
+            K.bn_backward_accumulate(bcast, x, dh, m, s, s, sum_dh, sum_dh_xmu, backend=backend)
+        with pytest.raises(ValueError, match=msg.format("grad")):
+            K.bottleneck_backward(x, s, t, w, dy, m, s, s, bcast, backend=backend)
+        with pytest.raises(ValueError, match=msg.format("out")):
+            K.bottleneck_backward_input(x, s, t, w, dy, m, out=bcast, backend=backend)
+    # a broadcast x (read only) is fine, and a single sample or channel has no stride to speak of
+    xb = x[:1].expand(2, 8, 5, 5)
+    for a, b in zip(K.bottleneck_forward(xb, s, t, w, backend=backend), R.bottleneck_forward(xb.contiguous(), s, t, w)):
+        torch.testing.assert_close(a, b, **FP32_TOL)
+    g1 = torch.zeros(1, 8, 5, 5).expand(1, 8, 5, 5)
+    K.bn_backward_accumulate(g1, x[:1], dh[:1], m, s, s, sum_dh, sum_dh_xmu, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_vectors_requiring_grad_are_read_as_data(backend):
+    # before, on Triton: bottleneck_backward with an invstd that requires grad raised "A view was created
+    # in no_grad mode and is being modified inplace with grad mode enabled" (dgamma is formed in place),
+    # and channel_stats of an empty x into an out= mean that requires grad raised "a leaf Variable that
+    # requires grad is being used in an in-place operation"; the twins ran
+    _need_backend(backend)
+    x, s, t, w, dy, m = _small()
+    invstd = s.clone().requires_grad_()
+    g, g_ref = torch.zeros_like(x), torch.zeros_like(x)
+    got = K.bottleneck_backward(x, s, t, w, dy, m, invstd, s, g, backend=backend)
+    ref = R.bottleneck_backward(x, s, t, w, dy, m, s, s, g_ref)
+    for a, b in zip((*got, g), (*ref, g_ref)):
+        assert not a.requires_grad
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    mean, var = torch.empty(8, requires_grad=True), torch.empty(8)
+    K.channel_stats(torch.randn(0, 8, 5, 5), out=(mean, var), backend=backend)
+    assert torch.isnan(mean.detach()).all() and torch.isnan(var).all()
