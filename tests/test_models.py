@@ -871,3 +871,17 @@ def test_torch_func_transforms_run_auto_as_naive() -> None:
     for strategy in ("shared", "fused"):
         with pytest.raises(RuntimeError, match=f"strategy '{strategy}' cannot run inside a torch.func transform"):
             per_sample_input_grads(model.set_strategy(strategy))
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_double_backward_names_the_way_out(strategy: str) -> None:
+    model, reference = _small_densenet(strategy), _small_densenet("naive")
+    x = torch.randn(2, 3, 29, 29, requires_grad=True)
+    first, = torch.autograd.grad(model(x).square().sum(), x, create_graph=True)
+    expected, = torch.autograd.grad(reference(x).square().sum(), x, create_graph=True)
+    assert_close_rel(first, expected, rtol=1e-4, name="first-order input gradient under create_graph")
+    with pytest.raises(RuntimeError, match="differentiable once.*set_strategy\\('naive'\\) or 'checkpoint'"):
+        first.square().sum().backward()
+    for strategy_that_can in ("naive", "checkpoint"):
+        first, = torch.autograd.grad(model.set_strategy(strategy_that_can)(x).square().sum(), x, create_graph=True)
+        first.square().sum().backward()  # a gradient penalty

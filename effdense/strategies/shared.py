@@ -40,12 +40,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from types import ModuleType
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from effdense.strategies import checkpoint as _checkpoint
 from effdense.strategies import naive as _naive
@@ -576,6 +576,32 @@ def _transition_backward(stage: _Stage, state: _StageState, Fbuf: torch.Tensor, 
     return [dgamma.to(t.norm.weight.dtype), dbeta.to(t.norm.bias.dtype), dw.view_as(t.conv.weight).to(t.conv.weight.dtype)]
 
 
+def _differentiable_once(backward):
+    """``torch.autograd.function.once_differentiable`` with a message that names the way out: the backward
+    runs without grad, and under ``create_graph=True`` its gradients come from a node that raises when they
+    are differentiated again (gradient penalties, ``gradgradcheck``), linked, as PyTorch's, to the incoming
+    gradients that require grad."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        with torch.no_grad():
+            outputs = backward(ctx, *grads)
+        live = [g for g in grads if isinstance(g, torch.Tensor) and g.requires_grad]
+        if not torch.is_grad_enabled() or not live:
+            return outputs
+        present = [o for o in outputs if o is not None]
+        err = torch._C._functions.DelayedError(
+            b"effdense: strategies 'shared' and 'fused' are differentiable once (their dense-block backward runs "
+            b"without autograd), so a double backward (create_graph=True, then a gradient of those gradients, "
+            b"e.g. a gradient penalty) is not supported: call model.set_strategy('naive') or 'checkpoint' first",
+            len(present),
+        )
+        made = iter(err(*[o.detach().requires_grad_() for o in present]))
+        return tuple(None if o is None else next(made) for o in outputs)
+
+    return wrapper
+
+
 class _DenseStageFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stage: _Stage, x: torch.Tensor, *params: torch.Tensor):  # type: ignore[override]
@@ -588,7 +614,7 @@ class _DenseStageFunction(torch.autograd.Function):
         return Fbuf if out is None else out
 
     @staticmethod
-    @once_differentiable
+    @_differentiable_once
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         (Fbuf,) = ctx.saved_tensors  # PyTorch's own error on a second backward without retain_graph
         stage: _Stage = ctx.stage
