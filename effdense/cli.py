@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import sys
 from typing import Sequence
@@ -83,15 +84,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     from effdense.benchutil import UsageError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return int(args._module.main(args) or 0)
-    except UsageError as exc:
-        print(f"effdense {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"effdense {args.command}: interrupted", file=sys.stderr)
-        return 130
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:  # --help, or a usage error
+            sys.stdout.flush()
+            raise
+        try:
+            code = int(args._module.main(args) or 0)
+        except UsageError as exc:
+            print(f"effdense {args.command}: error: {exc}", file=sys.stderr)
+            code = 2
+        except KeyboardInterrupt:
+            print(f"effdense {args.command}: interrupted", file=sys.stderr)
+            code = 130
+        sys.stdout.flush()  # a pipe's buffered output fails here, not in the interpreter's shutdown
+        return code
+    except BrokenPipeError:
+        return _broken_pipe()
+
+
+def _broken_pipe() -> int:
+    """The reader of stdout (or stderr) went away, as ``effdense summary densenet121 | head -3`` does: stop
+    quietly, without a traceback, as coreutils do on SIGPIPE. The exit code is theirs too, 141 (128 +
+    SIGPIPE), what ``set -o pipefail`` sees of ``seq 100000 | head -1``: the output was cut short, which 0
+    would hide. Work after the failed write is not done (files of ``--out`` written after it included).
+
+    Both streams are pointed at ``/dev/null`` so that the interpreter's final flush of what is still
+    buffered cannot fail again (Python's recommended handling, see the ``signal`` module's documentation).
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (AttributeError, OSError, ValueError):  # replaced streams (pytest's capture) without a descriptor
+            pass
+    os.close(devnull)
+    return 128 + 13  # SIGPIPE
 
 
 if __name__ == "__main__":  # pragma: no cover

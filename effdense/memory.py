@@ -22,10 +22,12 @@ Three ways to get the number, one API (:func:`measure_step`, :func:`estimate_ste
 - FakeTensor estimate: the same tracker inside ``FakeTensorMode`` (fake mode the *outer* context). No
   memory is allocated and no arithmetic is done, so configurations that do not fit anywhere (DenseNet-264
   at batch 256, a 1500-layer DenseNet-BC) are estimated in seconds, and the number equals the exact CPU
-  measurement of the same configuration. One known exception, PyTorch's own: under bf16/fp16 autocast,
-  ``nn.BatchNorm2d`` on CPU saves its batch statistics in fp32 while its fake/meta kernel claims the input's
-  dtype, so naive and checkpoint estimates come out a few bytes per BatchNorm channel low (0.05 % for
-  DenseNet-BC-16 at batch 4, 32x32, bf16); shared and fused, which keep their own fp32 statistics, are exact there too.
+  measurement of the same configuration. Where PyTorch's fake or meta kernel claims a size that its CPU
+  kernel does not allocate, the tracker counts the CPU kernel's (``_cpu_nbytes``): the saved statistics
+  of BatchNorm, LayerNorm and GroupNorm, whose dtype (bf16/fp16 inputs, fp32 or low-precision parameters)
+  and length (BatchNorm in eval) the meta and fake kernels get wrong. Not corrected: GroupNorm under
+  autocast (estimates can exceed the CPU by its input's size in fp32) and fake CUDA estimates, which take
+  the fake kernels' sizes as they are.
 - meta estimate: the same tracker over tensors on the ``meta`` device; same number, five to ten times
   faster, for code that runs on meta tensors (``estimate_step(..., backend="meta"|"auto")``).
 - CUDA: ``torch.cuda.reset_peak_memory_stats()`` with model and input already on the device, then
@@ -196,6 +198,7 @@ class MemoryTracker(TorchDispatchMode):
         self._live: dict[int, int] = {}  # storage key -> nbytes
         self._refs: dict[int, weakref.ref] = {}
         self._born: dict[int, int] = {}  # storage key -> allocation sequence number (0: tracked)
+        self._claimed: dict[int, int] = {}  # storage key -> nbytes the real CPU kernel allocates (see _cpu_nbytes)
         self.current = 0
         self.peak = 0
         self.num_allocations = 0
@@ -217,6 +220,7 @@ class MemoryTracker(TorchDispatchMode):
             self.current -= nbytes
             self._refs.pop(key, None)
             self._born.pop(key, None)
+            self._claimed.pop(key, None)
 
     def track(self, tensors: Iterable[torch.Tensor | None] | torch.Tensor | nn.Module) -> int:
         """Count ``tensors`` (or a module's parameters and buffers) as live from now until they are freed.
@@ -266,6 +270,7 @@ class MemoryTracker(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         input_keys: set[int] | None = None
+        claims = _cpu_nbytes(func, args, kwargs, out)
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor):
                 continue
@@ -273,7 +278,9 @@ class MemoryTracker(TorchDispatchMode):
             if st is None:
                 continue
             key = st._cdata
-            nbytes = st.nbytes()
+            if claims is not None and id(t) in claims and key not in self._live:
+                self._claimed[key] = claims[id(t)]
+            nbytes = self._claimed.get(key, st.nbytes())
             known = self._live.get(key)
             if known is not None:
                 if known != nbytes:  # storage resized (resize_, out= arguments)
@@ -295,6 +302,56 @@ class MemoryTracker(TorchDispatchMode):
             self.num_allocations += 1
             self._add(st, key, nbytes, self.num_allocations)
         return out
+
+
+_REDUCED_FLOATS = (torch.bfloat16, torch.float16)
+_aten = torch.ops.aten
+_NORMS = {  # op: (names of its leading arguments, the parameters among them)
+    _aten.native_batch_norm.default: (("input", "weight", "bias", "running_mean", "running_var", "training"),
+                                      ("weight", "bias", "running_mean", "running_var")),
+    _aten.native_layer_norm.default: (("input", "normalized_shape", "weight", "bias"), ("weight", "bias")),
+    _aten.native_group_norm.default: (("input", "weight", "bias"), ("weight", "bias")),
+}  # fmt: skip
+
+
+def _cpu_nbytes(func: Any, args: Sequence[Any], kwargs: dict[str, Any] | None, out: Any) -> dict[int, int] | None:
+    """Where a meta or fake-CPU kernel's outputs differ in size from what the real CPU kernel allocates:
+    ``{id(output): CPU nbytes}``; ``None`` elsewhere (almost always).
+
+    The normalisations' saved statistics (``native_batch_norm``, as every ``nn.BatchNorm2d`` runs on CPU;
+    ``native_layer_norm``, ``native_group_norm``): the CPU kernels (torch 2.14.1, checked against them) make
+    them fp32 when a bf16/fp16 input meets fp32 parameters (autocast over an fp32 model) and else the
+    input's dtype, and BatchNorm's ``C`` elements in training, none in eval. The meta kernels make BatchNorm's
+    and LayerNorm's fp32 and BatchNorm's ``C`` long in eval too, the fake kernels make all of them the input's
+    dtype, so that estimates of a bf16 DenseNet on meta came out 4 bytes per BatchNorm channel high, and fake
+    estimates under bf16 autocast 4 bytes per channel low (16 bytes for a 4-channel BatchNorm). Fake CUDA
+    tensors are left alone: the CUDA kernels' rules are not checked here.
+
+    Not corrected: for a bf16/fp16 input with fp32 parameters (``nn.GroupNorm`` under autocast),
+    ``native_group_norm_backward``'s meta and fake kernels return an fp32 input gradient, which autograd
+    then casts to the input's dtype, where the CPU kernel returns the input's dtype at once; an estimate
+    may count that extra fp32 gradient (at most 4 bytes per element of the GroupNorm's input).
+    """
+    spec = _NORMS.get(func)
+    if spec is None or not isinstance(out, (tuple, list)) or len(out) != 3 or not _claims_cpu(out[0]):
+        return None
+    names, param_names = spec
+    bound = dict(zip(names, args))
+    bound.update(kwargs or {})
+    inp = bound["input"]
+    mixed = inp.dtype in _REDUCED_FLOATS and any(
+        bound.get(name) is not None and bound[name].dtype == torch.float32 for name in param_names
+    )
+    itemsize = (torch.float32 if mixed else inp.dtype).itemsize
+    if func is _aten.native_batch_norm.default:
+        numel = inp.shape[1] if bound.get("training") else 0
+        return {id(out[1]): numel * itemsize, id(out[2]): numel * itemsize}
+    return {id(t): t.numel() * itemsize for t in out[1:]}
+
+
+def _claims_cpu(t: torch.Tensor) -> bool:
+    """A meta tensor (meta estimates stand for the CPU) or a fake tensor on the CPU."""
+    return t.device.type == "meta" or (_is_fake(t) and t.fake_device.type == "cpu")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -751,7 +808,7 @@ def estimate_step(
                 "initialises CUDA), and this machine has none; estimate with device='cpu'"
             )
         context = FakeTensorMode(allow_non_fake_inputs=False)
-        copy_module = functools.partial(_fake_copy, fake_mode=context)
+        copy_module = functools.partial(_fake_copy, fake_mode=context, device=device)
     if isinstance(model, nn.Module):
         module = copy_module(model)  # outside the context: the real tensors are read, not faked
     # the model is built on ``device`` from the start: moving fake parameters afterwards is not possible
@@ -809,11 +866,23 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     return _fake_copy(model, convert=lambda t: t.detach().to("meta"))
 
 
-def _fake_copy(model: nn.Module, fake_mode: Any = None, convert: Callable[[torch.Tensor], torch.Tensor] | None = None) -> nn.Module:
-    """A copy of ``model`` whose parameters and buffers are fake tensors of the same shapes (ties kept)."""
+def _fake_copy(
+    model: nn.Module,
+    fake_mode: Any = None,
+    convert: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    device: torch.device | None = None,
+) -> nn.Module:
+    """A copy of ``model`` whose parameters and buffers are fake tensors of the same shapes (ties kept), on
+    ``device`` (default: where each one is)."""
     import copy
 
-    convert = convert or (lambda t: fake_mode.from_tensor(t.detach()))
+    def to_fake(t: torch.Tensor) -> torch.Tensor:
+        if device is not None and t.device.type != device.type:  # a model on meta (or elsewhere): fake it where estimated
+            with fake_mode:
+                return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+        return fake_mode.from_tensor(t.detach())
+
+    convert = convert or to_fake
 
     tensors = [*model.parameters(), *model.buffers()]
     # the module tree is copied with placeholders instead of tensors; real data is never duplicated

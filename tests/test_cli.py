@@ -208,6 +208,23 @@ def test_console_entry_point_runs():
     assert result.stderr.strip().count("\n") == 0 and "12XB" in result.stderr
 
 
+@pytest.mark.parametrize("argv", [
+    ["summary", "densenet_bc_10", "--no-memory", "--image-size", "8"],  # stdout written at exit (buffered)
+    ["max-depth", "--budget", "300KiB", "--batch-size", "1", "--strategies", "naive", "--depth-limit", "10"],
+])  # fmt: skip
+def test_closed_stdout_ends_quietly_with_141(tmp_path, argv):
+    """``effdense summary densenet121 | head -3``: the reader goes away; before, a BrokenPipeError traceback
+    (or 'Exception ignored ... BrokenPipeError' at shutdown) and exit code 1. Now no traceback, exit 141
+    (128 + SIGPIPE, as coreutils). The read end is closed before the child writes anything, so the first
+    write fails whatever the timing."""
+    proc = subprocess.Popen([sys.executable, "-m", "effdense.cli", *argv, "--out", str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode == 141, err
+
+
 def test_subcommands_come_from_one_table():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
