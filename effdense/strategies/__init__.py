@@ -159,6 +159,9 @@ def _untraceable(name: str, tracer: str) -> NoReturn:
 # checkpoint calls a layer's parts but not the layer; a forward or backward hook registered on any of those
 # modules (by Grad-CAM, feature extraction, FLOP or shape counters) would silently not fire. Such a block
 # runs as naive, whose module calls fire every hook once per forward, as torchvision's plain model does.
+# Hooks registered for all modules (register_module_forward_hook) are not a reason: PyTorch's own tools
+# register them to attribute work to modules (FlopCounterMode's ModuleTracker), and they should see the
+# strategy as it runs (its recomputation included); they fire for the modules that the strategy calls.
 
 
 def _own_hooks(module: torch.nn.Module) -> bool:
@@ -171,15 +174,6 @@ def _has_hooks(module: torch.nn.Module) -> bool:
     return _own_hooks(module) or any(child is not None and _has_hooks(child) for child in module._modules.values())
 
 
-def _global_hooks() -> bool:
-    """Whether module hooks registered for all modules (``torch.nn.modules.module.register_module_*``) exist."""
-    from torch.nn.modules import module as m
-
-    return bool(
-        m._global_forward_hooks or m._global_forward_pre_hooks or m._global_backward_hooks or m._global_backward_pre_hooks
-    )
-
-
 def _hook_fallback(block: "_DenseBlock", concrete: str) -> bool:
     """Whether ``block`` must run as naive so that its modules' hooks fire (and warn if so). ``checkpoint``
     calls every module of a layer, and recomputes ``norm1``/``relu1``/``conv1`` in backward, as torchvision's
@@ -190,7 +184,7 @@ def _hook_fallback(block: "_DenseBlock", concrete: str) -> bool:
         # are (dynamo refuses warnings.warn there), so hooks inside a block do not fire: documented
         return False
     skipped = _own_hooks if concrete == "checkpoint" else _has_hooks
-    if not (_global_hooks() or any(skipped(layer) for layer in block.values())):
+    if not any(skipped(layer) for layer in block.values()):
         return False
     hooked = [
         f"{name}.{sub}" if sub else name
@@ -198,7 +192,7 @@ def _hook_fallback(block: "_DenseBlock", concrete: str) -> bool:
         for sub, m in (layer.named_modules() if concrete != "checkpoint" else [("", layer)])
         if _own_hooks(m)
     ]
-    names = ", ".join(hooked[:3]) + (", ..." if len(hooked) > 3 else "") if hooked else "all modules"
+    names = ", ".join(hooked[:3]) + (", ..." if len(hooked) > 3 else "")
     warnings.warn(
         f"effdense: a dense block runs as strategy 'naive' instead of {concrete!r}, because module hooks are "
         f"registered on {names} and {concrete!r} computes the block without calling "
@@ -224,9 +218,7 @@ def run_features(name: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Te
     of ``model.features``, the plain module, so that the stem, transitions and blocks are called (each
     block then on its strategy, or as ``naive`` when its own layers hold the hooks)."""
     module = _runner_for(name, x)
-    if hasattr(module, "run_features") and (
-        torch.compiler.is_compiling() or not (_global_hooks() or _has_hooks(model.features))
-    ):
+    if hasattr(module, "run_features") and (torch.compiler.is_compiling() or not _has_hooks(model.features)):
         return module.run_features(model, x)
     return model.features(x)
 
