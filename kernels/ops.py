@@ -219,6 +219,28 @@ def _(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu) -> None:
     return None
 
 
+# FLOP formulas for torch.utils.flop_counter.FlopCounterMode (which sees these ops, not the launches inside):
+# each GEMM op is a 1x1 convolution's worth, 2*N*H*W*C*B; the statistics and BN-backward ops are elementwise
+# and, like PyTorch's own batch_norm, not counted.
+
+
+def _gemm_flops(x_shape, weight_or_dy_shape) -> int:
+    n, c, h, w = x_shape
+    return 2 * n * h * w * c * weight_or_dy_shape[1 if len(weight_or_dy_shape) == 4 else 0]
+
+
+def _register_flop_formulas() -> None:
+    from torch.utils.flop_counter import register_flop_formula
+
+    ops = torch.ops.effdense
+    register_flop_formula(ops.bottleneck_forward)(lambda x, scale, shift, weight, *_, **__: _gemm_flops(x, weight))
+    register_flop_formula(ops.bottleneck_backward_weight)(lambda x, scale, shift, dy, *_, **__: _gemm_flops(x, dy))
+    register_flop_formula(ops.bottleneck_backward_input)(lambda x, scale, shift, weight, *_, **__: _gemm_flops(x, weight))
+
+
+_register_flop_formulas()
+
+
 # --------------------------------------------------------------------------------------------------
 # Public functions
 
@@ -434,6 +456,11 @@ def _bn_relu_conv1x1_op(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tenso
 @_bn_relu_conv1x1_op.register_fake
 def _(x, scale, shift, weight):
     return x.new_empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]))
+
+
+torch.utils.flop_counter.register_flop_formula(torch.ops.effdense.bn_relu_conv1x1)(
+    lambda x, scale, shift, weight, *_, **__: _gemm_flops(x, weight)
+)
 
 
 def _bn_relu_conv1x1_setup(ctx, inputs, output) -> None:

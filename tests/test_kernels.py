@@ -1050,3 +1050,30 @@ def test_vectors_requiring_grad_are_read_as_data(backend):
     mean, var = torch.empty(8, requires_grad=True), torch.empty(8)
     K.channel_stats(torch.randn(0, 8, 5, 5), out=(mean, var), backend=backend)
     assert torch.isnan(mean.detach()).all() and torch.isnan(var).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_flop_counter_counts_the_kernels_as_their_twins(device) -> None:
+    # FlopCounterMode sees the effdense::* ops, not the launches inside; without their formulas a fused
+    # step's bottleneck GEMMs counted 0 FLOPs
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _need_triton(device)
+    case = _case(SHAPES[1], torch.float32, device)
+    x, scale, shift, weight, dy, mean = (case[k] for k in ("x", "scale", "shift", "weight", "dy", "mean"))
+    N, C, H, W = x.shape
+    gemm = 2 * N * H * W * C * weight.shape[0]
+    calls = {
+        "forward": (lambda b: K.bottleneck_forward(x, scale, shift, weight, backend=b), gemm),
+        "weight": (lambda b: K.bottleneck_backward_weight(x, scale, shift, dy, backend=b), gemm),
+        "input": (lambda b: K.bottleneck_backward_input(x, scale, shift, weight, dy, mean, backend=b), gemm),
+    }
+    for name, (call, expected) in calls.items():
+        for backend in ("triton", "reference"):
+            with FlopCounterMode(display=False) as counter:
+                call(backend)
+            assert counter.get_total_flops() == expected, (name, backend)
+    xg, wg = x.detach().requires_grad_(), weight.detach().requires_grad_()
+    with FlopCounterMode(display=False) as counter:
+        K.bn_relu_conv1x1(xg, scale, shift, wg).sum().backward()
+    assert counter.get_total_flops() == 3 * gemm  # forward, weight gradient, input gradient

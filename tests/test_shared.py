@@ -124,6 +124,26 @@ def test_fused_matches_naive_with_real_kernels(builder, shape, device) -> None:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_fused_step_flops_equal_shareds(device) -> None:
+    # FlopCounterMode over a training step: the Triton path's effdense::* ops carry FLOP formulas, so fused
+    # counts the GEMMs shared's twins run (before: its bottleneck GEMMs counted 0)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from effdense.strategies import fused
+
+    if not fused.kernels_available(torch.device(device)):
+        pytest.skip(f"Triton kernels cannot run on {device} here (TRITON_INTERPRET unset)")
+    counts = {}
+    for strategy in ("shared", "fused"):
+        torch.manual_seed(0)
+        model = effdense.densenet_cifar(10, 4, num_classes=10, strategy=strategy).to(device)
+        with FlopCounterMode(display=False) as counter:
+            _step(model, torch.randn(2, 3, 12, 12, device=device), seed=0)
+        counts[strategy] = counter.get_total_flops()
+    assert counts["fused"] == counts["shared"] > 0
+
+
 @pytest.mark.parametrize("recompute", [True, False])
 @pytest.mark.parametrize("cache", [True, False])
 @pytest.mark.parametrize("shared_grad", [True, False])
