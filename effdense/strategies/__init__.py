@@ -169,9 +169,20 @@ def _own_hooks(module: torch.nn.Module) -> bool:
 
 
 def _has_hooks(module: torch.nn.Module) -> bool:
-    """Whether ``module`` or a module below it has a forward (pre-)hook or a backward (pre-)hook. A plain walk
-    over ``_modules``, ~0.4 µs per module: the same checks ``nn.Module.__call__`` makes on every call."""
-    return _own_hooks(module) or any(child is not None and _has_hooks(child) for child in module._modules.values())
+    """Whether ``module`` or a module below it has a forward (pre-)hook or a backward (pre-)hook: the checks
+    ``nn.Module.__call__`` makes on every call, over the instance dicts without recursion (~0.4 µs per module
+    on a loaded 2-core CPU; DenseNet-121's features hold 431)."""
+    stack = [module]
+    pop, extend = stack.pop, stack.extend
+    while stack:
+        m = pop()
+        if m is None:  # a submodule slot set to None
+            continue
+        d = m.__dict__
+        if d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]:
+            return True
+        extend(d["_modules"].values())
+    return False
 
 
 def _hook_fallback(block: "_DenseBlock", concrete: str) -> bool:
