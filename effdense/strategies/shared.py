@@ -705,8 +705,10 @@ def _sync_semantics(block, transition) -> tuple[bool, Any]:
 def _make_stage(block, transition, ops: ModuleType, x: torch.Tensor, chunk_factor: int = 1) -> _Stage:
     import torch.distributed as dist
 
-    sync, group = _sync_semantics(block, transition)
-    sync = sync and dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+    sync, group = False, None
+    if dist.is_available() and dist.is_initialized():  # else nothing to synchronise with: skip the scan
+        sync, group = _sync_semantics(block, transition)
+        sync = sync and dist.get_world_size(group) > 1
     return _Stage(
         block=block,
         transition=transition,
