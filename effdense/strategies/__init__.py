@@ -121,16 +121,16 @@ def _runner_for(name: str, x: torch.Tensor) -> ModuleType:
         # torch.fx symbolic tracing (torchvision's create_feature_extractor, fx quantization): only naive's
         # plain module calls trace, and they make a graph of the model's own modules
         return _runners()["naive"] if name in ("auto", "naive") else _untraceable(name, "torch.fx symbolic tracing")
+    if torch.jit.is_tracing():
+        # a trace records operators, not Python: "auto" records the plain model, as torchvision's traces
+        # (and no branch on the traced shape here, which would only warn)
+        if name in ("shared", "fused"):
+            _untraceable(name, "torch.jit.trace")
+        return _runners()["naive" if name == "auto" else name]
     if x.shape[0] == 0:
         # an empty batch holds no activations to save memory on; naive gives it PyTorch's own semantics
         # (an empty output, BatchNorm counters advanced), as torchvision, where the shared buffers need a batch
         return _runners()["naive"]
-    if torch.jit.is_tracing():
-        # a trace records operators, not Python: "auto" records the plain model, as torchvision's traces
-        if name == "auto":
-            return _runners()["naive"]
-        if name in ("shared", "fused"):
-            _untraceable(name, "torch.jit.trace")
     if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
         # inside a torch.func transform (grad, vmap, jacrev, ...): the shared/fused autograd Function mutates
         # its buffers and saves state through ctx, which functorch cannot transform; naive's plain operators can
