@@ -117,14 +117,33 @@ def load_cifar(name: str, root: str | os.PathLike, image_size: int = 32, augment
     try:
         train = cls(root, train=True, transform=train_tf, download=False)
         test = cls(root, train=False, transform=test_tf, download=False)
-    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted."
-        raise DataError(
-            f"{name}: no valid {subdir!r} folder in {root!r} ({exc}); put the extracted python-version "
-            f"archive from https://www.cs.toronto.edu/~kriz/cifar.html there"
-        ) from exc
+    except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted. You can use download=True ..."
+        raise DataError(_cifar_problem(name, root, cls)) from exc
     except Exception as exc:  # unreadable batch files (truncated pickle, wrong format)
         raise DataError(f"{name}: cannot read {os.path.join(root, subdir)!r}: {type(exc).__name__}: {exc}") from exc
     return DataSpec(name, train, test, len(train.classes), 3, image_size)
+
+
+def _cifar_problem(name: str, root: str, cls: Any) -> str:
+    """Which file of a CIFAR folder torchvision refused, and what to put where. torchvision's own message
+    ("Dataset not found or corrupted. You can use download=True to download it") names no file and advises
+    an option that ``effdense train`` does not have: nothing is downloaded."""
+    from torchvision.datasets.utils import check_integrity
+
+    subdir = cls.base_folder
+    folder = os.path.join(root, subdir)
+    fix = f"put the extracted python-version archive from https://www.cs.toronto.edu/~kriz/cifar.html in {root!r}"
+    if not os.path.isdir(folder):
+        if os.path.basename(os.path.normpath(root)) == subdir:
+            parent = os.path.dirname(os.path.normpath(root)) or "."
+            return f"{name}: {root!r} is the {subdir!r} folder itself; give the folder that holds it: --data-dir {parent}"
+        return f"{name}: no {subdir!r} folder in {root!r}; {fix}"
+    for filename, md5 in [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]:
+        path = os.path.join(folder, filename)
+        if not check_integrity(path, md5):
+            problem = "is missing" if not os.path.exists(path) else "is corrupted (its MD5 checksum is wrong)"
+            return f"{name}: {path!r} {problem}; {fix} again"
+    return f"{name}: torchvision cannot load {folder!r}; {fix}"  # pragma: no cover - every file checks out
 
 
 def load_imagefolder(root: str | os.PathLike, image_size: int = 224, augment: bool = True) -> DataSpec:

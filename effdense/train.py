@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from effdense import densenet, strategies
-from effdense.data import DATASETS, DataError, ShardSampler, Subset, build_datasets
+from effdense.data import DATASETS, DEFAULT_IMAGE_SIZE, DataError, ShardSampler, Subset, build_datasets
 
 DEFAULT_DEPTH = 22
 """Depth of the default model (DenseNet-BC, k=12): ``densenet_bc_22``."""
@@ -352,9 +352,15 @@ def build_model(args: argparse.Namespace, num_classes: int, in_channels: int) ->
         raise TrainError(str(exc)) from exc
 
 
+def _lr_and_weight_decay(optimizer: str, lr: float | None, weight_decay: float | None) -> tuple[float, float]:
+    """``--lr`` and ``--weight-decay``, or the optimiser's defaults where not given."""
+    sgd = optimizer == "sgd"
+    return (lr if lr is not None else (0.1 if sgd else 1e-3),
+            weight_decay if weight_decay is not None else (1e-4 if sgd else 0.05))
+
+
 def _build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
-    lr = args.lr if args.lr is not None else (0.1 if args.optimizer == "sgd" else 1e-3)
-    wd = args.weight_decay if args.weight_decay is not None else (1e-4 if args.optimizer == "sgd" else 0.05)
+    lr, wd = _lr_and_weight_decay(args.optimizer, args.lr, args.weight_decay)
     # no weight decay on BatchNorm parameters and biases (1-D tensors)
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
@@ -517,6 +523,42 @@ def _first_sentence(text: str, limit: int = 120) -> str:
     return sentence if len(sentence) <= limit else sentence[: limit - 3].rstrip() + "..."
 
 
+RESUME_OPTIONS = ("data", "image_size", "subset", "no_augment", "drop_rate", "batch_size", "optimizer", "lr", "momentum",
+                  "weight_decay", "lr_schedule", "lr_milestones", "lr_gamma", "warmup_epochs", "label_smoothing", "seed")
+"""Options that shape the training trajectory. ``--resume`` refuses a run that gives them other values than
+the checkpoint's config: the optimiser and scheduler states would silently override a new ``--lr``, and a new
+``--seed``, ``--batch-size`` or ``--subset`` would shuffle the rest of the run differently (mid-epoch: skip or
+repeat images). Others may change (``--strategy``, ``--precision``, ``--workers``, ``--out-dir``, ...);
+``--epochs`` may be fewer, not more with a cosine schedule (checked once the checkpoint is loaded)."""
+
+
+def _effective_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`RESUME_OPTIONS` of ``config`` (a checkpoint's, or ``vars(args)``), defaults filled in."""
+    opts = {k: config[k] for k in RESUME_OPTIONS if k in config}
+    opts["lr"], opts["weight_decay"] = _lr_and_weight_decay(
+        config.get("optimizer", "sgd"), config.get("lr"), config.get("weight_decay"))
+    if opts.get("image_size") is None and config.get("data") in DEFAULT_IMAGE_SIZE:
+        opts["image_size"] = DEFAULT_IMAGE_SIZE[config["data"]]
+    return opts
+
+
+def check_resume_options(path: str, config: dict[str, Any], args: argparse.Namespace) -> None:
+    """Raise :class:`CheckpointError` when ``args`` (defaults filled in) would continue the run that saved the
+    checkpoint ``path`` (its ``config``) differently from how it started; see :data:`RESUME_OPTIONS`."""
+    saved, now = _effective_options(config), _effective_options(vars(args))
+
+    def show(v: Any) -> str:
+        return "not given" if v is None or v is False else "given" if v is True else str(v)
+
+    changed = [f"--{k.replace('_', '-')} {show(saved[k])} (this run: {show(now.get(k))})"
+               for k in RESUME_OPTIONS if k in saved and saved[k] != now.get(k)]
+    if changed:
+        raise CheckpointError(
+            f"checkpoint {path!r} was saved by a run with other options: {', '.join(changed)}; resume with the "
+            f"checkpoint's options, or start a new run without --resume"
+        )
+
+
 def _load_failure(path: str, exc: BaseException) -> str:
     """Why ``torch.load`` could not read ``path``, in a few words: the exception type and the first
     sentence of its message. torch's weights-only refusal is a page of advice; its cause is the line
@@ -606,12 +648,19 @@ def _peak_memory_mib(device: torch.device) -> tuple[float, str]:
 
 
 class _MetricsLog:
-    def __init__(self, path: str | None, append: bool) -> None:
+    """The per-epoch log: started afresh with ``history``, the rows of the epochs a resumed run has done.
+    Appending to the file instead repeated the rows written after the checkpoint (a run killed with
+    ``--save-every 2`` in epoch 4 of 4, resumed from epoch 2: rows 1, 2, 3, 3, 4), and a resumed run with
+    another ``--metrics`` path lacked the rows before it."""
+
+    def __init__(self, path: str | None, history: list[dict[str, Any]]) -> None:
         self.path = path
-        if path and not append:
+        if path:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             if os.path.exists(path):
                 os.remove(path)
+        for row in history:
+            self.write(row)
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.path:
@@ -730,6 +779,8 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
             _output_file(metrics_path, "--metrics" if args.metrics is not None else "--out-dir")
 
     resume_state = load_checkpoint(args.resume) if args.resume else None
+    if resume_state is not None:
+        check_resume_options(args.resume, resume_state.get("config", {}), args)
 
     random.seed(args.seed)
     np.random.seed(args.seed)
@@ -799,6 +850,13 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
                 f"{saved_world} (this run has {ctx.world_size}), or from an end-of-epoch checkpoint"
             )
         saved_epochs = resume_state.get("config", {}).get("epochs")
+        if saved_epochs is not None and args.epochs > saved_epochs and args.lr_schedule == "cosine":
+            # CosineAnnealingLR past T_max rises again, to the peak lr at twice its length
+            raise CheckpointError(
+                f"checkpoint {args.resume!r} is of a {saved_epochs}-epoch run, whose cosine learning-rate schedule "
+                f"ends at epoch {saved_epochs}; past it the schedule would rise again: resume with --epochs "
+                f"{saved_epochs} or fewer, or start a new run without --resume"
+            )
         if saved_epochs is not None and saved_epochs != args.epochs:
             say(f"note: the learning-rate schedule keeps the checkpoint's length ({saved_epochs} epochs)")
         global_step = int(resume_state.get("global_step", start_epoch * steps_per_epoch + start_step))
@@ -818,7 +876,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
     if args.compile:
         train_model = torch.compile(train_model)
 
-    metrics = _MetricsLog(metrics_path if ctx.is_main else None, append=resume_state is not None)
+    metrics = _MetricsLog(metrics_path if ctx.is_main else None, history)
     n_params = sum(p.numel() for p in model.parameters())
     say(
         f"{spec.name}: {len(train_set)} train / {len(test_set)} test images, {spec.image_size}x{spec.image_size}, "
@@ -1021,8 +1079,26 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    """``python -m effdense.train [options]``."""
-    return main(parse_args(argv))
+    """``python -m effdense.train [options]`` (torchrun's entry): exit codes and messages as ``effdense train``
+    (:func:`effdense.cli.main`), Ctrl-C outside the training loop (data loading, model building) included:
+    130 with one line, not a traceback; a closed stdout (``... | head -2``): 141 quietly."""
+    from effdense.cli import _broken_pipe
+
+    try:
+        try:
+            args = parse_args(argv)
+        except SystemExit:  # --help, or a usage error
+            sys.stdout.flush()
+            raise
+        try:
+            code = main(args)
+        except KeyboardInterrupt:
+            print("effdense train: interrupted", file=sys.stderr)
+            code = 130
+        sys.stdout.flush()  # a pipe's buffered output fails here, not in the interpreter's shutdown
+        return code
+    except BrokenPipeError:
+        return _broken_pipe()
 
 
 if __name__ == "__main__":

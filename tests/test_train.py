@@ -134,7 +134,8 @@ def test_keyboard_interrupt_exception_saves_a_checkpoint_that_resumes(tmp_path):
     "extra",
     [
         ["--precision", "bf16", "--channels-last", "--optimizer", "adamw", "--lr-schedule", "step"],
-        ["--precision", "fp16", "--warmup-epochs", "0.5", "--subset", "64"],  # GradScaler on; fp16 is slow on CPU
+        # GradScaler on; fp16 is slow on CPU. A constant schedule: a cosine one ends with the first run's epochs
+        ["--precision", "fp16", "--warmup-epochs", "0.5", "--subset", "64", "--lr-schedule", "constant"],
     ],
     ids=["bf16-channels_last-adamw-step", "fp16-scaler-warmup"],
 )
@@ -179,7 +180,7 @@ def _run_main(capsys, argv):
     [
         (["--data", "cifar10", "--data-dir", "/nonexistent/cifar"], "does not exist"),
         (["--data", "cifar10"], "needs --data-dir"),
-        (["--data", "cifar100", "--data-dir", "{tmp}"], "no valid 'cifar-100-python' folder"),  # empty folder
+        (["--data", "cifar100", "--data-dir", "{tmp}"], "no 'cifar-100-python' folder in"),  # empty folder
         (["--data", "imagefolder", "--data-dir", "{tmp}"], "no 'train/' folder"),
         (["--model", "resnet50"], "unknown model 'resnet50'"),
         (["--depth", "11"], "is not a valid DenseNet-BC"),
@@ -265,3 +266,112 @@ def test_options_that_act_only_in_some_runs_keep_their_defaults(tmp_path):
     assert (config["momentum"], config["lr_milestones"], config["lr_gamma"]) == (0.5, "0.5", 0.5)
     state = T.load_checkpoint(result["checkpoint"])
     assert state["optimizer"]["param_groups"][0]["momentum"] == 0.5
+
+
+def test_cifar_folder_problems_name_the_file_and_never_suggest_a_download(tmp_path, capsys):
+    # before: every case was "no valid 'cifar-10-batches-py' folder in ... (Dataset not found or corrupted. You
+    # can use download=True to download it)": no file named, and advice for an option effdense train lacks
+    from torchvision.datasets import CIFAR10
+
+    folder = tmp_path / "data" / CIFAR10.base_folder
+    folder.mkdir(parents=True)
+    for name, _ in [*CIFAR10.train_list, *CIFAR10.test_list]:
+        (folder / name).write_bytes(b"\x80not a pickle")  # a truncated download
+    cases = [
+        (tmp_path / "data", f"{str(folder / 'data_batch_1')!r} is corrupted (its MD5 checksum is wrong)"),
+        (folder, f"is the 'cifar-10-batches-py' folder itself; give the folder that holds it: --data-dir {tmp_path / 'data'}"),
+    ]
+    base = TINY[4:]
+    for data_dir, needle in cases:
+        code, err = _run_main(capsys, [*base, "--out-dir", str(tmp_path / "run"), "--epochs", "1",
+                                       "--data", "cifar10", "--data-dir", str(data_dir)])
+        assert code == 2 and "\n" not in err and needle in err and "download" not in err, err
+    (folder / "data_batch_1").unlink()
+    code, err = _run_main(capsys, [*base, "--out-dir", str(tmp_path / "run"), "--epochs", "1",
+                                   "--data", "cifar10", "--data-dir", str(tmp_path / "data")])
+    assert code == 2 and f"{str(folder / 'data_batch_1')!r} is missing" in err, err
+
+
+def test_resume_refuses_options_that_change_the_run(tmp_path, capsys):
+    # before: all accepted; the checkpoint's optimiser state silently replaced --lr, a new --seed or --batch-size
+    # reshuffled the rest of the run, and --epochs past a cosine schedule's end made the lr rise again (lr 0.1
+    # in epoch 4 of a 2-epoch run extended to 4)
+    first = T.train(_args(tmp_path / "a", "--epochs", 2))
+    ckpt = first["checkpoint"]
+    for extra, needle in [
+        (["--lr", "0.05"], "--lr 0.1 (this run: 0.05)"),
+        (["--seed", "1", "--batch-size", "16"], "--batch-size 32 (this run: 16), --seed 0 (this run: 1)"),
+        (["--optimizer", "adamw"], "--optimizer sgd (this run: adamw), --lr 0.1 (this run: 0.001)"),
+        (["--epochs", "3"], "cosine learning-rate schedule ends at epoch 2"),
+    ]:
+        argv = [*TINY, "--out-dir", str(tmp_path / "b"), "--epochs", "2", *extra, "--resume", ckpt]
+        code, err = _run_main(capsys, argv)
+        assert code == 2 and "\n" not in err and needle in err, (extra, err)
+    # defaults given explicitly are the same options
+    code, err = _run_main(capsys, [*TINY, "--out-dir", str(tmp_path / "b"), "--epochs", "2", "--lr", "0.1",
+                                   "--image-size", "12", "--resume", ckpt])
+    assert code == 0, err
+    # an option left to its default equals its default given
+    default = vars(T._with_defaults(T.parse_args([])))
+    T.check_resume_options("c.pt", default, T._with_defaults(T.parse_args(["--image-size", "16", "--lr", "0.1"])))
+    with pytest.raises(T.CheckpointError, match=r"--image-size 16 \(this run: 12\)"):
+        T.check_resume_options("c.pt", default, T._with_defaults(T.parse_args(["--image-size", "12"])))
+
+
+def test_resume_with_another_strategy_is_allowed_and_exact(tmp_path):
+    # the strategies compute the same function: switching one on resume (say, to fit memory) is not refused
+    def ctrl_c(epoch, step, loss):
+        if epoch == 0 and step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    first = T.train(_args(tmp_path / "b", "--epochs", 2), on_step=ctrl_c)
+    assert first["interrupted"]
+    resumed = T.train(_args(tmp_path / "b", "--epochs", 2, "--strategy", "shared", "--resume", first["checkpoint"]))
+    straight = T.train(_args(tmp_path / "a", "--epochs", 2))
+    _assert_same_state(_state(resumed["model"]), _state(straight["model"]))
+
+
+def test_metrics_log_after_resuming_from_an_older_checkpoint(tmp_path):
+    # a run killed (OOM, preemption: no checkpoint at the end) in epoch 4 with --save-every 2 and resumed from
+    # epoch 2's checkpoint; before, its metrics.csv had epochs 1, 2, 3, 3, 4
+    def killed(epoch, step, loss):
+        if epoch == 3 and step == 1:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        T.train(_args(tmp_path, "--epochs", 4, "--save-every", 2), on_step=killed)
+    with open(tmp_path / "metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2, 3]
+    resumed = T.train(_args(tmp_path, "--epochs", 4, "--save-every", 2, "--resume", tmp_path / "checkpoint.pt"))
+    with open(tmp_path / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4]
+    assert [float(r["train_loss"]) for r in rows] == pytest.approx([r["train_loss"] for r in resumed["history"]])
+    # a resumed run logging elsewhere has the whole history too (before: only the epochs it ran)
+    T.train(_args(tmp_path, "--epochs", 4, "--metrics", tmp_path / "other.jsonl", "--resume", tmp_path / "checkpoint.pt"))
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "other.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_python_dash_m_ctrl_c_outside_the_loop_is_one_line_130(tmp_path, monkeypatch, capsys):
+    # before: a KeyboardInterrupt traceback (the effdense CLI already said "effdense train: interrupted", 130)
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "build_datasets", interrupted)  # Ctrl-C while the data loads
+    try:
+        code = T.cli_main([*TINY, "--epochs", "1", "--out-dir", str(tmp_path)])
+    except KeyboardInterrupt:  # would end the whole pytest session
+        pytest.fail("KeyboardInterrupt escaped python -m effdense.train's cli_main")
+    assert code == 130 and capsys.readouterr().err == "effdense train: interrupted\n"
+
+
+def test_python_dash_m_into_a_closed_pipe_ends_quietly_with_141(tmp_path):
+    # `python -m effdense.train ... | head -2`: before, a BrokenPipeError traceback and exit code 1
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "effdense.train", *TINY[:-1], "--epochs", "1", "--threads", "1",
+         "--out-dir", str(tmp_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    proc.stdout.close()  # the reader is gone before the first line
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141 and err == "", err
