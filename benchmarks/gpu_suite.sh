@@ -58,8 +58,9 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 if [ -z "${GIT_COMMIT:-}" ]; then
     GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
+    [ "$GIT_COMMIT" != unknown ] && ! git diff --quiet HEAD 2>/dev/null && GIT_COMMIT="$GIT_COMMIT+dirty"
 fi
-export GIT_COMMIT  # effdense and bench_kernels.py read it when there is no .git
+export GIT_COMMIT  # effdense and bench_kernels.py record it (it takes precedence over .git)
 BUDGET=${SUITE_BUDGET_S:-540}
 SUITE_START=$SECONDS
 

@@ -193,7 +193,11 @@ def resolve_device(text: str) -> torch.device:
 
 
 def git_commit() -> str:
-    """The checkout's commit (``+dirty`` when the tree has changes), or ``$GIT_COMMIT``, or ``"unknown"``."""
+    """``$GIT_COMMIT`` when set (the caller knows: e.g. a tree copied onto a GPU machine beside a stale
+    ``.git``, which recorded another commit), else the checkout's commit (``+dirty`` when the tree has
+    changes), else ``"unknown"``."""
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(
@@ -204,7 +208,7 @@ def git_commit() -> str:
         ).stdout.strip()
         return head + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
-        return os.environ.get("GIT_COMMIT", "unknown")
+        return "unknown"
 
 
 def environment(device: torch.device) -> dict[str, Any]:
