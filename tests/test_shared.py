@@ -354,3 +354,43 @@ def test_block_alone_returns_full_buffer() -> None:
     assert out.shape == (2, block.num_output_features, 5, 5)
     assert torch.allclose(out, naive(x), atol=1e-5)
     assert torch.equal(out[:, : block.num_input_features], x)
+
+
+def _bias_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding, bias=True)
+    with torch.no_grad():
+        new.weight.copy_(conv.weight)
+        new.bias.uniform_(-1.0, 1.0)
+    return new
+
+
+@pytest.mark.parametrize(
+    "bottleneck, path, make",
+    [
+        (True, "denseblock1.denselayer1.conv1", _bias_conv),
+        (True, "denseblock2.denselayer1.conv2", _bias_conv),
+        (False, "denseblock1.denselayer1.conv1", _bias_conv),
+        (True, "transition1.conv", _bias_conv),
+        (True, "denseblock1.denselayer1.norm1", lambda bn: nn.BatchNorm2d(bn.num_features, affine=False)),
+        (True, "denseblock2.denselayer1.norm2", lambda bn: nn.BatchNorm2d(bn.num_features, affine=False)),
+        (True, "transition2.norm", lambda bn: nn.BatchNorm2d(bn.num_features, affine=False)),
+        (True, "denseblock3.denselayer1.relu2", lambda relu: nn.LeakyReLU(0.2)),
+        (True, "transition1.relu", lambda relu: nn.SiLU()),
+        (True, "transition1.pool", lambda pool: nn.MaxPool2d(2)),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_modules_swapped_in_by_a_user_run_as_naive(bottleneck, path, make, strategy) -> None:
+    """A user's own module in a stage (a conv with a bias, affine=False, another activation or pool): the
+    shared Function computes what torchvision's modules compute, so such a stage runs its modules, as naive,
+    with a warning naming them (before: the bias and the activation were silently ignored, running statistics
+    and outputs differed, bias gradients were None; affine=False raised AttributeError or ValueError)."""
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(10, 4, num_classes=3, bottleneck=bottleneck, compression=0.5)
+    parent, name = f"features.{path}".rsplit(".", 1)
+    setattr(model.get_submodule(parent), name, make(model.get_submodule(f"features.{path}")))
+    ref, other = _pair(model, strategy)
+    named = path.split(".", 1)[1] if path.startswith("denseblock") else "transition." + name  # within the stage
+    with pytest.warns(UserWarning, match=rf"runs as strategy 'naive'.* because its modules {named} "):
+        assert_matches(ref, other, torch.randn(2, 3, 8, 8))

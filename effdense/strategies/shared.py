@@ -15,6 +15,9 @@ same Function, so the block buffer's gradient never leaves it, and the stem is r
 
 The bottleneck math goes through an ``ops`` namespace with the signatures of :mod:`effdense.kernels`:
 ``shared`` uses the pure-PyTorch reference twins, ``fused`` the Triton kernels (see ``fused.py``).
+The Function computes what torchvision's modules compute; a stage holding other modules that a user swapped
+in (a conv with a bias, an ``affine=False`` BatchNorm, another activation or pool) runs them instead, as
+``naive``, with a warning naming them (``_computes_as_modules``).
 
 **Under torch.compile** (``fullgraph=True`` holds, tests/test_compile.py). Dynamo traces a stage as it traces
 any custom ``autograd.Function``: it runs ``forward`` and ``backward`` symbolically at trace time, so the
@@ -745,6 +748,12 @@ def run_stage(block, transition, x: torch.Tensor, ops: ModuleType, **stage_optio
         # BatchNorm counters advanced and running statistics kept)
         out = _naive.run_block(block, x)
         return out if transition is None else transition(out)
+    if not _computes_as_modules(block, transition):
+        # a module the Function would not compute as it computes itself (a conv with a bias, a non-affine
+        # BatchNorm, another activation, ...): the modules themselves, as naive, rather than silently other values
+        _warn_custom_modules(block, transition)
+        out = _naive.run_block(block, x)
+        return out if transition is None else transition(out)
     stage = _make_stage(block, transition, ops, x, **stage_options)
     params = stage.params()
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
@@ -760,10 +769,90 @@ def _check_block_input(block, x: torch.Tensor) -> None:
         raise ValueError(
             f"dense block expects input (N, {block.num_input_features}, H, W), got shape {tuple(x.shape)}"
         )
-    for layer in block.layers:
-        for bn in [layer.norm1] + ([layer.norm2] if layer.bottleneck else []):
-            if not bn.affine:
-                raise ValueError("the shared strategy needs affine BatchNorm layers (affine=True)")
+
+
+# What the Function computes in place of a stage's modules: affine BatchNorms (any _BatchNorm: BatchNorm2d,
+# SyncBatchNorm, ...), ReLUs, bias-free Conv2d of torchvision's geometry, a 2x2 average pool. A user may swap
+# in others (a conv with a bias, affine=False, another activation); such a stage runs its modules, as naive.
+_BN, _RELU = "bn", "relu"
+_CONV1X1 = ((1, 1), (1, 1), (0, 0), (1, 1), 1, "zeros")  # kernel_size, stride, padding, dilation, groups, padding_mode
+_CONV3X3 = ((3, 3), (1, 1), (1, 1), (1, 1), 1, "zeros")
+_LAYER_PARTS = {
+    True: (("norm1", _BN), ("relu1", _RELU), ("conv1", _CONV1X1), ("norm2", _BN), ("relu2", _RELU), ("conv2", _CONV3X3)),
+    False: (("norm1", _BN), ("relu1", _RELU), ("conv1", _CONV3X3)),
+}
+_TRANSITION_PARTS = (("norm", _BN), ("relu", _RELU), ("conv", _CONV1X1))
+
+
+def _computes_as_module(m: Any, kind: Any) -> bool:
+    if kind is _BN:
+        return isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine
+    if kind is _RELU:
+        return isinstance(m, torch.nn.ReLU)
+    return (
+        type(m) is torch.nn.Conv2d
+        and m._parameters["bias"] is None
+        and (m.kernel_size, m.stride, m.padding, m.dilation, m.groups, m.padding_mode) == kind
+    )
+
+
+def _custom_modules(block, transition) -> list[str]:
+    """Names of the stage's modules that the Function would not compute as they compute themselves."""
+    odd = []
+    for name, layer in block._modules.items():
+        parts = _LAYER_PARTS.get(layer.__dict__.get("bottleneck"))  # read without nn.Module.__getattr__
+        if parts is None:
+            odd.append(name)
+            continue
+        mods = layer._modules
+        odd += [f"{name}.{part}" for part, kind in parts if not _computes_as_module(mods.get(part), kind)]
+    return odd + ([] if transition is None else _custom_transition_modules(transition))
+
+
+def _custom_transition_modules(transition) -> list[str]:
+    mods = transition._modules
+    if list(mods) != ["norm", "relu", "conv", "pool"]:
+        return ["transition"]
+    odd = [f"transition.{part}" for part, kind in _TRANSITION_PARTS if not _computes_as_module(mods[part], kind)]
+    pool = mods["pool"]
+    if not (
+        type(pool) is torch.nn.AvgPool2d
+        and (pool.kernel_size, pool.stride, pool.padding) in ((2, 2, 0), ((2, 2), (2, 2), (0, 0)))
+        and not pool.ceil_mode
+        and pool.divisor_override is None
+    ):
+        odd.append("transition.pool")
+    return odd
+
+
+def _computes_as_modules(block, transition) -> bool:
+    """Whether the Function computes the stage as its modules would (one pass over the layers' module
+    dicts, no nn.Module.__getattr__)."""
+    parts_of = _LAYER_PARTS
+    for layer in block._modules.values():
+        parts = parts_of.get(layer.__dict__.get("bottleneck"))
+        if parts is None:
+            return False
+        mods = layer._modules
+        for part, kind in parts:
+            if not _computes_as_module(mods.get(part), kind):
+                return False
+    return transition is None or not _custom_transition_modules(transition)
+
+
+def _warn_custom_modules(block, transition) -> None:
+    if torch.compiler.is_compiling():  # dynamo refuses warnings.warn; the modules are traced as they are
+        return
+    import warnings
+
+    odd = _custom_modules(block, transition)
+    names = ", ".join(odd[:3]) + (", ..." if len(odd) > 3 else "")
+    warnings.warn(
+        f"effdense: a dense block runs as strategy 'naive' instead of 'shared'/'fused', because its modules {names} "
+        "are not what those strategies compute (affine BatchNorm, ReLU, bias-free Conv2d of torchvision's "
+        "geometry, 2x2 average pool); naive calls the modules themselves. The block keeps naive's memory.",
+        stacklevel=3,
+    )
 
 
 def reference_ops() -> ModuleType:
