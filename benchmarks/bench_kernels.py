@@ -166,9 +166,15 @@ def _shape_rows(dname: str, N: int, C: int, B: int, S: int) -> list[dict]:
          None,
          lambda: R.bn_backward_accumulate(grad, x, scratch, mean, invstd, scale, *sums)),
     ]  # fmt: skip
+    from effdense.kernels import bottleneck as _bottleneck
+
+    tuned = {"forward": _bottleneck._fwd_tuned, "backward_weight": _bottleneck._bwd_weight_tuned,
+             "backward_input": _bottleneck._bwd_input_tuned}  # fmt: skip
     rows = []
     for op, fl, kernel, cublas, ref in cases:
         k_med, k_lo, k_hi = _bench(kernel)
+        # the autotuner's choice for this shape (its last call was this op's): data for pruning the config lists
+        config = getattr(tuned[op], "best_config", None) if op in tuned else None
         c_med = _bench(cublas)[0] if cublas is not None else None
         r_med = _bench(ref)[0]
         k_graph = _bench_graph(kernel)
@@ -183,6 +189,7 @@ def _shape_rows(dname: str, N: int, C: int, B: int, S: int) -> list[dict]:
             "ms_kernel_graph": k_graph,
             "ms_cublas_graph": c_graph,
             "ratio_graph": (c_graph / k_graph) if (c_graph and k_graph) else None,
+            "config": str(config) if config is not None else None,
         }  # fmt: skip
         rows.append(row)
         print(_fmt_row(row), flush=True)

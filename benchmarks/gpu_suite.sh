@@ -13,7 +13,7 @@
 # any step failed (2 for a usage error or no GPU). Each step runs under `timeout`, and all of them share a
 # budget of $SUITE_BUDGET_S seconds (default 540, so the suite ends inside a 10-minute session; planned
 # for 6-8 minutes on an H100, not yet run there): a step left without time is recorded as not_run.
-# No network access is needed. Without .git, pass GIT_COMMIT (else "unknown").
+# No network access is needed. GIT_COMMIT names the commit recorded (else .git's, else "unknown").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,10 +32,12 @@ done
 PY=${PYTHON:-python}
 if ! "$PY" -c "import effdense, torch" 2>/dev/null; then
     echo "gpu_suite.sh: error: '$PY' cannot import effdense and torch; install with" \
-        "'pip install --no-deps --no-build-isolation -e .' or set PYTHON=/path/to/python" >&2
+        "'$PY -m pip install --no-deps --no-build-isolation -e .' or set PYTHON=/path/to/python" >&2
     exit 2
 fi
-if command -v effdense >/dev/null 2>&1; then EFFDENSE=(effdense); else EFFDENSE=("$PY" -m effdense.cli); fi
+# the console script may belong to another interpreter than $PY (seen on a GPU machine: its `effdense` ran a
+# Python without torch), so the CLI runs as a module of the interpreter checked above
+EFFDENSE=("$PY" -m effdense.cli)
 
 HAS_CUDA=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))")
 if [ "$HAS_CUDA" != 1 ]; then
@@ -148,26 +150,30 @@ print(json.dumps(env, indent=2))
 EOF
 
 if [ "$MODE" = gpu ]; then
-    # Order: what was never recorded comes before what was, in case the budget runs out.
+    # Order: what was never recorded comes before what was, in case the budget runs out. A fresh machine
+    # autotunes every kernel shape in the first fused step: on an H200 (commit 31de30d, Triton's default
+    # tuning time) the DenseNet-121 fused row alone did not finish in 170 s.
+    # (d) the fused issue's step targets: fused against torchvision plain and memory_efficient (and compiled,
+    # last) on DenseNet-121 b64 224px bf16; bench rewrites its JSON/CSV after each row, so a step cut by its
+    # time limit keeps the rows it finished
+    step bench_densenet121_bf16 240 "${EFFDENSE[@]}" bench --device cuda --model densenet121 --batch-size 64 \
+        --image-size 224 --dtype bf16 --strategies fused --steps 10 --max-seconds-per-row 10 --out "$OUT"
     # (b) tests: every CUDA-marked test, then the rest of the kernel and shared-block tests
-    step tests_cuda 150 "$PY" -m pytest tests -q -m cuda --junitxml="$OUT/pytest_cuda.xml"
+    step tests_cuda 120 "$PY" -m pytest tests -q -m cuda --junitxml="$OUT/pytest_cuda.xml"
+    # (c) Triton bottleneck kernels vs cuBLAS on DenseNet-121 shapes, bf16 (the >= 70 % of cuBLAS target),
+    # with the autotuner's choice per shape
+    step bench_kernels 90 "$PY" benchmarks/bench_kernels.py --dtypes bf16 --out "$OUT"
+    # (f) DenseNet-121 b64 bf16 step, eager and replayed from a CUDA graph: the host overhead in the step time
+    step step_graph_time 120 "$PY" benchmarks/step_graph_time.py --out "$OUT"
+    # every strategy on DenseNet-BC-100 (recorded on an H100 at b4b324d), each row's timing capped at 20 s
+    step bench_densenet_bc_100 120 "${EFFDENSE[@]}" bench --device cuda --max-seconds-per-row 20 --out "$OUT"
+    # (g) operators per BC-100 b64 step (naive, fused on its kernels) and each kernel call's host time with
+    # real launches: what the BC-100 step times are made of
+    step host_overhead 90 "$PY" benchmarks/host_overhead.py --device cuda --strategies naive,fused --out "$OUT"
     step tests_kernels_shared 90 "$PY" -m pytest tests/test_kernels.py tests/test_shared.py -q -m "not cuda" \
         --junitxml="$OUT/pytest_kernels_shared.xml"
-    # (d) every strategy and the torchvision rows (torch.compile included): 20 timed steps after 3 warm-up
-    # steps, each row's timing capped at 20 s (shared/fused run several times slower than naive); bench
-    # rewrites its JSON/CSV after each row, so a step cut by its time limit keeps the rows it finished
-    step bench_densenet121_bf16 180 "${EFFDENSE[@]}" bench --device cuda --model densenet121 --batch-size 64 \
-        --image-size 224 --dtype bf16 --max-seconds-per-row 20 --out "$OUT"
-    step bench_densenet_bc_100 120 "${EFFDENSE[@]}" bench --device cuda --max-seconds-per-row 20 --out "$OUT"
-    # (e) FakeTensor estimate vs the allocator's peak, per strategy
+    # (e) FakeTensor estimate vs the allocator's peak, per strategy (recorded on an H200 at 31de30d)
     step estimate_vs_cuda 120 "$PY" benchmarks/estimate_vs_cuda.py --device cuda --out "$OUT"
-    # (c) Triton bottleneck kernels vs cuBLAS on DenseNet-121 shapes, bf16 (the >= 70 % of cuBLAS target)
-    step bench_kernels 120 "$PY" benchmarks/bench_kernels.py --dtypes bf16 --out "$OUT"
-    # (f) DenseNet-121 b64 bf16 step, eager and replayed from a CUDA graph: the host overhead in the step time
-    step step_graph_time 150 "$PY" benchmarks/step_graph_time.py --out "$OUT"
-    # (g) operators per BC-100 b64 step (naive, fused on its kernels) and each kernel call's host time with
-    # real launches: what the H100's BC-100 step times are made of
-    step host_overhead 90 "$PY" benchmarks/host_overhead.py --device cuda --strategies naive,fused --out "$OUT"
 else
     # the same steps on tiny settings: checks the plumbing, measures nothing worth keeping
     step tests_cuda 120 "$PY" -m pytest tests -q -m cuda --junitxml="$OUT/pytest_cuda.xml"
