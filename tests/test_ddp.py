@@ -52,8 +52,8 @@ def _sgd(model):
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
-def _ghost_ddp(strategy, rank):
-    model = _tiny_model(strategy)
+def _train_ddp(model, rank):
+    """SGD steps of ``model`` under DDP, on this rank's half of each global batch; returns ``model``."""
     ddp = torch.nn.parallel.DistributedDataParallel(model)
     opt = _sgd(model)
     for x, y in _global_batches():
@@ -61,6 +61,11 @@ def _ghost_ddp(strategy, rank):
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return model
+
+
+def _ghost_ddp(strategy, rank):
+    model = _train_ddp(_tiny_model(strategy), rank)
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
@@ -80,13 +85,7 @@ def _torch_sync_bn_ddp(strategy, rank):
     # refuses nn.SyncBatchNorm on CPU modules) effdense's CPU stand-in for it
     model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(_tiny_model(strategy))
     T.enable_cpu_sync_bn(model)
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
-    opt = _sgd(model)
-    for x, y in _global_batches():
-        loss = F.cross_entropy(ddp(x.chunk(WORLD)[rank]), y.chunk(WORLD)[rank])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    model = _train_ddp(model, rank)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
