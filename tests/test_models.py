@@ -897,3 +897,16 @@ def test_double_backward_names_the_way_out(strategy: str) -> None:
     for strategy_that_can in ("naive", "checkpoint"):
         first, = torch.autograd.grad(model.set_strategy(strategy_that_can)(x).square().sum(), x, create_graph=True)
         first.square().sum().backward()  # a gradient penalty
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_double_backward_through_a_block_alone_raises_too(strategy: str) -> None:
+    # a block followed by a parameter-free loss: its incoming gradient is a constant. Before, the input
+    # gradient then came back without a graph and a penalty on it silently contributed nothing
+    block = _small_densenet(strategy).features.denseblock1
+    x = torch.randn(2, block.num_input_features, 7, 7, requires_grad=True)
+    y = block(x)
+    first, = torch.autograd.grad(y.sum(), x, create_graph=True)
+    assert first.requires_grad
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        (y.mean() + first.square().sum()).backward()

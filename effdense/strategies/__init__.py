@@ -190,13 +190,13 @@ def _hook_fallback(block: "_DenseBlock", concrete: str) -> bool:
     calls every module of a layer, and recomputes ``norm1``/``relu1``/``conv1`` in backward, as torchvision's
     ``memory_efficient=True`` does, but not the layer itself; ``shared`` and ``fused`` call none of a block's
     modules."""
-    if concrete == "naive" or torch.compiler.is_compiling():
-        # naive calls every module. Under torch.compile the shared/fused/checkpoint blocks are traced as they
-        # are (dynamo refuses warnings.warn there), so hooks inside a block do not fire: documented
+    if concrete == "naive":  # it calls every module
         return False
     skipped = _own_hooks if concrete == "checkpoint" else _has_hooks
     if not any(skipped(layer) for layer in block.values()):
         return False
+    if torch.compiler.is_compiling():  # the same choice, traced; dynamo refuses warnings.warn
+        return True
     hooked = [
         f"{name}.{sub}" if sub else name
         for name, layer in block.named_children()
@@ -229,7 +229,7 @@ def run_features(name: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Te
     of ``model.features``, the plain module, so that the stem, transitions and blocks are called (each
     block then on its strategy, or as ``naive`` when its own layers hold the hooks)."""
     module = _runner_for(name, x)
-    if hasattr(module, "run_features") and (torch.compiler.is_compiling() or not _has_hooks(model.features)):
+    if hasattr(module, "run_features") and not _has_hooks(model.features):
         return module.run_features(model, x)
     return model.features(x)
 

@@ -581,16 +581,17 @@ def _transition_backward(stage: _Stage, state: _StageState, Fbuf: torch.Tensor, 
 
 def _differentiable_once(backward):
     """``torch.autograd.function.once_differentiable`` with a message that names the way out: the backward
-    runs without grad, and under ``create_graph=True`` its gradients come from a node that raises when they
-    are differentiated again (gradient penalties, ``gradgradcheck``), linked, as PyTorch's, to the incoming
-    gradients that require grad."""
+    runs without grad, and under ``create_graph=True`` its gradients are outputs of a node that raises when
+    they are differentiated again (gradient penalties, ``gradgradcheck``). Unlike PyTorch's, the node is made
+    whenever the Function's inputs need gradients, not only when the incoming gradient requires grad: a
+    block followed by a parameter-free loss gets a constant incoming gradient, and its input gradient then
+    came back without a graph, so a penalty on it silently contributed nothing."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
         with torch.no_grad():
             outputs = backward(ctx, *grads)
-        live = [g for g in grads if isinstance(g, torch.Tensor) and g.requires_grad]
-        if not torch.is_grad_enabled() or not live:
+        if not torch.is_grad_enabled() or not any(ctx.needs_input_grad):
             return outputs
         present = [o for o in outputs if o is not None]
         err = torch._C._functions.DelayedError(
