@@ -105,22 +105,41 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _broken_pipe() -> int:
-    """The reader of stdout (or stderr) went away, as ``effdense summary densenet121 | head -3`` does: stop
-    quietly, without a traceback, as coreutils do on SIGPIPE. The exit code is theirs too, 141 (128 +
-    SIGPIPE), what ``set -o pipefail`` sees of ``seq 100000 | head -1``: the output was cut short, which 0
-    would hide. Work after the failed write is not done (files of ``--out`` written after it included).
+    """After a ``BrokenPipeError``: if the reader of stdout went away, as in ``effdense summary densenet121 |
+    head -3``, stop quietly, without a traceback, as coreutils do on SIGPIPE. The exit code is theirs too,
+    141 (128 + SIGPIPE), what ``set -o pipefail`` sees of ``seq 100000 | head -1``: the output was cut short,
+    which 0 would hide. Work after the failed write is not done (files of ``--out`` written after it
+    included). A broken pipe of anything else (a subprocess, a socket) is an error of its own: re-raised.
 
-    Both streams are pointed at ``/dev/null`` so that the interpreter's final flush of what is still
-    buffered cannot fail again (Python's recommended handling, see the ``signal`` module's documentation).
+    The closed stream (stdout, and stderr if it went to the same reader) is pointed at ``/dev/null`` so
+    that the interpreter's final flush of what is still buffered cannot fail again (Python's recommended
+    handling, see the ``signal`` module's documentation).
     """
+    if not _closed(sys.stdout):
+        raise  # noqa: PLE0704 - called from the except clause: the BrokenPipeError being handled
     devnull = os.open(os.devnull, os.O_WRONLY)
     for stream in (sys.stdout, sys.stderr):
-        try:
-            os.dup2(devnull, stream.fileno())
-        except (AttributeError, OSError, ValueError):  # replaced streams (pytest's capture) without a descriptor
-            pass
+        if stream is sys.stdout or _closed(stream):
+            try:
+                os.dup2(devnull, stream.fileno())
+            except (AttributeError, OSError, ValueError):  # replaced streams (pytest's capture) without a descriptor
+                pass
     os.close(devnull)
     return 128 + 13  # SIGPIPE
+
+
+def _closed(stream) -> bool:
+    """Whether ``stream`` is a pipe whose reader has gone (poll reports an error on its descriptor). A stream
+    without a descriptor, or a platform without ``poll``, counts as closed: the error came from a write."""
+    try:
+        import select
+
+        fd = stream.fileno()
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (AttributeError, OSError, ValueError):
+        return True
 
 
 if __name__ == "__main__":  # pragma: no cover

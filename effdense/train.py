@@ -539,6 +539,11 @@ def _effective_options(config: dict[str, Any]) -> dict[str, Any]:
         config.get("optimizer", "sgd"), config.get("lr"), config.get("weight_decay"))
     if opts.get("image_size") is None and config.get("data") in DEFAULT_IMAGE_SIZE:
         opts["image_size"] = DEFAULT_IMAGE_SIZE[config["data"]]
+    if isinstance(opts.get("lr_milestones"), str):  # "0.5,0.75" and ".5, .75" are one schedule
+        try:
+            opts["lr_milestones"] = tuple(float(f) for f in opts["lr_milestones"].split(",") if f.strip())
+        except ValueError:
+            pass  # refused with its own message when the schedule is built
     return opts
 
 

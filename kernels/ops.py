@@ -558,7 +558,13 @@ def _check_autodiff(*inputs: torch.Tensor) -> None:
                 "is not supported: the op has no forward derivative; use reverse mode (.backward(), "
                 "torch.autograd.grad)"
             )
-    if _functorch_active() and any(t.requires_grad for t in inputs):
+    # an input transformed by a grad transform: a grad-tracking wrapper, or a wrapper of one (grad over vmap);
+    # a plain tensor that merely requires grad (a trainable weight captured by the function) is not
+    functorch = torch._C._functorch
+    if _functorch_active() and any(
+        functorch.is_gradtrackingtensor(t) or (functorch.is_functorch_wrapped_tensor(t) and t.requires_grad)
+        for t in inputs
+    ):
         from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
         if any(i.key() == torch._C._functorch.TransformType.Grad for i in retrieve_all_functorch_interpreters()):

@@ -225,6 +225,21 @@ def test_closed_stdout_ends_quietly_with_141(tmp_path, argv):
     assert proc.returncode == 141, err
 
 
+def test_a_broken_pipe_elsewhere_is_not_taken_for_a_closed_stdout():
+    """A BrokenPipeError from another pipe (a subprocess, a worker) while stdout is fine is an error: before,
+    it too ended the run silently with 141 and stderr pointed at /dev/null."""
+    code = (
+        "import os, sys\n"
+        "from effdense import cli, summary\n"
+        "def broken(args):\n"
+        "    r, w = os.pipe(); os.close(r); os.write(w, b'x')\n"
+        "summary.main = broken\n"
+        "sys.exit(cli.main(['summary', 'densenet121']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "BrokenPipeError" in result.stderr, (result.returncode, result.stderr)
+
+
 def test_subcommands_come_from_one_table():
     parser = cli.build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")

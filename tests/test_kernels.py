@@ -999,6 +999,9 @@ def test_bn_relu_conv1x1_forward_mode_and_func_grad_are_refused():
     _, tangent = torch.func.jvp(lambda a: K.bn_relu_conv1x1(x, s, t, w).sum() * a, (a,), (torch.tensor(1.0),))
     torch.testing.assert_close(tangent, y.sum())
     torch.testing.assert_close(torch.func.grad(lambda a: K.bn_relu_conv1x1(x, s, t, w).sum() * a)(a), y.sum())
+    # a trainable weight captured by the function is not transformed: before, its requires_grad was refused
+    wg = w.clone().requires_grad_()
+    torch.testing.assert_close(torch.func.grad(lambda a: K.bn_relu_conv1x1(x, s, t, wg).sum() * a)(a), y.sum())
     xs = torch.stack([x, 2 * x])
     ys = torch.func.vmap(lambda b: K.bn_relu_conv1x1(b, s, t, w))(xs)
     torch.testing.assert_close(ys[1], K.bn_relu_conv1x1(2 * x, s, t, w), **FP32_TOL)

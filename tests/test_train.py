@@ -375,3 +375,13 @@ def test_python_dash_m_into_a_closed_pipe_ends_quietly_with_141(tmp_path):
     proc.stdout.close()  # the reader is gone before the first line
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 141 and err == "", err
+
+
+def test_resume_compares_milestones_as_numbers():
+    # "0.5,0.75" and ".5, .75" are one schedule: before, --resume refused the second as a changed option
+    from effdense.train import _effective_options, _with_defaults, parse_args
+
+    def opts(*argv):
+        return _effective_options(vars(_with_defaults(parse_args(["--lr-schedule", "step", *argv]))))
+
+    assert opts() == opts("--lr-milestones", ".5, .75") != opts("--lr-milestones", "0.5,0.8")
