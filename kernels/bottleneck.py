@@ -399,8 +399,15 @@ def _autotune_bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 
-# looked up: a Triton whose autotune has no ``do_bench=`` (not seen; 3.8 here has it) times configs its default way
-_TUNING = {"do_bench": _autotune_bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
+# ``cache_results``: the choice per key is kept in Triton's on-disk cache (keyed by Triton, the GPU target, the
+# kernel source, the configs and the tuning key), so the processes of one session (the GPU suite's steps, a
+# bench after the tests) tune each shape once instead of once each. Both options are looked up: a Triton
+# without them (not seen; 3.8 here has both) tunes its default way. Neither acts in the interpreter.
+_TUNING = {
+    name: value
+    for name, value in (("do_bench", _autotune_bench), ("cache_results", True))
+    if name in inspect.signature(triton.autotune).parameters
+}
 
 _fwd_tuned = triton.autotune(
     configs=_FWD_CONFIGS,
