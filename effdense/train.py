@@ -359,6 +359,11 @@ def _lr_and_weight_decay(optimizer: str, lr: float | None, weight_decay: float |
             weight_decay if weight_decay is not None else (1e-4 if sgd else 0.05))
 
 
+def _milestone_fractions(text: str) -> list[float]:
+    """``--lr-milestones`` as numbers (``"0.5,0.75"`` -> ``[0.5, 0.75]``); ValueError when one is not a number."""
+    return [float(f) for f in text.split(",") if f.strip()]
+
+
 def _build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:
     lr, wd = _lr_and_weight_decay(args.optimizer, args.lr, args.weight_decay)
     # no weight decay on BatchNorm parameters and biases (1-D tensors)
@@ -378,7 +383,7 @@ def _build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer,
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_steps)
     elif args.lr_schedule == "step":
         try:
-            fractions = [float(f) for f in args.lr_milestones.split(",") if f.strip()]
+            fractions = _milestone_fractions(args.lr_milestones)
         except ValueError as exc:
             raise TrainError(f"--lr-milestones must be comma-separated fractions like 0.5,0.75, got {args.lr_milestones!r}") from exc
         milestones = sorted({max(1, int(round(f * main_steps))) for f in fractions})
@@ -448,7 +453,7 @@ def _validate(args: argparse.Namespace) -> None:
             raise TrainError(f"--{name.replace('_', '-')} must be {expected}, got {value}")
     if args.lr_schedule == "step" and args.lr_milestones is not None:
         try:
-            fractions = [float(f) for f in args.lr_milestones.split(",") if f.strip()]
+            fractions = _milestone_fractions(args.lr_milestones)
         except ValueError:
             fractions = [math.nan]
         if not all(0 < f <= 1 for f in fractions):
@@ -541,7 +546,7 @@ def _effective_options(config: dict[str, Any]) -> dict[str, Any]:
         opts["image_size"] = DEFAULT_IMAGE_SIZE[config["data"]]
     if isinstance(opts.get("lr_milestones"), str):  # "0.5,0.75" and ".5, .75" are one schedule
         try:
-            opts["lr_milestones"] = tuple(float(f) for f in opts["lr_milestones"].split(",") if f.strip())
+            opts["lr_milestones"] = tuple(_milestone_fractions(opts["lr_milestones"]))
         except ValueError:
             pass  # refused with its own message when the schedule is built
     return opts
