@@ -21,6 +21,7 @@ from typing import Literal
 import torch
 from torch.autograd import forward_ad as _forward_ad
 
+from effdense._autograd import differentiable_once
 from effdense.kernels import _checks, _launch, reference
 
 try:
@@ -485,27 +486,20 @@ def _bn_relu_conv1x1_backward(ctx, dy):
         del du
     grads = (dx, dscale, dshift, dweight)
     if torch.is_grad_enabled():  # create_graph=True: the kernels have no backward of their own
+        # the gradients as outputs of a node that raises when differentiated (gradgradcheck, gradient
+        # penalties), with edges to dy and the saved tensors that require grad: without it these gradients did
+        # not depend on x, scale, shift or the weight, and second derivatives came out as zero
+        # (once_differentiable links its node to dy only, so a gradient w.r.t. a saved input would miss it)
         live = [t for t in (dy, *ctx.saved_tensors) if t.requires_grad]
         if live:
-            return _differentiable_once(grads, live)
+            return differentiable_once(grads, _ONCE, links=live)
     return grads
 
 
-def _differentiable_once(grads: tuple, inputs: list) -> tuple:
-    """``grads`` as outputs of a node that raises when it is differentiated, with edges to ``inputs`` (``dy``
-    and the saved tensors that require grad), so that a double backward (``create_graph=True`` and then a
-    gradient of these gradients: gradgradcheck, gradient penalties) reaches it and fails clearly. Without
-    it these gradients did not depend on x, scale, shift or the weight, and second derivatives came out as
-    zero. (``torch.autograd.function.once_differentiable`` links the node to ``dy`` only, so a gradient
-    with respect to a saved input would still not reach it.)"""
-    live = [g for g in grads if g is not None]
-    err = torch._C._functions.DelayedError(
-        b"effdense::bn_relu_conv1x1 is differentiable once: its backward runs the bottleneck kernels, "
-        b"which have no backward of their own, so double backward is not supported",
-        len(live) + len(inputs),
-    )
-    it = iter(err(*live, *inputs))  # a tuple: at least two inputs
-    return tuple(None if g is None else next(it) for g in grads)
+_ONCE = (
+    b"effdense::bn_relu_conv1x1 is differentiable once: its backward runs the bottleneck kernels, "
+    b"which have no backward of their own, so double backward is not supported"
+)
 
 
 torch.library.register_autograd(

@@ -17,7 +17,7 @@ The bottleneck math goes through an ``ops`` namespace with the signatures of :mo
 ``shared`` uses the pure-PyTorch reference twins, ``fused`` the Triton kernels (see ``fused.py``).
 The Function computes what torchvision's modules compute; a stage holding other modules that a user swapped
 in (a conv with a bias, an ``affine=False`` BatchNorm, another activation or pool) runs them instead, as
-``naive``, with a warning naming them (``_computes_as_modules``).
+``naive``, with a warning naming them (``_custom_modules``).
 
 **Under torch.compile** (``fullgraph=True`` holds, tests/test_compile.py). Dynamo traces a stage as it traces
 any custom ``autograd.Function``: it runs ``forward`` and ``backward`` symbolically at trace time, so the
@@ -50,6 +50,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 
+from effdense._autograd import differentiable_once
 from effdense.strategies import checkpoint as _checkpoint
 from effdense.strategies import naive as _naive
 
@@ -593,15 +594,12 @@ def _differentiable_once(backward):
             outputs = backward(ctx, *grads)
         if not torch.is_grad_enabled() or not any(ctx.needs_input_grad):
             return outputs
-        present = [o for o in outputs if o is not None]
-        err = torch._C._functions.DelayedError(
+        return differentiable_once(
+            outputs,
             b"effdense: strategies 'shared' and 'fused' are differentiable once (their dense-block backward runs "
             b"without autograd), so a double backward (create_graph=True, then a gradient of those gradients, "
             b"e.g. a gradient penalty) is not supported: call model.set_strategy('naive') or 'checkpoint' first",
-            len(present),
         )
-        made = iter(err(*[o.detach().requires_grad_() for o in present]))
-        return tuple(None if o is None else next(made) for o in outputs)
 
     return wrapper
 
@@ -743,16 +741,15 @@ def run_stage(block, transition, x: torch.Tensor, ops: ModuleType, **stage_optio
     buffer, or the transition's pooled output when a transition is given. ``stage_options`` are
     ``chunk_factor`` (see :class:`_Stage`)."""
     _check_block_input(block, x)
-    if x.shape[0] == 0:
-        # an empty batch has no statistics for the shared buffers: the plain modules, as a model does for
-        # every strategy (strategies._runner_for), with PyTorch's semantics (an empty output, zero gradients,
-        # BatchNorm counters advanced and running statistics kept)
-        out = _naive.run_block(block, x)
-        return out if transition is None else transition(out)
-    if not _computes_as_modules(block, transition):
-        # a module the Function would not compute as it computes itself (a conv with a bias, a non-affine
-        # BatchNorm, another activation, ...): the modules themselves, as naive, rather than silently other values
-        _warn_custom_modules(block, transition)
+    # The plain modules, as naive, for an empty batch, which has no statistics for the shared buffers (as a
+    # model does for every strategy, strategies._runner_for, with PyTorch's semantics: an empty output, zero
+    # gradients, BatchNorm counters advanced and running statistics kept), and for modules the Function would
+    # not compute as they compute themselves (a conv with a bias, a non-affine BatchNorm, another activation,
+    # ...), rather than silently other values
+    odd = _custom_modules(block, transition) if x.shape[0] else []
+    if odd:
+        _warn_custom_modules(odd)
+    if odd or x.shape[0] == 0:
         out = _naive.run_block(block, x)
         return out if transition is None else transition(out)
     stage = _make_stage(block, transition, ops, x, **stage_options)
@@ -798,16 +795,21 @@ def _computes_as_module(m: Any, kind: Any) -> bool:
 
 
 def _custom_modules(block, transition) -> list[str]:
-    """Names of the stage's modules that the Function would not compute as they compute themselves."""
+    """Names of the stage's modules that the Function would not compute as they compute themselves; empty
+    for torchvision's modules (one pass over the layers' module dicts, no nn.Module.__getattr__)."""
     odd = []
     for name, layer in block._modules.items():
-        parts = _LAYER_PARTS.get(layer.__dict__.get("bottleneck"))  # read without nn.Module.__getattr__
+        parts = _LAYER_PARTS.get(layer.__dict__.get("bottleneck"))
         if parts is None:
             odd.append(name)
             continue
         mods = layer._modules
-        odd += [f"{name}.{part}" for part, kind in parts if not _computes_as_module(mods.get(part), kind)]
-    return odd + ([] if transition is None else _custom_transition_modules(transition))
+        for part, kind in parts:
+            if not _computes_as_module(mods.get(part), kind):
+                odd.append(f"{name}.{part}")
+    if transition is not None:
+        odd += _custom_transition_modules(transition)
+    return odd
 
 
 def _custom_transition_modules(transition) -> list[str]:
@@ -826,27 +828,11 @@ def _custom_transition_modules(transition) -> list[str]:
     return odd
 
 
-def _computes_as_modules(block, transition) -> bool:
-    """Whether the Function computes the stage as its modules would (one pass over the layers' module
-    dicts, no nn.Module.__getattr__)."""
-    parts_of = _LAYER_PARTS
-    for layer in block._modules.values():
-        parts = parts_of.get(layer.__dict__.get("bottleneck"))
-        if parts is None:
-            return False
-        mods = layer._modules
-        for part, kind in parts:
-            if not _computes_as_module(mods.get(part), kind):
-                return False
-    return transition is None or not _custom_transition_modules(transition)
-
-
-def _warn_custom_modules(block, transition) -> None:
+def _warn_custom_modules(odd: list[str]) -> None:
     if torch.compiler.is_compiling():  # dynamo refuses warnings.warn; the modules are traced as they are
         return
     import warnings
 
-    odd = _custom_modules(block, transition)
     names = ", ".join(odd[:3]) + (", ..." if len(odd) > 3 else "")
     warnings.warn(
         f"effdense: a dense block runs as strategy 'naive' instead of 'shared'/'fused', because its modules {names} "
