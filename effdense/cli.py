@@ -15,7 +15,7 @@ import importlib
 import os
 import re
 import sys
-from typing import Sequence
+from typing import Callable, Sequence
 
 COMMANDS: dict[str, tuple[str, str]] = {
     # name: (module with add_arguments/main, one-line help)
@@ -81,22 +81,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``effdense`` console script; returns the exit code."""
+    parser = build_parser()
+    return run_entry(lambda: parser.parse_args(argv), lambda args: args._module.main(args))
+
+
+def run_entry(
+    parse: Callable[[], argparse.Namespace], run: Callable[[argparse.Namespace], int | None], command: str | None = None
+) -> int:
+    """Parse, run and return the exit code, as every entry point does (the ``effdense`` script, ``python -m
+    effdense.train``): a :class:`~effdense.benchutil.UsageError` is one line and 2, Ctrl-C one line and 130, a
+    closed stdout a quiet 141 (:func:`_broken_pipe`). ``command`` names the subcommand in those lines
+    (default: the parsed ``args.command``)."""
     from effdense.benchutil import UsageError
 
-    parser = build_parser()
     try:
         try:
-            args = parser.parse_args(argv)
+            args = parse()
         except SystemExit:  # --help, or a usage error
             sys.stdout.flush()
             raise
+        name = command or args.command
         try:
-            code = int(args._module.main(args) or 0)
+            code = int(run(args) or 0)
         except UsageError as exc:
-            print(f"effdense {args.command}: error: {exc}", file=sys.stderr)
+            print(f"effdense {name}: error: {exc}", file=sys.stderr)
             code = 2
         except KeyboardInterrupt:
-            print(f"effdense {args.command}: interrupted", file=sys.stderr)
+            print(f"effdense {name}: interrupted", file=sys.stderr)
             code = 130
         sys.stdout.flush()  # a pipe's buffered output fails here, not in the interpreter's shutdown
         return code

@@ -1092,23 +1092,9 @@ def cli_main(argv: list[str] | None = None) -> int:
     """``python -m effdense.train [options]`` (torchrun's entry): exit codes and messages as ``effdense train``
     (:func:`effdense.cli.main`), Ctrl-C outside the training loop (data loading, model building) included:
     130 with one line, not a traceback; a closed stdout (``... | head -2``): 141 quietly."""
-    from effdense.cli import _broken_pipe
+    from effdense.cli import run_entry
 
-    try:
-        try:
-            args = parse_args(argv)
-        except SystemExit:  # --help, or a usage error
-            sys.stdout.flush()
-            raise
-        try:
-            code = main(args)
-        except KeyboardInterrupt:
-            print("effdense train: interrupted", file=sys.stderr)
-            code = 130
-        sys.stdout.flush()  # a pipe's buffered output fails here, not in the interpreter's shutdown
-        return code
-    except BrokenPipeError:
-        return _broken_pipe()
+    return run_entry(lambda: parse_args(argv), main, command="train")
 
 
 if __name__ == "__main__":
