@@ -124,7 +124,34 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _acc(t: torch.Tensor) -> torch.Tensor:
-    return t.to(_acc_dtype(t.dtype))
+    return _cast(t, _acc_dtype(t.dtype))
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)``, skipping the call when ``t`` has that dtype already (the result is the same: ``t``
+    itself). The per-layer code casts parameters and statistics ~2,000 times per DenseNet-121 step, most of
+    them to the dtype they have, and each call's argument parsing alone costs about a microsecond."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+# Submodules and parameters are read from the modules' dicts: nn.Module.__getattr__, which ``layer.norm1`` and
+# ``bn.weight`` go through, costs about a microsecond per access, ~3,500 times per DenseNet-121 step.
+
+
+def _parts(layer) -> tuple[Any, Any, Any, Any]:
+    """A dense layer's ``(norm1, conv1, norm2, conv2)``; the last two None for a non-bottleneck layer."""
+    m = layer._modules
+    return m["norm1"], m["conv1"], m.get("norm2"), m.get("conv2")
+
+
+def _weight(module) -> torch.Tensor:
+    w = module._parameters.get("weight")
+    return w if w is not None else module.weight  # e.g. a parametrized weight (torch.nn.utils.parametrize)
+
+
+def _bias(module) -> torch.Tensor:
+    b = module._parameters.get("bias")
+    return b if b is not None else module.bias
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,12 +183,13 @@ class _Stage:
     def params(self) -> list[torch.Tensor]:
         out: list[torch.Tensor] = []
         for layer in self.layers:
-            out += [layer.norm1.weight, layer.norm1.bias, layer.conv1.weight]
+            norm1, conv1, norm2, conv2 = _parts(layer)
+            out += [_weight(norm1), _bias(norm1), _weight(conv1)]
             if layer.bottleneck:
-                out += [layer.norm2.weight, layer.norm2.bias, layer.conv2.weight]
+                out += [_weight(norm2), _bias(norm2), _weight(conv2)]
         if self.transition is not None:
-            t = self.transition
-            out += [t.norm.weight, t.norm.bias, t.conv.weight]
+            t = self.transition._modules
+            out += [_weight(t["norm"]), _bias(t["norm"]), _weight(t["conv"])]
         return out
 
 
@@ -179,9 +207,8 @@ class _StageState:
         # the dropout) replayed in backward (eager), or ("mask", bool mask) kept (under torch.compile)
         self.rng: list[Any] = []
         self.y1: list[torch.Tensor | None] = []  # per layer: bottleneck output, when kept
-        # per bottleneck layer: BN2's affine (scale, shift, mean, invstd; fp32 [B] each) from its batch
-        # statistics when cached, else None
-        self.bn2: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
+        # per bottleneck layer: BN2's batch statistics (mean, biased var; fp32 [B] each) when cached, else None
+        self.bn2: list[tuple[torch.Tensor, torch.Tensor] | None] = []
 
     def save(self, value: Any, *, which: str) -> None:
         if self.keep:
@@ -203,17 +230,23 @@ def _cache_channel_stats(stage: _Stage, state: "_StageState", Fbuf: torch.Tensor
         stage.ops.channel_stats(Fbuf[:, c0:c1], out=(state.mean[c0:c1], state.var[c0:c1]))
 
 
+def _bn_stats(bn, mean: torch.Tensor | None, var: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, biased var) in fp32 (fp64 for fp64) for ``bn``: the batch statistics if given, else the running ones."""
+    if mean is None:
+        mean, var = bn.running_mean, bn.running_var
+    acc = _acc_dtype(mean.dtype)
+    return _cast(mean, acc), _cast(var, acc)
+
+
 def _bn_affine(
     bn, mean: torch.Tensor | None, var: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(scale, shift, mean, invstd) in fp32 for ``bn``: batch statistics if given, else running ones."""
-    if mean is None:
-        mean, var = bn.running_mean, bn.running_var
-    acc = _acc_dtype(mean.dtype)
-    mean, var = mean.to(acc), var.to(acc)
+    mean, var = _bn_stats(bn, mean, var)
+    acc = mean.dtype
     invstd = torch.rsqrt(var + bn.eps)
-    scale = bn.weight.to(acc) * invstd
-    shift = torch.addcmul(bn.bias.to(acc), mean, scale, value=-1)
+    scale = _cast(_weight(bn), acc) * invstd
+    shift = torch.addcmul(_cast(_bias(bn), acc), mean, scale, value=-1)
     return scale, shift, mean, invstd
 
 
@@ -231,7 +264,8 @@ def _bn1_stats(stage: _Stage, state: _StageState, bn, Fbuf: torch.Tensor, c: int
     else:
         mean, var = _channel_stats(stage, Fbuf[:, :c])
     if update:
-        _check_count(state.count, Fbuf[:, :c].shape)
+        N, _, H, W = Fbuf.shape
+        _check_count(state.count, (N, c, H, W))
         state.updates.append((bn, mean, var))
     return mean, var
 
@@ -242,7 +276,7 @@ def _bn2_stats(stage: _Stage, state: _StageState, bn, y_sum: torch.Tensor, y_sqs
         return None, None
     local = shape[0] * shape[2] * shape[3]
     mean = y_sum / local
-    var = (y_sqsum / local - mean * mean).clamp_(min=0)
+    var = torch.addcmul(y_sqsum / local, mean, mean, value=-1).clamp_(min=0)  # E[y^2] - mean^2
     if stage.sync:
         mean, var, _ = _sync_stats(mean, var, local, stage.sync_group)
     if update:
@@ -251,12 +285,17 @@ def _bn2_stats(stage: _Stage, state: _StageState, bn, y_sum: torch.Tensor, y_sqs
     return mean, var
 
 
-def _bn_relu(y: torch.Tensor, bn, affine: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """relu((y - mean)*scale + beta) computed in fp32 (fp64 for fp64) and stored in y's dtype, as BatchNorm
-    does under autocast. Centred first, as nn.BatchNorm2d: ``scale*y + shift`` cancels when |mean| >> std."""
-    scale, _, mean, _ = affine
-    out = torch.sub(y, _bcast(mean)).mul_(_bcast(scale)).add_(_bcast(bn.bias.to(scale.dtype)))
-    return out.relu_().to(y.dtype)
+def _bn_relu(y: torch.Tensor, bn, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """relu(bn(y)) normalised with ``mean``/``var`` (fp32, or fp64 for fp64; batch or running statistics),
+    by the kernel that computes nn.BatchNorm2d's output: ATen's batch norm in its inference form, given them
+    as its statistics. ``(y - mean)*invstd*gamma + beta`` in fp32 for a bf16/fp16 ``y``, stored in y's dtype
+    as under autocast; centred first, so nothing cancels when |mean| >> std. Two operators, where the
+    formula written out costs seven (four arithmetic, three broadcast views)."""
+    acc = mean.dtype
+    out = torch.batch_norm(
+        y, _cast(_weight(bn), acc), _cast(_bias(bn), acc), mean, var, False, 0.0, bn.eps, torch.backends.cudnn.enabled
+    )
+    return out.relu_()
 
 
 def _save_rng(device: torch.device) -> Any:
@@ -303,7 +342,7 @@ def _bottleneck_backward(
     from effdense.kernels.reference import channel_chunks  # not at import: effdense.kernels imports triton
 
     scale, shift, mean, invstd = affine
-    gamma = bn.weight.to(invstd.dtype)
+    gamma = _cast(_weight(bn), invstd.dtype)
     target = G if stage.policy.shared_grad else torch.zeros_like(G)  # ablation: a per-layer gradient tensor
     if not stage.sync:
         dw, dgamma, dbeta = stage.ops.bottleneck_backward(
@@ -331,24 +370,23 @@ def _bottleneck_backward(
 def _layer_forward(stage: _Stage, state: _StageState, layer, Fbuf: torch.Tensor, c: int):
     """Run layer ``l`` reading ``F[:, :c]``; returns its k new channels (not yet written)."""
     dtype = stage.dtype
+    norm1, conv1, norm2, conv2 = _parts(layer)
     x = Fbuf[:, :c]
-    mean1, var1 = _bn1_stats(stage, state, layer.norm1, Fbuf, c, update=True)
-    affine1 = _bn_affine(layer.norm1, mean1, var1)
-    scale1, shift1 = affine1[:2]
+    mean1, var1 = _bn1_stats(stage, state, norm1, Fbuf, c, update=True)
     if layer.bottleneck:
-        w1 = layer.conv1.weight.to(dtype).view(layer.conv1.out_channels, c)
+        scale1, shift1, _, _ = _bn_affine(norm1, mean1, var1)
+        w1 = _cast(_weight(conv1), dtype).view(conv1.out_channels, c)
         y1, y_sum, y_sqsum = _bottleneck_forward(stage, x, scale1, shift1, w1)
-        mean2, var2 = _bn2_stats(stage, state, layer.norm2, y_sum, y_sqsum, y1.shape, update=True)
-        affine2 = _bn_affine(layer.norm2, mean2, var2)
-        state.save(affine2 if mean2 is not None and stage.policy.cache_stats else None, which="bn2")
+        mean2, var2 = _bn2_stats(stage, state, norm2, y_sum, y_sqsum, y1.shape, update=True)
+        state.save((mean2, var2) if mean2 is not None and stage.policy.cache_stats else None, which="bn2")
         if not stage.policy.recompute_bottleneck:
             state.save(y1, which="y1")
-        z = _bn_relu(y1, layer.norm2, affine2)
+        z = _bn_relu(y1, norm2, *_bn_stats(norm2, mean2, var2))
         del y1
-        out = F.conv2d(z, layer.conv2.weight.to(dtype), padding=1)
+        out = F.conv2d(z, _cast(_weight(conv2), dtype), padding=1)
     else:
-        h = _bn_relu(x, layer.norm1, affine1)
-        out = F.conv2d(h, layer.conv1.weight.to(dtype), padding=1)
+        h = _bn_relu(x, norm1, *_bn_stats(norm1, mean1, var1))
+        out = F.conv2d(h, _cast(_weight(conv1), dtype), padding=1)
     if layer.drop_rate > 0 and layer.training:
         if state.keep and torch.compiler.is_compiling():
             # dynamo cannot capture and restore RNG states: keep the mask (1 byte per new value). The CPU
@@ -369,7 +407,7 @@ def _transition_forward(stage: _Stage, state: _StageState, Fbuf: torch.Tensor) -
     c = Fbuf.shape[1]
     mean, var = _bn1_stats(stage, state, t.norm, Fbuf, c, update=True)
     scale, shift, _, _ = _bn_affine(t.norm, mean, var)
-    w = t.conv.weight.to(stage.dtype).view(t.conv.out_channels, c)
+    w = _cast(t.conv.weight, stage.dtype).view(t.conv.out_channels, c)
     y, _, _ = _bottleneck_forward(stage, Fbuf, scale, shift, w)
     return F.avg_pool2d(y, kernel_size=2, stride=2)
 
@@ -383,7 +421,7 @@ def _stage_forward(stage: _Stage, x: torch.Tensor, keep: bool) -> tuple[torch.Te
     state = _StageState(keep, count)
     Fbuf = torch.empty((N, c_total, H, W), dtype=stage.dtype, device=x.device)
     Fbuf[:, :C0].copy_(x)
-    bns = [layer.norm1 for layer in stage.layers] + ([stage.transition.norm] if stage.transition is not None else [])
+    bns = [layer._modules["norm1"] for layer in stage.layers] + ([stage.transition.norm] if stage.transition is not None else [])
     cache = stage.policy.cache_stats and any(_uses_batch_stats(bn) for bn in bns)
     if cache:
         state.mean = torch.empty(c_total, dtype=_acc_dtype(stage.dtype), device=x.device)
@@ -442,15 +480,15 @@ def _bn_backward_whole(
     dzm: torch.Tensor,
     y: torch.Tensor,
     bn,
-    affine: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    mean: torch.Tensor,
+    invstd: torch.Tensor,
     batch_stats: bool,
     count: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward of ``bn(y)`` over a whole tensor ``y`` (BN2) given the gradient ``dzm`` of its output:
-    ``(dy in y's dtype, dgamma, dbeta)``, the affine gradients from the local sums (as nn.SyncBatchNorm:
-    DDP averages them across ranks)."""
-    _, _, mean, invstd = affine
-    gamma = bn.weight.to(invstd.dtype)
+    """Backward of ``bn(y)`` over a whole tensor ``y`` (BN2) given the gradient ``dzm`` of its output and
+    the (fp32) statistics it was normalised with: ``(dy in y's dtype, dgamma, dbeta)``, the affine gradients
+    from the local sums (as nn.SyncBatchNorm: DDP averages them across ranks)."""
+    gamma = _cast(_weight(bn), invstd.dtype)
     if not stage.sync and y.is_contiguous() and dzm.is_contiguous():
         # nn.BatchNorm2d's own backward kernel: one fused pass for the sums, one for dy (fp32 statistics and
         # accumulation; a bf16/fp16 y, as under autocast, is read and dy written in its dtype)
@@ -474,7 +512,7 @@ def _bn_backward_whole(
         dy = _bcast(coef) * (dzm - _bcast(sum_dz / count) - xmu * _bcast(invstd * invstd * sum_dz_xmu / count))
     else:
         dy = dzm * _bcast(coef)
-    return dy.to(y.dtype), dgamma, dbeta
+    return _cast(dy, y.dtype), dgamma, dbeta
 
 
 def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torch.Tensor, G: torch.Tensor, c: int, k: int) -> list[torch.Tensor]:
@@ -487,16 +525,15 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
             dout = torch.ops.aten.native_dropout_backward(dout, saved, 1.0 / (1.0 - layer.drop_rate))
         else:
             dout = _dropout_replay(dout, layer.drop_rate, saved)
-    bn1 = layer.norm1
+    bn1, conv1, bn2, conv2 = _parts(layer)
     batch1 = _uses_batch_stats(bn1)
-    mean1, var1 = _bn1_stats(stage, state, bn1, Fbuf, c, update=False)
-    affine1 = _bn_affine(bn1, mean1, var1)
+    stats1 = _bn1_stats(stage, state, bn1, Fbuf, c, update=False)  # (None, None): running statistics
+    affine1 = _bn_affine(bn1, *stats1)
     scale1, shift1, mean1, invstd1 = affine1
     count = state.count
     if layer.bottleneck:
-        w1 = layer.conv1.weight.to(dtype).view(layer.conv1.out_channels, c)
-        bn2 = layer.norm2
-        cached = state.bn2[l]  # BN2's affine from forward's batch statistics, or None (running stats, or not cached)
+        w1 = _cast(_weight(conv1), dtype).view(conv1.out_channels, c)
+        cached = state.bn2[l]  # BN2's batch statistics from forward, or None (running stats, or not cached)
         if stage.policy.recompute_bottleneck:
             y1, y_sum, y_sqsum = _bottleneck_forward(stage, x, scale1, shift1, w1, stats=cached is None)
         else:
@@ -505,33 +542,35 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
                 y_sum = _acc(y1).sum(dim=(0, 2, 3))
                 y_sqsum = _acc(y1).square().sum(dim=(0, 2, 3))
         if cached is not None:
-            affine2, batch2 = cached, True
+            (mean2, var2), batch2 = cached, True
         else:
             mean2, var2 = _bn2_stats(stage, state, bn2, y_sum, y_sqsum, y1.shape, update=False)
-            affine2, batch2 = _bn_affine(bn2, mean2, var2), mean2 is not None
-        z = _bn_relu(y1, bn2, affine2)
-        w2 = layer.conv2.weight.to(dtype)
+            batch2 = mean2 is not None
+            mean2, var2 = _bn_stats(bn2, mean2, var2)
+        z = _bn_relu(y1, bn2, mean2, var2)
+        w2 = _cast(_weight(conv2), dtype)
         dz, dw2, _ = torch.ops.aten.convolution_backward(
             dout.contiguous(), z, w2, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
         )
         dzm = torch.ops.aten.threshold_backward(dz, z, 0)  # ReLU's mask from its output, z > 0
         del dout, dz, z
-        dy1, dgamma2, dbeta2 = _bn_backward_whole(stage, dzm, y1, bn2, affine2, batch2, count)
+        invstd2 = torch.rsqrt(var2 + bn2.eps)
+        dy1, dgamma2, dbeta2 = _bn_backward_whole(stage, dzm, y1, bn2, mean2, invstd2, batch2, count)
         del dzm, y1
         dw1, dgamma1, dbeta1 = _bottleneck_backward(stage, G[:, :c], x, bn1, affine1, batch1, count, w1, dy1)
         del dy1
         return [
-            dgamma1.to(bn1.weight.dtype),
-            dbeta1.to(bn1.bias.dtype),
-            dw1.view_as(layer.conv1.weight).to(layer.conv1.weight.dtype),
-            dgamma2.to(bn2.weight.dtype),
-            dbeta2.to(bn2.bias.dtype),
-            dw2.to(layer.conv2.weight.dtype),
+            _cast(dgamma1, _weight(bn1).dtype),
+            _cast(dbeta1, _bias(bn1).dtype),
+            _cast(dw1.view_as(_weight(conv1)), _weight(conv1).dtype),
+            _cast(dgamma2, _weight(bn2).dtype),
+            _cast(dbeta2, _bias(bn2).dtype),
+            _cast(dw2, _weight(conv2).dtype),
         ]
     # original DenseNet layer: BN-ReLU-conv3x3 over the concatenation, all in PyTorch ops
-    h = _bn_relu(x, bn1, affine1)
+    h = _bn_relu(x, bn1, *_bn_stats(bn1, *stats1))
     dh, dw, _ = torch.ops.aten.convolution_backward(
-        dout.contiguous(), h, layer.conv1.weight.to(dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
+        dout.contiguous(), h, _cast(_weight(conv1), dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
     )
     dh = torch.ops.aten.threshold_backward(dh, h, 0)  # ReLU mask from the output (one pass; a bool mask is slower)
     del h
@@ -540,11 +579,11 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
     grad = G[:, :c]
     target = grad if stage.policy.shared_grad else torch.zeros_like(grad)
     dgamma1, dbeta1 = _bn_backward_into(
-        stage, target, x, dh, bn1.weight.to(invstd1.dtype), mean1, invstd1, batch1, sum_dh, sum_dh_xmu, count
+        stage, target, x, dh, _cast(_weight(bn1), invstd1.dtype), mean1, invstd1, batch1, sum_dh, sum_dh_xmu, count
     )
     if target is not grad:
         grad.add_(target)
-    return [dgamma1.to(bn1.weight.dtype), dbeta1.to(bn1.bias.dtype), dw.to(layer.conv1.weight.dtype)]
+    return [_cast(dgamma1, _weight(bn1).dtype), _cast(dbeta1, _bias(bn1).dtype), _cast(dw, _weight(conv1).dtype)]
 
 
 def _sync_count(stage: _Stage, local: int) -> int:
@@ -573,7 +612,7 @@ def _transition_backward(stage: _Stage, state: _StageState, Fbuf: torch.Tensor, 
     mean, var = _bn1_stats(stage, state, t.norm, Fbuf, c, update=False)
     batch = mean is not None
     affine = _bn_affine(t.norm, mean, var)
-    w = t.conv.weight.to(stage.dtype).view(t.conv.out_channels, c)
+    w = _cast(t.conv.weight, stage.dtype).view(t.conv.out_channels, c)
     dy = _avg_pool2_backward(dout.to(stage.dtype), H, W)
     dw, dgamma, dbeta = _bottleneck_backward(stage, G, Fbuf, t.norm, affine, batch, state.count, w, dy)
     del dy
