@@ -45,4 +45,7 @@ def run_block(block, x: torch.Tensor) -> torch.Tensor:
 
 
 def run_features(model, x: torch.Tensor) -> torch.Tensor:
-    return shared.run_features(model, x, **_options(x))
+    options = _options(x)
+    # on the kernels, a whole model's stages share its largest chunk size (shared._widest_chunk): fewer
+    # input-gradient launches in the blocks with small planes, the largest chunk temporary unchanged
+    return shared.run_features(model, x, widest_chunks="chunk_factor" in options, **options)
