@@ -124,6 +124,63 @@ def test_fused_matches_naive_with_real_kernels(builder, shape, device) -> None:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def test_fused_chunks_are_the_models_widest(monkeypatch) -> None:
+    """On the kernels, every stage takes chunks as large as the model's largest (shared._widest_chunk).
+    With chunks forced narrow (no byte allowance: two bottleneck widths, 32 channels here), the first block
+    (8x8 planes) takes its input gradients in chunks of 32 channels and the second (4x4 planes, so 4x more
+    channels in a chunk of the same size) in one each; results still match naive."""
+    from effdense.kernels import bottleneck as kb
+    from effdense.strategies import fused
+
+    if not fused.kernels_available(torch.device("cpu")):
+        pytest.skip("Triton kernels cannot run on cpu here (TRITON_INTERPRET unset)")
+    monkeypatch.setattr(shared, "_CHUNK_BYTES", 0)
+    widths: list[int] = []  # channels of each input-gradient launch, in launch order
+    launch = kb.bottleneck_backward_input_launch
+
+    def counted(x, *args):
+        widths.append(x.shape[1])
+        return launch(x, *args)
+
+    monkeypatch.setattr(kb, "bottleneck_backward_input_launch", counted)
+    torch.manual_seed(0)
+    model = effdense.DenseNet(4, (8, 8), 8, bn_size=4, num_classes=3, small_inputs=True)  # bottleneck width 16
+    ref, other = _pair(model, "fused")
+    assert_matches(ref, other, torch.randn(2, 3, 8, 8), steps=1)
+    # backward, stage by stage from the last: its transition (if any) over all channels, then its layers in
+    # reverse. Block 1: layers over 8 + 4l channels (l = 0..7), transition over 40 (20 go on); block 2 at 4x4:
+    # layers over 20 + 4l, no transition
+    block1 = [n for c in [40, *range(36, 7, -4)] for n in _chunk_sizes(c, 32)]
+    block2 = [n for c in range(48, 19, -4) for n in _chunk_sizes(c, 4 * 32)]
+    assert widths == block2 + block1
+    assert len(block1) > 9 and len(block2) == 8  # block 1 in chunks (40 and 36 channels in two), block 2 not
+
+
+def _chunk_sizes(channels: int, width: int) -> list[int]:
+    from effdense.kernels.reference import channel_chunks
+
+    return [c1 - c0 for c0, c1 in channel_chunks(channels, width)]
+
+
+def test_fused_widest_chunks_keep_the_peak() -> None:
+    """The model-wide chunk size leaves the largest chunk temporary of a step as it was, and the step's peak
+    with it: DenseNet-121 at batch 64, 224x224 on the kernel path (estimated on meta tensors), where it
+    removes every second-and-later chunk."""
+    from effdense.memory import estimate_step
+    from effdense.strategies import fused
+
+    if not fused.kernels_available(torch.device("cpu")):
+        pytest.skip("the kernel path needs TRITON_INTERPRET=1 on CPU")
+    wide = estimate_step("densenet121", (64, 3, 224, 224), strategy="fused", backend="meta").peak
+    original = shared.run_features
+    try:
+        shared.run_features = lambda model, x, ops=None, widest_chunks=False, **kw: original(model, x, ops, **kw)
+        per_stage = estimate_step("densenet121", (64, 3, 224, 224), strategy="fused", backend="meta").peak
+    finally:
+        shared.run_features = original
+    assert wide <= per_stage
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_fused_step_flops_equal_shareds(device) -> None:
     # FlopCounterMode over a training step: the Triton path's effdense::* ops carry FLOP formulas, so fused
