@@ -19,7 +19,9 @@ summation order, and hence their last bits, can vary from run to run.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from typing import Iterator
 
 import torch
 import triton
@@ -432,6 +434,42 @@ _bwd_input_tuned = triton.autotune(
 )(_bottleneck_bwd_input_kernel)
 
 
+# One configuration per GEMM kernel, set by :func:`forced_config`, used instead of the autotuner (or of the
+# interpreter's single config): for tests that run every configuration, and for comparing configurations.
+_FORCED: dict[str, triton.Config] = {}
+CONFIGS = {"forward": _FWD_CONFIGS, "backward_weight": _BWD_WEIGHT_CONFIGS, "backward_input": _BWD_INPUT_CONFIGS}
+
+
+@contextlib.contextmanager
+def forced_config(kernel: str, config: triton.Config) -> Iterator[None]:
+    """Within the block, launch GEMM kernel ``kernel`` (a key of :data:`CONFIGS`: ``"forward"``,
+    ``"backward_weight"``, ``"backward_input"``) with ``config``, one of its autotuning configurations or any
+    other, instead of the autotuned choice; in the interpreter, instead of its single large-block config
+    (the block sizes apply there, the warps and stages do not). Not pruned: a config that does not fit the
+    device's shared memory fails to launch (Triton's ``OutOfResources``). Not thread-safe."""
+    if kernel not in CONFIGS:
+        raise ValueError(f"kernel: expected one of {sorted(CONFIGS)}, got {kernel!r}")
+    if not isinstance(config, triton.Config):
+        raise TypeError(f"config: expected a triton.Config, got {type(config).__name__}")
+    previous = _FORCED.get(kernel)
+    _FORCED[kernel] = config
+    try:
+        yield
+    finally:
+        if previous is None:
+            _FORCED.pop(kernel, None)
+        else:
+            _FORCED[kernel] = previous
+
+
+def _forced(kernel: str) -> dict | None:
+    """The forced config's launch keywords (block sizes, warps, stages), or None."""
+    cfg = _FORCED.get(kernel)
+    if cfg is None:
+        return None
+    return dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
 def _p2(v: int, cap: int, floor: int = 16) -> int:
     return max(floor, min(cap, _launch.next_power_of_2(v)))
 
@@ -460,14 +498,13 @@ def bottleneck_forward_launch(x, scale, shift, weight, y, y_sum, y_sqsum) -> Non
         C, B, P, M, x.stride(0), x.stride(1), weight.stride(0), y.stride(0), y.stride(1), *_keys(C, M),
     )
     prec, up = _launch.input_precision(x.dtype), _bf16_interp(x)
-    if _launch.interpreting():
-        bb, bm, bk = _p2(B, 128), _p2(P, 1024), _p2(C, 128)
-        grid = (_launch.cdiv(B, bb) * N * _launch.cdiv(P, bm),)
-        _bottleneck_fwd_kernel[grid](
-            *args, BLOCK_B=bb, BLOCK_M=bm, BLOCK_K=bk, STATS=stats, INPUT_PRECISION=prec, BF16_INTERP=up
-        )
+    grid = lambda meta: (_launch.cdiv(B, meta["BLOCK_B"]) * N * _launch.cdiv(P, meta["BLOCK_M"]),)  # noqa: E731
+    meta = _forced("forward")
+    if meta is None and _launch.interpreting():
+        meta = dict(BLOCK_B=_p2(B, 128), BLOCK_M=_p2(P, 1024), BLOCK_K=_p2(C, 128))
+    if meta is not None:
+        _bottleneck_fwd_kernel[grid(meta)](*args, **meta, STATS=stats, INPUT_PRECISION=prec, BF16_INTERP=up)
     else:
-        grid = lambda meta: (_launch.cdiv(B, meta["BLOCK_B"]) * N * _launch.cdiv(P, meta["BLOCK_M"]),)  # noqa: E731
         _fwd_tuned[grid](*args, STATS=stats, INPUT_PRECISION=prec, BF16_INTERP=up)
 
 
@@ -487,8 +524,10 @@ def bottleneck_backward_weight_launch(x, scale, shift, dy, dw) -> None:
         tiles = _launch.cdiv(B, meta["BLOCK_B"]) * _launch.cdiv(C, meta["BLOCK_C"])
         return (tiles, _weight_splits(x.device, tiles, N * _launch.cdiv(P, meta["BLOCK_M"])))
 
-    if _launch.interpreting():
+    meta = _forced("backward_weight")
+    if meta is None and _launch.interpreting():
         meta = dict(BLOCK_B=_p2(B, 128), BLOCK_C=_p2(C, 128), BLOCK_M=_p2(P, 1024))
+    if meta is not None:
         _bottleneck_bwd_weight_kernel[grid(meta)](*args, **meta, INPUT_PRECISION=prec, BF16_INTERP=up)
     else:
         _bwd_weight_tuned[grid](*args, INPUT_PRECISION=prec, BF16_INTERP=up)
@@ -503,12 +542,13 @@ def bottleneck_backward_input_launch(x, scale, shift, weight, dy, mean, dh, sum_
         dh.stride(0), dh.stride(1), *_keys(C, M),
     )
     prec, up = _launch.input_precision(x.dtype), _bf16_interp(x)
-    if _launch.interpreting():
-        bc, bm, bk = _p2(C, 128), _p2(P, 1024), _p2(B, 128)
-        grid = (_launch.cdiv(C, bc) * N * _launch.cdiv(P, bm),)
-        _bottleneck_bwd_input_kernel[grid](*args, BLOCK_C=bc, BLOCK_M=bm, BLOCK_K=bk, INPUT_PRECISION=prec, BF16_INTERP=up)
+    grid = lambda meta: (_launch.cdiv(C, meta["BLOCK_C"]) * N * _launch.cdiv(P, meta["BLOCK_M"]),)  # noqa: E731
+    meta = _forced("backward_input")
+    if meta is None and _launch.interpreting():
+        meta = dict(BLOCK_C=_p2(C, 128), BLOCK_M=_p2(P, 1024), BLOCK_K=_p2(B, 128))
+    if meta is not None:
+        _bottleneck_bwd_input_kernel[grid(meta)](*args, **meta, INPUT_PRECISION=prec, BF16_INTERP=up)
     else:
-        grid = lambda meta: (_launch.cdiv(C, meta["BLOCK_C"]) * N * _launch.cdiv(P, meta["BLOCK_M"]),)  # noqa: E731
         _bwd_input_tuned[grid](*args, INPUT_PRECISION=prec, BF16_INTERP=up)
 
 

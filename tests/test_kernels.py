@@ -15,6 +15,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from effdense import kernels as K
 from effdense.kernels import reference as R
 
+try:  # the twins' tests run without triton; the kernel tests skip (_need_triton)
+    import triton
+    import triton.runtime.errors
+
+    from effdense.kernels import bottleneck as KB
+except ImportError:  # pragma: no cover
+    triton = KB = None
+
 # (N, C_total, offset, C, H, W, B): x = buf[:, offset:offset+C] of an (N, C_total, H, W) buffer, B outputs
 SHAPES = [
     (1, 20, 0, 20, 7, 7, 24),  # batch 1, C not a multiple of 16, odd 7x7 spatial
@@ -491,6 +499,54 @@ def test_opcheck_forward_without_sums():
         args,
         test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
     )
+
+
+def _gemm_checks() -> dict:
+    return {
+        "forward": test_bottleneck_forward,
+        "backward_weight": test_bottleneck_backward_weight,
+        "backward_input": test_bottleneck_backward_input_into_scratch_slice,
+    }
+
+
+# a channel slice at an offset, several K and B tiles (C = 136, B = 128), several pixel tiles per sample
+CONFIG_SHAPES = [SHAPES[1], SHAPES[3], SHAPES[4]]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "kernel, index", [(kernel, i) for kernel, configs in (KB.CONFIGS if KB else {}).items() for i in range(len(configs))]
+)
+def test_every_autotune_config_matches_the_twin(kernel, index, dtype, device):
+    """Each GEMM kernel with each of its autotuning configurations, forced (the autotuner may choose any of
+    them for some shape), on awkward shapes: the tests above, with those block sizes instead of the tuned
+    (CUDA) or single (interpreter) ones. On CUDA a config too large for the device's shared memory, which the
+    autotuner prunes, is skipped."""
+    _need_triton(device)
+    config = KB.CONFIGS[kernel][index]
+    with KB.forced_config(kernel, config):
+        for shape in CONFIG_SHAPES:
+            try:
+                _gemm_checks()[kernel](shape, dtype, device)
+            except triton.runtime.errors.OutOfResources as exc:
+                pytest.skip(f"{config} does not fit this device: {exc}")
+
+
+def test_forced_config_is_used_and_restored():
+    """forced_config changes the launch (a block size that cannot compile fails) and is undone on exit."""
+    _need_triton("cpu")
+    c = _case(SHAPES[0], torch.float32, "cpu")
+    args = (c["x"], c["scale"], c["shift"], c["weight"])
+    bad = triton.Config({"BLOCK_B": 24, "BLOCK_M": 64, "BLOCK_K": 32}, num_warps=4, num_stages=2)  # not a power of 2
+    with pytest.raises(triton.errors.TritonError, match="power of 2"), KB.forced_config("forward", bad):
+        K.bottleneck_forward(*args, backend="triton")
+    assert not KB._FORCED
+    K.bottleneck_forward(*args, backend="triton")
+    with pytest.raises(ValueError, match="expected one of"), KB.forced_config("fwd", bad):
+        pass
+    with pytest.raises(TypeError, match="triton.Config"), KB.forced_config("forward", {"BLOCK_B": 64}):
+        pass
 
 
 @pytest.mark.parametrize("device", DEVICES)
