@@ -549,6 +549,48 @@ def test_forced_config_is_used_and_restored():
         pass
 
 
+def test_tuned_launch_reuses_the_autotuners_choice(monkeypatch):
+    """On a GPU the first launch of a tuning key goes through the Autotuner; later ones call the kernel
+    directly with the keywords the Autotuner passes for its choice (here with stand-ins for both, since the
+    Autotuner does not run in the interpreter)."""
+    if KB is None:
+        pytest.skip("triton missing")
+    monkeypatch.setattr(KB, "_CHOSEN", {})
+    chosen = triton.Config({"BLOCK_B": 64, "BLOCK_M": 128, "BLOCK_K": 32}, num_warps=4, num_stages=5)
+
+    class Kernel:  # a JITFunction: kernel[grid](*args, **keywords)
+        def __init__(self):
+            self.calls = []
+
+        def __getitem__(self, grid):
+            return lambda *args, **kw: self.calls.append((grid, args, kw))
+
+    class Tuned(Kernel):  # an Autotuner: tunes, sets best_config, launches its fn
+        def __init__(self, fn, has_best=True):
+            super().__init__()
+            self.fn, self.has_best = fn, has_best
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                self.calls.append((grid, args, kw))
+                if self.has_best:
+                    self.best_config = chosen
+            return run
+
+    grid = lambda meta: (1,)  # noqa: E731
+    tuned = Tuned(Kernel())
+    for _ in range(3):
+        KB._launch_tuned(tuned, grid, ("x", 5), ("forward", 0, torch.bfloat16, True, 128, 256, 4096, 64), STATS=True)
+    assert len(tuned.calls) == 1 and len(tuned.fn.calls) == 2
+    assert tuned.fn.calls[0] == (grid, ("x", 5), {"STATS": True, **chosen.all_kwargs()})
+    KB._launch_tuned(tuned, grid, ("x", 5), ("forward", 0, torch.bfloat16, False, 128, 256, 4096, 64), STATS=False)
+    assert len(tuned.calls) == 2, "another key is tuned (or looked up) by the Autotuner first"
+    untuned = Tuned(Kernel(), has_best=False)  # a Triton without best_config: the Autotuner every time
+    for _ in range(2):
+        KB._launch_tuned(untuned, grid, (), ("backward_input", 0, torch.float32, 128, 256, 4096, 64))
+    assert len(untuned.calls) == 2 and not untuned.fn.calls
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_forward_without_sums_gives_the_same_output(device):
     """``stats=False`` (backward's recomputation) writes the same ``y`` and returns no sums, on the direct
