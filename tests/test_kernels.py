@@ -513,6 +513,7 @@ def _gemm_checks() -> dict:
 CONFIG_SHAPES = [SHAPES[1], SHAPES[3], SHAPES[4]]
 
 
+@pytest.mark.slow  # ~1 minute in the interpreter; on a fresh GPU each config compiles for each case
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize(
