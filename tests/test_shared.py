@@ -156,6 +156,20 @@ def test_fused_chunks_are_the_models_widest(monkeypatch) -> None:
     assert len(block1) > 9 and len(block2) == 8  # block 1 in chunks (40 and 36 channels in two), block 2 not
 
 
+def test_sync_batchnorm_chunks_do_not_depend_on_the_local_batch() -> None:
+    """Under SyncBatchNorm semantics the input gradient all-reduces BN1's sums once per channel chunk, so
+    ranks with different local batches (N*H*W) must cut the same chunks; without sync the chunks widen with
+    smaller planes (the byte allowance, and fused's model-wide chunk)."""
+    block = effdense.densenet_cifar(100, 12).features.denseblock1  # 24 + 16*12 = 216 channels, bottleneck 48
+    widths = {
+        sync: {shared._stage_chunk_width(block, torch.empty(n, 24, 32, 32, device="meta"), 2, 96 * 8 * 32 * 32, sync)
+               for n in (1, 5, 8, 64)}
+        for sync in (True, False)
+    }  # fmt: skip
+    assert widths[True] == {96}
+    assert len(widths[False]) > 1
+
+
 def _chunk_sizes(channels: int, width: int) -> list[int]:
     from effdense.kernels.reference import channel_chunks
 
@@ -434,6 +448,7 @@ def _bias_conv(conv: nn.Conv2d) -> nn.Conv2d:
         (True, "denseblock3.denselayer1.relu2", lambda relu: nn.LeakyReLU(0.2)),
         (True, "transition1.relu", lambda relu: nn.SiLU()),
         (True, "transition1.pool", lambda pool: nn.MaxPool2d(2)),
+        (True, "denseblock1.denselayer1.conv1", lambda conv: nn.Sequential(conv)),  # no out_channels to read
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )

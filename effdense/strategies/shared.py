@@ -288,9 +288,11 @@ def _bn2_stats(stage: _Stage, state: _StageState, bn, y_sum: torch.Tensor, y_sqs
 def _bn_relu(y: torch.Tensor, bn, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
     """relu(bn(y)) normalised with ``mean``/``var`` (fp32, or fp64 for fp64; batch or running statistics),
     by the kernel that computes nn.BatchNorm2d's output: ATen's batch norm in its inference form, given them
-    as its statistics. ``(y - mean)*invstd*gamma + beta`` in fp32 for a bf16/fp16 ``y``, stored in y's dtype
-    as under autocast; centred first, so nothing cancels when |mean| >> std. Two operators, where the
-    formula written out costs seven (four arithmetic, three broadcast views)."""
+    as its statistics. In fp32 for a bf16/fp16 ``y``, stored in y's dtype as under autocast. Its rounding is
+    nn.BatchNorm2d's: on CPU ATen folds the affine into ``y*alpha + beta`` (with |mean| >> std that loses
+    digits that centring first would keep, as it does for nn.BatchNorm2d; checked: fp32 y at mean 1e5, std
+    1, errors ~3e-3), on CUDA it centres first. Two operators, where the formula written out costs seven
+    (four arithmetic, three broadcast views)."""
     acc = mean.dtype
     out = torch.batch_norm(
         y, _cast(_weight(bn), acc), _cast(_bias(bn), acc), mean, var, False, 0.0, bn.eps, torch.backends.cudnn.enabled
@@ -760,8 +762,17 @@ def _make_stage(
         dtype=_autocast_dtype(x),
         sync_group=group,
         sync=sync,
-        chunk_width=_chunk_width(block, x.shape[0] * x.shape[2] * x.shape[3], chunk_factor, chunk_values),
+        chunk_width=_stage_chunk_width(block, x, chunk_factor, chunk_values, sync),
     )
+
+
+def _stage_chunk_width(block, x: torch.Tensor, chunk_factor: int, chunk_values: int | None, sync: bool) -> int:
+    """The stage's chunk width. Under SyncBatchNorm semantics, ``chunk_factor`` bottleneck widths only: the
+    input gradient all-reduces BN1's sums once per chunk, so every rank must cut the same chunks, and the
+    byte and model-wide allowances follow the local batch (N*H*W), which ranks need not share."""
+    if sync:
+        return _chunk_width(block, 0, chunk_factor, per_rank=False)
+    return _chunk_width(block, x.shape[0] * x.shape[2] * x.shape[3], chunk_factor, chunk_values)
 
 
 # A chunk's temporaries may be widened to this size (fp32 bytes of one chunk-wide activation) when its
@@ -769,15 +780,27 @@ def _make_stage(
 _CHUNK_BYTES = 4 << 20
 
 
-def _chunk_width(block, plane: int, chunk_factor: int, chunk_values: int | None = None) -> int:
+def _chunk_width(block, plane: int, chunk_factor: int, chunk_values: int | None = None, per_rank: bool = True) -> int:
     """Channels per chunk for a block whose input has ``plane`` = N*H*W values per channel:
     ``chunk_factor`` bottleneck widths, or more while a chunk-wide fp32 temporary stays within
-    ``_CHUNK_BYTES``, or while a chunk holds at most ``chunk_values`` values (see :func:`_widest_chunk`)."""
-    width = chunk_factor * max(16, block.layers[0].conv1.out_channels if block.layers else 64)
+    ``_CHUNK_BYTES``, or while a chunk holds at most ``chunk_values`` values (see :func:`_widest_chunk`);
+    without ``per_rank``, the bottleneck widths only."""
+    width = chunk_factor * max(16, _bottleneck_width(block))
+    if not per_rank:
+        return width
     width = max(width, _CHUNK_BYTES // max(1, plane * 4))
     if chunk_values is not None:
         width = max(width, chunk_values // max(1, plane))
     return width
+
+
+def _bottleneck_width(block) -> int:
+    """Output channels of the block's first conv1, or 64 where there is none to read: no layers, or a
+    module a user swapped in (whose stage then runs as naive, see ``_custom_modules``)."""
+    first = next(iter(block._modules.values()), None)
+    conv1 = first._modules.get("conv1") if isinstance(first, torch.nn.Module) else None
+    width = getattr(conv1, "out_channels", None)
+    return width if isinstance(width, int) else 64
 
 
 def _widest_chunk(blocks: Sequence[Any], x: torch.Tensor, chunk_factor: int) -> int:
@@ -792,7 +815,7 @@ def _widest_chunk(blocks: Sequence[Any], x: torch.Tensor, chunk_factor: int) -> 
     widest = 0
     for block in blocks:
         plane = N * H * W
-        channels = min(block.num_output_features, _chunk_width(block, plane, chunk_factor))
+        channels = min(getattr(block, "num_output_features", 0), _chunk_width(block, plane, chunk_factor))
         widest = max(widest, channels * plane)
         H, W = H // 2, W // 2
     return widest
