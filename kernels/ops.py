@@ -73,10 +73,6 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
     raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
 
 
-def _zeros(n: int, like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros(n, dtype=torch.float32, device=like.device)
-
-
 def _zero_pair(n: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Two zeroed fp32 ``[n]`` sums, the rows of one buffer: one allocation and one fill (on a GPU, one
     fill kernel) instead of two."""
@@ -629,9 +625,8 @@ def bottleneck_backward(
     reference.check_chunk(chunk)
     dw = _weight_grad(x, scale, shift, dy)
     if not (x.numel() and dy.numel()):  # N, C, H, W or B = 0: nothing to add into grad, zero sums
-        return dw, _zeros(C, x), _zeros(C, x)
-    sums = torch.zeros((2, C), dtype=torch.float32, device=x.device)
-    sum_dh, sum_dh_xmu = sums.unbind(0)
+        return (dw, *_zero_pair(C, x))
+    sum_dh, sum_dh_xmu = _zero_pair(C, x)
     # running statistics: no terms through the mean and variance, i.e. the accumulation sees zero sums
     zero = None if batch_stats else torch.zeros(C, dtype=torch.float32, device=x.device)
     chunks = reference.channel_chunks(C, chunk)
