@@ -27,7 +27,8 @@ per-layer Python loops unroll and ``_Stage``/``_StageState`` exist only while tr
 implementations, their in-place outputs functionalised by AOT). Running-statistics updates stay in-place
 buffer mutations of the forward graph. Three branches on ``torch.compiler.is_compiling()`` make this hold,
 and leave the eager path as it was: dropout keeps its bool mask (``aten.native_dropout``, which draws the
-same numbers as ``F.dropout`` on CPU) instead of an RNG state that dynamo cannot capture or restore;
+same numbers as ``F.dropout`` on CPU) instead of an RNG state that dynamo cannot capture or restore (as it
+does while a CUDA graph is captured, ``_keep_dropout_mask``);
 backward leaves the kept bottleneck outputs in the state (dynamo refuses mutation of forward-made state
 in backward; autograd frees the compiled graph's saved tensors itself); the checkpointed ImageNet stem
 runs without its call counter (see ``checkpoint.recompute_once``). The compiled graph saves for backward
@@ -207,8 +208,13 @@ class _StageState:
         # the dropout) replayed in backward (eager), or ("mask", bool mask) kept (under torch.compile)
         self.rng: list[Any] = []
         self.y1: list[torch.Tensor | None] = []  # per layer: bottleneck output, when kept
-        # per bottleneck layer: BN2's batch statistics (mean, biased var; fp32 [B] each) when cached, else None
+        # per layer: BN2's batch statistics (mean, biased var; fp32 [B] each) when cached, else None
         self.bn2: list[tuple[torch.Tensor, torch.Tensor] | None] = []
+        # per layer: BN1's affine as forward formed it, (scale, shift, mean, invstd) fp32 [c] each, when batch
+        # statistics are cached (backward then uses it as is instead of forming it again: four operators
+        # fewer per layer, a few vectors of c floats kept), else None; the transition's in ``transition_affine``
+        self.affine1: list[tuple[torch.Tensor, ...] | None] = []
+        self.transition_affine: tuple[torch.Tensor, ...] | None = None
 
     def save(self, value: Any, *, which: str) -> None:
         if self.keep:
@@ -300,6 +306,16 @@ def _bn_relu(y: torch.Tensor, bn, mean: torch.Tensor, var: torch.Tensor) -> torc
     return out.relu_()
 
 
+def _keep_dropout_mask(device: torch.device) -> bool:
+    """Whether forward keeps dropout's bool mask for backward instead of the RNG state to replay it from:
+    under torch.compile (dynamo cannot capture or restore RNG states) and while a CUDA graph is being
+    captured on the current stream (a state read on the host at capture stays what it was, while each replay's
+    dropout draws new numbers: backward would replay another mask than forward's)."""
+    if torch.compiler.is_compiling():
+        return True
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _save_rng(device: torch.device) -> Any:
     if device.type == "cuda":
         return torch.cuda.get_rng_state(device)
@@ -376,23 +392,25 @@ def _layer_forward(stage: _Stage, state: _StageState, layer, Fbuf: torch.Tensor,
     x = Fbuf[:, :c]
     mean1, var1 = _bn1_stats(stage, state, norm1, Fbuf, c, update=True)
     if layer.bottleneck:
-        scale1, shift1, _, _ = _bn_affine(norm1, mean1, var1)
+        affine1 = _bn_affine(norm1, mean1, var1)
+        state.save(affine1 if stage.policy.cache_stats else None, which="affine1")
         w1 = _cast(_weight(conv1), dtype).view(conv1.out_channels, c)
-        y1, y_sum, y_sqsum = _bottleneck_forward(stage, x, scale1, shift1, w1)
+        y1, y_sum, y_sqsum = _bottleneck_forward(stage, x, affine1[0], affine1[1], w1)
         mean2, var2 = _bn2_stats(stage, state, norm2, y_sum, y_sqsum, y1.shape, update=True)
         state.save((mean2, var2) if mean2 is not None and stage.policy.cache_stats else None, which="bn2")
-        if not stage.policy.recompute_bottleneck:
-            state.save(y1, which="y1")
+        state.save(None if stage.policy.recompute_bottleneck else y1, which="y1")
         z = _bn_relu(y1, norm2, *_bn_stats(norm2, mean2, var2))
         del y1
         out = F.conv2d(z, _cast(_weight(conv2), dtype), padding=1)
     else:
+        for which in ("affine1", "bn2", "y1"):  # one entry per layer in each list, whatever the layer
+            state.save(None, which=which)
         h = _bn_relu(x, norm1, *_bn_stats(norm1, mean1, var1))
         out = F.conv2d(h, _cast(_weight(conv1), dtype), padding=1)
     if layer.drop_rate > 0 and layer.training:
-        if state.keep and torch.compiler.is_compiling():
-            # dynamo cannot capture and restore RNG states: keep the mask (1 byte per new value). The CPU
-            # kernel draws the same Bernoulli numbers as F.dropout's, so the masks agree with eager.
+        if state.keep and _keep_dropout_mask(out.device):
+            # dynamo and CUDA-graph capture cannot save and restore RNG states: keep the mask (1 byte per new
+            # value). The CPU kernel draws the same Bernoulli numbers as F.dropout's, so the masks agree with eager.
             out, mask = torch.ops.aten.native_dropout(out, layer.drop_rate, True)
             state.save(("mask", mask), which="rng")
         else:
@@ -408,9 +426,11 @@ def _transition_forward(stage: _Stage, state: _StageState, Fbuf: torch.Tensor) -
     t = stage.transition
     c = Fbuf.shape[1]
     mean, var = _bn1_stats(stage, state, t.norm, Fbuf, c, update=True)
-    scale, shift, _, _ = _bn_affine(t.norm, mean, var)
+    affine = _bn_affine(t.norm, mean, var)
+    if state.keep and stage.policy.cache_stats:
+        state.transition_affine = affine
     w = _cast(t.conv.weight, stage.dtype).view(t.conv.out_channels, c)
-    y, _, _ = _bottleneck_forward(stage, Fbuf, scale, shift, w)
+    y, _, _ = _bottleneck_forward(stage, Fbuf, affine[0], affine[1], w)
     return F.avg_pool2d(y, kernel_size=2, stride=2)
 
 
@@ -529,11 +549,12 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
             dout = _dropout_replay(dout, layer.drop_rate, saved)
     bn1, conv1, bn2, conv2 = _parts(layer)
     batch1 = _uses_batch_stats(bn1)
-    stats1 = _bn1_stats(stage, state, bn1, Fbuf, c, update=False)  # (None, None): running statistics
-    affine1 = _bn_affine(bn1, *stats1)
-    scale1, shift1, mean1, invstd1 = affine1
     count = state.count
     if layer.bottleneck:
+        affine1 = state.affine1[l]  # forward's, when it kept it
+        if affine1 is None:
+            affine1 = _bn_affine(bn1, *_bn1_stats(stage, state, bn1, Fbuf, c, update=False))
+        scale1, shift1 = affine1[0], affine1[1]
         w1 = _cast(_weight(conv1), dtype).view(conv1.out_channels, c)
         cached = state.bn2[l]  # BN2's batch statistics from forward, or None (running stats, or not cached)
         if stage.policy.recompute_bottleneck:
@@ -570,6 +591,8 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
             _cast(dw2, _weight(conv2).dtype),
         ]
     # original DenseNet layer: BN-ReLU-conv3x3 over the concatenation, all in PyTorch ops
+    stats1 = _bn1_stats(stage, state, bn1, Fbuf, c, update=False)  # (None, None): running statistics
+    mean1, invstd1 = _bn_affine(bn1, *stats1)[2:]
     h = _bn_relu(x, bn1, *_bn_stats(bn1, *stats1))
     dh, dw, _ = torch.ops.aten.convolution_backward(
         dout.contiguous(), h, _cast(_weight(conv1), dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
@@ -611,9 +634,10 @@ def _avg_pool2_backward(dout: torch.Tensor, H: int, W: int) -> torch.Tensor:
 def _transition_backward(stage: _Stage, state: _StageState, Fbuf: torch.Tensor, G: torch.Tensor, dout: torch.Tensor) -> list[torch.Tensor]:
     t = stage.transition
     N, c, H, W = Fbuf.shape
-    mean, var = _bn1_stats(stage, state, t.norm, Fbuf, c, update=False)
-    batch = mean is not None
-    affine = _bn_affine(t.norm, mean, var)
+    batch = _uses_batch_stats(t.norm)
+    affine = state.transition_affine  # forward's, when it kept it
+    if affine is None:
+        affine = _bn_affine(t.norm, *_bn1_stats(stage, state, t.norm, Fbuf, c, update=False))
     w = _cast(t.conv.weight, stage.dtype).view(t.conv.out_channels, c)
     dy = _avg_pool2_backward(dout.to(stage.dtype), H, W)
     dw, dgamma, dbeta = _bottleneck_backward(stage, G, Fbuf, t.norm, affine, batch, state.count, w, dy)
