@@ -591,9 +591,9 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
             _cast(dw2, _weight(conv2).dtype),
         ]
     # original DenseNet layer: BN-ReLU-conv3x3 over the concatenation, all in PyTorch ops
-    stats1 = _bn1_stats(stage, state, bn1, Fbuf, c, update=False)  # (None, None): running statistics
-    mean1, invstd1 = _bn_affine(bn1, *stats1)[2:]
-    h = _bn_relu(x, bn1, *_bn_stats(bn1, *stats1))
+    mean1, var1 = _bn_stats(bn1, *_bn1_stats(stage, state, bn1, Fbuf, c, update=False))  # batch or running
+    invstd1 = torch.rsqrt(var1 + bn1.eps)
+    h = _bn_relu(x, bn1, mean1, var1)
     dh, dw, _ = torch.ops.aten.convolution_backward(
         dout.contiguous(), h, _cast(_weight(conv1), dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
     )
