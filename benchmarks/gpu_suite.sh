@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command GPU suite: environment, CUDA tests, kernel benchmark, effdense bench (DenseNet-BC-100 fp32 and
 # DenseNet-121 b64 224px bf16), memory estimate vs torch.cuda.max_memory_allocated, the DenseNet-121 step
-# replayed from a CUDA graph (its host overhead), and operators per step with each kernel call's host time.
+# replayed from a CUDA graph (its host overhead) and checked against eager steps, and operators per step with each kernel call's host time.
 #
 #   bash benchmarks/gpu_suite.sh                  # on a CUDA machine, effdense installed (pip install -e .)
 #   OUT=/some/dir GIT_COMMIT=abc123 bash benchmarks/gpu_suite.sh
@@ -165,6 +165,8 @@ if [ "$MODE" = gpu ]; then
     # (f) DenseNet-121 b64 bf16 step, eager and replayed from a CUDA graph: the host overhead in the step time
     # (its kernel shapes are tuned by the step above, so it takes ~30 s)
     step step_graph_time 120 "$PY" benchmarks/step_graph_time.py --out "$OUT"
+    # a captured and replayed step against eager steps (written after the last GPU session: run it early)
+    step tests_cuda_graph 90 "$PY" -m pytest tests/test_cuda_graph.py -q --junitxml="$OUT/pytest_cuda_graph.xml"
     # (b) tests: every CUDA-marked test but the slow ones, then (below) the rest of the kernel and shared-block
     # tests; the slow CUDA tests (each GEMM kernel with each autotuning config, compiled per case) on their own
     step tests_cuda 120 "$PY" -m pytest tests -q -m "cuda and not slow" --junitxml="$OUT/pytest_cuda.xml"
@@ -194,6 +196,7 @@ else
         --config densenet_bc_16:4:32:fp32 --config densenet121:2:64:fp32 --out "$OUT"
     step bench_kernels 60 "$PY" benchmarks/bench_kernels.py --help  # it needs CUDA: only its arguments here
     step step_graph_time 60 "$PY" benchmarks/step_graph_time.py --help  # likewise
+    step tests_cuda_graph 60 "$PY" -m pytest tests/test_cuda_graph.py -q --junitxml="$OUT/pytest_cuda_graph.xml"
     step host_overhead 60 "$PY" benchmarks/host_overhead.py --device cpu --model densenet_bc_16 --batch-size 2 \
         --image-size 8 --repeats 1 --calls 10 --out "$OUT"
 fi
