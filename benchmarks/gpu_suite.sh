@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-command GPU suite: environment, CUDA tests, kernel benchmark, effdense bench (DenseNet-BC-100 fp32 and
 # DenseNet-121 b64 224px bf16), memory estimate vs torch.cuda.max_memory_allocated, the DenseNet-121 step
-# replayed from a CUDA graph (its host overhead) and checked against eager steps, and operators per step with each kernel call's host time.
+# replayed from a CUDA graph (its host overhead) and checked against eager steps, and operators per step with
+# each kernel call's host time.
 #
 #   bash benchmarks/gpu_suite.sh                  # on a CUDA machine, effdense installed (pip install -e .)
 #   OUT=/some/dir GIT_COMMIT=abc123 bash benchmarks/gpu_suite.sh
@@ -19,7 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 
 ALLOW_CPU=0
 while [ $# -gt 0 ]; do
