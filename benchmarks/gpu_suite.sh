@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-command GPU suite: environment, CUDA tests, kernel benchmark, effdense bench (DenseNet-BC-100 fp32 and
 # DenseNet-121 b64 224px bf16), memory estimate vs torch.cuda.max_memory_allocated, the DenseNet-121 step
-# replayed from a CUDA graph (its host overhead) and checked against eager steps, and operators per step with
-# each kernel call's host time.
+# replayed from a CUDA graph (its host overhead) and checked against eager steps, a profile of where the eager
+# step's host time goes, and operators per step with each kernel call's host time.
 #
 #   bash benchmarks/gpu_suite.sh                  # on a CUDA machine, effdense installed (pip install -e .)
 #   OUT=/some/dir GIT_COMMIT=abc123 bash benchmarks/gpu_suite.sh
@@ -168,6 +168,9 @@ if [ "$MODE" = gpu ]; then
     step step_graph_time 120 "$PY" benchmarks/step_graph_time.py --out "$OUT"
     # a captured and replayed step against eager steps (written after the last GPU session: run it early)
     step tests_cuda_graph 90 "$PY" -m pytest tests/test_cuda_graph.py -q --junitxml="$OUT/pytest_cuda_graph.xml"
+    # where the eager step's host time goes (fused, naive, torchvision; DenseNet-121 b64 bf16): host vs whole-step
+    # time, one profiled step's events (launches, operators, waits), a Python profile
+    step profile_step 90 "$PY" benchmarks/profile_step.py --out "$OUT"
     # (b) tests: every CUDA-marked test but the slow ones, then (below) the rest of the kernel and shared-block
     # tests; the slow CUDA tests (each GEMM kernel with each autotuning config, compiled per case) on their own
     step tests_cuda 120 "$PY" -m pytest tests -q -m "cuda and not slow" --junitxml="$OUT/pytest_cuda.xml"
@@ -198,6 +201,8 @@ else
     step bench_kernels 60 "$PY" benchmarks/bench_kernels.py --help  # it needs CUDA: only its arguments here
     step step_graph_time 60 "$PY" benchmarks/step_graph_time.py --help  # likewise
     step tests_cuda_graph 60 "$PY" -m pytest tests/test_cuda_graph.py -q --junitxml="$OUT/pytest_cuda_graph.xml"
+    step profile_step 120 "$PY" benchmarks/profile_step.py --device cpu --model densenet_bc_16 --batch-size 2 \
+        --image-size 8 --steps 1 --warmup 1 --out "$OUT"
     step host_overhead 60 "$PY" benchmarks/host_overhead.py --device cpu --model densenet_bc_16 --batch-size 2 \
         --image-size 8 --repeats 1 --calls 10 --out "$OUT"
 fi

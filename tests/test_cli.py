@@ -298,6 +298,39 @@ def test_host_overhead_counts_and_writes(tmp_path, capsys):
         assert "needs a CUDA device" in capsys.readouterr().err
 
 
+def test_profile_step_records_host_time_events_and_python(tmp_path, capsys):
+    """benchmarks/profile_step.py (GPU suite): per row the host and whole-step times, the profiled step's
+    events with their kinds, and a Python profile; the JSON names the command; bad arguments exit 2. No time
+    is asserted on."""
+    script = _benchmark_script("profile_step")
+    argv = ["--device", "cpu", "--model", "densenet_bc_16", "--batch-size", "2", "--image-size", "8", "--steps", "1",
+            "--warmup", "1", "--strategies", "fused", "--top", "5", "--out", str(tmp_path)]  # fmt: skip
+    assert script.main(argv) == 0
+    data = json.loads((tmp_path / "profile_step_densenet_bc_16_b2_8px_bf16_cpu.json").read_text())
+    assert data["meta"]["command"] == " ".join(["python", "benchmarks/profile_step.py", *argv])
+    rows = {r["row"]: r for r in data["rows"]}
+    assert set(rows) == {"effdense fused", "torchvision"} and all(r["status"] == "ok" for r in rows.values())
+    for r in rows.values():
+        assert r["step_ms"] >= r["host_ms"] > 0
+        profile = r["profile"]
+        assert profile["by_kind"]["aten"]["count"] > 0 and 0 < len(profile["top"]) <= 5
+        assert all(e["kind"] == script._kind(e["name"]) for e in profile["top"])
+        assert sum(r["python_ms_cprofile"].values()) > 0
+    assert [script._kind(n) for n in ("aten::mm", "cudaLaunchKernel", "cuLaunchKernelEx", "custom", "effdense::x")] == [
+        "aten", "runtime", "runtime", "other", "effdense"]
+    for bad in (["--strategies", "nope"], ["--model", "resnet50"], ["--steps", "0"], ["--device", "tpu"]):
+        with pytest.raises(SystemExit) as exc:
+            script.main(bad)
+        assert exc.value.code == 2
+    assert script.main(["--device", "cpu", "--model", "densenet121", "--image-size", "8"]) == 2
+    assert "too small" in capsys.readouterr().err
+    assert script.main(["--device", "cpu", "--trace"]) == 2
+    assert "--trace writes into --out" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert script.main(["--device", "cuda"]) == 2
+        assert "needs a CUDA device" in capsys.readouterr().err
+
+
 def test_fused_weight_gradient_is_one_launch_per_bottleneck():
     """On its kernel path ``fused`` computes each bottleneck's weight gradient in one launch over all input
     channels; only the input gradient works on channel chunks (its dh scratch). DenseNet-BC-100 at batch 64,
