@@ -16,6 +16,7 @@ from effdense.kernels.ops import (
     bottleneck_forward,
     channel_stats,
     kernels_available,
+    set_autotune,
 )
 
 __all__ = [
@@ -29,4 +30,5 @@ __all__ = [
     "channel_stats",
     "kernels_available",
     "reference",
+    "set_autotune",
 ]

@@ -10,7 +10,8 @@ weight backward 0.10-0.72 -> 0.25-0.90. The price is a padded last tile per samp
 
 The hosts below only launch: argument checks, allocation and backend dispatch live in :mod:`.ops`.
 On a GPU each GEMM kernel is autotuned (configs pruned to the device's shared memory, keyed on the
-power-of-two buckets of C and M, the exact B, and the dtypes); under ``TRITON_INTERPRET=1`` a single large-block
+power-of-two buckets of C and M, the exact B, and the dtypes), or with :func:`set_autotune` off launched
+with the first config the pruning keeps; under ``TRITON_INTERPRET=1`` a single large-block
 config is used, since the interpreter's cost grows with the number of program instances.
 
 Reductions across programs (Σy, Σy², dW's split over M, Σdh, Σdh·(x-mean)) use fp32 atomics, so their
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from typing import Iterator
 
 import torch
@@ -411,24 +413,31 @@ _TUNING = {
     if name in inspect.signature(triton.autotune).parameters
 }
 
+# per GEMM kernel: the pruning its autotuner applies (and the untuned launch picks from)
+_PRUNE = {
+    "forward": _prune(("BLOCK_B", "BLOCK_M"), (("BLOCK_B", "BLOCK_K"), ("BLOCK_K", "BLOCK_M")), "X_ptr", "B"),
+    "backward_weight": _prune(("BLOCK_B", "BLOCK_C"), (("BLOCK_B", "BLOCK_M"), ("BLOCK_C", "BLOCK_M")), "X_ptr", "B"),
+    "backward_input": _prune(("BLOCK_C", "BLOCK_M"), (("BLOCK_C", "BLOCK_K"), ("BLOCK_K", "BLOCK_M")), "X_ptr", "C"),
+}
+
 _fwd_tuned = triton.autotune(
     configs=_FWD_CONFIGS,
     key=["B", "C_KEY", "M_KEY", "P"],
-    prune_configs_by={"early_config_prune": _prune(("BLOCK_B", "BLOCK_M"), (("BLOCK_B", "BLOCK_K"), ("BLOCK_K", "BLOCK_M")), "X_ptr", "B")},
+    prune_configs_by={"early_config_prune": _PRUNE["forward"]},
     reset_to_zero=["YSum_ptr", "YSqSum_ptr"],
     **_TUNING,
 )(_bottleneck_fwd_kernel)
 _bwd_weight_tuned = triton.autotune(
     configs=_BWD_WEIGHT_CONFIGS,
     key=["B", "C_KEY", "M_KEY", "P"],
-    prune_configs_by={"early_config_prune": _prune(("BLOCK_B", "BLOCK_C"), (("BLOCK_B", "BLOCK_M"), ("BLOCK_C", "BLOCK_M")), "X_ptr", "B")},
+    prune_configs_by={"early_config_prune": _PRUNE["backward_weight"]},
     reset_to_zero=["DW_ptr"],
     **_TUNING,
 )(_bottleneck_bwd_weight_kernel)
 _bwd_input_tuned = triton.autotune(
     configs=_BWD_INPUT_CONFIGS,
     key=["B", "C_KEY", "M_KEY", "P"],
-    prune_configs_by={"early_config_prune": _prune(("BLOCK_C", "BLOCK_M"), (("BLOCK_C", "BLOCK_K"), ("BLOCK_K", "BLOCK_M")), "X_ptr", "C")},
+    prune_configs_by={"early_config_prune": _PRUNE["backward_input"]},
     reset_to_zero=["SumDH_ptr", "SumDHXmu_ptr"],
     **_TUNING,
 )(_bottleneck_bwd_input_kernel)
@@ -478,6 +487,36 @@ def _forced(kernel: str) -> dict | None:
 # CPU here against ~2 us for this lookup, for ~240 tuned launches per DenseNet-121 step.
 _CHOSEN: dict[tuple, dict] = {}
 
+# Autotuning times every configuration of a GEMM kernel for each new key (the first fused DenseNet-121 b64
+# bf16 step on a fresh H200 spent 77 s in it, benchmarks/results/gpu-nvidia-h200/2026-11-26_c2e934d/). Off,
+# each key launches the first configuration of the kernel's list that its autotuner's pruning keeps for the
+# device and shape (one compilation, no timing; speed not measured). Read from EFFDENSE_AUTOTUNE at import
+# ("0", "false", "off" or "no": off), changed by :func:`set_autotune`.
+_AUTOTUNE = os.environ.get("EFFDENSE_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+_UNTUNED: dict[tuple, dict] = {}
+
+
+def set_autotune(enabled: bool) -> bool:
+    """Autotune the GEMM kernels on a GPU (``True``, the default unless ``EFFDENSE_AUTOTUNE=0`` was set when
+    effdense.kernels was imported) or launch each shape with a fixed configuration (``False``: the first
+    of the kernel's configurations that fits the device, chosen without timing). Returns the previous
+    setting. Keys tuned before keep their choice while tuning is on. No effect in Triton's interpreter,
+    which runs one large-block configuration, nor on a :func:`forced_config`. Not thread-safe."""
+    global _AUTOTUNE
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+    previous, _AUTOTUNE = _AUTOTUNE, enabled
+    return previous
+
+
+def _untuned(kernel: str, key: tuple, named_args: dict) -> dict:
+    """Launch keywords of ``kernel``'s untuned configuration for ``key`` (picked once per key)."""
+    meta = _UNTUNED.get(key)
+    if meta is None:
+        cfg = _PRUNE[kernel](CONFIGS[kernel], named_args)[0]
+        meta = _UNTUNED[key] = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return meta
+
 
 def _launch_tuned(tuned, grid, args: tuple, key: tuple, **constexprs) -> None:
     """Launch ``tuned`` (a ``triton.autotune`` wrapper of a JITFunction) with the config it chose for
@@ -525,10 +564,12 @@ def bottleneck_forward_launch(x, scale, shift, weight, y, y_sum, y_sqsum) -> Non
     meta = _forced("forward")
     if meta is None and _launch.interpreting():
         meta = dict(BLOCK_B=_p2(B, 128), BLOCK_M=_p2(P, 1024), BLOCK_K=_p2(C, 128))
+    key = ("forward", x.device.index, x.dtype, stats, B, *args[-2:], P)
+    if meta is None and not _AUTOTUNE:
+        meta = _untuned("forward", key, {"X_ptr": x, "B": B})
     if meta is not None:
         _bottleneck_fwd_kernel[grid(meta)](*args, **meta, STATS=stats, INPUT_PRECISION=prec, BF16_INTERP=up)
     else:
-        key = ("forward", x.device.index, x.dtype, stats, B, *args[-2:], P)
         _launch_tuned(_fwd_tuned, grid, args, key, STATS=stats, INPUT_PRECISION=prec, BF16_INTERP=up)
 
 
@@ -551,10 +592,12 @@ def bottleneck_backward_weight_launch(x, scale, shift, dy, dw) -> None:
     meta = _forced("backward_weight")
     if meta is None and _launch.interpreting():
         meta = dict(BLOCK_B=_p2(B, 128), BLOCK_C=_p2(C, 128), BLOCK_M=_p2(P, 1024))
+    key = ("backward_weight", x.device.index, x.dtype, B, *args[-2:], P)
+    if meta is None and not _AUTOTUNE:
+        meta = _untuned("backward_weight", key, {"X_ptr": x, "B": B})
     if meta is not None:
         _bottleneck_bwd_weight_kernel[grid(meta)](*args, **meta, INPUT_PRECISION=prec, BF16_INTERP=up)
     else:
-        key = ("backward_weight", x.device.index, x.dtype, B, *args[-2:], P)
         _launch_tuned(_bwd_weight_tuned, grid, args, key, INPUT_PRECISION=prec, BF16_INTERP=up)
 
 
@@ -571,10 +614,12 @@ def bottleneck_backward_input_launch(x, scale, shift, weight, dy, mean, dh, sum_
     meta = _forced("backward_input")
     if meta is None and _launch.interpreting():
         meta = dict(BLOCK_C=_p2(C, 128), BLOCK_M=_p2(P, 1024), BLOCK_K=_p2(B, 128))
+    key = ("backward_input", x.device.index, x.dtype, B, *args[-2:], P)
+    if meta is None and not _AUTOTUNE:
+        meta = _untuned("backward_input", key, {"X_ptr": x, "C": C})
     if meta is not None:
         _bottleneck_bwd_input_kernel[grid(meta)](*args, **meta, INPUT_PRECISION=prec, BF16_INTERP=up)
     else:
-        key = ("backward_input", x.device.index, x.dtype, B, *args[-2:], P)
         _launch_tuned(_bwd_input_tuned, grid, args, key, INPUT_PRECISION=prec, BF16_INTERP=up)
 
 

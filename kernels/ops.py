@@ -49,6 +49,17 @@ def kernels_available(device: torch.device | str | None = None) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def set_autotune(enabled: bool) -> bool:
+    """Whether the GEMM kernels autotune on a GPU (the default; ``EFFDENSE_AUTOTUNE=0`` in the environment
+    when effdense.kernels is imported turns it off) or launch each new shape with a fixed configuration:
+    the first of the kernel's configurations that fits the device, chosen without timing. Tuning times
+    every configuration of each new shape (77 s in the first fused DenseNet-121 step on a fresh H200); the
+    fixed choice compiles one. Returns the previous setting. See :func:`.bottleneck.set_autotune`."""
+    if _TRITON_ERROR is not None:
+        raise RuntimeError(f"set_autotune: triton failed to import ({_TRITON_ERROR}); there are no kernels to tune")
+    return _bottleneck.set_autotune(enabled)
+
+
 def _use_triton(x: torch.Tensor, backend: str) -> bool:
     if backend == "reference":
         return False

@@ -1,11 +1,15 @@
 """The bottleneck kernels (effdense.kernels) against their PyTorch twins, and the twins against plain PyTorch.
 
 On a machine without CUDA the Triton kernels run in Triton's interpreter (tests/conftest.py sets
-TRITON_INTERPRET=1); with CUDA, every test also runs on the GPU through the autotuned kernels.
+TRITON_INTERPRET=1); with CUDA, every test also runs on the GPU through the autotuned kernels, or with
+``EFFDENSE_AUTOTUNE=0`` (the GPU suite's CUDA test step, which then ends in its time) through the untuned
+configuration of each shape; ``test_cuda_densenet_shapes`` runs both either way.
 Low-precision results are judged against an fp32 "gold" result relative to PyTorch's own error in that dtype.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -592,6 +596,63 @@ def test_tuned_launch_reuses_the_autotuners_choice(monkeypatch):
     assert len(untuned.calls) == 2 and not untuned.fn.calls
 
 
+def test_untuned_launch_uses_the_first_config_the_pruning_keeps(monkeypatch):
+    """With autotuning off (``set_autotune(False)``, or EFFDENSE_AUTOTUNE=0 at import) a GPU launch skips the
+    Autotuner: each key gets the first configuration of the kernel's list that its autotuner's pruning keeps
+    (picked once), launched directly; back on, the Autotuner path again. The GPU branch is taken here with the
+    interpreter check, the device's shared memory and the kernel replaced by stand-ins."""
+    if KB is None:
+        pytest.skip("triton missing")
+    with pytest.raises(TypeError, match="expected a bool"):
+        K.set_autotune("no")
+    monkeypatch.setattr(KB._launch, "interpreting", lambda: False)
+    monkeypatch.setattr(KB._launch, "max_shared_memory", lambda index: 90 * 1024)
+    monkeypatch.setattr(KB, "_UNTUNED", {})
+    launched, tuned = [], []
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **kw: launched.append((grid, kw))
+
+    monkeypatch.setattr(KB, "_bottleneck_fwd_kernel", Kernel())
+    monkeypatch.setattr(KB, "_launch_tuned", lambda *args, **kw: tuned.append(args[-1]))
+    x = torch.randn(2, 40, 6, 6, dtype=torch.bfloat16)
+    w = torch.randn(48, 40, dtype=torch.bfloat16)
+    y = torch.empty(2, 48, 6, 6, dtype=torch.bfloat16)
+    sums = torch.zeros(2, 48)
+    scale = shift = torch.ones(40)
+    previous = K.set_autotune(False)
+    try:
+        for _ in range(2):
+            KB.bottleneck_forward_launch(x, scale, shift, w, y, sums[0], sums[1])
+    finally:
+        K.set_autotune(previous)
+    # B = 48 drops BLOCK_B > 2 * 64; 90 KiB drops the configs whose bf16 operand tiles need more
+    fits = [c for c in KB.CONFIGS["forward"] if c.kwargs["BLOCK_B"] <= 128
+            and c.num_stages * (c.kwargs["BLOCK_B"] + c.kwargs["BLOCK_M"]) * c.kwargs["BLOCK_K"] * 2 <= 90 * 1024]
+    assert fits and fits[0] is not KB.CONFIGS["forward"][0]  # the pruning decides here, not the list's order alone
+    expected = dict(fits[0].kwargs, num_warps=fits[0].num_warps, num_stages=fits[0].num_stages)
+    assert len(launched) == 2 and not tuned and len(KB._UNTUNED) == 1
+    for grid, kw in launched:
+        assert {k: kw[k] for k in expected} == expected and kw["STATS"] is True
+        assert grid == (KB._launch.cdiv(48, expected["BLOCK_B"]) * 2 * KB._launch.cdiv(36, expected["BLOCK_M"]),)
+    KB.bottleneck_forward_launch(x, scale, shift, w, y, sums[0], sums[1])  # tuning on: the Autotuner path
+    assert len(launched) == 2 and len(tuned) == 1
+
+
+@pytest.mark.parametrize("value, expected", [("0", False), ("off", False), (" No ", False), ("1", True), ("", True)])
+def test_autotune_default_comes_from_the_environment(value, expected):
+    if KB is None:
+        pytest.skip("triton missing")
+    import subprocess
+    import sys
+
+    env = dict(os.environ, EFFDENSE_AUTOTUNE=value, TRITON_INTERPRET="1")
+    code = "from effdense.kernels import bottleneck as KB, set_autotune; print(KB._AUTOTUNE, set_autotune(True))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(expected), str(expected)]
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_forward_without_sums_gives_the_same_output(device):
     """``stats=False`` (backward's recomputation) writes the same ``y`` and returns no sums, on the direct
@@ -761,12 +822,20 @@ def test_argument_errors(backend):
 
 
 # --------------------------------------------------------------------------------------------------
-# GPU only: DenseNet-sized shapes through the autotuned kernels
+# GPU only: DenseNet-sized shapes through the autotuned kernels, and untuned (whatever EFFDENSE_AUTOTUNE says)
+
+
+@pytest.fixture
+def autotune(request):
+    previous = K.set_autotune(request.param)
+    yield request.param
+    K.set_autotune(previous)
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("autotune", [True, False], ids=["tuned", "untuned"], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_cuda_densenet_shapes(dtype):
+def test_cuda_densenet_shapes(dtype, autotune):
     shape = (8, 512, 64, 288, 14, 14, 128)  # a block-3 layer: 288 of 512 channels at offset 64
     c = _case(shape, dtype, "cuda")
     fwd = (c["x"], c["scale"], c["shift"], c["weight"])
