@@ -509,13 +509,23 @@ def set_autotune(enabled: bool) -> bool:
     return previous
 
 
-def _untuned(kernel: str, key: tuple, named_args: dict) -> dict:
-    """Launch keywords of ``kernel``'s untuned configuration for ``key`` (picked once per key)."""
+def _launch_untuned(fn, grid, args: tuple, kernel: str, key: tuple, named_args: dict, **constexprs) -> None:
+    """Launch JITFunction ``fn`` with ``kernel``'s untuned configuration for ``key``: the first config its
+    autotuner's pruning keeps that compiles for the device (one that runs out of registers or shared memory
+    fails before it runs, as the autotuner skips it, and the next is tried), remembered per key."""
     meta = _UNTUNED.get(key)
-    if meta is None:
-        cfg = _PRUNE[kernel](CONFIGS[kernel], named_args)[0]
-        meta = _UNTUNED[key] = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return meta
+    if meta is not None:
+        fn[grid(meta)](*args, **meta, **constexprs)
+        return
+    for cfg in _PRUNE[kernel](CONFIGS[kernel], named_args):
+        meta = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        try:
+            fn[grid(meta)](*args, **meta, **constexprs)
+        except triton.runtime.errors.OutOfResources:
+            continue
+        _UNTUNED[key] = meta
+        return
+    raise RuntimeError(f"effdense: no configuration of the {kernel} kernel fits this device for {key}; set_autotune(True)")
 
 
 def _launch_tuned(tuned, grid, args: tuple, key: tuple, **constexprs) -> None:
@@ -565,10 +575,11 @@ def bottleneck_forward_launch(x, scale, shift, weight, y, y_sum, y_sqsum) -> Non
     if meta is None and _launch.interpreting():
         meta = dict(BLOCK_B=_p2(B, 128), BLOCK_M=_p2(P, 1024), BLOCK_K=_p2(C, 128))
     key = ("forward", x.device.index, x.dtype, stats, B, *args[-2:], P)
-    if meta is None and not _AUTOTUNE:
-        meta = _untuned("forward", key, {"X_ptr": x, "B": B})
     if meta is not None:
         _bottleneck_fwd_kernel[grid(meta)](*args, **meta, STATS=stats, INPUT_PRECISION=prec, BF16_INTERP=up)
+    elif not _AUTOTUNE:
+        _launch_untuned(_bottleneck_fwd_kernel, grid, args, "forward", key, {"X_ptr": x, "B": B},
+                        STATS=stats, INPUT_PRECISION=prec, BF16_INTERP=up)  # fmt: skip
     else:
         _launch_tuned(_fwd_tuned, grid, args, key, STATS=stats, INPUT_PRECISION=prec, BF16_INTERP=up)
 
@@ -593,10 +604,11 @@ def bottleneck_backward_weight_launch(x, scale, shift, dy, dw) -> None:
     if meta is None and _launch.interpreting():
         meta = dict(BLOCK_B=_p2(B, 128), BLOCK_C=_p2(C, 128), BLOCK_M=_p2(P, 1024))
     key = ("backward_weight", x.device.index, x.dtype, B, *args[-2:], P)
-    if meta is None and not _AUTOTUNE:
-        meta = _untuned("backward_weight", key, {"X_ptr": x, "B": B})
     if meta is not None:
         _bottleneck_bwd_weight_kernel[grid(meta)](*args, **meta, INPUT_PRECISION=prec, BF16_INTERP=up)
+    elif not _AUTOTUNE:
+        _launch_untuned(_bottleneck_bwd_weight_kernel, grid, args, "backward_weight", key, {"X_ptr": x, "B": B},
+                        INPUT_PRECISION=prec, BF16_INTERP=up)  # fmt: skip
     else:
         _launch_tuned(_bwd_weight_tuned, grid, args, key, INPUT_PRECISION=prec, BF16_INTERP=up)
 
@@ -615,10 +627,11 @@ def bottleneck_backward_input_launch(x, scale, shift, weight, dy, mean, dh, sum_
     if meta is None and _launch.interpreting():
         meta = dict(BLOCK_C=_p2(C, 128), BLOCK_M=_p2(P, 1024), BLOCK_K=_p2(B, 128))
     key = ("backward_input", x.device.index, x.dtype, B, *args[-2:], P)
-    if meta is None and not _AUTOTUNE:
-        meta = _untuned("backward_input", key, {"X_ptr": x, "C": C})
     if meta is not None:
         _bottleneck_bwd_input_kernel[grid(meta)](*args, **meta, INPUT_PRECISION=prec, BF16_INTERP=up)
+    elif not _AUTOTUNE:
+        _launch_untuned(_bottleneck_bwd_input_kernel, grid, args, "backward_input", key, {"X_ptr": x, "C": C},
+                        INPUT_PRECISION=prec, BF16_INTERP=up)  # fmt: skip
     else:
         _launch_tuned(_bwd_input_tuned, grid, args, key, INPUT_PRECISION=prec, BF16_INTERP=up)
 

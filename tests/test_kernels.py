@@ -599,45 +599,62 @@ def test_tuned_launch_reuses_the_autotuners_choice(monkeypatch):
 def test_untuned_launch_uses_the_first_config_the_pruning_keeps(monkeypatch):
     """With autotuning off (``set_autotune(False)``, or EFFDENSE_AUTOTUNE=0 at import) a GPU launch skips the
     Autotuner: each key gets the first configuration of the kernel's list that its autotuner's pruning keeps
-    (picked once), launched directly; back on, the Autotuner path again. The GPU branch is taken here with the
-    interpreter check, the device's shared memory and the kernel replaced by stand-ins."""
+    and that compiles for the device (one that runs out of resources is skipped, as the autotuner skips it),
+    remembered per key and launched directly; back on, the Autotuner path again. The GPU branch is taken here
+    with the interpreter check, the device's shared memory and the kernel replaced by stand-ins."""
     if KB is None:
         pytest.skip("triton missing")
     with pytest.raises(TypeError, match="expected a bool"):
         K.set_autotune("no")
     monkeypatch.setattr(KB._launch, "interpreting", lambda: False)
-    monkeypatch.setattr(KB._launch, "max_shared_memory", lambda index: 90 * 1024)
+    monkeypatch.setattr(KB._launch, "max_shared_memory", lambda index: 200 * 1024)
     monkeypatch.setattr(KB, "_UNTUNED", {})
-    launched, tuned = [], []
+    # B = 20 drops BLOCK_B > max(64, 2 * 32); 200 KiB drops the configs whose bf16 operand tiles need more
+    fits = [c for c in KB.CONFIGS["forward"] if c.kwargs["BLOCK_B"] <= 64
+            and c.num_stages * (c.kwargs["BLOCK_B"] + c.kwargs["BLOCK_M"]) * c.kwargs["BLOCK_K"] * 2 <= 200 * 1024]
+    assert len(fits) >= 2 and fits[0] is not KB.CONFIGS["forward"][0]  # the pruning decides, not the order alone
+    meta = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in fits]
+    launched, tuned, refused = [], [], []
 
-    class Kernel:
+    class Kernel:  # a JITFunction whose compilation of the configs in `refused` runs out of resources
         def __getitem__(self, grid):
-            return lambda *args, **kw: launched.append((grid, kw))
+            def run(*args, **kw):
+                if {k: kw[k] for k in meta[0]} in refused:
+                    raise triton.runtime.errors.OutOfResources(300_000, 232_448, "shared memory")
+                launched.append((grid, kw))
+            return run
 
     monkeypatch.setattr(KB, "_bottleneck_fwd_kernel", Kernel())
     monkeypatch.setattr(KB, "_launch_tuned", lambda *args, **kw: tuned.append(args[-1]))
     x = torch.randn(2, 40, 6, 6, dtype=torch.bfloat16)
-    w = torch.randn(48, 40, dtype=torch.bfloat16)
-    y = torch.empty(2, 48, 6, 6, dtype=torch.bfloat16)
-    sums = torch.zeros(2, 48)
+    w = torch.randn(20, 40, dtype=torch.bfloat16)
+    y = torch.empty(2, 20, 6, 6, dtype=torch.bfloat16)
+    sums = torch.zeros(2, 20)
     scale = shift = torch.ones(40)
+
+    def launch(stats=True):
+        KB.bottleneck_forward_launch(x, scale, shift, w, y, *((sums[0], sums[1]) if stats else (None, None)))
+
     previous = K.set_autotune(False)
     try:
         for _ in range(2):
-            KB.bottleneck_forward_launch(x, scale, shift, w, y, sums[0], sums[1])
+            launch()
+        refused.append(meta[0])  # another key (no sums): its first pick fails to compile, the next one runs
+        launch(stats=False)
+        assert [m for m in KB._UNTUNED.values()] == [meta[0], meta[1]]  # one pick per key, kept
+        refused.extend(meta)
+        monkeypatch.setattr(KB, "_UNTUNED", {})
+        with pytest.raises(RuntimeError, match="no configuration of the forward kernel fits"):
+            launch()
     finally:
         K.set_autotune(previous)
-    # B = 48 drops BLOCK_B > 2 * 64; 90 KiB drops the configs whose bf16 operand tiles need more
-    fits = [c for c in KB.CONFIGS["forward"] if c.kwargs["BLOCK_B"] <= 128
-            and c.num_stages * (c.kwargs["BLOCK_B"] + c.kwargs["BLOCK_M"]) * c.kwargs["BLOCK_K"] * 2 <= 90 * 1024]
-    assert fits and fits[0] is not KB.CONFIGS["forward"][0]  # the pruning decides here, not the list's order alone
-    expected = dict(fits[0].kwargs, num_warps=fits[0].num_warps, num_stages=fits[0].num_stages)
-    assert len(launched) == 2 and not tuned and len(KB._UNTUNED) == 1
-    for grid, kw in launched:
-        assert {k: kw[k] for k in expected} == expected and kw["STATS"] is True
-        assert grid == (KB._launch.cdiv(48, expected["BLOCK_B"]) * 2 * KB._launch.cdiv(36, expected["BLOCK_M"]),)
-    KB.bottleneck_forward_launch(x, scale, shift, w, y, sums[0], sums[1])  # tuning on: the Autotuner path
-    assert len(launched) == 2 and len(tuned) == 1
+    assert len(launched) == 3 and not tuned
+    for (grid, kw), m in zip(launched, (meta[0], meta[0], meta[1])):
+        assert {k: kw[k] for k in m} == m
+        assert grid == (KB._launch.cdiv(20, m["BLOCK_B"]) * 2 * KB._launch.cdiv(36, m["BLOCK_M"]),)
+    assert [kw["STATS"] for _, kw in launched] == [True, True, False]
+    launch()  # tuning on: the Autotuner path
+    assert len(launched) == 3 and len(tuned) == 1
 
 
 @pytest.mark.parametrize("value, expected", [("0", False), ("off", False), (" No ", False), ("1", True), ("", True)])
