@@ -41,14 +41,13 @@ import torch
 import torch.nn.functional as F
 
 from effdense import get_model
-from effdense.bench import torchvision_twin
+from effdense.bench import measure_builds, same_weight_builds
 from effdense.benchutil import (
     DTYPES,
     UsageError,
     dtype_name,
     environment,
     format_table,
-    free_memory,
     model_name,
     output_dir,
     positive_int,
@@ -217,35 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     target = torch.randint(0, base.classifier.out_features, (args.batch_size,), device=device)
 
-    def effdense_model(strategy: str) -> torch.nn.Module:
-        model = get_model(args.model, strategy=strategy)
-        model.load_state_dict(base.state_dict())
-        return model
-
-    builds: list[tuple[str, Callable[[], torch.nn.Module | None]]] = [
-        (f"effdense {s}", lambda s=s: effdense_model(s)) for s in args.strategies
-    ]
-    if not args.no_reference:
-        builds.append(("torchvision", lambda: torchvision_twin(base, memory_efficient=False)))
     stem = f"{args.model}_b{args.batch_size}_{args.image_size}px_{args.dtype}_{device.type}"
-    rows: list[dict[str, Any]] = []
-    for name, build in builds:
-        row: dict[str, Any] = {"row": name}
-        try:
-            model = build()
-            if model is None:
-                row.update(status="skipped", note="torchvision's DenseNet class cannot express this model")
-            else:
-                trace = args.out / f"trace_{stem}_{name.replace(' ', '_')}.json" if args.trace else None
-                row.update(profile_row(model.to(device), x, target, autocast, args.steps, args.warmup, args.top, trace))
-                row["status"] = "ok"
-            del model
-        except Exception as exc:  # one failing row must not lose the others
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            row.update(status="error", note=f"{type(exc).__name__}: {msg}"[:300])
-        free_memory(device)
-        rows.append(row)
-        progress(f"{name}: " + (f"host {row['host_ms']:.2f} ms, step {row['step_ms']:.2f} ms" if "host_ms" in row else row["status"]))
+
+    def measure(name: str, model: torch.nn.Module) -> dict[str, Any]:
+        trace = args.out / f"trace_{stem}_{name.replace(' ', '_')}.json" if args.trace else None
+        return {**profile_row(model, x, target, autocast, args.steps, args.warmup, args.top, trace), "status": "ok"}
+
+    rows = measure_builds(
+        same_weight_builds(args.model, base, args.strategies, reference=not args.no_reference), measure, device,
+        on_row=lambda row: progress(f"{row['row']}: " + (
+            f"host {row['host_ms']:.2f} ms, step {row['step_ms']:.2f} ms" if "host_ms" in row else row["status"])),
+    )  # fmt: skip
 
     def kind_ms(kind: str) -> Callable[[dict[str, Any]], str]:
         return lambda p: f"{p['by_kind'].get(kind, {}).get('self_host_ms', 0.0):,.2f}" if p else "-"

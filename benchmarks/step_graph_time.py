@@ -27,13 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from effdense import get_model
-from effdense.bench import torchvision_twin
+from effdense.bench import measure_builds, same_weight_builds
 from effdense.benchutil import (
     DTYPES,
     dtype_name,
     environment,
     format_table,
-    free_memory,
     model_name,
     output_dir,
     positive_int,
@@ -135,35 +134,17 @@ def main(argv: list[str] | None = None) -> int:
     base = get_model(args.model, strategy="naive")
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     target = torch.randint(0, base.classifier.out_features, (args.batch_size,), device=device)
-    rows: list[dict[str, Any]] = []
-    def effdense_model(strategy: str) -> torch.nn.Module:
-        model = get_model(args.model, strategy=strategy)
-        model.load_state_dict(base.state_dict())
-        return model
-
-    builds: list[tuple[str, Callable[[], torch.nn.Module | None]]] = [
-        (f"effdense {s}", lambda s=s: effdense_model(s)) for s in args.strategies
-    ]
-    if not args.no_reference:
-        builds.append(("torchvision", lambda: torchvision_twin(base, memory_efficient=False)))
     label = f"{args.model} b{args.batch_size} {args.image_size}px {args.dtype}"
-    for name, build in builds:
-        row: dict[str, Any] = {"row": name, "model": args.model, "batch_size": args.batch_size,
-                               "image_size": args.image_size, "dtype": args.dtype}  # fmt: skip
-        try:
-            model = build()
-            if model is None:
-                row.update(status="skipped", note="torchvision's DenseNet class cannot express this model")
-            else:
-                row.update(time_row(model.to(device), x, target, autocast, args.steps, args.warmup))
-            del model
-        except Exception as exc:  # one failing row must not lose the others
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            row.update(status="error", note=f"{type(exc).__name__}: {msg}"[:300])
-        free_memory(device)
-        rows.append(row)
-        progress(f"{label} {name}: " + ", ".join(f"{k} {row[k]:.2f}" for k in ("eager_ms", "graph_ms") if k in row)
-                 + f" ({row['status']})")
+    rows = measure_builds(
+        same_weight_builds(args.model, base, args.strategies, reference=not args.no_reference),
+        lambda name, model: time_row(model, x, target, autocast, args.steps, args.warmup),
+        device,
+        on_row=lambda row: progress(
+            f"{label} {row['row']}: " + ", ".join(f"{k} {row[k]:.2f}" for k in ("eager_ms", "graph_ms") if k in row)
+            + f" ({row['status']})"
+        ),
+        model=args.model, batch_size=args.batch_size, image_size=args.image_size, dtype=args.dtype,
+    )  # fmt: skip
     print(format_table(rows, (
         ("row", "row", str),
         ("eager_ms", "eager ms", lambda v: f"{v:,.2f}"),

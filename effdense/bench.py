@@ -148,6 +148,55 @@ def torchvision_twin(model: DenseNet, memory_efficient: bool) -> nn.Module | Non
     return twin
 
 
+def same_weight_builds(
+    model_name: str, base: DenseNet, strategies: list[str], reference: bool = True
+) -> list[tuple[str, Callable[[], nn.Module | None]]]:
+    """``(label, build)`` per row of the step scripts (``benchmarks/step_graph_time.py``, ``profile_step.py``):
+    ``model_name`` under each strategy with ``base``'s weights, then (``reference``) torchvision's plain
+    ``DenseNet`` with them; that build returns None where torchvision's class cannot express the model."""
+    def effdense_model(strategy: str) -> nn.Module:
+        model = get_model(model_name, strategy=strategy)
+        model.load_state_dict(base.state_dict())
+        return model
+
+    builds: list[tuple[str, Callable[[], nn.Module | None]]] = [
+        (f"effdense {s}", lambda s=s: effdense_model(s)) for s in strategies
+    ]
+    if reference:
+        builds.append(("torchvision", lambda: torchvision_twin(base, memory_efficient=False)))
+    return builds
+
+
+def measure_builds(
+    builds: list[tuple[str, Callable[[], nn.Module | None]]],
+    measure: Callable[[str, nn.Module], dict[str, Any]],
+    device: torch.device,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+    **fields: Any,
+) -> list[dict[str, Any]]:
+    """One row per build: ``{"row": label, **fields}`` updated with ``measure(label, model on device)``
+    (which sets ``status``), or status ``skipped`` (no model) or ``error`` (the exception, first line): one
+    failing row does not lose the others. Memory is freed between rows; ``on_row`` sees each finished row."""
+    rows: list[dict[str, Any]] = []
+    for name, build in builds:
+        row: dict[str, Any] = {"row": name, **fields}
+        try:
+            model = build()
+            if model is None:
+                row.update(status="skipped", note="torchvision's DenseNet class cannot express this model")
+            else:
+                row.update(measure(name, model.to(device)))
+            del model
+        except Exception as exc:
+            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            row.update(status="error", note=f"{type(exc).__name__}: {msg}"[:300])
+        free_memory(device)
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------
 # Rows
 
