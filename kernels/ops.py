@@ -117,8 +117,7 @@ def _plain_eager(tensors: tuple) -> bool:
     it (host time that small GPU steps are bound by). An ``nn.Parameter`` counts as plain (a BatchNorm's
     weight goes in as it is; the launch only reads its data): before, each BN-backward accumulation of a
     ``fused`` step took the op for its ``gamma``, ~40 us of host time more per call (timed ad hoc on a
-    2-core CPU, launch stubbed). Other
-    subclasses (DTensor, FakeTensor, functorch wrappers) take the op."""
+    2-core CPU, launch stubbed). Other subclasses (DTensor, FakeTensor, functorch wrappers) take the op."""
     # the first argument is the activation: all arguments share its device
     if tensors[0].is_meta or torch.compiler.is_compiling() or _dispatch_modes() or _functorch_active():
         return False
