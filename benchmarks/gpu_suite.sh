@@ -168,7 +168,7 @@ if [ "$MODE" = gpu ]; then
     step step_graph_time 120 "$PY" benchmarks/step_graph_time.py --out "$OUT"
     # a captured and replayed step against eager steps (written after the last GPU session: run it early)
     # (EFFDENSE_AUTOTUNE=0: each test shape compiles one config instead of tuning all of them)
-    step tests_cuda_graph 60 env EFFDENSE_AUTOTUNE=0 "$PY" -m pytest tests/test_cuda_graph.py -q \
+    step tests_cuda_graph 60 env EFFDENSE_AUTOTUNE=0 "$PY" -m pytest tests/test_cuda_graph.py -v \
         --junitxml="$OUT/pytest_cuda_graph.xml"
     # where the eager step's host time goes (fused, naive, torchvision; DenseNet-121 b64 bf16): host vs whole-step
     # time, one profiled step's events (launches, operators, waits), a Python profile
@@ -178,12 +178,13 @@ if [ "$MODE" = gpu ]; then
     # EFFDENSE_AUTOTUNE=0: each test shape launches one untuned config instead of tuning all of them, the
     # likely cost behind the step running out of its 120 s after 33 and 36 tests at 3d264cc and c2e934d
     # (not profiled); the autotuned path is covered by test_cuda_densenet_shapes[tuned] and the benches
-    step tests_cuda 120 env EFFDENSE_AUTOTUNE=0 "$PY" -m pytest tests -q -m "cuda and not slow" \
+    # -v: each test's name goes to the log as it starts, so a step cut by its limit shows where it was
+    step tests_cuda 120 env EFFDENSE_AUTOTUNE=0 "$PY" -m pytest tests -v -m "cuda and not slow" \
         --junitxml="$OUT/pytest_cuda.xml"
     # (c) Triton bottleneck kernels vs cuBLAS on DenseNet-121 shapes, bf16 (the >= 70 % of cuBLAS target),
     # with the autotuner's choice per shape
     step bench_kernels 90 "$PY" benchmarks/bench_kernels.py --dtypes bf16 --out "$OUT"
-    step tests_cuda_slow 150 "$PY" -m pytest tests -q -m "cuda and slow" --junitxml="$OUT/pytest_cuda_slow.xml"
+    step tests_cuda_slow 150 "$PY" -m pytest tests -v -m "cuda and slow" --junitxml="$OUT/pytest_cuda_slow.xml"
     # every strategy on DenseNet-BC-100 (recorded on an H100 at b4b324d), each row's timing capped at 20 s
     step bench_densenet_bc_100 120 "${EFFDENSE[@]}" bench --device cuda --max-seconds-per-row 20 --out "$OUT"
     # (g) operators per BC-100 b64 step (naive, fused on its kernels) and each kernel call's host time with
