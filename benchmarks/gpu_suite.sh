@@ -177,9 +177,10 @@ if [ "$MODE" = gpu ]; then
     # tests; the slow CUDA tests (each GEMM kernel with each autotuning config, compiled per case) on their own.
     # EFFDENSE_AUTOTUNE=0: each test shape launches one untuned config instead of tuning all of them, the
     # likely cost behind the step running out of its 120 s after 33 and 36 tests at 3d264cc and c2e934d
-    # (not profiled); the autotuned path is covered by test_cuda_densenet_shapes[tuned] and the benches
+    # (not profiled); the autotuned path is covered by test_cuda_densenet_shapes[tuned] and the benches.
+    # 180 s: a whole pass (121 tests at 65a4d4f) is wanted before the kernel bench, recorded three times
     # -v: each test's name goes to the log as it starts, so a step cut by its limit shows where it was
-    step tests_cuda 120 env EFFDENSE_AUTOTUNE=0 "$PY" -m pytest tests -v -m "cuda and not slow" \
+    step tests_cuda 180 env EFFDENSE_AUTOTUNE=0 "$PY" -m pytest tests -v -m "cuda and not slow" \
         --junitxml="$OUT/pytest_cuda.xml"
     # (c) Triton bottleneck kernels vs cuBLAS on DenseNet-121 shapes, bf16 (the >= 70 % of cuBLAS target),
     # with the autotuner's choice per shape
