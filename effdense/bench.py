@@ -180,16 +180,17 @@ def measure_builds(
     rows: list[dict[str, Any]] = []
     for name, build in builds:
         row: dict[str, Any] = {"row": name, **fields}
+        model = None
         try:
             model = build()
             if model is None:
                 row.update(status="skipped", note="torchvision's DenseNet class cannot express this model")
             else:
                 row.update(measure(name, model.to(device)))
-            del model
         except Exception as exc:
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             row.update(status="error", note=f"{type(exc).__name__}: {msg}"[:300])
+        model = None  # a row that failed half-way frees its model too
         free_memory(device)
         rows.append(row)
         if on_row is not None:

@@ -298,6 +298,39 @@ def test_host_overhead_counts_and_writes(tmp_path, capsys):
         assert "needs a CUDA device" in capsys.readouterr().err
 
 
+def test_measure_builds_keeps_every_row():
+    """effdense.bench.measure_builds (the step scripts' row loop): a build that fails or a measurement that
+    raises gives an error row naming the exception, a build without a model a skipped row, and the rows
+    after them still run; each finished row is reported; same_weight_builds gives each strategy base's weights."""
+    from effdense.bench import measure_builds, same_weight_builds
+
+    base = effdense.get_model("densenet_bc_16", strategy="naive")
+    builds = same_weight_builds("densenet_bc_16", base, ["naive", "fused"])
+    assert [name for name, _ in builds] == ["effdense naive", "effdense fused", "torchvision"]
+    for _, build in builds:
+        model = build()
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
+
+    def broken():
+        raise RuntimeError("no such model\nsecond line")
+
+    def measure(name, model):
+        if name == "raises":
+            raise ValueError("measure failed")
+        return {"status": "ok", "params": sum(p.numel() for p in model.parameters())}
+
+    seen = []
+    rows = measure_builds(
+        [("broken", broken), ("none", lambda: None), ("raises", lambda: base), ("fine", lambda: base)],
+        measure, torch.device("cpu"), on_row=lambda row: seen.append(row["row"]), model="densenet_bc_16",
+    )  # fmt: skip
+    assert [(r["row"], r["status"]) for r in rows] == [
+        ("broken", "error"), ("none", "skipped"), ("raises", "error"), ("fine", "ok")]
+    assert rows[0]["note"] == "RuntimeError: no such model" and rows[2]["note"] == "ValueError: measure failed"
+    assert rows[3]["params"] == sum(p.numel() for p in base.parameters()) and rows[3]["model"] == "densenet_bc_16"
+    assert seen == ["broken", "none", "raises", "fine"]
+
+
 def test_profile_step_records_host_time_events_and_python(tmp_path, capsys):
     """benchmarks/profile_step.py (GPU suite): per row the host and whole-step times, the profiled step's
     events with their kinds, and a Python profile; the JSON names the command; bad arguments exit 2. No time
