@@ -348,6 +348,7 @@ def test_profile_step_records_host_time_events_and_python(tmp_path, capsys):
         profile = r["profile"]
         assert profile["by_kind"]["aten"]["count"] > 0 and 0 < len(profile["top"]) <= 5
         assert all(e["kind"] == script._kind(e["name"]) for e in profile["top"])
+        assert not any(script._FINAL_WAIT in e["name"] for e in profile["top"])  # the script's own wait is left out
         assert sum(r["python_ms_cprofile"].values()) > 0
     assert [script._kind(n) for n in ("aten::mm", "cudaLaunchKernel", "cuLaunchKernelEx", "custom", "effdense::x")] == [
         "aten", "runtime", "runtime", "other", "effdense"]
