@@ -542,6 +542,21 @@ def _launch_tuned(tuned, grid, args: tuple, key: tuple, **constexprs) -> None:
         _CHOSEN[key] = dict(config.all_kwargs())
 
 
+def _launch_gemm(kernel: str, fn, tuned, grid, args: tuple, key: tuple, named_args: dict, interp_meta, **constexprs) -> None:
+    """Launch GEMM ``kernel`` (JITFunction ``fn``, its autotuner ``tuned``) with: a :func:`forced_config`;
+    else in Triton's interpreter the single large-block config ``interp_meta()``; else, autotuning off, the
+    untuned config for ``key`` (the pruning sees ``named_args``); else the autotuned one."""
+    meta = _forced(kernel)
+    if meta is None and _launch.interpreting():
+        meta = interp_meta()
+    if meta is not None:
+        fn[grid(meta)](*args, **meta, **constexprs)
+    elif not _AUTOTUNE:
+        _launch_untuned(fn, grid, args, kernel, key, named_args, **constexprs)
+    else:
+        _launch_tuned(tuned, grid, args, key, **constexprs)
+
+
 def _p2(v: int, cap: int, floor: int = 16) -> int:
     return max(floor, min(cap, _launch.next_power_of_2(v)))
 
@@ -571,17 +586,12 @@ def bottleneck_forward_launch(x, scale, shift, weight, y, y_sum, y_sqsum) -> Non
     )
     prec, up = _launch.input_precision(x.dtype), _bf16_interp(x)
     grid = lambda meta: (_launch.cdiv(B, meta["BLOCK_B"]) * N * _launch.cdiv(P, meta["BLOCK_M"]),)  # noqa: E731
-    meta = _forced("forward")
-    if meta is None and _launch.interpreting():
-        meta = dict(BLOCK_B=_p2(B, 128), BLOCK_M=_p2(P, 1024), BLOCK_K=_p2(C, 128))
-    key = ("forward", x.device.index, x.dtype, stats, B, *args[-2:], P)
-    if meta is not None:
-        _bottleneck_fwd_kernel[grid(meta)](*args, **meta, STATS=stats, INPUT_PRECISION=prec, BF16_INTERP=up)
-    elif not _AUTOTUNE:
-        _launch_untuned(_bottleneck_fwd_kernel, grid, args, "forward", key, {"X_ptr": x, "B": B},
-                        STATS=stats, INPUT_PRECISION=prec, BF16_INTERP=up)  # fmt: skip
-    else:
-        _launch_tuned(_fwd_tuned, grid, args, key, STATS=stats, INPUT_PRECISION=prec, BF16_INTERP=up)
+    _launch_gemm(
+        "forward", _bottleneck_fwd_kernel, _fwd_tuned, grid, args,
+        ("forward", x.device.index, x.dtype, stats, B, *args[-2:], P), {"X_ptr": x, "B": B},
+        lambda: dict(BLOCK_B=_p2(B, 128), BLOCK_M=_p2(P, 1024), BLOCK_K=_p2(C, 128)),
+        STATS=stats, INPUT_PRECISION=prec, BF16_INTERP=up,
+    )  # fmt: skip
 
 
 def _weight_splits(device: torch.device, tiles: int, tiles_m: int) -> int:
@@ -600,17 +610,12 @@ def bottleneck_backward_weight_launch(x, scale, shift, dy, dw) -> None:
         tiles = _launch.cdiv(B, meta["BLOCK_B"]) * _launch.cdiv(C, meta["BLOCK_C"])
         return (tiles, _weight_splits(x.device, tiles, N * _launch.cdiv(P, meta["BLOCK_M"])))
 
-    meta = _forced("backward_weight")
-    if meta is None and _launch.interpreting():
-        meta = dict(BLOCK_B=_p2(B, 128), BLOCK_C=_p2(C, 128), BLOCK_M=_p2(P, 1024))
-    key = ("backward_weight", x.device.index, x.dtype, B, *args[-2:], P)
-    if meta is not None:
-        _bottleneck_bwd_weight_kernel[grid(meta)](*args, **meta, INPUT_PRECISION=prec, BF16_INTERP=up)
-    elif not _AUTOTUNE:
-        _launch_untuned(_bottleneck_bwd_weight_kernel, grid, args, "backward_weight", key, {"X_ptr": x, "B": B},
-                        INPUT_PRECISION=prec, BF16_INTERP=up)  # fmt: skip
-    else:
-        _launch_tuned(_bwd_weight_tuned, grid, args, key, INPUT_PRECISION=prec, BF16_INTERP=up)
+    _launch_gemm(
+        "backward_weight", _bottleneck_bwd_weight_kernel, _bwd_weight_tuned, grid, args,
+        ("backward_weight", x.device.index, x.dtype, B, *args[-2:], P), {"X_ptr": x, "B": B},
+        lambda: dict(BLOCK_B=_p2(B, 128), BLOCK_C=_p2(C, 128), BLOCK_M=_p2(P, 1024)),
+        INPUT_PRECISION=prec, BF16_INTERP=up,
+    )  # fmt: skip
 
 
 def bottleneck_backward_input_launch(x, scale, shift, weight, dy, mean, dh, sum_dh, sum_dh_xmu) -> None:
@@ -623,17 +628,12 @@ def bottleneck_backward_input_launch(x, scale, shift, weight, dy, mean, dh, sum_
     )
     prec, up = _launch.input_precision(x.dtype), _bf16_interp(x)
     grid = lambda meta: (_launch.cdiv(C, meta["BLOCK_C"]) * N * _launch.cdiv(P, meta["BLOCK_M"]),)  # noqa: E731
-    meta = _forced("backward_input")
-    if meta is None and _launch.interpreting():
-        meta = dict(BLOCK_C=_p2(C, 128), BLOCK_M=_p2(P, 1024), BLOCK_K=_p2(B, 128))
-    key = ("backward_input", x.device.index, x.dtype, B, *args[-2:], P)
-    if meta is not None:
-        _bottleneck_bwd_input_kernel[grid(meta)](*args, **meta, INPUT_PRECISION=prec, BF16_INTERP=up)
-    elif not _AUTOTUNE:
-        _launch_untuned(_bottleneck_bwd_input_kernel, grid, args, "backward_input", key, {"X_ptr": x, "C": C},
-                        INPUT_PRECISION=prec, BF16_INTERP=up)  # fmt: skip
-    else:
-        _launch_tuned(_bwd_input_tuned, grid, args, key, INPUT_PRECISION=prec, BF16_INTERP=up)
+    _launch_gemm(
+        "backward_input", _bottleneck_bwd_input_kernel, _bwd_input_tuned, grid, args,
+        ("backward_input", x.device.index, x.dtype, B, *args[-2:], P), {"X_ptr": x, "C": C},
+        lambda: dict(BLOCK_C=_p2(C, 128), BLOCK_M=_p2(P, 1024), BLOCK_K=_p2(B, 128)),
+        INPUT_PRECISION=prec, BF16_INTERP=up,
+    )  # fmt: skip
 
 
 def bn_backward_accumulate_launch(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu) -> None:
