@@ -12,7 +12,8 @@ measurements of that cost, both runnable on a CPU:
   GPU; each ``effdense::channel_stats`` launches two kernels.
 * **wrapper time**: microseconds of host time per call of each public kernel entry point (argument
   checks, allocation, dispatch) with the Triton launch itself replaced by a no-op, median over repeats;
-  with ``--device cuda``, the real launches on tiny shapes (the whole host cost of a call, launch included).
+  with ``--device cuda``, the real launches on tiny shapes (the whole host cost of a call, launch included),
+  once with the direct launch of compiled kernels (the default) and once through Triton's ``kernel[grid]``.
 
     python benchmarks/host_overhead.py                              # BC-100, batch 64, 32x32
     python benchmarks/host_overhead.py --out benchmarks/results     # also write host_overhead_<model>_b<N>_<S>px.json
@@ -205,13 +206,23 @@ def main(argv: list[str] | None = None) -> int:
         ("allocations", "allocations", count), ("fills", "fills", count), ("compute", "compute", count),
         ("kernel_ops", "effdense ops", count),
     ]))  # fmt: skip
-    times = {}
+    times: dict[str, float] = {}
+    triton_times: dict[str, float] = {}
     if not args.no_wrapper_times:
         times = wrapper_times(args.repeats, args.calls, args.device)
         what = "launch stubbed" if args.device == "cpu" else "real CUDA launches, batch 2 at 8x8"
+        if args.device == "cuda":  # the same calls with every launch through Triton's kernel[grid](...)
+            from effdense.kernels import set_direct_launch
+
+            previous = set_direct_launch(False)
+            try:
+                triton_times = wrapper_times(args.repeats, args.calls, args.device)
+            finally:
+                set_direct_launch(previous)
         print(f"\nKernel wrapper host time, {what} (us per call, median):")
         for name, us in times.items():
-            print(f"  {name:34s} {us:7.1f}")
+            extra = f"   through Triton's launch path: {triton_times[name]:7.1f}" if name in triton_times else ""
+            print(f"  {name:34s} {us:7.1f}{extra}")
     payload = {
         "benchmark": "host_overhead",
         "environment": {
@@ -226,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         "wrapper_device": args.device,
         "wrapper_launches": "stubbed" if args.device == "cpu" else "real",
         "wrapper_us_per_call": times,
+        # --device cuda: the same calls launched through Triton's kernel[grid](...) every time (set_direct_launch(False))
+        "wrapper_us_per_call_triton_launch": triton_times,
     }
     if args.out:
         out = Path(args.out)

@@ -5,7 +5,8 @@ optimizer. ``eager_ms``: the median of ``--steps`` eager steps (CUDA events arou
 same step captured once into a CUDA graph (after warm-up steps on a side stream, as PyTorch's whole-network
 capture recipe does) and replayed ``--steps`` times. A replay runs no Python, dispatch or launch code, so
 ``graph_ms`` is the GPU's own work and ``eager_ms - graph_ms`` the host overhead that the eager step could
-not hide. A row whose step cannot be captured records the error and keeps its eager time.
+not hide. For ``fused``, ``eager_triton_launch_ms`` is the eager step again with every kernel launched
+through Triton's ``kernel[grid](...)`` instead of its compiled kernel's launcher (``set_direct_launch(False)``). A row whose step cannot be captured records the error and keeps its eager time.
 
 Rows: effdense ``naive``, ``shared`` and ``fused`` (``--strategies``), and torchvision's plain ``DenseNet``
 with the same weights where torchvision can express the model. Never asserts; writes
@@ -82,7 +83,9 @@ def _median_ms(run: Callable[[], None], steps: int) -> float:
 
 
 def time_row(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, autocast: torch.dtype | None,
-             steps: int, warmup: int) -> dict[str, Any]:
+             steps: int, warmup: int, triton_launch: bool = False) -> dict[str, Any]:
+    """``triton_launch``: also time the eager step with every kernel launched through Triton's
+    ``kernel[grid](...)`` (``set_direct_launch(False)``) as ``eager_triton_launch_ms`` (for ``fused``)."""
     model.train()
     step = _step_fn(model, x, target, autocast)
 
@@ -98,6 +101,14 @@ def time_row(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, auto
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
     row: dict[str, Any] = {"eager_ms": _median_ms(eager, steps)}
+    if triton_launch:
+        from effdense.kernels import set_direct_launch
+
+        previous = set_direct_launch(False)
+        try:
+            row["eager_triton_launch_ms"] = _median_ms(eager, steps)
+        finally:
+            set_direct_launch(previous)
     try:
         graph = torch.cuda.CUDAGraph()
         model.zero_grad(set_to_none=True)  # the captured backward allocates .grad from the graph's pool
@@ -137,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     label = f"{args.model} b{args.batch_size} {args.image_size}px {args.dtype}"
     rows = measure_builds(
         same_weight_builds(args.model, base, args.strategies, reference=not args.no_reference),
-        lambda name, model: time_row(model, x, target, autocast, args.steps, args.warmup),
+        lambda name, model: time_row(model, x, target, autocast, args.steps, args.warmup, triton_launch=name.endswith("fused")),
         device,
         on_row=lambda row: progress(
             f"{label} {row['row']}: " + ", ".join(f"{k} {row[k]:.2f}" for k in ("eager_ms", "graph_ms") if k in row)
@@ -150,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         ("eager_ms", "eager ms", lambda v: f"{v:,.2f}"),
         ("graph_ms", "graph ms", lambda v: f"{v:,.2f}"),
         ("host_overhead_ms", "host ms", lambda v: f"{v:,.2f}"),
+        ("eager_triton_launch_ms", "eager ms, Triton launches", lambda v: f"{v:,.2f}"),
         ("status", "status", str),
         ("note", "note", str),
     )))  # fmt: skip

@@ -17,6 +17,7 @@ from effdense.kernels.ops import (
     channel_stats,
     kernels_available,
     set_autotune,
+    set_direct_launch,
 )
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "kernels_available",
     "reference",
     "set_autotune",
+    "set_direct_launch",
 ]

@@ -515,12 +515,12 @@ def _launch_untuned(fn, grid, args: tuple, kernel: str, key: tuple, named_args: 
     fails before it runs, as the autotuner skips it, and the next is tried), remembered per key."""
     meta = _UNTUNED.get(key)
     if meta is not None:
-        fn[grid(meta)](*args, **meta, **constexprs)
+        _launch.launch(fn, grid(meta), args, {**meta, **constexprs})
         return
     for cfg in _PRUNE[kernel](CONFIGS[kernel], named_args):
         meta = dict(cfg.kwargs, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         try:
-            fn[grid(meta)](*args, **meta, **constexprs)
+            _launch.launch(fn, grid(meta), args, {**meta, **constexprs})
         except triton.runtime.errors.OutOfResources:
             continue
         _UNTUNED[key] = meta
@@ -534,7 +534,7 @@ def _launch_tuned(tuned, grid, args: tuple, key: tuple, **constexprs) -> None:
     its tensor arguments). A Triton without ``best_config`` launches through the Autotuner every time."""
     chosen = _CHOSEN.get(key)
     if chosen is not None:
-        tuned.fn[grid](*args, **constexprs, **chosen)
+        _launch.launch(tuned.fn, grid(chosen), args, {**constexprs, **chosen})
         return
     tuned[grid](*args, **constexprs)
     config = getattr(tuned, "best_config", None)  # set by Autotuner.run to the config it launched
@@ -550,7 +550,7 @@ def _launch_gemm(kernel: str, fn, tuned, grid, args: tuple, key: tuple, named_ar
     if meta is None and _launch.interpreting():
         meta = interp_meta()
     if meta is not None:
-        fn[grid(meta)](*args, **meta, **constexprs)
+        _launch.launch(fn, grid(meta), args, {**meta, **constexprs})
     elif not _AUTOTUNE:
         _launch_untuned(fn, grid, args, kernel, key, named_args, **constexprs)
     else:
@@ -645,8 +645,9 @@ def bn_backward_accumulate_launch(grad, x, dh, mean, invstd, gamma, sum_dh, sum_
     else:
         bc, bm, warps = 4, 1024, 4
     grid = (_launch.cdiv(M, bm), _launch.cdiv(C, bc))
-    _bn_backward_accumulate_kernel[grid](
-        grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu,
-        C, P, M, 1.0 / M, grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), dh.stride(0), dh.stride(1),
-        BLOCK_C=bc, BLOCK_M=bm, BF16_INTERP=_bf16_interp(x), num_warps=warps,
-    )
+    _launch.launch(
+        _bn_backward_accumulate_kernel, grid,
+        (grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu,
+         C, P, M, 1.0 / M, grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), dh.stride(0), dh.stride(1)),
+        dict(BLOCK_C=bc, BLOCK_M=bm, BF16_INTERP=_bf16_interp(x), num_warps=warps),
+    )  # fmt: skip

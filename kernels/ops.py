@@ -60,6 +60,16 @@ def set_autotune(enabled: bool) -> bool:
     return _bottleneck.set_autotune(enabled)
 
 
+def set_direct_launch(enabled: bool) -> bool:
+    """Whether a GPU kernel launches through its compiled kernel's launcher after its first launch for a
+    given specialisation (the default; ``EFFDENSE_DIRECT_LAUNCH=0`` in the environment when effdense.kernels
+    is imported turns it off) or through Triton's ``kernel[grid](...)`` every time, which re-derives the
+    specialisation and cache key from all arguments on each call. The kernels and their results are the
+    same either way; only the host time per launch differs. Returns the previous setting. See
+    :func:`._launch.launch`."""
+    return _launch.set_direct_launch(enabled)
+
+
 def _use_triton(x: torch.Tensor, backend: str) -> bool:
     if backend == "reference":
         return False

@@ -132,13 +132,13 @@ def channel_stats_launch(
     splits = part_mean.shape[0]
     block_c, block_m = _stats_blocks(x)
     grid = (_launch.cdiv(C, block_c), splits)
-    _channel_stats_kernel[grid](
-        x, part_mean, part_m2, part_count,
-        C, H * W, M, x.stride(0), x.stride(1),
-        BLOCK_C=block_c, BLOCK_M=block_m,
-        num_warps=4,
-    )
+    _launch.launch(
+        _channel_stats_kernel, grid,
+        (x, part_mean, part_m2, part_count, C, H * W, M, x.stride(0), x.stride(1)),
+        dict(BLOCK_C=block_c, BLOCK_M=block_m, num_warps=4),
+    )  # fmt: skip
     merge_block = min(1024 if not _launch.interpreting() else 4096, _launch.next_power_of_2(C))
-    _merge_stats_kernel[(_launch.cdiv(C, merge_block),)](
-        part_mean, part_m2, part_count, mean, var, C, splits, BLOCK_C=merge_block, num_warps=4
-    )
+    _launch.launch(
+        _merge_stats_kernel, (_launch.cdiv(C, merge_block),),
+        (part_mean, part_m2, part_count, mean, var, C, splits), dict(BLOCK_C=merge_block, num_warps=4),
+    )  # fmt: skip

@@ -9,6 +9,7 @@ Low-precision results are judged against an fp32 "gold" result relative to PyTor
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import pytest
@@ -587,7 +588,7 @@ def test_tuned_launch_reuses_the_autotuners_choice(monkeypatch):
     for _ in range(3):
         KB._launch_tuned(tuned, grid, ("x", 5), ("forward", 0, torch.bfloat16, True, 128, 256, 4096, 64), STATS=True)
     assert len(tuned.calls) == 1 and len(tuned.fn.calls) == 2
-    assert tuned.fn.calls[0] == (grid, ("x", 5), {"STATS": True, **chosen.all_kwargs()})
+    assert tuned.fn.calls[0] == ((1,), ("x", 5), {"STATS": True, **chosen.all_kwargs()})  # the grid for the choice
     KB._launch_tuned(tuned, grid, ("x", 5), ("forward", 0, torch.bfloat16, False, 128, 256, 4096, 64), STATS=False)
     assert len(tuned.calls) == 2, "another key is tuned (or looked up) by the Autotuner first"
     untuned = Tuned(Kernel(), has_best=False)  # a Triton without best_config: the Autotuner every time
@@ -655,6 +656,168 @@ def test_untuned_launch_uses_the_first_config_the_pruning_keeps(monkeypatch):
     assert [kw["STATS"] for _, kw in launched] == [True, True, False]
     launch()  # tuning on: the Autotuner path
     assert len(launched) == 3 and len(tuned) == 1
+
+
+class _Compiled:  # a CompiledKernel: its launcher, function handle and packed metadata
+    def __init__(self, log, refuse=False):
+        self.function, self.packed_metadata, self.log, self.refuse = "function", "packed", log, refuse
+
+    def run(self, *args):
+        if self.refuse:
+            raise TypeError("function takes exactly 14 arguments (15 given)")
+        self.log.append(("direct", args))
+
+
+class _Param:
+    def __init__(self, default=inspect.Parameter.empty):
+        self.default = default
+
+
+class _Jit:  # a JITFunction(X, Y, n, scale, BLOCK: constexpr, FLAG: constexpr = True)
+    arg_names = ["X", "Y", "n", "scale", "BLOCK", "FLAG"]
+
+    def __init__(self, log, compiled):
+        self.log, self.compiled = log, compiled
+        self.params = [_Param(), _Param(), _Param(), _Param(), _Param(), _Param(True)]
+
+    def __getitem__(self, grid):
+        def run(*args, **kw):
+            self.log.append(("triton", grid, args, kw))
+            return self.compiled
+        return run
+
+
+class _Hooks:  # Triton's runtime knobs: launch hooks (an empty HookChain, or None in older Tritons)
+    def __init__(self, enter=None):
+        self.launch_enter_hook, self.launch_exit_hook = enter, None
+
+
+@pytest.fixture
+def direct_launch(monkeypatch):
+    """The GPU route of ``_launch.launch`` with Triton's driver, knobs and kernel replaced by stand-ins."""
+    if KB is None:
+        pytest.skip("triton missing")
+    L = KB._launch
+    monkeypatch.setattr(L, "_INTERPRETING", False)
+    monkeypatch.setattr(L, "_COMPILED", {})
+    hooks = _Hooks()
+    monkeypatch.setattr(L, "_DRIVER", [lambda: 0, lambda device: 1234 + device, hooks])
+    monkeypatch.setattr(L, "counts", {"direct": 0, "triton": 0})
+    previous = L.set_direct_launch(True)
+    log: list = []
+    yield L, _Jit(log, _Compiled(log)), log, hooks
+    L.set_direct_launch(previous)
+
+
+def test_direct_launch_reuses_the_compiled_kernel(direct_launch):
+    """After a kernel's first launch through Triton for a specialisation, the same key launches the compiled
+    kernel Triton returned through its launcher: grid padded to 3-D, the current stream, its function and
+    metadata, no launch metadata, the hooks, then every parameter in order (keywords and defaults after the
+    positional ones, as Triton's ``bound_args``). A new key (an int's value, a tensor's alignment or dtype, a
+    keyword) goes through Triton first, as does any launch while a launch hook is installed."""
+    L, fn, log, hooks = direct_launch
+    buf = torch.zeros(64)
+    x, y = buf[:16], buf[16:]
+
+    def go(x=x, n=5, block=32, **kw):
+        L.launch(fn, (3,), (x, y, n, 0.5), dict(BLOCK=block, num_warps=4, **kw))
+
+    go()
+    go()
+    assert log[0] == ("triton", (3,), (x, y, 5, 0.5), {"BLOCK": 32, "num_warps": 4})
+    assert log[1] == ("direct", (3, 1, 1, 1234, "function", "packed", None, None, None, x, y, 5, 0.5, 32, True))
+    assert L.counts == {"direct": 1, "triton": 1}
+    go(n=6)  # another int value
+    go(x=buf[1:17])  # 4-byte aligned, not 16: another pointer specialisation
+    go(x=buf.double()[:16])  # another dtype
+    go(block=64)  # another constexpr
+    go(FLAG=False)  # a defaulted parameter given
+    assert [e[0] for e in log[2:]] == ["triton"] * 5
+    go(FLAG=False)
+    assert log[-1] == ("direct", (3, 1, 1, 1234, "function", "packed", None, None, None, x, y, 5, 0.5, 32, False))
+    hooks.launch_enter_hook = lambda metadata: None  # e.g. a profiler's: Triton builds its metadata
+    go()
+    assert log[-1][0] == "triton"
+    L.set_direct_launch(False)
+    hooks.launch_enter_hook = None
+    go()
+    assert log[-1][0] == "triton"
+    with pytest.raises(TypeError, match="expected a bool"):
+        L.set_direct_launch(1)
+
+
+def test_direct_launch_takes_an_empty_hook_chain_as_no_hook(direct_launch):
+    L, fn, log, hooks = direct_launch
+
+    class HookChain:  # newer Tritons: a chain of hooks, empty by default
+        def __init__(self, calls):
+            self.calls = calls
+
+    hooks.launch_enter_hook = HookChain([])
+    for _ in range(2):
+        L.launch(fn, (1, 2), (torch.zeros(4), torch.zeros(4), 1, 1.0), dict(BLOCK=16))
+    assert [e[0] for e in log] == ["triton", "direct"] and log[1][1][:3] == (1, 2, 1)
+    hooks.launch_enter_hook = HookChain([print])
+    L.launch(fn, (1, 2), (torch.zeros(4), torch.zeros(4), 1, 1.0), dict(BLOCK=16))
+    assert log[-1][0] == "triton"
+
+
+def test_direct_launch_is_not_kept_without_what_it_needs(direct_launch):
+    """A parameter that is neither given nor defaulted, a kernel without its handles, or no compiled kernel
+    returned: every launch goes through Triton."""
+    L, fn, log, _ = direct_launch
+    args = (torch.zeros(4), torch.zeros(4), 1, 1.0)
+    for _ in range(2):
+        L.launch(fn, (1,), args, {})  # BLOCK missing (Triton itself would refuse; the stand-in does not)
+    fn.compiled.function = None
+    for _ in range(2):
+        L.launch(fn, (1,), args, dict(BLOCK=8))
+    fn.compiled = None
+    for _ in range(2):
+        L.launch(fn, (1,), args, dict(BLOCK=4))
+    assert [e[0] for e in log] == ["triton"] * 6 and not L._COMPILED
+
+
+def test_direct_launch_falls_back_when_the_launcher_refuses(direct_launch):
+    """A launcher that refuses the arguments (a Triton whose launchers take another argument list) raises
+    before launching: a warning, then this launch and all later ones through Triton."""
+    L, _, log, _ = direct_launch
+    fn = _Jit(log, _Compiled(log, refuse=True))
+    args = (torch.zeros(4), torch.zeros(4), 1, 1.0)
+    L.launch(fn, (1,), args, dict(BLOCK=8))
+    with pytest.warns(RuntimeWarning, match="direct kernel launch failed"):
+        L.launch(fn, (1,), args, dict(BLOCK=8))
+    L.launch(fn, (1,), args, dict(BLOCK=8))
+    assert [e[0] for e in log] == ["triton"] * 3 and not L._DIRECT and not L._COMPILED
+
+
+def test_direct_launch_resolves_a_compilation_future(direct_launch):
+    L, fn, log, _ = direct_launch
+
+    class Future:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def result(self):
+            return self.kernel
+
+    fn.compiled = Future(fn.compiled)
+    for _ in range(2):
+        L.launch(fn, (1,), (torch.zeros(4), torch.zeros(4), 1, 1.0), dict(BLOCK=8))
+    assert [e[0] for e in log] == ["triton", "direct"]
+
+
+@pytest.mark.parametrize("value, expected", [("0", False), ("no", False), ("1", True), ("", True)])
+def test_direct_launch_default_comes_from_the_environment(value, expected):
+    if KB is None:
+        pytest.skip("triton missing")
+    import subprocess
+    import sys
+
+    env = dict(os.environ, EFFDENSE_DIRECT_LAUNCH=value, TRITON_INTERPRET="1")
+    code = "from effdense.kernels import _launch as L, set_direct_launch; print(L._DIRECT, set_direct_launch(True))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(expected), str(expected)]
 
 
 @pytest.mark.parametrize("value, expected", [("0", False), ("off", False), (" No ", False), ("1", True), ("", True)])
@@ -893,6 +1056,52 @@ def test_cuda_densenet_shapes(dtype, autotune):
     dh_ref, a_ref, b_ref = K.bottleneck_backward_input(*bi, backend="reference")
     _assert_close(dh, dh_ref, R.bottleneck_backward_input(*map(_up, bi))[0], dtype, "dh")
     torch.testing.assert_close(a, a_ref, atol=1e-1, rtol=1e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_direct_launch_matches_triton_launch(dtype):
+    """Every kernel launched through Triton and then through the compiled kernel's launcher (the second call
+    of each entry point with the same specialisation) gives the same results, on two slices of one buffer
+    whose alignments differ, with untuned configs (the choice is then the same on both routes)."""
+    from effdense.kernels import _launch as L
+
+    previous_tune = K.set_autotune(False)
+    try:
+        for shape in ((4, 96, 16, 40, 13, 13, 32), (2, 72, 1, 33, 7, 5, 24)):  # offset 1: 2- or 4-byte aligned
+            c = _case(shape, dtype, "cuda")
+            fwd = (c["x"], c["scale"], c["shift"], c["weight"])
+            bi = (*fwd, c["dy"], c["mean"])
+
+            def run_all():
+                y, s, q = K.bottleneck_forward(*fwd)
+                dw = K.bottleneck_backward_weight(c["x"], c["scale"], c["shift"], c["dy"])
+                dh, a, b = K.bottleneck_backward_input(*bi)
+                grad = torch.zeros_like(c["x"])
+                K.bn_backward_accumulate(grad, c["x"], dh, c["mean"], c["invstd"], c["gamma"], a, b)
+                mean, var = K.channel_stats(c["x"])
+                return [y, s, q, dw, dh, a, b, grad, mean, var]
+
+            previous = L.set_direct_launch(False)
+            try:
+                want = run_all()
+            finally:
+                L.set_direct_launch(previous)
+            L.set_direct_launch(True)
+            try:
+                run_all()  # through Triton once per new key, kept
+                before = L.counts["direct"]
+                got = run_all()
+                assert L.counts["direct"] - before == 6, "all six kernel launches take the direct route"
+            finally:
+                L.set_direct_launch(previous)
+            torch.cuda.synchronize()
+            for name, g, w in zip(("y", "y_sum", "y_sqsum", "dw", "dh", "sum_dh", "sum_dh_xmu", "grad", "mean", "var"), got, want):
+                # the sums and dW use fp32 atomics (order, hence last bits, vary); the rest is exact
+                exact = name in ("y", "dh", "mean", "var")
+                torch.testing.assert_close(g, w, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-4, msg=lambda m: f"{shape} {name}: {m}")
+    finally:
+        K.set_autotune(previous_tune)
 
 
 def test_host_grid_arithmetic_matches_triton():
