@@ -163,8 +163,13 @@ if [ "$MODE" = gpu ]; then
     # TRITON_PRINT_AUTOTUNING=1: each tuned key's time and choice go to the log (where a fresh machine's time goes)
     step bench_densenet121_bf16 330 env TRITON_PRINT_AUTOTUNING=1 "${EFFDENSE[@]}" bench --device cuda --model densenet121 --batch-size 64 \
         --image-size 224 --dtype bf16 --strategies fused --steps 10 --max-seconds-per-row 10 --out "$OUT"
+    # the direct launch of compiled kernels (on by default since 929b8f3, never run on a GPU before): each
+    # kernel's results through it against Triton's launch path; the bench above ran with it
+    step tests_direct_launch 60 env EFFDENSE_AUTOTUNE=0 "$PY" -m pytest tests/test_kernels.py -v -k "direct_launch" \
+        --junitxml="$OUT/pytest_direct_launch.xml"
     # (f) DenseNet-121 b64 bf16 step, eager and replayed from a CUDA graph: the host overhead in the step time
-    # (its kernel shapes are tuned by the step above, so it takes ~30 s)
+    # (its kernel shapes are tuned by the step above, so it takes ~30 s); fused also eagerly with every kernel
+    # launched through Triton's kernel[grid](...) (eager_triton_launch_ms): what the direct launch saves
     step step_graph_time 120 "$PY" benchmarks/step_graph_time.py --out "$OUT"
     # a captured and replayed step against eager steps (written after the last GPU session: run it early)
     # (EFFDENSE_AUTOTUNE=0: each test shape compiles one config instead of tuning all of them)
@@ -208,6 +213,8 @@ else
         --config densenet_bc_16:4:32:fp32 --config densenet121:2:64:fp32 --out "$OUT"
     step bench_kernels 60 "$PY" benchmarks/bench_kernels.py --help  # it needs CUDA: only its arguments here
     step step_graph_time 60 "$PY" benchmarks/step_graph_time.py --help  # likewise
+    step tests_direct_launch 60 "$PY" -m pytest tests/test_kernels.py -q -k "direct_launch" \
+        --junitxml="$OUT/pytest_direct_launch.xml"
     step tests_cuda_graph 60 "$PY" -m pytest tests/test_cuda_graph.py -q --junitxml="$OUT/pytest_cuda_graph.xml"
     step profile_step 120 "$PY" benchmarks/profile_step.py --device cpu --model densenet_bc_16 --batch-size 2 \
         --image-size 8 --steps 1 --warmup 1 --out "$OUT"

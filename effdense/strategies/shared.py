@@ -357,8 +357,6 @@ def _bottleneck_backward(
     slice matching ``x``) and returns (dW fp32 (B, C), dgamma, dbeta). Works on channel chunks (inside
     ``ops.bottleneck_backward`` when BN statistics are local): each chunk's masked ``dh``, BN sums and BN
     backward depend only on its own channels, so its temporaries are a chunk wide."""
-    from effdense.kernels.reference import channel_chunks  # not at import: effdense.kernels imports triton
-
     scale, shift, mean, invstd = affine
     gamma = _cast(_weight(bn), invstd.dtype)
     target = G if stage.policy.shared_grad else torch.zeros_like(G)  # ablation: a per-layer gradient tensor
@@ -369,6 +367,10 @@ def _bottleneck_backward(
         if target is not G:
             G.add_(target)
         return dw, dgamma, dbeta
+    # (imported here, not at import: effdense.kernels imports triton; nor above: an import statement costs
+    # host time on each of the ~60 calls per step)
+    from effdense.kernels.reference import channel_chunks
+
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (dW, dgamma, dbeta) per chunk
     for c0, c1 in channel_chunks(x.shape[1], stage.chunk_width):
         xs, sc, sh, wc = x[:, c0:c1], scale[c0:c1], shift[c0:c1], w[:, c0:c1]  # the twins copy it, the kernels need not
