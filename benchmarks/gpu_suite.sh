@@ -178,6 +178,11 @@ if [ "$MODE" = gpu ]; then
     # where the eager step's host time goes (fused, naive, torchvision; DenseNet-121 b64 bf16): host vs whole-step
     # time, one profiled step's events (launches, operators, waits), a Python profile
     step profile_step 60 "$PY" benchmarks/profile_step.py --out "$OUT"
+    # the same DenseNet-121 step for fused under torch.compile (default mode, inductor; never run before), beside
+    # fused eager in the same process: whether compilation removes the host time that the eager step is bound by
+    step bench_fused_compile 150 "${EFFDENSE[@]}" bench --device cuda --model densenet121 --batch-size 64 \
+        --image-size 224 --dtype bf16 --strategies fused --no-reference --compile --steps 10 --max-seconds-per-row 10 \
+        --out "$OUT/compile"
     # (b) tests: every CUDA-marked test but the slow ones, then (below) the rest of the kernel and shared-block
     # tests; the slow CUDA tests (each GEMM kernel with each autotuning config, compiled per case) on their own.
     # EFFDENSE_AUTOTUNE=0: each test shape launches one untuned config instead of tuning all of them, the

@@ -111,6 +111,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory", choices=("exact", "estimate"), default="exact",
                         help="exact: measured (tracked on CPU, allocator on CUDA); estimate: FakeTensor, no time")
     parser.add_argument("--no-reference", action="store_true", help="leave out the torchvision rows")
+    parser.add_argument("--compile", action="store_true",
+                        help="GPU only: also each effdense strategy under torch.compile (default mode), as rows "
+                        "'effdense <strategy> compile' after the others")
     parser.add_argument("--no-timing", action="store_true", help="memory only")
     parser.add_argument("--channels-last", action="store_true", help="channels_last model and input")
     parser.add_argument("--out", type=Path, default=Path("effdense_results"), help="output folder (JSON and CSV)")
@@ -238,6 +241,12 @@ def _rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
             if device.type == "cuda":
                 rows.append({"row": "torchvision compile", "kind": "torchvision", "strategy": "naive",
                              "build": tv_builder(False, compiled=True), "note": "torch.compile, default mode"})
+    if getattr(args, "compile", False):  # last: a run cut short (compilation takes minutes) keeps the rows above
+        for s in names:
+            if s in available:
+                rows.append({"row": f"effdense {s} compile", "kind": "effdense", "strategy": s,
+                             "build": (lambda s=s: torch.compile(get_model(args.model, strategy=s))),
+                             "note": "torch.compile, default mode"})
     return rows
 
 
@@ -324,7 +333,12 @@ def _reject_ineffective_options(args: argparse.Namespace) -> None:
 
 def main(args: argparse.Namespace) -> int:
     _reject_ineffective_options(args)
+    if getattr(args, "compile", False) and (args.memory == "estimate" or args.no_timing):
+        raise UsageError("--compile adds timed rows: it has no effect with --memory estimate or --no-timing")
     device = resolve_device(args.device)
+    if getattr(args, "compile", False) and device.type != "cuda":
+        raise UsageError(f"--compile times compiled rows on a GPU only (device is {device}); torchvision's compiled "
+                         "row is GPU-only as well")
     if args.dtype == "fp16" and device.type == "cpu":
         progress("note: fp16 autocast on CPU is slow and rarely used; bf16 is the CPU's low precision")
     cuda = device.type == "cuda"

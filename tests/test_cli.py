@@ -165,6 +165,9 @@ def test_model_names_are_case_insensitive(capsys, tmp_path):
         (["max-depth", "--budget", "1e400"], "too large"),
         (["max-depth", "--backend", "meta", "--dtype", "bf16"], "--backend meta cannot estimate --dtype bf16"),
         (["nonsense"], "invalid choice"),
+        (["bench", "--compile", "--device", "cpu"], "--compile times compiled rows on a GPU only"),
+        (["bench", "--compile", "--memory", "estimate"], "--compile adds timed rows"),
+        (["bench", "--compile", "--no-timing"], "--compile adds timed rows"),
     ],
 )
 def test_bad_arguments_one_line_exit_2(capsys, argv, fragment):
@@ -193,6 +196,23 @@ def test_out_that_cannot_be_a_folder_is_a_usage_error(capsys, tmp_path, argv, wh
     code, _, err = run(capsys, *argv, "--out", str(out))
     assert code == 2 and err.count("\n") == 1 and "--out" in err and str(out) in err, err
     assert blocker.read_text() == "not a folder"
+
+
+def test_bench_compile_adds_a_compiled_row_per_strategy_last():
+    """``--compile`` (GPU only): after the plain rows and torchvision's, one ``effdense <strategy> compile`` row
+    per selected strategy, its model under ``torch.compile`` (the list is built here; nothing is compiled)."""
+    from effdense import bench
+
+    args = cli.build_parser().parse_args(["bench", "--strategies", "naive,fused", "--compile", "--model", "densenet_bc_10"])
+    rows = bench._rows(args, torch.device("cuda"))
+    assert [r["row"] for r in rows] == [
+        "effdense naive", "effdense fused", "torchvision", "torchvision memory_efficient", "torchvision compile",
+        "effdense naive compile", "effdense fused compile",
+    ]  # fmt: skip
+    model = rows[-1]["build"]()
+    assert hasattr(model, "_orig_mod") and model._orig_mod.strategy == "fused"
+    plain = cli.build_parser().parse_args(["bench", "--strategies", "fused", "--model", "densenet_bc_10"])
+    assert not any(r["row"].endswith(" compile") and r["kind"] == "effdense" for r in bench._rows(plain, torch.device("cuda")))
 
 
 def test_ablate_with_no_available_strategy_is_a_usage_error(capsys, tmp_path, monkeypatch):
@@ -547,6 +567,8 @@ _DOCUMENTED = [
     ("bench --device cuda --model densenet121 --batch-size 64 --image-size 224 --dtype bf16 --max-seconds-per-row 20 "
      "--out OUT"),
     "bench --device cuda --max-seconds-per-row 20 --out OUT",
+    ("bench --device cuda --model densenet121 --batch-size 64 --image-size 224 --dtype bf16 --strategies fused "
+     "--no-reference --compile --steps 10 --max-seconds-per-row 10 --out OUT"),
     "bench --device cpu --model densenet121 --batch-size 2 --image-size 32 --dtype bf16 --steps 1 --out OUT",
     "bench --device cpu --model densenet_bc_16 --batch-size 2 --steps 1 --out OUT",
     ("ablate --strategies naive,checkpoint,shared --vary recompute_bottleneck --depths 16,40,64 --batch-sizes 16,64 "
