@@ -1,4 +1,5 @@
-"""``shared`` and ``fused`` under ``torch.compile(fullgraph=True, backend="aot_eager")`` and FakeTensorMode.
+"""``shared`` and ``fused`` under ``torch.compile(fullgraph=True, backend="aot_eager")`` (one test with the
+default backend, inductor) and FakeTensorMode.
 
 fullgraph=True raises on any graph break, so every compiled call here is also the no-graph-break check;
 the dynamo counters confirm one graph, compiled once for two steps. Parity with the eager ``naive``
@@ -171,6 +172,19 @@ def test_compiled_model_matches_naive(kernels) -> None:
     ref, other = _pair(_tiny_cifar(), strategy)
     compiled = torch.compile(other, fullgraph=True, backend="aot_eager")
     run_steps(ref, other, lambda x: train_step(compiled, x), torch.randn(2, 3, 9, 9))
+    assert_one_graph()
+
+
+@pytest.mark.parametrize("kernels", STRATEGIES[2:], indirect=True)
+def test_inductor_compiled_model_matches_naive(kernels) -> None:
+    """The default backend (inductor, which generates code: C++ on CPU) over a ``fused`` model on the Triton
+    kernels: the ``effdense::*`` ops in its graphs, the elementwise work around them generated, forward and
+    AOT backward; two steps against eager ``naive``. (Inductor's compile takes most of this test's time.)"""
+    strategy, _ = kernels
+    torch.manual_seed(0)
+    ref, other = _pair(_two_blocks(), strategy)
+    compiled = torch.compile(other, fullgraph=True)
+    run_steps(ref, other, lambda x: train_step(compiled, x), torch.randn(2, 3, 8, 8))
     assert_one_graph()
 
 
