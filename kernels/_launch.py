@@ -112,8 +112,8 @@ def _arg_key(a):
 
 
 def _hook_idle(hook) -> bool:
-    """No launch hook: ``None`` (older Triton) or an empty ``HookChain`` (newer)."""
-    return hook is None or (type(hook).__name__ == "HookChain" and not getattr(hook, "calls", True))
+    """No launch hook: ``None`` (older Triton) or a hook chain with no hooks in its ``calls`` list (newer)."""
+    return hook is None or (isinstance(getattr(hook, "calls", None), list) and not hook.calls)
 
 
 def _driver() -> list:
