@@ -1,4 +1,6 @@
-"""Launch-time facts shared by the kernel hosts: interpreter or GPU, SM count, shared memory, dot precision.
+"""Launch-time facts shared by the kernel hosts (interpreter or GPU, SM count, shared memory, dot precision),
+and :func:`launch`, through which every kernel launch goes (compiled kernels launched directly after their first
+launch for a specialisation).
 
 Nothing here touches CUDA at import time; device properties are read (and cached) at the first launch.
 """
