@@ -807,28 +807,19 @@ def test_direct_launch_resolves_a_compilation_future(direct_launch):
     assert [e[0] for e in log] == ["triton", "direct"]
 
 
-@pytest.mark.parametrize("value, expected", [("0", False), ("no", False), ("1", True), ("", True)])
-def test_direct_launch_default_comes_from_the_environment(value, expected):
-    if KB is None:
-        pytest.skip("triton missing")
-    import subprocess
-    import sys
-
-    env = dict(os.environ, EFFDENSE_DIRECT_LAUNCH=value, TRITON_INTERPRET="1")
-    code = "from effdense.kernels import _launch as L, set_direct_launch; print(L._DIRECT, set_direct_launch(True))"
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
-    assert out == [str(expected), str(expected)]
-
-
+@pytest.mark.parametrize("variable, code", [
+    ("EFFDENSE_AUTOTUNE", "from effdense.kernels import bottleneck as M, set_autotune as s; print(M._AUTOTUNE, s(True))"),
+    ("EFFDENSE_DIRECT_LAUNCH", "from effdense.kernels import _launch as M, set_direct_launch as s; print(M._DIRECT, s(True))"),
+], ids=["autotune", "direct_launch"])  # fmt: skip
 @pytest.mark.parametrize("value, expected", [("0", False), ("off", False), (" No ", False), ("1", True), ("", True)])
-def test_autotune_default_comes_from_the_environment(value, expected):
+def test_switch_default_comes_from_the_environment(variable, code, value, expected):
+    """Each switch's default is read from its environment variable at import; the setter returns it."""
     if KB is None:
         pytest.skip("triton missing")
     import subprocess
     import sys
 
-    env = dict(os.environ, EFFDENSE_AUTOTUNE=value, TRITON_INTERPRET="1")
-    code = "from effdense.kernels import bottleneck as KB, set_autotune; print(KB._AUTOTUNE, set_autotune(True))"
+    env = dict(os.environ, **{variable: value}, TRITON_INTERPRET="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
     assert out == [str(expected), str(expected)]
 
