@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import cProfile
 import os
 import pstats
@@ -39,10 +38,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from effdense import get_model
-from effdense.bench import measure_builds, same_weight_builds
+from effdense.bench import measure_builds, same_weight_builds, training_step
 from effdense.benchutil import (
     DTYPES,
     UsageError,
@@ -80,18 +78,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trace", action="store_true", help="also write each row's Chrome trace (large) to --out")
     p.add_argument("--out", type=Path, default=None, help="folder for the JSON (default: print only)")
     return p.parse_args(argv)
-
-
-def _step_fn(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, autocast: torch.dtype | None) -> Callable[[], None]:
-    device_type = x.device.type
-
-    def step() -> None:
-        model.zero_grad(set_to_none=True)
-        with torch.autocast(device_type, dtype=autocast) if autocast is not None else contextlib.nullcontext():
-            loss = F.cross_entropy(model(x).float(), target)
-        loss.backward()
-
-    return step
 
 
 def _kind(name: str) -> str:
@@ -183,7 +169,7 @@ def profile_row(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, a
                 steps: int, warmup: int, top: int, trace: Path | None) -> dict[str, Any]:
     model.train()
     device = x.device
-    step = _step_fn(model, x, target, autocast)
+    step = training_step(model, x, target, autocast, zero_grad=True)
     for _ in range(warmup):  # autotuning, cuDNN plans, caches
         step()
     synchronize(device)

@@ -18,17 +18,15 @@ with the same weights where torchvision can express the model. Never asserts; wr
 from __future__ import annotations
 
 import argparse
-import contextlib
 import statistics
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from effdense import get_model
-from effdense.bench import measure_builds, same_weight_builds
+from effdense.bench import measure_builds, same_weight_builds, training_step
 from effdense.benchutil import (
     DTYPES,
     dtype_name,
@@ -59,17 +57,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _step_fn(
-    model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, autocast: torch.dtype | None
-) -> Callable[[], None]:
-    def step() -> None:
-        with torch.autocast("cuda", dtype=autocast) if autocast is not None else contextlib.nullcontext():
-            loss = F.cross_entropy(model(x).float(), target)
-        loss.backward()
-
-    return step
-
-
 def _median_ms(run: Callable[[], None], steps: int) -> float:
     times = []
     for _ in range(steps):
@@ -87,7 +74,7 @@ def time_row(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, auto
     """``triton_launch``: also time the eager step with every kernel launched through Triton's
     ``kernel[grid](...)`` (``set_direct_launch(False)``) as ``eager_triton_launch_ms`` (for ``fused``)."""
     model.train()
-    step = _step_fn(model, x, target, autocast)
+    step = training_step(model, x, target, autocast)
 
     def eager() -> None:
         model.zero_grad(set_to_none=True)

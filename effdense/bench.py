@@ -14,12 +14,14 @@ weights, so every row computes the same function.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from effdense import strategies as _strategies
 from effdense.benchutil import (
@@ -168,6 +170,24 @@ def same_weight_builds(
     if reference:
         builds.append(("torchvision", lambda: torchvision_twin(base, memory_efficient=False)))
     return builds
+
+
+def training_step(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, autocast: torch.dtype | None, zero_grad: bool = False
+) -> Callable[[], None]:
+    """One training step of the step scripts: forward (under autocast in ``autocast`` on x's device, unless
+    None), cross-entropy in fp32 against ``target``, backward; no optimizer. ``zero_grad``: clear the
+    gradients first (``set_to_none``); off where the caller clears them outside what it captures or times."""
+    autocast_ctx = (lambda: torch.autocast(x.device.type, dtype=autocast)) if autocast is not None else contextlib.nullcontext
+
+    def step() -> None:
+        if zero_grad:
+            model.zero_grad(set_to_none=True)
+        with autocast_ctx():
+            loss = F.cross_entropy(model(x).float(), target)
+        loss.backward()
+
+    return step
 
 
 def measure_builds(

@@ -20,6 +20,18 @@ import torch
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")
 
 
+def env_switch(name: str) -> bool:
+    """An on/off setting from environment variable ``name``: off for "0", "false", "off" or "no" (any case,
+    surrounding spaces ignored), on otherwise and when unset."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def require_bool(enabled: object) -> None:
+    """The argument of an on/off setter (``set_autotune``, ``set_direct_launch``) is a bool."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+
+
 def interpreting() -> bool:
     """Whether Triton kernels run in Triton's CPU interpreter: ``TRITON_INTERPRET=1`` (or ``true``/``on``) was
     set when :mod:`effdense.kernels` was imported, which is when Triton read it."""
@@ -86,7 +98,7 @@ def input_precision(dtype: torch.dtype) -> str:
 # metadata. EFFDENSE_DIRECT_LAUNCH=0 in the environment (read at import) or :func:`set_direct_launch`
 # turns it off; it never runs in the interpreter, whose kernels are not compiled.
 
-_DIRECT = os.environ.get("EFFDENSE_DIRECT_LAUNCH", "1").strip().lower() not in ("0", "false", "off", "no")
+_DIRECT = env_switch("EFFDENSE_DIRECT_LAUNCH")
 # (fn, device, argument key, keyword items) -> (launcher, function handle, packed metadata, trailing arguments)
 _COMPILED: dict[tuple, tuple] = {}
 # launches by route since import (tests and benchmarks read them): "direct", "triton" (through fn[grid])
@@ -99,8 +111,7 @@ def set_direct_launch(enabled: bool) -> bool:
     ``EFFDENSE_DIRECT_LAUNCH=0`` was set at import) or always through Triton's ``kernel[grid](...)``
     (``False``). Returns the previous setting. Not thread-safe."""
     global _DIRECT
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+    require_bool(enabled)
     previous, _DIRECT = _DIRECT, enabled
     return previous
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 from typing import Iterator
 
 import torch
@@ -492,7 +491,7 @@ _CHOSEN: dict[tuple, dict] = {}
 # each key launches the first configuration of the kernel's list that its autotuner's pruning keeps for the
 # device and shape (one compilation, no timing; speed not measured). Read from EFFDENSE_AUTOTUNE at import
 # ("0", "false", "off" or "no": off), changed by :func:`set_autotune`.
-_AUTOTUNE = os.environ.get("EFFDENSE_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+_AUTOTUNE = _launch.env_switch("EFFDENSE_AUTOTUNE")
 _UNTUNED: dict[tuple, dict] = {}
 
 
@@ -503,8 +502,7 @@ def set_autotune(enabled: bool) -> bool:
     setting. Keys tuned before keep their choice while tuning is on. No effect in Triton's interpreter,
     which runs one large-block configuration, nor on a :func:`forced_config`. Not thread-safe."""
     global _AUTOTUNE
-    if not isinstance(enabled, bool):
-        raise TypeError(f"enabled: expected a bool, got {type(enabled).__name__}")
+    _launch.require_bool(enabled)
     previous, _AUTOTUNE = _AUTOTUNE, enabled
     return previous
 
