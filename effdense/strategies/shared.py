@@ -436,7 +436,8 @@ def _transition_forward(stage: _Stage, state: _StageState, Fbuf: torch.Tensor) -
     if state.keep and stage.policy.cache_stats:
         state.transition_affine = affine
     w = _cast(t.conv.weight, stage.dtype).view(t.conv.out_channels, c)
-    y, _, _ = _bottleneck_forward(stage, Fbuf, affine[0], affine[1], w)
+    # no BatchNorm follows the transition's conv: no epilogue sums (their zeroed buffer and atomics)
+    y, _, _ = _bottleneck_forward(stage, Fbuf, affine[0], affine[1], w, stats=False)
     return F.avg_pool2d(y, kernel_size=2, stride=2)
 
 
