@@ -7,7 +7,9 @@ The modules mirror ``torchvision.models.densenet`` name for name (``features.den
 
 from __future__ import annotations
 
+import copy
 import math
+import operator
 import os
 import re
 import sys
@@ -119,9 +121,31 @@ class _Transition(nn.Sequential):
         self.pool = nn.AvgPool2d(kernel_size=2, stride=2)
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+def _check_positive_int(name: str, value: Any) -> int:
+    """``value`` as a Python int if it is a positive integer (an ``int``, or an integer scalar such as
+    ``numpy.int64`` or a 0-d integer tensor, as torchvision accepts them); else a ValueError naming ``name``."""
+    try:
+        index = operator.index(value) if not isinstance(value, bool) else None
+    except TypeError:
+        index = None
+    if index is None or index <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return index
+
+
+def _pair(v: Any, dim: int) -> int:
+    return v[dim] if isinstance(v, tuple) else v
+
+
+def _pooled_size(m: nn.Module, size: int, dim: int) -> int:
+    """Output side ``dim`` of a Conv2d, MaxPool2d or AvgPool2d for input side ``size`` (0 if none is left)."""
+    k, s, p = (_pair(getattr(m, a), dim) for a in ("kernel_size", "stride", "padding"))
+    s = k if s is None else s
+    d = _pair(getattr(m, "dilation", 1), dim)
+    span = size + 2 * p - d * (k - 1) - 1
+    if span < 0:
+        return 0
+    return (-(-span // s) if getattr(m, "ceil_mode", False) else span // s) + 1
 
 
 class DenseNet(nn.Module):
@@ -161,21 +185,21 @@ class DenseNet(nn.Module):
         in_channels: int = 3,
     ) -> None:
         super().__init__()
-        _check_positive_int("growth_rate", growth_rate)
-        _check_positive_int("num_init_features", num_init_features)
-        _check_positive_int("bn_size", bn_size)
-        _check_positive_int("num_classes", num_classes)
-        _check_positive_int("in_channels", in_channels)
-        if not isinstance(block_config, Sequence) or isinstance(block_config, str):
+        growth_rate = _check_positive_int("growth_rate", growth_rate)
+        num_init_features = _check_positive_int("num_init_features", num_init_features)
+        bn_size = _check_positive_int("bn_size", bn_size)
+        num_classes = _check_positive_int("num_classes", num_classes)
+        in_channels = _check_positive_int("in_channels", in_channels)
+        # a sequence, or a 1-d array or tensor of layer counts (their elements are integer scalars)
+        sequence = isinstance(block_config, Sequence) or getattr(block_config, "ndim", None) == 1
+        if not sequence or isinstance(block_config, (str, bytes)):
             raise TypeError(
                 f"block_config must be a sequence of layer counts, one per dense block (e.g. (6, 12, 24, 16)), "
                 f"got {block_config!r}"
             )
-        block_config = tuple(block_config)
+        block_config = tuple(_check_positive_int(f"block_config[{i}]", n) for i, n in enumerate(block_config))
         if not block_config:
             raise ValueError("block_config must name at least one dense block, got an empty sequence")
-        for i, n in enumerate(block_config):
-            _check_positive_int(f"block_config[{i}]", n)
         if not (isinstance(compression, (int, float)) and 0.0 < compression <= 1.0):
             raise ValueError(f"compression must be in (0, 1], got {compression!r}")
         if not (isinstance(drop_rate, (int, float)) and 0.0 <= drop_rate < 1.0):
@@ -293,16 +317,25 @@ class DenseNet(nn.Module):
         return self
 
     def min_input_size(self) -> int:
-        """Smallest square input side for which every stage keeps at least one pixel."""
+        """Smallest square input side for which every stage keeps at least one pixel (1 when the stem's
+        modules were replaced by ones whose output size is not known here)."""
         size = 1
         while self._final_spatial(size) < 1:
             size += 1
         return size
 
-    def _final_spatial(self, size: int) -> int:
-        if not self.small_inputs:
-            size = (size + 2 * 3 - 7) // 2 + 1  # conv0
-            size = (size + 2 * 1 - 3) // 2 + 1 if size >= 1 else 0  # pool0
+    def _final_spatial(self, size: int, dim: int = 0) -> int:
+        """Side ``dim`` (0: height, 1: width) of the last dense block's input for an input side ``size``,
+        computed from the live stem modules (a user may replace ``conv0`` or ``pool0``, as with torchvision's
+        model); ``size`` itself where a stem module's output size is not known here (its own error, if any,
+        is then PyTorch's)."""
+        stem = self.features._modules
+        for name in ("conv0", "pool0"):
+            m = stem.get(name)
+            if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+                size = _pooled_size(m, size, dim)
+            elif m is not None and not isinstance(m, nn.Identity):
+                return size
         for _ in range(len(self.block_config) - 1):
             size //= 2  # transition pools
         return size
@@ -314,13 +347,14 @@ class DenseNet(nn.Module):
             raise ValueError(f"expected 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"expected a floating-point input, got dtype {x.dtype}; convert with x.float()")
-        if x.shape[1] != self.in_channels:
+        conv0 = self.features._modules.get("conv0")
+        channels = conv0.in_channels if isinstance(conv0, nn.Conv2d) else None  # the live stem's, not the constructor's
+        if channels is not None and x.shape[1] != channels:
             raise ValueError(
-                f"expected {self.in_channels} input channels (N, {self.in_channels}, H, W), "
-                f"got {x.shape[1]} in shape {tuple(x.shape)}"
+                f"expected {channels} input channels (N, {channels}, H, W), got {x.shape[1]} in shape {tuple(x.shape)}"
             )
         h, w = int(x.shape[2]), int(x.shape[3])
-        if self._final_spatial(h) < 1 or self._final_spatial(w) < 1:
+        if self._final_spatial(h, 0) < 1 or self._final_spatial(w, 1) < 1:
             raise ValueError(
                 f"input spatial size {h}x{w} is too small for this model: it needs at least "
                 f"{self.min_input_size()}x{self.min_input_size()}"
@@ -738,6 +772,64 @@ def _source_sync_bn(model: nn.Module, features: nn.Sequential) -> tuple[bool, An
     return True, synced[0].process_group
 
 
+def _source_stem(features: nn.Sequential) -> list[str]:
+    """The names of a ``convert()`` source's stem modules: ``conv0`` (always) and any of ``norm0``, ``relu0``,
+    ``pool0``, in that order, before ``denseblock1``; anything else there is refused."""
+    names = list(features._modules)
+    first_block = names.index("denseblock1") if "denseblock1" in names else len(names)
+    stem = names[:first_block]
+    allowed = ("conv0", "norm0", "relu0", "pool0")
+    if not stem or stem[0] != "conv0" or stem != [n for n in allowed if n in stem]:
+        raise TypeError(
+            f"convert() expects a torchvision DenseNet stem (features.conv0, then any of norm0, relu0, pool0 in "
+            f"that order) before features.denseblock1, got {stem}"
+        )
+    n_blocks = sum(n.startswith("denseblock") for n in names)
+    expected = [f"denseblock{i // 2 + 1}" if i % 2 == 0 else f"transition{i // 2 + 1}" for i in range(2 * n_blocks - 1)]
+    if names[first_block:] != expected + ["norm5"]:
+        raise TypeError(
+            "convert() rebuilds a torchvision DenseNet's features (stem, denseblock1, transition1, ..., norm5), "
+            f"but this model's hold {names[first_block:]} after the stem; convert a model without the added "
+            "modules and add them to the converted model's features"
+        )
+    return stem
+
+
+def _source_compression(features: nn.Sequential) -> float:
+    """A compression ``c`` for which ``floor(C_in * c)`` (the builder's rule) gives every transition's output
+    channels: the middle of the interval that all transitions allow (0.5 for torchvision's models)."""
+    widths = [
+        (m.conv.in_channels, m.conv.out_channels) for name, m in features.named_children() if name.startswith("transition")
+    ]
+    if all(out == cin // 2 for cin, out in widths):
+        return 0.5
+    low = max(out / cin for cin, out in widths)
+    high = min((out + 1) / cin for cin, out in widths)
+    c = min(1.0, (low + high) / 2)
+    if not (low < high and all(int(math.floor(cin * c)) == out for cin, out in widths)):
+        raise ValueError(
+            "convert() cannot rebuild the source's transitions: their (input, output) channels "
+            f"{widths} follow no single compression c with output = floor(input * c), as effdense's DenseNet builds them"
+        )
+    return c
+
+
+def _match_untracked_batchnorms(clone: nn.Module, source: nn.Module) -> None:
+    """BatchNorms of ``source`` without running statistics (``track_running_stats=False``) become so in
+    ``clone`` before its state dict is loaded (which then has no running-statistics entries for them)."""
+    src = dict(source.named_modules())
+    for name, module in clone.named_modules():
+        other = src.get(name)
+        if (
+            isinstance(module, nn.modules.batchnorm._BatchNorm)
+            and isinstance(other, nn.modules.batchnorm._BatchNorm)
+            and other.running_mean is None
+        ):
+            module.track_running_stats = False
+            for key in ("running_mean", "running_var", "num_batches_tracked"):
+                module.register_buffer(key, None)
+
+
 def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = None) -> DenseNet:
     """Build an effdense :class:`DenseNet` from a torchvision DenseNet, with a copy of its parameters
     and buffers (same values, device and dtype) and the given strategy.
@@ -757,6 +849,11 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
         raise TypeError(
             f"convert() expects a torchvision DenseNet, got a {type(model).__name__} wrapper: pass model.module"
         )
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+        raise TypeError(
+            f"convert() expects a torchvision DenseNet, got the torch.compile wrapper {type(model).__name__}: pass "
+            "model._orig_mod (and compile the converted model)"
+        )
     features = getattr(model, "features", None)
     classifier = getattr(model, "classifier", None)
     if not isinstance(features, nn.Sequential):
@@ -775,10 +872,8 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
     growth_rate = (first.conv2 if bottleneck else first.conv1).out_channels
     bn_size = first.conv1.out_channels // growth_rate if bottleneck else 4
     conv0 = features.conv0
-    transition = getattr(features, "transition1", None)
-    compression = 0.5
-    if transition is not None and transition.conv.out_channels != transition.conv.in_channels // 2:
-        compression = transition.conv.out_channels / transition.conv.in_channels
+    stem = _source_stem(features)
+    compression = model.compression if isinstance(model, DenseNet) else _source_compression(features)
     sync_bn, sync_group = _source_sync_bn(model, features)
     if policy is None and isinstance(model, DenseNet):
         policy = model.policy
@@ -791,15 +886,23 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
         num_classes=classifier.out_features,
         compression=compression,
         bottleneck=bottleneck,
-        small_inputs=conv0.kernel_size == (3, 3),
+        small_inputs=stem == ["conv0"],
         strategy=strategy,
         policy=policy,
         in_channels=conv0.in_channels,
     )
+    # the source's stem modules themselves (copies): a torchvision model whose conv0 or pool0 a user replaced
+    # (a 3x3 conv0 for small images, pool0 = nn.Identity, another input channel count) keeps them
+    for name in list(clone.features._modules):
+        if name in ("norm0", "relu0", "pool0") and name not in stem:
+            delattr(clone.features, name)
+    for name in stem:
+        setattr(clone.features, name, copy.deepcopy(features._modules[name]))
     ref = next(model.parameters())
     clone.to(device=ref.device, dtype=ref.dtype)
     if sync_bn:
         clone.set_sync_bn(True, sync_group)
+    _match_untracked_batchnorms(clone, model)
     clone.load_state_dict(model.state_dict(), strict=True)
     # what a state dict does not carry, module by module: train/eval flags (a backbone whose BatchNorms
     # were put in eval mode for fine-tuning), frozen parameters, BatchNorm momentum and eps

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -425,6 +426,100 @@ def test_convert_names_what_it_cannot_convert() -> None:
     tv.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(tv.classifier.in_features, 3))
     with pytest.raises(TypeError, match="classifier is one nn.Linear, got a Sequential classifier"):
         effdense.convert(tv)
+
+
+def test_convert_refuses_a_compiled_wrapper_and_odd_stems() -> None:
+    tv = _small_torchvision_densenet()
+    with pytest.raises(TypeError, match="torch.compile wrapper OptimizedModule: pass model._orig_mod"):
+        effdense.convert(torch.compile(tv))
+    tv.features = nn.Sequential(OrderedDict([("extra", nn.ReLU()), *tv.features.named_children()]))
+    with pytest.raises(TypeError, match=r"expects a torchvision DenseNet stem .* got \['extra', 'conv0'"):
+        effdense.convert(tv)
+
+
+class _Plain(nn.Module):
+    """A model that is not an effdense DenseNet, holding one's features and classifier (a torchvision-like
+    source whose transitions are not torchvision's C // 2)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.features, self.classifier = model.features, model.classifier
+
+
+@pytest.mark.parametrize("growth_rate", [7, 12])
+@pytest.mark.parametrize("compression", [0.3, 0.6, 0.7, 1.0])
+def test_convert_rebuilds_any_compression(growth_rate, compression) -> None:
+    """floor(C * out/in) of the first transition can fall a channel short in later ones: convert takes an
+    effdense source's compression, and for another source one that rebuilds every transition."""
+    source = effdense.densenet_cifar(40, growth_rate, compression=compression)
+    for src in (source, _Plain(source)):
+        clone = effdense.convert(src, strategy="naive")
+        assert {k: v.shape for k, v in clone.state_dict().items()} == {k: v.shape for k, v in src.state_dict().items()}
+    plain = _Plain(copy.deepcopy(source))
+    plain.features.transition1.conv = nn.Conv2d(plain.features.transition1.conv.in_channels, 5, 1, bias=False)
+    with pytest.raises(ValueError, match="follow no single compression"):
+        effdense.convert(plain)
+
+
+def test_convert_carries_batchnorms_without_running_stats() -> None:
+    tv = _small_torchvision_densenet()
+    for m in tv.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.track_running_stats = False
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+    x = torch.randn(2, 3, 32, 32)
+    for strategy in ("naive", "shared"):
+        ours = effdense.convert(tv, strategy=strategy)
+        assert all(m.running_mean is None for m in ours.modules() if isinstance(m, nn.BatchNorm2d))
+        for mode in ("train", "eval"):  # batch statistics in both
+            assert_close_rel(getattr(ours, mode)()(x), getattr(tv, mode)()(x), rtol=1e-5, name=f"{strategy} {mode}")
+
+
+@pytest.mark.parametrize("strategy", ["naive", "checkpoint", "shared", "fused"])
+def test_replaced_stem_converts_and_checks_inputs_by_its_modules(strategy) -> None:
+    """torchvision-style stem surgery (one input channel, a 3x3 conv0, pool0 = Identity): convert keeps the
+    source's stem modules, and the input checks follow the live stem, not the constructor's arguments."""
+    tv = _small_torchvision_densenet()
+    tv.features.conv0 = nn.Conv2d(1, 16, 3, 1, 1, bias=False)
+    tv.features.pool0 = nn.Identity()
+    ours = effdense.convert(tv, strategy=strategy)
+    x = torch.randn(2, 1, 6, 6)  # too small for torchvision's 7x7/2 stem with its pool, fine for this one
+    assert_close_rel(train_step(ours, x), train_step(tv, x), rtol=1e-4, name=strategy)
+    with pytest.raises(ValueError, match="expected 1 input channels"):
+        ours(torch.randn(2, 3, 6, 6))
+    with pytest.raises(ValueError, match="too small for this model: it needs at least 2x2"):
+        ours(torch.randn(2, 1, 1, 1))
+    model = effdense.densenet_bc_100(strategy=strategy)
+    model.features.conv0 = nn.Conv2d(4, 24, 3, 1, 1, bias=False)  # surgery on an effdense model
+    assert model(torch.randn(2, 4, 4, 4)).shape == (2, 10)
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_modules_added_to_or_removed_from_features_run_as_the_sequential(strategy) -> None:
+    """A module a user appends to model.features (or a stem module removed) runs as nn.Sequential would
+    run it, as for torchvision's model; the dense blocks stay on the strategy."""
+    tv = _small_torchvision_densenet()
+    ours = effdense.convert(tv, strategy=strategy)
+    with pytest.raises(TypeError, match=r"this model's hold \['denseblock1', 'transition1', 'denseblock2', 'norm5', 'act5'\]"):
+        effdense.convert(tv.features.add_module("act5", nn.Tanh()) or tv)
+    ours.features.add_module("act5", nn.Tanh())
+    x = torch.randn(2, 3, 32, 32)
+    assert_close_rel(ours.eval()(x), tv.eval()(x), rtol=1e-5, name="appended")
+    del tv.features.norm5, ours.features.norm5
+    assert_close_rel(ours(x), tv(x), rtol=1e-5, name="removed")
+
+
+def test_integer_scalars_are_accepted_as_sizes() -> None:
+    """numpy integers and 0-d integer tensors as sizes and layer counts (as torchvision accepts them)."""
+    import numpy as np
+
+    model = effdense.DenseNet(growth_rate=np.int64(4), block_config=np.array([2, 2]), num_init_features=torch.tensor(8))
+    assert (model.growth_rate, model.block_config) == (4, (2, 2))
+    assert type(model.growth_rate) is int and all(type(n) is int for n in model.block_config)
+    with pytest.raises(ValueError, match="growth_rate must be a positive integer, got 2.5"):
+        effdense.DenseNet(growth_rate=2.5)
+    with pytest.raises(ValueError, match="block_config\\[1\\] must be a positive integer"):
+        effdense.DenseNet(block_config=torch.tensor([2, 0]))
 
 
 @pytest.mark.parametrize("strategy", ["naive", "checkpoint", "shared", "fused"])

@@ -284,6 +284,58 @@ def test_mixed_train_eval_layers() -> None:
     assert_matches(ref, other, torch.randn(2, 3, 8, 8))
 
 
+def _with_random_running_stats(model: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+@pytest.mark.parametrize("forward_mode, backward_mode", [("eval", "train"), ("train", "eval")])
+def test_mode_switched_between_forward_and_backward(strategy, forward_mode, backward_mode) -> None:
+    """model.train()/.eval() between a forward and its backward: the gradient is that of the forward that
+    ran (batch or running statistics as forward chose), as autograd gives for torchvision's model."""
+    torch.manual_seed(0)
+    model = _with_random_running_stats(effdense.densenet_cifar(16, 4))
+    ref, other = _pair(model, strategy)
+    x = torch.randn(2, 3, 8, 8)
+    grads = []
+    for m in (ref, other):
+        xx = x.clone().requires_grad_()
+        getattr(m, forward_mode)()
+        out = m(xx)
+        getattr(m, backward_mode)()
+        (out * torch.linspace(-1.0, 2.0, out.numel()).view_as(out)).sum().backward()
+        grads.append([xx.grad] + [p.grad for p in m.parameters()])
+    for (name, _), a, b in zip([("input", None)] + list(ref.named_parameters()), *grads):
+        assert (a - b).abs().max().item() <= RTOL * a.abs().max().item() + 1e-7, name
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+@pytest.mark.parametrize("what", ["conv1.weight", "norm2.bias", "running_mean"])
+def test_tensor_modified_in_place_before_backward_raises(strategy, what) -> None:
+    """A parameter (or a running statistic an eval-mode BN normalised with) changed in place between forward
+    and backward, e.g. an optimiser step in between: autograd's in-place error, as for torchvision's model."""
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(16, 4, strategy=strategy)
+    layer = model.features.denseblock1.denselayer1
+    if what == "running_mean":
+        model.eval()
+        tensor = layer.norm1.running_mean
+    else:
+        module, name = what.split(".")
+        tensor = getattr(getattr(layer, module), name)
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    loss = model(x).sum()
+    with torch.no_grad():
+        tensor.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_gradcheck_float64_tiny_block() -> None:
     torch.manual_seed(0)
     model = effdense.DenseNet(3, (2,), 4, bn_size=2, num_classes=2, small_inputs=True).double()

@@ -229,9 +229,26 @@ def run_features(name: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Te
     of ``model.features``, the plain module, so that the stem, transitions and blocks are called (each
     block then on its strategy, or as ``naive`` when its own layers hold the hooks)."""
     module = _runner_for(name, x)
-    if hasattr(module, "run_features") and not _has_hooks(model.features):
+    if hasattr(module, "run_features") and _standard_layout(model) and not _has_hooks(model.features):
         return module.run_features(model, x)
     return model.features(x)
+
+
+_STEM = ("conv0", "norm0", "relu0", "pool0")
+
+
+def _standard_layout(model: torch.nn.Module) -> bool:
+    """Whether ``model.features`` holds what a strategy's ``run_features`` runs, in its order: stem modules
+    (``conv0``, ``norm0``, ``relu0``, ``pool0``, any of them), then ``denseblock1``, ``transition1``, ...,
+    ``denseblock<n>`` and ``norm5``. A module a user added to (or removed from) ``model.features`` would be
+    skipped (or missed) by it: the plain ``nn.Sequential`` runs instead, its dense blocks still on the strategy."""
+    names = list(model.features._modules)
+    stem = [n for n in names[: len(_STEM)] if n in _STEM]
+    if stem != [n for n in _STEM if n in stem]:
+        return False
+    n_blocks = len(model.block_config)
+    rest = [f"denseblock{i // 2 + 1}" if i % 2 == 0 else f"transition{i // 2 + 1}" for i in range(2 * n_blocks - 1)]
+    return names[len(stem):] == rest + ["norm5"]
 
 
 # after everything above exists: the strategy modules import this package

@@ -215,6 +215,11 @@ class _StageState:
         # fewer per layer, a few vectors of c floats kept), else None; the transition's in ``transition_affine``
         self.affine1: list[tuple[torch.Tensor, ...] | None] = []
         self.transition_affine: tuple[torch.Tensor, ...] | None = None
+        # per layer: whether (BN1, BN2) normalised with batch statistics in forward (BN2 False without a
+        # bottleneck), and the transition's BN: backward follows forward's choice, not the modules' mode when
+        # it runs (a model switched with .train()/.eval() between forward and backward, as autograd does)
+        self.batch: list[tuple[bool, bool]] = []
+        self.transition_batch = False
 
     def save(self, value: Any, *, which: str) -> None:
         if self.keep:
@@ -261,9 +266,10 @@ def _check_count(count: int, shape: torch.Size) -> None:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(shape)}")
 
 
-def _bn1_stats(stage: _Stage, state: _StageState, bn, Fbuf: torch.Tensor, c: int, update: bool):
-    """Batch statistics of ``F[:, :c]`` for a BN over it (cached or recomputed), or None for running stats."""
-    if not _uses_batch_stats(bn):
+def _bn1_stats(stage: _Stage, state: _StageState, bn, Fbuf: torch.Tensor, c: int, update: bool, batch: bool):
+    """Batch statistics of ``F[:, :c]`` for a BN over it (cached or recomputed) when ``batch``, else
+    ``(None, None)`` (running statistics)."""
+    if not batch:
         return None, None
     if state.mean is not None:
         mean, var = state.mean[:c], state.var[:c]
@@ -276,10 +282,12 @@ def _bn1_stats(stage: _Stage, state: _StageState, bn, Fbuf: torch.Tensor, c: int
     return mean, var
 
 
-def _bn2_stats(stage: _Stage, state: _StageState, bn, y_sum: torch.Tensor, y_sqsum: torch.Tensor, shape, update: bool):
-    """BN2's batch statistics from the bottleneck's epilogue sums (fp32), or None for running stats. The
-    sums are overwritten: they become the returned mean and variance."""
-    if not _uses_batch_stats(bn):
+def _bn2_stats(
+    stage: _Stage, state: _StageState, bn, y_sum: torch.Tensor, y_sqsum: torch.Tensor, shape, update: bool, batch: bool
+):
+    """BN2's batch statistics from the bottleneck's epilogue sums (fp32) when ``batch``, else ``(None, None)``
+    (running statistics). The sums are overwritten: they become the returned mean and variance."""
+    if not batch:
         return None, None
     local = shape[0] * shape[2] * shape[3]
     # in place (the sums are the caller's own, just computed): three operators and no allocation, where
@@ -396,13 +404,16 @@ def _layer_forward(stage: _Stage, state: _StageState, layer, Fbuf: torch.Tensor,
     dtype = stage.dtype
     norm1, conv1, norm2, conv2 = _parts(layer)
     x = Fbuf[:, :c]
-    mean1, var1 = _bn1_stats(stage, state, norm1, Fbuf, c, update=True)
+    batch1 = _uses_batch_stats(norm1)
+    batch2 = layer.bottleneck and _uses_batch_stats(norm2)
+    state.save((batch1, batch2), which="batch")
+    mean1, var1 = _bn1_stats(stage, state, norm1, Fbuf, c, update=True, batch=batch1)
     if layer.bottleneck:
         affine1 = _bn_affine(norm1, mean1, var1)
         state.save(affine1 if stage.policy.cache_stats else None, which="affine1")
         w1 = _cast(_weight(conv1), dtype).view(conv1.out_channels, c)
         y1, y_sum, y_sqsum = _bottleneck_forward(stage, x, affine1[0], affine1[1], w1)
-        mean2, var2 = _bn2_stats(stage, state, norm2, y_sum, y_sqsum, y1.shape, update=True)
+        mean2, var2 = _bn2_stats(stage, state, norm2, y_sum, y_sqsum, y1.shape, update=True, batch=batch2)
         state.save((mean2, var2) if mean2 is not None and stage.policy.cache_stats else None, which="bn2")
         state.save(None if stage.policy.recompute_bottleneck else y1, which="y1")
         z = _bn_relu(y1, norm2, *_bn_stats(norm2, mean2, var2))
@@ -431,10 +442,13 @@ def _layer_forward(stage: _Stage, state: _StageState, layer, Fbuf: torch.Tensor,
 def _transition_forward(stage: _Stage, state: _StageState, Fbuf: torch.Tensor) -> torch.Tensor:
     t = stage.transition
     c = Fbuf.shape[1]
-    mean, var = _bn1_stats(stage, state, t.norm, Fbuf, c, update=True)
+    batch = _uses_batch_stats(t.norm)
+    mean, var = _bn1_stats(stage, state, t.norm, Fbuf, c, update=True, batch=batch)
     affine = _bn_affine(t.norm, mean, var)
-    if state.keep and stage.policy.cache_stats:
-        state.transition_affine = affine
+    if state.keep:
+        state.transition_batch = batch
+        if stage.policy.cache_stats:
+            state.transition_affine = affine
     w = _cast(t.conv.weight, stage.dtype).view(t.conv.out_channels, c)
     # no BatchNorm follows the transition's conv: no epilogue sums (their zeroed buffer and atomics)
     y, _, _ = _bottleneck_forward(stage, Fbuf, affine[0], affine[1], w, stats=False)
@@ -555,12 +569,12 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
         else:
             dout = _dropout_replay(dout, layer.drop_rate, saved)
     bn1, conv1, bn2, conv2 = _parts(layer)
-    batch1 = _uses_batch_stats(bn1)
+    batch1, batch2 = state.batch[l]  # forward's choice, whatever the modules' mode now
     count = state.count
     if layer.bottleneck:
         affine1 = state.affine1[l]  # forward's, when it kept it
         if affine1 is None:
-            affine1 = _bn_affine(bn1, *_bn1_stats(stage, state, bn1, Fbuf, c, update=False))
+            affine1 = _bn_affine(bn1, *_bn1_stats(stage, state, bn1, Fbuf, c, update=False, batch=batch1))
         scale1, shift1 = affine1[0], affine1[1]
         w1 = _cast(_weight(conv1), dtype).view(conv1.out_channels, c)
         cached = state.bn2[l]  # BN2's batch statistics from forward, or None (running stats, or not cached)
@@ -572,11 +586,9 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
                 y_sum = _acc(y1).sum(dim=(0, 2, 3))
                 y_sqsum = _acc(y1).square().sum(dim=(0, 2, 3))
         if cached is not None:
-            (mean2, var2), batch2 = cached, True
+            mean2, var2 = cached
         else:
-            mean2, var2 = _bn2_stats(stage, state, bn2, y_sum, y_sqsum, y1.shape, update=False)
-            batch2 = mean2 is not None
-            mean2, var2 = _bn_stats(bn2, mean2, var2)
+            mean2, var2 = _bn_stats(bn2, *_bn2_stats(stage, state, bn2, y_sum, y_sqsum, y1.shape, update=False, batch=batch2))
         z = _bn_relu(y1, bn2, mean2, var2)
         w2 = _cast(_weight(conv2), dtype)
         dz, dw2, _ = torch.ops.aten.convolution_backward(
@@ -598,7 +610,7 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
             _cast(dw2, _weight(conv2).dtype),
         ]
     # original DenseNet layer: BN-ReLU-conv3x3 over the concatenation, all in PyTorch ops
-    mean1, var1 = _bn_stats(bn1, *_bn1_stats(stage, state, bn1, Fbuf, c, update=False))  # batch or running
+    mean1, var1 = _bn_stats(bn1, *_bn1_stats(stage, state, bn1, Fbuf, c, update=False, batch=batch1))  # batch or running
     invstd1 = torch.rsqrt(var1 + bn1.eps)
     h = _bn_relu(x, bn1, mean1, var1)
     dh, dw, _ = torch.ops.aten.convolution_backward(
@@ -641,10 +653,10 @@ def _avg_pool2_backward(dout: torch.Tensor, H: int, W: int) -> torch.Tensor:
 def _transition_backward(stage: _Stage, state: _StageState, Fbuf: torch.Tensor, G: torch.Tensor, dout: torch.Tensor) -> list[torch.Tensor]:
     t = stage.transition
     N, c, H, W = Fbuf.shape
-    batch = _uses_batch_stats(t.norm)
+    batch = state.transition_batch  # forward's choice, whatever the module's mode now
     affine = state.transition_affine  # forward's, when it kept it
     if affine is None:
-        affine = _bn_affine(t.norm, *_bn1_stats(stage, state, t.norm, Fbuf, c, update=False))
+        affine = _bn_affine(t.norm, *_bn1_stats(stage, state, t.norm, Fbuf, c, update=False, batch=batch))
     w = _cast(t.conv.weight, stage.dtype).view(t.conv.out_channels, c)
     dy = _avg_pool2_backward(dout.to(stage.dtype), H, W)
     dw, dgamma, dbeta = _bottleneck_backward(stage, G, Fbuf, t.norm, affine, batch, state.count, w, dy)
@@ -676,6 +688,22 @@ def _differentiable_once(backward):
     return wrapper
 
 
+def _running_stats_used(stage: _Stage, state: _StageState) -> list[torch.Tensor]:
+    """The running means and variances that forward normalised with (BatchNorms in eval mode, or without
+    batch statistics), which backward reads again."""
+    out: list[torch.Tensor] = []
+    for layer, (batch1, batch2) in zip(stage.layers, state.batch):
+        norm1, _, norm2, _ = _parts(layer)
+        for bn, batch in ((norm1, batch1), (norm2, batch2)):
+            if bn is not None and not batch and bn.running_mean is not None:
+                out += [bn.running_mean, bn.running_var]
+    if stage.transition is not None and not state.transition_batch:
+        bn = stage.transition._modules["norm"]
+        if bn.running_mean is not None:
+            out += [bn.running_mean, bn.running_var]
+    return out
+
+
 class _DenseStageFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stage: _Stage, x: torch.Tensor, *params: torch.Tensor):  # type: ignore[override]
@@ -684,13 +712,17 @@ class _DenseStageFunction(torch.autograd.Function):
         ctx.state = state
         ctx.x_meta = (x.dtype, x.shape)
         ctx.has_transition = out is not None
-        ctx.save_for_backward(Fbuf)
+        # the parameters, and the running statistics that normalised in forward, are saved only for autograd's
+        # version check (backward reads them from the modules): one changed in place before backward (an
+        # optimiser step between a forward and its backward) raises as it does for torchvision's model
+        ctx.save_for_backward(Fbuf, *params, *_running_stats_used(stage, state))
         return Fbuf if out is None else out
 
     @staticmethod
     @_differentiable_once
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
-        (Fbuf,) = ctx.saved_tensors  # PyTorch's own error on a second backward without retain_graph
+        # PyTorch's own errors: a second backward without retain_graph, a saved tensor modified in place
+        Fbuf = ctx.saved_tensors[0]
         stage: _Stage = ctx.stage
         state: _StageState = ctx.state
         if state.y1 is None:
