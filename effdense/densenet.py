@@ -456,8 +456,11 @@ def _verify_weights_enum(arch: str, weights: Any) -> Any:
     file becomes the member; a torchvision ``WeightsEnum`` of another model is a ``TypeError``."""
     if isinstance(weights, (str, os.PathLike)) and not os.path.exists(os.fspath(weights)):
         cls = _weights_enum_class(arch)
-        if cls is None:
-            return weights  # the loader's "file does not exist"
+        if cls is None:  # no member names to try: the file does not exist
+            raise FileNotFoundError(
+                f"weights file {os.fspath(weights)!r} does not exist ({arch} has no torchvision weights enum, so a "
+                "string is a file path here, not a name such as 'DEFAULT')"
+            )
         name = os.fspath(weights).replace(cls.__name__ + ".", "")
         if name in cls.__members__:
             return cls[name]
@@ -485,8 +488,8 @@ def _resolve_weights(weights: Any, progress: bool) -> Mapping[str, torch.Tensor]
         if not os.path.isfile(path):
             problem = "is not a file" if os.path.exists(path) else "does not exist"
             raise FileNotFoundError(
-                f"weights file {path!r} {problem} (a string is a file path, or a member name of the "
-                "model's torchvision weights enum such as 'DEFAULT')"
+                f"weights file {path!r} {problem} (a string is a file path, or, for densenet121/161/169/201, "
+                "a member name of torchvision's weights enum such as 'DEFAULT')"
             )
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -625,7 +628,7 @@ def densenet_cifar(
         **kwargs: further :class:`DenseNet` keyword arguments (``policy``, ``in_channels``).
     """
     n = cifar_layers_per_block(depth, bottleneck)
-    _check_positive_int("growth_rate", growth_rate)
+    growth_rate = _check_positive_int("growth_rate", growth_rate)
     num_init_features = 2 * growth_rate if bottleneck else 16
     model = DenseNet(
         growth_rate=growth_rate,

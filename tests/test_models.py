@@ -386,6 +386,11 @@ def test_weights_files_name_their_problem(tmp_path) -> None:
         effdense.densenet121(weights=tmp_path / "whole.pth", num_classes=3)
     with pytest.raises(FileNotFoundError, match="is not a file"):
         effdense.densenet121(weights=tmp_path)
+    # models without torchvision weights: a name such as 'DEFAULT' is a missing file, and said so
+    with pytest.raises(FileNotFoundError, match="densenet264 has no torchvision weights enum"):
+        effdense.densenet264(weights="DEFAULT")
+    with pytest.raises(FileNotFoundError, match="does not exist .*for densenet121/161/169/201, a member name"):
+        effdense.densenet_bc_100(weights="DEFAULT")
 
 
 def _small_torchvision_densenet(**kwargs) -> nn.Module:
