@@ -19,6 +19,12 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def check_flag(name: str, value: object) -> None:
+    """An on/off keyword (``stats``, ``batch_stats``) is a bool: a string such as ``"no"`` would read as True."""
+    if value is not True and value is not False:
+        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+
+
 def check_activation(name: str, t: torch.Tensor, *, like: torch.Tensor | None = None, channels: int | None = None) -> None:
     """``t`` is a 4-D float tensor with a contiguous (H, W) plane; optionally shaped/typed/placed like ``like``."""
     if not isinstance(t, torch.Tensor):

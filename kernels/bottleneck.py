@@ -41,6 +41,13 @@ def _mma(a, b, acc, INPUT_PRECISION: tl.constexpr, BF16_INTERP: tl.constexpr):
 
 
 @triton.jit
+def _relu(u):
+    """``max(u, 0)`` with NaN kept, as ``torch.relu`` (``tl.maximum``'s default returns 0 for a NaN ``u``,
+    which would hide a NaN input behind a finite output)."""
+    return tl.maximum(u, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _downcast(x, DTYPE: tl.constexpr, BF16_INTERP: tl.constexpr):
     """fp32 ``x`` rounded to nearest-even in ``DTYPE``. The interpreter truncates fp32 -> bf16, so there
     the rounding is done on the bits first (the final cast is then exact)."""
@@ -110,7 +117,7 @@ def _bottleneck_fwd_kernel(
         scale = tl.load(Scale_ptr + k0 + offs_k, mask=mask_k, other=0.0)
         shift = tl.load(Shift_ptr + k0 + offs_k, mask=mask_k, other=0.0)
         # prologue: BN1 affine + ReLU in fp32, rounded to the GEMM dtype; padded channels give h = 0
-        h = tl.maximum(x.to(tl.float32) * scale[None, :] + shift[None, :], 0.0)
+        h = _relu(x.to(tl.float32) * scale[None, :] + shift[None, :])
         wt = tl.load(wt_ptrs, mask=mask_k[:, None] & mask_b[None, :], other=0.0)
         acc = _mma(_downcast(h, wt.dtype, BF16_INTERP), wt, acc, INPUT_PRECISION, BF16_INTERP)
         x_ptrs += BLOCK_K * stride_xc
@@ -191,7 +198,7 @@ def _bottleneck_bwd_weight_kernel(
             mask=mask_c[:, None] & mask_p[None, :],
             other=0.0,
         )  # (BLOCK_C, BLOCK_M)
-        h = _downcast(tl.maximum(x.to(tl.float32) * scale[:, None] + shift[:, None], 0.0), dyt.dtype, BF16_INTERP)
+        h = _downcast(_relu(x.to(tl.float32) * scale[:, None] + shift[:, None]), dyt.dtype, BF16_INTERP)
         acc = _mma(h, dyt, acc, INPUT_PRECISION, BF16_INTERP)
 
     tl.atomic_add(
@@ -267,8 +274,10 @@ def _bottleneck_bwd_input_kernel(
     scale = tl.load(Scale_ptr + offs_c, mask=mask_c, other=0.0)
     shift = tl.load(Shift_ptr + offs_c, mask=mask_c, other=0.0)
     mean = tl.load(Mean_ptr + offs_c, mask=mask_c, other=0.0)
-    positive = (x * scale[:, None] + shift[:, None]) > 0.0
-    dh = _downcast(tl.where(positive & mask, acc, 0.0), DH_ptr.dtype.element_ty, BF16_INTERP)
+    # ReLU's backward as PyTorch's threshold_backward: zero where the pre-activation is <= 0, the gradient
+    # elsewhere (a NaN pre-activation passes it, as relu(NaN) = NaN does)
+    nonpositive = (x * scale[:, None] + shift[:, None]) <= 0.0
+    dh = _downcast(tl.where(mask, tl.where(nonpositive, 0.0, acc), 0.0), DH_ptr.dtype.element_ty, BF16_INTERP)
     tl.store(DH_ptr + n * stride_dhn + p[None, :] + offs_c[:, None] * stride_dhc, dh, mask=mask)
     dhf = dh.to(tl.float32)
     tl.atomic_add(SumDH_ptr + offs_c, tl.sum(dhf, axis=1), mask=mask_c)

@@ -345,6 +345,7 @@ def bottleneck_forward(
     _checks.check_weight(weight, x)
     if chunk is not None:  # unused here, but as wrong as on the twin
         reference.check_chunk(chunk)
+    _checks.check_flag("stats", stats)
     N, C, H, W = x.shape
     B = weight.shape[0]
     y = torch.empty((N, B, H, W), dtype=x.dtype, device=x.device)
@@ -650,6 +651,7 @@ def bottleneck_backward(
     _checks.check_written("grad", grad)
     _checks.check_vectors(C, x.device, torch.float32, mean=mean, invstd=invstd, gamma=gamma)
     reference.check_chunk(chunk)
+    _checks.check_flag("batch_stats", batch_stats)
     dw = _weight_grad(x, scale, shift, dy)
     if not (x.numel() and dy.numel()):  # N, C, H, W or B = 0: nothing to add into grad, zero sums
         return (dw, *_zero_pair(C, x))

@@ -159,6 +159,7 @@ def bottleneck_forward(
     _check_affine(x, scale, shift)
     _checks.check_weight(weight, x)
     check_chunk(chunk)
+    _checks.check_flag("stats", stats)
     N, C, H, W = x.shape
     B = weight.shape[0]
     acc = _checks.stats_dtype(x.dtype)
@@ -212,7 +213,8 @@ def bottleneck_backward_input(
     mean: torch.Tensor,
     out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``dh = (weight^T · dy) * [scale*x + shift > 0]`` into ``out`` (x.dtype), with fp32 ``Σdh`` and ``Σdh·(x-mean)``."""
+    """``dh = (weight^T · dy) * [scale*x + shift > 0]`` into ``out`` (x.dtype), with fp32 ``Σdh`` and ``Σdh·(x-mean)``.
+    The mask is ReLU's backward in PyTorch (``threshold_backward``): a NaN pre-activation passes its gradient."""
     _check_affine(x, scale, shift)
     _checks.check_weight(weight, x)
     N, C, H, W = x.shape
@@ -227,11 +229,10 @@ def bottleneck_backward_input(
         _checks.check_written("out", out)
         _checks.check_disjoint("out", out, x=x, dy=dy)
     g = _wmm(weight.contiguous().t(), dy.reshape(N, B, H * W)).view(N, C, H, W)
-    # ReLU mask as 0/1 in the pre-activation's own storage (gt_ in place), applied with one multiply:
-    # half the time of a boolean mask and torch.where on CPU
-    positive = _affine(x, scale, shift).gt_(0)
-    torch.mul(g, positive, out=out)
-    del g, positive
+    # ReLU's backward, PyTorch's own: zero where the (fp32) pre-activation is <= 0, g elsewhere (a NaN
+    # pre-activation passes g, and a NaN in g stays out of the masked positions), written into out
+    torch.ops.aten.threshold_backward.grad_input(g, _affine(x, scale, shift), 0, grad_input=out)
+    del g
     dh = out if out.dtype == acc else out.to(acc)
     sum_dh = dh.sum(dim=(0, 2, 3))
     xmu = torch.sub(x, _col(mean))  # fp32 by promotion
@@ -297,6 +298,7 @@ def bottleneck_backward(
     acc = _checks.stats_dtype(x.dtype)
     _checks.check_vectors(C, x.device, acc, mean=mean, invstd=invstd, gamma=gamma)
     check_chunk(chunk)
+    _checks.check_flag("batch_stats", batch_stats)
     chunks = channel_chunks(C, chunk)
     if len(chunks) > 1:
         _checks.check_disjoint("grad", grad, dy=dy)  # a later chunk reads all of dy after grad was updated

@@ -341,6 +341,18 @@ def test_whole_bottleneck_backward_rejects_a_bad_chunk():
                 K.bottleneck_backward(*args, torch.zeros_like(c["x"]), chunk=bad, backend=backend)
 
 
+def test_on_off_keywords_must_be_bools():
+    """``stats`` and ``batch_stats`` are bools: a string such as "no" is truthy and would silently mean True."""
+    c = _case(SHAPES[0], torch.float32, "cpu")
+    args = (c["x"], c["scale"], c["shift"], c["weight"])
+    for backend in ("reference", "triton") if K.kernels_available("cpu") else ("reference",):
+        with pytest.raises(TypeError, match="stats: expected a bool, got str 'yes'"):
+            K.bottleneck_forward(*args, stats="yes", backend=backend)
+        with pytest.raises(TypeError, match="batch_stats: expected a bool, got str 'no'"):
+            K.bottleneck_backward(*args, c["dy"], c["mean"], c["invstd"], c["gamma"], torch.zeros_like(c["x"]),
+                                  batch_stats="no", backend=backend)  # fmt: skip
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_channel_stats_large_mean(dtype, device):
@@ -453,6 +465,32 @@ def test_bn_relu_conv1x1_grads(device):
     torch.testing.assert_close(y, y2, **FP32_TOL)
     for got, ref, name in ((x.grad, x2.grad, "x"), (scale.grad, s2.grad, "scale"), (shift.grad, t2.grad, "shift"), (w.grad, w2.grad, "weight")):
         torch.testing.assert_close(got, ref, atol=1e-3, rtol=1e-3, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_nan_propagates_as_pytorch_relu(backend, device):
+    """A NaN input channel makes every output NaN and a NaN weight-gradient column, as conv1x1(relu(.)) in
+    PyTorch does (a ReLU that dropped it would hide a NaN loss); the input gradient's mask is PyTorch's
+    threshold_backward (a NaN pre-activation passes its gradient, masked positions stay 0 under a NaN dy)."""
+    if backend == "triton":
+        _need_triton(device)
+    nan = float("nan")
+    x = torch.tensor([nan, 1.0, -2.0, 0.5], device=device).view(1, 4, 1, 1).repeat(2, 1, 3, 3)
+    scale, shift = torch.ones(4, device=device), torch.zeros(4, device=device)
+    w = torch.linspace(0.5, 2.0, 8, device=device).view(2, 4)
+    y, y_sum, y_sqsum = K.bottleneck_forward(x, scale, shift, w, backend=backend)
+    assert y.isnan().all() and y_sum.isnan().all() and y_sqsum.isnan().all()
+    dy = torch.ones(2, 2, 3, 3, device=device)
+    dw = K.bottleneck_backward_weight(x, scale, shift, dy, backend=backend)
+    assert dw[:, 0].isnan().all() and not dw[:, 1:].isnan().any()
+    dy[0, 0, 0, 0] = nan
+    dh, sum_dh, _ = K.bottleneck_backward_input(x, scale, shift, w, dy, torch.zeros(4, device=device), backend=backend)
+    u = x * scale[:, None, None] + shift[:, None, None]
+    g = torch.einsum("bc,nbhw->nchw", w, dy)
+    ref = torch.ops.aten.threshold_backward(g, F.relu(u), 0)  # autograd's ReLU backward
+    torch.testing.assert_close(dh, ref, equal_nan=True)
+    assert sum_dh[2] == 0 and sum_dh[[0, 1, 3]].isnan().all()
 
 
 # --------------------------------------------------------------------------------------------------
