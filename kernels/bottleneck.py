@@ -88,11 +88,13 @@ def _bottleneck_fwd_kernel(
     STATS: tl.constexpr,  # accumulate Σy and Σy² (False: backward's recomputation, BN2 statistics cached)
     INPUT_PRECISION: tl.constexpr,
     BF16_INTERP: tl.constexpr,
+    W_FIRST: tl.constexpr = False,  # the GEMM's orientation, an autotuned choice (see below)
 ):
     # Tiles run along one sample's P pixels (n is a scalar per program), so the compiler can prove the
     # pixel offsets contiguous and vectorise/pipeline the X loads; the price is a padded last tile per
-    # sample (7x7: 49 of 64 columns). The GEMM is computed transposed, Y^T (P x B) = h^T (P x C) . W^T,
-    # so that h, formed in registers by the prologue, is the A operand (wgmma takes A from registers).
+    # sample (7x7: 49 of 64 columns). By default the GEMM is computed transposed, Y^T (P x B) = h^T (P x C)
+    # . W^T, so that h, formed in registers by the prologue, is the A operand (wgmma takes A from registers);
+    # W_FIRST configs compute Y = W . h, which loads and stores along the pixels without a transposed layout.
     # Consecutive programs share one X tile (pid_b varies fastest), so X is read ~once from DRAM.
     pid = tl.program_id(0)
     n_b = tl.cdiv(B, BLOCK_B)
@@ -108,29 +110,54 @@ def _bottleneck_fwd_kernel(
     mask_b = offs_b < B
     mask_p = offs_p < P
 
-    x_ptrs = X_ptr + n * stride_xn + offs_p[:, None] + offs_k[None, :] * stride_xc  # (BLOCK_M, BLOCK_K)
-    wt_ptrs = W_ptr + offs_b[None, :] * stride_wb + offs_k[:, None]  # W^T tile (BLOCK_K, BLOCK_B)
-    acc = tl.zeros([BLOCK_M, BLOCK_B], dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        mask_k = (k0 + offs_k) < C
-        x = tl.load(x_ptrs, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
-        scale = tl.load(Scale_ptr + k0 + offs_k, mask=mask_k, other=0.0)
-        shift = tl.load(Shift_ptr + k0 + offs_k, mask=mask_k, other=0.0)
-        # prologue: BN1 affine + ReLU in fp32, rounded to the GEMM dtype; padded channels give h = 0
-        h = _relu(x.to(tl.float32) * scale[None, :] + shift[None, :])
-        wt = tl.load(wt_ptrs, mask=mask_k[:, None] & mask_b[None, :], other=0.0)
-        acc = _mma(_downcast(h, wt.dtype, BF16_INTERP), wt, acc, INPUT_PRECISION, BF16_INTERP)
-        x_ptrs += BLOCK_K * stride_xc
-        wt_ptrs += BLOCK_K
+    if W_FIRST:
+        # Y (B x P) = W (B x C) . h (C x P): h is the B operand, in X's own layout (pixels contiguous along
+        # the tile's rows), staged through shared memory; Y's tile is stored along its contiguous pixels.
+        # Which orientation is faster depends on the shape and device: both are autotuning configurations.
+        x_ptrs = X_ptr + n * stride_xn + offs_k[:, None] * stride_xc + offs_p[None, :]  # (BLOCK_K, BLOCK_M)
+        w_ptrs = W_ptr + offs_b[:, None] * stride_wb + offs_k[None, :]  # (BLOCK_B, BLOCK_K)
+        acc_t = tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            mask_k = (k0 + offs_k) < C
+            x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_p[None, :], other=0.0)
+            scale = tl.load(Scale_ptr + k0 + offs_k, mask=mask_k, other=0.0)
+            shift = tl.load(Shift_ptr + k0 + offs_k, mask=mask_k, other=0.0)
+            h = _relu(x.to(tl.float32) * scale[:, None] + shift[:, None])  # the prologue, as below
+            w = tl.load(w_ptrs, mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+            acc_t = _mma(w, _downcast(h, w.dtype, BF16_INTERP), acc_t, INPUT_PRECISION, BF16_INTERP)
+            x_ptrs += BLOCK_K * stride_xc
+            w_ptrs += BLOCK_K
+        y_t = _downcast(acc_t, Y_ptr.dtype.element_ty, BF16_INTERP)
+        mask_t = mask_b[:, None] & mask_p[None, :]
+        tl.store(Y_ptr + n * stride_yn + offs_b[:, None] * stride_yb + offs_p[None, :], y_t, mask=mask_t)
+        if STATS:
+            yf = tl.where(mask_t, y_t.to(tl.float32), 0.0)
+            tl.atomic_add(YSum_ptr + offs_b, tl.sum(yf, axis=1), mask=mask_b)
+            tl.atomic_add(YSqSum_ptr + offs_b, tl.sum(yf * yf, axis=1), mask=mask_b)
+    else:
+        x_ptrs = X_ptr + n * stride_xn + offs_p[:, None] + offs_k[None, :] * stride_xc  # (BLOCK_M, BLOCK_K)
+        wt_ptrs = W_ptr + offs_b[None, :] * stride_wb + offs_k[:, None]  # W^T tile (BLOCK_K, BLOCK_B)
+        acc = tl.zeros([BLOCK_M, BLOCK_B], dtype=tl.float32)
+        for k0 in range(0, C, BLOCK_K):
+            mask_k = (k0 + offs_k) < C
+            x = tl.load(x_ptrs, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
+            scale = tl.load(Scale_ptr + k0 + offs_k, mask=mask_k, other=0.0)
+            shift = tl.load(Shift_ptr + k0 + offs_k, mask=mask_k, other=0.0)
+            # prologue: BN1 affine + ReLU in fp32, rounded to the GEMM dtype; padded channels give h = 0
+            h = _relu(x.to(tl.float32) * scale[None, :] + shift[None, :])
+            wt = tl.load(wt_ptrs, mask=mask_k[:, None] & mask_b[None, :], other=0.0)
+            acc = _mma(_downcast(h, wt.dtype, BF16_INTERP), wt, acc, INPUT_PRECISION, BF16_INTERP)
+            x_ptrs += BLOCK_K * stride_xc
+            wt_ptrs += BLOCK_K
 
-    y = _downcast(acc, Y_ptr.dtype.element_ty, BF16_INTERP)
-    mask = mask_p[:, None] & mask_b[None, :]
-    tl.store(Y_ptr + n * stride_yn + offs_p[:, None] + offs_b[None, :] * stride_yb, y, mask=mask)
-    if STATS:
-        # epilogue: BN2 batch sums of y as stored (padded pixels hold relu(shift) . w, so mask them)
-        yf = tl.where(mask, y.to(tl.float32), 0.0)
-        tl.atomic_add(YSum_ptr + offs_b, tl.sum(yf, axis=0), mask=mask_b)
-        tl.atomic_add(YSqSum_ptr + offs_b, tl.sum(yf * yf, axis=0), mask=mask_b)
+        y = _downcast(acc, Y_ptr.dtype.element_ty, BF16_INTERP)
+        mask = mask_p[:, None] & mask_b[None, :]
+        tl.store(Y_ptr + n * stride_yn + offs_p[:, None] + offs_b[None, :] * stride_yb, y, mask=mask)
+        if STATS:
+            # epilogue: BN2 batch sums of y as stored (padded pixels hold relu(shift) . w, so mask them)
+            yf = tl.where(mask, y.to(tl.float32), 0.0)
+            tl.atomic_add(YSum_ptr + offs_b, tl.sum(yf, axis=0), mask=mask_b)
+            tl.atomic_add(YSqSum_ptr + offs_b, tl.sum(yf * yf, axis=0), mask=mask_b)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,6 +385,11 @@ _FWD_CONFIGS = [
     _cfg(4, 4, BLOCK_B=128, BLOCK_M=64, BLOCK_K=64),
     _cfg(4, 5, BLOCK_B=128, BLOCK_M=128, BLOCK_K=32),
     _cfg(8, 3, BLOCK_B=256, BLOCK_M=128, BLOCK_K=64),
+    # Y = W . h instead of Y^T = h^T . W^T (W_FIRST): written after the last GPU session, not yet timed there
+    _cfg(4, 5, BLOCK_B=128, BLOCK_M=128, BLOCK_K=32, W_FIRST=True),
+    _cfg(8, 3, BLOCK_B=128, BLOCK_M=128, BLOCK_K=64, W_FIRST=True),
+    _cfg(8, 3, BLOCK_B=128, BLOCK_M=256, BLOCK_K=64, W_FIRST=True),
+    _cfg(4, 4, BLOCK_B=64, BLOCK_M=256, BLOCK_K=64, W_FIRST=True),
 ]
 _BWD_WEIGHT_CONFIGS = [
     _cfg(8, 3, BLOCK_B=128, BLOCK_C=128, BLOCK_M=64),
