@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--trace writes into --out; give --out")
         torch.manual_seed(0)
         base = get_model(args.model, strategy="naive")
-        require_image_size(base, args.image_size, args.model)
+        require_image_size(base, args.image_size, args.model, batch_size=args.batch_size)
     except UsageError as exc:
         print(f"profile_step: error: {exc}", file=sys.stderr)
         return 2

@@ -34,6 +34,7 @@ from effdense import strategies as _strategies
 from effdense.benchutil import (
     DTYPES,
     UsageError,
+    comma_items,
     device_name,
     dtype_list,
     environment,
@@ -41,6 +42,7 @@ from effdense.benchutil import (
     int_list,
     nonnegative_int,
     output_dir,
+    output_path,
     positive_int,
     progress,
     quantiles,
@@ -88,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device_name, default=None,
                         help="auto (default: GPU if any), cpu or cuda[:N]: where memory is measured and steps timed "
                         "(with --estimate, only with --time)")
-    parser.add_argument("--out", type=Path, default=Path("effdense_results"), help="folder of ablate.csv and the plots")
+    parser.add_argument("--out", type=output_path, default=Path("effdense_results"), help="folder of ablate.csv and the plots")
     parser.add_argument("--no-plots", action="store_true", help="CSV only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -96,7 +98,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _policy_fields(text: str) -> list[str]:
     if text.strip() == "all":
         return list(POLICY_FIELDS)
-    names = [s.strip() for s in text.split(",") if s.strip()]
+    names = comma_items(text)
+    if not names:  # as --strategies "": an empty value is a mistake, not "vary nothing" (leave --vary out for that)
+        raise argparse.ArgumentTypeError(f"no Policy field in {text!r}; expected 'all' or a comma list of {', '.join(POLICY_FIELDS)}")
     for n in names:
         if n not in POLICY_FIELDS:
             raise argparse.ArgumentTypeError(f"unknown Policy field {n!r}; expected 'all' or some of {', '.join(POLICY_FIELDS)}")
@@ -213,7 +217,10 @@ def main(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     # every grid model is a 3-block DenseNet-BC, whatever its depth and growth rate: one probe says how small
     # an input they take (before: each point failed on its own, the run exited 0 with a CSV of errors)
-    require_image_size(get_model(f"densenet_bc_{min(args.depths)}", strategy="naive"), args.image_size, "DenseNet-BC")
+    require_image_size(
+        get_model(f"densenet_bc_{min(args.depths)}", strategy="naive"), args.image_size, "DenseNet-BC",
+        batch_size=min(args.batch_sizes), batch_option="--batch-sizes",
+    )  # fmt: skip
     points = list(grid(args))
     if not points:
         raise UsageError("the grid is empty: give at least one strategy, depth, growth rate, batch size and dtype")

@@ -36,6 +36,7 @@ from effdense.benchutil import (
     model_name,
     nonnegative_float,
     nonnegative_int,
+    output_path,
     positive_int,
     progress,
     quantiles,
@@ -118,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "'effdense <strategy> compile' after the others")
     parser.add_argument("--no-timing", action="store_true", help="memory only")
     parser.add_argument("--channels-last", action="store_true", help="channels_last model and input")
-    parser.add_argument("--out", type=Path, default=Path("effdense_results"), help="output folder (JSON and CSV)")
+    parser.add_argument("--out", type=output_path, default=Path("effdense_results"), help="output folder (JSON and CSV)")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -291,7 +292,7 @@ def _run_row(
         tracked=not compiled,
     )  # fmt: skip
     out.update(status="ok", memory_mode=mem.mode, **_memory_fields(mem))
-    if not args.no_timing:
+    if not args.no_timing:  # --memory estimate returned above
         limit = f", at most {args.max_seconds_per_row:g} s" if args.max_seconds_per_row else ""
         say(f"{mib(mem.peak):,.1f} MiB ({mem.mode}); timing up to {args.steps} steps{limit}")
         if args.channels_last:
@@ -362,12 +363,15 @@ def main(args: argparse.Namespace) -> int:
     if args.dtype == "fp16" and device.type == "cpu":
         progress("note: fp16 autocast on CPU is slow and rarely used; bf16 is the CPU's low precision")
     cuda = device.type == "cuda"
-    for key, value in (GPU_DEFAULTS if cuda else CPU_DEFAULTS).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    # nothing timed: the step settings stay None (null in the JSON), so that the record says no step was timed
+    timing = args.memory != "estimate" and not args.no_timing
+    if timing:
+        for key, value in (GPU_DEFAULTS if cuda else CPU_DEFAULTS).items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     run_start = time.perf_counter()
     size = args.image_size or default_image_size(args.model)
-    require_image_size(get_model(args.model, strategy="naive"), size, args.model)
+    require_image_size(get_model(args.model, strategy="naive"), size, args.model, batch_size=args.batch_size)
     rows = _rows(args, device)
     if not rows:
         raise UsageError("nothing to run: no strategy selected and --no-reference given")
@@ -376,7 +380,7 @@ def main(args: argparse.Namespace) -> int:
     settings = {
         "model": args.model, "batch_size": args.batch_size, "image_size": size, "dtype": args.dtype,
         "channels_last": args.channels_last, "steps": args.steps, "warmup": args.warmup,
-        "max_seconds_per_row": args.max_seconds_per_row, "memory": args.memory, "timing": not args.no_timing,
+        "max_seconds_per_row": args.max_seconds_per_row, "memory": args.memory, "timing": timing,
     }  # fmt: skip
     progress(
         f"effdense bench: {args.model}, batch {args.batch_size}, {size}x{size}, {args.dtype}, on {env['device_name']}; "

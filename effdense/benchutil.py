@@ -67,7 +67,7 @@ def strategy_list(text: str) -> list[str]:
     """
     if text.strip() == "all":
         return list(_strategies.available())
-    names = [s.strip() for s in text.split(",") if s.strip()]
+    names = comma_items(text)
     if not names:
         raise argparse.ArgumentTypeError(f"no strategy in {text!r}; expected 'all' or e.g. naive,checkpoint")
     for name in names:
@@ -78,10 +78,22 @@ def strategy_list(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def comma_items(text: str) -> list[str]:
+    """The stripped items of a comma list; ``[]`` when there is none (``""``, ``","``: the caller names the
+    empty list). An empty item between others (``"16,,22"``, ``"16,"``) is an ``ArgumentTypeError``: a value
+    left out by mistake must not shrink the list silently."""
+    items = [s.strip() for s in text.split(",")]
+    if not any(items):
+        return []
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"empty item in the comma list {text!r}: give a value between every two commas")
+    return items
+
+
 def int_list(text: str) -> list[int]:
-    """A comma list of positive integers (``"40,100,250"``); empty lists are errors."""
+    """A comma list of positive integers (``"40,100,250"``); empty lists and empty items are errors."""
     try:
-        values = [int(s) for s in text.split(",") if s.strip()]
+        values = [int(s) for s in comma_items(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {text!r}") from None
     if not values:
@@ -98,7 +110,7 @@ def dtype_name(text: str) -> str:
 
 
 def dtype_list(text: str) -> list[str]:
-    names = [s.strip() for s in text.split(",") if s.strip()]
+    names = comma_items(text)
     if not names:
         raise argparse.ArgumentTypeError(f"empty dtype list {text!r}; expected e.g. fp32,bf16")
     return list(dict.fromkeys(dtype_name(n) for n in names))
@@ -154,6 +166,14 @@ def device_name(text: str) -> str:
     return text
 
 
+def output_path(text: str) -> Path:
+    """``--out``: a folder path. An empty one is an error: ``Path("")`` is the current directory, so
+    ``--out ""`` (an unset shell variable, say) would scatter results into wherever the command ran."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"empty path {text!r}; give a folder, e.g. effdense_results (or . for the current one)")
+    return Path(text)
+
+
 def reject_ineffective(args: argparse.Namespace, options: Sequence[str], reason: str) -> None:
     """Raise :class:`UsageError` when one of ``options`` (``"--steps"``) was given although it has no
     effect, ``reason`` saying why (``"without --time"``).
@@ -170,12 +190,52 @@ def reject_ineffective(args: argparse.Namespace, options: Sequence[str], reason:
         raise UsageError(f"{' and '.join(given)} {verb} no effect {reason}")
 
 
-def require_image_size(model: Any, size: int, what: str) -> None:
-    """:class:`UsageError` unless ``model`` (an effdense DenseNet) takes ``size`` x ``size`` inputs; ``what``
-    names the model in the message (``densenet_bc_16``, or ``DenseNet-BC`` for a whole family)."""
-    need = model.min_input_size()
-    if size < need:
-        raise UsageError(f"--image-size {size} is too small for {what}: it needs at least {need}")
+def min_image_size(model: Any, batch_size: int | None = None) -> int:
+    """Smallest square input side on which ``model`` (an effdense DenseNet) can take a training step at
+    ``batch_size``: every stage keeps at least one pixel (``model.min_input_size()``), and a training-mode
+    BatchNorm gets more than one value per channel (batch x height x width > 1). The last dense block and
+    ``norm5`` see the smallest maps, so at batch 1 they must be larger than 1x1 (DenseNet-121: 61, not 29).
+    ``batch_size=None``: no training step (a forward pass in eval mode), the pixel rule only."""
+    size = model.min_input_size()
+    if batch_size is None:
+        return size
+    while batch_size * model._final_spatial(size, 0) * model._final_spatial(size, 1) < 2:
+        size += 1  # a few dozen steps at most: the maps grow with the input
+    return size
+
+
+def image_size_problem(
+    model: Any, size: int, what: str, batch_size: int | None = None, batch_option: str = "--batch-size"
+) -> str | None:
+    """What is wrong with training ``model`` on ``size`` x ``size`` inputs at ``batch_size`` (see
+    :func:`min_image_size`), in one line naming the options, or ``None``; ``what`` names the model
+    (``densenet_bc_16``, or ``DenseNet-BC`` for a whole family), ``batch_option`` the option that set the
+    batch (``--batch-sizes`` in ``ablate``: the smallest of them)."""
+    plain = model.min_input_size()
+    need = min_image_size(model, batch_size)
+    if size >= need:
+        return None
+    if need == plain:  # the batch does not matter: no pixel left
+        return f"--image-size {size} is too small for {what}: it needs at least {need}"
+    at = f"at {batch_option} {batch_size}"
+    if size < plain:
+        return f"--image-size {size} is too small for {what} {at}: it needs at least {need} (at least {plain} with a batch of 2 or more)"
+    h, w = model._final_spatial(size, 0), model._final_spatial(size, 1)
+    return (
+        f"--image-size {size} is too small for {what} {at}: training-mode BatchNorm needs more than one value per "
+        f"channel, and its last dense block would see {h}x{w} maps of one image; use --image-size {need} or more, "
+        f"or a batch of 2 or more"
+    )
+
+
+def require_image_size(
+    model: Any, size: int, what: str, batch_size: int | None = None, batch_option: str = "--batch-size"
+) -> None:
+    """:class:`UsageError` unless ``model`` (an effdense DenseNet) can train on ``size`` x ``size`` inputs at
+    ``batch_size`` (``None``: takes them at all); the message is :func:`image_size_problem`'s."""
+    problem = image_size_problem(model, size, what, batch_size, batch_option)
+    if problem is not None:
+        raise UsageError(problem)
 
 
 def resolve_device(text: str) -> torch.device:

@@ -63,7 +63,10 @@ class _SubcommandParser(_Parser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from effdense import __version__
+
     parser = _Parser(prog="effdense", description="Memory-efficient DenseNets: benchmarks, ablations, training.")
+    parser.add_argument("--version", action="version", version=f"effdense {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_SubcommandParser)
     sub.required = True
     for name, (module_name, help_text) in COMMANDS.items():

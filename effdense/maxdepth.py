@@ -37,6 +37,7 @@ from effdense.benchutil import (
     format_table,
     free_memory,
     output_dir,
+    output_path,
     positive_int,
     progress,
     require_image_size,
@@ -72,8 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="estimate backend: meta (fastest), fake (FakeTensorMode) or auto (meta, else fake)")
     parser.add_argument("--device", type=device_name, default="auto",
                         help="with a GPU, the depth found is checked for real there (auto: GPU if any)")
-    parser.add_argument("--no-verify", action="store_true", help="do not check the result for real on the GPU")
-    parser.add_argument("--out", type=Path, default=Path("effdense_results"), help="output folder (JSON and CSV)")
+    parser.add_argument("--no-verify", action="store_true",
+                        help="do not check the result for real on the GPU (on a CPU nothing is checked anyway)")
+    parser.add_argument("--out", type=output_path, default=Path("effdense_results"), help="output folder (JSON and CSV)")
 
 
 def depth_of(n: int) -> int:
@@ -152,7 +154,9 @@ def main(args: argparse.Namespace) -> int:
     if args.estimate_limit is not None and args.estimate_limit < depth_of(1):
         raise UsageError(f"--estimate-limit {args.estimate_limit} allows no DenseNet-BC; it must be at least {depth_of(1)}")
     # the shallowest model stands for all: the same input size at every depth
-    require_image_size(get_model(f"densenet_bc_{depth_of(1)}", strategy="naive"), args.image_size, "DenseNet-BC")
+    require_image_size(
+        get_model(f"densenet_bc_{depth_of(1)}", strategy="naive"), args.image_size, "DenseNet-BC", batch_size=args.batch_size
+    )
     if args.backend == "meta" and DTYPES[args.dtype] is not None:
         raise UsageError(
             f"--backend meta cannot estimate --dtype {args.dtype} (autocast has no meta device); use --backend auto or fake"

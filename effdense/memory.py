@@ -129,22 +129,25 @@ _UNITS = {
 
 def parse_bytes(text: str) -> int:
     """Parse a memory size: ``"12GiB"``, ``"12 GB"`` (10^9), ``"800MiB"``, ``"1.5G"`` (binary), ``"1024"``.
+    The number takes Python's float syntax (``"1e-3GiB"``, ``"2.e3"``, ``".5G"``), without ``inf`` and ``nan``.
 
     Raises:
         ValueError: naming the accepted units, for anything else (``"12XB"``, ``""``, ``"-1GiB"``).
     """
-    m = re.fullmatch(r"\s*(-?)([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    m = re.fullmatch(r"\s*([-+]?)((?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
     unit = m.group(3).lower() if m else None
     if m is None or unit not in _UNITS:
         raise ValueError(
             f"cannot parse memory size {text!r}; expected a number and a unit such as 12GiB, 800MiB, "
             "16GB or 1.5G (binary: K/KiB, M/MiB, G/GiB, T/TiB; decimal: KB, MB, GB, TB)"
         )
-    if m.group(1):  # "-1GiB", "-0"
+    if m.group(1) == "-":  # "-1GiB", "-0"
         raise ValueError(f"memory size must be at least 1 byte, got {text!r}")
     approx = float(m.group(2)) * _UNITS[unit]  # bounds the exponent before the exact arithmetic below
     if not math.isfinite(approx) or approx >= 1 << 80:  # "1e400": float overflow; beyond any machine
         raise ValueError(f"memory size {text!r} is too large")
+    if approx < 0.5:  # "1e-999999999": Fraction would build 10**999999999 first; well under a byte in any case
+        raise ValueError(f"memory size must be at least 1 byte, got {text!r}")
     # exact decimal arithmetic: in floats "8.2GB" is 8199999999 bytes and "9007199254740993" loses its last digit
     value = fractions.Fraction(m.group(2)) * _UNITS[unit]
     if value < 1:  # "0", and fractions of a byte ("0.5")
@@ -617,6 +620,12 @@ def measure_step(
     if not isinstance(model, nn.Module):
         hint = " (build it with effdense.get_model(name), or estimate by name with estimate_step)" if isinstance(model, str) else ""
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}{hint}")
+    if device is not None:
+        dev = _parse_device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():  # before: PyTorch's "Found no NVIDIA driver" at the first .to()
+            raise ValueError(
+                f"device={device!r} needs a CUDA device and driver, and this machine has none; measure with device='cpu'"
+            )
     if warmup is not None:
         try:  # any integer (a numpy one too), but not a bool
             steps = -1 if isinstance(warmup, bool) else operator.index(warmup)
@@ -752,25 +761,37 @@ def estimate_step(
     Args:
         model: model name (``"densenet_bc_100"``), a zero-argument builder, or an ``nn.Module``.
         input_shape: ``(N, C, H, W)``, or a tensor standing for its shape and dtype (its values are not read).
-        device: the device fake tensors claim to be on (``backend="fake"`` only).
+            A model given by name is built in a tensor's floating-point dtype (``torch.float64``: an fp64
+            model); a module or builder keeps its own, which must take the tensor.
+        device: the device fake tensors claim to be on (``backend="fake"`` only): ``"cpu"`` or ``"cuda[:N]"``.
         autocast_dtype: as in :func:`measure_step`.
         channels_last: as in :func:`measure_step`.
         loss: as in :func:`measure_step`.
         strategy: for effdense models, the block strategy (``model.set_strategy``).
         policy: for effdense models, the :class:`effdense.Policy`.
         backend: ``"fake"``, ``"meta"`` or ``"auto"``.
-        **model_kwargs: passed to :func:`effdense.get_model` when ``model`` is a name.
+        **model_kwargs: passed to :func:`effdense.get_model` when ``model`` is a name (a ``TypeError`` with a
+            module or builder, which are built already or build themselves).
     """
     if backend not in ("fake", "meta", "auto"):
         raise ValueError(f"unknown estimate backend {backend!r}; expected 'fake', 'meta' or 'auto'")
     given_device = device
-    device = torch.device(device)
+    expected = "the device whose step is estimated, 'cpu' or 'cuda[:N]'"
+    device = _parse_device(device, expected)
+    if device.type not in ("cpu", "cuda", "meta"):  # "meta" gets its own message below
+        raise ValueError(f"device: expected {expected}, got {given_device!r}")
     if device.type == "cpu":  # "cpu:0" is the CPU: tensors report "cpu", and a fake model could not be moved
         device = torch.device("cpu")
     elif device.type == "meta":
         raise ValueError(
             f"device: expected the device whose step is estimated ('cpu' or 'cuda'), got {given_device!r}; for an "
             "estimate on meta tensors pass device='cpu' with backend='meta' (or 'auto')"
+        )
+    if model_kwargs and not isinstance(model, str):  # before: ignored, the estimate was of the model as given
+        kind = "module" if isinstance(model, nn.Module) else "builder" if callable(model) else type(model).__name__
+        raise TypeError(
+            f"model keyword arguments ({', '.join(model_kwargs)}) apply only to a model name, which they build with "
+            f"effdense.get_model; got a {kind}: build it with them"
         )
     if isinstance(input_shape, torch.Tensor):  # stands for its shape and dtype; its values are not read
         shape, in_dtype = tuple(input_shape.shape), input_shape.dtype
@@ -816,7 +837,8 @@ def estimate_step(
         if isinstance(model, str):
             from effdense.densenet import get_model
 
-            module = get_model(model, **model_kwargs)
+            with _default_dtype(in_dtype):  # a tensor's dtype is the step's: the named model is built in it
+                module = get_model(model, **model_kwargs)
         elif isinstance(model, nn.Module):
             pass
         elif callable(model):
@@ -844,6 +866,31 @@ def estimate_step(
         return measure_step(
             module, x, device=device, autocast_dtype=autocast_dtype, channels_last=channels_last, loss=loss, warmup=0
         )
+
+
+def _parse_device(device: Any, expected: str = "a device such as 'cpu', 'cuda' or 'cuda:1'") -> torch.device:
+    """``torch.device(device)``, or a ``ValueError`` that names the value and ``expected`` (PyTorch's lists
+    every device type it knows, most of which effdense never runs on)."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device: expected {expected}, got {device!r}") from None
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype | None):
+    """``torch.set_default_dtype(dtype)`` for the block, when ``dtype`` is one it takes (fp16, bf16, fp32,
+    fp64; else no change): modules build their parameters in it. Under fake tensors a built module cannot be converted
+    with ``.to(dtype)``, so the dtype has to be there from the start."""
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64) or dtype == torch.get_default_dtype():
+        yield
+        return
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
 
 
 @contextlib.contextmanager

@@ -40,6 +40,7 @@ from effdense.benchutil import (
     format_table,
     model_name,
     output_dir,
+    output_path,
     positive_int,
     progress,
     reject_ineffective,
@@ -75,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="strategies of the memory estimates: 'all' (default) or a comma list")
     parser.add_argument("--no-memory", action="store_true",
                         help="skip the memory estimates (then --batch-size, --dtype and --strategies are errors)")
-    parser.add_argument("--out", type=Path, default=Path("effdense_results"), help="output folder (JSON)")
+    parser.add_argument("--out", type=output_path, default=Path("effdense_results"), help="output folder (JSON)")
 
 
 def count_macs(build: Callable[[], nn.Module], image_size: int) -> int:
@@ -149,7 +150,8 @@ def main(args: argparse.Namespace) -> int:
             setattr(args, key, value)
     size = args.image_size or default_image_size(args.model)
     model = get_model(args.model, strategy="naive")
-    require_image_size(model, size, args.model)
+    # the memory estimates take a training step at --batch-size; the rest runs one image in eval mode
+    require_image_size(model, size, args.model, batch_size=None if args.no_memory else args.batch_size)
     output_dir(args.out)
     num_classes = model.classifier.out_features
     blocks = [len(b.layers) for b in model.dense_blocks]

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from effdense import densenet, strategies
+from effdense.benchutil import image_size_problem, positive_int
 from effdense.data import DATASETS, DEFAULT_IMAGE_SIZE, DataError, ShardSampler, Subset, build_datasets
 
 DEFAULT_DEPTH = 22
@@ -79,8 +80,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model", default=None, help=f"any effdense.get_model name (default: densenet_bc_{DEFAULT_DEPTH})")
     g.add_argument("--depth", type=int, default=None, help="custom 3-block DenseNet-BC of this depth (4 + 6n)")
-    g.add_argument("--growth-rate", type=int, default=None, help="growth rate k of --depth or a densenet_bc_<depth> model (default 12)")
-    g.add_argument("--drop-rate", type=float, default=0.0, help="dropout after each dense layer")
+    g.add_argument("--growth-rate", type=positive_int, default=None, help="growth rate k of --depth or a densenet_bc_<depth> model (default 12)")
+    g.add_argument("--drop-rate", type=_drop_rate, default=0.0, help="dropout after each dense layer, in [0, 1)")
     g.add_argument("--strategy", default="auto", help=f"dense-block strategy: auto or one of {strategies.STRATEGIES}")
 
     g = parser.add_argument_group("optimisation")
@@ -117,6 +118,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"progress-bar refresh, every N steps (default: {DEFAULTS['log_interval']})")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch)")
     g.add_argument("--quiet", action="store_true", help="no output except errors")
+
+
+def _drop_rate(text: str) -> float:
+    """``--drop-rate``: a probability in [0, 1), checked here so that the error names the option (the model's
+    own check names its parameter, ``drop_rate``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
+    if not 0 <= value < 1:  # nan too
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
 
 
 class _OneLineErrors(argparse.ArgumentParser):
@@ -435,8 +448,10 @@ def _validate(args: argparse.Namespace) -> None:
             raise TrainError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
     if args.threads is not None and args.threads <= 0:
         raise TrainError(f"--threads must be a positive integer, got {args.threads}")
-    if args.workers < 0 or args.save_every < 0:
-        raise TrainError("--workers and --save-every must be >= 0")
+    for name in ("workers", "save_every"):
+        v = getattr(args, name)
+        if v < 0:
+            raise TrainError(f"--{name.replace('_', '-')} must be an integer >= 0, got {v}")
     if args.metrics and not args.metrics.endswith((".csv", ".jsonl")):
         raise TrainError(f"--metrics must end in .csv or .jsonl, got {args.metrics!r}")
     # numbers torch would reject with a traceback (lr, momentum; label smoothing only at the first step) or
@@ -801,11 +816,10 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
     test_set = Subset(spec.test, args.test_subset) if args.test_subset else spec.test
 
     model = build_model(args, spec.num_classes, spec.in_channels)
-    if spec.image_size < model.min_input_size():
-        raise TrainError(
-            f"--image-size {spec.image_size} is too small for {args.model or 'this model'}: "
-            f"it needs at least {model.min_input_size()}"
-        )
+    # every training batch is full (drop_last), so --batch-size is what each BatchNorm sees per process
+    problem = image_size_problem(model, spec.image_size, args.model or "this model", batch_size=args.batch_size)
+    if problem is not None:
+        raise TrainError(problem)
     if args.sync_bn:
         if not ctx.enabled:
             say("note: --sync-bn has no effect in a single process")

@@ -460,10 +460,18 @@ _TINY_TRAIN = ["--epochs", "1", "--subset", "64", "--test-subset", "64", "--batc
         (["train", *_TINY_TRAIN, "--warmup-epochs", "-1"], "--warmup-epochs must be a number >= 0"),
         (["train", *_TINY_TRAIN, "--label-smoothing", "2"], "--label-smoothing must be a number in [0, 1]"),
         (["train", *_TINY_TRAIN, "--lr-schedule", "step", "--lr-milestones", "2"], "--lr-milestones must be"),
+        # before: "--workers and --save-every must be >= 0" for either, and the model's parameter names
+        # ("drop_rate must be in [0, 1)", "growth_rate must be a positive integer") instead of the options
+        (["train", *_TINY_TRAIN, "--workers", "-1"], "--workers must be an integer >= 0, got -1"),
+        (["train", *_TINY_TRAIN, "--save-every", "-1"], "--save-every must be an integer >= 0, got -1"),
+        (["train", *_TINY_TRAIN, "--drop-rate", "1.5"], "argument --drop-rate: expected a number in [0, 1), got '1.5'"),
+        (["train", *_TINY_TRAIN, "--drop-rate", "nan"], "argument --drop-rate: expected a number in [0, 1)"),
+        (["train", *_TINY_TRAIN, "--growth-rate", "0"], "argument --growth-rate: expected a positive integer, got '0'"),
     ],
     ids=["ablate-image-size", "max-depth-image-size", "max-depth-estimate-limit", "train-lr", "train-lr-nan",
          "train-momentum", "train-weight-decay", "train-lr-gamma", "train-warmup", "train-label-smoothing",
-         "train-milestones"],
+         "train-milestones", "train-workers", "train-save-every", "train-drop-rate", "train-drop-rate-nan",
+         "train-growth-rate"],
 )
 def test_bad_values_found_after_parsing_one_line_exit_2(capsys, tmp_path, argv, fragment):
     out_option = "--out-dir" if argv[0] == "train" else "--out"
@@ -611,3 +619,125 @@ def test_summary_depth_column_counts_both_rows_the_same_way(capsys, tmp_path):
     model, resnet = json.loads((tmp_path / "summary_densenet_bc_16.json").read_text())["models"]
     assert (model["depth"], resnet["depth"]) == (16, 18)
     assert "depth: convolution and fully connected layers on the longest input-to-output path" in out
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["bench", "--model", "densenet121", "--batch-size", "1", "--image-size", "32", "--memory", "estimate",
+          "--strategies", "naive", "--no-reference"], "--image-size 32 is too small for densenet121 at --batch-size 1"),
+        (["summary", "densenet121", "--batch-size", "1", "--image-size", "32"],
+         "--image-size 32 is too small for densenet121 at --batch-size 1"),
+        (["max-depth", "--batch-size", "1", "--image-size", "4", "--strategies", "naive", "--depth-limit", "16"],
+         "--image-size 4 is too small for DenseNet-BC at --batch-size 1"),
+        (["ablate", "--batch-sizes", "4,1", "--image-size", "4", "--depths", "10", "--estimate", "--no-progress"],
+         "--image-size 4 is too small for DenseNet-BC at --batch-sizes 1"),
+        (["train", "--model", "densenet121", "--image-size", "32", "--batch-size", "1", "--subset", "2",
+          "--test-subset", "2", "--epochs", "1", "--no-progress"],
+         "--image-size 32 is too small for densenet121 at --batch-size 1"),
+        # below the size every stage needs: the batch-1 need, and the size a larger batch would take
+        (["max-depth", "--batch-size", "1", "--image-size", "2", "--strategies", "naive", "--depth-limit", "16"],
+         "--image-size 2 is too small for DenseNet-BC at --batch-size 1: it needs at least 8 (at least 4 with a batch"),
+    ],
+    ids=["bench", "summary", "max-depth", "ablate", "train", "max-depth-below-every-stage"],
+)
+def test_batch_of_one_needs_maps_larger_than_one_pixel(capsys, tmp_path, argv, fragment):
+    """A training-mode BatchNorm needs more than one value per channel (batch x height x width); at batch 1
+    the last dense block must see maps larger than 1x1. Before: every row or estimate failed on its own with
+    PyTorch's "Expected more than 1 value per channel when training" and exit code 0 (train: a traceback)."""
+    out_option = "--out-dir" if argv[0] == "train" else "--out"
+    code, _, err = run(capsys, *argv, out_option, str(tmp_path / "out"))
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"effdense {argv[0]}: error: {fragment}"), err
+    if "it needs at least" not in fragment:
+        assert "use --image-size" in err and "or a batch of 2 or more" in err, err
+    if argv[0] != "train":  # train creates its --out-dir before loading the data the model is built for
+        assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["densenet_bc_10", "densenet121"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_min_image_size_is_where_a_training_step_starts_to_work(name, batch):
+    from effdense.benchutil import min_image_size
+    from effdense.memory import estimate_step
+
+    model = effdense.get_model(name, strategy="naive")
+    need = min_image_size(model, batch)
+    assert need == {("densenet_bc_10", 1): 8, ("densenet_bc_10", 2): 4, ("densenet121", 1): 61, ("densenet121", 2): 29}[name, batch]
+    assert min_image_size(model) == model.min_input_size()  # no training step: the pixel rule only
+    estimate_step(name, (batch, 3, need, need), strategy="naive", backend="meta")  # the step runs
+    with pytest.raises(ValueError):  # one pixel less: BatchNorm's or the model's own input check refuses it
+        estimate_step(name, (batch, 3, need - 1, need - 1), strategy="naive", backend="meta")
+
+
+def test_summary_without_memory_takes_a_one_pixel_last_block(capsys, tmp_path):
+    # --no-memory runs one image in eval mode only: no training-mode BatchNorm, so 32x32 is enough for densenet121
+    code, _, err = run(capsys, "summary", "densenet121", "--no-memory", "--image-size", "32", "--out", str(tmp_path))
+    assert code == 0, err
+
+
+@pytest.mark.parametrize("extra", [["--memory", "estimate"], ["--no-timing"]], ids=["estimate", "no-timing"])
+def test_bench_records_that_nothing_was_timed(capsys, tmp_path, extra):
+    # before: "timing": true, "steps": 3, "warmup": 0, "max_seconds_per_row": 3.0 in the meta and every row
+    code, _, err = run(capsys, "bench", "--model", "densenet_bc_10", "--batch-size", "2", "--image-size", "8",
+                       "--strategies", "naive", "--no-reference", "--device", "cpu", *extra, "--out", str(tmp_path))  # fmt: skip
+    assert code == 0, err
+    (json_path,) = tmp_path.glob("*.json")
+    payload = json.loads(json_path.read_text())
+    for record in (payload["meta"], *payload["rows"]):
+        assert record["timing"] is False
+        assert record["steps"] is None and record["warmup"] is None and record["max_seconds_per_row"] is None
+    with open(json_path.with_suffix(".csv")) as f:
+        (row,) = list(csv.DictReader(f))
+    assert row["status"] == "ok" and row["peak_mib"] and not any(row[c] for c in ("time_ms", "timed_steps", "time_ratio"))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "--model", "densenet_bc_10", "--batch-size", "2", "--no-timing", "--memory", "estimate"],
+        ["ablate", "--strategies", "naive", "--depths", "10", "--batch-sizes", "2", "--estimate", "--no-progress"],
+        ["max-depth", "--budget", "1MiB", "--batch-size", "2", "--strategies", "naive", "--depth-limit", "16"],
+        ["summary", "densenet_bc_10", "--no-memory"],
+    ],
+    ids=["bench", "ablate", "max-depth", "summary"],
+)
+def test_empty_out_is_a_usage_error(capsys, tmp_path, monkeypatch, argv):
+    # before: Path("") is ".", so the results went into the current directory
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, *argv, "--out", "")
+    assert code == 2 and err == f"effdense {argv[0]}: error: argument --out: empty path ''; give a folder, " \
+        "e.g. effdense_results (or . for the current one)\n", err
+    assert not list(tmp_path.iterdir())
+
+
+def test_version(capsys):
+    code, out, err = run(capsys, "--version")
+    assert code == 0 and out == f"effdense {effdense.__version__}\n" and not err
+
+
+def test_budget_takes_float_syntax(capsys, tmp_path):
+    # before: "cannot parse memory size '1e-3GiB'" (the exponent could not be negative)
+    code, _, err = run(capsys, "max-depth", "--budget", "1e-3GiB", "--batch-size", "1", "--strategies", "naive",
+                       "--depth-limit", "10", "--out", str(tmp_path))  # fmt: skip
+    assert code == 0, err
+    assert json.loads(next(tmp_path.glob("*.json")).read_text())["meta"]["budget_bytes"] == 1073741
+
+
+@pytest.mark.parametrize(
+    "option, value, fragment",
+    [
+        # before: the empty item was dropped (depths 16 and 22; naive alone), and --vary "" meant "vary nothing",
+        # while --strategies "" was refused
+        ("--depths", "16,,22", "argument --depths: empty item in the comma list '16,,22'"),
+        ("--strategies", "naive,", "argument --strategies: empty item in the comma list 'naive,'"),
+        ("--dtypes", ",fp32", "argument --dtypes: empty item"),
+        ("--vary", "", "argument --vary: no Policy field in ''"),
+    ],
+)
+def test_empty_values_in_ablate_lists_are_refused(capsys, tmp_path, option, value, fragment):
+    argv = {"--depths": "10", "--strategies": "shared", "--dtypes": "fp32", "--batch-sizes": "2", "--image-size": "8"}
+    argv[option] = value
+    code, _, err = run(capsys, "ablate", *[x for kv in argv.items() for x in kv], "--estimate", "--no-progress", "--no-plots",
+                       "--out", str(tmp_path / "out"))  # fmt: skip
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"effdense ablate: error: {fragment}"), err
+    assert not (tmp_path / "out").exists()

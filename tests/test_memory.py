@@ -265,13 +265,16 @@ def test_cross_entropy_needs_2d_output():
 @pytest.mark.parametrize(
     "text, expected",
     [("12GiB", 12 * 2**30), ("12 GB", 12 * 10**9), ("800MiB", 800 * 2**20), ("1.5G", int(1.5 * 2**30)),
-     ("1024", 1024), ("64k", 64 * 1024), ("1e3", 1000), ("1E3", 1000), ("1.5", 1)],
+     ("1024", 1024), ("64k", 64 * 1024), ("1e3", 1000), ("1E3", 1000), ("1.5", 1),
+     # Python's float syntax: before, a negative or signed exponent, "2." and "+1" could not be parsed
+     ("1e-3GiB", 1073741), ("1E+3", 1000), ("2.e3", 2000), (".5K", 512), ("2.", 2), ("+1K", 1024)],
 )  # fmt: skip
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
 
 
-@pytest.mark.parametrize("text", ["12XB", "", "GiB", "-1GiB", "0", "twelve", "0.5", "0.1B", "1e400", "-0"])
+@pytest.mark.parametrize("text", ["12XB", "", "GiB", "-1GiB", "0", "twelve", "0.5", "0.1B", "1e400", "-0", "1e-999999999",
+                                  ".", "1e", "e3", "+-1", "inf", "nan"])
 def test_parse_bytes_rejects(text):
     # "0.5" would be 0 bytes once truncated; "1e400" overflows a float (an OverflowError, not a ValueError)
     with pytest.raises(ValueError, match="memory size"):
@@ -515,3 +518,46 @@ def test_format_bytes_rejects(nbytes, exc, msg):
     # before: "nan TiB", "inf TiB", "12 B" for the text "12", and float()'s own TypeError for None
     with pytest.raises(exc, match=msg):
         format_bytes(nbytes)
+
+
+@pytest.mark.parametrize("model", ["module", "builder"])
+def test_model_keyword_arguments_need_a_model_name(model):
+    # before: growth_rate=4 was ignored, and the estimate was of the model as given (k=12)
+    built = effdense.get_model("densenet_bc_10", strategy="naive")
+    arg = built if model == "module" else (lambda: built)
+    with pytest.raises(TypeError, match=rf"model keyword arguments \(growth_rate\) apply only to a model name.*got a {model}"):
+        estimate_step(arg, (2, 3, 8, 8), growth_rate=4)
+    by_name = estimate_step("densenet_bc_10", (2, 3, 8, 8), growth_rate=4)  # with a name they are used
+    assert by_name.params < estimate_step("densenet_bc_10", (2, 3, 8, 8)).params
+
+
+def test_measure_step_on_cuda_without_a_gpu_is_named(monkeypatch):
+    # before (no GPU): PyTorch's "Found no NVIDIA driver on your system..." from inside the step
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    model = _bn_net()
+    with pytest.raises(ValueError, match=r"device='cuda' needs a CUDA device and driver.*device='cpu'"):
+        measure_step(model, (2, 3, 8, 8), device="cuda")
+    assert next(model.parameters()).device.type == "cpu"  # said before anything moved
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "mps", "xla"])
+def test_estimate_on_an_unknown_device_names_the_accepted_ones(device):
+    # before: PyTorch's "Expected one of cpu, cuda, ipu, xpu, mkldnn, ... device type at start of device string"
+    with pytest.raises(ValueError, match=rf"device: expected the device whose step is estimated, 'cpu' or 'cuda\[:N\]', got '{device}'"):
+        estimate_step("densenet_bc_10", (2, 3, 8, 8), device=device)
+
+
+def test_measure_step_on_an_unknown_device_is_named():
+    with pytest.raises(ValueError, match=r"device: expected a device such as 'cpu', 'cuda' or 'cuda:1', got 'tpu'"):
+        measure_step(_bn_net(), (2, 3, 8, 8), device="tpu")
+
+
+@pytest.mark.parametrize("backend", ["fake", "meta", "auto"])
+def test_estimate_of_a_name_builds_the_model_in_the_tensors_dtype(backend):
+    """The docstring: a tensor stands for its shape and dtype. Before: the named model was built in fp32 and
+    the fp64 input failed with "Input type (torch.float64) and weight type (torch.float32) should be the same"."""
+    torch.manual_seed(0)
+    exact = measure_step(effdense.get_model("densenet_bc_10", strategy="naive").double(), torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    est = estimate_step("densenet_bc_10", torch.empty(2, 3, 8, 8, dtype=torch.float64), strategy="naive", backend=backend)
+    assert (est.peak, est.params, est.input) == (exact.peak, exact.params, exact.input)
+    assert torch.get_default_dtype() == torch.float32  # restored
