@@ -856,6 +856,9 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
     history: list[dict[str, Any]] = []
     # this epoch's running sums: loss*images, correct, images, training seconds
     progress: dict[str, float] = {}
+    # wall seconds of the earlier processes of this run (a resumed run's elapsed_s continues from them, so one
+    # log's column stays monotonic; the time between the checkpoint and an interruption is not counted)
+    elapsed_before = 0.0
     if resume_state is not None:
         try:
             model.load_state_dict(resume_state["model"])
@@ -885,6 +888,8 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
             say(f"note: the learning-rate schedule keeps the checkpoint's length ({saved_epochs} epochs)")
         global_step = int(resume_state.get("global_step", start_epoch * steps_per_epoch + start_step))
         history = list(resume_state.get("history", []))
+        # checkpoints written before it was saved: the last logged epoch's figure, the best there is
+        elapsed_before = float(resume_state.get("elapsed_s", history[-1].get("elapsed_s", 0.0) if history else 0.0))
         if ctx.is_main:  # global sums of the interrupted epoch's first steps; other ranks add theirs from 0
             progress = dict(resume_state.get("progress", {}))
         rng = resume_state["rng"]
@@ -933,6 +938,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
             "rng": rng,
             "history": history,
             "progress": partial if step > 0 else {},
+            "elapsed_s": elapsed_before + time.perf_counter() - t_start,
             "config": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
             "world_size": ctx.world_size,
         }
@@ -1044,7 +1050,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
                     "test_acc": test_acc,
                     "img_per_s": tn / max(train_time, 1e-9),
                     "epoch_time_s": train_time,
-                    "elapsed_s": time.perf_counter() - t_start,
+                    "elapsed_s": elapsed_before + time.perf_counter() - t_start,
                     "peak_mem_mib": max(peaks),
                     "peak_mem_kind": peak_kind,
                     "peak_mem_mib_per_rank": peaks,

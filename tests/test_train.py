@@ -103,6 +103,7 @@ def test_resume_continues_the_same_run(tmp_path, interrupt_at):
     first = T.train(_args(tmp_path / "b", *extra), on_step=ctrl_c)
     assert first["interrupted"] and first["checkpoint"] == str(tmp_path / "b" / "checkpoint.pt")
     assert len(first["step_losses"]) == interrupt_at
+    saved_elapsed = torch.load(first["checkpoint"], weights_only=False)["elapsed_s"]  # before the resumed run rewrites it
     resumed = T.train(_args(tmp_path / "b", *extra, "--resume", first["checkpoint"]))
     assert not resumed["interrupted"]
 
@@ -112,6 +113,10 @@ def test_resume_continues_the_same_run(tmp_path, interrupt_at):
     assert [r["epoch"] for r in resumed["history"]] == [1, 2]
     with open(tmp_path / "b" / "metrics.csv") as f:
         assert [int(r["epoch"]) for r in csv.DictReader(f)] == [1, 2]  # appended, not restarted
+    # wall time continues across the resume: the log's elapsed_s does not restart at the second process
+    assert 0 < saved_elapsed <= first["wall_s"]
+    elapsed = [r["elapsed_s"] for r in resumed["history"]]
+    assert elapsed == sorted(elapsed) and elapsed[-1] > saved_elapsed
 
 
 def test_keyboard_interrupt_exception_saves_a_checkpoint_that_resumes(tmp_path):
