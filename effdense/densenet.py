@@ -781,15 +781,12 @@ def _source_stem(features: nn.Sequential) -> list[str]:
     names = list(features._modules)
     first_block = names.index("denseblock1") if "denseblock1" in names else len(names)
     stem = names[:first_block]
-    allowed = ("conv0", "norm0", "relu0", "pool0")
-    if not stem or stem[0] != "conv0" or stem != [n for n in allowed if n in stem]:
+    if not stem or stem[0] != "conv0" or stem != [n for n in strategies.STEM if n in stem]:
         raise TypeError(
             f"convert() expects a torchvision DenseNet stem (features.conv0, then any of norm0, relu0, pool0 in "
             f"that order) before features.denseblock1, got {stem}"
         )
-    n_blocks = sum(n.startswith("denseblock") for n in names)
-    expected = [f"denseblock{i // 2 + 1}" if i % 2 == 0 else f"transition{i // 2 + 1}" for i in range(2 * n_blocks - 1)]
-    if names[first_block:] != expected + ["norm5"]:
+    if names[first_block:] != strategies.stage_names(sum(n.startswith("denseblock") for n in names)):
         raise TypeError(
             "convert() rebuilds a torchvision DenseNet's features (stem, denseblock1, transition1, ..., norm5), "
             f"but this model's hold {names[first_block:]} after the stem; convert a model without the added "
@@ -897,7 +894,7 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
     # the source's stem modules themselves (copies): a torchvision model whose conv0 or pool0 a user replaced
     # (a 3x3 conv0 for small images, pool0 = nn.Identity, another input channel count) keeps them
     for name in list(clone.features._modules):
-        if name in ("norm0", "relu0", "pool0") and name not in stem:
+        if name in strategies.STEM and name not in stem:
             delattr(clone.features, name)
     for name in stem:
         setattr(clone.features, name, copy.deepcopy(features._modules[name]))

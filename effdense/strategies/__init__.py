@@ -234,7 +234,15 @@ def run_features(name: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Te
     return model.features(x)
 
 
-_STEM = ("conv0", "norm0", "relu0", "pool0")
+# The children of a DenseNet's ``features``, in order: the stem modules (any of them, conv0 first), then the
+# stages. What the strategies' ``run_features`` runs, and what ``convert()`` rebuilds.
+STEM = ("conv0", "norm0", "relu0", "pool0")
+
+
+def stage_names(n_blocks: int) -> list[str]:
+    """``denseblock1``, ``transition1``, ..., ``denseblock<n_blocks>``, ``norm5``."""
+    names = [f"denseblock{i // 2 + 1}" if i % 2 == 0 else f"transition{i // 2 + 1}" for i in range(2 * n_blocks - 1)]
+    return names + ["norm5"]
 
 
 def _standard_layout(model: torch.nn.Module) -> bool:
@@ -243,12 +251,10 @@ def _standard_layout(model: torch.nn.Module) -> bool:
     ``denseblock<n>`` and ``norm5``. A module a user added to (or removed from) ``model.features`` would be
     skipped (or missed) by it: the plain ``nn.Sequential`` runs instead, its dense blocks still on the strategy."""
     names = list(model.features._modules)
-    stem = [n for n in names[: len(_STEM)] if n in _STEM]
-    if stem != [n for n in _STEM if n in stem]:
+    stem = [n for n in names[: len(STEM)] if n in STEM]
+    if stem != [n for n in STEM if n in stem]:
         return False
-    n_blocks = len(model.block_config)
-    rest = [f"denseblock{i // 2 + 1}" if i % 2 == 0 else f"transition{i // 2 + 1}" for i in range(2 * n_blocks - 1)]
-    return names[len(stem):] == rest + ["norm5"]
+    return names[len(stem):] == stage_names(len(model.block_config))
 
 
 # after everything above exists: the strategy modules import this package

@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from effdense._autograd import differentiable_once
+from effdense.strategies import STEM
 from effdense.strategies import checkpoint as _checkpoint
 from effdense.strategies import naive as _naive
 
@@ -1007,7 +1008,7 @@ def run_features(
     """The whole feature extractor: recomputed stem, then (block + transition) stages, then norm5.
     ``widest_chunks``: every stage's chunks as large as the network's largest (:func:`_widest_chunk`)."""
     ops = ops or reference_ops()
-    stem = [m for name, m in model.features.named_children() if name in ("conv0", "norm0", "relu0", "pool0")]
+    stem = [m for name, m in model.features.named_children() if name in STEM]
     x = _checkpoint.run_recomputed(stem, x)
     children = dict(model.features.named_children())
     n_blocks = len(model.block_config)
