@@ -177,7 +177,8 @@ def test_bad_arguments_one_line_exit_2(capsys, argv, fragment):
     assert err.startswith("effdense")
 
 
-@pytest.mark.parametrize(
+# one quick run of each command that writes under --out
+_OUT_WRITERS = pytest.mark.parametrize(
     "argv",
     [
         ["bench", "--model", "densenet_bc_10", "--batch-size", "2", "--no-timing", "--memory", "estimate"],
@@ -187,6 +188,9 @@ def test_bad_arguments_one_line_exit_2(capsys, argv, fragment):
     ],
     ids=["bench", "ablate", "max-depth", "summary"],
 )
+
+
+@_OUT_WRITERS
 @pytest.mark.parametrize("where", ["file", "below-a-file"])
 def test_out_that_cannot_be_a_folder_is_a_usage_error(capsys, tmp_path, argv, where):
     # before: a FileExistsError/NotADirectoryError traceback, after the work was done (exit code 1)
@@ -691,16 +695,7 @@ def test_bench_records_that_nothing_was_timed(capsys, tmp_path, extra):
     assert row["status"] == "ok" and row["peak_mib"] and not any(row[c] for c in ("time_ms", "timed_steps", "time_ratio"))
 
 
-@pytest.mark.parametrize(
-    "argv",
-    [
-        ["bench", "--model", "densenet_bc_10", "--batch-size", "2", "--no-timing", "--memory", "estimate"],
-        ["ablate", "--strategies", "naive", "--depths", "10", "--batch-sizes", "2", "--estimate", "--no-progress"],
-        ["max-depth", "--budget", "1MiB", "--batch-size", "2", "--strategies", "naive", "--depth-limit", "16"],
-        ["summary", "densenet_bc_10", "--no-memory"],
-    ],
-    ids=["bench", "ablate", "max-depth", "summary"],
-)
+@_OUT_WRITERS
 def test_empty_out_is_a_usage_error(capsys, tmp_path, monkeypatch, argv):
     # before: Path("") is ".", so the results went into the current directory
     monkeypatch.chdir(tmp_path)
