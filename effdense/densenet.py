@@ -138,14 +138,21 @@ def _pair(v: Any, dim: int) -> int:
 
 
 def _pooled_size(m: nn.Module, size: int, dim: int) -> int:
-    """Output side ``dim`` of a Conv2d, MaxPool2d or AvgPool2d for input side ``size`` (0 if none is left)."""
+    """Output side ``dim`` of a Conv2d, MaxPool2d or AvgPool2d for input side ``size`` (0 if none is left),
+    by PyTorch's rules (string paddings, and ceil mode's last window dropped when it starts in the padding)."""
     k, s, p = (_pair(getattr(m, a), dim) for a in ("kernel_size", "stride", "padding"))
+    if p == "same":  # stride 1 (Conv2d refuses others): the size is kept
+        return size
+    p = 0 if p == "valid" else p
     s = k if s is None else s
     d = _pair(getattr(m, "dilation", 1), dim)
     span = size + 2 * p - d * (k - 1) - 1
     if span < 0:
         return 0
-    return (-(-span // s) if getattr(m, "ceil_mode", False) else span // s) + 1
+    if not getattr(m, "ceil_mode", False):
+        return span // s + 1
+    out = -(-span // s) + 1
+    return out - 1 if (out - 1) * s >= size + p else out
 
 
 class DenseNet(nn.Module):
@@ -372,7 +379,10 @@ class DenseNet(nn.Module):
         if not (isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing()):  # traces record ops, not these checks
             self._check_input(x)
         features = strategies.run_features(self.strategy, self, x)
-        out = F.relu(features, inplace=True)
+        # in place (as torchvision) on norm5's fresh output; without a BatchNorm there (norm5 replaced or
+        # removed), features may be the last block's shared buffer, which shared/fused keep for backward
+        fresh = isinstance(self.features._modules.get("norm5"), nn.modules.batchnorm._BatchNorm)
+        out = F.relu(features, inplace=fresh)
         out = F.adaptive_avg_pool2d(out, (1, 1))
         out = torch.flatten(out, 1)
         return self.classifier(out)

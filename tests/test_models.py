@@ -499,6 +499,53 @@ def test_replaced_stem_converts_and_checks_inputs_by_its_modules(strategy) -> No
     assert model(torch.randn(2, 4, 4, 4)).shape == (2, 10)
 
 
+@pytest.mark.parametrize(
+    "stem",
+    [
+        {"conv0": nn.Conv2d(3, 8, 3, padding="same", bias=False)},
+        {"conv0": nn.Conv2d(3, 8, 3, padding="valid", bias=False)},
+        {"conv0": nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False)},
+        {"conv0": nn.Conv2d(3, 8, 3, padding=1, bias=False), "pool0": nn.MaxPool2d(2, 2, 1, ceil_mode=True)},
+        {"conv0": nn.Conv2d(3, 8, 3, padding=1, bias=False), "pool0": nn.AvgPool2d(3, 2, 1, ceil_mode=True)},
+    ],
+    ids=["same", "valid", "stride2", "ceil-maxpool-padded", "ceil-avgpool"],
+)
+def test_input_size_check_is_exact_for_a_replaced_stem(stem) -> None:
+    """The size check refuses exactly the inputs on which the plain modules fail (PyTorch's own rules:
+    string paddings, ceil mode dropping a last window that starts in the padding)."""
+    model = effdense.DenseNet(4, (2, 2, 2), 8, small_inputs=True, strategy="naive")
+    model.features = nn.Sequential(OrderedDict([*stem.items(), *list(model.features.named_children())[1:]]))
+    for size in range(1, 24):
+        x = torch.randn(1, 3, size, size)
+        try:
+            model.features.eval()(x)
+            runs = True
+        except RuntimeError:
+            runs = False
+        try:
+            model._check_input(x)
+            accepted = True
+        except ValueError:
+            accepted = False
+        assert accepted == runs, f"side {size}: the check {'accepts' if accepted else 'refuses'} it, PyTorch {'runs' if runs else 'fails'}"
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_norm5_replaced_or_removed_trains(strategy) -> None:
+    """Without a BatchNorm as norm5 the features may be the last block's shared buffer, kept for backward:
+    the final ReLU is then not in place (as torchvision's in place on a fresh tensor)."""
+    for surgery in ("identity", "removed"):
+        tv = _small_torchvision_densenet()
+        ours = effdense.convert(tv, strategy=strategy)
+        for m in (tv, ours):
+            if surgery == "identity":
+                m.features.norm5 = nn.Identity()
+            else:
+                del m.features.norm5
+        x = torch.randn(2, 3, 32, 32)
+        assert_close_rel(train_step(ours, x), train_step(tv, x), rtol=1e-4, name=surgery)
+
+
 @pytest.mark.parametrize("strategy", ["shared", "fused"])
 def test_modules_added_to_or_removed_from_features_run_as_the_sequential(strategy) -> None:
     """A module a user appends to model.features (or a stem module removed) runs as nn.Sequential would
