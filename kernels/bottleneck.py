@@ -58,6 +58,24 @@ def _downcast(x, DTYPE: tl.constexpr, BF16_INTERP: tl.constexpr):
     return x.to(DTYPE)
 
 
+@triton.jit
+def _affine_relu(x, scale_ptrs, shift_ptrs, mask_c, CHANNEL_AXIS: tl.constexpr):
+    """The forward's prologue: ``relu(scale*x + shift)`` in fp32 for a loaded tile ``x`` whose channels run
+    along ``CHANNEL_AXIS``; padded channels (``mask_c`` off) load scale = shift = 0, so their h is 0."""
+    scale = tl.expand_dims(tl.load(scale_ptrs, mask=mask_c, other=0.0), 1 - CHANNEL_AXIS)
+    shift = tl.expand_dims(tl.load(shift_ptrs, mask=mask_c, other=0.0), 1 - CHANNEL_AXIS)
+    return _relu(x.to(tl.float32) * scale + shift)
+
+
+@triton.jit
+def _add_channel_sums(y, mask, sum_ptrs, sqsum_ptrs, mask_b, PIXEL_AXIS: tl.constexpr):
+    """The forward's epilogue: BN2's batch sums Σy and Σy² of the stored tile ``y`` over its pixels (along
+    ``PIXEL_AXIS``), added atomically; padded pixels (``mask`` off) hold relu(shift)·w and are left out."""
+    yf = tl.where(mask, y.to(tl.float32), 0.0)
+    tl.atomic_add(sum_ptrs, tl.sum(yf, axis=PIXEL_AXIS), mask=mask_b)
+    tl.atomic_add(sqsum_ptrs, tl.sum(yf * yf, axis=PIXEL_AXIS), mask=mask_b)
+
+
 # --------------------------------------------------------------------------------------------------
 # Forward: Y[n] (B x P) = W (B x C) . relu(scale*X[n] + shift) (C x P), with Σy and Σy² per output channel
 
@@ -120,9 +138,7 @@ def _bottleneck_fwd_kernel(
         for k0 in range(0, C, BLOCK_K):
             mask_k = (k0 + offs_k) < C
             x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_p[None, :], other=0.0)
-            scale = tl.load(Scale_ptr + k0 + offs_k, mask=mask_k, other=0.0)
-            shift = tl.load(Shift_ptr + k0 + offs_k, mask=mask_k, other=0.0)
-            h = _relu(x.to(tl.float32) * scale[:, None] + shift[:, None])  # the prologue, as below
+            h = _affine_relu(x, Scale_ptr + k0 + offs_k, Shift_ptr + k0 + offs_k, mask_k, 0)
             w = tl.load(w_ptrs, mask=mask_b[:, None] & mask_k[None, :], other=0.0)
             acc_t = _mma(w, _downcast(h, w.dtype, BF16_INTERP), acc_t, INPUT_PRECISION, BF16_INTERP)
             x_ptrs += BLOCK_K * stride_xc
@@ -131,9 +147,7 @@ def _bottleneck_fwd_kernel(
         mask_t = mask_b[:, None] & mask_p[None, :]
         tl.store(Y_ptr + n * stride_yn + offs_b[:, None] * stride_yb + offs_p[None, :], y_t, mask=mask_t)
         if STATS:
-            yf = tl.where(mask_t, y_t.to(tl.float32), 0.0)
-            tl.atomic_add(YSum_ptr + offs_b, tl.sum(yf, axis=1), mask=mask_b)
-            tl.atomic_add(YSqSum_ptr + offs_b, tl.sum(yf * yf, axis=1), mask=mask_b)
+            _add_channel_sums(y_t, mask_t, YSum_ptr + offs_b, YSqSum_ptr + offs_b, mask_b, 1)
     else:
         x_ptrs = X_ptr + n * stride_xn + offs_p[:, None] + offs_k[None, :] * stride_xc  # (BLOCK_M, BLOCK_K)
         wt_ptrs = W_ptr + offs_b[None, :] * stride_wb + offs_k[:, None]  # W^T tile (BLOCK_K, BLOCK_B)
@@ -141,10 +155,7 @@ def _bottleneck_fwd_kernel(
         for k0 in range(0, C, BLOCK_K):
             mask_k = (k0 + offs_k) < C
             x = tl.load(x_ptrs, mask=mask_p[:, None] & mask_k[None, :], other=0.0)
-            scale = tl.load(Scale_ptr + k0 + offs_k, mask=mask_k, other=0.0)
-            shift = tl.load(Shift_ptr + k0 + offs_k, mask=mask_k, other=0.0)
-            # prologue: BN1 affine + ReLU in fp32, rounded to the GEMM dtype; padded channels give h = 0
-            h = _relu(x.to(tl.float32) * scale[None, :] + shift[None, :])
+            h = _affine_relu(x, Scale_ptr + k0 + offs_k, Shift_ptr + k0 + offs_k, mask_k, 1)
             wt = tl.load(wt_ptrs, mask=mask_k[:, None] & mask_b[None, :], other=0.0)
             acc = _mma(_downcast(h, wt.dtype, BF16_INTERP), wt, acc, INPUT_PRECISION, BF16_INTERP)
             x_ptrs += BLOCK_K * stride_xc
@@ -154,10 +165,7 @@ def _bottleneck_fwd_kernel(
         mask = mask_p[:, None] & mask_b[None, :]
         tl.store(Y_ptr + n * stride_yn + offs_p[:, None] + offs_b[None, :] * stride_yb, y, mask=mask)
         if STATS:
-            # epilogue: BN2 batch sums of y as stored (padded pixels hold relu(shift) . w, so mask them)
-            yf = tl.where(mask, y.to(tl.float32), 0.0)
-            tl.atomic_add(YSum_ptr + offs_b, tl.sum(yf, axis=0), mask=mask_b)
-            tl.atomic_add(YSqSum_ptr + offs_b, tl.sum(yf * yf, axis=0), mask=mask_b)
+            _add_channel_sums(y, mask, YSum_ptr + offs_b, YSqSum_ptr + offs_b, mask_b, 0)
 
 
 # --------------------------------------------------------------------------------------------------
