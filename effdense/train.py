@@ -917,6 +917,10 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
         f"{', sync_bn' if args.sync_bn and ctx.enabled else ''}"
     )
 
+    def elapsed() -> float:
+        """The run's wall seconds so far, over all its processes (see elapsed_before)."""
+        return elapsed_before + time.perf_counter() - t_start
+
     def checkpoint_state(epoch: int, step: int, collective: bool = True) -> dict[str, Any]:
         rng: Any = _rng_state()
         partial = dict(progress)
@@ -938,7 +942,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
             "rng": rng,
             "history": history,
             "progress": partial if step > 0 else {},
-            "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+            "elapsed_s": elapsed(),
             "config": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
             "world_size": ctx.world_size,
         }
@@ -1050,7 +1054,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
                     "test_acc": test_acc,
                     "img_per_s": tn / max(train_time, 1e-9),
                     "epoch_time_s": train_time,
-                    "elapsed_s": elapsed_before + time.perf_counter() - t_start,
+                    "elapsed_s": elapsed(),
                     "peak_mem_mib": max(peaks),
                     "peak_mem_kind": peak_kind,
                     "peak_mem_mib_per_rank": peaks,
