@@ -331,8 +331,8 @@ def _bn_backward_accumulate_kernel(
     Mean_ptr,  # (C,) fp32
     Invstd_ptr,  # (C,) fp32
     Gamma_ptr,  # (C,) fp32
-    SumDH_ptr,  # (C,) fp32
-    SumDHXmu_ptr,  # (C,) fp32
+    SumDH_ptr,  # (C,) fp32 (read only if BATCH_STATS)
+    SumDHXmu_ptr,  # (C,) fp32 (read only if BATCH_STATS)
     C,
     P,
     M,
@@ -345,11 +345,14 @@ def _bn_backward_accumulate_kernel(
     stride_dhc,
     BLOCK_C: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    BATCH_STATS: tl.constexpr,  # False: running statistics, no terms through the mean and variance
     BF16_INTERP: tl.constexpr,
 ):
     # x_hat = (x - mean)*invstd, u = gamma*x_hat + beta. With batch statistics,
     # dx = gamma*invstd * (du - mean(du) - x_hat*mean(du*x_hat))
-    #    = gamma*invstd * (dh - Σdh/M - (x - mean)*invstd² * Σdh(x - mean)/M).
+    #    = gamma*invstd * (dh - Σdh/M - (x - mean)*invstd² * Σdh(x - mean)/M);
+    # with running statistics dx = gamma*invstd * dh, x not read (a NaN in x must not reach dx, as in
+    # PyTorch's eval-mode BatchNorm backward: a zero coefficient times NaN would).
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -359,18 +362,20 @@ def _bn_backward_accumulate_kernel(
     n = (offs_m // P).to(tl.int64)
     p = offs_m % P
 
-    mean = tl.load(Mean_ptr + offs_c, mask=mask_c, other=0.0)
     invstd = tl.load(Invstd_ptr + offs_c, mask=mask_c, other=0.0)
-    gamma = tl.load(Gamma_ptr + offs_c, mask=mask_c, other=0.0)
-    mean_dh = tl.load(SumDH_ptr + offs_c, mask=mask_c, other=0.0) * inv_M
-    coef_x = invstd * invstd * tl.load(SumDHXmu_ptr + offs_c, mask=mask_c, other=0.0) * inv_M
-    coef = gamma * invstd
+    coef = tl.load(Gamma_ptr + offs_c, mask=mask_c, other=0.0) * invstd
 
     g_ptrs = G_ptr + (n * stride_gn + p)[None, :] + offs_c[:, None] * stride_gc
-    x = tl.load(X_ptr + (n * stride_xn + p)[None, :] + offs_c[:, None] * stride_xc, mask=mask, other=0.0)
     dh = tl.load(DH_ptr + (n * stride_dhn + p)[None, :] + offs_c[:, None] * stride_dhc, mask=mask, other=0.0)
     g = tl.load(g_ptrs, mask=mask, other=0.0).to(tl.float32)
-    dx = dh.to(tl.float32) - mean_dh[:, None] - (x.to(tl.float32) - mean[:, None]) * coef_x[:, None]
+    if BATCH_STATS:
+        mean = tl.load(Mean_ptr + offs_c, mask=mask_c, other=0.0)
+        mean_dh = tl.load(SumDH_ptr + offs_c, mask=mask_c, other=0.0) * inv_M
+        coef_x = invstd * invstd * tl.load(SumDHXmu_ptr + offs_c, mask=mask_c, other=0.0) * inv_M
+        x = tl.load(X_ptr + (n * stride_xn + p)[None, :] + offs_c[:, None] * stride_xc, mask=mask, other=0.0)
+        dx = dh.to(tl.float32) - mean_dh[:, None] - (x.to(tl.float32) - mean[:, None]) * coef_x[:, None]
+    else:
+        dx = dh.to(tl.float32)
     g += coef[:, None] * dx
     tl.store(g_ptrs, _downcast(g, G_ptr.dtype.element_ty, BF16_INTERP), mask=mask)
 
@@ -684,7 +689,12 @@ def bottleneck_backward_input_launch(x, scale, shift, weight, dy, mean, dh, sum_
 
 
 def bn_backward_accumulate_launch(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu) -> None:
+    """``sum_dh``/``sum_dh_xmu``: BN1's backward sums (batch statistics), or both ``None`` for running
+    statistics (``grad += gamma*invstd*dh``; ``x`` and ``mean`` are then not read)."""
     N, C, H, W = x.shape
+    batch_stats = sum_dh is not None
+    if not batch_stats:  # never dereferenced (BATCH_STATS=False)
+        sum_dh = sum_dh_xmu = mean
     P, M = H * W, N * H * W
     if _launch.interpreting():
         bc = _p2(C, 64, floor=1)
@@ -696,5 +706,5 @@ def bn_backward_accumulate_launch(grad, x, dh, mean, invstd, gamma, sum_dh, sum_
         _bn_backward_accumulate_kernel, grid,
         (grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu,
          C, P, M, 1.0 / M, grad.stride(0), grad.stride(1), x.stride(0), x.stride(1), dh.stride(0), dh.stride(1)),
-        dict(BLOCK_C=bc, BLOCK_M=bm, BF16_INTERP=_bf16_interp(x), num_warps=warps),
+        dict(BLOCK_C=bc, BLOCK_M=bm, BATCH_STATS=batch_stats, BF16_INTERP=_bf16_interp(x), num_warps=warps),
     )  # fmt: skip

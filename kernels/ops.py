@@ -237,8 +237,8 @@ def _bn_backward_accumulate_op(
     mean: torch.Tensor,
     invstd: torch.Tensor,
     gamma: torch.Tensor,
-    sum_dh: torch.Tensor,
-    sum_dh_xmu: torch.Tensor,
+    sum_dh: torch.Tensor | None,
+    sum_dh_xmu: torch.Tensor | None,
 ) -> None:
     _use_triton(x, "triton")
     _bottleneck.bn_backward_accumulate_launch(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)
@@ -446,28 +446,36 @@ def bn_backward_accumulate(
     sum_dh: torch.Tensor,
     sum_dh_xmu: torch.Tensor,
     *,
+    batch_stats: bool = True,
     backend: Backend = "auto",
 ) -> None:
-    """BN1 backward (batch statistics), added in place into ``grad``:
-    ``grad += gamma*invstd * (dh - sum_dh/M - (x-mean)*invstd² * sum_dh_xmu/M)``, ``M = N*H*W``, in fp32.
+    """BN1 backward, added in place into ``grad`` in fp32. With batch statistics:
+    ``grad += gamma*invstd * (dh - sum_dh/M - (x-mean)*invstd² * sum_dh_xmu/M)``, ``M = N*H*W``; with
+    running statistics (``batch_stats=False``, as an eval-mode BatchNorm): ``grad += gamma*invstd * dh``.
 
     Args:
         grad: ``(N, C, H, W)`` in x.dtype, updated in place (a channel slice of the block's gradient buffer).
         x, dh: ``(N, C, H, W)`` in x.dtype.
         mean, invstd, gamma, sum_dh, sum_dh_xmu: fp32 ``[C]``.
+        batch_stats: ``mean``/``invstd`` are the batch's statistics (training). ``False``: they are running
+            statistics; ``x``, ``mean`` and the two sums are then checked but not read, so a NaN or inf in
+            ``x`` does not reach ``grad``, as in PyTorch's eval-mode BatchNorm backward.
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
     """
     if not _use_triton(x, backend):
-        return reference.bn_backward_accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)
+        return reference.bn_backward_accumulate(
+            grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu, batch_stats=batch_stats
+        )
     _checks.check_accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)  # fp32 vectors: x is a kernel dtype
+    _checks.check_flag("batch_stats", batch_stats)
     if x.numel():  # else nothing to update (and M = 0 would divide by zero)
-        _accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)
+        _accumulate(grad, x, dh, mean, invstd, gamma, *((sum_dh, sum_dh_xmu) if batch_stats else (None, None)))
     return None
 
 
 def _accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu) -> None:
     """The BN-backward accumulation launch on checked arguments: adds into ``grad`` (a caller's tensor, or a
-    view of one: its version moves)."""
+    view of one: its version moves). Sums ``None``: running statistics."""
     _call(
         _bn_backward_accumulate_op, _bottleneck.bn_backward_accumulate_launch,
         grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu, mutated=(grad,),
@@ -511,8 +519,8 @@ def _bn_relu_conv1x1_backward(ctx, dy):
         du, dshift, dscale = bottleneck_backward_input(x, scale, shift, weight, dy, torch.zeros_like(scale))
         if ctx.needs_input_grad[0]:
             dx = torch.zeros_like(x, memory_format=torch.contiguous_format)
-            zero = torch.zeros_like(scale)
-            bn_backward_accumulate(dx, x, du, zero, torch.ones_like(scale), scale, zero, zero)
+            zero = torch.zeros_like(scale)  # dx = scale*du: BN backward with unit invstd and no batch terms
+            bn_backward_accumulate(dx, x, du, zero, torch.ones_like(scale), scale, zero, zero, batch_stats=False)
         del du
     grads = (dx, dscale, dshift, dweight)
     if torch.is_grad_enabled():  # create_graph=True: the kernels have no backward of their own
@@ -656,8 +664,6 @@ def bottleneck_backward(
     if not (x.numel() and dy.numel()):  # N, C, H, W or B = 0: nothing to add into grad, zero sums
         return (dw, *_zero_pair(C, x))
     sum_dh, sum_dh_xmu = _zero_pair(C, x)
-    # running statistics: no terms through the mean and variance, i.e. the accumulation sees zero sums
-    zero = None if batch_stats else torch.zeros(C, dtype=torch.float32, device=x.device)
     chunks = reference.channel_chunks(C, chunk)
     if len(chunks) > 1:  # a later chunk reads all of dy after an earlier one has added into grad
         _checks.check_disjoint("grad", grad, dy=dy)
@@ -669,9 +675,8 @@ def bottleneck_backward(
             xs, wc, g, dh = x[:, c0:c1], weight[:, c0:c1], grad[:, c0:c1], scratch[:, : c1 - c0]
             sc, sh, mn, isd, gm, sd, sx = (v[c0:c1] for v in (scale, shift, mean, invstd, gamma, sum_dh, sum_dh_xmu))
         _input_grad(xs, sc, sh, wc, dy, mn, dh, sd, sx)
-        if zero is not None:
-            sd = sx = zero[c0:c1] if c1 - c0 != C else zero
-        _accumulate(g, xs, dh, mn, isd, gm, sd, sx)
+        # running statistics: no terms through the mean and variance (the launch's None sums)
+        _accumulate(g, xs, dh, mn, isd, gm, *((sd, sx) if batch_stats else (None, None)))
     del scratch
     # dgamma in place: the two rows of one buffer (an invstd that requires grad must not make it differentiable)
     return dw, sum_dh_xmu.mul_(invstd.detach() if invstd.requires_grad else invstd), sum_dh

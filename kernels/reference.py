@@ -250,12 +250,19 @@ def bn_backward_accumulate(
     gamma: torch.Tensor,
     sum_dh: torch.Tensor,
     sum_dh_xmu: torch.Tensor,
+    *,
+    batch_stats: bool = True,
 ) -> None:
-    """``grad += gamma*invstd * (dh - Σdh/M - (x-mean)*invstd²*Σdh(x-mean)/M)``, in fp32, in place."""
+    """``grad += gamma*invstd * (dh - Σdh/M - (x-mean)*invstd²*Σdh(x-mean)/M)``, in fp32, in place; with
+    ``batch_stats=False`` (running statistics) ``grad += gamma*invstd * dh``, ``x`` not read."""
     _checks.check_accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)
+    _checks.check_flag("batch_stats", batch_stats)
+    a = gamma * invstd
+    if not batch_stats:  # fp32 by promotion, rounded once into grad
+        grad.add_(torch.mul(dh, _col(a)))
+        return
     M = x.shape[0] * x.shape[2] * x.shape[3]
     # per channel: grad += a*dh + b*(x-mean) + c, formed in fp32 and rounded once into grad (4 passes)
-    a = gamma * invstd
     b = -a * invstd * invstd * sum_dh_xmu / M
     c = -a * sum_dh / M
     t = torch.sub(x, _col(mean))  # fp32 by promotion
@@ -344,7 +351,5 @@ def _three_step_backward(
     dw = bottleneck_backward_weight(x, scale, shift, dy)
     dh, sum_dh, sum_dh_xmu = bottleneck_backward_input(x, scale, shift, weight, dy, mean)
     dgamma, dbeta = sum_dh_xmu * invstd, sum_dh  # accumulate reads the sums, never writes them
-    if not batch_stats:  # running statistics: no terms through the mean and variance
-        sum_dh, sum_dh_xmu = torch.zeros_like(sum_dh), torch.zeros_like(sum_dh_xmu)
-    bn_backward_accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu)
+    bn_backward_accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu, batch_stats=batch_stats)
     return dw, dgamma, dbeta

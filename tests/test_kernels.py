@@ -493,6 +493,60 @@ def test_nan_propagates_as_pytorch_relu(backend, device):
     assert sum_dh[2] == 0 and sum_dh[[0, 1, 3]].isnan().all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_running_stats_accumulate_does_not_read_x(backend, dtype):
+    """With running statistics (``batch_stats=False``) BN's backward is ``gamma*invstd*dh``: a NaN or inf in
+    ``x`` must not reach ``grad``, as in PyTorch's eval-mode BatchNorm. Before, the accumulation ran the
+    batch formula with zero sums, and ``(x - mean) * 0`` turned a NaN pixel's finite gradient into NaN
+    (in a model: NaN gradients for earlier layers and every BatchNorm bias of an eval-mode step)."""
+    if backend == "triton":
+        _need_triton("cpu")
+    N, C, H, W = 2, 5, 3, 3
+    x = torch.randn(N, C, H, W).to(dtype)
+    x[0, 1, 1, 1], x[1, 3, 0, 2] = float("nan"), float("inf")
+    dh = torch.randn(N, C, H, W).to(dtype)
+    mean, var = torch.randn(C), torch.rand(C) + 0.5
+    invstd, gamma = torch.rsqrt(var + 1e-5), torch.randn(C)
+    nan_sums = torch.full((C,), float("nan"))  # not read either
+    grad0 = torch.randn(N, C, H, W).to(dtype)
+    grad = grad0.clone()
+    K.bn_backward_accumulate(grad, x, dh, mean, invstd, gamma, nan_sums, nan_sums, batch_stats=False, backend=backend)
+    # PyTorch's own eval-mode BatchNorm backward of the same dh, added in fp32 and rounded once
+    ref = torch.ops.aten.native_batch_norm_backward(
+        dh.float(), x.float(), gamma, mean, var, None, None, False, 1e-5, [True, False, False]
+    )[0]
+    assert ref.isfinite().all() and grad.isfinite().all()
+    want = (grad0.float() + ref).to(dtype)
+    if dtype == torch.float32:
+        torch.testing.assert_close(grad, want, rtol=1e-6, atol=1e-6)
+    else:  # one rounding of the same fp32 sum: at most one ulp apart
+        ulp = torch.finfo(dtype).eps * want.float().abs().clamp_min(1.0)
+        assert ((grad.float() - want.float()).abs() <= ulp).all()
+    with pytest.raises(TypeError, match="batch_stats: expected a bool"):
+        K.bn_backward_accumulate(grad, x, dh, mean, invstd, gamma, nan_sums, nan_sums, batch_stats="no", backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["kernels", "twins"])
+def test_bn_relu_conv1x1_input_grad_through_a_nan_pixel(dtype):
+    """``bn_relu_conv1x1``'s input gradient is ``scale * du``, finite where ``du`` is, as autograd gives for
+    ``conv2d(relu(scale*x + shift))``: a NaN in ``x`` does not make its own gradient NaN (fp32 runs the
+    kernels under the interpreter, fp64 the twins)."""
+    if dtype == torch.float32:
+        _need_triton("cpu")
+    x = torch.randn(2, 4, 3, 3, dtype=dtype)
+    x[1, 2, 0, 0] = float("nan")
+    s, t, w = torch.rand(4, dtype=dtype) + 0.5, torch.randn(4, dtype=dtype), torch.randn(3, 4, dtype=dtype)
+    dy = torch.randn(2, 3, 3, 3, dtype=dtype)
+    ins = [v.clone().requires_grad_() for v in (x, s, t, w)]
+    K.bn_relu_conv1x1(*ins).backward(dy)
+    ref = [v.clone().requires_grad_() for v in (x, s, t, w)]
+    F.conv2d(F.relu(ref[0] * ref[1][:, None, None] + ref[2][:, None, None]), ref[3][:, :, None, None]).backward(dy)
+    assert ins[0].grad.isfinite().all()
+    for got, want in zip(ins, ref):
+        torch.testing.assert_close(got.grad, want.grad, equal_nan=True, rtol=1e-4, atol=1e-5)
+
+
 # --------------------------------------------------------------------------------------------------
 # torch.library integration
 

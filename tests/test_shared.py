@@ -315,6 +315,31 @@ def test_mode_switched_between_forward_and_backward(strategy, forward_mode, back
 
 
 @pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_eval_mode_nan_sample_stays_its_own(strategy) -> None:
+    """In eval mode (running statistics) the samples are independent: a NaN pixel in one sample, with a loss
+    over the others, leaves every input gradient and every BatchNorm bias gradient finite, as in the naive
+    model. Before, BN1's backward ran the batch formula with zero sums, ``(x - mean) * 0`` made the NaN
+    sample's gradient NaN, and the NaN spread through the shared gradient buffer into earlier layers' sums
+    (and into BatchNorm biases). ``fused`` runs the real kernels where the interpreter is set."""
+    torch.manual_seed(0)
+    model = _with_random_running_stats(effdense.densenet_cifar(16, 4))
+    ref, other = _pair(model, strategy)
+    x = torch.randn(3, 3, 8, 8)
+    x[0, 0, 2, 2] = float("nan")
+    grads = []
+    for m in (ref.eval(), other.eval()):
+        xx = x.clone().requires_grad_()
+        m(xx)[1:].sum().backward()
+        grads.append([("input", xx.grad)] + [(n, p.grad) for n, p in m.named_parameters()])
+    assert grads[0][0][1].isfinite().all()
+    for (name, a), (_, b) in zip(*grads):
+        assert torch.equal(a.isnan(), b.isnan()), f"{name}: NaN where the naive model has none, or the reverse"
+        ok = a.isfinite()  # (a weight gradient summed over the NaN sample is NaN in both)
+        if ok.any():
+            assert (a[ok] - b[ok]).abs().max().item() <= RTOL * a[ok].abs().max().item() + 1e-7, name
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
 @pytest.mark.parametrize("what", ["conv1.weight", "norm2.bias", "running_mean"])
 def test_tensor_modified_in_place_before_backward_raises(strategy, what) -> None:
     """A parameter (or a running statistic an eval-mode BN normalised with) changed in place between forward

@@ -513,9 +513,9 @@ def _bn_backward_into(
         # the op divides by the local N*H*W; scale the sums so that the global count is used under sync
         local = x.shape[0] * x.shape[2] * x.shape[3]
         sdh, sdx = sum_dh * (local / count), sum_dh_xmu * (local / count)
-    else:
-        sdh, sdx = torch.zeros_like(sum_dh), torch.zeros_like(sum_dh_xmu)
-    stage.ops.bn_backward_accumulate(grad, x, dh, mean, invstd, gamma, sdh, sdx)
+    else:  # running statistics: the op reads neither sum (nor x)
+        sdh, sdx = sum_dh, sum_dh_xmu
+    stage.ops.bn_backward_accumulate(grad, x, dh, mean, invstd, gamma, sdh, sdx, batch_stats=batch_stats)
     return dgamma, dbeta
 
 
