@@ -124,10 +124,13 @@ class _Transition(nn.Sequential):
 def _check_positive_int(name: str, value: Any) -> int:
     """``value`` as a Python int if it is a positive integer (an ``int``, or an integer scalar such as
     ``numpy.int64`` or a 0-d integer tensor, as torchvision accepts them); else a ValueError naming ``name``."""
-    try:
-        index = operator.index(value) if not isinstance(value, bool) else None
-    except TypeError:
-        index = None
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and (value.dim() or value.dtype == torch.bool)):
+        index = None  # True is not a size; nor is a 1-element tensor (operator.index accepts both)
+    else:
+        try:
+            index = operator.index(value)
+        except TypeError:
+            index = None
     if index is None or index <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return index

@@ -572,6 +572,11 @@ def test_integer_scalars_are_accepted_as_sizes() -> None:
         effdense.DenseNet(growth_rate=2.5)
     with pytest.raises(ValueError, match="block_config\\[1\\] must be a positive integer"):
         effdense.DenseNet(block_config=torch.tensor([2, 0]))
+    # operator.index takes these too, but they are not sizes: a bool tensor, a 1-element 1-d tensor
+    with pytest.raises(ValueError, match="growth_rate must be a positive integer, got tensor\\(True\\)"):
+        effdense.DenseNet(growth_rate=torch.tensor(True))
+    with pytest.raises(ValueError, match="num_init_features must be a positive integer, got tensor\\(\\[8\\]\\)"):
+        effdense.DenseNet(num_init_features=torch.tensor([8]))
 
 
 @pytest.mark.parametrize("strategy", ["naive", "checkpoint", "shared", "fused"])
