@@ -339,6 +339,38 @@ def test_eval_mode_nan_sample_stays_its_own(strategy) -> None:
             assert (a[ok] - b[ok]).abs().max().item() <= RTOL * a[ok].abs().max().item() + 1e-7, name
 
 
+@pytest.mark.parametrize("strategy", ["checkpoint", "shared", "fused"])
+@pytest.mark.parametrize("swapped", ["parameters", "running_stats"])
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_functional_call_gradients_use_the_tensors_passed_in(strategy, swapped, stem) -> None:
+    """``torch.func.functional_call`` with other tensors (MAML fast weights; eval-mode running statistics
+    swapped in): the gradient is that of the forward that ran with them, as for ``naive``. Before, backward
+    (shared, fused) or its recomputation (checkpoint, as torchvision's memory_efficient=True still does) read
+    the module's own tensors, back in place by then: gradients off by up to ~90%, silently."""
+    from torch.func import functional_call
+
+    torch.manual_seed(0)
+    if stem == "cifar":
+        model, x = effdense.densenet_cifar(16, 4), torch.randn(3, 3, 8, 8)
+    else:
+        model, x = effdense.DenseNet(4, (2, 2), 8, bn_size=2, num_classes=5), torch.randn(3, 3, 40, 40)
+    ref, other = _pair(_with_random_running_stats(model), strategy)
+    grads = []
+    for m in (ref, other):
+        if swapped == "parameters":
+            new = {n: (p.detach() * 1.1).requires_grad_() for n, p in m.named_parameters()}
+        else:
+            m.eval()
+            new = {n: b * 1.5 if "running_var" in n else b + 0.1 for n, b in m.named_buffers() if "running" in n}
+        xx = x.clone().requires_grad_()
+        out = functional_call(m, new, (xx,))
+        wrt = [xx] + (list(new.values()) if swapped == "parameters" else list(m.parameters()))
+        grads.append(torch.autograd.grad((out * torch.linspace(-1.0, 2.0, out.numel()).view_as(out)).sum(), wrt))
+    gmax = max(g.abs().max().item() for g in grads[0])  # (norm0's weight gradient is cancellation noise, see RTOL)
+    for i, (a, b) in enumerate(zip(*grads)):
+        assert (a - b).abs().max().item() <= RTOL * a.abs().max().item() + 1e-6 * gmax, f"gradient {i} differs"
+
+
 @pytest.mark.parametrize("strategy", ["shared", "fused"])
 @pytest.mark.parametrize("what", ["conv1.weight", "norm2.bias", "running_mean"])
 def test_tensor_modified_in_place_before_backward_raises(strategy, what) -> None:

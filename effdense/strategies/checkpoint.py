@@ -37,9 +37,44 @@ def frozen_running_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
                     buf.copy_(value)
 
 
-def recompute_once(fn: Callable[..., torch.Tensor], modules: Sequence[nn.Module]) -> Callable[..., torch.Tensor]:
+def _tensors_read(modules: Sequence[nn.Module]) -> list[tuple[dict, str, torch.Tensor]]:
+    """Every parameter and buffer of ``modules`` (recursively) as ``(the module's dict, name, tensor)``."""
+    return [
+        (d, name, t)
+        for mod in modules
+        for m in mod.modules()
+        for d in (m._parameters, m._buffers)
+        for name, t in d.items()
+        if t is not None
+    ]
+
+
+@contextlib.contextmanager
+def _as_in_forward(record: list[tuple[dict, str, torch.Tensor]]) -> Iterator[None]:
+    """Put back, for the recomputation, the parameters and buffers that the forward pass read where the
+    modules hold other tensors now: under ``torch.func.functional_call`` (MAML-style fast weights, swapped
+    buffers) forward reads the tensors passed in, and the modules' own are back by the time backward
+    recomputes, which then saved the wrong values for backward (silently wrong gradients, as torchvision's
+    ``memory_efficient=True`` gives)."""
+    swapped = []
+    for d, name, t in record:
+        now = d.get(name)
+        if now is not t:
+            swapped.append((d, name, now))
+            d[name] = t
+    try:
+        yield
+    finally:
+        for d, name, now in reversed(swapped):
+            d[name] = now
+
+
+def recompute_once(
+    fn: Callable[..., torch.Tensor], modules: Sequence[nn.Module], reads: Sequence[nn.Module] | None = None
+) -> Callable[..., torch.Tensor]:
     """``fn`` for :func:`checkpoint`: the first call (the forward pass) updates BatchNorm running
-    statistics as usual, every recomputation leaves them as they were.
+    statistics as usual, every recomputation leaves them as they were and reads the parameters and buffers
+    of ``reads`` (default ``modules``: the modules ``fn`` runs) that the first call read.
 
     Under ``torch.compile`` ``fn`` itself: the compiler traces it once, with its buffer updates, and
     recomputes (in backward) only the functional part, so the statistics are updated once anyway; the
@@ -47,13 +82,15 @@ def recompute_once(fn: Callable[..., torch.Tensor], modules: Sequence[nn.Module]
     if torch.compiler.is_compiling():
         return fn
     calls = 0
+    record: list[tuple[dict, str, torch.Tensor]] = []
 
     def wrapped(*inputs: torch.Tensor) -> torch.Tensor:
         nonlocal calls
         calls += 1
         if calls == 1:
+            record.extend(_tensors_read(modules if reads is None else reads))
             return fn(*inputs)
-        with frozen_running_stats(modules):
+        with _as_in_forward(record), frozen_running_stats(modules):
             return fn(*inputs)
 
     return wrapped
@@ -90,7 +127,7 @@ def run_block(block, x: torch.Tensor) -> torch.Tensor:
     features = [x]
     for layer in block.layers:
         if _needs_grad(features, [layer]):
-            fn = recompute_once(lambda *inputs, layer=layer: layer.bn_function(inputs), [layer.norm1])
+            fn = recompute_once(lambda *inputs, layer=layer: layer.bn_function(inputs), [layer.norm1], reads=[layer])
             bottleneck = checkpoint(fn, *features, use_reentrant=False, preserve_rng_state=_PRESERVE_RNG)
         else:
             bottleneck = layer.bn_function(features)

@@ -156,6 +156,23 @@ def _bias(module) -> torch.Tensor:
     return b if b is not None else module.bias
 
 
+class _AsSaved:
+    """A stage's BatchNorm or convolution as its forward saw it, for backward: the parameters (and, for a
+    BatchNorm that normalised with them, the running statistics) are the tensors forward used, autograd's
+    saved tensors, not whatever the module holds when backward runs. They differ when forward ran under
+    ``torch.func.functional_call`` (MAML-style fast weights, swapped buffers), which puts the module's own
+    tensors back before backward; reading the module then gave silently wrong gradients. Backward reads
+    ``_weight``/``_bias``, ``eps``, ``out_channels`` and the running statistics, all set here."""
+
+    __slots__ = ("_parameters", "eps", "out_channels", "running_mean", "running_var")
+
+    def __init__(self, module, params: dict[str, torch.Tensor], running: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+        self._parameters = params
+        self.eps = getattr(module, "eps", None)
+        self.out_channels = getattr(module, "out_channels", None)
+        self.running_mean, self.running_var = running if running is not None else (None, None)
+
+
 # --------------------------------------------------------------------------------------------------
 # The stage: a dense block, optionally followed by its transition
 
@@ -559,7 +576,11 @@ def _bn_backward_whole(
     return _cast(dy, y.dtype), dgamma, dbeta
 
 
-def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torch.Tensor, G: torch.Tensor, c: int, k: int) -> list[torch.Tensor]:
+def _layer_backward(
+    stage: _Stage, state: _StageState, l: int, layer, parts: tuple, Fbuf: torch.Tensor, G: torch.Tensor, c: int, k: int
+) -> list[torch.Tensor]:
+    """Layer ``l``'s backward: adds its input gradient into ``G[:, :c]``, returns its parameters' gradients.
+    ``parts``: its ``(norm1, conv1, norm2, conv2)`` as forward saw them (:func:`_modules_as_saved`)."""
     dtype = stage.dtype
     x = Fbuf[:, :c]
     dout = G[:, c : c + k]
@@ -569,7 +590,7 @@ def _layer_backward(stage: _Stage, state: _StageState, l: int, layer, Fbuf: torc
             dout = torch.ops.aten.native_dropout_backward(dout, saved, 1.0 / (1.0 - layer.drop_rate))
         else:
             dout = _dropout_replay(dout, layer.drop_rate, saved)
-    bn1, conv1, bn2, conv2 = _parts(layer)
+    bn1, conv1, bn2, conv2 = parts
     batch1, batch2 = state.batch[l]  # forward's choice, whatever the modules' mode now
     count = state.count
     if layer.bottleneck:
@@ -651,18 +672,22 @@ def _avg_pool2_backward(dout: torch.Tensor, H: int, W: int) -> torch.Tensor:
     return dy
 
 
-def _transition_backward(stage: _Stage, state: _StageState, Fbuf: torch.Tensor, G: torch.Tensor, dout: torch.Tensor) -> list[torch.Tensor]:
-    t = stage.transition
+def _transition_backward(
+    stage: _Stage, state: _StageState, parts: tuple, Fbuf: torch.Tensor, G: torch.Tensor, dout: torch.Tensor
+) -> list[torch.Tensor]:
+    """The transition's backward (``parts``: its ``(norm, conv)`` as forward saw them): adds into ``G``."""
+    norm, conv = parts
     N, c, H, W = Fbuf.shape
     batch = state.transition_batch  # forward's choice, whatever the module's mode now
     affine = state.transition_affine  # forward's, when it kept it
     if affine is None:
-        affine = _bn_affine(t.norm, *_bn1_stats(stage, state, t.norm, Fbuf, c, update=False, batch=batch))
-    w = _cast(t.conv.weight, stage.dtype).view(t.conv.out_channels, c)
+        affine = _bn_affine(norm, *_bn1_stats(stage, state, norm, Fbuf, c, update=False, batch=batch))
+    weight = _weight(conv)
+    w = _cast(weight, stage.dtype).view(conv.out_channels, c)
     dy = _avg_pool2_backward(dout.to(stage.dtype), H, W)
-    dw, dgamma, dbeta = _bottleneck_backward(stage, G, Fbuf, t.norm, affine, batch, state.count, w, dy)
+    dw, dgamma, dbeta = _bottleneck_backward(stage, G, Fbuf, norm, affine, batch, state.count, w, dy)
     del dy
-    return [dgamma.to(t.norm.weight.dtype), dbeta.to(t.norm.bias.dtype), dw.view_as(t.conv.weight).to(t.conv.weight.dtype)]
+    return [dgamma.to(_weight(norm).dtype), dbeta.to(_bias(norm).dtype), dw.view_as(weight).to(weight.dtype)]
 
 
 def _differentiable_once(backward):
@@ -689,20 +714,49 @@ def _differentiable_once(backward):
     return wrapper
 
 
-def _running_stats_used(stage: _Stage, state: _StageState) -> list[torch.Tensor]:
-    """The running means and variances that forward normalised with (BatchNorms in eval mode, or without
-    batch statistics), which backward reads again."""
-    out: list[torch.Tensor] = []
+def _normalised_with_running_stats(stage: _Stage, state: _StageState) -> list[Any]:
+    """The stage's BatchNorms that normalised with their running statistics in forward (eval mode, or no
+    batch statistics), in a fixed order."""
+    out: list[Any] = []
     for layer, (batch1, batch2) in zip(stage.layers, state.batch):
         norm1, _, norm2, _ = _parts(layer)
         for bn, batch in ((norm1, batch1), (norm2, batch2)):
             if bn is not None and not batch and bn.running_mean is not None:
-                out += [bn.running_mean, bn.running_var]
+                out.append(bn)
     if stage.transition is not None and not state.transition_batch:
         bn = stage.transition._modules["norm"]
         if bn.running_mean is not None:
-            out += [bn.running_mean, bn.running_var]
+            out.append(bn)
     return out
+
+
+def _running_stats_used(stage: _Stage, state: _StageState) -> list[torch.Tensor]:
+    """The running means and variances that forward normalised with, which backward reads again."""
+    return [t for bn in _normalised_with_running_stats(stage, state) for t in (bn.running_mean, bn.running_var)]
+
+
+def _modules_as_saved(
+    stage: _Stage, state: _StageState, params: Sequence[torch.Tensor], running: Sequence[torch.Tensor]
+) -> tuple[list[tuple[Any, Any, Any, Any]], tuple[Any, Any] | None]:
+    """Each layer's ``(norm1, conv1, norm2, conv2)`` and the transition's ``(norm, conv)`` as :class:`_AsSaved`
+    over forward's tensors: ``params`` in :meth:`_Stage.params` order, ``running`` in
+    :func:`_running_stats_used` order (read from the modules' structure, which backward cannot change)."""
+    stats = dict(zip(map(id, _normalised_with_running_stats(stage, state)), zip(running[0::2], running[1::2])))
+    it = iter(params)
+
+    def bn(m):
+        return _AsSaved(m, {"weight": next(it), "bias": next(it)}, stats.get(id(m)))
+
+    def conv(m):
+        return _AsSaved(m, {"weight": next(it)}, None)
+
+    layers = []
+    for layer in stage.layers:
+        norm1, conv1, norm2, conv2 = _parts(layer)
+        first = (bn(norm1), conv(conv1))
+        layers.append(first + ((bn(norm2), conv(conv2)) if layer.bottleneck else (None, None)))
+    t = stage.transition
+    return layers, (bn(t._modules["norm"]), conv(t._modules["conv"])) if t is not None else None
 
 
 class _DenseStageFunction(torch.autograd.Function):
@@ -713,9 +767,11 @@ class _DenseStageFunction(torch.autograd.Function):
         ctx.state = state
         ctx.x_meta = (x.dtype, x.shape)
         ctx.has_transition = out is not None
-        # the parameters, and the running statistics that normalised in forward, are saved only for autograd's
-        # version check (backward reads them from the modules): one changed in place before backward (an
-        # optimiser step between a forward and its backward) raises as it does for torchvision's model
+        # the parameters, and the running statistics that normalised in forward: backward computes with these
+        # tensors (not the modules', which may have been swapped since, see _AsSaved), and autograd's version
+        # check makes one changed in place before backward (an optimiser step between a forward and its
+        # backward) raise, as it does for torchvision's model
+        ctx.n_params = len(params)
         ctx.save_for_backward(Fbuf, *params, *_running_stats_used(stage, state))
         return Fbuf if out is None else out
 
@@ -723,7 +779,8 @@ class _DenseStageFunction(torch.autograd.Function):
     @_differentiable_once
     def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
         # PyTorch's own errors: a second backward without retain_graph, a saved tensor modified in place
-        Fbuf = ctx.saved_tensors[0]
+        saved = ctx.saved_tensors
+        Fbuf = saved[0]
         stage: _Stage = ctx.stage
         state: _StageState = ctx.state
         if state.y1 is None:
@@ -734,11 +791,13 @@ class _DenseStageFunction(torch.autograd.Function):
             )
         block, k = stage.block, stage.block.growth_rate
         C0 = block.num_input_features
+        n = ctx.n_params
+        layer_parts, transition_parts = _modules_as_saved(stage, state, saved[1 : 1 + n], saved[1 + n :])
         with _autocast_off(Fbuf.device.type):
             grads: list[torch.Tensor] = []
             if ctx.has_transition:
                 G = torch.zeros_like(Fbuf)
-                t_grads = _transition_backward(stage, state, Fbuf, G, grad_out)
+                t_grads = _transition_backward(stage, state, transition_parts, Fbuf, G, grad_out)
             else:
                 G = grad_out.to(dtype=Fbuf.dtype, memory_format=torch.contiguous_format, copy=True)
                 t_grads = []
@@ -746,7 +805,7 @@ class _DenseStageFunction(torch.autograd.Function):
             layer_grads: list[list[torch.Tensor]] = []
             for l in reversed(range(len(stage.layers))):
                 c = C0 + l * k
-                layer_grads.append(_layer_backward(stage, state, l, stage.layers[l], Fbuf, G, c, k))
+                layer_grads.append(_layer_backward(stage, state, l, stage.layers[l], layer_parts[l], Fbuf, G, c, k))
             for lg in reversed(layer_grads):
                 grads += lg
             grads += t_grads
