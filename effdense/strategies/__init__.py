@@ -117,6 +117,17 @@ def resolve(name: str, x: torch.Tensor) -> str:
 
 def _runner_for(name: str, x: torch.Tensor) -> ModuleType:
     """The module that runs strategy ``name`` on ``x``."""
+    if torch.compiler.is_exporting():
+        # torch.export records ATen operators (strict or not): it inlines the shared/fused autograd Function's
+        # forward and drops its backward, so the exported program could not train (in-place buffer writes,
+        # batch statistics passed as running ones) or, on the kernel ops, lost every gradient silently.
+        # "auto" exports the plain model, as torchvision's; checkpoint exports as torchvision's memory_efficient
+        if name in ("shared", "fused"):
+            raise RuntimeError(
+                f"strategy {name!r} cannot be exported by torch.export (its autograd Function's backward would not "
+                "be kept); call model.set_strategy('naive') (or 'auto', which exports as naive) before exporting"
+            )
+        return _runners()["naive" if name == "auto" else name]
     if isinstance(x, torch.fx.Proxy):
         # torch.fx symbolic tracing (torchvision's create_feature_extractor, fx quantization): only naive's
         # plain module calls trace, and they make a graph of the model's own modules
@@ -149,8 +160,8 @@ def _untraceable(name: str, tracer: str) -> NoReturn:
     raise RuntimeError(
         f"strategy {name!r} cannot be traced by {tracer} (it computes sizes from the input's shape in Python"
         f"{'' if name != 'checkpoint' else ' and branches on requires_grad'}); call model.set_strategy('naive') "
-        "(or 'auto', which traces as naive) before tracing, or use torch.compile or torch.export, which run "
-        "every strategy"
+        "(or 'auto', which traces as naive) before tracing, or use torch.compile, which runs every strategy, "
+        "or torch.export, which exports 'auto' as naive"
     )
 
 
