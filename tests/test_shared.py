@@ -492,6 +492,27 @@ def test_autocast_low_precision(dtype) -> None:
         assert err <= 2 * err_torch + 1e-2 * gold.abs().max().item(), (name, err, err_torch)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_low_precision_model_in_eval_mode_backpropagates(strategy, dtype) -> None:
+    """A model cast to bf16/fp16 (no autocast) in eval mode, with an input gradient (saliency maps, frozen-BN
+    fine-tuning): before, BN2's backward handed the CPU kernel the model's bf16 running statistics beside an
+    fp32 gamma ("mixed dtype (CPU)"). Errors against fp64 within twice naive's own in that dtype."""
+    torch.manual_seed(0)
+    base = _with_random_running_stats(effdense.densenet_cifar(16, 4))
+    x = torch.randn(2, 3, 8, 8)
+    grads = {}
+    for name, s, dt in (("naive", "naive", dtype), ("ours", strategy, dtype), ("fp64", "naive", torch.float64)):
+        m = copy.deepcopy(base).set_strategy(s).to(dt).eval()
+        xx = x.to(dt).requires_grad_()
+        m(xx).float().square().sum().backward()
+        grads[name] = [xx.grad.double()] + [p.grad.double() for p in m.parameters()]
+    for i, (ours, naive, gold) in enumerate(zip(grads["ours"], grads["naive"], grads["fp64"])):
+        scale = gold.abs().max().item()
+        err, err_naive = (ours - gold).abs().max().item(), (naive - gold).abs().max().item()
+        assert err <= 2 * err_naive + 1e-2 * scale, (i, err, err_naive)
+
+
 def test_channels_last_input() -> None:
     torch.manual_seed(0)
     model = effdense.densenet_cifar(16, 4)

@@ -558,8 +558,10 @@ def _bn_backward_whole(
             return torch.ops.aten.native_batch_norm_backward(
                 dzm, y, gamma, None, None, mean, invstd, True, bn.eps, [True, True, True]
             )
+        # (the running statistics in fp32 like gamma: a bf16/fp16 model's own are refused by the CPU kernel)
         return torch.ops.aten.native_batch_norm_backward(
-            dzm, y, gamma, bn.running_mean, bn.running_var, None, None, False, bn.eps, [True, True, True]
+            dzm, y, gamma, _cast(bn.running_mean, gamma.dtype), _cast(bn.running_var, gamma.dtype), None, None,
+            False, bn.eps, [True, True, True],
         )
     # SyncBatchNorm semantics (the sums all-reduced before dy), or strided tensors: the formula in fp32
     dzm = _acc(dzm)
