@@ -845,7 +845,9 @@ def _match_untracked_batchnorms(clone: nn.Module, source: nn.Module) -> None:
 
 def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = None) -> DenseNet:
     """Build an effdense :class:`DenseNet` from a torchvision DenseNet, with a copy of its parameters
-    and buffers (same values, device and dtype) and the given strategy.
+    and buffers (same values, device and dtype) and the given strategy. A replaced stem (``conv0``, ``pool0``)
+    and head (any ``classifier`` module: a bias-free ``nn.Linear``, ``nn.Identity`` for a backbone, an
+    ``nn.Sequential``) are copied as they are.
 
     The copy also keeps what the state dict does not carry: train/eval flags, ``requires_grad``, BatchNorm
     momentum and eps, and SyncBatchNorm semantics: a source with :meth:`DenseNet.set_sync_bn` on (or a
@@ -871,11 +873,10 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
     classifier = getattr(model, "classifier", None)
     if not isinstance(features, nn.Sequential):
         raise TypeError(f"convert() expects a torchvision DenseNet, got {type(model).__name__}")
-    if not isinstance(classifier, nn.Linear):
+    if not isinstance(classifier, nn.Module):
         raise TypeError(
-            f"convert() expects a torchvision DenseNet whose classifier is one nn.Linear, got a "
-            f"{type(classifier).__name__} classifier; convert a model with the original head and replace "
-            "the converted model's classifier afterwards"
+            f"convert() expects a torchvision DenseNet with a classifier module (any head: nn.Linear, nn.Identity "
+            f"for a backbone, an nn.Sequential), got classifier {type(classifier).__name__}"
         )
     blocks = [m for name, m in features.named_children() if name.startswith("denseblock")]
     if not blocks:
@@ -896,7 +897,7 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
         num_init_features=conv0.out_channels,
         bn_size=bn_size,
         drop_rate=float(getattr(first, "drop_rate", 0.0)),
-        num_classes=classifier.out_features,
+        num_classes=classifier.out_features if isinstance(classifier, nn.Linear) else 1,  # (the source's head below)
         compression=compression,
         bottleneck=bottleneck,
         small_inputs=stem == ["conv0"],
@@ -911,6 +912,8 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
             delattr(clone.features, name)
     for name in stem:
         setattr(clone.features, name, copy.deepcopy(features._modules[name]))
+    # and its head as it is (a copy): a bias-free nn.Linear, nn.Identity for a backbone, Sequential(Dropout, Linear)
+    clone.classifier = copy.deepcopy(classifier)
     ref = next(model.parameters())
     clone.to(device=ref.device, dtype=ref.dtype)
     if sync_bn:

@@ -428,9 +428,39 @@ def test_convert_names_what_it_cannot_convert() -> None:
     tv = _small_torchvision_densenet()
     with pytest.raises(TypeError, match="got a DataParallel wrapper: pass model.module"):
         effdense.convert(nn.DataParallel(tv))
-    tv.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(tv.classifier.in_features, 3))
-    with pytest.raises(TypeError, match="classifier is one nn.Linear, got a Sequential classifier"):
+    tv.classifier = None
+    with pytest.raises(TypeError, match="with a classifier module .* got classifier NoneType"):
         effdense.convert(tv)
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        lambda n: nn.Sequential(nn.Dropout(0.0), nn.Linear(n, 3)),
+        lambda n: nn.Linear(n, 5, bias=False),
+        lambda n: nn.Identity(),  # a backbone
+    ],
+    ids=["sequential", "bias-free", "identity"],
+)
+@pytest.mark.parametrize("strategy", ["naive", "shared"])
+def test_convert_keeps_a_replaced_head(head, strategy) -> None:
+    """The usual fine-tuning heads convert with their trained weights and give the source's outputs and
+    gradients (before: a TypeError for all but one nn.Linear, a missing-key error for a bias-free one)."""
+    torch.manual_seed(0)
+    tv = _small_torchvision_densenet()
+    tv.classifier = head(tv.classifier.in_features)
+    ours = effdense.convert(tv, strategy=strategy)
+    assert type(ours.classifier) is type(tv.classifier) and ours.classifier is not tv.classifier
+    x = torch.randn(2, 3, 40, 40)
+    out, out_tv = ours(x), tv(x)
+    assert_close_rel(out, out_tv, rtol=1e-5, name="output")
+    out.square().sum().backward()
+    out_tv.square().sum().backward()
+    tv_params = dict(tv.named_parameters())
+    gmax = max(p.grad.abs().max().item() for p in tv.parameters())  # norm0's gradient is cancellation noise
+    for name, p in ours.named_parameters():
+        err = (p.grad - tv_params[name].grad).abs().max().item()
+        assert err <= 1e-4 * tv_params[name].grad.abs().max().item() + 1e-6 * gmax, (name, err)
 
 
 def test_convert_refuses_a_compiled_wrapper_and_odd_stems() -> None:
