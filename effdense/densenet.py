@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import operator
 import os
 import re
@@ -136,6 +137,17 @@ def _check_positive_int(name: str, value: Any) -> int:
     return index
 
 
+def _real(value: Any) -> float | None:
+    """``value`` as a Python float if it is a real number (an int or float, a numpy scalar, a 0-d tensor, as
+    torchvision accepts them), else None (also for a bool)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, torch.Tensor):
+        ok = value.dim() == 0 and value.dtype != torch.bool and not value.is_complex()
+        return float(value) if ok else None
+    return float(value) if isinstance(value, numbers.Real) else None
+
+
 def _pair(v: Any, dim: int) -> int:
     return v[dim] if isinstance(v, tuple) else v
 
@@ -210,10 +222,12 @@ class DenseNet(nn.Module):
         block_config = tuple(_check_positive_int(f"block_config[{i}]", n) for i, n in enumerate(block_config))
         if not block_config:
             raise ValueError("block_config must name at least one dense block, got an empty sequence")
-        if not (isinstance(compression, (int, float)) and 0.0 < compression <= 1.0):
-            raise ValueError(f"compression must be in (0, 1], got {compression!r}")
-        if not (isinstance(drop_rate, (int, float)) and 0.0 <= drop_rate < 1.0):
-            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+        c, p = _real(compression), _real(drop_rate)
+        if c is None or not 0.0 < c <= 1.0:
+            raise ValueError(f"compression must be a number in (0, 1], got {compression!r}")
+        if p is None or not 0.0 <= p < 1.0:
+            raise ValueError(f"drop_rate must be a number in [0, 1), got {drop_rate!r}")
+        compression, drop_rate = c, p
         if memory_efficient and strategy not in ("auto", "checkpoint"):
             raise ValueError(
                 f"memory_efficient=True means strategy='checkpoint'; it conflicts with strategy={strategy!r}"

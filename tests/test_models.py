@@ -235,11 +235,11 @@ def test_compression_sets_transition_width() -> None:
     [
         (dict(growth_rate=0), "growth_rate must be a positive integer"),
         (dict(growth_rate=-4), "growth_rate must be a positive integer"),
-        (dict(compression=0.0), "compression must be in \\(0, 1\\]"),
-        (dict(compression=1.5), "compression must be in \\(0, 1\\]"),
+        (dict(compression=0.0), "compression must be a number in \\(0, 1\\]"),
+        (dict(compression=1.5), "compression must be a number in \\(0, 1\\]"),
         (dict(block_config=()), "block_config must name at least one dense block"),
         (dict(block_config=(6, 0)), "block_config\\[1\\] must be a positive integer"),
-        (dict(drop_rate=1.0), "drop_rate must be in \\[0, 1\\)"),
+        (dict(drop_rate=1.0), "drop_rate must be a number in \\[0, 1\\)"),
         (dict(strategy="nope"), "unknown strategy 'nope'"),
     ],
 )
@@ -602,6 +602,13 @@ def test_integer_scalars_are_accepted_as_sizes() -> None:
         effdense.DenseNet(growth_rate=2.5)
     with pytest.raises(ValueError, match="block_config\\[1\\] must be a positive integer"):
         effdense.DenseNet(block_config=torch.tensor([2, 0]))
+    # real scalars for the rates (before: "drop_rate must be in [0, 1), got np.float32(0.1)")
+    model = effdense.DenseNet(4, (2, 2), 8, drop_rate=np.float32(0.25), compression=torch.tensor(0.5))
+    assert model.compression == 0.5 and type(model.compression) is float
+    assert all(type(m.drop_rate) is float and m.drop_rate == 0.25 for b in model.dense_blocks for m in b.layers)
+    for bad in (True, torch.tensor([0.5]), "0.5", float("nan")):
+        with pytest.raises(ValueError, match="compression must be a number in"):
+            effdense.DenseNet(4, (2, 2), 8, compression=bad)
     # operator.index takes these too, but they are not sizes: a bool tensor, a 1-element 1-d tensor
     with pytest.raises(ValueError, match="growth_rate must be a positive integer, got tensor\\(True\\)"):
         effdense.DenseNet(growth_rate=torch.tensor(True))
