@@ -243,8 +243,8 @@ class DenseNet(nn.Module):
         self.compression = float(compression)
         self.small_inputs = small_inputs
         self.in_channels = in_channels
-        self.strategy = strategy
-        self.policy = policy or Policy()
+        self._strategy = strategy  # (the properties below; no blocks yet)
+        self._policy = policy or Policy()
 
         if small_inputs:
             stem = [("conv0", nn.Conv2d(in_channels, num_init_features, kernel_size=3, stride=1, padding=1, bias=False))]
@@ -297,6 +297,26 @@ class DenseNet(nn.Module):
     def dense_blocks(self) -> list[_DenseBlock]:
         return [m for m in self.features if isinstance(m, _DenseBlock)]
 
+    @property
+    def strategy(self) -> str:
+        """How the dense blocks run. Assigning it is :meth:`set_strategy` (every block follows)."""
+        return self._strategy
+
+    @strategy.setter
+    def strategy(self, strategy: str) -> None:
+        self.set_strategy(strategy)
+
+    @property
+    def policy(self) -> Policy:
+        """The :class:`effdense.Policy` of the blocks. Assigning it is :meth:`set_strategy` with it."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        if not isinstance(policy, Policy):  # (set_strategy takes None as "keep the current one")
+            raise TypeError(f"policy must be an effdense.Policy, got {type(policy).__name__}")
+        self.set_strategy(self._strategy, policy)
+
     def set_strategy(self, strategy: str, policy: Policy | None = None) -> "DenseNet":
         """Switch how dense blocks run, on a live model (parameters are untouched). Returns ``self``.
 
@@ -307,12 +327,12 @@ class DenseNet(nn.Module):
         strategies.check_strategy(strategy)
         if policy is not None and not isinstance(policy, Policy):
             raise TypeError(f"policy must be an effdense.Policy, got {type(policy).__name__}")
-        self.strategy = strategy
+        self._strategy = strategy
         if policy is not None:
-            self.policy = policy
+            self._policy = policy
         for block in self.dense_blocks:
             block.strategy = strategy
-            block.policy = self.policy
+            block.policy = self._policy
         return self
 
     def set_sync_bn(self, enabled: bool = True, process_group: Any = None) -> "DenseNet":

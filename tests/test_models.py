@@ -151,6 +151,24 @@ def test_strategy_switch_on_live_model_keeps_outputs() -> None:
             assert_close_rel(model(x), reference, rtol=1e-5, name=name)
 
 
+def test_assigning_strategy_or_policy_is_set_strategy() -> None:
+    """``model.strategy = ...`` and ``model.policy = ...`` reach every block, as set_strategy does (before: the
+    model's attribute changed and the blocks kept running the old strategy, silently)."""
+    model = effdense.densenet_cifar(16, 4)
+    model.strategy = "naive"
+    assert model.strategy == "naive" and all(b.strategy == "naive" for b in model.dense_blocks)
+    policy = effdense.Policy(recompute_bottleneck=False)
+    model.policy = policy
+    assert model.policy is policy and model.strategy == "naive" and all(b.policy is policy for b in model.dense_blocks)
+    with pytest.raises(ValueError, match="unknown strategy 'fast'"):
+        model.strategy = "fast"
+    with pytest.raises(TypeError, match="policy must be an effdense.Policy, got NoneType"):
+        model.policy = None
+    assert model.strategy == "naive" and model.policy is policy
+    copied = copy.deepcopy(model)
+    assert copied.strategy == "naive" and copied.policy == policy
+
+
 def test_strategies_table_and_auto() -> None:
     assert effdense.STRATEGIES == ("naive", "checkpoint", "shared", "fused")
     x = torch.zeros(1)
