@@ -53,7 +53,10 @@ class _DenseLayer(nn.Module):
 
     def bn_function(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """concat -> norm1 -> relu1 -> conv1: the part whose memory grows with depth."""
-        concated = torch.cat(list(inputs), 1) if len(inputs) > 1 else inputs[0]
+        # one input needs no copy; torch.fx records the cat anyway, so graphs have torchvision's node names
+        # (``features.denseblock1.denselayer1.cat`` for create_feature_extractor)
+        one = len(inputs) == 1 and not isinstance(inputs[0], torch.fx.Proxy)
+        concated = inputs[0] if one else torch.cat(list(inputs), 1)
         return self.conv1(self.relu1(self.norm1(concated)))
 
     def tail(self, bottleneck_output: torch.Tensor) -> torch.Tensor:

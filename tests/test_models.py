@@ -1023,6 +1023,11 @@ def test_fx_feature_extraction_as_torchvision() -> None:
         theirs = create_feature_extractor(tv, nodes)(x)
         for key in nodes.values():
             assert_close_rel(ours[key], theirs[key], name=f"{mode} {key}")
+    # the same graph node names, the first layer's one-input cat included (before: missing, so
+    # return_nodes=["features.denseblock1.denselayer1.cat"] raised "not present in model")
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    assert get_graph_node_names(model) == get_graph_node_names(tv)
     traced = torch.fx.symbolic_trace(model.eval())
     assert_close_rel(traced(x), tv(x), name="symbolic_trace")
     for strategy in ("checkpoint", "shared", "fused"):
