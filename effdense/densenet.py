@@ -26,6 +26,12 @@ from effdense import strategies
 from effdense.strategies import Policy
 
 
+_MEMORY_EFFICIENT = (
+    "effdense dense layers have no memory_efficient switch (torchvision's per-layer checkpointing): the strategy "
+    "of the model or block decides, e.g. model.set_strategy('checkpoint') for torchvision's memory_efficient=True"
+)
+
+
 class _DenseLayer(nn.Module):
     """One layer of a dense block: ``BN-ReLU-conv1x1(bn_size*k)-BN-ReLU-conv3x3(k)`` (DenseNet-BC) or,
     with ``bottleneck=False``, ``BN-ReLU-conv3x3(k)`` (the original DenseNet)."""
@@ -50,6 +56,16 @@ class _DenseLayer(nn.Module):
         else:
             self.conv1 = nn.Conv2d(num_input_features, growth_rate, kernel_size=3, stride=1, padding=1, bias=False)
         self.drop_rate = float(drop_rate)
+
+    @property
+    def memory_efficient(self) -> bool:
+        raise AttributeError(_MEMORY_EFFICIENT)
+
+    @memory_efficient.setter
+    def memory_efficient(self, value: bool) -> None:
+        # torchvision's per-layer switch; here the block's strategy decides, and an attribute set on a layer
+        # would be silently ignored
+        raise AttributeError(_MEMORY_EFFICIENT)
 
     def bn_function(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         """concat -> norm1 -> relu1 -> conv1: the part whose memory grows with depth."""

@@ -169,6 +169,14 @@ def test_assigning_strategy_or_policy_is_set_strategy() -> None:
     assert copied.strategy == "naive" and copied.policy == policy
 
 
+def test_torchvisions_per_layer_memory_efficient_switch_is_refused() -> None:
+    """torchvision's ``layer.memory_efficient = True`` idiom: before, it set an attribute nothing read."""
+    layer = effdense.densenet_cifar(16, 4).features.denseblock1.denselayer1
+    with pytest.raises(AttributeError, match=r"no memory_efficient switch .* model.set_strategy\('checkpoint'\)"):
+        layer.memory_efficient = True
+    assert not hasattr(layer, "memory_efficient")
+
+
 def test_strategies_table_and_auto() -> None:
     assert effdense.STRATEGIES == ("naive", "checkpoint", "shared", "fused")
     x = torch.zeros(1)
