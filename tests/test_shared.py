@@ -372,6 +372,25 @@ def test_functional_call_gradients_use_the_tensors_passed_in(strategy, swapped, 
 
 
 @pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_features_and_model_in_one_graph(strategy) -> None:
+    """``model.features(x)`` and ``model(x)`` in one step (distillation, auxiliary losses), all in training
+    mode: as naive. Before, the stage's running-statistics update bumped the versions of the statistics that
+    the first call's plain transition BatchNorm had saved, and backward raised "modified by an inplace
+    operation" (ATen's own update moves no version; only statistics a stage saved in eval mode must)."""
+    torch.manual_seed(0)
+    ref, other = _pair(effdense.DenseNet(3, (2, 3), 5, bn_size=2, small_inputs=True, num_classes=5), strategy)
+    x = torch.randn(2, 3, 8, 8)
+    grads = []
+    for m in (ref, other):
+        (m.features(x).mean() + m(x).square().sum()).backward()
+        grads.append([p.grad for p in m.parameters()])
+    for (name, _), a, b in zip(ref.named_parameters(), *grads):
+        assert (a - b).abs().max().item() <= RTOL * a.abs().max().item() + 1e-7, name
+    for (name, a), b in zip(ref.named_buffers(), other.buffers()):
+        assert torch.allclose(a.float(), b.float(), rtol=RTOL, atol=1e-6), name
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
 @pytest.mark.parametrize("what", ["conv1.weight", "norm2.bias", "running_mean"])
 def test_tensor_modified_in_place_before_backward_raises(strategy, what) -> None:
     """A parameter (or a running statistic an eval-mode BN normalised with) changed in place between forward

@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import functools
 import operator
+import weakref
 from types import ModuleType
 from typing import Any, Sequence
 
@@ -65,23 +66,49 @@ def _uses_batch_stats(bn: torch.nn.modules.batchnorm._BatchNorm) -> bool:
     return bn.training or bn.running_mean is None
 
 
+# Running statistics that a stage saved for backward (its BatchNorm normalised with them, in eval mode), by
+# id with a weak reference: updating one bumps its version, so that that backward raises, as autograd does for
+# any saved tensor changed in place. Other updates leave the version alone, as ATen's batch norm does: a plain
+# BatchNorm in training mode also saves its running statistics in the graph (model.features(x) and model(x) in
+# one step), and its backward does not read them. (Eager only: under torch.compile versions are not checked.)
+_SAVED_RUNNING: dict[int, weakref.ref] = {}
+
+
+def _remember_saved_running(tensors: Sequence[torch.Tensor]) -> None:
+    for t in tensors:
+        key = id(t)
+        _SAVED_RUNNING[key] = weakref.ref(t, lambda ref, key=key: _SAVED_RUNNING.get(key) is ref and _SAVED_RUNNING.pop(key))
+
+
+def _saved_by_a_stage(t: torch.Tensor) -> bool:
+    ref = _SAVED_RUNNING.get(id(t))
+    return ref is not None and ref() is t
+
+
 def _update_running_stats(updates: Sequence[tuple[Any, torch.Tensor, torch.Tensor]], count: int) -> None:
     """``nn.BatchNorm2d``'s training-mode update of each ``(bn, mean, biased var)`` (statistics over
     ``count`` values), for all of a stage's BatchNorms at once: a few multi-tensor (``_foreach``) ops
     instead of six per BatchNorm, the same arithmetic (``r = (1 - f)*r + f*stat``, ``f`` the momentum or
-    ``1/num_batches_tracked``; the variance made unbiased first)."""
+    ``1/num_batches_tracked``; the variance made unbiased first). The statistics' versions move only for
+    those a stage saved for backward (see ``_SAVED_RUNNING``)."""
     todo = [(bn, m, v) for bn, m, v in updates if bn.training and bn.track_running_stats and bn.running_mean is not None]
     if not todo:
         return
+    eager = not torch.compiler.is_compiling()
     with torch.no_grad():
         torch._foreach_add_([bn.num_batches_tracked for bn, _, _ in todo], 1)
         groups: dict[float, list[tuple[Any, torch.Tensor, torch.Tensor]]] = {}
         for bn, m, v in todo:
             factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
             groups.setdefault(factor, []).append((bn, m, v))
+        if eager and _SAVED_RUNNING:
+            saved = [t for bn, _, _ in todo for t in (bn.running_mean, bn.running_var) if _saved_by_a_stage(t)]
+            if saved:
+                torch.autograd.graph.increment_version(saved)
         for factor, group in groups.items():
-            means = [bn.running_mean for bn, _, _ in group]
-            variances = [bn.running_var for bn, _, _ in group]
+            # (.data: an alias with its own version counter, so the update itself moves no version)
+            means = [bn.running_mean.data if eager else bn.running_mean for bn, _, _ in group]
+            variances = [bn.running_var.data if eager else bn.running_var for bn, _, _ in group]
             unbiased = torch._foreach_mul([v for _, _, v in group], count / (count - 1))
             torch._foreach_mul_(means, 1 - factor)
             torch._foreach_add_(means, [m.to(r.dtype) for (_, m, _), r in zip(group, means)], alpha=factor)
@@ -783,7 +810,10 @@ class _DenseStageFunction(torch.autograd.Function):
         # check makes one changed in place before backward (an optimiser step between a forward and its
         # backward) raise, as it does for torchvision's model
         ctx.n_params = len(params)
-        ctx.save_for_backward(Fbuf, *params, *_running_stats_used(stage, state))
+        running = _running_stats_used(stage, state)
+        if running and not torch.compiler.is_compiling():
+            _remember_saved_running(running)
+        ctx.save_for_backward(Fbuf, *params, *running)
         return Fbuf if out is None else out
 
     @staticmethod
