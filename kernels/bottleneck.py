@@ -68,12 +68,33 @@ def _affine_relu(x, scale_ptrs, shift_ptrs, mask_c, CHANNEL_AXIS: tl.constexpr):
 
 
 @triton.jit
-def _add_channel_sums(y, mask, sum_ptrs, sqsum_ptrs, mask_b, PIXEL_AXIS: tl.constexpr):
-    """The forward's epilogue: BN2's batch sums Σy and Σy² of the stored tile ``y`` over its pixels (along
-    ``PIXEL_AXIS``), added atomically; padded pixels (``mask`` off) hold relu(shift)·w and are left out."""
-    yf = tl.where(mask, y.to(tl.float32), 0.0)
-    tl.atomic_add(sum_ptrs, tl.sum(yf, axis=PIXEL_AXIS), mask=mask_b)
-    tl.atomic_add(sqsum_ptrs, tl.sum(yf * yf, axis=PIXEL_AXIS), mask=mask_b)
+def _reference_sample(X_ptr, Scale_ptr, Shift_ptr, W_ptr, offs_b, mask_b, C, stride_xc, stride_wb,
+                      BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``y[0, b, 0]`` in fp32 for the tile's output channels: the output at the first pixel of the first
+    sample, computed alike (so bit for bit the same) in every program. The epilogue centres its sums on it."""
+    offs_k = tl.arange(0, BLOCK_K)
+    r = tl.zeros([BLOCK_B], dtype=tl.float32)
+    for k0 in range(0, C, BLOCK_K):
+        mask_k = (k0 + offs_k) < C
+        x = tl.load(X_ptr + (k0 + offs_k) * stride_xc, mask=mask_k, other=0.0)
+        h = _relu(x.to(tl.float32) * tl.load(Scale_ptr + k0 + offs_k, mask=mask_k, other=0.0)
+                  + tl.load(Shift_ptr + k0 + offs_k, mask=mask_k, other=0.0))  # padded channels: relu(0) = 0
+        w = tl.load(W_ptr + offs_b[:, None] * stride_wb + (k0 + offs_k)[None, :],
+                    mask=mask_b[:, None] & mask_k[None, :], other=0.0)
+        r += tl.sum(w.to(tl.float32) * h[None, :], axis=1)
+    return r
+
+
+@triton.jit
+def _add_channel_sums(y, mask, ref, sum_ptrs, sqsum_ptrs, mask_b, PIXEL_AXIS: tl.constexpr):
+    """The forward's epilogue: BN2's batch sums of the stored tile ``y`` over its pixels (along
+    ``PIXEL_AXIS``), centred on the reference sample ``ref`` (one value per channel): Σ(y - ref) and
+    Σ(y - ref)², added atomically. Centred, ``E[d²] - E[d]²`` keeps the variance's digits where
+    ``E[y²] - E[y]²`` cancels (a channel's mean large against its spread). Padded pixels (``mask`` off)
+    hold relu(shift)·w and are left out."""
+    d = tl.where(mask, y.to(tl.float32) - tl.expand_dims(ref, PIXEL_AXIS), 0.0)
+    tl.atomic_add(sum_ptrs, tl.sum(d, axis=PIXEL_AXIS), mask=mask_b)
+    tl.atomic_add(sqsum_ptrs, tl.sum(d * d, axis=PIXEL_AXIS), mask=mask_b)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,8 +108,9 @@ def _bottleneck_fwd_kernel(
     Shift_ptr,  # (C,) fp32
     W_ptr,  # (B, C), x.dtype, w[b, c] at b*stride_wb + c
     Y_ptr,  # (N, B, P), x.dtype
-    YSum_ptr,  # (B,) fp32, zeroed: Σ_{n,p} y (not touched unless STATS)
-    YSqSum_ptr,  # (B,) fp32, zeroed: Σ_{n,p} y² (not touched unless STATS)
+    YSum_ptr,  # (B,) fp32, zeroed: Σ_{n,p} (y - ref) (not touched unless STATS)
+    YSqSum_ptr,  # (B,) fp32, zeroed: Σ_{n,p} (y - ref)² (not touched unless STATS)
+    YRef_ptr,  # (B,) fp32: ref = y[0, :, 0] in fp32, written by the first pixel tile (not touched unless STATS)
     C,
     B,
     P,
@@ -103,7 +125,7 @@ def _bottleneck_fwd_kernel(
     BLOCK_B: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    STATS: tl.constexpr,  # accumulate Σy and Σy² (False: backward's recomputation, BN2 statistics cached)
+    STATS: tl.constexpr,  # accumulate BN2's centred sums (False: backward's recomputation, statistics cached)
     INPUT_PRECISION: tl.constexpr,
     BF16_INTERP: tl.constexpr,
     W_FIRST: tl.constexpr = False,  # the GEMM's orientation, an autotuned choice (see below)
@@ -127,6 +149,11 @@ def _bottleneck_fwd_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     mask_b = offs_b < B
     mask_p = offs_p < P
+    if STATS:
+        ref = _reference_sample(X_ptr, Scale_ptr, Shift_ptr, W_ptr, offs_b, mask_b, C, stride_xc, stride_wb,
+                                BLOCK_B, BLOCK_K)
+        if tile == 0:
+            tl.store(YRef_ptr + offs_b, ref, mask=mask_b)
 
     if W_FIRST:
         # Y (B x P) = W (B x C) . h (C x P): h is the B operand, in X's own layout (pixels contiguous along
@@ -147,7 +174,7 @@ def _bottleneck_fwd_kernel(
         mask_t = mask_b[:, None] & mask_p[None, :]
         tl.store(Y_ptr + n * stride_yn + offs_b[:, None] * stride_yb + offs_p[None, :], y_t, mask=mask_t)
         if STATS:
-            _add_channel_sums(y_t, mask_t, YSum_ptr + offs_b, YSqSum_ptr + offs_b, mask_b, 1)
+            _add_channel_sums(y_t, mask_t, ref, YSum_ptr + offs_b, YSqSum_ptr + offs_b, mask_b, 1)
     else:
         x_ptrs = X_ptr + n * stride_xn + offs_p[:, None] + offs_k[None, :] * stride_xc  # (BLOCK_M, BLOCK_K)
         wt_ptrs = W_ptr + offs_b[None, :] * stride_wb + offs_k[:, None]  # W^T tile (BLOCK_K, BLOCK_B)
@@ -165,7 +192,7 @@ def _bottleneck_fwd_kernel(
         mask = mask_p[:, None] & mask_b[None, :]
         tl.store(Y_ptr + n * stride_yn + offs_p[:, None] + offs_b[None, :] * stride_yb, y, mask=mask)
         if STATS:
-            _add_channel_sums(y, mask, YSum_ptr + offs_b, YSqSum_ptr + offs_b, mask_b, 0)
+            _add_channel_sums(y, mask, ref, YSum_ptr + offs_b, YSqSum_ptr + offs_b, mask_b, 0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -625,15 +652,16 @@ def _keys(C: int, M: int) -> tuple[int, int]:
 # Host launches: shapes already checked, outputs already allocated (and sums zeroed) by the caller
 
 
-def bottleneck_forward_launch(x, scale, shift, weight, y, y_sum, y_sqsum) -> None:
-    """``y_sum``/``y_sqsum``: zeroed fp32 ``[B]`` for BN2's sums, or both ``None`` to skip them."""
+def bottleneck_forward_launch(x, scale, shift, weight, y, y_sum, y_sqsum, y_ref) -> None:
+    """``y_sum``/``y_sqsum``: zeroed fp32 ``[B]`` for BN2's sums centred on ``y_ref`` (fp32 ``[B]``, written:
+    ``y[0, :, 0]``), or all three ``None`` to skip them."""
     N, C, H, W = x.shape
     B, P, M = weight.shape[0], H * W, N * H * W
     stats = y_sum is not None
     if not stats:  # never dereferenced (STATS=False); the autotuner's reset_to_zero may zero y, which is then written
-        y_sum = y_sqsum = y
+        y_sum = y_sqsum = y_ref = y
     args = (
-        x, scale, shift, weight, y, y_sum, y_sqsum,
+        x, scale, shift, weight, y, y_sum, y_sqsum, y_ref,
         C, B, P, M, x.stride(0), x.stride(1), weight.stride(0), y.stride(0), y.stride(1), *_keys(C, M),
     )
     prec, up = _launch.input_precision(x.dtype), _bf16_interp(x)

@@ -176,7 +176,7 @@ def _(x, mean, var, part_mean, part_m2, part_count) -> None:
     return None
 
 
-@torch.library.custom_op("effdense::bottleneck_forward", mutates_args=("y", "y_sum", "y_sqsum"))
+@torch.library.custom_op("effdense::bottleneck_forward", mutates_args=("y", "y_sum", "y_sqsum", "y_ref"))
 def _bottleneck_forward_op(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -185,13 +185,14 @@ def _bottleneck_forward_op(
     y: torch.Tensor,
     y_sum: torch.Tensor | None,
     y_sqsum: torch.Tensor | None,
+    y_ref: torch.Tensor | None,
 ) -> None:
     _use_triton(x, "triton")
-    _bottleneck.bottleneck_forward_launch(x, scale, shift, weight, y, y_sum, y_sqsum)
+    _bottleneck.bottleneck_forward_launch(x, scale, shift, weight, y, y_sum, y_sqsum, y_ref)
 
 
 @_bottleneck_forward_op.register_fake
-def _(x, scale, shift, weight, y, y_sum, y_sqsum) -> None:
+def _(x, scale, shift, weight, y, y_sum, y_sqsum, y_ref) -> None:
     return None
 
 
@@ -322,22 +323,25 @@ def bottleneck_forward(
     chunk: int | None = None,
     backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``y = conv1x1(relu(scale*x + shift), weight)`` with BN2's batch sums in the epilogue.
+    """``y = conv1x1(relu(scale*x + shift), weight)`` with BN2's batch statistics from the epilogue.
 
     Args:
         x: ``(N, C, H, W)``, (H, W) plane contiguous, any channel offset/stride.
         scale, shift: fp32 ``[C]``, BN1's affine (``gamma*invstd``, ``beta - mean*gamma*invstd``).
         weight: ``(B, C)`` in x.dtype.
-        stats: return the sums; ``False`` returns ``None`` for them and skips computing them (the
-            kernel's epilogue reductions and atomics; the PyTorch twin's three passes over ``y``).
+        stats: return the statistics; ``False`` returns ``None`` for them and skips computing them (the
+            kernel's epilogue reductions and atomics; the PyTorch twin's passes over ``y``).
         chunk: the PyTorch twin materialises ``relu(scale*x + shift)`` at most this many input channels
             at a time (see :func:`reference.bottleneck_forward`); the kernel never materialises it and
             ignores this (a positive int or None on both).
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
 
     Returns:
-        ``(y, y_sum, y_sqsum)``: ``y`` contiguous ``(N, B, H, W)`` in x.dtype (fp32 accumulation);
-        ``Σ y`` and ``Σ y²`` over (N, H, W), fp32 ``[B]``, of ``y`` as stored (``None`` if not ``stats``).
+        ``(y, mean, var)``: ``y`` contiguous ``(N, B, H, W)`` in x.dtype (fp32 accumulation); the batch
+        mean and biased variance over (N, H, W) of ``y`` as stored, fp32 ``[B]`` (``None`` if not
+        ``stats``; NaN for an empty batch, as ``torch.var_mean``). The kernel sums ``d = y - y[0, :, 0]``
+        and forms ``E[d²] - E[d]²``: centred on a sample of each channel, the variance keeps its digits where
+        the plain ``E[y²] - E[y]²`` cancels (a channel's mean large against its spread).
     """
     if not _use_triton(x, backend):
         return reference.bottleneck_forward(x, scale, shift, weight, stats=stats, chunk=chunk)
@@ -349,12 +353,19 @@ def bottleneck_forward(
     N, C, H, W = x.shape
     B = weight.shape[0]
     y = torch.empty((N, B, H, W), dtype=x.dtype, device=x.device)
-    y_sum, y_sqsum = _zero_pair(B, x) if stats else (None, None)
+    if not stats:
+        _call(_bottleneck_forward_op, _bottleneck.bottleneck_forward_launch, x, scale, shift, _rows(weight), y, None, None, None)
+        return y, None, None
+    # Σd, Σd² and the reference sample: the rows of one zeroed buffer (the reference stays 0 if no program runs)
+    d_sum, d_sqsum, ref = torch.zeros((3, B), dtype=torch.float32, device=x.device).unbind(0)
     _call(
         _bottleneck_forward_op, _bottleneck.bottleneck_forward_launch,
-        x, scale, shift, _rows(weight), y, y_sum, y_sqsum,
+        x, scale, shift, _rows(weight), y, d_sum, d_sqsum, ref,
     )  # fmt: skip
-    return y, y_sum, y_sqsum
+    # in place on the sums (three operators): var = E[d²] - E[d]², mean = ref + E[d]
+    torch._foreach_div_([d_sum, d_sqsum], N * H * W)
+    var = d_sqsum.addcmul_(d_sum, d_sum, value=-1).clamp_(min=0)
+    return y, d_sum.add_(ref), var
 
 
 def bottleneck_backward_weight(

@@ -149,8 +149,9 @@ def bottleneck_forward(
     stats: bool = True,
     chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """``y = conv1x1(relu(scale*x + shift), weight)`` in x.dtype, with fp32 ``Σy`` and ``Σy²`` per output
-    channel of ``y`` as stored (``None`` for both when not ``stats``).
+    """``y = conv1x1(relu(scale*x + shift), weight)`` in x.dtype, with the fp32 batch mean and biased
+    variance per output channel of ``y`` as stored (two passes; ``None`` for both when not ``stats``, NaN
+    for an empty batch).
 
     ``chunk``: form ``h`` (fp32, the size of ``x``) at most that many input channels at a time, so the
     temporary stays a few bottleneck outputs wide however wide ``x`` is; the chunks' products are summed
@@ -179,10 +180,11 @@ def bottleneck_forward(
     y = y.to(x.dtype).view(N, B, H, W)
     if not stats:
         return y, None, None
-    yf = y if y.dtype == acc else y.to(acc)
-    y_sum = yf.sum(dim=(0, 2, 3))
-    y_sqsum = (yf * yf).sum(dim=(0, 2, 3))
-    return y, y_sum, y_sqsum
+    if not y.numel():  # (torch.var_mean warns about an empty reduction)
+        nan = torch.full((B,), float("nan"), dtype=acc, device=x.device)
+        return y, nan, nan.clone()
+    var, mean = torch.var_mean(y if y.dtype == acc else y.to(acc), dim=(0, 2, 3), correction=0)
+    return y, mean, var
 
 
 @_no_grad

@@ -329,18 +329,14 @@ def _bn1_stats(stage: _Stage, state: _StageState, bn, Fbuf: torch.Tensor, c: int
 
 
 def _bn2_stats(
-    stage: _Stage, state: _StageState, bn, y_sum: torch.Tensor, y_sqsum: torch.Tensor, shape, update: bool, batch: bool
+    stage: _Stage, state: _StageState, bn, mean: torch.Tensor, var: torch.Tensor, shape, update: bool, batch: bool
 ):
-    """BN2's batch statistics from the bottleneck's epilogue sums (fp32) when ``batch``, else ``(None, None)``
-    (running statistics). The sums are overwritten: they become the returned mean and variance."""
+    """BN2's batch statistics when ``batch`` (the bottleneck's local mean and biased variance, fp32, from the
+    forward op's epilogue; all-reduced under SyncBatchNorm semantics), else ``(None, None)`` (running
+    statistics)."""
     if not batch:
         return None, None
     local = shape[0] * shape[2] * shape[3]
-    # in place (the sums are the caller's own, just computed): three operators and no allocation, where
-    # out-of-place division cost four and three; the division is the same (one kernel for both on a GPU)
-    torch._foreach_div_([y_sum, y_sqsum], local)
-    mean = y_sum
-    var = y_sqsum.addcmul_(mean, mean, value=-1).clamp_(min=0)  # E[y^2] - mean^2
     if stage.sync:
         mean, var, _ = _sync_stats(mean, var, local, stage.sync_group)
     if update:
@@ -396,7 +392,8 @@ def _bottleneck_forward(
     stage: _Stage, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, w: torch.Tensor, stats: bool = True
 ):
     """``ops.bottleneck_forward``, the normalised input formed ``chunk_width`` channels at a time by the
-    twins. Returns ``(y, Σy, Σy²)``, the sums ``None`` when not ``stats`` (backward with cached BN2 statistics)."""
+    twins. Returns ``(y, mean, var)``, BN2's local batch statistics ``None`` when not ``stats`` (running
+    statistics, or backward with cached ones)."""
     return stage.ops.bottleneck_forward(x, scale, shift, w, stats=stats, chunk=stage.chunk_width)
 
 
@@ -458,8 +455,8 @@ def _layer_forward(stage: _Stage, state: _StageState, layer, Fbuf: torch.Tensor,
         affine1 = _bn_affine(norm1, mean1, var1)
         state.save(affine1 if stage.policy.cache_stats else None, which="affine1")
         w1 = _cast(_weight(conv1), dtype).view(conv1.out_channels, c)
-        y1, y_sum, y_sqsum = _bottleneck_forward(stage, x, affine1[0], affine1[1], w1)
-        mean2, var2 = _bn2_stats(stage, state, norm2, y_sum, y_sqsum, y1.shape, update=True, batch=batch2)
+        y1, y_mean, y_var = _bottleneck_forward(stage, x, affine1[0], affine1[1], w1, stats=batch2)
+        mean2, var2 = _bn2_stats(stage, state, norm2, y_mean, y_var, y1.shape, update=True, batch=batch2)
         state.save((mean2, var2) if mean2 is not None and stage.policy.cache_stats else None, which="bn2")
         state.save(None if stage.policy.recompute_bottleneck else y1, which="y1")
         z = _bn_relu(y1, norm2, *_bn_stats(norm2, mean2, var2))
@@ -631,16 +628,16 @@ def _layer_backward(
         w1 = _cast(_weight(conv1), dtype).view(conv1.out_channels, c)
         cached = state.bn2[l]  # BN2's batch statistics from forward, or None (running stats, or not cached)
         if stage.policy.recompute_bottleneck:
-            y1, y_sum, y_sqsum = _bottleneck_forward(stage, x, scale1, shift1, w1, stats=cached is None)
+            y1, y_mean, y_var = _bottleneck_forward(stage, x, scale1, shift1, w1, stats=cached is None and batch2)
         else:
             y1 = state.y1[l]
-            if cached is None:
-                y_sum = _acc(y1).sum(dim=(0, 2, 3))
-                y_sqsum = _acc(y1).square().sum(dim=(0, 2, 3))
+            y_var = y_mean = None
+            if cached is None and batch2:  # (two passes: accurate where E[y²] - E[y]² cancels)
+                y_var, y_mean = torch.var_mean(_acc(y1), dim=(0, 2, 3), correction=0)
         if cached is not None:
             mean2, var2 = cached
         else:
-            mean2, var2 = _bn_stats(bn2, *_bn2_stats(stage, state, bn2, y_sum, y_sqsum, y1.shape, update=False, batch=batch2))
+            mean2, var2 = _bn_stats(bn2, *_bn2_stats(stage, state, bn2, y_mean, y_var, y1.shape, update=False, batch=batch2))
         z = _bn_relu(y1, bn2, mean2, var2)
         w2 = _cast(_weight(conv2), dtype)
         dz, dw2, _ = torch.ops.aten.convolution_backward(
