@@ -480,8 +480,8 @@ def test_nan_propagates_as_pytorch_relu(backend, device):
     x = torch.tensor([nan, 1.0, -2.0, 0.5], device=device).view(1, 4, 1, 1).repeat(2, 1, 3, 3)
     scale, shift = torch.ones(4, device=device), torch.zeros(4, device=device)
     w = torch.linspace(0.5, 2.0, 8, device=device).view(2, 4)
-    y, y_sum, y_sqsum = K.bottleneck_forward(x, scale, shift, w, backend=backend)
-    assert y.isnan().all() and y_sum.isnan().all() and y_sqsum.isnan().all()
+    y, y_mean, y_var = K.bottleneck_forward(x, scale, shift, w, backend=backend)
+    assert y.isnan().all() and y_mean.isnan().all() and y_var.isnan().all()
     dy = torch.ones(2, 2, 3, 3, device=device)
     dw = K.bottleneck_backward_weight(x, scale, shift, dy, backend=backend)
     assert dw[:, 0].isnan().all() and not dw[:, 1:].isnan().any()
@@ -943,8 +943,8 @@ def test_forward_without_sums_gives_the_same_output(device):
     _need_triton(device)
     c = _case(SHAPES[4], torch.float32, device)
     args = (c["x"], c["scale"], c["shift"], c["weight"])
-    y, y_sum, y_sqsum = K.bottleneck_forward(*args, backend="triton")
-    assert y_sum is not None and y_sqsum is not None
+    y, y_mean, y_var = K.bottleneck_forward(*args, backend="triton")
+    assert y_mean is not None and y_var is not None
     direct = K.bottleneck_forward(*args, stats=False, backend="triton")
     with _OpLog():
         via_op = K.bottleneck_forward(*args, stats=False, backend="triton")
@@ -1083,10 +1083,10 @@ def test_float64_runs_on_the_twins_with_fp64_statistics():
     torch.testing.assert_close(var, x.var(dim=(0, 2, 3), correction=0))
     s, t = torch.rand(8, dtype=torch.float64) + 0.5, torch.randn(8, dtype=torch.float64)
     w = torch.randn(4, 8, dtype=torch.float64)
-    y, y_sum, _ = K.bottleneck_forward(x, s, t, w)
+    y, y_mean, _ = K.bottleneck_forward(x, s, t, w)
     h = torch.relu(x * s.view(1, -1, 1, 1) + t.view(1, -1, 1, 1))
     torch.testing.assert_close(y, torch.nn.functional.conv2d(h, w.view(4, 8, 1, 1)))
-    assert y_sum.dtype == torch.float64
+    assert y_mean.dtype == torch.float64
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -1199,7 +1199,7 @@ def test_cuda_direct_launch_matches_triton_launch(dtype):
             finally:
                 L.set_direct_launch(previous)
             torch.cuda.synchronize()
-            for name, g, w in zip(("y", "y_sum", "y_sqsum", "dw", "dh", "sum_dh", "sum_dh_xmu", "grad", "mean", "var"), got, want):
+            for name, g, w in zip(("y", "y_mean", "y_var", "dw", "dh", "sum_dh", "sum_dh_xmu", "grad", "mean", "var"), got, want):
                 # the sums and dW use fp32 atomics (order, hence last bits, vary); the rest is exact
                 exact = name in ("y", "dh", "mean", "var")
                 torch.testing.assert_close(g, w, rtol=0 if exact else 1e-5, atol=0 if exact else 1e-4, msg=lambda m: f"{shape} {name}: {m}")
@@ -1229,8 +1229,8 @@ def test_meta_tensors_take_the_library_op_in_plain_eager():
     v = torch.empty(C, device="meta")
     w = torch.empty(B, C, device="meta")
     dy = torch.empty(N, B, H, W, device="meta")
-    y, y_sum, y_sqsum = K.bottleneck_forward(x, v, v, w, backend="triton")
-    assert (y.shape, y_sum.shape, y_sqsum.shape) == ((N, B, H, W), (B,), (B,)) and y.is_meta
+    y, y_mean, y_var = K.bottleneck_forward(x, v, v, w, backend="triton")
+    assert (y.shape, y_mean.shape, y_var.shape) == ((N, B, H, W), (B,), (B,)) and y.is_meta
     mean, var = K.channel_stats(x, backend="triton")
     assert mean.shape == var.shape == (C,) and mean.is_meta
     assert K.bottleneck_backward_weight(x, v, v, dy, backend="triton").shape == (B, C)
