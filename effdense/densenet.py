@@ -8,6 +8,7 @@ The modules mirror ``torchvision.models.densenet`` name for name (``features.den
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import numbers
 import operator
@@ -604,7 +605,7 @@ def _densenet(arch: str, weights: Any, progress: bool, **kwargs: Any) -> DenseNe
         warnings.warn(
             f"{arch}(pretrained=...) is deprecated, as in torchvision: use weights='DEFAULT' or weights=None",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
         if pretrained:
             cls = _weights_enum_class(arch)
@@ -623,6 +624,37 @@ def _densenet(arch: str, weights: Any, progress: bool, **kwargs: Any) -> DenseNe
     return load_weights(DenseNet(**config, **kwargs), weights, progress)
 
 
+def _legacy_interface(builder):
+    """torchvision's legacy calling conventions for a model builder, each with its deprecation warning:
+    ``weights`` (then ``progress``) given positionally, and a bool for ``weights`` (the old positional
+    ``pretrained``: ``densenet121(True)``), which means ``pretrained=`` that bool."""
+    arch = builder.__name__
+
+    @functools.wraps(builder)
+    def wrapper(*args: Any, **kwargs: Any) -> DenseNet:
+        if args:
+            if len(args) > 2:
+                raise TypeError(f"{arch}() takes at most 2 positional arguments (weights, progress), got {len(args)}")
+            for name, value in zip(("weights", "progress"), args):
+                if name in kwargs:
+                    raise TypeError(f"{arch}() got multiple values for argument {name!r}")
+                kwargs[name] = value
+            warnings.warn(
+                f"{arch}(): passing {' and '.join(('weights', 'progress')[: len(args)])} positionally is deprecated, "
+                "as in torchvision: use keyword arguments",
+                UserWarning,
+                stacklevel=2,
+            )
+        if isinstance(kwargs.get("weights"), bool):  # torchvision reads a bool here as the legacy pretrained flag
+            if "pretrained" in kwargs:
+                raise TypeError(f"{arch}() got a bool weights={kwargs['weights']!r} and pretrained=; pass weights= only")
+            kwargs["pretrained"] = kwargs.pop("weights")
+        return builder(**kwargs)
+
+    return wrapper
+
+
+@_legacy_interface
 def densenet121(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-121 (k=32, blocks 6-12-24-16). ``kwargs`` go to :class:`DenseNet` (``strategy=`` among them).
 
@@ -632,21 +664,25 @@ def densenet121(*, weights: Any = None, progress: bool = True, **kwargs: Any) ->
     return _densenet("densenet121", weights, progress, **kwargs)
 
 
+@_legacy_interface
 def densenet161(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-161 (k=48, blocks 6-12-36-24, 96 stem features)."""
     return _densenet("densenet161", weights, progress, **kwargs)
 
 
+@_legacy_interface
 def densenet169(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-169 (k=32, blocks 6-12-32-32)."""
     return _densenet("densenet169", weights, progress, **kwargs)
 
 
+@_legacy_interface
 def densenet201(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-201 (k=32, blocks 6-12-48-32)."""
     return _densenet("densenet201", weights, progress, **kwargs)
 
 
+@_legacy_interface
 def densenet264(*, weights: Any = None, progress: bool = True, **kwargs: Any) -> DenseNet:
     """DenseNet-264 (k=32, blocks 6-12-64-48); torchvision has no weights for it."""
     return _densenet("densenet264", weights, progress, **kwargs)

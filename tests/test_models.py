@@ -399,6 +399,35 @@ def test_weights_enum_member_names_and_pretrained(no_download) -> None:
         effdense.densenet121(pretrained=True, weights="DEFAULT")
 
 
+def test_legacy_positional_weights_and_bool_weights_as_torchvision(no_download) -> None:
+    """torchvision's builders still take ``weights`` (and ``progress``) positionally and a bool for ``weights``
+    (the old positional ``pretrained``), each with a deprecation warning; so do effdense's."""
+    import inspect
+    import warnings
+
+    for call, downloads in (((None,), 0), ((False,), 0), ((True,), 1), ((None, False), 0)):
+        with warnings.catch_warnings(record=True) as tv_warned:
+            warnings.simplefilter("always")
+            tv = torchvision.models.densenet121(*call)
+        before = len(no_download)
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            model = effdense.densenet121(*call)
+        assert len(no_download) - before == downloads, call
+        assert tv_warned and warned and all("deprecated" in str(w.message) for w in warned), call
+        assert all(w.filename == __file__ for w in warned), [w.filename for w in warned]  # points at the caller
+        assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in tv.parameters())
+    with pytest.warns(UserWarning, match="deprecated"):
+        assert effdense.densenet169(weights=False).classifier.out_features == 1000
+    assert list(inspect.signature(effdense.densenet121).parameters) == ["weights", "progress", "kwargs"]
+    with pytest.raises(TypeError, match="at most 2 positional"):
+        effdense.densenet201(None, True, 3)
+    with pytest.raises(TypeError, match="multiple values for argument 'weights'"):
+        effdense.densenet121(None, weights=None)
+    with pytest.raises(TypeError, match="pass weights= only"):
+        effdense.densenet121(weights=True, pretrained=True)
+
+
 def test_weights_files_name_their_problem(tmp_path) -> None:
     sd = torchvision.models.densenet121(num_classes=3).state_dict()
     torch.save({"model": sd, "epoch": 2}, tmp_path / "train.pt")  # effdense train's checkpoint layout
