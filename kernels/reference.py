@@ -126,7 +126,12 @@ def _two_pass_stats(x: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, to
 
 
 def check_chunk(chunk: int | None) -> None:
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+    """A channel-chunk width: None, or a positive int (a bool or float is a ``TypeError``, ``< 1`` a ``ValueError``)."""
+    if chunk is None:
+        return
+    if isinstance(chunk, bool) or not isinstance(chunk, int):
+        raise TypeError(f"chunk: expected a positive int or None, got {type(chunk).__name__} {chunk!r}")
+    if chunk < 1:
         raise ValueError(f"chunk: expected a positive int or None, got {chunk!r}")
 
 

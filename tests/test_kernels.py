@@ -337,8 +337,8 @@ def test_whole_bottleneck_backward_rejects_a_bad_chunk():
     c = _case(SHAPES[0], torch.float32, "cpu")
     args = (c["x"], c["scale"], c["shift"], c["weight"], c["dy"], c["mean"], c["invstd"], c["gamma"])
     for backend in ("reference", "triton") if K.kernels_available("cpu") else ("reference",):
-        for bad in (0, -3, 2.5, True):
-            with pytest.raises(ValueError, match="chunk: expected a positive int or None"):
+        for bad, error in ((0, ValueError), (-3, ValueError), (2.5, TypeError), (True, TypeError)):
+            with pytest.raises(error, match="chunk: expected a positive int or None"):
                 K.bottleneck_backward(*args, torch.zeros_like(c["x"]), chunk=bad, backend=backend)
 
 
@@ -1450,13 +1450,13 @@ def test_overlap_test_matches_brute_force():
     assert not _checks._planes_overlap(a, b) and _checks._planes_overlap(a, flat[6:42].view(2, 3, 3, 2))
 
 
-@pytest.mark.parametrize("chunk", [0, -1, True, 1.5, "4"])
-def test_triton_forward_checks_chunk_as_the_twin_does(chunk):
+@pytest.mark.parametrize("chunk, error", [(0, ValueError), (-1, ValueError), (True, TypeError), (1.5, TypeError), ("4", TypeError)])
+def test_triton_forward_checks_chunk_as_the_twin_does(chunk, error):
     # before: the kernel path ignored chunk without looking at it, so chunk=0 or "4" passed on Triton only
     _need_triton("cpu")
     x, s, t, w, _, _ = _small()
     for backend in ("reference", "triton"):
-        with pytest.raises(ValueError, match="chunk: expected a positive int or None"):
+        with pytest.raises(error, match="chunk: expected a positive int or None"):
             K.bottleneck_forward(x, s, t, w, chunk=chunk, backend=backend)
 
 
