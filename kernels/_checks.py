@@ -34,7 +34,8 @@ def check_activation(name: str, t: torch.Tensor, *, like: torch.Tensor | None = 
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected dtype float32, bfloat16, float16 or float64, got {t.dtype}")
     N, C, H, W = t.shape
-    if (W > 1 and t.stride(3) != 1) or (H > 1 and t.stride(2) != W):
+    # (an empty tensor has no plane to read: any strides, e.g. PyTorch's for a W=0 tensor or an expanded zero gradient)
+    if t.numel() and ((W > 1 and t.stride(3) != 1) or (H > 1 and t.stride(2) != W)):
         raise ValueError(
             f"{name}: expected each (H, W) plane contiguous (strides (sN, sC, {W}, 1), e.g. NCHW or a channel "
             f"slice of an NCHW buffer), got strides {t.stride()}; channels_last is not supported, call .contiguous()"

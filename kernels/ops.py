@@ -16,7 +16,7 @@ vectors and statistics wherever fp32 is written below.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch.autograd import forward_ad as _forward_ad
@@ -70,13 +70,29 @@ def set_direct_launch(enabled: bool) -> bool:
     return _launch.set_direct_launch(enabled)
 
 
-def _use_triton(x: torch.Tensor, backend: str) -> bool:
+def _transformed(tensors: tuple) -> bool:
+    """Whether any of ``tensors`` is a ``torch.func`` transform's wrapper (vmap's batched tensor, grad's
+    tracking tensor): the kernels' ops write into their arguments, and PyTorch's batching fallback cannot run
+    such ops, while the twins are PyTorch operators that every transform handles."""
+    if not _functorch_active():
+        return False
+    wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    for t in tensors:
+        for u in t if isinstance(t, (tuple, list)) else (t,):  # (an out= pair)
+            if isinstance(u, torch.Tensor) and wrapped(u):
+                return True
+    return False
+
+
+def _use_triton(x: torch.Tensor, backend: str, *others: Any) -> bool:
+    """Whether a public op runs its Triton kernels; ``others``: its other tensor arguments (for the
+    ``torch.func`` check)."""
     if backend == "reference":
         return False
     if backend == "auto":
-        # float64 (gradcheck, numerics studies) always runs on the PyTorch twins
+        # float64 (gradcheck, numerics studies) always runs on the PyTorch twins, as does an op under vmap
         try:
-            return x.dtype in _checks.KERNEL_DTYPES and kernels_available(x.device)
+            return x.dtype in _checks.KERNEL_DTYPES and kernels_available(x.device) and not _transformed((x, *others))
         except AttributeError:  # not a tensor (None, a list, a number): the twin's check names it
             return False
     if backend == "triton":
@@ -90,6 +106,11 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
                 f"the tensor is on {x.device}; use a CUDA tensor or set TRITON_INTERPRET=1 before importing effdense"
             )
             raise RuntimeError(f"backend='triton' cannot run: {why}")
+        if _transformed((x, *others)):
+            raise NotImplementedError(
+                "backend='triton': the kernel ops do not run under torch.func transforms (vmap, grad); "
+                "backend='auto' runs the PyTorch twins there"
+            )
         return True
     raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
 
@@ -145,6 +166,14 @@ def _call(op, launch, *args: torch.Tensor, mutated: tuple[torch.Tensor, ...] = (
     execution. ``mutated``: caller-owned arguments the launch writes, whose version counters the op would
     bump (so autograd notices in-place changes to saved tensors); the direct path bumps them itself."""
     if _plain_eager(args):
+        if mutated and not torch.is_inference_mode_enabled():  # as the op's dispatch (and the twins) refuse
+            for t in mutated:
+                if t.is_inference():
+                    raise RuntimeError(
+                        "Inplace update to inference tensor outside InferenceMode is not allowed: an output "
+                        "argument (out=, grad=) was created under torch.inference_mode(); write into it inside "
+                        "inference_mode, or pass a tensor made outside it (e.g. t.clone())"
+                    )
         launch(*args)
         if mutated:
             torch.autograd.graph.increment_version(mutated)
@@ -291,7 +320,7 @@ def channel_stats(
         ``(mean, var)`` (``out`` itself when given), fp32 ``[C]`` each, computed with shifted tile sums
         merged by Chan's formula; NaN when ``x`` has no values per channel (``N*H*W == 0``), as ``torch.var_mean``.
     """
-    if not _use_triton(x, backend):
+    if not _use_triton(x, backend, out):
         return reference.channel_stats(x, out=out)
     _checks.check_activation("x", x)
     C = x.shape[1]
@@ -343,7 +372,7 @@ def bottleneck_forward(
         and forms ``E[d²] - E[d]²``: centred on a sample of each channel, the variance keeps its digits where
         the plain ``E[y²] - E[y]²`` cancels (a channel's mean large against its spread).
     """
-    if not _use_triton(x, backend):
+    if not _use_triton(x, backend, scale, shift, weight):
         return reference.bottleneck_forward(x, scale, shift, weight, stats=stats, chunk=chunk)
     reference._check_affine(x, scale, shift)
     _checks.check_weight(weight, x)
@@ -381,7 +410,7 @@ def bottleneck_backward_weight(
     Returns:
         fp32 ``(B, C)`` (fp32 accumulation; view it as the conv weight ``(B, C, 1, 1)`` and cast as needed).
     """
-    if not _use_triton(x, backend):
+    if not _use_triton(x, backend, scale, shift, dy):
         return reference.bottleneck_backward_weight(x, scale, shift, dy)
     reference._check_affine(x, scale, shift)
     _checks.check_activation("dy", dy, like=x)
@@ -421,7 +450,7 @@ def bottleneck_backward_input(
         ``(dh, sum_dh, sum_dh_xmu)``: ``dh = (weight^T · dy) * [scale*x + shift > 0]`` (``out`` itself when
         given), and fp32 ``[C]`` ``Σ dh`` and ``Σ dh*(x - mean)`` over (N, H, W), of ``dh`` as stored.
     """
-    if not _use_triton(x, backend):
+    if not _use_triton(x, backend, scale, shift, weight, dy, mean, out):
         return reference.bottleneck_backward_input(x, scale, shift, weight, dy, mean, out)
     reference._check_affine(x, scale, shift)
     _checks.check_weight(weight, x)
@@ -473,7 +502,7 @@ def bn_backward_accumulate(
             ``x`` does not reach ``grad``, as in PyTorch's eval-mode BatchNorm backward.
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
     """
-    if not _use_triton(x, backend):
+    if not _use_triton(x, backend, grad, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu):
         return reference.bn_backward_accumulate(
             grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu, batch_stats=batch_stats
         )
@@ -499,7 +528,7 @@ def _accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu) -> None:
 
 @torch.library.custom_op("effdense::bn_relu_conv1x1", mutates_args=())
 def _bn_relu_conv1x1_op(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    y, _, _ = bottleneck_forward(x, scale, shift, weight)
+    y, _, _ = bottleneck_forward(x, scale, shift, weight, stats=False)  # y only: no BN2 sums
     return y
 
 
@@ -658,7 +687,7 @@ def bottleneck_backward(
     Returns:
         ``(dW, dgamma, dbeta)``: fp32 ``(B, C)``, and fp32 ``[C]`` ``Σ dh*(x - mean)*invstd`` and ``Σ dh``.
     """
-    if not _use_triton(x, backend):
+    if not _use_triton(x, backend, scale, shift, weight, dy, mean, invstd, gamma, grad):
         return reference.bottleneck_backward(
             x, scale, shift, weight, dy, mean, invstd, gamma, grad, batch_stats=batch_stats, chunk=chunk
         )

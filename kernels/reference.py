@@ -159,9 +159,11 @@ def bottleneck_forward(
     for an empty batch).
 
     ``chunk``: form ``h`` (fp32, the size of ``x``) at most that many input channels at a time, so the
-    temporary stays a few bottleneck outputs wide however wide ``x`` is; the chunks' products are summed
-    into ``y`` in fp32 (in place: ``baddbmm_``, for fp32 and fp64). On CPU, chunks of about the output
-    width are also faster than one wide ``h``, which falls out of cache."""
+    temporary stays a few bottleneck outputs wide however wide ``x`` is. The chunks' products are summed in
+    fp32 (fp64 for fp64; in place into ``y``: ``baddbmm_``); for bf16/fp16 each chunk's GEMM accumulates in
+    fp32 but returns its product in x.dtype, as PyTorch's GEMMs in that dtype do, so a chunked ``y`` carries
+    one rounding per chunk where an unchunked one (and the Triton kernel's) carries one in all. On CPU,
+    chunks of about the output width are also faster than one wide ``h``, which falls out of cache."""
     _check_affine(x, scale, shift)
     _checks.check_weight(weight, x)
     check_chunk(chunk)
@@ -182,7 +184,9 @@ def bottleneck_forward(
         else:  # low precision: each chunk's GEMM sees h rounded to x.dtype, as the kernel's does
             y.add_(_wmm(w, h.to(x.dtype)))
         del h
-    y = y.to(x.dtype).view(N, B, H, W)
+    # reshaped without becoming a view: an autograd op's output that is a view (bn_relu_conv1x1's, on the
+    # twins) refuses in-place changes, such as a ReLU(inplace=True) after it
+    y = torch.ops.aten._unsafe_view(y.to(x.dtype), (N, B, H, W))
     if not stats:
         return y, None, None
     if not y.numel():  # (torch.var_mean warns about an empty reduction)

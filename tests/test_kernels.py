@@ -1606,3 +1606,100 @@ def test_flop_counter_counts_the_kernels_as_their_twins(device) -> None:
     with FlopCounterMode(display=False) as counter:
         K.bn_relu_conv1x1(xg, scale, shift, wg).sum().backward()
     assert counter.get_total_flops() == 3 * gemm  # forward, weight gradient, input gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # fp32: the kernels (interpreter); fp64: the twins
+def test_bn_relu_conv1x1_output_takes_in_place_ops(dtype) -> None:
+    # before: the twins returned y as a view of their GEMM's output, so the op's output was a view and an
+    # in-place ReLU after it (nn.ReLU(inplace=True)) raised in backward on CPU and for fp64 anywhere
+    x, s, t, w, _, _ = _small(dtype=dtype)
+    s, t = s.to(R._checks.stats_dtype(dtype)), t.to(R._checks.stats_dtype(dtype))
+    grads = []
+    for fn in (K.bn_relu_conv1x1, lambda *a: F.conv2d(torch.relu(a[0] * _bc(a[1]) + _bc(a[2])), a[3][..., None, None])):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = fn(xg, s, t, wg)
+        assert not y._is_view()
+        (torch.nn.ReLU(inplace=True)(y) + 1).square().sum().backward()
+        grads.append((xg.grad, wg.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-4, atol=1e-4)
+
+
+def _bc(v):
+    return v.view(1, -1, 1, 1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_empty_tensors_pass_the_layout_check(backend) -> None:
+    # before: an empty gradient with zero strides (the backward of .sum() over an empty output) and a
+    # contiguous W=0 tensor were refused as "channels_last"; an empty tensor has no plane to read
+    _need_backend(backend)
+    x, s, t, w, _, m = _small(N=0)
+    dy = torch.zeros(()).expand(0, w.shape[0], 5, 5)
+    assert not K.bottleneck_backward_weight(x, s, t, dy, backend=backend).any()
+    dh, sum_dh, _ = K.bottleneck_backward_input(x, s, t, w, dy, m, backend=backend)
+    assert dh.shape == x.shape and not sum_dh.any()
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    K.bn_relu_conv1x1(xg, s, t, wg).sum().backward()
+    assert wg.grad.shape == w.shape and not wg.grad.any()
+    empty_w = torch.randn(2, 8, 3, 0)
+    assert empty_w.is_contiguous()
+    mean, var = K.channel_stats(empty_w, backend=backend)
+    assert mean.isnan().all() and var.isnan().all()
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_inference_tensor_outputs_are_refused_outside_inference_mode(backend) -> None:
+    # before: the direct kernel launch wrote into them, where PyTorch (and the twins) refuse
+    _need_backend(backend)
+    x, s, t, w, _, m = _small()
+    with torch.inference_mode():
+        out = (torch.empty(8), torch.empty(8))
+        grad = torch.zeros_like(x)
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        K.channel_stats(x, out=out, backend=backend)
+    dh = torch.randn_like(x)
+    sums = (torch.randn(8), torch.randn(8))
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor outside InferenceMode"):
+        K.bn_backward_accumulate(grad, x, dh, m, torch.ones(8), torch.ones(8), *sums, backend=backend)
+    with torch.inference_mode():  # inside, both write
+        K.channel_stats(x, out=out, backend=backend)
+        K.bn_backward_accumulate(grad, x, dh, m, torch.ones(8), torch.ones(8), *sums, backend=backend)
+    torch.testing.assert_close(out[0], x.mean(dim=(0, 2, 3)))
+    assert grad.any()
+
+
+def test_vmap_over_the_kernel_ops_runs_their_twins() -> None:
+    # before: on the kernel path vmap failed with PyTorch's "Batching rule not implemented" (the kernel ops
+    # write into their arguments), while the twins worked: what ran on a CPU failed on CUDA
+    _need_triton("cpu")
+    xs = torch.randn(3, 2, 8, 3, 3)
+    _, s, t, w, _, _ = _small(C=8, H=3, W=3)
+    y = torch.func.vmap(lambda a: K.bottleneck_forward(a, s, t, w)[0])(xs)
+    mean = torch.func.vmap(lambda a: K.channel_stats(a)[0])(xs)
+    for i in range(3):
+        torch.testing.assert_close(y[i], K.bottleneck_forward(xs[i], s, t, w, stats=False)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(mean[i], xs[i].mean(dim=(0, 2, 3)))
+    with pytest.raises(NotImplementedError, match="torch.func transforms"):
+        torch.func.vmap(lambda a: K.channel_stats(a, backend="triton")[0])(xs)
+    dys = torch.randn(3, 2, 4, 3, 3)  # batched over dy only
+    dw = torch.func.vmap(lambda d: K.bottleneck_backward_weight(xs[0], s, t, d))(dys)
+    torch.testing.assert_close(dw[1], K.bottleneck_backward_weight(xs[0], s, t, dys[1]), rtol=1e-5, atol=1e-5)
+
+
+def test_bn_relu_conv1x1_computes_no_statistics() -> None:
+    # before: its forward asked the bottleneck op for BN2's statistics and threw them away
+    calls = []
+    original = K.ops.bottleneck_forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("stats", True))
+        return original(*args, **kwargs)
+
+    x, s, t, w, _, _ = _small()
+    K.ops.bottleneck_forward = spy
+    try:
+        K.bn_relu_conv1x1(x, s, t, w)
+    finally:
+        K.ops.bottleneck_forward = original
+    assert calls == [False]
