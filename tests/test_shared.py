@@ -294,15 +294,21 @@ def _with_random_running_stats(model: nn.Module) -> nn.Module:
     return model
 
 
-@pytest.mark.parametrize("strategy", ["shared", "fused"])
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+@pytest.mark.parametrize("strategy", ["checkpoint", "shared", "fused"])
 @pytest.mark.parametrize("forward_mode, backward_mode", [("eval", "train"), ("train", "eval")])
-def test_mode_switched_between_forward_and_backward(strategy, forward_mode, backward_mode) -> None:
+def test_mode_switched_between_forward_and_backward(strategy, forward_mode, backward_mode, stem) -> None:
     """model.train()/.eval() between a forward and its backward: the gradient is that of the forward that
-    ran (batch or running statistics as forward chose), as autograd gives for torchvision's model."""
+    ran (batch or running statistics as forward chose), as autograd gives for torchvision's model. The
+    ImageNet stem (conv-BN-ReLU-pool) and checkpoint's bottlenecks are recomputed in backward: before, the
+    recomputation ran in the new mode and checkpoint refused it (CheckpointError)."""
     torch.manual_seed(0)
-    model = _with_random_running_stats(effdense.densenet_cifar(16, 4))
+    if stem == "cifar":
+        model, x = effdense.densenet_cifar(16, 4), torch.randn(2, 3, 8, 8)
+    else:
+        model, x = effdense.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5), torch.randn(2, 3, 32, 32)
+    model = _with_random_running_stats(model)
     ref, other = _pair(model, strategy)
-    x = torch.randn(2, 3, 8, 8)
     grads = []
     for m in (ref, other):
         xx = x.clone().requires_grad_()
@@ -312,7 +318,8 @@ def test_mode_switched_between_forward_and_backward(strategy, forward_mode, back
         (out * torch.linspace(-1.0, 2.0, out.numel()).view_as(out)).sum().backward()
         grads.append([xx.grad] + [p.grad for p in m.parameters()])
     for (name, _), a, b in zip([("input", None)] + list(ref.named_parameters()), *grads):
-        assert (a - b).abs().max().item() <= RTOL * a.abs().max().item() + 1e-7, name
+        # (the ImageNet stem's BN gradients in training mode are sums that cancel to ~1e-5: fp32 noise ~2e-7)
+        assert (a - b).abs().max().item() <= RTOL * a.abs().max().item() + 1e-6, name
 
 
 @pytest.mark.parametrize("strategy", ["shared", "fused"])

@@ -37,34 +37,46 @@ def frozen_running_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
                     buf.copy_(value)
 
 
-def _tensors_read(modules: Sequence[nn.Module]) -> list[tuple[dict, str, torch.Tensor]]:
-    """Every parameter and buffer of ``modules`` (recursively) as ``(the module's dict, name, tensor)``."""
-    return [
-        (d, name, t)
-        for mod in modules
-        for m in mod.modules()
-        for d in (m._parameters, m._buffers)
-        for name, t in d.items()
-        if t is not None
-    ]
+def _forward_record(modules: Sequence[nn.Module]) -> tuple[list[tuple[dict, str, torch.Tensor]], list[tuple[nn.Module, bool]]]:
+    """What forward read of ``modules`` (recursively): every parameter and buffer as ``(the module's dict,
+    name, tensor)``, and every module's ``training`` flag."""
+    tensors, modes = [], []
+    for mod in modules:
+        for m in mod.modules():
+            modes.append((m, m.training))
+            for d in (m._parameters, m._buffers):
+                tensors.extend((d, name, t) for name, t in d.items() if t is not None)
+    return tensors, modes
 
 
 @contextlib.contextmanager
-def _as_in_forward(record: list[tuple[dict, str, torch.Tensor]]) -> Iterator[None]:
-    """Put back, for the recomputation, the parameters and buffers that the forward pass read where the
-    modules hold other tensors now: under ``torch.func.functional_call`` (MAML-style fast weights, swapped
-    buffers) forward reads the tensors passed in, and the modules' own are back by the time backward
-    recomputes, which then saved the wrong values for backward (silently wrong gradients, as torchvision's
-    ``memory_efficient=True`` gives)."""
+def _as_in_forward(
+    record: list[tuple[dict, str, torch.Tensor]], modes: Sequence[tuple[nn.Module, bool]] = ()
+) -> Iterator[None]:
+    """Put back, for the recomputation, what the forward pass ran with where the modules differ now:
+
+    * the parameters and buffers it read: under ``torch.func.functional_call`` (MAML-style fast weights,
+      swapped buffers) forward reads the tensors passed in, and the modules' own are back by the time
+      backward recomputes, which then saved the wrong values for backward (silently wrong gradients, as
+      torchvision's ``memory_efficient=True`` gives);
+    * the modules' train/eval mode: a model switched with ``.eval()`` (or ``.train()``) between forward and
+      backward recomputed a BatchNorm with the other statistics, and checkpoint refused the mismatch (a
+      ``CheckpointError`` about saved tensor metadata; torchvision's ``memory_efficient=True`` too). Its
+      plain model, and ``naive``, backpropagate the forward that ran."""
     swapped = []
     for d, name, t in record:
         now = d.get(name)
         if now is not t:
             swapped.append((d, name, now))
             d[name] = t
+    flipped = [(m, m.training) for m, mode in modes if m.training != mode]
+    for m, now in flipped:
+        m.training = not now
     try:
         yield
     finally:
+        for m, now in flipped:
+            m.training = now
         for d, name, now in reversed(swapped):
             d[name] = now
 
@@ -83,14 +95,17 @@ def recompute_once(
         return fn
     calls = 0
     record: list[tuple[dict, str, torch.Tensor]] = []
+    modes: list[tuple[nn.Module, bool]] = []
 
     def wrapped(*inputs: torch.Tensor) -> torch.Tensor:
         nonlocal calls
         calls += 1
         if calls == 1:
-            record.extend(_tensors_read(modules if reads is None else reads))
+            tensors, flags = _forward_record(modules if reads is None else reads)
+            record.extend(tensors)
+            modes.extend(flags)
             return fn(*inputs)
-        with _as_in_forward(record), frozen_running_stats(modules):
+        with _as_in_forward(record, modes), frozen_running_stats(modules):
             return fn(*inputs)
 
     return wrapped
