@@ -654,6 +654,22 @@ def test_block_alone_returns_full_buffer() -> None:
     assert torch.equal(out[:, : block.num_input_features], x)
 
 
+class _ClippedReLU(nn.ReLU):  # a subclass with a forward of its own: computed as plain ReLU before
+    def forward(self, x):
+        return torch.clamp(x, 0.0, 0.5)
+
+
+class _ScaledBN(nn.BatchNorm2d):
+    def forward(self, x):
+        return 2.0 * super().forward(x)
+
+
+def _subclassed(cls, m):
+    new = cls(m.num_features) if cls is _ScaledBN else cls()
+    new.load_state_dict(m.state_dict())
+    return new
+
+
 def _bias_conv(conv: nn.Conv2d) -> nn.Conv2d:
     new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding, bias=True)
     with torch.no_grad():
@@ -676,6 +692,10 @@ def _bias_conv(conv: nn.Conv2d) -> nn.Conv2d:
         (True, "transition1.relu", lambda relu: nn.SiLU()),
         (True, "transition1.pool", lambda pool: nn.MaxPool2d(2)),
         (True, "denseblock1.denselayer1.conv1", lambda conv: nn.Sequential(conv)),  # no out_channels to read
+        (True, "denseblock1.denselayer1.relu1", lambda relu: _subclassed(_ClippedReLU, relu)),
+        (True, "transition1.relu", lambda relu: _subclassed(_ClippedReLU, relu)),
+        (True, "denseblock2.denselayer1.norm2", lambda bn: _subclassed(_ScaledBN, bn)),
+        (False, "denseblock1.denselayer1.norm1", lambda bn: _subclassed(_ScaledBN, bn)),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -693,3 +713,26 @@ def test_modules_swapped_in_by_a_user_run_as_naive(bottleneck, path, make, strat
     named = path.split(".", 1)[1] if path.startswith("denseblock") else "transition." + name  # within the stage
     with pytest.warns(UserWarning, match=rf"runs as strategy 'naive'.* because its modules {named} "):
         assert_matches(ref, other, torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_a_blocks_own_strategy_is_honoured_under_the_models(strategy, monkeypatch) -> None:
+    """``block.strategy`` decides how a block runs (the _DenseBlock docstring): before, a shared/fused model
+    ran every block through its stage Function whatever the blocks said."""
+    applied = []
+    original = shared._DenseStageFunction.apply
+    monkeypatch.setattr(shared._DenseStageFunction, "apply", lambda *a: (applied.append(a[0].block), original(*a))[1])
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(16, 4, num_classes=3)
+    ref, other = _pair(model, strategy)
+    blocks = [b for name, b in other.features.named_children() if name.startswith("denseblock")]
+    blocks[0].strategy = "naive"
+    assert_matches(ref, other, torch.randn(2, 3, 8, 8))
+    assert applied and all(b is not blocks[0] for b in applied) and any(b is blocks[1] for b in applied)
+    # the other way round: a naive model whose blocks are set to the strategy runs them on it
+    applied.clear()
+    for b in ref.features.children():
+        if hasattr(b, "growth_rate"):
+            b.strategy = strategy
+    ref(torch.randn(2, 3, 8, 8))
+    assert len(applied) == 3

@@ -237,12 +237,25 @@ def run_block(name: str, block: "_DenseBlock", x: torch.Tensor) -> torch.Tensor:
 def run_features(name: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run ``model.features`` on ``x`` with strategy ``name``: the strategy's own ``run_features`` if it
     has one, else the plain module (whose dense blocks call :func:`run_block`). With hooks on any module
-    of ``model.features``, the plain module, so that the stem, transitions and blocks are called (each
-    block then on its strategy, or as ``naive`` when its own layers hold the hooks)."""
+    of ``model.features``, or a block whose own ``strategy`` differs from ``name``, the plain module, so that
+    the stem, transitions and blocks are called (each block then on its own strategy, or as ``naive`` when its
+    own layers hold the hooks)."""
     module = _runner_for(name, x)
-    if hasattr(module, "run_features") and _standard_layout(model) and not _has_hooks(model.features):
+    if (
+        hasattr(module, "run_features")
+        and _standard_layout(model)
+        and _blocks_follow(model, name)
+        and not _has_hooks(model.features)
+    ):
         return module.run_features(model, x)
     return model.features(x)
+
+
+def _blocks_follow(model: torch.nn.Module, name: str) -> bool:
+    """Whether every dense block's own ``strategy`` is the model's: a block set to another one (``block.strategy =
+    'naive'``) runs on it, through the plain module, instead of the model strategy's ``run_features``."""
+    mods = model.features._modules
+    return all(mods[f"denseblock{i}"].__dict__.get("strategy") == name for i in range(1, len(model.block_config) + 1))
 
 
 # The children of a DenseNet's ``features``, in order: the stem modules (any of them, conv0 first), then the

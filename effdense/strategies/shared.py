@@ -1044,11 +1044,16 @@ _LAYER_PARTS = {
 _TRANSITION_PARTS = (("norm", _BN), ("relu", _RELU), ("conv", _CONV1X1))
 
 
+# A subclass computes as its base only if it keeps the base's forward: one that overrides it (a clipped ReLU,
+# a BatchNorm that rescales its output) would otherwise be computed as plain ReLU/BatchNorm, silently.
+_BN_FORWARDS = (torch.nn.modules.batchnorm._BatchNorm.forward, torch.nn.SyncBatchNorm.forward)
+
+
 def _computes_as_module(m: Any, kind: Any) -> bool:
     if kind is _BN:
-        return isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine
+        return isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine and type(m).forward in _BN_FORWARDS
     if kind is _RELU:
-        return isinstance(m, torch.nn.ReLU)
+        return isinstance(m, torch.nn.ReLU) and type(m).forward is torch.nn.ReLU.forward
     return (
         type(m) is torch.nn.Conv2d
         and m._parameters["bias"] is None
