@@ -939,7 +939,7 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
     ``nn.Sequential``) are copied as they are.
 
     The copy also keeps what the state dict does not carry: train/eval flags, ``requires_grad``, BatchNorm
-    momentum and eps, and SyncBatchNorm semantics: a source with :meth:`DenseNet.set_sync_bn` on (or a
+    momentum and eps, each dense layer's ``drop_rate``, and SyncBatchNorm semantics: a source with :meth:`DenseNet.set_sync_bn` on (or a
     torchvision DenseNet whose BatchNorms are all ``nn.SyncBatchNorm`` over one process group) gives a copy
     with ``set_sync_bn(True, <the same process group>)``.
 
@@ -1017,6 +1017,8 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
         if src is None:
             continue
         module.training = src.training
+        if isinstance(module, _DenseLayer) and "drop_rate" in src.__dict__:  # each layer's own (set per layer)
+            module.drop_rate = float(src.drop_rate)
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and isinstance(src, nn.modules.batchnorm._BatchNorm):
             module.momentum, module.eps = src.momentum, src.eps
     source_params = dict(model.named_parameters())

@@ -479,6 +479,17 @@ def test_convert_keeps_what_the_state_dict_does_not_carry() -> None:
             assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6), f"{strategy} {name}"
 
 
+def test_convert_keeps_each_layers_drop_rate() -> None:
+    # before: every layer of the copy took the first layer's drop_rate
+    source = _small_torchvision_densenet(num_classes=4)
+    layers = [m for m in source.modules() if hasattr(m, "drop_rate")]
+    for i, layer in enumerate(layers):
+        layer.drop_rate = 0.1 * (i % 3)
+    for src in (source, effdense.convert(source, strategy="naive")):
+        ours = effdense.convert(src, strategy="shared")
+        assert [m.drop_rate for m in ours.modules() if hasattr(m, "drop_rate")] == [m.drop_rate for m in layers]
+
+
 def test_convert_names_what_it_cannot_convert() -> None:
     tv = _small_torchvision_densenet()
     with pytest.raises(TypeError, match="got a DataParallel wrapper: pass model.module"):
