@@ -269,7 +269,7 @@ def main(args: argparse.Namespace) -> int:
         if row["status"] != "ok":
             bar.write(f"{label}: {row['status']} {row.get('note', '')}")
     bar.close()
-    print(f"wrote {csv_path}")
+    print(f"wrote {csv_path}" if todo else f"{csv_path}: all {len(points)} grid points already there; nothing run")
     if not args.no_plots:
         for path in plot(csv_path, args.out, keys={_key(p) for p in points}):
             print(f"wrote {path}")
@@ -319,6 +319,10 @@ def _common(rows: list[dict[str, str]], column: str) -> str:
     return max(dict.fromkeys(values), key=values.count)
 
 
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+_LINESTYLES = ("-", "--", "-.", ":")
+
+
 def plot(csv_path: Path, out_dir: Path, keys: set[tuple[str, ...]] | None = None) -> list[Path]:
     """Draw the ablation plots from ``csv_path`` into ``out_dir``; returns the files written.
 
@@ -353,9 +357,15 @@ def plot(csv_path: Path, out_dir: Path, keys: set[tuple[str, ...]] | None = None
     def draw(data, xlabel, ylabel, title, name, logy=False, hline=None) -> None:
         if not data:
             return
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for label, pts in data.items():
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        many = len(data) > 6  # the legend beside the axes, not over the lines
+        fig, ax = plt.subplots(figsize=(10, 4.5) if many else (7, 4.5))
+        for i, (label, pts) in enumerate(data.items()):
+            # a (colour, marker) pair of its own for each of up to 40 series (10 colours x 8 markers), and the
+            # line style changes every 10: series drawn in matplotlib's default cycle repeated after 10
+            ax.plot(
+                [p[0] for p in pts], [p[1] for p in pts], label=label, color=f"C{i % 10}",
+                marker=_MARKERS[i % len(_MARKERS)], linestyle=_LINESTYLES[(i // 10) % len(_LINESTYLES)],
+            )  # fmt: skip
         if hline is not None:
             ax.axhline(hline, color="grey", linestyle=":", linewidth=1)
         if logy:
@@ -365,7 +375,10 @@ def plot(csv_path: Path, out_dir: Path, keys: set[tuple[str, ...]] | None = None
         ax.set_ylabel(ylabel)
         ax.set_title(title, fontsize=10)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
+        if many:
+            ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+        else:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         path = out_dir / name
         fig.savefig(path, dpi=120)

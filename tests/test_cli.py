@@ -60,8 +60,40 @@ def test_ablate_tiny_and_resume(capsys, tmp_path):
     assert {p.name for p in tmp_path.glob("*.png")} == {"ablate_depth.png", "ablate_batch.png"}
     code, out, err = run(capsys, *argv)  # resumed: nothing left to run
     assert code == 0 and "8 already in" in err and "0 to run" in err
+    assert "nothing run" in out and "wrote " + str(tmp_path / "ablate.csv") not in out
     with open(tmp_path / "ablate.csv") as f:
         assert len(list(csv.DictReader(f))) == 8
+
+
+def test_ablate_plot_draws_each_series_in_its_own_style(capsys, tmp_path, monkeypatch):
+    # before: every series took matplotlib's default colour cycle with one marker, so with --vary all the
+    # 18 series had 10 looks (naive and fused drawn alike) and the legend covered the lines
+    import matplotlib.axes
+
+    from effdense import ablate
+
+    code, _, err = run(capsys, "ablate", "--strategies", "naive", "--depths", "10,16", "--batch-sizes", "2",
+                       "--estimate", "--no-progress", "--no-plots", "--out", str(tmp_path))  # fmt: skip
+    assert code == 0, err
+    with open(tmp_path / "ablate.csv") as f:
+        rows = list(csv.DictReader(f))
+    with open(tmp_path / "ablate.csv", "w", newline="") as f:  # 18 series: the same points under 18 policies
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for i in range(18):
+            writer.writerows({**r, "policy": f"p{i}"} for r in rows)
+    styles = []
+    original = matplotlib.axes.Axes.plot
+
+    def spy(self, *args, **kwargs):
+        styles.append((kwargs.get("color"), kwargs.get("marker"), kwargs.get("linestyle")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
+    written = ablate.plot(tmp_path / "ablate.csv", tmp_path)
+    assert [p.name for p in written] == ["ablate_depth.png", "ablate_batch.png"]
+    depth_styles = styles[:18]
+    assert len(set(depth_styles)) == 18 and len({(c, m) for c, m, _ in depth_styles}) == 18, depth_styles
 
 
 def test_ablate_timed_writes_time_plot(capsys, tmp_path):
