@@ -266,12 +266,6 @@ class _StageState:
         # it runs (a model switched with .train()/.eval() between forward and backward, as autograd does)
         self.batch: list[tuple[bool, bool]] = []
         self.transition_batch = False
-        # per layer: its convolution weights cast to the stage's dtype in forward (autocast or a dtype other
-        # than the parameters'), reused by backward instead of casting again: two cast kernels fewer per layer
-        # for a copy of the weights in that dtype (as autocast's cast cache keeps for torchvision's model);
-        # None where no cast happened. The transition's in ``transition_weight``.
-        self.weights: list[tuple[torch.Tensor, torch.Tensor | None] | None] = []
-        self.transition_weight: torch.Tensor | None = None
 
     def save(self, value: Any, *, which: str) -> None:
         if self.keep:
@@ -460,23 +454,19 @@ def _layer_forward(stage: _Stage, state: _StageState, layer, Fbuf: torch.Tensor,
     if layer.bottleneck:
         affine1 = _bn_affine(norm1, mean1, var1)
         state.save(affine1 if stage.policy.cache_stats else None, which="affine1")
-        w1, w2 = _cast(_weight(conv1), dtype), _cast(_weight(conv2), dtype)
-        state.save((w1, w2) if w2 is not _weight(conv2) else None, which="weights")
-        w1 = w1.view(conv1.out_channels, c)
+        w1 = _cast(_weight(conv1), dtype).view(conv1.out_channels, c)
         y1, y_mean, y_var = _bottleneck_forward(stage, x, affine1[0], affine1[1], w1, stats=batch2)
         mean2, var2 = _bn2_stats(stage, state, norm2, y_mean, y_var, y1.shape, update=True, batch=batch2)
         state.save((mean2, var2) if mean2 is not None and stage.policy.cache_stats else None, which="bn2")
         state.save(None if stage.policy.recompute_bottleneck else y1, which="y1")
         z = _bn_relu(y1, norm2, *_bn_stats(norm2, mean2, var2))
         del y1
-        out = F.conv2d(z, w2, padding=1)
+        out = F.conv2d(z, _cast(_weight(conv2), dtype), padding=1)
     else:
         for which in ("affine1", "bn2", "y1"):  # one entry per layer in each list, whatever the layer
             state.save(None, which=which)
         h = _bn_relu(x, norm1, *_bn_stats(norm1, mean1, var1))
-        w1 = _cast(_weight(conv1), dtype)
-        state.save((w1, None) if w1 is not _weight(conv1) else None, which="weights")
-        out = F.conv2d(h, w1, padding=1)
+        out = F.conv2d(h, _cast(_weight(conv1), dtype), padding=1)
     if layer.drop_rate > 0 and layer.training:
         if state.keep and _keep_dropout_mask(out.device):
             # dynamo and CUDA-graph capture cannot save and restore RNG states: keep the mask (1 byte per new
@@ -502,10 +492,7 @@ def _transition_forward(stage: _Stage, state: _StageState, Fbuf: torch.Tensor) -
         state.transition_batch = batch
         if stage.policy.cache_stats:
             state.transition_affine = affine
-    w = _cast(t.conv.weight, stage.dtype)
-    if state.keep and w is not t.conv.weight:
-        state.transition_weight = w
-    w = w.view(t.conv.out_channels, c)
+    w = _cast(t.conv.weight, stage.dtype).view(t.conv.out_channels, c)
     # no BatchNorm follows the transition's conv: no epilogue sums (their zeroed buffer and atomics)
     y, _, _ = _bottleneck_forward(stage, Fbuf, affine[0], affine[1], w, stats=False)
     return F.avg_pool2d(y, kernel_size=2, stride=2)
@@ -638,9 +625,7 @@ def _layer_backward(
         if affine1 is None:
             affine1 = _bn_affine(bn1, *_bn1_stats(stage, state, bn1, Fbuf, c, update=False, batch=batch1))
         scale1, shift1 = affine1[0], affine1[1]
-        cast = state.weights[l]  # forward's casts, or None
-        w1, w2 = cast if cast is not None else (_cast(_weight(conv1), dtype), _cast(_weight(conv2), dtype))
-        w1 = w1.view(conv1.out_channels, c)
+        w1 = _cast(_weight(conv1), dtype).view(conv1.out_channels, c)
         cached = state.bn2[l]  # BN2's batch statistics from forward, or None (running stats, or not cached)
         if stage.policy.recompute_bottleneck:
             y1, y_mean, y_var = _bottleneck_forward(stage, x, scale1, shift1, w1, stats=cached is None and batch2)
@@ -654,6 +639,7 @@ def _layer_backward(
         else:
             mean2, var2 = _bn_stats(bn2, *_bn2_stats(stage, state, bn2, y_mean, y_var, y1.shape, update=False, batch=batch2))
         z = _bn_relu(y1, bn2, mean2, var2)
+        w2 = _cast(_weight(conv2), dtype)
         dz, dw2, _ = torch.ops.aten.convolution_backward(
             dout.contiguous(), z, w2, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
         )
@@ -676,9 +662,8 @@ def _layer_backward(
     mean1, var1 = _bn_stats(bn1, *_bn1_stats(stage, state, bn1, Fbuf, c, update=False, batch=batch1))  # batch or running
     invstd1 = torch.rsqrt(var1 + bn1.eps)
     h = _bn_relu(x, bn1, mean1, var1)
-    cast = state.weights[l]
     dh, dw, _ = torch.ops.aten.convolution_backward(
-        dout.contiguous(), h, cast[0] if cast is not None else _cast(_weight(conv1), dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
+        dout.contiguous(), h, _cast(_weight(conv1), dtype), None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1, [True, True, False]
     )
     dh = torch.ops.aten.threshold_backward(dh, h, 0)  # ReLU mask from the output (one pass; a bool mask is slower)
     del h
@@ -725,8 +710,7 @@ def _transition_backward(
     if affine is None:
         affine = _bn_affine(norm, *_bn1_stats(stage, state, norm, Fbuf, c, update=False, batch=batch))
     weight = _weight(conv)
-    w = state.transition_weight if state.transition_weight is not None else _cast(weight, stage.dtype)
-    w = w.view(conv.out_channels, c)
+    w = _cast(weight, stage.dtype).view(conv.out_channels, c)
     dy = _avg_pool2_backward(dout.to(stage.dtype), H, W)
     dw, dgamma, dbeta = _bottleneck_backward(stage, G, Fbuf, norm, affine, batch, state.count, w, dy)
     del dy
