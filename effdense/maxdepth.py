@@ -151,6 +151,8 @@ def main(args: argparse.Namespace) -> int:
     n_max = (args.depth_limit - 4) // 6
     if n_max < 1:
         raise UsageError(f"--depth-limit {args.depth_limit} allows no DenseNet-BC; it must be at least 10")
+    if args.no_verify and device.type != "cuda":  # as the other options with no effect
+        raise UsageError(f"--no-verify has no effect on {device.type}: only a GPU run checks the depth found for real")
     if args.estimate_limit is not None and args.estimate_limit < depth_of(1):
         raise UsageError(f"--estimate-limit {args.estimate_limit} allows no DenseNet-BC; it must be at least {depth_of(1)}")
     # the shallowest model stands for all: the same input size at every depth

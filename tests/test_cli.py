@@ -580,10 +580,12 @@ _TINY_TRAIN_RUN = [*_TINY_TRAIN, "--depth", "10", "--growth-rate", "4", "--image
          "with --lr-schedule constant"),
         (["train", *_TINY_TRAIN_RUN, "--log-interval", "2"], "--log-interval", "with --quiet"),
         (["train", *_TINY_TRAIN_RUN, "--data-dir", "/tmp"], "--data-dir", "with --data digits"),
+        (["max-depth", "--budget", "50MiB", "--strategies", "naive", "--device", "cpu", "--no-verify"], "--no-verify",
+         "on cpu"),
     ],
     ids=["ablate-steps", "ablate-warmup", "ablate-device", "ablate-vary", "bench-steps-estimate",
          "bench-max-seconds-no-timing", "summary-strategies", "summary-batch-size", "summary-dtype", "train-momentum",
-         "train-lr-gamma", "train-lr-milestones", "train-log-interval", "train-data-dir"],
+         "train-lr-gamma", "train-lr-milestones", "train-log-interval", "train-data-dir", "max-depth-no-verify-cpu"],
 )
 def test_options_given_without_effect_are_usage_errors(capsys, tmp_path, argv, option, reason):
     out_option = "--out-dir" if argv[0] == "train" else "--out"
