@@ -271,8 +271,13 @@ def main(args: argparse.Namespace) -> int:
     bar.close()
     print(f"wrote {csv_path}" if todo else f"{csv_path}: all {len(points)} grid points already there; nothing run")
     if not args.no_plots:
-        for path in plot(csv_path, args.out, keys={_key(p) for p in points}):
+        written = plot(csv_path, args.out, keys={_key(p) for p in points})
+        for path in written:
             print(f"wrote {path}")
+        names = {p.name for p in written}
+        for name, axis in (("ablate_depth.png", "depth"), ("ablate_batch.png", "batch size")):
+            if name not in names:
+                print(f"{name} not drawn: its x axis needs two or more values of {axis} measured")
     return 0
 
 
@@ -327,7 +332,8 @@ def plot(csv_path: Path, out_dir: Path, keys: set[tuple[str, ...]] | None = None
     """Draw the ablation plots from ``csv_path`` into ``out_dir``; returns the files written.
 
     ``keys``: only the rows of these grid points (the grid just run; earlier grids in the same CSV, at
-    another image size say, would mix into its lines). A point with several rows is drawn from the last.
+    another image size say, would mix into its lines). A point with several rows is drawn from the last. A
+    plot whose x axis would hold one value (one depth, one batch size) is not drawn.
     """
     import matplotlib
 
@@ -355,7 +361,7 @@ def plot(csv_path: Path, out_dir: Path, keys: set[tuple[str, ...]] | None = None
         return {label: sorted(pts) for label, pts in out.items()}
 
     def draw(data, xlabel, ylabel, title, name, logy=False, hline=None) -> None:
-        if not data:
+        if len({x for pts in data.values() for x, _ in pts}) < 2:  # no series, or one x value: no line to draw
             return
         many = len(data) > 6  # the legend beside the axes, not over the lines
         fig, ax = plt.subplots(figsize=(10, 4.5) if many else (7, 4.5))

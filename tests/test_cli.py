@@ -91,28 +91,31 @@ def test_ablate_plot_draws_each_series_in_its_own_style(capsys, tmp_path, monkey
 
     monkeypatch.setattr(matplotlib.axes.Axes, "plot", spy)
     written = ablate.plot(tmp_path / "ablate.csv", tmp_path)
-    assert [p.name for p in written] == ["ablate_depth.png", "ablate_batch.png"]
+    assert [p.name for p in written] == ["ablate_depth.png"]  # (one batch size: no batch plot)
     depth_styles = styles[:18]
     assert len(set(depth_styles)) == 18 and len({(c, m) for c, m, _ in depth_styles}) == 18, depth_styles
 
 
 def test_ablate_timed_writes_time_plot(capsys, tmp_path):
-    code, _, err = run(capsys, "ablate", "--strategies", "naive,checkpoint", "--depths", "10", "--batch-sizes", "2",
-                       "--time", "--steps", "1", "--warmup", "0", "--device", "cpu", "--no-progress", "--out", str(tmp_path))  # fmt: skip
+    code, out, err = run(capsys, "ablate", "--strategies", "naive,checkpoint", "--depths", "10,16", "--batch-sizes", "2",
+                         "--time", "--steps", "1", "--warmup", "0", "--device", "cpu", "--no-progress", "--out", str(tmp_path))  # fmt: skip
     assert code == 0, err
-    assert (tmp_path / "ablate_time.png").exists()
+    assert (tmp_path / "ablate_time.png").exists() and (tmp_path / "ablate_depth.png").exists()
+    # one batch size: no batch plot (before: a "line" of one point per series), and a line that says so
+    assert not (tmp_path / "ablate_batch.png").exists()
+    assert "ablate_batch.png not drawn: its x axis needs two or more values of batch size" in out
 
 
 def test_ablate_resumed_with_time_times_the_points_measured_without(capsys, tmp_path):
     # before: the untimed rows counted as done, so the timed rerun ran nothing and drew no time plot
-    argv = ["ablate", "--strategies", "naive,checkpoint", "--depths", "10", "--batch-sizes", "2", "--image-size", "8",
+    argv = ["ablate", "--strategies", "naive,checkpoint", "--depths", "10,16", "--batch-sizes", "2", "--image-size", "8",
             "--device", "cpu", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
     assert run(capsys, *argv)[0] == 0
     code, _, err = run(capsys, *argv, "--time", "--steps", "1", "--warmup", "0")
-    assert code == 0 and "2 to run" in err, err
+    assert code == 0 and "4 to run" in err, err
     with open(tmp_path / "ablate.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and [bool(r["time_ms"]) for r in rows] == [False, False, True, True]
+    assert len(rows) == 8 and [bool(r["time_ms"]) for r in rows] == [False] * 4 + [True] * 4
     assert (tmp_path / "ablate_time.png").exists()
     code, _, err = run(capsys, *argv, "--time", "--steps", "1", "--warmup", "0", "--no-plots")
     assert code == 0 and "0 to run" in err, err
