@@ -235,7 +235,7 @@ def main(args: argparse.Namespace) -> int:
         p.update(memory_mode=mode, device_type="cpu" if args.estimate else device.type)
         for f in POLICY_FIELDS:
             p[f] = "" if p["policy_obj"] is None else int(getattr(p["policy_obj"], f))
-    output_dir(args.out)
+    output_dir(args.out, ("ablate.csv",) + (() if args.no_plots else ("ablate_depth.png", "ablate_batch.png", "ablate_time.png")))
     csv_path = args.out / "ablate.csv"
     # a point measured without --time is not done for a timed run: it is run again, and the newer row wins
     done = {

@@ -375,7 +375,8 @@ def main(args: argparse.Namespace) -> int:
     rows = _rows(args, device)
     if not rows:
         raise UsageError("nothing to run: no strategy selected and --no-reference given")
-    output_dir(args.out)
+    stem = f"bench_{args.model}_b{args.batch_size}_{size}px_{args.dtype}_{device.type}"
+    output_dir(args.out, (f"{stem}.json", f"{stem}.csv"))
     env = environment(device)
     settings = {
         "model": args.model, "batch_size": args.batch_size, "image_size": size, "dtype": args.dtype,
@@ -386,7 +387,6 @@ def main(args: argparse.Namespace) -> int:
         f"effdense bench: {args.model}, batch {args.batch_size}, {size}x{size}, {args.dtype}, on {env['device_name']}; "
         f"{len(rows)} rows"
     )
-    stem = f"bench_{args.model}_b{args.batch_size}_{size}px_{args.dtype}_{device.type}"
     json_path, csv_path = args.out / f"{stem}.json", args.out / f"{stem}.csv"
 
     def save(complete: bool) -> float:

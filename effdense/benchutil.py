@@ -10,6 +10,7 @@ import argparse
 import csv
 import datetime
 import json
+import math
 import os
 import platform
 import re
@@ -377,11 +378,18 @@ def quantiles(times: Sequence[float]) -> dict[str, float]:
 # Output
 
 
-def output_dir(path: Path) -> Path:
+def output_dir(path: Path, files: Sequence[str] = ()) -> Path:
     """Create the ``--out`` folder (and its parents) before any work is done, or raise :class:`UsageError`
-    saying why results could not be written there (a file of that name, a read-only parent)."""
+    saying why results could not be written there (a file of that name, a symbolic link to nowhere, a
+    read-only parent, or a folder in place of one of ``files``, the names the command will write there)."""
+    if path.is_symlink() and not path.exists():
+        raise UsageError(f"--out {path} is a symbolic link to {os.readlink(path)}, which does not exist")
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {path} is a file, not a folder")
+    for name in files:
+        target = path / name
+        if target.exists() and not target.is_file():
+            raise UsageError(f"cannot write {target}: a folder (or another non-file) of that name is in the way")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -391,9 +399,22 @@ def output_dir(path: Path) -> Path:
     return path
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float (``--max-seconds-per-row inf``, an undefined ratio) as None:
+    JSON has no Infinity or NaN, and strict parsers (JavaScript's ``JSON.parse``) refuse Python's."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> None:
+    """``payload`` as standard JSON (non-finite numbers as null)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    path.write_text(json.dumps(_finite(payload), indent=2, default=str, allow_nan=False) + "\n")
 
 
 def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:

@@ -74,7 +74,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device_name, default="auto",
                         help="with a GPU, the depth found is checked for real there (auto: GPU if any)")
     parser.add_argument("--no-verify", action="store_true",
-                        help="do not check the result for real on the GPU (on a CPU nothing is checked anyway)")
+                        help="do not check the result for real on the GPU (GPU runs only: on a CPU nothing is checked, and "
+                        "the option is an error)")
     parser.add_argument("--out", type=output_path, default=Path("effdense_results"), help="output folder (JSON and CSV)")
 
 
@@ -163,7 +164,10 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--backend meta cannot estimate --dtype {args.dtype} (autocast has no meta device); use --backend auto or fake"
         )
-    output_dir(args.out)
+    # whole MiB name the file in MiB, other budgets in bytes (so budgets under 1 MiB get distinct names)
+    budget = f"{args.budget >> 20}MiB" if args.budget % (1 << 20) == 0 else f"{args.budget}B"
+    stem = f"max_depth_{budget}_k{args.growth_rate}_b{args.batch_size}_{args.image_size}px_{args.dtype}"
+    output_dir(args.out, (f"{stem}.json", f"{stem}.csv"))
     env = environment(device)
     settings = {
         "budget_bytes": args.budget, "budget_mib": mib(args.budget), "growth_rate": args.growth_rate,
@@ -257,9 +261,6 @@ def main(args: argparse.Namespace) -> int:
         ("verified_peak_mib", "GPU MiB", lambda v: f"{v:,.1f}"),
         ("status", "status", str),
     )))  # fmt: skip
-    # whole MiB name the file in MiB, other budgets in bytes (so budgets under 1 MiB get distinct names)
-    budget = f"{args.budget >> 20}MiB" if args.budget % (1 << 20) == 0 else f"{args.budget}B"
-    stem = f"max_depth_{budget}_k{args.growth_rate}_b{args.batch_size}_{args.image_size}px_{args.dtype}"
     json_path, csv_path = args.out / f"{stem}.json", args.out / f"{stem}.csv"
     write_json(json_path, {"meta": {**env, **settings}, "rows": results})
     write_csv(csv_path, results, CSV_COLUMNS)

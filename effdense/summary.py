@@ -152,7 +152,7 @@ def main(args: argparse.Namespace) -> int:
     model = get_model(args.model, strategy="naive")
     # the memory estimates take a training step at --batch-size; the rest runs one image in eval mode
     require_image_size(model, size, args.model, batch_size=None if args.no_memory else args.batch_size)
-    output_dir(args.out)
+    output_dir(args.out, (f"summary_{args.model}.json",))
     num_classes = model.classifier.out_features
     blocks = [len(b.layers) for b in model.dense_blocks]
     connections = [n * (n + 1) // 2 for n in blocks]

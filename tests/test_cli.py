@@ -237,6 +237,42 @@ def test_out_that_cannot_be_a_folder_is_a_usage_error(capsys, tmp_path, argv, wh
     assert blocker.read_text() == "not a folder"
 
 
+_RESULT_FILE = {
+    "bench": "bench_densenet_bc_10_b2_32px_fp32_cpu.json", "ablate": "ablate.csv",
+    "max-depth": "max_depth_1MiB_k12_b2_32px_fp32.json", "summary": "summary_densenet_bc_10.json",
+}  # fmt: skip
+
+
+@_OUT_WRITERS
+@pytest.mark.parametrize("where", ["folder-in-the-way", "dangling-link"])
+def test_out_whose_result_file_cannot_be_written_is_a_usage_error(capsys, tmp_path, argv, where):
+    # before: a folder where the result file goes gave an IsADirectoryError traceback (exit 1), after the work;
+    # a symbolic link to nowhere as --out said "cannot create the --out folder ...: File exists"
+    out = tmp_path / "results"
+    if where == "folder-in-the-way":
+        (out / _RESULT_FILE[argv[0]]).mkdir(parents=True)
+        fragment = "a folder (or another non-file) of that name is in the way"
+    else:
+        out.symlink_to(tmp_path / "missing")
+        fragment = "is a symbolic link to"
+    code, _, err = run(capsys, *argv, "--out", str(out))
+    assert code == 2 and err.count("\n") == 1 and fragment in err, err
+
+
+def test_json_results_are_standard_json(capsys, tmp_path):
+    # before: --max-seconds-per-row inf was written as Infinity, which strict JSON parsers refuse
+    code, _, err = run(capsys, "bench", "--model", "densenet_bc_10", "--batch-size", "2", "--no-reference",
+                       "--strategies", "naive", "--steps", "1", "--warmup", "0", "--max-seconds-per-row", "inf",
+                       "--out", str(tmp_path))  # fmt: skip
+    assert code == 0, err
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    payload = json.loads(next(tmp_path.glob("*.json")).read_text(), parse_constant=refuse)
+    assert payload["meta"]["max_seconds_per_row"] is None
+
+
 def test_bench_compile_adds_a_compiled_row_per_strategy_last():
     """``--compile`` (GPU only): after the plain rows and torchvision's, one ``effdense <strategy> compile`` row
     per selected strategy, its model under ``torch.compile`` (the list is built here; nothing is compiled)."""
