@@ -385,7 +385,7 @@ def main(args: argparse.Namespace) -> int:
     }  # fmt: skip
     progress(
         f"effdense bench: {args.model}, batch {args.batch_size}, {size}x{size}, {args.dtype}, on {env['device_name']}; "
-        f"{len(rows)} rows"
+        f"{len(rows)} row{'' if len(rows) == 1 else 's'}"
     )
     json_path, csv_path = args.out / f"{stem}.json", args.out / f"{stem}.csv"
 

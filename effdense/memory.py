@@ -485,7 +485,7 @@ def _input_shape(shape: Any) -> tuple[int, ...]:
         dims = tuple(operator.index(d) for d in dims)  # ints only: 2.5 or "2" are not sizes
     except TypeError:
         dims = None
-    if not dims or any(d < 1 for d in dims):
+    if not dims or any(d < 1 for d in dims) or any(isinstance(d, bool) for d in shape):  # (True is not a size)
         raise ValueError(f"input shape must be a sequence of positive ints such as (64, 3, 32, 32), got {shape!r}")
     return dims
 
@@ -596,7 +596,9 @@ def measure_step(
 
     The model is put in training mode for the step (each module's train/eval flag is restored afterwards),
     moved to ``device`` (if given) and its ``.grad`` tensors are dropped first; the step updates BatchNorm
-    running statistics as training does. On CUDA the number is
+    running statistics as training does. It runs with autograd on (also under ``torch.no_grad()``; inside
+    ``torch.inference_mode()`` it raises), leaves the global RNG states (CPU, and the CUDA device it runs
+    on) as they were, and leaves an input tensor's ``.grad`` as it was. On CUDA the number is
     the allocator's ``max_memory_allocated()`` (after ``warmup`` steps, default 1, so that one-time
     library workspaces are not in it); elsewhere the exact tracked peak (``warmup`` default 0). Called
     under ``FakeTensorMode`` with a fake model it returns the estimate (see :func:`estimate_step`).
@@ -620,8 +622,15 @@ def measure_step(
     if not isinstance(model, nn.Module):
         hint = " (build it with effdense.get_model(name), or estimate by name with estimate_step)" if isinstance(model, str) else ""
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}{hint}")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "measure_step: called inside torch.inference_mode(); a training step needs autograd (and inference "
+            "tensors cannot be saved for backward): call it outside inference_mode"
+        )
     if device is not None:
         dev = _parse_device(device)
+        if dev.type not in ("cpu", "cuda", "meta"):  # before: PyTorch's bare AssertionError for xpu, mps, ...
+            raise ValueError(f"device={device!r}: effdense measures on 'cpu', 'cuda' (or 'meta' for estimates)")
         if dev.type == "cuda" and not torch.cuda.is_available():  # before: PyTorch's "Found no NVIDIA driver" at the first .to()
             raise ValueError(
                 f"device={device!r} needs a CUDA device and driver, and this machine has none; measure with device='cpu'"
@@ -635,11 +644,43 @@ def measure_step(
             raise ValueError(f"warmup: expected a number of steps >= 0 or None, got {warmup!r}")
         warmup = steps
     modes = [(m, m.training) for m in model.modules()]
-    try:
-        return _measure(model, input_shape_or_tensor, device, autocast_dtype, channels_last, loss, warmup, keep_grads, tracked)
-    finally:  # the step ran in training mode; the caller's train/eval flags come back
-        for m, training in modes:
-            m.training = training
+    # the caller's input tensor keeps its .grad (backward accumulates into it, or into the leaf it was moved from)
+    # (set aside for the step, as the model's grads are dropped: the step allocates its own, then it comes back)
+    given = input_shape_or_tensor if isinstance(input_shape_or_tensor, torch.Tensor) else None
+    given_grad = given.grad if given is not None and given.requires_grad else None
+    if given_grad is not None:
+        given.grad = None
+    with contextlib.ExitStack() as stack:
+        if not _fake_mode_active():  # the step's random input, labels and dropout leave the caller's RNG state alone
+            stack.enter_context(torch.random.fork_rng(devices=_cuda_devices(model, device), device_type="cuda"))
+        stack.enter_context(torch.enable_grad())  # a training step, also when called under torch.no_grad()
+        try:
+            return _measure(model, input_shape_or_tensor, device, autocast_dtype, channels_last, loss, warmup, keep_grads, tracked)
+        finally:  # the step ran in training mode; the caller's train/eval flags come back
+            for m, training in modes:
+                m.training = training
+            if given is not None and given.requires_grad:
+                given.grad = given_grad
+
+
+def _fake_mode_active() -> bool:
+    from torch._guards import detect_fake_mode
+
+    return detect_fake_mode() is not None
+
+
+def _cuda_devices(model: nn.Module, device: Any) -> list[int]:
+    """The CUDA devices whose RNG a step on ``model`` (moved to ``device``, if given) draws from."""
+    if not torch.cuda.is_available():
+        return []
+    if device is not None:
+        dev = torch.device(device)
+    else:
+        ref = next(iter(model.parameters()), None)
+        dev = ref.device if ref is not None else torch.device("cpu")
+    if dev.type != "cuda":
+        return []
+    return [dev.index if dev.index is not None else torch.cuda.current_device()]
 
 
 def _measure(model, input_shape_or_tensor, device, autocast_dtype, channels_last, loss, warmup, keep_grads, tracked) -> StepMemory:

@@ -386,6 +386,35 @@ def test_measure_step_restores_train_eval_flags():
     assert not model.training and model[4].training
 
 
+def test_measure_step_leaves_grad_mode_rng_and_input_grad_alone():
+    # before: under torch.no_grad() it failed with a loss error that blamed the model, every call advanced
+    # the global RNG (random input, labels, dropout), and an input tensor kept (and accumulated) the step's grad
+    model = effdense.densenet_cifar(16, 4, drop_rate=0.2, strategy="shared")
+    plain = measure_step(model, (2, 3, 8, 8)).peak
+    with torch.no_grad():
+        assert measure_step(model, (2, 3, 8, 8)).peak == plain
+        assert not torch.is_grad_enabled()
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inside torch.inference_mode"):
+        measure_step(model, (2, 3, 8, 8))
+    state = torch.get_rng_state()
+    measure_step(model, (2, 3, 8, 8))
+    assert torch.equal(state, torch.get_rng_state())
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    measure_step(model, x)
+    assert x.grad is None
+    x.grad = torch.ones_like(x)
+    measure_step(model, x)
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_measure_step_names_unsupported_devices_and_bool_sizes():
+    model = _bn_net()
+    with pytest.raises(ValueError, match="effdense measures on 'cpu', 'cuda'"):
+        measure_step(model, (2, 3, 8, 8), device="xpu")
+    with pytest.raises(ValueError, match="positive ints"):
+        measure_step(model, (True, 3, 8, 8))
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_input_from_a_shape_takes_the_model_dtype(dtype):
     # before: the input was made in the default dtype, so an fp64 or bf16 model failed with "mat1 and mat2
