@@ -3,7 +3,8 @@
 Each row builds the model afresh from the same seed (so every row holds the same weights), measures the
 peak memory of one training step (exact tracking on CPU, the CUDA allocator on a GPU; see
 :mod:`effdense.memory`) and times training steps (forward, cross-entropy loss, backward; no optimizer),
-reporting the median. Ratios are against the ``naive`` row, measured in the same process.
+reporting the median. Ratios are against the ``naive`` row, measured in the same process (without one, against
+the first row that ran; the table's footer, the CSV's and the JSON's ``baseline_row`` name it).
 
 Reference rows: torchvision's ``DenseNet`` plain and with ``memory_efficient=True`` (for the ImageNet
 models torchvision builds, and for CIFAR DenseNet-BC models through torchvision's class with the CIFAR
@@ -55,7 +56,7 @@ from effdense.memory import estimate_step, measure_step, mib
 CSV_COLUMNS = (
     "row", "kind", "strategy", "status", "model", "batch_size", "image_size", "dtype", "channels_last",
     "peak_mib", "mem_ratio", "time_ms", "time_ms_p20", "time_ms_p80", "time_ratio", "timed_steps",
-    "params_mib", "grads_mib", "buffers_mib", "input_mib", "activations_mib", "memory_mode", "note",
+    "params_mib", "grads_mib", "buffers_mib", "input_mib", "activations_mib", "memory_mode", "baseline_row", "note",
     "device", "device_name", "torch", "torchvision", "triton", "git_commit", "command",
 )  # fmt: skip
 
@@ -427,5 +428,8 @@ def main(args: argparse.Namespace) -> int:
         save(complete=False)
     elapsed = save(complete=True)
     print(format_table(results, TABLE_COLUMNS))
+    baseline = next((r["baseline_row"] for r in results if r.get("baseline_row")), None)
+    if baseline is not None:
+        print(f"x mem and x time: against {baseline}")
     print(f"wrote {json_path} and {csv_path} ({elapsed:.0f} s)")
     return 0

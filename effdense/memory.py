@@ -12,7 +12,11 @@ Each *storage* is counted once, by its ``nbytes``: views, in-place results and `
 autograd steals from the incoming gradient add nothing. Not counted: what an optimizer step would add
 (momentum, Adam state), memory an operator allocates internally without returning it as a tensor (oneDNN
 or cuDNN workspaces on CPU tracking; on CUDA the caching allocator sees those), and allocator rounding
-and fragmentation.
+and fragmentation. Such a temporary can sit at the step's peak moment: ATen's CPU BatchNorm backward
+allocates one the size of its input inside the operator, and the ``shared``/``fused`` peak falls inside a
+BatchNorm backward, so on CPU the allocator itself reaches more than the tracked peak there (for ``naive``,
+whose peak falls elsewhere, the two agree closely). The tracked number is the live-tensor memory that the
+strategies control, the same on every device; the CUDA measurement includes whatever the kernels allocate.
 
 Three ways to get the number, one API (:func:`measure_step`, :func:`estimate_step`):
 
@@ -26,8 +30,9 @@ Three ways to get the number, one API (:func:`measure_step`, :func:`estimate_ste
   kernel does not allocate, the tracker counts the CPU kernel's (``_cpu_nbytes``): the saved statistics
   of BatchNorm, LayerNorm and GroupNorm, whose dtype (bf16/fp16 inputs, fp32 or low-precision parameters)
   and length (BatchNorm in eval) the meta and fake kernels get wrong. Not corrected: GroupNorm under
-  autocast (estimates can exceed the CPU by its input's size in fp32) and fake CUDA estimates, which take
-  the fake kernels' sizes as they are.
+  autocast (estimates can exceed the CPU by its input's size in fp32), recurrent layers (``nn.LSTM``/
+  ``nn.GRU``: their fake and meta kernels claim far less than the CPU kernel's workspace; ``estimate_step``
+  warns) and fake CUDA estimates, which take the fake kernels' sizes as they are.
 - meta estimate: the same tracker over tensors on the ``meta`` device; same number, five to ten times
   faster, for code that runs on meta tensors (``estimate_step(..., backend="meta"|"auto")``).
 - CUDA: ``torch.cuda.reset_peak_memory_stats()`` with model and input already on the device, then
@@ -52,6 +57,7 @@ import math
 import operator
 import os
 import re
+import warnings
 import weakref
 from typing import Any, Callable, Iterable, Sequence
 
@@ -901,6 +907,15 @@ def estimate_step(
             module.set_strategy(strategy or module.strategy, policy)
         if not isinstance(module, nn.Module):
             raise TypeError(f"the model builder returned a {type(module).__name__} object, not an nn.Module")
+        recurrent = [type(m).__name__ for m in module.modules() if isinstance(m, nn.RNNBase)]
+        if recurrent:
+            warnings.warn(
+                f"estimate_step: the model has recurrent layers ({', '.join(sorted(set(recurrent)))}), whose fake and "
+                "meta kernels claim far less memory than the CPU kernel allocates: the estimate is low (measure it "
+                "with measure_step)",
+                UserWarning,
+                stacklevel=2,
+            )
         if in_dtype is None:
             in_dtype = _model_dtype(module)
         x = torch.empty(shape, dtype=in_dtype, device=device)  # fake or meta: no values to fill in
@@ -989,4 +1004,6 @@ def _fake_copy(
             twin._parameters[attr] = None if p is None else fake(p)
         for attr, b in mod._buffers.items():
             twin._buffers[attr] = None if b is None else fake(b)
+        if isinstance(twin, nn.RNNBase) and hasattr(twin, "_init_flat_weights"):
+            twin._init_flat_weights()  # an RNN reads its weights from a list made at init (None in the copy)
     return clone

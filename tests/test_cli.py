@@ -40,6 +40,16 @@ def test_bench_tiny(capsys, tmp_path):
         assert len(list(csv.DictReader(f))) == 4
 
 
+def test_bench_names_the_ratio_baseline(capsys, tmp_path):
+    # before: without a naive row the ratios were against the first row, which only the JSON said
+    code, out, err = run(capsys, "bench", "--model", "densenet_bc_10", "--batch-size", "2", "--no-timing",
+                         "--strategies", "shared,checkpoint", "--memory", "estimate", "--out", str(tmp_path))  # fmt: skip
+    assert code == 0, err
+    assert "x mem and x time: against effdense shared" in out
+    with open(next(tmp_path.glob("*.csv"))) as f:
+        assert {r["baseline_row"] for r in csv.DictReader(f)} == {"effdense shared"}
+
+
 def test_bench_reports_unavailable_strategy_as_skipped(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(effdense.strategies, "available", lambda: ("naive",))
     code, _, err = run(capsys, "bench", "--model", "densenet_bc_10", "--batch-size", "2", "--no-timing",

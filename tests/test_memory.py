@@ -590,3 +590,17 @@ def test_estimate_of_a_name_builds_the_model_in_the_tensors_dtype(backend):
     est = estimate_step("densenet_bc_10", torch.empty(2, 3, 8, 8, dtype=torch.float64), strategy="naive", backend=backend)
     assert (est.peak, est.params, est.input) == (exact.peak, exact.params, exact.input)
     assert torch.get_default_dtype() == torch.float32  # restored
+
+
+def test_estimate_warns_about_recurrent_layers():
+    # their fake/meta kernels claim far less than the CPU kernel allocates: the estimate was silently low
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(8, 8, batch_first=True)
+
+        def forward(self, x):
+            return self.rnn(x)[0].sum(dim=(1, 2))
+
+    with pytest.warns(UserWarning, match="recurrent layers.*LSTM.*estimate is low"):
+        estimate_step(Net(), (4, 5, 8), loss="sum")
