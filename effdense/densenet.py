@@ -857,13 +857,16 @@ def _local_batchnorms(module: nn.Module) -> None:
 
 def _source_sync_bn(model: nn.Module, features: nn.Sequential) -> tuple[bool, Any]:
     """Whether ``convert()``'s source has SyncBatchNorm semantics, and over which process group: an
-    effdense DenseNet's :meth:`DenseNet.set_sync_bn` state, or a torchvision DenseNet whose BatchNorms
-    are all ``nn.SyncBatchNorm`` over one group (``nn.SyncBatchNorm.convert_sync_batchnorm``)."""
-    if isinstance(model, DenseNet):
+    effdense DenseNet's :meth:`DenseNet.set_sync_bn` state, or a DenseNet (torchvision's or effdense's) whose
+    BatchNorms are all ``nn.SyncBatchNorm`` (``nn.SyncBatchNorm.convert_sync_batchnorm``) or all
+    ``effdense.train.CPUSyncBatchNorm`` over one group."""
+    if isinstance(model, DenseNet) and model.dense_blocks[0].sync_bn:
         block = model.dense_blocks[0]
-        return bool(block.sync_bn), block.sync_group
+        return True, block.sync_group
+    # (an effdense source too: nn.SyncBatchNorm.convert_sync_batchnorm(model), PyTorch's recipe, has the effect of
+    # set_sync_bn; so has effdense.train.CPUSyncBatchNorm, its CPU stand-in, a module with a process_group)
     norms = [m for m in features.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    synced = [m for m in norms if isinstance(m, nn.SyncBatchNorm)]
+    synced = [m for m in norms if isinstance(m, nn.SyncBatchNorm) or hasattr(type(m), "process_group")]
     if not synced:
         return False, None
     groups = {id(m.process_group) for m in synced}
@@ -1007,6 +1010,10 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
     clone.to(device=ref.device, dtype=ref.dtype)
     if sync_bn:
         clone.set_sync_bn(True, sync_group)
+        if any(getattr(type(m), "_effdense_computes_as_batchnorm", False) for m in model.modules()):
+            from effdense.train import enable_cpu_sync_bn  # the source's CPU stand-in, as DDP on CPU needs
+
+            enable_cpu_sync_bn(clone)
     _match_untracked_batchnorms(clone, model)
     clone.load_state_dict(model.state_dict(), strict=True)
     # what a state dict does not carry, module by module: train/eval flags (a backbone whose BatchNorms

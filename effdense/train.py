@@ -300,6 +300,9 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """
 
     process_group: Any = None
+    # what it computes is nn.SyncBatchNorm's: the shared/fused stage computes it (with its own all-reduce of
+    # the cached statistics) instead of falling back to naive for a module with a forward of its own
+    _effdense_computes_as_batchnorm = True
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() < 2:
@@ -318,7 +321,7 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         if self.training and dist.is_available() and dist.is_initialized():
             group = self.process_group or dist.group.WORLD
             world_size = dist.get_world_size(group)
-        if world_size == 1:
+        if world_size <= 1:  # one rank, or this rank outside the group (-1): local statistics, as nn.SyncBatchNorm
             return F.batch_norm(
                 input, running_mean, running_var, self.weight, self.bias, use_batch_stats, factor, self.eps
             )

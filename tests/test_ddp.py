@@ -15,6 +15,7 @@ default) each of its runs takes 10-30 s, and the kernels are tested against the 
 import os
 import time
 import traceback
+import warnings
 from datetime import timedelta
 
 import pytest
@@ -89,6 +90,29 @@ def _torch_sync_bn_ddp(strategy, rank):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _eval_alone(strategy, rank):
+    # rank 0 evaluates under SyncBatchNorm semantics while rank 1 waits: in eval mode nothing is all-reduced
+    # (nn.SyncBatchNorm's behaviour); before, shared/fused all-reduced the batch size and rank 0 hung
+    model = _tiny_model(strategy).set_sync_bn(True)
+    T.enable_cpu_sync_bn(model)
+    out = torch.zeros(())
+    if rank == 0:
+        with torch.no_grad():
+            out = model.eval()(_global_batches()[0][0])
+    dist.barrier()
+    return out
+
+
+def _outside_group(rank):
+    # a CPUSyncBatchNorm over a group without this rank normalises locally, as nn.SyncBatchNorm; before, rank 1
+    # failed with "stack expects a non-empty TensorList" (get_world_size is -1 outside the group)
+    group = dist.new_group([0])  # (every rank takes part in creating it)
+    bn = T.CPUSyncBatchNorm(3)
+    bn.process_group = group
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(rank))
+    return bn(x) if rank == 1 else torch.zeros(())
+
+
 def _global_reference(strategy):
     model = _tiny_model(strategy)
     opt = _sgd(model)
@@ -113,19 +137,31 @@ def _worker(rank, init_file, out_dir, strategies):
                             timeout=timedelta(seconds=30))
     try:
         for s in strategies:
-            for kind in ("ghost", "sync", "torch_sync"):
+            for kind in ("ghost", "sync", "torch_sync", "eval_alone"):
                 path = os.path.join(out_dir, f"{kind}-{s}-rank{rank}.pt")
                 try:
-                    if kind == "ghost":
-                        result = {"params": _ghost_ddp(s, rank)}
-                    elif kind == "torch_sync":
-                        result = {"state": _torch_sync_bn_ddp(s, rank)}
-                    else:
-                        r = T.train(T.parse_args(_train_argv(s, os.path.join(out_dir, f"run-{s}"), 8, sync=True)))
-                        result = {"state": r["model"].state_dict(), "history": r["history"]}
+                    with warnings.catch_warnings(record=True) as warned:
+                        warnings.simplefilter("always")
+                        if kind == "ghost":
+                            result = {"params": _ghost_ddp(s, rank)}
+                        elif kind == "torch_sync":
+                            result = {"state": _torch_sync_bn_ddp(s, rank)}
+                        elif kind == "eval_alone":
+                            result = {"out": _eval_alone(s, rank)}
+                        else:
+                            r = T.train(T.parse_args(_train_argv(s, os.path.join(out_dir, f"run-{s}"), 8, sync=True)))
+                            result = {"state": r["model"].state_dict(), "history": r["history"]}
+                    # a stage that ran as naive instead of its strategy says so in a warning
+                    result["fallbacks"] = sum("runs as strategy 'naive'" in str(w.message) for w in warned)
                 except Exception:  # reported by the test of this configuration
                     result = {"error": traceback.format_exc()}
                 torch.save(result, path)
+        path = os.path.join(out_dir, f"outside_group-rank{rank}.pt")
+        try:
+            result = {"out": _outside_group(rank)}
+        except Exception:
+            result = {"error": traceback.format_exc()}
+        torch.save(result, path)
     finally:
         dist.destroy_process_group()
 
@@ -201,3 +237,27 @@ def test_ddp_with_pytorchs_sync_batchnorm_recipe_matches_global_batch(ddp_runs, 
     expected = _global_reference(strategy)
     for rank in range(WORLD):
         _close(_load(ddp_runs, "torch_sync", strategy, rank)["state"], expected, f"rank {rank}")
+
+
+@pytest.mark.parametrize("strategy", _strategy_params(effdense.STRATEGIES))
+def test_sync_bn_runs_the_strategy_itself(ddp_runs, strategy):
+    # before: the CPU stand-in CPUSyncBatchNorm, a BatchNorm with a forward of its own, made every shared/fused
+    # stage fall back to naive (with a warning), so the tests above compared naive with naive
+    for kind in ("sync", "torch_sync", "eval_alone"):
+        for rank in range(WORLD):
+            assert _load(ddp_runs, kind, strategy, rank)["fallbacks"] == 0, (kind, rank)
+
+
+@pytest.mark.parametrize("strategy", _strategy_params(effdense.STRATEGIES))
+def test_a_rank_evaluates_alone_under_sync_bn(ddp_runs, strategy):
+    model = _tiny_model(strategy).eval()
+    with torch.no_grad():
+        expected = model(_global_batches()[0][0])
+    torch.testing.assert_close(_load(ddp_runs, "eval_alone", strategy, 0)["out"], expected, atol=TOL[0], rtol=TOL[1])
+
+
+def test_cpu_sync_batchnorm_outside_its_group_normalises_locally(ddp_runs):
+    result = torch.load(ddp_runs / "outside_group-rank1.pt", weights_only=True)
+    assert "error" not in result, result.get("error")
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(result["out"], F.batch_norm(x, None, None, training=True), atol=1e-6, rtol=1e-5)

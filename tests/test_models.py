@@ -855,6 +855,18 @@ def test_convert_keeps_sync_bn_and_its_process_group() -> None:
     tv.features.denseblock1 = nn.SyncBatchNorm.convert_sync_batchnorm(tv.features.denseblock1, group)
     with pytest.raises(ValueError, match="cannot carry the source's SyncBatchNorm.*call set_sync_bn on the result"):
         effdense.convert(tv)
+    # an effdense source made SyncBatchNorm with PyTorch's converter (README: the same effect as set_sync_bn),
+    # and the CPU stand-in: before, convert() dropped the synchronisation of both
+    from effdense.train import CPUSyncBatchNorm, enable_cpu_sync_bn
+
+    source = nn.SyncBatchNorm.convert_sync_batchnorm(effdense.densenet_cifar(16, 6, num_classes=3), group)
+    ours = effdense.convert(source)
+    assert all(b.sync_bn and b.sync_group is group for b in ours.dense_blocks)
+    standin = nn.SyncBatchNorm.convert_sync_batchnorm(_small_torchvision_densenet(), group)
+    assert enable_cpu_sync_bn(standin) > 0
+    ours = effdense.convert(standin)
+    assert all(b.sync_bn and b.sync_group is group for b in ours.dense_blocks)
+    assert all(type(m) is CPUSyncBatchNorm and m.process_group is group for m in _sync_norms(ours))
 
 
 def _empty_batch_entries():

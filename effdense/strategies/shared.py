@@ -503,11 +503,16 @@ def _stage_forward(stage: _Stage, x: torch.Tensor, keep: bool) -> tuple[torch.Te
     block, k = stage.block, stage.block.growth_rate
     N, C0, H, W = x.shape
     c_total = block.num_output_features
-    count = N * H * W if not stage.sync else _sync_count(stage, N * H * W)
+    bns = [layer._modules["norm1"] for layer in stage.layers] + ([stage.transition.norm] if stage.transition is not None else [])
+    batch = any(_uses_batch_stats(bn) for bn in bns) or any(
+        _uses_batch_stats(n) for layer in stage.layers if (n := layer._modules.get("norm2")) is not None
+    )
+    # the global count only where batch statistics are formed: in eval mode no collective runs (a rank may
+    # evaluate alone, as with nn.SyncBatchNorm, which all-reduces in training only)
+    count = N * H * W if not (stage.sync and batch) else _sync_count(stage, N * H * W)
     state = _StageState(keep, count)
     Fbuf = torch.empty((N, c_total, H, W), dtype=stage.dtype, device=x.device)
     Fbuf[:, :C0].copy_(x)
-    bns = [layer._modules["norm1"] for layer in stage.layers] + ([stage.transition.norm] if stage.transition is not None else [])
     cache = stage.policy.cache_stats and any(_uses_batch_stats(bn) for bn in bns)
     if cache:
         state.mean = torch.empty(c_total, dtype=_acc_dtype(stage.dtype), device=x.device)
@@ -1029,13 +1034,20 @@ _TRANSITION_PARTS = (("norm", _BN), ("relu", _RELU), ("conv", _CONV1X1))
 
 
 # A subclass computes as its base only if it keeps the base's forward: one that overrides it (a clipped ReLU,
-# a BatchNorm that rescales its output) would otherwise be computed as plain ReLU/BatchNorm, silently.
+# a BatchNorm that rescales its output) would otherwise be computed as plain ReLU/BatchNorm, silently. A
+# BatchNorm class that computes nn.SyncBatchNorm's function with a forward of its own says so with the class
+# attribute ``_effdense_computes_as_batchnorm`` (effdense.train.CPUSyncBatchNorm, the CPU stand-in).
 _BN_FORWARDS = (torch.nn.modules.batchnorm._BatchNorm.forward, torch.nn.SyncBatchNorm.forward)
 
 
 def _computes_as_module(m: Any, kind: Any) -> bool:
     if kind is _BN:
-        return isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.affine and type(m).forward in _BN_FORWARDS
+        cls = type(m)
+        return (
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+            and m.affine
+            and (cls.forward in _BN_FORWARDS or getattr(cls, "_effdense_computes_as_batchnorm", False))
+        )
     if kind is _RELU:
         return isinstance(m, torch.nn.ReLU) and type(m).forward is torch.nn.ReLU.forward
     return (
