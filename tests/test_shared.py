@@ -689,3 +689,27 @@ def test_a_blocks_own_strategy_is_honoured_under_the_models(strategy, monkeypatc
             b.strategy = strategy
     ref(torch.randn(2, 3, 8, 8))
     assert len(applied) == 3
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_float64_model_under_autocast_runs_in_float64(strategy, stem) -> None:
+    """Autocast leaves float64 tensors alone, so an fp64 model under autocast runs in fp64, as naive's modules
+    do. Before, the stage took autocast's dtype whatever the input's, filled its buffer in bf16 and the next
+    plain module (norm5, or the transition after a block) failed with a dtype mismatch."""
+    torch.manual_seed(0)
+    if stem == "cifar":
+        model, x = effdense.densenet_cifar(16, 4), torch.randn(2, 3, 8, 8)
+    else:
+        model, x = effdense.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5), torch.randn(2, 3, 32, 32)
+    ref, other = _pair(model.double(), strategy)
+    outs = []
+    for m in (ref, other):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x.double())
+        assert out.dtype == torch.float64
+        out.square().sum().backward()
+        outs.append((out, [p.grad for p in m.parameters()]))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-10, atol=1e-12)
+    for a, b in zip(outs[1][1], outs[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -874,8 +874,10 @@ def _autocast_off(device_type: str) -> Any:
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the stage computes in: autocast's for a tensor autocast would cast, else ``x``'s. Autocast
+    leaves float64 alone (an fp64 model under autocast runs in fp64, as naive's modules do)."""
     dev = x.device.type
-    if _has_autocast(dev) and torch.is_autocast_enabled(dev):
+    if x.dtype != torch.float64 and _has_autocast(dev) and torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
     return x.dtype
 
