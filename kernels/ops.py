@@ -16,6 +16,7 @@ vectors and statistics wherever fp32 is written below.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal
 
 import torch
@@ -113,6 +114,24 @@ def _use_triton(x: torch.Tensor, backend: str, *others: Any) -> bool:
             )
         return True
     raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
+
+
+def _alert_atomics(x: torch.Tensor, op: str) -> None:
+    """PyTorch's convention for a kernel whose result can vary from run to run, under
+    ``torch.use_deterministic_algorithms(True)``: an error (a warning with ``warn_only=True``). The GEMM kernels'
+    cross-program sums are fp32 atomics in whatever order the programs finish: on a GPU their last bits vary.
+    (Triton's CPU interpreter runs the programs one after another, in one order: it is not alerted.)"""
+    if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+        message = (
+            f"effdense.kernels.{op} does not have a deterministic implementation on CUDA (its sums across programs "
+            "are fp32 atomics), but you set 'torch.use_deterministic_algorithms(True)'. Strategy 'shared' (and 'auto', "
+            "which takes it then) computes the same with PyTorch operators; or pass warn_only=True to "
+            "use_deterministic_algorithms to run the kernels anyway"
+        )
+        if torch.is_deterministic_algorithms_warn_only_enabled():
+            warnings.warn(message, UserWarning, stacklevel=3)
+        else:
+            raise RuntimeError(message)
 
 
 def _zero_pair(n: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -382,6 +401,8 @@ def bottleneck_forward(
     N, C, H, W = x.shape
     B = weight.shape[0]
     y = torch.empty((N, B, H, W), dtype=x.dtype, device=x.device)
+    if stats:  # (without them, each output element is one program's sum: no atomics)
+        _alert_atomics(x, "bottleneck_forward")
     if not stats:
         _call(_bottleneck_forward_op, _bottleneck.bottleneck_forward_launch, x, scale, shift, _rows(weight), y, None, None, None)
         return y, None, None
@@ -419,6 +440,7 @@ def bottleneck_backward_weight(
 
 def _weight_grad(x, scale, shift, dy) -> torch.Tensor:
     """The weight-gradient launch on checked arguments: a new fp32 ``(B, C)`` dW."""
+    _alert_atomics(x, "bottleneck_backward_weight")
     dw = torch.zeros((dy.shape[1], x.shape[1]), dtype=torch.float32, device=x.device)
     if x.numel() and dy.numel():  # an empty sum is the zeros (the launch's grid would divide by zero)
         _call(_bottleneck_backward_weight_op, _bottleneck.bottleneck_backward_weight_launch, x, scale, shift, dy, dw)
@@ -470,6 +492,7 @@ def bottleneck_backward_input(
 
 def _input_grad(x, scale, shift, weight, dy, mean, dh, sum_dh, sum_dh_xmu) -> None:
     """The input-gradient launch on checked arguments: writes ``dh``, adds into the zeroed sums."""
+    _alert_atomics(x, "bottleneck_backward_input")
     _call(
         _bottleneck_backward_input_op, _bottleneck.bottleneck_backward_input_launch,
         x, scale, shift, _rows(weight), dy, mean, dh, sum_dh, sum_dh_xmu, mutated=(dh,),

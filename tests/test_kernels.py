@@ -1703,3 +1703,37 @@ def test_bn_relu_conv1x1_computes_no_statistics() -> None:
     finally:
         K.ops.bottleneck_forward = original
     assert calls == [False]
+
+
+@pytest.mark.cuda
+def test_deterministic_algorithms_alert_on_the_atomic_kernels() -> None:
+    # before: the kernels' atomics ran silently under torch.use_deterministic_algorithms(True)
+    x, s, t, w, dy, m = (v.cuda() for v in _small())
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
+            K.bottleneck_forward(x, s, t, w, backend="triton")
+        with pytest.raises(RuntimeError, match="does not have a deterministic implementation"):
+            K.bottleneck_backward_weight(x, s, t, dy, backend="triton")
+        K.bottleneck_forward(x, s, t, w, stats=False, backend="triton")  # one program per output: no atomics
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="does not have a deterministic implementation"):
+            K.bottleneck_backward_input(x, s, t, w, dy, m, backend="triton")
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
+def test_deterministic_algorithms_are_not_alerted_in_the_interpreter() -> None:
+    # the interpreter runs the programs one after another, in one order
+    _need_triton("cpu")
+    x, s, t, w, dy, _ = _small()
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        a = K.bottleneck_forward(x, s, t, w, backend="triton")
+        b = K.bottleneck_forward(x, s, t, w, backend="triton")
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)

@@ -713,3 +713,20 @@ def test_float64_model_under_autocast_runs_in_float64(strategy, stem) -> None:
     torch.testing.assert_close(outs[1][0], outs[0][0], rtol=1e-10, atol=1e-12)
     for a, b in zip(outs[1][1], outs[0][1]):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_auto_is_not_fused_under_deterministic_algorithms(monkeypatch) -> None:
+    """The fused kernels sum across programs with atomics (their last bits vary on a GPU): under
+    torch.use_deterministic_algorithms(True) "auto" takes shared instead of raising at the first kernel."""
+    from effdense import strategies
+
+    monkeypatch.setattr(strategies, "fused_supported", lambda x: True)  # as on a GPU
+    x = torch.randn(2, 3, 8, 8)
+    assert strategies.resolve("auto", x) == "fused"
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True)
+        assert strategies.resolve("auto", x) == "shared"
+        assert strategies.resolve("fused", x) == "fused"  # an explicit choice stands (its kernels then raise)
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)

@@ -107,7 +107,8 @@ def resolve(name: str, x: torch.Tensor) -> str:
     """Turn ``"auto"`` into a concrete strategy for input ``x``; other names pass through."""
     if name != "auto":
         return name
-    if fused_supported(x):
+    # (under torch.use_deterministic_algorithms(True) not fused, whose kernels sum across programs with atomics)
+    if fused_supported(x) and not torch.are_deterministic_algorithms_enabled():
         return "fused"
     for candidate in ("shared", "checkpoint"):
         if candidate in _runners():
