@@ -942,9 +942,10 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
     ``nn.Sequential``) are copied as they are.
 
     The copy also keeps what the state dict does not carry: train/eval flags, ``requires_grad``, BatchNorm
-    momentum and eps, each dense layer's ``drop_rate``, and SyncBatchNorm semantics: a source with :meth:`DenseNet.set_sync_bn` on (or a
-    torchvision DenseNet whose BatchNorms are all ``nn.SyncBatchNorm`` over one process group) gives a copy
-    with ``set_sync_bn(True, <the same process group>)``.
+    momentum and eps, each dense layer's ``drop_rate``, and SyncBatchNorm semantics: a source with
+    :meth:`DenseNet.set_sync_bn` on (or a DenseNet whose BatchNorms are all ``nn.SyncBatchNorm``, or all
+    ``effdense.train.CPUSyncBatchNorm``, over one process group) gives a copy with
+    ``set_sync_bn(True, <the same process group>)`` (and the CPU stand-in's class where the source had it).
 
     Args:
         model: a ``torchvision.models.DenseNet`` (or an effdense one).
