@@ -730,3 +730,20 @@ def test_auto_is_not_fused_under_deterministic_algorithms(monkeypatch) -> None:
         assert strategies.resolve("fused", x) == "fused"  # an explicit choice stands (its kernels then raise)
     finally:
         torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_allow_mutation_on_saved_tensors_runs_auto_as_naive(strategy) -> None:
+    """Before: a bare KeyError ('out') or AttributeError from inside PyTorch's mode, for any step."""
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(10, 4)
+    ref = copy.deepcopy(model).set_strategy("naive")
+    x = torch.randn(2, 3, 8, 8)
+    with torch.autograd.graph.allow_mutation_on_saved_tensors():
+        model.set_strategy("auto")(x).sum().backward()
+        ref(x).sum().backward()
+        model.set_strategy(strategy)
+        with pytest.raises(RuntimeError, match="cannot run inside torch.autograd.graph.allow_mutation_on_saved_tensors"):
+            model(x)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad)

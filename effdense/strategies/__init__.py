@@ -154,6 +154,17 @@ def _runner_for(name: str, x: torch.Tensor) -> ModuleType:
                 "Function writes shared buffers in place; call model.set_strategy('naive') (or 'auto', which runs "
                 "as naive there) first"
             )
+    if getattr(torch.autograd.graph, "_allow_mutation_on_saved_tensors_enabled", False):
+        # torch.autograd.graph.allow_mutation_on_saved_tensors(): its dispatch mode cannot follow the stage's
+        # out-argument and optional-output operators (it failed with a bare KeyError/AttributeError inside)
+        if name == "auto":
+            return _runners()["naive"]
+        if name in ("shared", "fused"):
+            raise RuntimeError(
+                f"strategy {name!r} cannot run inside torch.autograd.graph.allow_mutation_on_saved_tensors(): its "
+                "operators write into output arguments, which that mode cannot follow; call "
+                "model.set_strategy('naive') (or 'auto', which runs as naive there) first"
+            )
     return _runners()[resolve(name, x)]
 
 
