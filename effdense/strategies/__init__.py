@@ -146,26 +146,28 @@ def _runner_for(name: str, x: torch.Tensor) -> ModuleType:
     if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
         # inside a torch.func transform (grad, vmap, jacrev, ...): the shared/fused autograd Function mutates
         # its buffers and saves state through ctx, which functorch cannot transform; naive's plain operators can
-        if name == "auto":
-            return _runners()["naive"]
-        if name in ("shared", "fused"):
-            raise RuntimeError(
-                f"strategy {name!r} cannot run inside a torch.func transform (grad, vmap, jacrev, ...): its autograd "
-                "Function writes shared buffers in place; call model.set_strategy('naive') (or 'auto', which runs "
-                "as naive there) first"
-            )
+        return _as_naive_inside(
+            name, "a torch.func transform (grad, vmap, jacrev, ...)", "its autograd Function writes shared buffers in place"
+        )
     if getattr(torch.autograd.graph, "_allow_mutation_on_saved_tensors_enabled", False):
         # torch.autograd.graph.allow_mutation_on_saved_tensors(): its dispatch mode cannot follow the stage's
         # out-argument and optional-output operators (it failed with a bare KeyError/AttributeError inside)
-        if name == "auto":
-            return _runners()["naive"]
-        if name in ("shared", "fused"):
-            raise RuntimeError(
-                f"strategy {name!r} cannot run inside torch.autograd.graph.allow_mutation_on_saved_tensors(): its "
-                "operators write into output arguments, which that mode cannot follow; call "
-                "model.set_strategy('naive') (or 'auto', which runs as naive there) first"
-            )
+        return _as_naive_inside(
+            name, "torch.autograd.graph.allow_mutation_on_saved_tensors()",
+            "its operators write into output arguments, which that mode cannot follow",
+        )  # fmt: skip
     return _runners()[resolve(name, x)]
+
+
+def _as_naive_inside(name: str, where: str, why: str) -> ModuleType:
+    """Inside a context that only plain operators survive: ``"auto"`` runs as naive, explicit ``shared``/``fused``
+    raise saying ``why``, ``naive``/``checkpoint`` run as they are."""
+    if name in ("shared", "fused"):
+        raise RuntimeError(
+            f"strategy {name!r} cannot run inside {where}: {why}; call model.set_strategy('naive') (or 'auto', "
+            "which runs as naive there) first"
+        )
+    return _runners()["naive" if name == "auto" else name]
 
 
 def _untraceable(name: str, tracer: str) -> NoReturn:
