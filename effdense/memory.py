@@ -509,8 +509,7 @@ def _prepare(
     else:
         shape = _input_shape(input_shape_or_tensor)
         if device is None:
-            ref = next(iter(model.parameters()), None)
-            device = ref.device if ref is not None else "cpu"
+            device = _model_device(model)
         x = torch.randn(shape, device=device, dtype=_model_dtype(model))
     if channels_last and x.dim() != 4:
         raise ValueError(f"channels_last=True needs a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
@@ -528,6 +527,12 @@ def _prepare(
     model.train()
     model.zero_grad(set_to_none=True)
     return model, x
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    """Where a step on ``model`` runs by default: its first parameter's device (the CPU without any)."""
+    ref = next(iter(model.parameters()), None)
+    return ref.device if ref is not None else torch.device("cpu")
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:
@@ -679,11 +684,7 @@ def _cuda_devices(model: nn.Module, device: Any) -> list[int]:
     """The CUDA devices whose RNG a step on ``model`` (moved to ``device``, if given) draws from."""
     if not torch.cuda.is_available():
         return []
-    if device is not None:
-        dev = torch.device(device)
-    else:
-        ref = next(iter(model.parameters()), None)
-        dev = ref.device if ref is not None else torch.device("cpu")
+    dev = torch.device(device) if device is not None else _model_device(model)
     if dev.type != "cuda":
         return []
     return [dev.index if dev.index is not None else torch.cuda.current_device()]

@@ -401,11 +401,10 @@ def bottleneck_forward(
     N, C, H, W = x.shape
     B = weight.shape[0]
     y = torch.empty((N, B, H, W), dtype=x.dtype, device=x.device)
-    if stats:  # (without them, each output element is one program's sum: no atomics)
-        _alert_atomics(x, "bottleneck_forward")
-    if not stats:
+    if not stats:  # (each output element is then one program's sum: no atomics)
         _call(_bottleneck_forward_op, _bottleneck.bottleneck_forward_launch, x, scale, shift, _rows(weight), y, None, None, None)
         return y, None, None
+    _alert_atomics(x, "bottleneck_forward")
     # Σd, Σd² and the reference sample: the rows of one zeroed buffer (the reference stays 0 if no program runs)
     d_sum, d_sqsum, ref = torch.zeros((3, B), dtype=torch.float32, device=x.device).unbind(0)
     _call(

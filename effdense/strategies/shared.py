@@ -504,7 +504,8 @@ def _stage_forward(stage: _Stage, x: torch.Tensor, keep: bool) -> tuple[torch.Te
     N, C0, H, W = x.shape
     c_total = block.num_output_features
     bns = [layer._modules["norm1"] for layer in stage.layers] + ([stage.transition.norm] if stage.transition is not None else [])
-    batch = any(_uses_batch_stats(bn) for bn in bns) or any(
+    batch1 = any(_uses_batch_stats(bn) for bn in bns)  # BN1s and the transition's: the buffer's cached statistics
+    batch = batch1 or any(
         _uses_batch_stats(n) for layer in stage.layers if (n := layer._modules.get("norm2")) is not None
     )
     # the global count only where batch statistics are formed: in eval mode no collective runs (a rank may
@@ -513,7 +514,7 @@ def _stage_forward(stage: _Stage, x: torch.Tensor, keep: bool) -> tuple[torch.Te
     state = _StageState(keep, count)
     Fbuf = torch.empty((N, c_total, H, W), dtype=stage.dtype, device=x.device)
     Fbuf[:, :C0].copy_(x)
-    cache = stage.policy.cache_stats and any(_uses_batch_stats(bn) for bn in bns)
+    cache = stage.policy.cache_stats and batch1
     if cache:
         state.mean = torch.empty(c_total, dtype=_acc_dtype(stage.dtype), device=x.device)
         state.var = torch.empty_like(state.mean)
