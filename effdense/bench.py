@@ -28,6 +28,7 @@ from effdense import strategies as _strategies
 from effdense.benchutil import (
     DTYPES,
     UsageError,
+    comma_items,
     default_image_size,
     device_name,
     dtype_name,
@@ -114,6 +115,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device_name, default="auto", help="auto (GPU if any), cpu or cuda[:N]")
     parser.add_argument("--memory", choices=("exact", "estimate"), default="exact",
                         help="exact: measured (tracked on CPU, allocator on CUDA); estimate: FakeTensor, no time")
+    parser.add_argument("--reference", type=reference_list, default=None,
+                        help="which torchvision rows: 'all' (default) or a comma list of "
+                        f"{', '.join(REFERENCE_ROWS)} ('compile': GPU only)")
     parser.add_argument("--no-reference", action="store_true", help="leave out the torchvision rows")
     parser.add_argument("--compile", action="store_true",
                         help="GPU only: also each effdense strategy under torch.compile (default mode), as rows "
@@ -121,6 +125,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-timing", action="store_true", help="memory only")
     parser.add_argument("--channels-last", action="store_true", help="channels_last model and input")
     parser.add_argument("--out", type=output_path, default=Path("effdense_results"), help="output folder (JSON and CSV)")
+
+
+# the torchvision rows --reference can choose, in the order they run
+REFERENCE_ROWS = ("plain", "memory_efficient", "compile")
+
+
+def reference_list(text: str) -> list[str]:
+    """``all`` or a comma list of :data:`REFERENCE_ROWS`, for ``--reference``."""
+    if text.strip() == "all":
+        return list(REFERENCE_ROWS)
+    names = comma_items(text)
+    if not names:
+        raise argparse.ArgumentTypeError(f"no torchvision row in {text!r}; expected 'all' or e.g. plain,memory_efficient")
+    for name in names:
+        if name not in REFERENCE_ROWS:
+            raise argparse.ArgumentTypeError(
+                f"unknown torchvision row {name!r}; expected 'all' or a comma list of {', '.join(REFERENCE_ROWS)}"
+            )
+    return list(dict.fromkeys(names))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -227,6 +250,17 @@ def measure_builds(
 # Rows
 
 
+def _reference_rows(args: argparse.Namespace, device: torch.device) -> list[str]:
+    """The torchvision rows asked for: ``--no-reference`` none; ``--reference`` those it names (``compile`` on a
+    GPU only: an error when named explicitly elsewhere); else all, the compiled one on a GPU only."""
+    chosen = getattr(args, "reference", None)
+    if getattr(args, "no_reference", False):
+        return []
+    if chosen is None:
+        return [r for r in REFERENCE_ROWS if r != "compile" or device.type == "cuda"]
+    return chosen
+
+
 def _rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     """The rows to run: label, kind, strategy, builder (None: skipped, with a note)."""
     available = _strategies.available()
@@ -245,7 +279,8 @@ def _rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
         else:
             row["note"] = "not implemented yet"
         rows.append(row)
-    if not args.no_reference:
+    reference = _reference_rows(args, device)
+    if reference:
         probe = get_model(args.model, strategy="naive") if args.model not in IMAGENET_CONFIGS else None
         expressible = probe is None or torchvision_twin(probe, False) is not None
         if expressible:
@@ -257,10 +292,13 @@ def _rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
                 return build
 
             note = "" if args.model in IMAGENET_CONFIGS else "torchvision DenseNet class, CIFAR stem"
-            rows.append({"row": "torchvision", "kind": "torchvision", "strategy": "naive", "build": tv_builder(False), "note": note})
-            rows.append({"row": "torchvision memory_efficient", "kind": "torchvision", "strategy": "checkpoint",
-                         "build": tv_builder(True), "note": note})
-            if device.type == "cuda":
+            if "plain" in reference:
+                rows.append({"row": "torchvision", "kind": "torchvision", "strategy": "naive",
+                             "build": tv_builder(False), "note": note})
+            if "memory_efficient" in reference:
+                rows.append({"row": "torchvision memory_efficient", "kind": "torchvision", "strategy": "checkpoint",
+                             "build": tv_builder(True), "note": note})
+            if "compile" in reference:
                 rows.append({"row": "torchvision compile", "kind": "torchvision", "strategy": "naive",
                              "build": tv_builder(False, compiled=True), "note": "torch.compile, default mode"})
     if getattr(args, "compile", False):  # last: a run cut short (compilation takes minutes) keeps the rows above
@@ -357,7 +395,13 @@ def main(args: argparse.Namespace) -> int:
     _reject_ineffective_options(args)
     if getattr(args, "compile", False) and (args.memory == "estimate" or args.no_timing):
         raise UsageError("--compile adds timed rows: it has no effect with --memory estimate or --no-timing")
+    if getattr(args, "no_reference", False) and getattr(args, "reference", None) is not None:
+        raise UsageError("--reference and --no-reference contradict each other; give one")
     device = resolve_device(args.device)
+    if "compile" in (getattr(args, "reference", None) or ()) and device.type != "cuda":
+        raise UsageError(f"--reference compile times torchvision under torch.compile on a GPU only (device is {device})")
+    if "compile" in (getattr(args, "reference", None) or ()) and (args.memory == "estimate" or args.no_timing):
+        raise UsageError("--reference compile adds a timed row: it has no effect with --memory estimate or --no-timing")
     if getattr(args, "compile", False) and device.type != "cuda":
         raise UsageError(f"--compile times compiled rows on a GPU only (device is {device}); torchvision's compiled "
                          "row is GPU-only as well")
@@ -375,7 +419,7 @@ def main(args: argparse.Namespace) -> int:
     require_image_size(get_model(args.model, strategy="naive"), size, args.model, batch_size=args.batch_size)
     rows = _rows(args, device)
     if not rows:
-        raise UsageError("nothing to run: no strategy selected and --no-reference given")
+        raise UsageError("nothing to run: no strategy selected and no torchvision row")
     stem = f"bench_{args.model}_b{args.batch_size}_{size}px_{args.dtype}_{device.type}"
     output_dir(args.out, (f"{stem}.json", f"{stem}.csv"))
     env = environment(device)

@@ -663,6 +663,8 @@ _DOCUMENTED = [
      "--out OUT"),
     "bench --device cuda --max-seconds-per-row 20 --out OUT",
     ("bench --device cuda --model densenet121 --batch-size 64 --image-size 224 --dtype bf16 --strategies fused "
+     "--reference plain,memory_efficient --steps 10 --max-seconds-per-row 10 --out OUT"),
+    ("bench --device cuda --model densenet121 --batch-size 64 --image-size 224 --dtype bf16 --strategies fused "
      "--no-reference --compile --steps 10 --max-seconds-per-row 10 --out OUT"),
     "bench --device cpu --model densenet121 --batch-size 2 --image-size 32 --dtype bf16 --steps 1 --out OUT",
     "bench --device cpu --model densenet_bc_16 --batch-size 2 --steps 1 --out OUT",
@@ -819,3 +821,26 @@ def test_empty_values_in_ablate_lists_are_refused(capsys, tmp_path, option, valu
                        "--out", str(tmp_path / "out"))  # fmt: skip
     assert code == 2 and err.count("\n") == 1 and err.startswith(f"effdense ablate: error: {fragment}"), err
     assert not (tmp_path / "out").exists()
+
+
+def test_reference_chooses_the_torchvision_rows(capsys, tmp_path):
+    code, _, err = run(capsys, "bench", "--model", "densenet_bc_10", "--batch-size", "2", "--memory", "estimate",
+                       "--strategies", "naive", "--reference", "memory_efficient", "--out", str(tmp_path))  # fmt: skip
+    assert code == 0, err
+    payload = json.loads(next(tmp_path.glob("*.json")).read_text())
+    assert [r["row"] for r in payload["rows"]] == ["effdense naive", "torchvision memory_efficient"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--reference", "plain,bogus"], "unknown torchvision row 'bogus'"),
+        (["--reference", ","], "no torchvision row"),
+        (["--reference", "plain", "--no-reference"], "--reference and --no-reference contradict"),
+        (["--reference", "compile", "--device", "cpu"], "on a GPU only"),
+    ],
+)
+def test_reference_usage_errors(capsys, tmp_path, argv, message):
+    code, _, err = run(capsys, "bench", "--model", "densenet_bc_10", "--batch-size", "2", "--memory", "estimate",
+                       "--strategies", "naive", *argv, "--out", str(tmp_path))  # fmt: skip
+    assert code == 2 and message in err, err
