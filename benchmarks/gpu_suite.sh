@@ -67,9 +67,16 @@ if [ -z "${GIT_COMMIT:-}" ]; then
 fi
 export GIT_COMMIT  # effdense and bench_kernels.py record it (it takes precedence over .git)
 BUDGET=${SUITE_BUDGET_S:-540}
+# pytest-xdist (when importable, on a GPU): the CUDA test steps spread their tests over $SUITE_WORKERS processes.
+# Their time is Triton compiling each test's kernels on the host, one after another: at 1a95410 on a fresh H100
+# 88 of 126 CUDA tests ran in 180 s on one of its 16 cores. The processes share the GPU (each test is small).
+XDIST=()
+if [ "$MODE" = gpu ] && "$PY" -c "import xdist" 2>/dev/null; then
+    XDIST=(-n "${SUITE_WORKERS:-8}")
+fi
 SUITE_START=$SECONDS
 
-echo "gpu_suite.sh: $MODE on $SLUG, commit $GIT_COMMIT, writing to $OUT (budget ${BUDGET}s)"
+echo "gpu_suite.sh: $MODE on $SLUG, commit $GIT_COMMIT, writing to $OUT (budget ${BUDGET}s; pytest ${XDIST[*]:-without xdist})"
 printf 'step\texit_code\tseconds\tstatus\tcommand\n' >"$OUT/steps.tsv"
 FAILED=()
 
@@ -161,7 +168,7 @@ if [ "$MODE" = gpu ]; then
     # 1), they run with it off (EFFDENSE_DIRECT_LAUNCH=0; the file DIRECT_LAUNCH_OFF says so). A timeout does not
     # switch it off: at 1a95410 on a fresh H100 the 12 tests ran out of 60 s compiling (all passed in 36 s on the
     # same machine later), and the suite ran with the direct launch off for nothing. 120 s
-    step tests_direct_launch 120 env EFFDENSE_AUTOTUNE=0 "$PY" -m pytest tests/test_kernels.py -v -k "direct_launch" \
+    step tests_direct_launch 120 env EFFDENSE_AUTOTUNE=0 "$PY" -m pytest "${XDIST[@]}" tests/test_kernels.py -v -k "direct_launch" \
         --junitxml="$OUT/pytest_direct_launch.xml"
     if [ "$(tail -n 1 "$OUT/steps.tsv" | cut -f2)" = 1 ]; then
         echo "gpu_suite.sh: a direct-launch test failed: the steps below run with EFFDENSE_DIRECT_LAUNCH=0"
@@ -194,7 +201,7 @@ if [ "$MODE" = gpu ]; then
     # (not profiled); the autotuned path is covered by test_cuda_densenet_shapes[tuned] and the benches.
     # 180 s: a whole pass (121 tests at 65a4d4f) is wanted before the kernel bench, recorded three times
     # -v: each test's name goes to the log as it starts, so a step cut by its limit shows where it was
-    step tests_cuda 180 env EFFDENSE_AUTOTUNE=0 "$PY" -m pytest tests -v -m "cuda and not slow" \
+    step tests_cuda 180 env EFFDENSE_AUTOTUNE=0 "$PY" -m pytest "${XDIST[@]}" tests -v -m "cuda and not slow" \
         --junitxml="$OUT/pytest_cuda.xml"
     # (c) Triton bottleneck kernels vs cuBLAS on DenseNet-121 shapes, bf16 (the >= 70 % of cuBLAS target),
     # with the autotuner's choice per shape
@@ -204,13 +211,13 @@ if [ "$MODE" = gpu ]; then
     step bench_fused_compile 150 "${EFFDENSE[@]}" bench --device cuda --model densenet121 --batch-size 64 \
         --image-size 224 --dtype bf16 --strategies fused --no-reference --compile --steps 10 --max-seconds-per-row 10 \
         --out "$OUT/compile"
-    step tests_cuda_slow 150 "$PY" -m pytest tests -v -m "cuda and slow" --junitxml="$OUT/pytest_cuda_slow.xml"
+    step tests_cuda_slow 150 "$PY" -m pytest "${XDIST[@]}" tests -v -m "cuda and slow" --junitxml="$OUT/pytest_cuda_slow.xml"
     # every strategy on DenseNet-BC-100 (recorded on an H100 at b4b324d), each row's timing capped at 20 s
     step bench_densenet_bc_100 120 "${EFFDENSE[@]}" bench --device cuda --max-seconds-per-row 20 --out "$OUT"
     # (g) operators per BC-100 b64 step (naive, fused on its kernels) and each kernel call's host time with
     # real launches: what the BC-100 step times are made of
     step host_overhead 90 "$PY" benchmarks/host_overhead.py --device cuda --strategies naive,fused --out "$OUT"
-    step tests_kernels_shared 90 "$PY" -m pytest tests/test_kernels.py tests/test_shared.py -q -m "not cuda" \
+    step tests_kernels_shared 90 "$PY" -m pytest "${XDIST[@]}" tests/test_kernels.py tests/test_shared.py -q -m "not cuda" \
         --junitxml="$OUT/pytest_kernels_shared.xml"
     # (e) FakeTensor estimate vs the allocator's peak, per strategy (recorded on an H200 at 31de30d)
     step estimate_vs_cuda 120 "$PY" benchmarks/estimate_vs_cuda.py --device cuda --out "$OUT"
