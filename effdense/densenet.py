@@ -129,8 +129,25 @@ class _DenseBlock(nn.ModuleDict):
     def layers(self) -> list[_DenseLayer]:
         return list(self.values())  # type: ignore[arg-type]
 
+    @property
+    def strategy(self) -> str:
+        """How this block runs: ``"auto"`` or one of :data:`effdense.STRATEGIES` (the model's
+        :meth:`DenseNet.set_strategy` sets every block's; a block may be given its own)."""
+        return self._strategy
+
+    @strategy.setter
+    def strategy(self, strategy: str) -> None:
+        # checked here, as the model's: a typo used to surface as a bare KeyError at the next forward
+        self._strategy = strategies.check_strategy(strategy)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # a block pickled before ``strategy`` became a property kept it in its instance dict
+        if "strategy" in state:
+            state["_strategy"] = state.pop("strategy")
+        super().__setstate__(state)
+
     def forward(self, init_features: torch.Tensor) -> torch.Tensor:
-        return strategies.run_block(self.strategy, self, init_features)
+        return strategies.run_block(self._strategy, self, init_features)
 
 
 class _Transition(nn.Sequential):
@@ -935,11 +952,29 @@ def _match_untracked_batchnorms(clone: nn.Module, source: nn.Module) -> None:
                 module.register_buffer(key, None)
 
 
+def _copy_swapped_leaves(clone: nn.Module, source: nn.Module) -> None:
+    """Modules without children that a user swapped into ``source``'s blocks and transitions (an ``nn.SiLU`` for
+    a ReLU, ``nn.MaxPool2d`` for the transition's pool, ``torchvision.ops.FrozenBatchNorm2d``) replace the ones
+    ``clone`` was built with, as copies: a state dict does not carry a module's class, and a parameter-free swap
+    was silently lost (the copy computed other outputs). The strategies then run those stages as naive, with
+    their warning."""
+    src = dict(source.named_modules())
+    for name, module in list(clone.features.named_modules(prefix="features")):
+        other = src.get(name)
+        if other is None or module._modules or other._modules or type(other) is type(module):
+            continue
+        parent, _, child = name.rpartition(".")
+        setattr(clone.get_submodule(parent), child, copy.deepcopy(other))
+
+
 def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = None) -> DenseNet:
     """Build an effdense :class:`DenseNet` from a torchvision DenseNet, with a copy of its parameters
     and buffers (same values, device and dtype) and the given strategy. A replaced stem (``conv0``, ``pool0``)
     and head (any ``classifier`` module: a bias-free ``nn.Linear``, ``nn.Identity`` for a backbone, an
     ``nn.Sequential``) are copied as they are.
+
+    Other modules swapped into the source's blocks and transitions (an activation, a pool, a frozen
+    BatchNorm) are copied as they are too; the strategies run such a stage as ``naive``, with a warning.
 
     The copy also keeps what the state dict does not carry: train/eval flags, ``requires_grad``, BatchNorm
     momentum and eps, each dense layer's ``drop_rate``, and SyncBatchNorm semantics: a source with
@@ -1016,6 +1051,7 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
 
             enable_cpu_sync_bn(clone)
     _match_untracked_batchnorms(clone, model)
+    _copy_swapped_leaves(clone, model)
     clone.load_state_dict(model.state_dict(), strict=True)
     # what a state dict does not carry, module by module: train/eval flags (a backbone whose BatchNorms
     # were put in eval mode for fine-tuning), frozen parameters, BatchNorm momentum and eps
@@ -1031,5 +1067,7 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
             module.momentum, module.eps = src.momentum, src.eps
     source_params = dict(model.named_parameters())
     for name, p in clone.named_parameters():
-        p.requires_grad_(source_params[name].requires_grad)
+        src_p = source_params.get(name)
+        if src_p is not None:
+            p.requires_grad_(src_p.requires_grad)
     return clone

@@ -490,6 +490,45 @@ def test_convert_keeps_each_layers_drop_rate() -> None:
         assert [m.drop_rate for m in ours.modules() if hasattr(m, "drop_rate")] == [m.drop_rate for m in layers]
 
 
+def _frozen_bn(bn: nn.BatchNorm2d) -> nn.Module:
+    from torchvision.ops import FrozenBatchNorm2d
+
+    frozen = FrozenBatchNorm2d(bn.num_features, eps=bn.eps)
+    frozen.load_state_dict({k: v for k, v in bn.state_dict().items() if k != "num_batches_tracked"})
+    return frozen
+
+
+@pytest.mark.parametrize(
+    "path, make",
+    [
+        ("features.denseblock1.denselayer1.relu2", lambda m: nn.SiLU()),
+        ("features.transition1.relu", lambda m: nn.GELU()),
+        ("features.transition1.pool", lambda m: nn.MaxPool2d(2)),
+        ("features.denseblock2.denselayer1.relu1", lambda m: nn.Identity()),
+        ("every BatchNorm", _frozen_bn),  # a detectron-style frozen backbone; before: a bare KeyError
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
+@pytest.mark.parametrize("strategy", ["naive", "shared"])
+def test_convert_keeps_modules_swapped_into_the_source(path, make, strategy) -> None:
+    """A state dict does not carry a module's class: before, parameter-free swaps (another activation or
+    pool) were lost silently and the copy computed other outputs."""
+    torch.manual_seed(0)
+    tv = _small_torchvision_densenet()
+    paths = [n for n, m in tv.named_modules() if isinstance(m, nn.BatchNorm2d)] if path == "every BatchNorm" else [path]
+    for p in paths:
+        parent, _, child = p.rpartition(".")
+        setattr(tv.get_submodule(parent), child, make(tv.get_submodule(p)))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "effdense: a dense block runs as strategy 'naive'")
+        ours = effdense.convert(tv, strategy=strategy)
+        for p in paths:
+            assert type(ours.get_submodule(p)) is type(tv.get_submodule(p)), p
+        x = torch.randn(2, 3, 32, 32)
+        torch.testing.assert_close(ours.eval()(x), tv.eval()(x), rtol=1e-5, atol=1e-5)
+        ours.train()(x).sum().backward()  # trains (the frozen BatchNorms hold no parameters)
+
+
 def test_convert_names_what_it_cannot_convert() -> None:
     tv = _small_torchvision_densenet()
     with pytest.raises(TypeError, match="got a DataParallel wrapper: pass model.module"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import random
+import types
 
 import pytest
 import torch
@@ -623,6 +624,12 @@ def _subclassed(cls, m):
     return new
 
 
+def _without(bn: nn.BatchNorm2d, name: str) -> nn.BatchNorm2d:
+    """``bn`` with its ``name`` parameter removed (``nn.BatchNorm2d(C, bias=False)`` where PyTorch has it)."""
+    setattr(bn, name, None)
+    return bn
+
+
 def _bias_conv(conv: nn.Conv2d) -> nn.Conv2d:
     new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding, bias=True)
     with torch.no_grad():
@@ -649,6 +656,11 @@ def _bias_conv(conv: nn.Conv2d) -> nn.Conv2d:
         (True, "transition1.relu", lambda relu: _subclassed(_ClippedReLU, relu)),
         (True, "denseblock2.denselayer1.norm2", lambda bn: _subclassed(_ScaledBN, bn)),
         (False, "denseblock1.denselayer1.norm1", lambda bn: _subclassed(_ScaledBN, bn)),
+        # no bias (a constructor option in recent PyTorch) or no weight: before, AttributeError in _bn_affine
+        (True, "denseblock1.denselayer1.norm2", lambda bn: _without(bn, "bias")),
+        (True, "denseblock2.denselayer1.norm1", lambda bn: _without(bn, "weight")),
+        (False, "denseblock1.denselayer1.norm1", lambda bn: _without(bn, "bias")),
+        (True, "transition1.norm", lambda bn: _without(bn, "bias")),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -666,6 +678,86 @@ def test_modules_swapped_in_by_a_user_run_as_naive(bottleneck, path, make, strat
     named = path.split(".", 1)[1] if path.startswith("denseblock") else "transition." + name  # within the stage
     with pytest.warns(UserWarning, match=rf"runs as strategy 'naive'.* because its modules {named} "):
         assert_matches(ref, other, torch.randn(2, 3, 8, 8))
+
+
+class _TanhLayer(effdense.densenet._DenseLayer):  # a layer class with a forward of its own
+    def forward(self, inputs):
+        return torch.tanh(super().forward(inputs))
+
+
+class _HalfTailLayer(effdense.densenet._DenseLayer):  # keeps forward, changes a part it calls
+    def tail(self, bottleneck_output):
+        return 0.5 * super().tail(bottleneck_output)
+
+
+class _TanhTransition(effdense.densenet._Transition):
+    def forward(self, x):
+        return torch.tanh(super().forward(x))
+
+
+class _ScaledFeatures(nn.Sequential):  # (not tanh: the model's in-place ReLU after features would break it)
+    def forward(self, x):
+        return 2.0 * super().forward(x) - 0.1
+
+
+def _patch(m: nn.Module, fn) -> None:
+    """``m.forward = fn(m, ...)`` on the instance (its class untouched)."""
+    m.forward = types.MethodType(fn, m)
+
+
+_OWN_FORWARDS = {
+    "layer subclass": lambda f: setattr(f.denseblock1.denselayer2, "__class__", _TanhLayer),
+    "layer subclass's tail": lambda f: setattr(f.denseblock2.denselayer1, "__class__", _HalfTailLayer),
+    "layer instance forward": lambda f: _patch(
+        f.denseblock1.denselayer1, lambda self, i: torch.tanh(effdense.densenet._DenseLayer.forward(self, i))
+    ),
+    "relu1 instance forward": lambda f: _patch(f.denseblock2.denselayer1.relu1, lambda self, x: x.clamp(0.0, 0.5)),
+    "transition subclass": lambda f: setattr(f.transition1, "__class__", _TanhTransition),
+    "transition instance forward": lambda f: _patch(f.transition1, lambda self, x: torch.tanh(nn.Sequential.forward(self, x))),
+    "block instance forward": lambda f: _patch(
+        f.denseblock2, lambda self, x: torch.tanh(effdense.densenet._DenseBlock.forward(self, x))
+    ),
+    "features subclass": lambda f: setattr(f, "__class__", _ScaledFeatures),
+}
+
+
+@pytest.mark.filterwarnings("ignore:effdense. a dense block runs as strategy 'naive'")
+@pytest.mark.parametrize("case", list(_OWN_FORWARDS))
+@pytest.mark.parametrize("strategy", ["checkpoint", "shared", "fused"])
+def test_own_forwards_are_run(case, strategy) -> None:
+    """A dense layer, transition, block, ``features`` or part module with a forward of its own (a subclass, or
+    one patched onto the instance) computes as on torchvision's model, where every container calls its children.
+    Before, shared/fused computed the stage from the parts and skipped those forwards silently (outputs off by
+    ~0.2), and checkpoint skipped a layer's."""
+    models = []
+    for s in ("naive", strategy):  # two builds (a patched bound method would not follow a deepcopy)
+        torch.manual_seed(0)
+        model = effdense.densenet_cifar(16, 4, num_classes=3, compression=0.5, strategy=s)
+        _OWN_FORWARDS[case](model.features)
+        models.append(model)
+    assert_matches(*models, torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("strategy", ["checkpoint", "shared", "fused"])
+def test_a_layer_with_its_own_forward_is_named_in_the_fallback_warning(strategy) -> None:
+    model = effdense.densenet_cifar(16, 4, num_classes=3, strategy=strategy)
+    model.features.denseblock1.denselayer2.__class__ = _TanhLayer
+    with pytest.warns(UserWarning, match=rf"runs as strategy 'naive' instead of .*{strategy}.* denselayer2"):
+        model(torch.randn(2, 3, 8, 8))
+
+
+def test_a_blocks_strategy_is_checked_when_set() -> None:
+    block = effdense.densenet_cifar(16, 4).features.denseblock1
+    with pytest.raises(ValueError, match="unknown strategy 'Naive'"):  # before: a bare KeyError at the next forward
+        block.strategy = "Naive"
+    block.strategy = "checkpoint"
+    assert block.strategy == "checkpoint"
+    # a block pickled before the property held "strategy" in its instance dict
+    state = block.__getstate__()
+    state["strategy"] = state.pop("_strategy")
+    old = effdense.densenet._DenseBlock.__new__(effdense.densenet._DenseBlock)
+    old.__setstate__(state)
+    assert old.strategy == "checkpoint"
 
 
 @pytest.mark.parametrize("strategy", ["shared", "fused"])

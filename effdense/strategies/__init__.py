@@ -248,17 +248,58 @@ def run_block(name: str, block: "_DenseBlock", x: torch.Tensor) -> torch.Tensor:
     return module.run_block(block, x)
 
 
+# ------------------------------------------------------------------------------------------------
+# Modules with a computation of their own. The strategies compute a dense layer (and shared/fused a block's
+# stage, its transition and the model's features) from its parts without calling the module's forward: a
+# subclass or an instance that overrides it (``layer.forward = ...``, a layer class with its own ``tail``) runs
+# through its modules instead, as on torchvision's model, where every container calls its children.
+
+_STANDARD: dict[str, type] = {}  # "layer", "block": effdense.densenet's classes (it imports this package)
+
+
+def standard_class(kind: str) -> type:
+    """``effdense.densenet._DenseLayer`` (``kind="layer"``) or ``_DenseBlock`` (``"block"``)."""
+    if not _STANDARD:
+        from effdense import densenet
+
+        _STANDARD.update(layer=densenet._DenseLayer, block=densenet._DenseBlock)
+    return _STANDARD[kind]
+
+
+def overrides(module: torch.nn.Module, base: type, names: tuple[str, ...]) -> bool:
+    """Whether ``module`` computes other than ``base``'s methods ``names``: an instance attribute of one of
+    those names (a patched ``module.forward``), or a class whose method is not ``base``'s (a subclass with a
+    forward of its own, or another class altogether, such as torchvision's ``_DenseLayer``)."""
+    d, cls = module.__dict__, type(module)
+    for n in names:
+        if n in d or getattr(cls, n, None) is not getattr(base, n):
+            return True
+    return False
+
+
+def _plain_containers(model: torch.nn.Module) -> bool:
+    """Whether ``model.features`` and its dense blocks compute as their classes' forwards do (an
+    ``nn.Sequential``, a ``_DenseBlock`` running its strategy): a strategy's ``run_features`` calls neither."""
+    features = model.features
+    if overrides(features, torch.nn.Sequential, ("forward",)):
+        return False
+    block = standard_class("block")
+    mods = features._modules
+    return not any(overrides(mods[f"denseblock{i}"], block, ("forward",)) for i in range(1, len(model.block_config) + 1))
+
+
 def run_features(name: str, model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Run ``model.features`` on ``x`` with strategy ``name``: the strategy's own ``run_features`` if it
     has one, else the plain module (whose dense blocks call :func:`run_block`). With hooks on any module
-    of ``model.features``, or a block whose own ``strategy`` differs from ``name``, the plain module, so that
-    the stem, transitions and blocks are called (each block then on its own strategy, or as ``naive`` when its
-    own layers hold the hooks)."""
+    of ``model.features``, a block whose own ``strategy`` differs from ``name``, or a ``features`` or block
+    with a forward of its own, the plain module, so that the stem, transitions and blocks are called (each block
+    then on its own strategy, or as ``naive`` when its own layers hold the hooks)."""
     module = _runner_for(name, x)
     if (
         hasattr(module, "run_features")
         and _standard_layout(model)
         and _blocks_follow(model, name)
+        and _plain_containers(model)
         and not _has_hooks(model.features)
     ):
         return module.run_features(model, x)
@@ -269,7 +310,7 @@ def _blocks_follow(model: torch.nn.Module, name: str) -> bool:
     """Whether every dense block's own ``strategy`` is the model's: a block set to another one (``block.strategy =
     'naive'``) runs on it, through the plain module, instead of the model strategy's ``run_features``."""
     mods = model.features._modules
-    return all(mods[f"denseblock{i}"].__dict__.get("strategy") == name for i in range(1, len(model.block_config) + 1))
+    return all(mods[f"denseblock{i}"].__dict__.get("_strategy") == name for i in range(1, len(model.block_config) + 1))
 
 
 # The children of a DenseNet's ``features``, in order: the stem modules (any of them, conv0 first), then the

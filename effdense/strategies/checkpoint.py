@@ -19,6 +19,9 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from effdense.strategies import naive as _naive
+from effdense.strategies import overrides, standard_class
+
 
 @contextlib.contextmanager
 def frozen_running_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
@@ -138,7 +141,31 @@ def run_recomputed(modules: Sequence[nn.Module], x: torch.Tensor) -> torch.Tenso
     return checkpoint(recompute_once(run, modules), x, use_reentrant=False, preserve_rng_state=_PRESERVE_RNG)
 
 
+def _own_layers(block) -> list[str]:
+    """The block's layers that checkpoint would not compute as they compute themselves: it calls a layer's
+    ``bn_function`` and ``tail``, not its ``forward``, so a layer with a forward of its own (a subclass, an
+    instance's ``layer.forward = ...``, another class such as torchvision's ``_DenseLayer``) is one."""
+    layer_class = standard_class("layer")
+    return [
+        name for name, layer in block.named_children()
+        if overrides(layer, layer_class, ("forward",)) or not (hasattr(layer, "bn_function") and hasattr(layer, "tail"))
+    ]  # fmt: skip
+
+
 def run_block(block, x: torch.Tensor) -> torch.Tensor:
+    odd = _own_layers(block)
+    if odd:
+        if not torch.compiler.is_compiling():  # dynamo refuses warnings.warn
+            import warnings
+
+            warnings.warn(
+                f"effdense: a dense block runs as strategy 'naive' instead of 'checkpoint', because its layers "
+                f"{', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''} have a forward of their own, which checkpoint "
+                "would not call (it runs each layer's bn_function and tail); naive calls the layers. The block "
+                "keeps naive's memory.",
+                stacklevel=3,
+            )
+        return _naive.run_block(block, x)
     features = [x]
     for layer in block.layers:
         if _needs_grad(features, [layer]):

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from effdense._autograd import differentiable_once
-from effdense.strategies import STEM
+from effdense.strategies import STEM, overrides, standard_class
 from effdense.strategies import checkpoint as _checkpoint
 from effdense.strategies import naive as _naive
 
@@ -1034,6 +1034,9 @@ _LAYER_PARTS = {
     False: (("norm1", _BN), ("relu1", _RELU), ("conv1", _CONV3X3)),
 }
 _TRANSITION_PARTS = (("norm", _BN), ("relu", _RELU), ("conv", _CONV1X1))
+# a layer computes as the Function computes it while these are _DenseLayer's (a class with its own tail
+# or forward, or an instance with one patched in, runs as naive)
+_LAYER_METHODS = ("forward", "bn_function", "tail")
 
 
 # A subclass computes as its base only if it keeps the base's forward: one that overrides it (a clipped ReLU,
@@ -1043,13 +1046,27 @@ _TRANSITION_PARTS = (("norm", _BN), ("relu", _RELU), ("conv", _CONV1X1))
 _BN_FORWARDS = (torch.nn.modules.batchnorm._BatchNorm.forward, torch.nn.SyncBatchNorm.forward)
 
 
+def _has_tensor(m: Any, name: str) -> bool:
+    """Whether module ``m`` has a ``name`` tensor: a parameter, or (not among its parameters) a parametrized
+    weight or a buffer. ``nn.BatchNorm2d(C, bias=False)`` registers its ``bias`` as None, as does setting
+    ``bn.weight = None``."""
+    params = m._parameters
+    if name in params:
+        return params[name] is not None
+    return getattr(m, name, None) is not None
+
+
 def _computes_as_module(m: Any, kind: Any) -> bool:
+    if m is None or "forward" in m.__dict__:  # a missing part, or an instance's own forward (m.forward = ...)
+        return False
     if kind is _BN:
         cls = type(m)
         return (
             isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
             and m.affine
             and (cls.forward in _BN_FORWARDS or getattr(cls, "_effdense_computes_as_batchnorm", False))
+            and _has_tensor(m, "weight")
+            and _has_tensor(m, "bias")
         )
     if kind is _RELU:
         return isinstance(m, torch.nn.ReLU) and type(m).forward is torch.nn.ReLU.forward
@@ -1064,9 +1081,10 @@ def _custom_modules(block, transition) -> list[str]:
     """Names of the stage's modules that the Function would not compute as they compute themselves; empty
     for torchvision's modules (one pass over the layers' module dicts, no nn.Module.__getattr__)."""
     odd = []
+    layer_class = standard_class("layer")
     for name, layer in block._modules.items():
         parts = _LAYER_PARTS.get(layer.__dict__.get("bottleneck"))
-        if parts is None:
+        if parts is None or overrides(layer, layer_class, _LAYER_METHODS):
             odd.append(name)
             continue
         mods = layer._modules
@@ -1080,7 +1098,7 @@ def _custom_modules(block, transition) -> list[str]:
 
 def _custom_transition_modules(transition) -> list[str]:
     mods = transition._modules
-    if list(mods) != ["norm", "relu", "conv", "pool"]:
+    if list(mods) != ["norm", "relu", "conv", "pool"] or overrides(transition, torch.nn.Sequential, ("forward",)):
         return ["transition"]
     odd = [f"transition.{part}" for part, kind in _TRANSITION_PARTS if not _computes_as_module(mods[part], kind)]
     pool = mods["pool"]
@@ -1103,7 +1121,8 @@ def _warn_custom_modules(odd: list[str]) -> None:
     warnings.warn(
         f"effdense: a dense block runs as strategy 'naive' instead of 'shared'/'fused', because its modules {names} "
         "are not what those strategies compute (affine BatchNorm, ReLU, bias-free Conv2d of torchvision's "
-        "geometry, 2x2 average pool); naive calls the modules themselves. The block keeps naive's memory.",
+        "geometry, 2x2 average pool, and the layers' and transition's own forwards); naive calls the modules "
+        "themselves. The block keeps naive's memory.",
         stacklevel=3,
     )
 
