@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader
 
 from effdense import densenet, strategies
 from effdense.benchutil import image_size_problem, positive_int
-from effdense.data import DATASETS, DEFAULT_IMAGE_SIZE, DataError, ShardSampler, Subset, build_datasets
+from effdense.data import DATASETS, DEFAULT_IMAGE_SIZE, DataError, SeededSamples, ShardSampler, Subset, build_datasets
 
 DEFAULT_DEPTH = 22
 """Depth of the default model (DenseNet-BC, k=12): ``densenet_bc_22``."""
@@ -93,7 +93,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--weight-decay", type=float, default=None, help="default: 1e-4 sgd, 0.05 adamw")
     g.add_argument("--lr-schedule", choices=("cosine", "step", "constant"), default="cosine", help="stepped every iteration")
     g.add_argument("--lr-milestones", default=None,
-                   help=f"--lr-schedule step only: fractions of training (default: {DEFAULTS['lr_milestones']})")
+                   help=f"--lr-schedule step only: fractions of the steps after any warm-up (default: {DEFAULTS['lr_milestones']})")
     g.add_argument("--lr-gamma", type=float, default=None,
                    help=f"--lr-schedule step only: factor at each milestone (default: {DEFAULTS['lr_gamma']})")
     g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the schedule")
@@ -570,6 +570,23 @@ def _effective_options(config: dict[str, Any]) -> dict[str, Any]:
     return opts
 
 
+# the options that build the model (build_model): a checkpoint's weights load into the model they describe
+MODEL_OPTIONS = ("model", "depth", "growth_rate")
+
+
+def _misfit(args: argparse.Namespace, state: dict[str, Any], exc: BaseException) -> str:
+    """Why a checkpoint's states do not load into this run's model and optimiser: PyTorch's first line, and
+    the model options where the checkpoint's config differs (a resume that did not repeat ``--model``)."""
+    config = state.get("config", {})
+    first = str(exc).strip().splitlines()[0]
+    changed = [f"--{k.replace('_', '-')} {config[k]} (this run: {getattr(args, k, None)})"
+               for k in MODEL_OPTIONS if k in config and config[k] != getattr(args, k, None)]
+    if changed:
+        return (f"checkpoint {args.resume!r} holds another model: it was saved by a run with {', '.join(changed)}; "
+                f"resume with the checkpoint's model options ({first})")
+    return f"checkpoint {args.resume!r} does not fit this run: {first}"
+
+
 def check_resume_options(path: str, config: dict[str, Any], args: argparse.Namespace) -> None:
     """Raise :class:`CheckpointError` when ``args`` (defaults filled in) would continue the run that saved the
     checkpoint ``path`` (its ``config``) differently from how it started; see :data:`RESUME_OPTIONS`."""
@@ -730,8 +747,8 @@ def _ignore_sigint(worker_id: int) -> None:
 def _loader(
     dataset, sampler, batch_size: int, workers: int, device: torch.device, drop_last: bool, seed: int
 ) -> DataLoader:
-    # its own generator: the loader never draws from the global RNG, whose stream (dropout, main-process
-    # augmentation) a mid-epoch resume then continues exactly; worker seeds are fixed per epoch
+    # its own generator: the loader never draws from the global RNG, whose stream (dropout) a mid-epoch resume
+    # then continues exactly; augmentation draws from per-image seeds (SeededSamples), whatever the worker
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(
@@ -815,7 +832,10 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
     torch.manual_seed(args.seed)
 
     spec = build_datasets(args.data, args.data_dir, args.image_size, augment=not args.no_augment)
-    train_set = Subset(spec.train, args.subset) if args.subset else spec.train
+    # random crops and flips as a function of (seed, epoch, image): the same for any --workers, and after a resume
+    seeded = SeededSamples(spec.train, args.seed) if spec.augmented else None
+    train_set = seeded if seeded is not None else spec.train
+    train_set = Subset(train_set, args.subset) if args.subset else train_set
     test_set = Subset(spec.test, args.test_subset) if args.test_subset else spec.test
 
     model = build_model(args, spec.num_classes, spec.in_channels)
@@ -870,8 +890,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
             if "scaler" in resume_state and resume_state["scaler"]:
                 scaler.load_state_dict(resume_state["scaler"])
         except (RuntimeError, ValueError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise CheckpointError(f"checkpoint {args.resume!r} does not fit this run: {first}") from exc
+            raise CheckpointError(_misfit(args, resume_state, exc)) from exc
         start_epoch, start_step = int(resume_state["epoch"]), int(resume_state["step"])
         saved_world = int(resume_state.get("world_size", 1))
         if start_step > 0 and saved_world != ctx.world_size:
@@ -887,6 +906,15 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
                 f"ends at epoch {saved_epochs}; past it the schedule would rise again: resume with --epochs "
                 f"{saved_epochs} or fewer, or start a new run without --resume"
             )
+        if start_epoch > args.epochs or (start_epoch == args.epochs and start_step > 0):
+            # the loop below would not run: the run would end at once, reporting the checkpoint's old figures
+            raise CheckpointError(
+                f"checkpoint {args.resume!r} is past epoch {args.epochs} (it was saved at epoch {start_epoch + 1}, "
+                f"step {start_step}), and this run asks for --epochs {args.epochs}: resume with more epochs (up to "
+                f"the checkpoint's run length with a cosine schedule), or start a new run without --resume"
+            )
+        if start_epoch == args.epochs:
+            say(f"note: the checkpoint's run has finished its {args.epochs} epochs; nothing is left to train")
         if saved_epochs is not None and saved_epochs != args.epochs:
             say(f"note: the learning-rate schedule keeps the checkpoint's length ({saved_epochs} epochs)")
         global_step = int(resume_state.get("global_step", start_epoch * steps_per_epoch + start_step))
@@ -968,6 +996,8 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
             for epoch in range(start_epoch, args.epochs):
                 step0 = step = start_step if epoch == start_epoch else 0
                 train_sampler.set_epoch(epoch, start=step0 * args.batch_size)
+                if seeded is not None:
+                    seeded.epoch = epoch
                 loader = _loader(
                     train_set, train_sampler, args.batch_size, args.workers, device, True, args.seed * 100_003 + epoch
                 )

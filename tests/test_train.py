@@ -174,6 +174,66 @@ def test_jsonl_metrics_and_imagefolder(tmp_path):
     assert result["model"].classifier.out_features == 2
 
 
+def _image_folder(root, per_class: int = 8, size: int = 20) -> None:
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            os.makedirs(root / split / cls)
+            for i in range(per_class):
+                pixels = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
+
+
+def test_augmented_resume_is_exact_with_workers(tmp_path):
+    """Random crops and flips depend on (seed, epoch, image) alone: a run interrupted mid-epoch and resumed with
+    two DataLoader workers gives the uninterrupted run's losses and weights, and so does any --workers. Before,
+    each worker's stream restarted at the resumed step (loss 0.18 off at the first resumed step, a probe found)."""
+    _image_folder(tmp_path / "imgs")
+
+    def args(out, workers, *extra):
+        return T.parse_args([
+            "--data", "imagefolder", "--data-dir", str(tmp_path / "imgs"), "--image-size", "16", "--depth", "10",
+            "--growth-rate", "4", "--batch-size", "4", "--epochs", "2", "--strategy", "naive", "--drop-rate", "0",
+            "--workers", str(workers), "--out-dir", str(tmp_path / out), "--no-progress", "--quiet", *extra,
+        ])  # fmt: skip
+
+    straight = T.train(args("a", 0))
+
+    def ctrl_c(epoch, step, loss):
+        if epoch == 0 and step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    first = T.train(args("b", 2), on_step=ctrl_c)
+    assert first["interrupted"] and len(first["step_losses"]) == 2
+    resumed = T.train(args("b", 2, "--resume", first["checkpoint"]))
+    losses = first["step_losses"] + resumed["step_losses"]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(straight["step_losses"]), atol=1e-6, rtol=1e-5)
+    _assert_same_state(_state(resumed["model"]), _state(straight["model"]))
+
+
+def test_seeded_samples_draw_per_image_and_epoch():
+    from effdense.data import SeededSamples
+
+    class Draw(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(3)
+
+    data = SeededSamples(Draw(), seed=7)
+    before = torch.random.get_rng_state()
+    first = [data[i] for i in range(4)]
+    assert torch.equal(torch.random.get_rng_state(), before)  # the caller's stream is left as it was
+    assert all(torch.equal(a, data[i]) for i, a in enumerate(first))  # the same image draws the same
+    assert not torch.equal(first[0], first[1])
+    data.epoch = 1
+    assert not torch.equal(first[0], data[0])  # another epoch, other draws
+    assert not torch.equal(first[0], SeededSamples(Draw(), seed=8)[0])
+
+
 def _run_main(capsys, argv):
     code = T.main(T.parse_args(argv))
     err = capsys.readouterr().err.strip()
@@ -210,7 +270,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, capsys):
     first = T.train(_args(tmp_path, "--epochs", 1))
     code, err = _run_main(capsys, [*TINY, "--out-dir", str(tmp_path), "--epochs", "2", "--growth-rate", "6",
                                    "--resume", first["checkpoint"]])
-    assert code == 2 and "does not fit this run" in err and "\n" not in err, err
+    assert code == 2 and "holds another model" in err and "--growth-rate 4 (this run: 6)" in err and "\n" not in err, err
 
 
 def test_python_dash_m_entry_point(tmp_path):
@@ -308,6 +368,10 @@ def test_resume_refuses_options_that_change_the_run(tmp_path, capsys):
         (["--seed", "1", "--batch-size", "16"], "--batch-size 32 (this run: 16), --seed 0 (this run: 1)"),
         (["--optimizer", "adamw"], "--optimizer sgd (this run: adamw), --lr 0.1 (this run: 0.001)"),
         (["--epochs", "3"], "cosine learning-rate schedule ends at epoch 2"),
+        # before: ended at once with exit 0, reporting the checkpoint's old figures as this run's
+        (["--epochs", "1"], "is past epoch 1 (it was saved at epoch 3, step 0), and this run asks for --epochs 1"),
+        # before: PyTorch's first line only ("Error(s) in loading state_dict for DenseNet:")
+        (["--depth", "16"], "holds another model: it was saved by a run with --depth 10 (this run: 16)"),
     ]:
         argv = [*TINY, "--out-dir", str(tmp_path / "b"), "--epochs", "2", *extra, "--resume", ckpt]
         code, err = _run_main(capsys, argv)
