@@ -249,6 +249,17 @@ def test_bottleneck_backward_weight(shape, dtype, device):
     torch.testing.assert_close(dw, dw_ref, atol=1e-4 * (1 + dw_ref.abs().max().item()), rtol=1e-4)
 
 
+@pytest.mark.parametrize("N, B, C, P", [(3, 16, 24, 49), (3, 16, 24, 4), (2, 8, 5, 1), (1, 4, 4, 2)])
+def test_twin_weight_gradient_sum_on_large_and_small_planes(N, B, C, P):
+    """The twin's Σ_n dy[n]·h[n]^T: a batched GEMM and a sum on large planes, one 2-D GEMM on planes smaller
+    than B·C/(B+C) pixels (where the batched product would be the step's largest temporary); same values."""
+    g = torch.Generator().manual_seed(N * 1000 + P)
+    d, h = torch.randn(N, B, P, generator=g), torch.randn(N, C, P, generator=g)
+    want = torch.einsum("nbp,ncp->bc", d.double(), h.double()).float()
+    torch.testing.assert_close(R._weight_grad_sum(d, h), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(R._weight_grad_sum(d.transpose(1, 2).contiguous().transpose(1, 2), h), want, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
