@@ -150,6 +150,9 @@ class _DenseBlock(nn.ModuleDict):
         return strategies.run_block(self._strategy, self, init_features)
 
 
+strategies.register_standard_classes(_DenseLayer, _DenseBlock)
+
+
 class _Transition(nn.Sequential):
     def __init__(self, num_input_features: int, num_output_features: int) -> None:
         super().__init__()

@@ -254,15 +254,19 @@ def run_block(name: str, block: "_DenseBlock", x: torch.Tensor) -> torch.Tensor:
 # subclass or an instance that overrides it (``layer.forward = ...``, a layer class with its own ``tail``) runs
 # through its modules instead, as on torchvision's model, where every container calls its children.
 
-_STANDARD: dict[str, type] = {}  # "layer", "block": effdense.densenet's classes (it imports this package)
+# "layer", "block": effdense.densenet's _DenseLayer and _DenseBlock, registered by that module when it is
+# imported (it imports this package, so this one cannot import it). Filled before any model exists: a dict filled
+# lazily at the first forward made torch.compile guard on its emptiness and compile every model twice.
+_STANDARD: dict[str, type] = {}
+
+
+def register_standard_classes(layer: type, block: type) -> None:
+    """Called once by :mod:`effdense.densenet` with its dense layer and block classes."""
+    _STANDARD.update(layer=layer, block=block)
 
 
 def standard_class(kind: str) -> type:
     """``effdense.densenet._DenseLayer`` (``kind="layer"``) or ``_DenseBlock`` (``"block"``)."""
-    if not _STANDARD:
-        from effdense import densenet
-
-        _STANDARD.update(layer=densenet._DenseLayer, block=densenet._DenseBlock)
     return _STANDARD[kind]
 
 
