@@ -218,6 +218,24 @@ def test_compiled_model_fires_hooks_as_eager() -> None:
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+def test_compiled_checkpoint_with_a_hook_in_the_checkpointed_part_updates_statistics_once() -> None:
+    """A forward hook with side effects on a module inside checkpoint's recomputed part breaks the graph there,
+    and the checkpoint then runs eagerly: its recomputation updated norm1's running statistics a second time
+    (num_batches_tracked 2), since the wrapper that freezes them had been left out at trace time."""
+    torch.manual_seed(0)
+    ref = _two_blocks()
+    other = copy.deepcopy(ref).set_strategy("checkpoint")
+    seen = []
+    for model in (ref, other):
+        model.features.denseblock1.denselayer1.conv1.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    x = torch.randn(2, 3, 8, 8)
+    ref(x).sum().backward()
+    torch.compile(other, backend="aot_eager")(x).sum().backward()
+    assert counters["graph_break"]  # (the case: a break inside the checkpointed part)
+    for (name, a), b in zip(ref.named_buffers(), other.buffers()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Inference
 

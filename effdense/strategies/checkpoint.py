@@ -91,16 +91,19 @@ def recompute_once(
     statistics as usual, every recomputation leaves them as they were and reads the parameters and buffers
     of ``reads`` (default ``modules``: the modules ``fn`` runs) that the first call read.
 
-    Under ``torch.compile`` ``fn`` itself: the compiler traces it once, with its buffer updates, and
-    recomputes (in backward) only the functional part, so the statistics are updated once anyway; the
-    call counter would be a side effect that dynamo refuses inside the checkpoint."""
-    if torch.compiler.is_compiling():
-        return fn
+    Traced by ``torch.compile``, a call is ``fn`` itself: the compiler traces it once, with its buffer updates,
+    and recomputes (in backward) only the functional part, so the statistics are updated once anyway; the call
+    counter would be a side effect that dynamo refuses inside the checkpoint. The check is made at each call,
+    not when the wrapper is made: after a graph break inside the checkpointed region (a forward hook with side
+    effects on a module in it), the checkpoint runs eagerly, and a bare ``fn`` made at trace time updated the
+    statistics a second time in the recomputation."""
     calls = 0
     record: list[tuple[dict, str, torch.Tensor]] = []
     modes: list[tuple[nn.Module, bool]] = []
 
     def wrapped(*inputs: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return fn(*inputs)
         nonlocal calls
         calls += 1
         if calls == 1:
