@@ -243,7 +243,9 @@ class SeededSamples(Dataset):
 
     def __getitem__(self, i: int) -> Any:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_mix(self.seed, self.epoch, int(i)))
+            # the CPU generator only (transforms draw from it): torch.manual_seed would also reseed every CUDA
+            # generator, which fork_rng(devices=[]) does not put back (dropout on the GPU, with --workers 0)
+            torch.default_generator.manual_seed(_mix(self.seed, self.epoch, int(i)))
             return self.dataset[i]
 
 

@@ -957,14 +957,17 @@ def _match_untracked_batchnorms(clone: nn.Module, source: nn.Module) -> None:
 
 def _copy_swapped_leaves(clone: nn.Module, source: nn.Module) -> None:
     """Modules without children that a user swapped into ``source``'s blocks and transitions (an ``nn.SiLU`` for
-    a ReLU, ``nn.MaxPool2d`` for the transition's pool, ``torchvision.ops.FrozenBatchNorm2d``) replace the ones
+    a ReLU, ``nn.MaxPool2d`` for the transition's pool, ``torchvision.ops.FrozenBatchNorm2d``, or a module given a
+    ``forward`` of its own on the instance) replace the ones
     ``clone`` was built with, as copies: a state dict does not carry a module's class, and a parameter-free swap
     was silently lost (the copy computed other outputs). The strategies then run those stages as naive, with
     their warning."""
     src = dict(source.named_modules())
     for name, module in list(clone.features.named_modules(prefix="features")):
         other = src.get(name)
-        if other is None or module._modules or other._modules or type(other) is type(module):
+        if other is None or module._modules or other._modules:
+            continue
+        if type(other) is type(module) and "forward" not in other.__dict__:  # (an instance's own forward: copied)
             continue
         parent, _, child = name.rpartition(".")
         setattr(clone.get_submodule(parent), child, copy.deepcopy(other))

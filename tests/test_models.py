@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import types
 import warnings
 from collections import OrderedDict
 
@@ -490,6 +491,11 @@ def test_convert_keeps_each_layers_drop_rate() -> None:
         assert [m.drop_rate for m in ours.modules() if hasattr(m, "drop_rate")] == [m.drop_rate for m in layers]
 
 
+def _leaky_forward(relu: nn.ReLU) -> nn.Module:
+    relu.forward = types.MethodType(lambda self, x: torch.nn.functional.leaky_relu(x, 0.2), relu)
+    return relu
+
+
 def _frozen_bn(bn: nn.BatchNorm2d) -> nn.Module:
     from torchvision.ops import FrozenBatchNorm2d
 
@@ -506,6 +512,7 @@ def _frozen_bn(bn: nn.BatchNorm2d) -> nn.Module:
         ("features.transition1.pool", lambda m: nn.MaxPool2d(2)),
         ("features.denseblock2.denselayer1.relu1", lambda m: nn.Identity()),
         ("every BatchNorm", _frozen_bn),  # a detectron-style frozen backbone; before: a bare KeyError
+        ("features.denseblock2.denselayer1.relu2", _leaky_forward),  # same class, its own forward on the instance
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )

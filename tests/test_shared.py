@@ -714,6 +714,7 @@ _OWN_FORWARDS = {
     "relu1 instance forward": lambda f: _patch(f.denseblock2.denselayer1.relu1, lambda self, x: x.clamp(0.0, 0.5)),
     "transition subclass": lambda f: setattr(f.transition1, "__class__", _TanhTransition),
     "transition instance forward": lambda f: _patch(f.transition1, lambda self, x: torch.tanh(nn.Sequential.forward(self, x))),
+    "transition pool instance forward": lambda f: _patch(f.transition1.pool, lambda self, x: torch.nn.functional.max_pool2d(x, 2)),
     "block instance forward": lambda f: _patch(
         f.denseblock2, lambda self, x: torch.tanh(effdense.densenet._DenseBlock.forward(self, x))
     ),

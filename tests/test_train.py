@@ -213,7 +213,7 @@ def test_augmented_resume_is_exact_with_workers(tmp_path):
     _assert_same_state(_state(resumed["model"]), _state(straight["model"]))
 
 
-def test_seeded_samples_draw_per_image_and_epoch():
+def test_seeded_samples_draw_per_image_and_epoch(monkeypatch):
     from effdense.data import SeededSamples
 
     class Draw(torch.utils.data.Dataset):
@@ -224,6 +224,8 @@ def test_seeded_samples_draw_per_image_and_epoch():
             return torch.rand(3)
 
     data = SeededSamples(Draw(), seed=7)
+    reseeded = []  # torch.manual_seed would reseed every CUDA generator too, which fork_rng(devices=[]) leaves changed
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: reseeded.append(s))
     before = torch.random.get_rng_state()
     first = [data[i] for i in range(4)]
     assert torch.equal(torch.random.get_rng_state(), before)  # the caller's stream is left as it was
@@ -232,6 +234,7 @@ def test_seeded_samples_draw_per_image_and_epoch():
     data.epoch = 1
     assert not torch.equal(first[0], data[0])  # another epoch, other draws
     assert not torch.equal(first[0], SeededSamples(Draw(), seed=8)[0])
+    assert not reseeded
 
 
 def _run_main(capsys, argv):

@@ -1104,6 +1104,7 @@ def _custom_transition_modules(transition) -> list[str]:
     pool = mods["pool"]
     if not (
         type(pool) is torch.nn.AvgPool2d
+        and "forward" not in pool.__dict__
         and (pool.kernel_size, pool.stride, pool.padding) in ((2, 2, 0), ((2, 2), (2, 2), (0, 0)))
         and not pool.ceil_mode
         and pool.divisor_override is None
