@@ -579,7 +579,10 @@ def _misfit(args: argparse.Namespace, state: dict[str, Any], exc: BaseException)
     the model options where the checkpoint's config differs (a resume that did not repeat ``--model``)."""
     config = state.get("config", {})
     first = str(exc).strip().splitlines()[0]
-    changed = [f"--{k.replace('_', '-')} {config[k]} (this run: {getattr(args, k, None)})"
+    def show(v: Any) -> str:
+        return "not given" if v is None else str(v)
+
+    changed = [f"--{k.replace('_', '-')} {show(config[k])} (this run: {show(getattr(args, k, None))})"
                for k in MODEL_OPTIONS if k in config and config[k] != getattr(args, k, None)]
     if changed:
         return (f"checkpoint {args.resume!r} holds another model: it was saved by a run with {', '.join(changed)}; "
@@ -908,10 +911,11 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
             )
         if start_epoch > args.epochs or (start_epoch == args.epochs and start_step > 0):
             # the loop below would not run: the run would end at once, reporting the checkpoint's old figures
+            done = f"{start_epoch} epoch(s)" + (f" and {start_step} step(s) of the next" if start_step else "")
             raise CheckpointError(
-                f"checkpoint {args.resume!r} is past epoch {args.epochs} (it was saved at epoch {start_epoch + 1}, "
-                f"step {start_step}), and this run asks for --epochs {args.epochs}: resume with more epochs (up to "
-                f"the checkpoint's run length with a cosine schedule), or start a new run without --resume"
+                f"checkpoint {args.resume!r} has trained {done}, and this run asks for --epochs {args.epochs}: "
+                f"resume with more epochs (up to the checkpoint's run length with a cosine schedule), or start a "
+                f"new run without --resume"
             )
         if start_epoch == args.epochs:
             say(f"note: the checkpoint's run has finished its {args.epochs} epochs; nothing is left to train")

@@ -372,7 +372,7 @@ def test_resume_refuses_options_that_change_the_run(tmp_path, capsys):
         (["--optimizer", "adamw"], "--optimizer sgd (this run: adamw), --lr 0.1 (this run: 0.001)"),
         (["--epochs", "3"], "cosine learning-rate schedule ends at epoch 2"),
         # before: ended at once with exit 0, reporting the checkpoint's old figures as this run's
-        (["--epochs", "1"], "is past epoch 1 (it was saved at epoch 3, step 0), and this run asks for --epochs 1"),
+        (["--epochs", "1"], "has trained 2 epoch(s), and this run asks for --epochs 1"),
         # before: PyTorch's first line only ("Error(s) in loading state_dict for DenseNet:")
         (["--depth", "16"], "holds another model: it was saved by a run with --depth 10 (this run: 16)"),
     ]:
