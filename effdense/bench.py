@@ -395,12 +395,14 @@ def main(args: argparse.Namespace) -> int:
     _reject_ineffective_options(args)
     if getattr(args, "compile", False) and (args.memory == "estimate" or args.no_timing):
         raise UsageError("--compile adds timed rows: it has no effect with --memory estimate or --no-timing")
-    if getattr(args, "no_reference", False) and getattr(args, "reference", None) is not None:
+    chosen = getattr(args, "reference", None)
+    if getattr(args, "no_reference", False) and chosen is not None:
         raise UsageError("--reference and --no-reference contradict each other; give one")
     device = resolve_device(args.device)
-    if "compile" in (getattr(args, "reference", None) or ()) and device.type != "cuda":
+    compile_reference = chosen is not None and "compile" in chosen
+    if compile_reference and device.type != "cuda":
         raise UsageError(f"--reference compile times torchvision under torch.compile on a GPU only (device is {device})")
-    if "compile" in (getattr(args, "reference", None) or ()) and (args.memory == "estimate" or args.no_timing):
+    if compile_reference and (args.memory == "estimate" or args.no_timing):
         raise UsageError("--reference compile adds a timed row: it has no effect with --memory estimate or --no-timing")
     if getattr(args, "compile", False) and device.type != "cuda":
         raise UsageError(f"--compile times compiled rows on a GPU only (device is {device}); torchvision's compiled "

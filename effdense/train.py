@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -577,29 +577,29 @@ MODEL_OPTIONS = ("model", "depth", "growth_rate")
 def _misfit(args: argparse.Namespace, state: dict[str, Any], exc: BaseException) -> str:
     """Why a checkpoint's states do not load into this run's model and optimiser: PyTorch's first line, and
     the model options where the checkpoint's config differs (a resume that did not repeat ``--model``)."""
-    config = state.get("config", {})
     first = str(exc).strip().splitlines()[0]
-    def show(v: Any) -> str:
-        return "not given" if v is None else str(v)
-
-    changed = [f"--{k.replace('_', '-')} {show(config[k])} (this run: {show(getattr(args, k, None))})"
-               for k in MODEL_OPTIONS if k in config and config[k] != getattr(args, k, None)]
+    changed = _changed_options(MODEL_OPTIONS, state.get("config", {}), vars(args))
     if changed:
         return (f"checkpoint {args.resume!r} holds another model: it was saved by a run with {', '.join(changed)}; "
                 f"resume with the checkpoint's model options ({first})")
     return f"checkpoint {args.resume!r} does not fit this run: {first}"
 
 
-def check_resume_options(path: str, config: dict[str, Any], args: argparse.Namespace) -> None:
-    """Raise :class:`CheckpointError` when ``args`` (defaults filled in) would continue the run that saved the
-    checkpoint ``path`` (its ``config``) differently from how it started; see :data:`RESUME_OPTIONS`."""
-    saved, now = _effective_options(config), _effective_options(vars(args))
+def _changed_options(keys: Sequence[str], saved: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """``--option <saved> (this run: <now>)`` for each of ``keys`` the checkpoint's config ``saved`` holds with
+    another value than ``now``, the run's options."""
 
     def show(v: Any) -> str:
         return "not given" if v is None or v is False else "given" if v is True else str(v)
 
-    changed = [f"--{k.replace('_', '-')} {show(saved[k])} (this run: {show(now.get(k))})"
-               for k in RESUME_OPTIONS if k in saved and saved[k] != now.get(k)]
+    return [f"--{k.replace('_', '-')} {show(saved[k])} (this run: {show(now.get(k))})"
+            for k in keys if k in saved and saved[k] != now.get(k)]
+
+
+def check_resume_options(path: str, config: dict[str, Any], args: argparse.Namespace) -> None:
+    """Raise :class:`CheckpointError` when ``args`` (defaults filled in) would continue the run that saved the
+    checkpoint ``path`` (its ``config``) differently from how it started; see :data:`RESUME_OPTIONS`."""
+    changed = _changed_options(RESUME_OPTIONS, _effective_options(config), _effective_options(vars(args)))
     if changed:
         raise CheckpointError(
             f"checkpoint {path!r} was saved by a run with other options: {', '.join(changed)}; resume with the "

@@ -270,6 +270,19 @@ def standard_class(kind: str) -> type:
     return _STANDARD[kind]
 
 
+def warn_runs_as_naive(instead_of: str, because: str, stacklevel: int) -> None:
+    """The warning of a dense block that runs as naive instead of ``instead_of`` ``because`` of what it holds
+    (none while dynamo traces: it refuses ``warnings.warn``, and traces the modules as they are).
+    ``stacklevel``: as for :func:`warnings.warn` called in the caller's place."""
+    if torch.compiler.is_compiling():
+        return
+    warnings.warn(
+        f"effdense: a dense block runs as strategy 'naive' instead of {instead_of}, because {because}. The block "
+        "keeps naive's memory.",
+        stacklevel=stacklevel + 1,
+    )
+
+
 def overrides(module: torch.nn.Module, base: type, names: tuple[str, ...]) -> bool:
     """Whether ``module`` computes other than ``base``'s methods ``names``: an instance attribute of one of
     those names (a patched ``module.forward``), or a class whose method is not ``base``'s (a subclass with a

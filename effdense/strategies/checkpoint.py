@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from effdense.strategies import naive as _naive
-from effdense.strategies import overrides, standard_class
+from effdense.strategies import overrides, standard_class, warn_runs_as_naive
 
 
 @contextlib.contextmanager
@@ -158,16 +158,12 @@ def _own_layers(block) -> list[str]:
 def run_block(block, x: torch.Tensor) -> torch.Tensor:
     odd = _own_layers(block)
     if odd:
-        if not torch.compiler.is_compiling():  # dynamo refuses warnings.warn
-            import warnings
-
-            warnings.warn(
-                f"effdense: a dense block runs as strategy 'naive' instead of 'checkpoint', because its layers "
-                f"{', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''} have a forward of their own, which checkpoint "
-                "would not call (it runs each layer's bn_function and tail); naive calls the layers. The block "
-                "keeps naive's memory.",
-                stacklevel=3,
-            )
+        warn_runs_as_naive(
+            "'checkpoint'",
+            f"its layers {', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''} have a forward of their own, which "
+            "checkpoint would not call (it runs each layer's bn_function and tail); naive calls the layers",
+            stacklevel=3,
+        )
         return _naive.run_block(block, x)
     features = [x]
     for layer in block.layers:

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from effdense._autograd import differentiable_once
-from effdense.strategies import STEM, overrides, standard_class
+from effdense.strategies import STEM, overrides, standard_class, warn_runs_as_naive
 from effdense.strategies import checkpoint as _checkpoint
 from effdense.strategies import naive as _naive
 
@@ -1114,16 +1114,12 @@ def _custom_transition_modules(transition) -> list[str]:
 
 
 def _warn_custom_modules(odd: list[str]) -> None:
-    if torch.compiler.is_compiling():  # dynamo refuses warnings.warn; the modules are traced as they are
-        return
-    import warnings
-
     names = ", ".join(odd[:3]) + (", ..." if len(odd) > 3 else "")
-    warnings.warn(
-        f"effdense: a dense block runs as strategy 'naive' instead of 'shared'/'fused', because its modules {names} "
-        "are not what those strategies compute (affine BatchNorm, ReLU, bias-free Conv2d of torchvision's "
-        "geometry, 2x2 average pool, and the layers' and transition's own forwards); naive calls the modules "
-        "themselves. The block keeps naive's memory.",
+    warn_runs_as_naive(
+        "'shared'/'fused'",
+        f"its modules {names} are not what those strategies compute (affine BatchNorm, ReLU, bias-free Conv2d of "
+        "torchvision's geometry, 2x2 average pool, and the layers' and transition's own forwards); naive calls the "
+        "modules themselves",
         stacklevel=3,
     )
 
