@@ -152,13 +152,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Run ``effdense train``; 0 on success, 2 on a usage/data/checkpoint error, 130 when interrupted."""
+    """Run ``effdense train``; 0 on success, 2 on a usage/data/checkpoint error, 1 out of memory, 130 when
+    interrupted."""
     try:
         result = train(args)
     except (TrainError, DataError) as exc:
         print(f"effdense train: error: {exc}", file=sys.stderr)
         return 2
+    except (torch.OutOfMemoryError, RuntimeError) as exc:
+        if not _out_of_memory(exc):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(
+            f"effdense train: error: out of memory ({first[:200]}); try a smaller --batch-size or --image-size, "
+            "or a leaner --strategy (shared, fused)",
+            file=sys.stderr,
+        )
+        return 1
     return 130 if result.get("interrupted") else 0
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is an allocation failure: CUDA's ``torch.OutOfMemoryError``, or the CPU allocator's
+    RuntimeError (``DefaultCPUAllocator: can't allocate memory``)."""
+    return isinstance(exc, torch.OutOfMemoryError) or "can't allocate memory" in str(exc)
 
 
 # ------------------------------------------------------------------------------------------------

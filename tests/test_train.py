@@ -269,6 +269,28 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, argv, needle):
     assert err.startswith("effdense train: error:") and "\n" not in err and needle in err, err
 
 
+def test_out_of_memory_is_one_line_with_a_hint(tmp_path, capsys, monkeypatch):
+    # before: a traceback ending in the CPU allocator's "can't allocate memory" (7 PB for the digits at 10^6 px)
+    base = TINY[4:]
+    code, err = _run_main(capsys, [*base, "--out-dir", str(tmp_path), "--epochs", "1", "--image-size", "1000000"])
+    assert code == 1 and err.startswith("effdense train: error: out of memory (") and "\n" not in err, err
+    assert "--batch-size" in err and "can't allocate memory" in err
+
+    def cuda_oom(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB\nmore lines")
+
+    monkeypatch.setattr(T, "train", cuda_oom)
+    code, err = _run_main(capsys, [*TINY, "--out-dir", str(tmp_path)])
+    assert code == 1 and "out of memory (CUDA out of memory. Tried to allocate 20.00 GiB)" in err and "\n" not in err, err
+
+    def other(args):
+        raise RuntimeError("some other failure")
+
+    monkeypatch.setattr(T, "train", other)  # not an allocation failure: raised as it is
+    with pytest.raises(RuntimeError, match="some other failure"):
+        T.main(T.parse_args([*TINY, "--out-dir", str(tmp_path)]))
+
+
 def test_checkpoint_of_another_model_is_refused(tmp_path, capsys):
     first = T.train(_args(tmp_path, "--epochs", 1))
     code, err = _run_main(capsys, [*TINY, "--out-dir", str(tmp_path), "--epochs", "2", "--growth-rate", "6",
