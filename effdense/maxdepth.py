@@ -156,6 +156,11 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--no-verify has no effect on {device.type}: only a GPU run checks the depth found for real")
     if args.estimate_limit is not None and args.estimate_limit < depth_of(1):
         raise UsageError(f"--estimate-limit {args.estimate_limit} allows no DenseNet-BC; it must be at least {depth_of(1)}")
+    if args.estimate_limit is not None and args.estimate_limit >= depth_of(n_max):
+        raise UsageError(
+            f"--estimate-limit {args.estimate_limit} has no effect with --depth-limit {args.depth_limit}: no model "
+            f"searched is deeper than {depth_of(n_max)}, so every one is estimated"
+        )
     # the shallowest model stands for all: the same input size at every depth
     require_image_size(
         get_model(f"densenet_bc_{depth_of(1)}", strategy="naive"), args.image_size, "DenseNet-BC", batch_size=args.batch_size
@@ -245,6 +250,8 @@ def main(args: argparse.Namespace) -> int:
         results.append(row)
         if n:
             found = f"max depth {row['max_depth']} ({row['peak_mib']:,.1f} MiB)"
+            if n == n_max:  # the search stopped at the limit, not at the budget
+                found += f", the deepest that --depth-limit {args.depth_limit} allows: deeper may fit too"
         else:
             shallowest = f", needs {mib(evals[1]):,.1f} MiB" if 1 in evals else ""
             found = f"no depth fits the budget (the shallowest, depth {depth_of(1)}{shallowest})"

@@ -170,6 +170,16 @@ def test_max_depth_when_nothing_fits_says_so(capsys, tmp_path):
     assert rows[0]["status"] == "none fits" and rows[0]["max_depth"] is None
 
 
+def test_max_depth_at_the_depth_limit_says_so(capsys, tmp_path):
+    """The search stopped by --depth-limit, not by the budget: the printed result says so (was in the JSON only)."""
+    code, out, err = run(capsys, "max-depth", "--budget", "1GiB", "--batch-size", "2", "--strategies", "naive",
+                         "--depth-limit", "16", "--device", "cpu", "--out", str(tmp_path))  # fmt: skip
+    assert code == 0, err
+    assert "naive: max depth 16 (" in err + out and "the deepest that --depth-limit 16 allows" in err + out
+    rows = json.loads(next(tmp_path.glob("max_depth_1024MiB_*.json")).read_text())["rows"]
+    assert rows[0]["max_depth"] == 16 and rows[0]["note"] == "reached --depth-limit 16"
+
+
 def test_summary_tiny(capsys, tmp_path):
     code, out, err = run(capsys, "summary", "densenet_bc_16", "--strategies", "naive", "--batch-size", "2",
                          "--out", str(tmp_path))  # fmt: skip
@@ -631,10 +641,13 @@ _TINY_TRAIN_RUN = [*_TINY_TRAIN, "--depth", "10", "--growth-rate", "4", "--image
         (["train", *_TINY_TRAIN_RUN, "--data-dir", "/tmp"], "--data-dir", "with --data digits"),
         (["max-depth", "--budget", "50MiB", "--strategies", "naive", "--device", "cpu", "--no-verify"], "--no-verify",
          "on cpu"),
+        (["max-depth", "--budget", "50MiB", "--strategies", "naive", "--depth-limit", "16", "--estimate-limit", "16"],
+         "--estimate-limit 16", "with --depth-limit 16"),
     ],
     ids=["ablate-steps", "ablate-warmup", "ablate-device", "ablate-vary", "bench-steps-estimate",
          "bench-max-seconds-no-timing", "summary-strategies", "summary-batch-size", "summary-dtype", "train-momentum",
-         "train-lr-gamma", "train-lr-milestones", "train-log-interval", "train-data-dir", "max-depth-no-verify-cpu"],
+         "train-lr-gamma", "train-lr-milestones", "train-log-interval", "train-data-dir", "max-depth-no-verify-cpu",
+         "max-depth-estimate-limit-past-depth-limit"],
 )
 def test_options_given_without_effect_are_usage_errors(capsys, tmp_path, argv, option, reason):
     out_option = "--out-dir" if argv[0] == "train" else "--out"
