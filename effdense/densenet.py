@@ -387,8 +387,13 @@ class DenseNet(nn.Module):
         Args:
             enabled: turn synchronisation on or off. Off makes every synchronised BatchNorm of the model
                 an ``nn.BatchNorm2d`` again, holding the same parameter and buffer tensors.
-            process_group: the group to reduce over; ``None`` means the default (world) group.
+            process_group: the group to reduce over (a ``torch.distributed.ProcessGroup``, e.g. from
+                ``torch.distributed.new_group``); ``None`` means the default (world) group.
         """
+        if not isinstance(enabled, bool):
+            raise TypeError(f"set_sync_bn: enabled must be True or False, got {enabled!r}")
+        if process_group is not None:
+            _check_process_group(process_group)
         if enabled:
             converted = nn.SyncBatchNorm.convert_sync_batchnorm(self.features, process_group)
             if converted is not self.features:  # pragma: no cover - only when features itself is a BN
@@ -855,6 +860,18 @@ def get_model(name: str, **kwargs: Any) -> DenseNet:
     raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)} or densenet_bc_<depth>")
 
 
+def _check_process_group(group: Any) -> None:
+    """Refuse a ``process_group`` that is not one (a string, a rank list), here rather than at the first
+    training step's all-reduce."""
+    import torch.distributed as dist
+
+    if dist.is_available() and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(
+            f"set_sync_bn: process_group must be a torch.distributed.ProcessGroup (e.g. from "
+            f"torch.distributed.new_group) or None for the default group, got {type(group).__name__}"
+        )
+
+
 def _local_batchnorms(module: nn.Module) -> None:
     """Replace, in place below ``module``, every synchronised BatchNorm (one with a ``process_group``:
     ``nn.SyncBatchNorm``, ``effdense.train.CPUSyncBatchNorm``) by an ``nn.BatchNorm2d`` that holds the same
@@ -970,7 +987,15 @@ def _copy_swapped_leaves(clone: nn.Module, source: nn.Module) -> None:
         if type(other) is type(module) and "forward" not in other.__dict__:  # (an instance's own forward: copied)
             continue
         parent, _, child = name.rpartition(".")
-        setattr(clone.get_submodule(parent), child, copy.deepcopy(other))
+        setattr(clone.get_submodule(parent), child, _copy_module(other))
+
+
+def _copy_module(module: nn.Module) -> nn.Module:
+    """``copy.deepcopy(module)`` that shares, not copies, the process groups its SyncBatchNorms reduce over:
+    a group is a handle on the job's communicators, which cannot be copied (deepcopy raised "cannot pickle
+    'ProcessGroup' object" for a SyncBatchNorm stem, with the source's group, which the copy must use too)."""
+    memo = {id(g): g for m in module.modules() if (g := getattr(m, "process_group", None)) is not None}
+    return copy.deepcopy(module, memo)
 
 
 def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = None) -> DenseNet:
@@ -1045,9 +1070,9 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
         if name in strategies.STEM and name not in stem:
             delattr(clone.features, name)
     for name in stem:
-        setattr(clone.features, name, copy.deepcopy(features._modules[name]))
+        setattr(clone.features, name, _copy_module(features._modules[name]))
     # and its head as it is (a copy): a bias-free nn.Linear, nn.Identity for a backbone, Sequential(Dropout, Linear)
-    clone.classifier = copy.deepcopy(classifier)
+    clone.classifier = _copy_module(classifier)
     ref = next(model.parameters())
     clone.to(device=ref.device, dtype=ref.dtype)
     if sync_bn:

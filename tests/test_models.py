@@ -878,8 +878,31 @@ def _sync_norms(model: nn.Module) -> list:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
+def _unused_process_group():
+    """A ``torch.distributed.ProcessGroup`` of one rank, without a backend or init_process_group: enough
+    for code that only keeps a group and compares it by identity."""
+    import torch.distributed as dist
+
+    return dist.ProcessGroup(dist.HashStore(), 0, 1)
+
+
+def test_set_sync_bn_refuses_what_is_not_a_flag_or_a_group() -> None:
+    model = effdense.densenet_cifar(16, 6, num_classes=3)
+    with pytest.raises(TypeError, match=r"process_group must be a torch.distributed.ProcessGroup .* got str"):
+        model.set_sync_bn(True, "bogus")
+    with pytest.raises(TypeError, match=r"process_group must be .* got list"):
+        model.set_sync_bn(True, [0, 1])  # ranks, not a group
+    with pytest.raises(TypeError, match="enabled must be True or False, got 'yes'"):
+        model.set_sync_bn("yes")
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules())  # refused before any change
+    assert not any(b.sync_bn for b in model.dense_blocks)
+    group = _unused_process_group()
+    model.set_sync_bn(True, group)
+    assert all(b.sync_group is group for b in model.dense_blocks)
+
+
 def test_convert_keeps_sync_bn_and_its_process_group() -> None:
-    group = object()  # stands for a torch.distributed process group: set_sync_bn only keeps it
+    group = _unused_process_group()  # set_sync_bn only keeps it
     source = effdense.densenet_cifar(16, 6, num_classes=3, strategy="naive").set_sync_bn(True, group)
     for strategy in effdense.available_strategies():
         ours = effdense.convert(source, strategy=strategy)
