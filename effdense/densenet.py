@@ -978,14 +978,15 @@ def _copy_swapped_leaves(clone: nn.Module, source: nn.Module) -> None:
     ``forward`` of its own on the instance) replace the ones
     ``clone`` was built with, as copies: a state dict does not carry a module's class, and a parameter-free swap
     was silently lost (the copy computed other outputs). The strategies then run those stages as naive, with
-    their warning."""
+    their warning. A container swapped in for such a module (``nn.Sequential(nn.BatchNorm2d(c), nn.Dropout2d(p))``
+    for ``norm1``) is copied whole, its children with it."""
     src = dict(source.named_modules())
     for name, module in list(clone.features.named_modules(prefix="features")):
         other = src.get(name)
-        if other is None or module._modules or other._modules:
+        if other is None or module._modules:
             continue
-        if type(other) is type(module) and "forward" not in other.__dict__:  # (an instance's own forward: copied)
-            continue
+        if not other._modules and type(other) is type(module) and "forward" not in other.__dict__:
+            continue  # the same leaf (an instance's own forward: copied)
         parent, _, child = name.rpartition(".")
         setattr(clone.get_submodule(parent), child, _copy_module(other))
 
@@ -998,6 +999,22 @@ def _copy_module(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def _structure_difference(clone: nn.Module, source: nn.Module) -> str | None:
+    """The first module path where ``source`` has other submodules than the DenseNet built from it, said in a
+    sentence; None if they have the same modules."""
+    built = dict(clone.named_modules())
+    for name, module in source.named_modules():
+        mine = built.get(name)
+        if mine is None:
+            return f"the source has a module {name!r} ({type(module).__name__}) that a DenseNet built from it does not"
+        if set(module._modules) != set(mine._modules):
+            return (
+                f"the source's {name or 'model'!r} ({type(module).__name__}) has children {sorted(module._modules)}, "
+                f"where a DenseNet has {sorted(mine._modules)}"
+            )
+    return None
+
+
 def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = None) -> DenseNet:
     """Build an effdense :class:`DenseNet` from a torchvision DenseNet, with a copy of its parameters
     and buffers (same values, device and dtype) and the given strategy. A replaced stem (``conv0``, ``pool0``)
@@ -1005,7 +1022,9 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
     ``nn.Sequential``) are copied as they are.
 
     Other modules swapped into the source's blocks and transitions (an activation, a pool, a frozen
-    BatchNorm) are copied as they are too; the strategies run such a stage as ``naive``, with a warning.
+    BatchNorm, an ``nn.Sequential`` in a module's place) are copied as they are too; the strategies run such a
+    stage as ``naive``, with a warning. A source whose blocks a DenseNet cannot hold (a dense layer replaced
+    by another kind of module) raises ``TypeError`` naming the first module where it differs.
 
     The copy also keeps what the state dict does not carry: train/eval flags, ``requires_grad``, BatchNorm
     momentum and eps, each dense layer's ``drop_rate``, and SyncBatchNorm semantics: a source with
@@ -1083,7 +1102,11 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
             enable_cpu_sync_bn(clone)
     _match_untracked_batchnorms(clone, model)
     _copy_swapped_leaves(clone, model)
-    clone.load_state_dict(model.state_dict(), strict=True)
+    try:
+        clone.load_state_dict(model.state_dict(), strict=True)
+    except RuntimeError as exc:  # a source whose structure a DenseNet cannot take: name where it differs
+        where = _structure_difference(clone, model)
+        raise TypeError(f"convert(): {where or f'the state dicts differ: {exc}'}") from None
     # what a state dict does not carry, module by module: train/eval flags (a backbone whose BatchNorms
     # were put in eval mode for fine-tuning), frozen parameters, BatchNorm momentum and eps
     source = dict(model.named_modules())

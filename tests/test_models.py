@@ -513,6 +513,8 @@ def _frozen_bn(bn: nn.BatchNorm2d) -> nn.Module:
         ("features.denseblock2.denselayer1.relu1", lambda m: nn.Identity()),
         ("every BatchNorm", _frozen_bn),  # a detectron-style frozen backbone; before: a bare KeyError
         ("features.denseblock2.denselayer1.relu2", _leaky_forward),  # same class, its own forward on the instance
+        # a container for a leaf: before, load_state_dict's "Missing key(s)" for norm1.weight
+        ("features.denseblock1.denselayer2.norm1", lambda m: nn.Sequential(copy.deepcopy(m), nn.Dropout2d(0.0))),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -542,6 +544,11 @@ def test_convert_names_what_it_cannot_convert() -> None:
         effdense.convert(nn.DataParallel(tv))
     tv.classifier = None
     with pytest.raises(TypeError, match="with a classifier module .* got classifier NoneType"):
+        effdense.convert(tv)
+    tv = _small_torchvision_densenet()
+    tv.features.denseblock1.denselayer2 = nn.Identity()  # a layer a DenseNet cannot hold (torchvision's fails too)
+    with pytest.raises(TypeError, match=r"convert\(\): the source's 'features.denseblock1.denselayer2' \(Identity\) "
+                       r"has children \[\], where a DenseNet has \['conv1', 'conv2', 'norm1'"):
         effdense.convert(tv)
 
 
