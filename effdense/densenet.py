@@ -142,8 +142,8 @@ class _DenseBlock(nn.ModuleDict):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # a block pickled before ``strategy`` became a property kept it in its instance dict
-        if "strategy" in state:
-            state["_strategy"] = state.pop("strategy")
+        if "strategy" in state:  # (checked, as the setter checks: it was assigned unchecked then)
+            state["_strategy"] = strategies.check_strategy(state.pop("strategy"))
         super().__setstate__(state)
 
     def forward(self, init_features: torch.Tensor) -> torch.Tensor:

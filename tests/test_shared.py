@@ -739,6 +739,23 @@ def test_own_forwards_are_run(case, strategy) -> None:
     assert_matches(*models, torch.randn(2, 3, 8, 8))
 
 
+@pytest.mark.filterwarnings("ignore:effdense. a dense block runs as strategy 'naive'")
+@pytest.mark.parametrize("cls, method", [("_DenseLayer", "forward"), ("_DenseLayer", "tail"), ("_DenseBlock", "forward")])
+@pytest.mark.parametrize("strategy", ["checkpoint", "shared", "fused"])
+def test_methods_patched_on_effdense_classes_are_run(cls, method, strategy, monkeypatch) -> None:
+    """``effdense.densenet._DenseLayer.forward = f`` (a patch on the class, not a subclass or an instance): the
+    strategies run it, as they run a subclass's. Before, shared/fused computed the stage from its parts and
+    ignored such a patch silently."""
+    klass = getattr(effdense.densenet, cls)
+    original = getattr(klass, method)
+    monkeypatch.setattr(klass, method, lambda self, *a: torch.tanh(original(self, *a)))
+    models = []
+    for s in ("naive", strategy):
+        torch.manual_seed(0)
+        models.append(effdense.densenet_cifar(16, 4, num_classes=3, compression=0.5, strategy=s))
+    assert_matches(*models, torch.randn(2, 3, 8, 8))
+
+
 @pytest.mark.parametrize("strategy", ["checkpoint", "shared", "fused"])
 def test_a_layer_with_its_own_forward_is_named_in_the_fallback_warning(strategy) -> None:
     model = effdense.densenet_cifar(16, 4, num_classes=3, strategy=strategy)
@@ -759,6 +776,9 @@ def test_a_blocks_strategy_is_checked_when_set() -> None:
     old = effdense.densenet._DenseBlock.__new__(effdense.densenet._DenseBlock)
     old.__setstate__(state)
     assert old.strategy == "checkpoint"
+    state["strategy"] = "Naive"  # assigned unchecked in the old version: refused when loaded
+    with pytest.raises(ValueError, match="unknown strategy 'Naive'"):
+        effdense.densenet._DenseBlock.__new__(effdense.densenet._DenseBlock).__setstate__(state)
 
 
 @pytest.mark.parametrize("strategy", ["shared", "fused"])

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from types import ModuleType
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
@@ -260,9 +260,16 @@ def run_block(name: str, block: "_DenseBlock", x: torch.Tensor) -> torch.Tensor:
 _STANDARD: dict[str, type] = {}
 
 
+# the standard classes' methods as defined: a method patched on the class later (``_DenseLayer.forward = f``)
+# is then told apart from the original, as a subclass's or an instance's own method is
+_ORIGINAL_METHODS: dict[tuple[type, str], Any] = {}
+
+
 def register_standard_classes(layer: type, block: type) -> None:
     """Called once by :mod:`effdense.densenet` with its dense layer and block classes."""
     _STANDARD.update(layer=layer, block=block)
+    for cls in (layer, block):
+        _ORIGINAL_METHODS.update({(cls, n): v for n, v in vars(cls).items() if callable(v)})
 
 
 def standard_class(kind: str) -> type:
@@ -286,10 +293,11 @@ def warn_runs_as_naive(instead_of: str, because: str, stacklevel: int) -> None:
 def overrides(module: torch.nn.Module, base: type, names: tuple[str, ...]) -> bool:
     """Whether ``module`` computes other than ``base``'s methods ``names``: an instance attribute of one of
     those names (a patched ``module.forward``), or a class whose method is not ``base``'s (a subclass with a
-    forward of its own, or another class altogether, such as torchvision's ``_DenseLayer``)."""
+    forward of its own, or another class altogether, such as torchvision's ``_DenseLayer``), or, for effdense's
+    own classes, a method patched on the class itself after import."""
     d, cls = module.__dict__, type(module)
     for n in names:
-        if n in d or getattr(cls, n, None) is not getattr(base, n):
+        if n in d or getattr(cls, n, None) is not _ORIGINAL_METHODS.get((base, n), getattr(base, n)):
             return True
     return False
 
