@@ -860,3 +860,17 @@ def test_allow_mutation_on_saved_tensors_runs_auto_as_naive(strategy) -> None:
             model(x)
     for a, b in zip(model.parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("strategy", ["checkpoint", "shared", "fused"])
+def test_disabled_saved_tensor_hooks_keep_activations_instead_of_failing(strategy) -> None:
+    """Under ``torch.autograd.graph.disable_saved_tensors_hooks`` (which some libraries enter), the
+    non-reentrant ``torch.utils.checkpoint`` raises the context's message. Before, every strategy but naive
+    raised it (shared/fused from the ImageNet stem's recomputation): now checkpoint's blocks run as naive
+    and the stem keeps its activations, each with a warning that says why, and the numbers are naive's."""
+    torch.manual_seed(0)
+    model = effdense.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3)
+    ref, other = _pair(model, strategy)
+    with torch.autograd.graph.disable_saved_tensors_hooks("effdense test: no saved-tensor hooks here"):
+        with pytest.warns(UserWarning, match=r"saved-tensor hooks are disabled \(torch.autograd.graph.disable_saved"):
+            assert_matches(ref, other, torch.randn(2, 3, 33, 33))

@@ -13,6 +13,7 @@ statistics too.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -129,10 +130,26 @@ def _needs_grad(tensors: Sequence[torch.Tensor], modules: Sequence[nn.Module]) -
     )
 
 
+# (private: the message that torch.autograd.graph.disable_saved_tensors_hooks set; a torch without it: None)
+_hooks_disabled_message = getattr(torch._C._autograd, "_saved_tensors_hooks_get_disabled_error_message", lambda: None)
+
+_NO_HOOKS = (
+    "saved-tensor hooks are disabled (torch.autograd.graph.disable_saved_tensors_hooks), and "
+    "torch.utils.checkpoint registers them"
+)
+
+
+def hooks_disabled() -> bool:
+    """Whether saved-tensor hooks are disabled here, which makes the non-reentrant ``torch.utils.checkpoint``
+    raise the disabling context's message (torchvision's ``memory_efficient=True`` model raises it)."""
+    return not torch.compiler.is_compiling() and _hooks_disabled_message() is not None
+
+
 def run_recomputed(modules: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
     """Apply ``modules`` in order under checkpointing: only ``x`` is kept, the rest is recomputed in
     backward, BatchNorm running statistics are updated once. Runs plainly when it saves nothing (no
-    gradient needed, or a single module, e.g. the CIFAR stem's lone convolution)."""
+    gradient needed, or a single module, e.g. the CIFAR stem's lone convolution), and, with a warning, where
+    saved-tensor hooks are disabled (:func:`hooks_disabled`): their activations are then kept."""
 
     def run(inp: torch.Tensor) -> torch.Tensor:
         for m in modules:
@@ -140,6 +157,13 @@ def run_recomputed(modules: Sequence[nn.Module], x: torch.Tensor) -> torch.Tenso
         return inp
 
     if len(modules) <= 1 or not _needs_grad([x], modules):
+        return run(x)
+    if hooks_disabled():
+        warnings.warn(
+            f"effdense: the stem ({', '.join(type(m).__name__ for m in modules)}) keeps its activations instead of "
+            f"recomputing them in backward, because {_NO_HOOKS}",
+            stacklevel=4,
+        )
         return run(x)
     return checkpoint(recompute_once(run, modules), x, use_reentrant=False, preserve_rng_state=_PRESERVE_RNG)
 
@@ -156,6 +180,9 @@ def _own_layers(block) -> list[str]:
 
 
 def run_block(block, x: torch.Tensor) -> torch.Tensor:
+    if hooks_disabled() and _needs_grad([x], block.layers):
+        warn_runs_as_naive("'checkpoint'", _NO_HOOKS, stacklevel=3)
+        return _naive.run_block(block, x)
     odd = _own_layers(block)
     if odd:
         warn_runs_as_naive(
