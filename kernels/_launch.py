@@ -103,13 +103,15 @@ _DIRECT = env_switch("EFFDENSE_DIRECT_LAUNCH")
 _COMPILED: dict[tuple, tuple] = {}
 # launches by route since import (tests and benchmarks read them): "direct", "triton" (through fn[grid])
 counts = {"direct": 0, "triton": 0}
-_DRIVER: list = []  # [get_current_device, get_current_stream, runtime knobs], filled at the first direct launch
+# (get_current_device, get_current_stream, runtime knobs), set at the first direct launch (one assignment: two
+# threads launching first, as nn.DataParallel's replicas do, each set the same tuple; list.extend doubled it)
+_DRIVER: tuple | None = None
 
 
 def set_direct_launch(enabled: bool) -> bool:
     """Launch compiled kernels directly after their first launch (``True``, the default unless
     ``EFFDENSE_DIRECT_LAUNCH=0`` was set at import) or always through Triton's ``kernel[grid](...)``
-    (``False``). Returns the previous setting. Not thread-safe."""
+    (``False``). Returns the previous setting. A process-wide setting (threads share it)."""
     global _DIRECT
     require_bool(enabled)
     previous, _DIRECT = _DIRECT, enabled
@@ -129,12 +131,13 @@ def _hook_idle(hook) -> bool:
     return hook is None or (isinstance(getattr(hook, "calls", None), list) and not hook.calls)
 
 
-def _driver() -> list:
-    if not _DRIVER:
+def _driver() -> tuple:
+    global _DRIVER
+    if _DRIVER is None:
         import triton
 
         active = triton.runtime.driver.active
-        _DRIVER.extend((active.get_current_device, active.get_current_stream, triton.knobs.runtime))
+        _DRIVER = (active.get_current_device, active.get_current_stream, triton.knobs.runtime)
     return _DRIVER
 
 

@@ -824,7 +824,7 @@ def direct_launch(monkeypatch):
     monkeypatch.setattr(L, "_INTERPRETING", False)
     monkeypatch.setattr(L, "_COMPILED", {})
     hooks = _Hooks()
-    monkeypatch.setattr(L, "_DRIVER", [lambda: 0, lambda device: 1234 + device, hooks])
+    monkeypatch.setattr(L, "_DRIVER", (lambda: 0, lambda device: 1234 + device, hooks))
     monkeypatch.setattr(L, "counts", {"direct": 0, "triton": 0})
     previous = L.set_direct_launch(True)
     log: list = []
@@ -867,6 +867,39 @@ def test_direct_launch_reuses_the_compiled_kernel(direct_launch):
     assert log[-1][0] == "triton"
     with pytest.raises(TypeError, match="expected a bool"):
         L.set_direct_launch(1)
+
+
+def test_driver_handles_are_set_once_when_threads_launch_first(monkeypatch):
+    """Two threads making their first direct launch together (nn.DataParallel's replicas): before, each
+    extended a shared list, which then held six handles, and the next launch's unpacking raised."""
+    if KB is None:
+        pytest.skip("triton missing")
+    import threading
+
+    import triton
+
+    L = KB._launch
+    barrier = threading.Barrier(2)
+
+    class Active:  # the driver's handles, read by both threads before either has stored them
+        @property
+        def get_current_device(self):
+            barrier.wait(timeout=30)
+            return "device"
+
+        get_current_stream = "stream"
+
+    monkeypatch.setattr(type(triton.runtime.driver), "active", property(lambda self: Active()))
+    monkeypatch.setattr(L, "_DRIVER", None)
+    results: list = []
+    threads = [threading.Thread(target=lambda: results.append(L._driver())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == 2
+    device, stream, knobs = L._driver()  # three handles, whichever thread stored them
+    assert (device, stream, knobs) == ("device", "stream", triton.knobs.runtime)
 
 
 def test_direct_launch_takes_an_empty_hook_chain_as_no_hook(direct_launch):
