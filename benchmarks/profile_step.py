@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         return {**profile_row(model, x, target, autocast, args.steps, args.warmup, args.top, trace), "status": "ok"}
 
     rows = measure_builds(
-        same_weight_builds(args.model, base, args.strategies, reference=not args.no_reference), measure, device,
+        same_weight_builds(args.model, base, args.strategies, () if args.no_reference else ("plain",)), measure, device,
         on_row=lambda row: progress(f"{row['row']}: " + (
             f"host {row['host_ms']:.2f} ms, step {row['step_ms']:.2f} ms" if "host_ms" in row else row["status"])),
     )  # fmt: skip

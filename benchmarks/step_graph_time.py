@@ -8,8 +8,8 @@ capture recipe does) and replayed ``--steps`` times. A replay runs no Python, di
 not hide. For ``fused``, ``eager_triton_launch_ms`` is the eager step again with every kernel launched
 through Triton's ``kernel[grid](...)`` instead of its compiled kernel's launcher (``set_direct_launch(False)``). A row whose step cannot be captured records the error and keeps its eager time.
 
-Rows: effdense ``naive``, ``shared`` and ``fused`` (``--strategies``), and torchvision's plain ``DenseNet``
-with the same weights where torchvision can express the model. Never asserts; writes
+Rows: effdense ``naive``, ``shared`` and ``fused`` (``--strategies``), and torchvision's ``DenseNet`` with the
+same weights, plain and ``memory_efficient=True`` (``--reference``), where torchvision can express the model. Never asserts; writes
 ``step_graph_<model>_b<batch>_<size>px_<dtype>_<device>.json`` and prints a table. Needs CUDA.
 
     python benchmarks/step_graph_time.py --model densenet121 --batch-size 64 --image-size 224 --dtype bf16 --out DIR
@@ -26,7 +26,7 @@ from typing import Any, Callable
 import torch
 
 from effdense import get_model
-from effdense.bench import measure_builds, same_weight_builds, training_step
+from effdense.bench import measure_builds, reference_list, same_weight_builds, training_step
 from effdense.benchutil import (
     DTYPES,
     dtype_name,
@@ -42,6 +42,13 @@ from effdense.benchutil import (
 )
 
 
+def _reference_rows(text: str) -> list[str]:
+    rows = reference_list(text)
+    if "compile" in rows:
+        raise argparse.ArgumentTypeError("the compile row is effdense bench's (--reference compile); here: plain, memory_efficient")
+    return rows
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", type=model_name, default="densenet121")
@@ -50,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", type=dtype_name, default="bf16", help="fp32, bf16 (autocast, default) or fp16")
     p.add_argument("--strategies", type=strategy_list, default=["naive", "shared", "fused"],
                    help="comma list (default naive,shared,fused)")
-    p.add_argument("--no-reference", action="store_true", help="leave out the torchvision row")
+    p.add_argument("--reference", type=_reference_rows, default=["plain", "memory_efficient"],
+                   help="torchvision rows: a comma list of plain, memory_efficient (default both)")
+    p.add_argument("--no-reference", action="store_true", help="leave out the torchvision rows")
     p.add_argument("--steps", type=positive_int, default=20, help="timed steps, eager and replays (default 20)")
     p.add_argument("--warmup", type=positive_int, default=3, help="untimed eager steps first (default 3)")
     p.add_argument("--out", type=Path, default=None, help="folder for the JSON (default: print only)")
@@ -134,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     target = torch.randint(0, base.classifier.out_features, (args.batch_size,), device=device)
     label = f"{args.model} b{args.batch_size} {args.image_size}px {args.dtype}"
     rows = measure_builds(
-        same_weight_builds(args.model, base, args.strategies, reference=not args.no_reference),
+        same_weight_builds(args.model, base, args.strategies, () if args.no_reference else args.reference),
         lambda name, model: time_row(model, x, target, autocast, args.steps, args.warmup, triton_launch=name.endswith("fused")),
         device,
         on_row=lambda row: progress(

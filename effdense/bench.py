@@ -18,7 +18,7 @@ import argparse
 import contextlib
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -179,11 +179,16 @@ def torchvision_twin(model: DenseNet, memory_efficient: bool) -> nn.Module | Non
 
 
 def same_weight_builds(
-    model_name: str, base: DenseNet, strategies: list[str], reference: bool = True
+    model_name: str, base: DenseNet, strategies: list[str], references: Sequence[str] = ("plain",)
 ) -> list[tuple[str, Callable[[], nn.Module | None]]]:
     """``(label, build)`` per row of the step scripts (``benchmarks/step_graph_time.py``, ``profile_step.py``):
-    ``model_name`` under each strategy with ``base``'s weights, then (``reference``) torchvision's plain
-    ``DenseNet`` with them; that build returns None where torchvision's class cannot express the model."""
+    ``model_name`` under each strategy with ``base``'s weights, then torchvision's ``DenseNet`` with them, for
+    each of ``references``: ``"plain"`` (row ``torchvision``) and ``"memory_efficient"`` (row ``torchvision
+    memory_efficient``, its checkpointed model); those builds return None where torchvision's class cannot
+    express the model."""
+    unknown = [r for r in references if r not in ("plain", "memory_efficient")]
+    if unknown:
+        raise ValueError(f"references: expected 'plain' and/or 'memory_efficient', got {unknown}")
     def effdense_model(strategy: str) -> nn.Module:
         model = get_model(model_name, strategy=strategy)
         model.load_state_dict(base.state_dict())
@@ -192,8 +197,10 @@ def same_weight_builds(
     builds: list[tuple[str, Callable[[], nn.Module | None]]] = [
         (f"effdense {s}", lambda s=s: effdense_model(s)) for s in strategies
     ]
-    if reference:
-        builds.append(("torchvision", lambda: torchvision_twin(base, memory_efficient=False)))
+    for r in references:
+        efficient = r == "memory_efficient"
+        label = "torchvision memory_efficient" if efficient else "torchvision"
+        builds.append((label, lambda efficient=efficient: torchvision_twin(base, memory_efficient=efficient)))
     return builds
 
 

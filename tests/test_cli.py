@@ -420,11 +420,16 @@ def test_measure_builds_keeps_every_row():
     from effdense.bench import measure_builds, same_weight_builds
 
     base = effdense.get_model("densenet_bc_16", strategy="naive")
-    builds = same_weight_builds("densenet_bc_16", base, ["naive", "fused"])
-    assert [name for name, _ in builds] == ["effdense naive", "effdense fused", "torchvision"]
+    builds = same_weight_builds("densenet_bc_16", base, ["naive", "fused"], ("plain", "memory_efficient"))
+    assert [name for name, _ in builds] == ["effdense naive", "effdense fused", "torchvision", "torchvision memory_efficient"]
     for _, build in builds:
         model = build()
         assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), base.state_dict().values()))
+    assert builds[-1][1]().features.denseblock1.denselayer1.memory_efficient
+    assert not builds[-2][1]().features.denseblock1.denselayer1.memory_efficient
+    assert [name for name, _ in same_weight_builds("densenet_bc_16", base, ["naive"], ())] == ["effdense naive"]
+    with pytest.raises(ValueError, match="'plain' and/or 'memory_efficient', got \\['compile'\\]"):
+        same_weight_builds("densenet_bc_16", base, ["naive"], ("compile",))
 
     def broken():
         raise RuntimeError("no such model\nsecond line")
