@@ -1015,6 +1015,17 @@ def _structure_difference(clone: nn.Module, source: nn.Module) -> str | None:
     return None
 
 
+def _copy_layouts(clone: nn.Module, source: nn.Module) -> None:
+    """Give ``clone``'s parameters and buffers the memory layout (strides) of ``source``'s before the state
+    dict is copied in, which keeps the destination's: a source moved to ``channels_last`` gave a copy with
+    contiguous weights (and the slower convolutions of a mixed layout)."""
+    theirs = {**dict(source.named_parameters()), **dict(source.named_buffers())}
+    for name, t in [*clone.named_parameters(), *clone.named_buffers()]:
+        other = theirs.get(name)
+        if isinstance(other, torch.Tensor) and other.shape == t.shape and other.stride() != t.stride():
+            t.data = torch.empty_like(other, dtype=t.dtype, device=t.device)  # (preserve_format: other's strides)
+
+
 def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = None) -> DenseNet:
     """Build an effdense :class:`DenseNet` from a torchvision DenseNet, with a copy of its parameters
     and buffers (same values, device and dtype) and the given strategy. A replaced stem (``conv0``, ``pool0``)
@@ -1102,6 +1113,7 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
             enable_cpu_sync_bn(clone)
     _match_untracked_batchnorms(clone, model)
     _copy_swapped_leaves(clone, model)
+    _copy_layouts(clone, model)
     try:
         clone.load_state_dict(model.state_dict(), strict=True)
     except RuntimeError as exc:  # a source whose structure a DenseNet cannot take: name where it differs

@@ -453,6 +453,19 @@ def _small_torchvision_densenet(**kwargs) -> nn.Module:
     return torchvision.models.DenseNet(growth_rate=8, block_config=(2, 3), num_init_features=16, **kwargs)
 
 
+def test_convert_keeps_the_sources_memory_layout() -> None:
+    """A source moved to channels_last gives a channels_last copy (before: contiguous weights, as built)."""
+    torch.manual_seed(0)
+    source = _small_torchvision_densenet(num_classes=4).to(memory_format=torch.channels_last)
+    ours = effdense.convert(source, strategy="shared")
+    for (name, p), q in zip(ours.named_parameters(), source.parameters()):
+        assert p.stride() == q.stride() and torch.equal(p, q), name
+    assert any(p.dim() == 4 and not p.is_contiguous() for p in ours.parameters())  # the check above means something
+    x = torch.randn(2, 3, 32, 32).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(x), source.eval()(x), rtol=1e-5, atol=1e-5)
+
+
 def test_convert_keeps_what_the_state_dict_does_not_carry() -> None:
     source = _small_torchvision_densenet(num_classes=4)
     for p in source.features.denseblock1.parameters():  # frozen first block, its BatchNorms in eval mode
