@@ -118,10 +118,17 @@ def dtype_list(text: str) -> list[str]:
 
 
 def byte_size(text: str) -> int:
+    """A memory size with its unit (``12GiB``, ``500MB``, ``300000B``): on the command line a bare number is
+    refused (``--budget 12`` meant 12 bytes, so every model was reported as not fitting)."""
     try:
-        return parse_bytes(text)
+        value = parse_bytes(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if not re.search(r"[a-zA-Z]", text):
+        raise argparse.ArgumentTypeError(
+            f"memory size {text!r} has no unit; write e.g. {text.strip()}GiB, {text.strip()}MB, or {text.strip()}B for bytes"
+        )
+    return value
 
 
 def positive_int(text: str) -> int:

@@ -58,7 +58,7 @@ CSV_COLUMNS = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", type=byte_size, default=12 * GiB,
-                        help="memory budget for one training step, e.g. 12GiB (default), 80GB, 500MiB")
+                        help="memory budget for one training step, with its unit: e.g. 12GiB (default), 80GB, 500MiB")
     parser.add_argument("--growth-rate", type=positive_int, default=12, help="default 12")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="default 64")
     parser.add_argument("--image-size", type=positive_int, default=32, help="default 32")

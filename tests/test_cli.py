@@ -216,7 +216,8 @@ def test_model_names_are_case_insensitive(capsys, tmp_path):
         # values starting with a minus sign reach their type, not argparse's "expected one argument"
         (["max-depth", "--budget", "-1GiB"], "at least 1 byte"),
         (["ablate", "--depths", "-10,16"], "must be positive"),
-        (["max-depth", "--budget", "0.5"], "at least 1 byte"),
+        (["max-depth", "--budget", "0.5B"], "at least 1 byte"),
+        (["max-depth", "--budget", "12"], "memory size '12' has no unit; write e.g. 12GiB, 12MB, or 12B for bytes"),
         (["max-depth", "--budget", "1e400"], "too large"),
         (["max-depth", "--backend", "meta", "--dtype", "bf16"], "--backend meta cannot estimate --dtype bf16"),
         (["nonsense"], "invalid choice"),
