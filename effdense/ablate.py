@@ -73,12 +73,13 @@ TIME_DEFAULTS = {"steps": 10, "warmup": 1}
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--strategies", type=strategy_list, default=None, help="'all' (default) or a comma list")
     parser.add_argument("--vary", type=_policy_fields, default=[],
-                        help=f"Policy fields to try both ways for shared/fused: 'all' or a comma list of {', '.join(POLICY_FIELDS)}")
+                        help=f"Policy fields to try both ways for shared/fused: 'all' or a comma list of {', '.join(POLICY_FIELDS)} "
+                        "(default: none, the default Policy only)")
     parser.add_argument("--depths", type=_depth_list, default=[40, 100, 160, 220],
                         help="DenseNet-BC depths (4+6n), comma list; default 40,100,160,220")
     parser.add_argument("--growth-rates", type=int_list, default=[12], help="comma list; default 12")
     parser.add_argument("--batch-sizes", type=int_list, default=[64], help="comma list; default 64")
-    parser.add_argument("--dtypes", type=dtype_list, default=["fp32"], help="comma list of fp32, bf16, fp16")
+    parser.add_argument("--dtypes", type=dtype_list, default=["fp32"], help="comma list of fp32, bf16, fp16 (default fp32)")
     parser.add_argument("--image-size", type=positive_int, default=32, help="default 32")
     parser.add_argument("--estimate", action="store_true",
                         help="estimate memory without allocating (FakeTensor/meta) instead of measuring it")
@@ -90,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device_name, default=None,
                         help="auto (default: GPU if any), cpu or cuda[:N]: where memory is measured and steps timed "
                         "(with --estimate, only with --time)")
-    parser.add_argument("--out", type=output_path, default=Path("effdense_results"), help="folder of ablate.csv and the plots")
+    parser.add_argument("--out", type=output_path, default=Path("effdense_results"), help="folder of ablate.csv and the plots (default: effdense_results)")
     parser.add_argument("--no-plots", action="store_true", help="CSV only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 

@@ -101,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="square input side; default 32 for CIFAR models, 224 for ImageNet ones")
     parser.add_argument("--strategies", type=strategy_list, default=None,
                         help="'all' (default: every available strategy) or a comma list, e.g. naive,checkpoint")
-    parser.add_argument("--dtype", type=dtype_name, default="fp32", help="fp32, or bf16/fp16 autocast")
+    parser.add_argument("--dtype", type=dtype_name, default="fp32", help="fp32 (default), or bf16/fp16 autocast")
     parser.add_argument("--steps", type=positive_int, default=None,
                         help=f"most timed steps per row (median reported); default {GPU_DEFAULTS['steps']} on GPU, "
                         f"{CPU_DEFAULTS['steps']} on CPU")
@@ -114,7 +114,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "on CPU; 0 means no limit")
     parser.add_argument("--device", type=device_name, default="auto", help="auto (GPU if any), cpu or cuda[:N]")
     parser.add_argument("--memory", choices=("exact", "estimate"), default="exact",
-                        help="exact: measured (tracked on CPU, allocator on CUDA); estimate: FakeTensor, no time")
+                        help="exact (default): measured (tracked on CPU, allocator on CUDA); estimate: FakeTensor, no time")
     parser.add_argument("--reference", type=reference_list, default=None,
                         help="which torchvision rows: 'all' (default) or a comma list of "
                         f"{', '.join(REFERENCE_ROWS)} ('compile': GPU only)")
@@ -124,7 +124,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "'effdense <strategy> compile' after the others")
     parser.add_argument("--no-timing", action="store_true", help="memory only")
     parser.add_argument("--channels-last", action="store_true", help="channels_last model and input")
-    parser.add_argument("--out", type=output_path, default=Path("effdense_results"), help="output folder (JSON and CSV)")
+    parser.add_argument("--out", type=output_path, default=Path("effdense_results"), help="output folder (JSON and CSV; default: effdense_results)")
 
 
 # the torchvision rows --reference can choose, in the order they run

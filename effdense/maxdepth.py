@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--growth-rate", type=positive_int, default=12, help="default 12")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="default 64")
     parser.add_argument("--image-size", type=positive_int, default=32, help="default 32")
-    parser.add_argument("--dtype", type=dtype_name, default="fp32", help="fp32, or bf16/fp16 autocast")
+    parser.add_argument("--dtype", type=dtype_name, default="fp32", help="fp32 (default), or bf16/fp16 autocast")
     parser.add_argument("--strategies", type=strategy_list, default=None, help="'all' (default) or a comma list")
     parser.add_argument("--depth-limit", type=positive_int, default=10_000,
                         help="search no deeper than this (default 10000)")
@@ -77,7 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-verify", action="store_true",
                         help="do not check the result for real on the GPU (GPU runs only: on a CPU nothing is checked, and "
                         "the option is an error)")
-    parser.add_argument("--out", type=output_path, default=Path("effdense_results"), help="output folder (JSON and CSV)")
+    parser.add_argument("--out", type=output_path, default=Path("effdense_results"), help="output folder (JSON and CSV; default: effdense_results)")
 
 
 def depth_of(n: int) -> int:

@@ -76,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="strategies of the memory estimates: 'all' (default) or a comma list")
     parser.add_argument("--no-memory", action="store_true",
                         help="skip the memory estimates (then --batch-size, --dtype and --strategies are errors)")
-    parser.add_argument("--out", type=output_path, default=Path("effdense_results"), help="output folder (JSON)")
+    parser.add_argument("--out", type=output_path, default=Path("effdense_results"), help="output folder (JSON; default: effdense_results)")
 
 
 def count_macs(build: Callable[[], nn.Module], image_size: int) -> int:

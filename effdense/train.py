@@ -85,13 +85,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--strategy", default="auto", help=f"dense-block strategy: auto or one of {strategies.STRATEGIES}")
 
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=10)
-    g.add_argument("--batch-size", type=int, default=64, help="per-process batch size (global = this x world size)")
-    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="SGD with Nesterov momentum, or AdamW")
+    g.add_argument("--epochs", type=int, default=10, help="default: %(default)s")
+    g.add_argument("--batch-size", type=int, default=64, help="per-process batch size (global = this x world size; default: %(default)s)")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="SGD with Nesterov momentum (default), or AdamW")
     g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 0.1 sgd, 1e-3 adamw)")
     g.add_argument("--momentum", type=float, default=None, help=f"SGD only (default {DEFAULTS['momentum']})")
     g.add_argument("--weight-decay", type=float, default=None, help="default: 1e-4 sgd, 0.05 adamw")
-    g.add_argument("--lr-schedule", choices=("cosine", "step", "constant"), default="cosine", help="stepped every iteration")
+    g.add_argument("--lr-schedule", choices=("cosine", "step", "constant"), default="cosine", help="stepped every iteration (default: %(default)s)")
     g.add_argument("--lr-milestones", default=None,
                    help=f"--lr-schedule step only: fractions of the steps after any warm-up (default: {DEFAULTS['lr_milestones']})")
     g.add_argument("--lr-gamma", type=float, default=None,
@@ -101,14 +101,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("performance")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
-    g.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast dtype; fp16 uses a GradScaler")
+    g.add_argument("--precision", choices=tuple(PRECISIONS), default="fp32", help="autocast dtype (default: %(default)s); fp16 uses a GradScaler")
     g.add_argument("--channels-last", action="store_true", help="model and inputs in channels_last memory format")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over the global batch (DDP)")
     g.add_argument("--threads", type=int, default=None, help="CPU threads per process (torch.set_num_threads)")
 
     g = parser.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     g.add_argument("--out-dir", default="runs/train", help="checkpoint and metrics folder (default: %(default)s)")
     g.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint file (default: OUT_DIR/checkpoint.pt)")
     g.add_argument("--save-every", type=int, default=1, metavar="EPOCHS", help="save a checkpoint every N epochs; 0: at the end only")
