@@ -427,8 +427,14 @@ class StepMemory:
 def _loss(out: Any, loss: str | Callable[[Any], torch.Tensor]) -> torch.Tensor:
     if callable(loss):
         return loss(out)
-    if isinstance(out, (tuple, list)):  # e.g. Inception-style aux outputs: use the main one
+    if isinstance(out, (tuple, list)) and out:  # e.g. Inception-style aux outputs: use the main one
         out = out[0]
+    if loss in ("sum", "cross_entropy") and not isinstance(out, torch.Tensor):
+        raise TypeError(
+            f"loss={loss!r} needs the model to return a tensor (or a tuple/list whose first item is one), got "
+            f"{type(out).__name__}; pass loss=<callable> that reduces the output to a scalar, e.g. "
+            "lambda out: out['logits'].sum()"
+        )
     if loss == "sum":
         return out.float().sum()
     if loss == "cross_entropy":
@@ -504,8 +510,16 @@ def _prepare(
 ) -> tuple[nn.Module, torch.Tensor]:
     if isinstance(input_shape_or_tensor, torch.Tensor):
         x = input_shape_or_tensor
+        if not x.numel():  # as a shape with a 0 is refused
+            raise ValueError(f"the input has no elements (shape {tuple(x.shape)}); a training step needs a batch of at least 1")
         if device is not None:
             x = x.to(device)
+        else:
+            _check_same_device(model, x)
+        if _spans_more_than_itself(x):
+            # a batch sliced from a larger tensor (x = dataset[:8]): the step's input is the batch, not the
+            # dataset behind it, which the tracker counted whole (an estimate, made from the shape, does not)
+            x = x.clone(memory_format=torch.contiguous_format)
     else:
         shape = _input_shape(input_shape_or_tensor)
         if device is None:
@@ -527,6 +541,25 @@ def _prepare(
     model.train()
     model.zero_grad(set_to_none=True)
     return model, x
+
+
+def _check_same_device(model: nn.Module, x: torch.Tensor) -> None:
+    """Without ``device=``, an input on another device than all of the model's tensors is named here (PyTorch's
+    own error comes from deep inside the first layer, naming neither)."""
+    devices = {t.device for t in (*model.parameters(), *model.buffers())}
+    if len(devices) == 1 and x.device not in devices and not _is_fake(x):
+        (where,) = devices
+        hint = (
+            "; a meta input has no values to step on: estimate with estimate_step(model, x.shape, backend='meta')"
+            if x.device.type == "meta" else f"; pass device={str(x.device)!r} (the model is moved there) or move the input"
+        )
+        raise ValueError(f"the input is on {x.device} and the model on {where}{hint}")
+
+
+def _spans_more_than_itself(x: torch.Tensor) -> bool:
+    """Whether ``x``'s storage holds more bytes than ``x`` itself (a view into a larger tensor)."""
+    storage = _storage(x)
+    return storage is not None and not _is_fake(x) and x.device.type != "meta" and storage.nbytes() > x.numel() * x.element_size()
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -617,7 +650,8 @@ def measure_step(
     Args:
         model: the module to step.
         input_shape_or_tensor: an input tensor, or its shape (filled with ``torch.randn`` in the dtype of
-            the model's floating-point parameters).
+            the model's floating-point parameters). A tensor that is a view into a larger one (a batch sliced
+            from a dataset) is stepped on as a copy of itself, so the storage behind it is not counted.
         device: where to run; default: where the model's parameters are. Not ``"meta"`` for a model with
             data (its values would be lost): estimate with :func:`estimate_step` instead.
         autocast_dtype: ``torch.bfloat16``/``torch.float16`` to run forward and loss under autocast;
@@ -804,11 +838,13 @@ def estimate_step(
       strategies see a non-CUDA device and take their CPU path (every effdense strategy runs on meta;
       other code that queries the device, or reads a value with ``.item()``, may refuse it).
     - ``"auto"``: ``"meta"`` for CPU, falling back to ``"fake"`` where the model cannot run on meta;
-      ``"fake"`` under autocast, which ``"meta"`` cannot run.
+      ``"fake"`` under autocast (``autocast_dtype``, or a ``torch.autocast`` the caller has open), which
+      ``"meta"`` cannot run.
 
     Args:
         model: model name (``"densenet_bc_100"``), a zero-argument builder, or an ``nn.Module``.
-        input_shape: ``(N, C, H, W)``, or a tensor standing for its shape and dtype (its values are not read).
+        input_shape: ``(N, C, H, W)``, or a tensor standing for its shape, dtype and ``requires_grad`` (its
+            values are not read).
             A model given by name is built in a tensor's floating-point dtype (``torch.float64``: an fp64
             model); a module or builder keeps its own, which must take the tensor.
         device: the device fake tensors claim to be on (``backend="fake"`` only): ``"cpu"`` or ``"cuda[:N]"``.
@@ -846,12 +882,15 @@ def estimate_step(
     else:  # the dtype of the model's parameters, once it is built
         shape, in_dtype = _input_shape(input_shape), None
     low_precision = autocast_dtype is not None and autocast_dtype != torch.float32
+    # an autocast the caller has open runs the step in low precision too (autocast_dtype=None adds none of its
+    # own), and meta tensors are outside any autocast: "meta" would estimate an fp32 step
+    ambient = device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
     if backend == "auto":
         kwargs = dict(
             device=given_device, autocast_dtype=autocast_dtype, channels_last=channels_last, loss=loss,
             strategy=strategy, policy=policy, **model_kwargs,
         )  # fmt: skip
-        if device.type == "cpu" and not low_precision:  # autocast has no meta device
+        if device.type == "cpu" and not low_precision and not ambient:  # autocast has no meta device
             try:
                 return estimate_step(model, input_shape, backend="meta", **kwargs)
             except Exception:  # code that cannot run on meta tensors (autocast queries, .item()): fake mode can
@@ -860,10 +899,11 @@ def estimate_step(
     if backend == "meta":
         if device.type != "cpu":
             raise ValueError(f"backend='meta' cannot pretend to be on {given_device!r}; use backend='fake'")
-        if low_precision:
+        if low_precision or ambient:
+            what = f"autocast_dtype={autocast_dtype}" if low_precision else "the torch.autocast context that is open here"
             raise ValueError(
-                f"backend='meta' cannot run autocast (autocast_dtype={autocast_dtype}): autocast has no meta "
-                "device; use backend='fake' or 'auto'"
+                f"backend='meta' cannot run autocast ({what}): autocast has no meta device, so the estimate would be "
+                "of an fp32 step; use backend='fake' or 'auto'"
             )
         context: Any = torch.device("meta")
         device = "meta"
@@ -920,9 +960,37 @@ def estimate_step(
         if in_dtype is None:
             in_dtype = _model_dtype(module)
         x = torch.empty(shape, dtype=in_dtype, device=device)  # fake or meta: no values to fill in
-        return measure_step(
-            module, x, device=device, autocast_dtype=autocast_dtype, channels_last=channels_last, loss=loss, warmup=0
+        if isinstance(input_shape, torch.Tensor) and input_shape.requires_grad and x.is_floating_point():
+            x.requires_grad_()  # a step that also computes the input's gradient (as measure_step of that tensor)
+        try:
+            return measure_step(
+                module, x, device=device, autocast_dtype=autocast_dtype, channels_last=channels_last, loss=loss, warmup=0
+            )
+        except Exception as exc:
+            _explain_estimate_failure(exc, backend)
+            raise
+
+
+def _explain_estimate_failure(exc: Exception, backend: str) -> None:
+    """Raise, from ``exc``, an error that says why an estimate cannot run a step that ``measure_step`` can,
+    where PyTorch's own message names only an internal cause; return for anything else."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException
+
+    text = str(exc)
+    if isinstance(exc, DataDependentOutputException) or "data-dependent" in text.lower():
+        why = "the step reads a tensor's value (.item(), .tolist(), a Python branch on a tensor), which an estimate does not have"
+    elif isinstance(exc, AssertionError) and "convert all Tensors to FakeTensors" in text or (
+        backend == "meta" and isinstance(exc, RuntimeError) and "device meta is not on the expected device" in text
+    ):
+        why = (
+            f"the step used a tensor that is not a {backend} one, and an estimate computes on {backend} tensors only: "
+            "one made outside the estimate (a target captured by the loss callable, a tensor the model holds outside "
+            "its parameters and buffers) or on an explicit device; make such tensors in the step, where the output "
+            "is (e.g. torch.zeros(n, dtype=torch.long, device=out.device))"
         )
+    else:
+        return
+    raise RuntimeError(f"estimate_step: {why}; measure_step measures it for real ({type(exc).__name__}: {text.splitlines()[0][:150]})") from exc
 
 
 def _parse_device(device: Any, expected: str = "a device such as 'cpu', 'cuda' or 'cuda:1'") -> torch.device:
