@@ -32,6 +32,40 @@ class DataError(ValueError):
     """A dataset cannot be loaded as asked; the message says why and what to do."""
 
 
+class UnreadableImage(DataError):
+    """An image file that cannot be decoded, named with its path. Raised in a ``DataLoader`` worker too, whose
+    re-raise in the main process makes a new one from the worker's whole traceback: only the original message
+    (its line that starts with :data:`_UNREADABLE`) is kept then."""
+
+    def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and _UNREADABLE in message:
+            message = _UNREADABLE + message.rsplit(_UNREADABLE, 1)[1].splitlines()[0]
+        super().__init__(message)
+
+
+_UNREADABLE = "imagefolder: cannot read image "
+
+
+def _read_image(path: str):
+    """An RGB PIL image, as torchvision's default loader reads it, or :class:`UnreadableImage` naming the file."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # (PIL's UnidentifiedImageError is an OSError)
+        why = "not an image file PIL can identify" if isinstance(exc, Image.UnidentifiedImageError) else f"{type(exc).__name__}: {exc}"
+        raise UnreadableImage(f"{_UNREADABLE}{path!r} ({why}); remove or replace the file") from None
+
+
+def _visible_image(path: str) -> bool:
+    """An image file by its extension, as ImageFolder's default, but not a hidden one (``.DS_Store``, the
+    ``._name.jpg`` metadata files that macOS copies next to each image on other file systems)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
+
+    return not os.path.basename(path).startswith(".") and has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+
 @dataclasses.dataclass
 class DataSpec:
     """Train and test datasets of ``(image, label)`` pairs, with what a model needs to know about them."""
@@ -152,7 +186,9 @@ def load_imagefolder(root: str | os.PathLike, image_size: int = 224, augment: bo
     """An ImageFolder tree: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*`` (``test/`` also works).
 
     Training images: random resized crop and horizontal flip (when ``augment``); test images: resize to
-    ``image_size * 8/7`` and centre crop, as for ImageNet. Normalised with ImageNet statistics.
+    ``image_size * 8/7`` and centre crop, as for ImageNet. Normalised with ImageNet statistics. Files are
+    images by their extension, as for torchvision's ImageFolder, hidden files (``.name``) left out; a file
+    that cannot be decoded stops the run with :class:`UnreadableImage` naming it.
     """
     tv = _torchvision()
     from torchvision import transforms as T
@@ -174,11 +210,15 @@ def load_imagefolder(root: str | os.PathLike, image_size: int = 224, augment: bo
         train_tf = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)])
     test_tf = T.Compose([T.Resize(round(image_size * 8 / 7), antialias=True), T.CenterCrop(image_size)])
     to_tensor = [T.ToTensor(), T.Normalize(mean, std)]
-    try:
-        train = tv.datasets.ImageFolder(splits["train"], transform=T.Compose([train_tf, *to_tensor]))
-        test = tv.datasets.ImageFolder(splits["test"], transform=T.Compose([test_tf, *to_tensor]))
-    except (FileNotFoundError, RuntimeError) as exc:  # no class folders, or no images in them
-        raise DataError(f"imagefolder: {exc}".replace("\n", " ")) from exc
+    made = {}
+    for split, tf in (("train", train_tf), ("test", test_tf)):
+        try:
+            made[split] = tv.datasets.ImageFolder(
+                splits[split], transform=T.Compose([tf, *to_tensor]), loader=_read_image, is_valid_file=_visible_image
+            )
+        except (FileNotFoundError, RuntimeError) as exc:  # no class folders, or no images in one of them
+            raise DataError(f"imagefolder: {splits[split]!r}: {exc}".replace("\n", " ")) from exc
+    train, test = made["train"], made["test"]
     if train.classes != test.classes:
         raise DataError(
             f"imagefolder: train and test class folders differ ({len(train.classes)} vs {len(test.classes)} "
@@ -263,19 +303,27 @@ def _mix(*values: int) -> int:
 
 
 class Subset(Dataset):
-    """The first ``n`` items of a dataset (quick runs: ``--subset``); the digits splits are already shuffled."""
+    """``n`` items of a dataset (quick runs: ``--subset``), the same ones in every run: a choice by a fixed seed,
+    in the dataset's order. The first ``n`` would be the first classes of a dataset stored by class, as an
+    ImageFolder is (``--subset 12`` of three 12-image classes was all one class)."""
 
     def __init__(self, dataset: Dataset, n: int) -> None:
         self.dataset = dataset
-        self.n = min(n, len(dataset))  # type: ignore[arg-type]
+        total = len(dataset)  # type: ignore[arg-type]
+        self.n = min(n, total)
+        if self.n < total:
+            g = torch.Generator().manual_seed(0)
+            self.indices: list[int] | None = sorted(torch.randperm(total, generator=g)[: self.n].tolist())
+        else:
+            self.indices = None
 
     def __len__(self) -> int:
         return self.n
 
     def __getitem__(self, i: int) -> Any:
-        if i >= self.n:
+        if not 0 <= i < self.n:
             raise IndexError(i)
-        return self.dataset[i]
+        return self.dataset[self.indices[i] if self.indices is not None else i]
 
 
 class ShardSampler(torch.utils.data.Sampler[int]):

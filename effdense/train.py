@@ -24,6 +24,7 @@ import os
 import random
 import re
 import signal
+import tempfile
 import sys
 import threading
 import time
@@ -72,8 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--data", choices=DATASETS, default="digits", help="dataset (default: %(default)s, bundled)")
     g.add_argument("--data-dir", default=None, metavar="PATH", help="local folder of cifar10/cifar100/imagefolder (not digits)")
     g.add_argument("--image-size", type=int, default=None, help="square input side (default: 16 digits, 32 CIFAR, 224 imagefolder)")
-    g.add_argument("--subset", type=int, default=None, metavar="N", help="train on the first N training images only")
-    g.add_argument("--test-subset", type=int, default=None, metavar="N", help="evaluate on the first N test images only")
+    g.add_argument("--subset", type=int, default=None, metavar="N", help="train on N of the training images only (a fixed choice, the same in every run)")
+    g.add_argument("--test-subset", type=int, default=None, metavar="N", help="evaluate on N of the test images only (a fixed choice, the same in every run)")
     g.add_argument("--no-augment", action="store_true", help="no random crops/flips (CIFAR, imagefolder)")
     g.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: %(default)s)")
 
@@ -508,6 +509,11 @@ def _output_file(path: str, option: str) -> None:
         raise TrainError(f"{option}: cannot create the folder {folder!r} for {path!r}: {exc.strerror or exc}") from None
     if not os.access(folder, os.W_OK | os.X_OK):
         raise TrainError(f"{option}: the folder {folder!r} for {path!r} is not writable")
+    try:  # os.access answers for the permission bits, and root passes them where no file can be made (/proc)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise TrainError(f"{option}: cannot write files in the folder {folder!r} for {path!r}: {exc.strerror or exc}") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -594,7 +600,13 @@ MODEL_OPTIONS = ("model", "depth", "growth_rate")
 def _misfit(args: argparse.Namespace, state: dict[str, Any], exc: BaseException) -> str:
     """Why a checkpoint's states do not load into this run's model and optimiser: PyTorch's first line, and
     the model options where the checkpoint's config differs (a resume that did not repeat ``--model``)."""
-    first = str(exc).strip().splitlines()[0]
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    first = lines[0] if lines else type(exc).__name__
+    if first.startswith("Error(s) in loading state_dict") and len(lines) > 1:  # the header alone says nothing
+        detail = lines[1].rstrip(".")
+        first = f"{first} {detail[:240]}{'...' if len(detail) > 240 else ''}"
+        if "size mismatch for classifier." in detail:
+            first += "; the checkpoint's data had another number of classes"
     changed = _changed_options(MODEL_OPTIONS, state.get("config", {}), vars(args))
     if changed:
         return (f"checkpoint {args.resume!r} holds another model: it was saved by a run with {', '.join(changed)}; "

@@ -186,6 +186,83 @@ def _image_folder(root, per_class: int = 8, size: int = 20) -> None:
                 Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
 
 
+def _imagefolder_argv(root, out, *extra):
+    return [
+        "--data", "imagefolder", "--data-dir", str(root), "--image-size", "16", "--depth", "10", "--growth-rate", "4",
+        "--batch-size", "4", "--epochs", "1", "--strategy", "naive", "--out-dir", str(out), "--no-progress", "--quiet",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("split, workers", [("train", 0), ("train", 2), ("val", 0)])
+def test_an_unreadable_image_is_named_in_one_line(tmp_path, capsys, split, workers):
+    """Before: a 49-line traceback ending in PIL's UnidentifiedImageError (from the workers too), after the
+    epoch's work for a bad test image. Hidden files (macOS's ._name.jpg) were read as images."""
+    _image_folder(tmp_path / "imgs", per_class=4)
+    (tmp_path / "imgs" / "train" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # skipped
+    code, err = _run_main(capsys, _imagefolder_argv(tmp_path / "imgs", tmp_path / "ok"))
+    assert code == 0, err
+    bad = tmp_path / "imgs" / split / "dog" / "9.jpg"
+    bad.write_bytes(b"not a jpeg at all")
+    code, err = _run_main(capsys, _imagefolder_argv(tmp_path / "imgs", tmp_path / "bad", "--workers", str(workers)))
+    assert code == 2 and "\n" not in err, err
+    assert err == (f"effdense train: error: imagefolder: cannot read image {str(bad)!r} (not an image file PIL can "
+                   "identify); remove or replace the file")
+
+
+def test_an_empty_class_folder_is_named_with_its_split(tmp_path, capsys):
+    _image_folder(tmp_path / "imgs", per_class=2)
+    os.makedirs(tmp_path / "imgs" / "val" / "zebra")
+    os.makedirs(tmp_path / "imgs" / "train" / "zebra")
+    (tmp_path / "imgs" / "train" / "zebra" / "0.png").write_bytes(b"")  # (never read: val is refused first)
+    code, err = _run_main(capsys, _imagefolder_argv(tmp_path / "imgs", tmp_path / "out"))
+    assert code == 2 and f"imagefolder: {str(tmp_path / 'imgs' / 'val')!r}: Found no valid file for the classes zebra" in err, err
+
+
+def test_a_subset_is_spread_over_a_dataset_stored_by_class():
+    """--subset N of an ImageFolder (sorted by class): before, the first N images, all of the first classes."""
+    from effdense.data import Subset
+
+    labels = torch.arange(3).repeat_interleave(12)  # 3 classes x 12 images, in class order
+    data = torch.utils.data.TensorDataset(torch.zeros(36, 1), labels)
+    sub = Subset(data, 12)
+    picked = [int(sub[i][1]) for i in range(len(sub))]
+    assert len(picked) == 12 and set(picked) == {0, 1, 2} and picked == sorted(picked)  # in the dataset's order
+    assert picked == [int(Subset(data, 12)[i][1]) for i in range(12)]  # the same choice every time
+    assert len(Subset(data, 100)) == 36 and int(Subset(data, 100)[35][1]) == 2
+    with pytest.raises(IndexError):
+        sub[12]
+
+
+def test_an_output_folder_where_no_file_can_be_made_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    """As root, os.access calls /proc writable: a --metrics or --checkpoint there failed after the epoch."""
+    monkeypatch.setattr(T.os, "access", lambda path, mode: True)  # as for root
+    for option in ("--metrics", "--checkpoint"):
+        code, err = _run_main(capsys, [*TINY, "--out-dir", str(tmp_path / "o"), option, "/proc/effdense_probe.csv"])
+        assert code == 2 and f"{option}: cannot write files in the folder '/proc'" in err, err
+
+
+def test_a_checkpoint_of_another_class_count_says_so(tmp_path, capsys):
+    _image_folder(tmp_path / "two", per_class=2)
+    first = T.train(T.parse_args(_imagefolder_argv(tmp_path / "two", tmp_path / "a")))
+    three = tmp_path / "three"
+    _image_folder(three, per_class=2)
+    for split in ("train", "val"):
+        os.rename(three / split / "dog", three / split / "eel")
+        _image_folder_class(three / split / "fox", 2)
+    code, err = _run_main(capsys, _imagefolder_argv(three, tmp_path / "b", "--resume", first["checkpoint"]))
+    assert code == 2 and "size mismatch for classifier.weight" in err, err
+    assert err.endswith("the checkpoint's data had another number of classes") and "\n" not in err
+
+
+def _image_folder_class(folder, n: int, size: int = 20) -> None:
+    from PIL import Image
+
+    os.makedirs(folder)
+    for i in range(n):
+        Image.fromarray((torch.rand(size, size, 3) * 255).to(torch.uint8).numpy()).save(folder / f"{i}.png")
+
+
 def test_augmented_resume_is_exact_with_workers(tmp_path):
     """Random crops and flips depend on (seed, epoch, image) alone: a run interrupted mid-epoch and resumed with
     two DataLoader workers gives the uninterrupted run's losses and weights, and so does any --workers. Before,
