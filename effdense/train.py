@@ -960,7 +960,8 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
         if isinstance(rng, list):  # one per rank of the run that saved it
             rng = rng[ctx.rank] if ctx.rank < len(rng) else rng[0]
         _set_rng_state(rng)
-        say(f"resumed from {args.resume}: epoch {start_epoch + 1}, step {start_step}")
+        if start_epoch < args.epochs:  # (a finished run has said so above: there is no epoch to continue in)
+            say(f"resumed from {args.resume}: epoch {start_epoch + 1}, step {start_step}")
 
     train_model: nn.Module = model
     if ctx.enabled:

@@ -482,6 +482,11 @@ def test_resume_refuses_options_that_change_the_run(tmp_path, capsys):
     code, err = _run_main(capsys, [*TINY, "--out-dir", str(tmp_path / "b"), "--epochs", "2", "--lr", "0.1",
                                    "--image-size", "12", "--resume", ckpt])
     assert code == 0, err
+    # resuming the finished run: a note, not "resumed from ...: epoch 3, step 0" of a 2-epoch run
+    code = T.main(T.parse_args([a for a in TINY if a != "--quiet"] + ["--out-dir", str(tmp_path / "b"), "--epochs", "2",
+                                                                       "--resume", ckpt]))
+    out = capsys.readouterr().out
+    assert code == 0 and "has finished its 2 epochs; nothing is left to train" in out and "resumed from" not in out, out
     # an option left to its default equals its default given
     default = vars(T._with_defaults(T.parse_args([])))
     T.check_resume_options("c.pt", default, T._with_defaults(T.parse_args(["--image-size", "16", "--lr", "0.1"])))
