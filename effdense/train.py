@@ -520,6 +520,19 @@ def _output_file(path: str, option: str) -> None:
 # Checkpoints: only tensors, numbers, strings and containers, so they load with weights_only=True.
 
 
+class _AutocastInside(nn.Module):
+    """``model`` with its forward run under ``autocast()``, for ``torch.compile`` to trace with autocast inside."""
+
+    def __init__(self, model: nn.Module, autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
+        super().__init__()
+        self.model = model
+        self._autocast = autocast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self._autocast():
+            return self.model(x)
+
+
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state: dict[str, Any] = {
@@ -967,7 +980,13 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
     if ctx.enabled:
         ids = [device.index] if device.type == "cuda" else None
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    step_autocast = autocast  # the context the training step's forward runs in, around the model call
     if args.compile:
+        if amp_dtype is not None:
+            # autocast entered inside the compiled call: entered around it, dynamo's retrace of the shared/fused
+            # autograd Function fails ("Global autocast(cpu)_enabled state changed while dynamo tracing"; README)
+            train_model = _AutocastInside(train_model, autocast)
+            step_autocast = contextlib.nullcontext
         train_model = torch.compile(train_model)
 
     metrics = _MetricsLog(metrics_path if ctx.is_main else None, history)
@@ -1055,7 +1074,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
                     if args.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     y = y.to(device, non_blocking=True)
-                    with autocast():
+                    with step_autocast():
                         logits = train_model(x)
                         loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
                     optimizer.zero_grad(set_to_none=True)

@@ -5,6 +5,7 @@ run here."""
 import argparse
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -561,3 +562,16 @@ def test_resume_compares_milestones_as_numbers():
         return _effective_options(vars(_with_defaults(parse_args(["--lr-schedule", "step", *argv]))))
 
     assert opts() == opts("--lr-milestones", ".5, .75") != opts("--lr-milestones", "0.5,0.8")
+
+
+def test_compile_with_autocast_precision_trains_the_shared_strategy(tmp_path):
+    """``--compile --precision bf16``: before, the training loop entered autocast around the compiled model, and
+    dynamo's retrace of the shared/fused autograd Function failed ("Global autocast(cpu)_enabled state changed
+    while dynamo tracing"; the README's compile limit). Autocast now runs inside the compiled call."""
+    argv = ["--depth", "10", "--growth-rate", "4", "--image-size", "12", "--subset", "32", "--test-subset", "16",
+            "--batch-size", "16", "--strategy", "shared", "--precision", "bf16", "--compile", "--epochs", "1",
+            "--out-dir", str(tmp_path), "--no-progress", "--quiet"]  # fmt: skip
+    result = T.train(T.parse_args(argv))
+    assert len(result["step_losses"]) == 2 and all(math.isfinite(v) for v in result["step_losses"])
+    eager = T.train(T.parse_args([a for a in argv if a != "--compile"] + ["--out-dir", str(tmp_path / "eager")]))
+    assert abs(result["step_losses"][0] - eager["step_losses"][0]) < 0.05  # the same first step, in bf16
