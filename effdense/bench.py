@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from effdense import strategies as _strategies
 from effdense.benchutil import (
     DTYPES,
+    AutocastInside,
     UsageError,
     comma_items,
     default_image_size,
@@ -294,7 +295,7 @@ def _rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
             def tv_builder(me: bool, compiled: bool = False) -> Callable[[], nn.Module]:
                 def build() -> nn.Module:
                     twin = torchvision_twin(get_model(args.model, strategy="naive"), me)
-                    return torch.compile(twin) if compiled else twin
+                    return _compiled(twin, args.dtype) if compiled else twin
 
                 return build
 
@@ -312,9 +313,19 @@ def _rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
         for s in names:
             if s in available:
                 rows.append({"row": f"effdense {s} compile", "kind": "effdense", "strategy": s,
-                             "build": (lambda s=s: torch.compile(get_model(args.model, strategy=s))),
+                             "build": (lambda s=s: _compiled(get_model(args.model, strategy=s), args.dtype)),
                              "note": "torch.compile, default mode"})
     return rows
+
+
+def _compiled(model: nn.Module, dtype: str) -> nn.Module:
+    """``torch.compile(model)``; for a bf16/fp16 row with autocast entered inside the compiled call, which the
+    row then measures and times without an autocast of its own (around the call, the shared/fused rows failed
+    in dynamo: see :class:`effdense.benchutil.AutocastInside`)."""
+    amp = DTYPES[dtype]
+    if amp is not None:
+        model = AutocastInside(model, lambda x: torch.autocast(x.device.type, dtype=amp))
+    return torch.compile(model)
 
 
 def _run_row(
@@ -332,6 +343,8 @@ def _run_row(
     model = row["build"]().to(device)
     x = torch.randn(shape, device=device)
     compiled = hasattr(model, "_orig_mod")
+    if compiled and isinstance(model._orig_mod, AutocastInside):
+        autocast = None  # entered inside the compiled model
     mem = measure_step(
         model, x, autocast_dtype=autocast, channels_last=args.channels_last,
         warmup=2 if compiled else None,  # compilation happens in the first steps, not in the measured one

@@ -7,6 +7,7 @@ error with exit code 2 (see :mod:`effdense.cli`); errors found after parsing rai
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import json
@@ -451,3 +452,19 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
 def progress(message: str) -> None:
     """A progress line on stderr (stdout keeps the results)."""
     print(message, file=sys.stderr, flush=True)
+
+
+class AutocastInside(nn.Module):
+    """``model`` with its forward run under ``autocast(x)`` (a context factory given the input), for
+    ``torch.compile`` to trace with autocast inside the compiled call: entered around it, dynamo's retrace of
+    the shared/fused autograd Function fails ("Global autocast(cpu)_enabled state changed while dynamo
+    tracing"; README, torch.compile limits)."""
+
+    def __init__(self, model: nn.Module, autocast: Callable[[torch.Tensor], contextlib.AbstractContextManager]) -> None:
+        super().__init__()
+        self.model = model
+        self._autocast = autocast
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self._autocast(x):
+            return self.model(x)

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from effdense import densenet, strategies
-from effdense.benchutil import image_size_problem, positive_int
+from effdense.benchutil import AutocastInside, image_size_problem, positive_int
 from effdense.data import DATASETS, DEFAULT_IMAGE_SIZE, DataError, SeededSamples, ShardSampler, Subset, build_datasets
 
 DEFAULT_DEPTH = 22
@@ -520,19 +520,6 @@ def _output_file(path: str, option: str) -> None:
 # Checkpoints: only tensors, numbers, strings and containers, so they load with weights_only=True.
 
 
-class _AutocastInside(nn.Module):
-    """``model`` with its forward run under ``autocast()``, for ``torch.compile`` to trace with autocast inside."""
-
-    def __init__(self, model: nn.Module, autocast: Callable[[], contextlib.AbstractContextManager]) -> None:
-        super().__init__()
-        self.model = model
-        self._autocast = autocast
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self._autocast():
-            return self.model(x)
-
-
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state: dict[str, Any] = {
@@ -985,7 +972,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
         if amp_dtype is not None:
             # autocast entered inside the compiled call: entered around it, dynamo's retrace of the shared/fused
             # autograd Function fails ("Global autocast(cpu)_enabled state changed while dynamo tracing"; README)
-            train_model = _AutocastInside(train_model, autocast)
+            train_model = AutocastInside(train_model, lambda x: autocast())
             step_autocast = contextlib.nullcontext
         train_model = torch.compile(train_model)
 

@@ -863,3 +863,22 @@ def test_reference_usage_errors(capsys, tmp_path, argv, message):
     code, _, err = run(capsys, "bench", "--model", "densenet_bc_10", "--batch-size", "2", "--memory", "estimate",
                        "--strategies", "naive", *argv, "--out", str(tmp_path))  # fmt: skip
     assert code == 2 and message in err, err
+
+
+def test_bench_compiled_low_precision_rows_enter_autocast_inside_the_compiled_call():
+    """`effdense bench --compile --dtype bf16` (GPU suite): each compiled row's step ran under an autocast
+    entered around the compiled model, where dynamo fails on the shared/fused Function. The rows now compile a
+    model that enters autocast itself, and step it without one (checked here on CPU with shared)."""
+    from effdense.bench import _compiled
+    from effdense.benchutil import AutocastInside
+    from effdense.memory import training_step
+
+    torch.manual_seed(0)
+    model = _compiled(effdense.get_model("densenet_bc_10", strategy="shared"), "bf16")
+    assert isinstance(model._orig_mod, AutocastInside)
+    x = torch.randn(2, 3, 16, 16)
+    training_step(model, x, loss="sum")  # as _run_row steps it: autocast_dtype=None
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model(x).dtype == torch.bfloat16  # autocast ran inside
+    assert not isinstance(_compiled(effdense.get_model("densenet_bc_10"), "fp32")._orig_mod, AutocastInside)
