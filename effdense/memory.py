@@ -979,7 +979,7 @@ def _explain_estimate_failure(exc: Exception, backend: str) -> None:
     text = str(exc)
     if isinstance(exc, DataDependentOutputException) or "data-dependent" in text.lower():
         why = "the step reads a tensor's value (.item(), .tolist(), a Python branch on a tensor), which an estimate does not have"
-    elif isinstance(exc, AssertionError) and "convert all Tensors to FakeTensors" in text or (
+    elif (isinstance(exc, AssertionError) and "convert all Tensors to FakeTensors" in text) or (
         backend == "meta" and isinstance(exc, RuntimeError) and "device meta is not on the expected device" in text
     ):
         why = (
