@@ -68,8 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="search no deeper than this (default 10000)")
     parser.add_argument("--estimate-limit", type=positive_int, default=None,
                         help="estimate no model deeper than this; beyond it, use a quadratic fit through the three "
-                        "deepest estimates (result marked 'extrapolated'); estimates of 1000+ layer models take most of a "
-                        "minute each on a CPU, so large budgets (12GiB: shared/fused reach depth ~4000) need it")
+                        "deepest estimates (result marked 'extrapolated'); an estimate's time grows with depth, so large "
+                        "budgets (12GiB), whose search reaches thousands of layers, need it")
     parser.add_argument("--backend", choices=("auto", "meta", "fake"), default="auto",
                         help="estimate backend: meta (fastest), fake (FakeTensorMode) or auto (meta, else fake)")
     parser.add_argument("--device", type=device_name, default="auto",
