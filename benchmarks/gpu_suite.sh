@@ -160,9 +160,10 @@ print(json.dumps(env, indent=2))
 EOF
 
 if [ "$MODE" = gpu ]; then
-    # Order: what was never recorded comes before what was, in case the budget runs out (the fused compile
-    # row, the BC-100 bench and host_overhead.py were cut by the budget at c2e934d and 1a95410; the CUDA test
-    # steps, partly recorded three times, come after them). A fresh machine
+    # Order: the fused issue's figures first, then the CUDA tests (one unnamed failure at d837e33 that a rerun
+    # did not repeat: -v names each result), then what was never recorded, in case the budget runs out (at
+    # d837e33 the fused compile row was still compiling after 150 s, the BC-100 bench's fused row tuning after
+    # 120 s; host_overhead.py had 40 s). A fresh machine
     # autotunes every kernel shape in the first fused step: on an H200 (commit 31de30d, Triton's default
     # tuning time) the DenseNet-121 fused row alone did not finish in 170 s.
     # the direct launch of compiled kernels (on by default since 929b8f3): each kernel's results through it
@@ -189,10 +190,19 @@ if [ "$MODE" = gpu ]; then
     # (its kernel shapes are tuned by the step above, so it takes ~30 s); fused also eagerly with every kernel
     # launched through Triton's kernel[grid](...) (eager_triton_launch_ms): what the direct launch saves
     step step_graph_time 120 "$PY" benchmarks/step_graph_time.py --out "$OUT"
+    # (b) tests: every CUDA-marked test but the slow ones, then (below) the rest of the kernel and shared-block
+    # tests; the slow CUDA tests (each GEMM kernel with each autotuning config, compiled per case) on their own.
+    # EFFDENSE_AUTOTUNE=0: each test shape launches one untuned config instead of tuning all of them, the
+    # likely cost behind the step running out of its 120 s after 33 and 36 tests at 3d264cc and c2e934d
+    # (not profiled); the autotuned path is covered by test_cuda_densenet_shapes[tuned] and the benches.
+    # 180 s: a whole pass (126 tests in 76.7 s with 8 processes on an H200 at d837e33)
+    # -v: each test's name goes to the log as it starts, so a step cut by its limit shows where it was
+    step tests_cuda 180 env EFFDENSE_AUTOTUNE=0 "$PY" -m pytest "${XDIST[@]}" tests -v -m "cuda and not slow" \
+        --junitxml="$OUT/pytest_cuda.xml"
     # the same DenseNet-121 step for fused under torch.compile (default mode, inductor; not recorded yet: 14 s
-    # were left at 1a95410), beside fused eager in the same process: whether compilation removes the host time that
+    # were left at 1a95410, and 150 s at d837e33 ran out while compiling), beside fused eager in the same process: whether compilation removes the host time that
     # the eager step is bound by
-    step bench_fused_compile 150 "${EFFDENSE[@]}" bench --device cuda --model densenet121 --batch-size 64 \
+    step bench_fused_compile 300 "${EFFDENSE[@]}" bench --device cuda --model densenet121 --batch-size 64 \
         --image-size 224 --dtype bf16 --strategies fused --no-reference --compile --steps 10 --max-seconds-per-row 10 \
         --out "$OUT/compile"
     # every strategy on DenseNet-BC-100 (recorded on an H100 at b4b324d), each row's timing capped at 20 s
@@ -207,15 +217,6 @@ if [ "$MODE" = gpu ]; then
     # where the eager step's host time goes (fused, naive, torchvision; DenseNet-121 b64 bf16): host vs whole-step
     # time, one profiled step's events (launches, operators, waits), a Python profile
     step profile_step 90 "$PY" benchmarks/profile_step.py --out "$OUT"
-    # (b) tests: every CUDA-marked test but the slow ones, then (below) the rest of the kernel and shared-block
-    # tests; the slow CUDA tests (each GEMM kernel with each autotuning config, compiled per case) on their own.
-    # EFFDENSE_AUTOTUNE=0: each test shape launches one untuned config instead of tuning all of them, the
-    # likely cost behind the step running out of its 120 s after 33 and 36 tests at 3d264cc and c2e934d
-    # (not profiled); the autotuned path is covered by test_cuda_densenet_shapes[tuned] and the benches.
-    # 180 s: a whole pass (121 tests at 65a4d4f) is wanted before the kernel bench, recorded three times
-    # -v: each test's name goes to the log as it starts, so a step cut by its limit shows where it was
-    step tests_cuda 180 env EFFDENSE_AUTOTUNE=0 "$PY" -m pytest "${XDIST[@]}" tests -v -m "cuda and not slow" \
-        --junitxml="$OUT/pytest_cuda.xml"
     # (c) Triton bottleneck kernels vs cuBLAS on DenseNet-121 shapes, bf16 (the >= 70 % of cuBLAS target),
     # with the autotuner's choice per shape
     step bench_kernels 90 "$PY" benchmarks/bench_kernels.py --dtypes bf16 --out "$OUT"
