@@ -70,8 +70,8 @@ def _affine_relu(x, scale_ptrs, shift_ptrs, mask_c, CHANNEL_AXIS: tl.constexpr):
 @triton.jit
 def _reference_sample(X_ptr, Scale_ptr, Shift_ptr, W_ptr, offs_b, mask_b, C, stride_xc, stride_wb,
                       BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``y[0, b, 0]`` in fp32 for the tile's output channels: the output at the first pixel of the first
-    sample, computed alike (so bit for bit the same) in every program. The epilogue centres its sums on it."""
+    """``y[0, b, 0]`` in fp32 (before rounding to y's dtype) for the channels ``offs_b``: the output at the
+    first pixel of the first sample, which the forward's BN2 sums are centred on."""
     offs_k = tl.arange(0, BLOCK_K)
     r = tl.zeros([BLOCK_B], dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
@@ -97,6 +97,28 @@ def _add_channel_sums(y, mask, ref, sum_ptrs, sqsum_ptrs, mask_b, PIXEL_AXIS: tl
     tl.atomic_add(sqsum_ptrs, tl.sum(d * d, axis=PIXEL_AXIS), mask=mask_b)
 
 
+@triton.jit
+def _forward_sums_init_kernel(
+    X_ptr, Scale_ptr, Shift_ptr, W_ptr, YSum_ptr, YSqSum_ptr, YRef_ptr, C, B, stride_xc, stride_wb,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, HAS_SAMPLE: tl.constexpr,
+):
+    """Before a forward with statistics: its BN2 sums zeroed and their reference sample ``y[0, :, 0]``
+    written (0 for an empty batch, ``HAS_SAMPLE`` off), once for all of the GEMM's programs. Computed in
+    each GEMM program instead (e9a844a to d837e33), it cost a second pass over the program's weight rows
+    ahead of its main loop: the forward kernel replayed 0.114 against 0.090 ms at 56x56 (N=64, C=256,
+    B=128, bf16) on an H200, cuBLAS unchanged."""
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = offs_b < B
+    if HAS_SAMPLE:
+        ref = _reference_sample(X_ptr, Scale_ptr, Shift_ptr, W_ptr, offs_b, mask_b, C, stride_xc, stride_wb,
+                                BLOCK_B, BLOCK_K)
+    else:
+        ref = tl.zeros([BLOCK_B], dtype=tl.float32)
+    tl.store(YRef_ptr + offs_b, ref, mask=mask_b)
+    tl.store(YSum_ptr + offs_b, tl.zeros([BLOCK_B], dtype=tl.float32), mask=mask_b)
+    tl.store(YSqSum_ptr + offs_b, tl.zeros([BLOCK_B], dtype=tl.float32), mask=mask_b)
+
+
 # --------------------------------------------------------------------------------------------------
 # Forward: Y[n] (B x P) = W (B x C) . relu(scale*X[n] + shift) (C x P), with Σy and Σy² per output channel
 
@@ -110,7 +132,7 @@ def _bottleneck_fwd_kernel(
     Y_ptr,  # (N, B, P), x.dtype
     YSum_ptr,  # (B,) fp32, zeroed: Σ_{n,p} (y - ref) (not touched unless STATS)
     YSqSum_ptr,  # (B,) fp32, zeroed: Σ_{n,p} (y - ref)² (not touched unless STATS)
-    YRef_ptr,  # (B,) fp32: ref = y[0, :, 0] in fp32, written by the first pixel tile (not touched unless STATS)
+    YRef_ptr,  # (B,) fp32: ref = y[0, :, 0] in fp32, from _forward_sums_init_kernel (not read unless STATS)
     C,
     B,
     P,
@@ -150,10 +172,7 @@ def _bottleneck_fwd_kernel(
     mask_b = offs_b < B
     mask_p = offs_p < P
     if STATS:
-        ref = _reference_sample(X_ptr, Scale_ptr, Shift_ptr, W_ptr, offs_b, mask_b, C, stride_xc, stride_wb,
-                                BLOCK_B, BLOCK_K)
-        if tile == 0:
-            tl.store(YRef_ptr + offs_b, ref, mask=mask_b)
+        ref = tl.load(YRef_ptr + offs_b, mask=mask_b, other=0.0)
 
     if W_FIRST:
         # Y (B x P) = W (B x C) . h (C x P): h is the B operand, in X's own layout (pixels contiguous along
@@ -425,7 +444,8 @@ _FWD_CONFIGS = [
     _cfg(4, 4, BLOCK_B=128, BLOCK_M=64, BLOCK_K=64),
     _cfg(4, 5, BLOCK_B=128, BLOCK_M=128, BLOCK_K=32),
     _cfg(8, 3, BLOCK_B=256, BLOCK_M=128, BLOCK_K=64),
-    # Y = W . h instead of Y^T = h^T . W^T (W_FIRST): written after the last GPU session, not yet timed there
+    # Y = W . h instead of Y^T = h^T . W^T (W_FIRST): the autotuner picked them at 56x56 and 28x28 on an H100
+    # (1a95410) and an H200 (d837e33)
     _cfg(4, 5, BLOCK_B=128, BLOCK_M=128, BLOCK_K=32, W_FIRST=True),
     _cfg(8, 3, BLOCK_B=128, BLOCK_M=128, BLOCK_K=64, W_FIRST=True),
     _cfg(8, 3, BLOCK_B=128, BLOCK_M=256, BLOCK_K=64, W_FIRST=True),
@@ -653,12 +673,23 @@ def _keys(C: int, M: int) -> tuple[int, int]:
 
 
 def bottleneck_forward_launch(x, scale, shift, weight, y, y_sum, y_sqsum, y_ref) -> None:
-    """``y_sum``/``y_sqsum``: zeroed fp32 ``[B]`` for BN2's sums centred on ``y_ref`` (fp32 ``[B]``, written:
-    ``y[0, :, 0]``), or all three ``None`` to skip them."""
+    """``y_sum``/``y_sqsum``/``y_ref``: fp32 ``[B]``, any contents, for BN2's sums centred on ``y_ref``
+    (written here: the sums zeroed and ``y[0, :, 0]``, then the GEMM's epilogue adds into the sums), or all
+    three ``None`` to skip them."""
     N, C, H, W = x.shape
     B, P, M = weight.shape[0], H * W, N * H * W
     stats = y_sum is not None
-    if not stats:  # never dereferenced (STATS=False); the autotuner's reset_to_zero may zero y, which is then written
+    if stats:
+        if _launch.interpreting():
+            bb, bk, warps = _p2(B, 128), _p2(C, 128), 4
+        else:  # a few programs, each a few iterations over C: a short kernel ahead of the GEMM
+            bb, bk, warps = 32, 256, 4
+        _launch.launch(
+            _forward_sums_init_kernel, (_launch.cdiv(B, bb),),
+            (x, scale, shift, weight, y_sum, y_sqsum, y_ref, C, B, x.stride(1), weight.stride(0)),
+            {"BLOCK_B": bb, "BLOCK_K": bk, "HAS_SAMPLE": M > 0, "num_warps": warps},
+        )  # fmt: skip
+    else:  # never dereferenced (STATS=False); the autotuner's reset_to_zero may zero y, which is then written
         y_sum = y_sqsum = y_ref = y
     args = (
         x, scale, shift, weight, y, y_sum, y_sqsum, y_ref,

@@ -405,8 +405,8 @@ def bottleneck_forward(
         _call(_bottleneck_forward_op, _bottleneck.bottleneck_forward_launch, x, scale, shift, _rows(weight), y, None, None, None)
         return y, None, None
     _alert_atomics(x, "bottleneck_forward")
-    # Σd, Σd² and the reference sample: the rows of one zeroed buffer (the reference stays 0 if no program runs)
-    d_sum, d_sqsum, ref = torch.zeros((3, B), dtype=torch.float32, device=x.device).unbind(0)
+    # Σd, Σd² and the reference sample: the rows of one buffer, zeroed and filled by the launch's first kernel
+    d_sum, d_sqsum, ref = torch.empty((3, B), dtype=torch.float32, device=x.device).unbind(0)
     _call(
         _bottleneck_forward_op, _bottleneck.bottleneck_forward_launch,
         x, scale, shift, _rows(weight), y, d_sum, d_sqsum, ref,

@@ -524,6 +524,32 @@ def test_forward_statistics_keep_their_digits_at_a_large_mean(backend):
     torch.testing.assert_close(var.double(), var64, rtol=1e-4, atol=0)
 
 
+def test_forward_launch_initialises_its_sums():
+    """The forward launch with statistics takes its three fp32 ``[B]`` buffers with any contents: a first
+    kernel zeroes the sums and writes the reference sample ``y[0, :, 0]`` (once, instead of in every GEMM
+    program), then the GEMM adds into the sums. Buffers holding NaN and large values before the launch give
+    the statistics of zeroed ones; an empty batch gives reference 0 and zero sums."""
+    _need_triton("cpu")
+    torch.manual_seed(0)
+    N, C, H, W, B = 2, 20, 3, 5, 12
+    x = torch.randn(N, C + 4, H, W)[:, 4:]  # a channel slice at an offset
+    scale, shift, w = torch.rand(C) + 0.5, torch.randn(C), torch.randn(B, C)
+    y = torch.empty(N, B, H, W)
+    sums = torch.full((3, B), float("nan"))
+    sums[1] = 1e30
+    KB.bottleneck_forward_launch(x, scale, shift, w, y, *sums.unbind(0))
+    h = torch.relu(x * scale[:, None, None] + shift[:, None, None])
+    y64 = torch.einsum("bc,nchw->nbhw", w.double(), h.double())
+    ref = y64[0, :, 0, 0]
+    torch.testing.assert_close(sums[2].double(), ref, rtol=1e-5, atol=1e-5)
+    d = y.double() - sums[2].double()[None, :, None, None]
+    torch.testing.assert_close(sums[0].double(), d.sum(dim=(0, 2, 3)), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(sums[1].double(), (d * d).sum(dim=(0, 2, 3)), rtol=1e-4, atol=1e-4)
+    empty = torch.full((3, B), float("nan"))
+    KB.bottleneck_forward_launch(x[:0], scale, shift, w, y[:0], *empty.unbind(0))
+    assert (empty == 0).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_running_stats_accumulate_does_not_read_x(backend, dtype):
