@@ -514,16 +514,23 @@ def _unwrap_checkpoint(obj: Mapping[str, Any]) -> Mapping[str, Any]:
     return obj
 
 
-# What ``nn.DataParallel`` and ``DistributedDataParallel`` put before every key of the wrapped model's state dict.
-_WRAPPER_PREFIX = "module."
+# What wrappers put before every key of the wrapped model's state dict: ``nn.DataParallel`` and
+# ``DistributedDataParallel`` (``module.``), ``torch.compile``'s OptimizedModule (``_orig_mod.``).
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def _strip_wrapper_prefix(state_dict: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    """A state dict saved from a DataParallel/DDP-wrapped model (``ddp.state_dict()``) has every key
-    prefixed ``module.``: strip it, as timm's checkpoint loader does. Only when every key has it, so a
-    model's own submodule named ``module`` is left alone."""
-    if state_dict and all(isinstance(k, str) and k.startswith(_WRAPPER_PREFIX) for k in state_dict):
-        return OrderedDict((k[len(_WRAPPER_PREFIX) :], v) for k, v in state_dict.items())
+    """A state dict saved from a wrapped model (``ddp.state_dict()``, ``torch.compile(model).state_dict()``,
+    or both nested) has every key prefixed ``module.`` or ``_orig_mod.``: strip them, outermost first, as
+    timm's checkpoint loader does. Only a prefix that every key has, so a model's own submodule named
+    ``module`` is left alone."""
+    while state_dict:
+        prefix = next(
+            (p for p in _WRAPPER_PREFIXES if all(isinstance(k, str) and k.startswith(p) for k in state_dict)), None
+        )
+        if prefix is None:
+            break
+        state_dict = OrderedDict((k[len(prefix) :], v) for k, v in state_dict.items())
     return state_dict
 
 
@@ -609,7 +616,8 @@ def load_weights(model: DenseNet, weights: Any, progress: bool = True) -> DenseN
     """Load ``weights`` into ``model`` strictly: a torchvision ``WeightsEnum``, a state dict or a file path
     (a checkpoint dict holding the state dict under ``"state_dict"`` or ``"model"`` is unwrapped; the
     ``module.`` prefix of a state dict saved from an ``nn.DataParallel``/``DistributedDataParallel``-wrapped
-    model is stripped when every key has it; legacy key names are accepted)."""
+    model and the ``_orig_mod.`` prefix of one saved from a ``torch.compile``-d model are stripped when every
+    key has them; legacy key names are accepted)."""
     state_dict = _resolve_weights(weights, progress)
     if state_dict is not None:
         model.load_state_dict(_upgrade_legacy_keys(_strip_wrapper_prefix(state_dict)), strict=True)
@@ -684,8 +692,8 @@ def densenet121(*, weights: Any = None, progress: bool = True, **kwargs: Any) ->
     """DenseNet-121 (k=32, blocks 6-12-24-16). ``kwargs`` go to :class:`DenseNet` (``strategy=`` among them).
 
     ``weights``: a torchvision ``DenseNet121_Weights`` member or its name (``"DEFAULT"``), a state dict or
-    a file path (see :func:`load_weights`: training checkpoints are unwrapped and a DataParallel/DDP
-    ``module.`` prefix is stripped), or None."""
+    a file path (see :func:`load_weights`: training checkpoints are unwrapped, DataParallel/DDP's
+    ``module.`` and torch.compile's ``_orig_mod.`` prefixes stripped), or None."""
     return _densenet("densenet121", weights, progress, **kwargs)
 
 
@@ -751,7 +759,8 @@ def densenet_cifar(
         drop_rate: dropout rate after each layer.
         strategy: block strategy (see :class:`DenseNet`).
         weights: a state dict or a file path to load (see :func:`load_weights`: training checkpoints are
-            unwrapped and a DataParallel/DDP ``module.`` prefix is stripped), or None.
+            unwrapped, DataParallel/DDP's ``module.`` and
+            torch.compile's ``_orig_mod.`` prefixes stripped), or None.
         **kwargs: further :class:`DenseNet` keyword arguments (``policy``, ``in_channels``).
     """
     n = cifar_layers_per_block(depth, bottleneck)

@@ -877,6 +877,12 @@ def test_weights_from_data_parallel_state_dict(tmp_path) -> None:
             assert torch.equal(value, own[key]), key
         with torch.no_grad():
             assert_close_rel(model.eval()(x), expected, name="output")  # the source runs naive, the copy auto
+    # torch.compile's OptimizedModule prefixes ``_orig_mod.``, alone or inside/around DDP's ``module.``
+    compiled = torch.compile(source).state_dict()
+    assert compiled.keys() == {"_orig_mod." + k for k in own}
+    for sd in (compiled, {f"module._orig_mod.{k}": v for k, v in own.items()}, {f"_orig_mod.module.{k}": v for k, v in own.items()}):
+        model = effdense.densenet_cifar(16, 6, num_classes=5, weights=sd)
+        assert all(torch.equal(value, own[key]) for key, value in model.state_dict().items())
     # only a prefix every key has is a wrapper's: a partly prefixed state dict is left as it is
     partly = dict(own)
     partly["module.classifier.bias"] = partly.pop("classifier.bias")
