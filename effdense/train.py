@@ -1110,7 +1110,18 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
                 step_losses.extend(float(v) for v in epoch_losses)
                 epoch_losses = []
                 tl, tc, tn = _all_reduce_sum([float(loss_sum), float(correct), float(seen)], ctx, device)
-                test_loss, test_acc = evaluate(model, test_loader, device, autocast, args.channels_last, ctx)
+                try:
+                    test_loss, test_acc = evaluate(model, test_loader, device, autocast, args.channels_last, ctx)
+                except Exception:
+                    # the epoch's training is done: keep it (whatever --save-every says), so that --resume
+                    # goes on with the next epoch instead of training this one again. Without collectives:
+                    # under DDP the failure may be this rank's alone, and the others would not join one.
+                    if ctx.is_main:
+                        save_checkpoint(ckpt_path, checkpoint_state(epoch + 1, 0, collective=False))
+                        print(f"effdense train: evaluation after epoch {epoch + 1} failed; the epoch's training is "
+                              f"saved to {ckpt_path} (no test metrics for it): continue with --resume {ckpt_path}",
+                              file=sys.stderr, flush=True)
+                    raise
                 peak, peak_kind = _peak_memory_mib(device)
                 peaks = [peak]
                 if ctx.enabled:

@@ -136,6 +136,33 @@ def test_keyboard_interrupt_exception_saves_a_checkpoint_that_resumes(tmp_path):
     _assert_same_state(_state(resumed["model"]), _state(straight["model"]))
 
 
+def test_a_failed_evaluation_keeps_the_epochs_training(tmp_path, monkeypatch, capsys):
+    # an error while evaluating (an unreadable test image, memory) came after the epoch's training and
+    # before its checkpoint: the epoch was lost. Now it is saved as trained, and --resume goes on from there.
+    real = T.evaluate
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("cannot read test image 7")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(T, "evaluate", failing)
+    extra = ["--epochs", 3, "--save-every", 3]  # no checkpoint was due after epoch 2
+    with pytest.raises(RuntimeError, match="test image 7"):
+        T.train(_args(tmp_path, *extra))
+    assert "evaluation after epoch 2 failed" in capsys.readouterr().err
+    state = T.load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert (state["epoch"], state["step"]) == (2, 0) and [r["epoch"] for r in state["history"]] == [1]
+    monkeypatch.setattr(T, "evaluate", real)
+    resumed = T.train(_args(tmp_path, *extra, "--resume", tmp_path / "checkpoint.pt"))
+    straight = T.train(_args(tmp_path / "ref", *extra))
+    assert len(resumed["step_losses"]) == 4  # epoch 3 only
+    _assert_same_state(_state(resumed["model"]), _state(straight["model"]))
+    assert [r["epoch"] for r in resumed["history"]] == [1, 3]
+
+
 @pytest.mark.parametrize(
     "extra",
     [
