@@ -39,6 +39,7 @@ from effdense import strategies as _strategies
 from effdense.benchutil import (
     DTYPES,
     environment,
+    error_note,
     format_table,
     free_memory,
     progress,
@@ -136,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                     row.update(run_one(model_name, strategy, (batch, 3, size, size), dtype, device))
                 except Exception as exc:  # one failing row must not lose the others
                     free_memory(device)
-                    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                    row.update(status="error", note=f"{type(exc).__name__}: {msg}"[:300])
+                    row.update(status="error", note=error_note(exc))
             row.update({k: env[k] for k in ("device", "device_name", "torch", "triton", "git_commit")})
             rows.append(row)
             if row["status"] == "ok":

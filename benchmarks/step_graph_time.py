@@ -29,15 +29,16 @@ from effdense import get_model
 from effdense.bench import measure_builds, reference_list, same_weight_builds, training_step
 from effdense.benchutil import (
     DTYPES,
+    UsageError,
     dtype_name,
     environment,
+    error_note,
     format_table,
     model_name,
     output_dir,
     positive_int,
     progress,
     strategy_list,
-    UsageError,
     write_json,
 )
 
@@ -116,8 +117,7 @@ def time_row(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, auto
         row["status"] = "ok"
         del graph
     except Exception as exc:  # a step that cannot be captured: keep its eager time, say why
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        row.update(status="no graph", note=f"{type(exc).__name__}: {msg}"[:300])
+        row.update(status="no graph", note=error_note(exc))
     model.zero_grad(set_to_none=True)
     return row
 

@@ -38,6 +38,7 @@ from effdense.benchutil import (
     device_name,
     dtype_list,
     environment,
+    error_note,
     free_memory,
     int_list,
     nonnegative_int,
@@ -262,8 +263,7 @@ def main(args: argparse.Namespace) -> int:
                 row.update(status="ok", **_run_point(p, args, device))
             except Exception as exc:  # one point failing (out of memory, say) must not end the grid
                 free_memory(device)
-                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-                row.update(status="error", note=f"{type(exc).__name__}: {msg}"[:300])
+                row.update(status="error", note=error_note(exc))
         row["seconds"] = round(time.perf_counter() - start, 2)
         _append(csv_path, row)
         bar.update(1)

@@ -34,11 +34,13 @@ from effdense.benchutil import (
     device_name,
     dtype_name,
     environment,
+    error_note,
     format_table,
     free_memory,
     model_name,
     nonnegative_float,
     nonnegative_int,
+    output_dir,
     output_path,
     positive_int,
     progress,
@@ -48,7 +50,6 @@ from effdense.benchutil import (
     resolve_device,
     strategy_list,
     time_steps,
-    output_dir,
     write_csv,
     write_json,
 )
@@ -244,8 +245,7 @@ def measure_builds(
             else:
                 row.update(measure(name, model.to(device)))
         except Exception as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            row.update(status="error", note=f"{type(exc).__name__}: {msg}"[:300])
+            row.update(status="error", note=error_note(exc))
         model = None  # a row that failed half-way frees its model too
         free_memory(device)
         rows.append(row)
@@ -483,8 +483,7 @@ def main(args: argparse.Namespace) -> int:
             except Exception as exc:  # one failing row must not lose the others
                 if cuda and isinstance(exc, torch.cuda.OutOfMemoryError):
                     free_memory(device)
-                msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                result = {**base, "status": "error", "note": f"{type(exc).__name__}: {msg}"[:300]}
+                result = {**base, "status": "error", "note": error_note(exc)}
         results.append(result)
         desc = f"{result.get('peak_mib', 0):,.1f} MiB" if result["status"] == "ok" else result["status"]
         if result.get("time_ms") is not None:

@@ -42,6 +42,19 @@ DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "
 # Argument types
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (PyTorch's often run to pages), or its type's name if it
+    has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def error_note(exc: BaseException, limit: int = 300) -> str:
+    """``"<type>: <first line>"``, at most ``limit`` characters: the note of a result row that failed."""
+    text = str(exc).strip()
+    return (f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__)[:limit]
+
+
 def model_name(text: str) -> str:
     """A name :func:`effdense.get_model` accepts: one of :data:`effdense.MODELS`, ``densenet_bc_<depth>``
     or ``densenet_<depth>`` with a depth the paper's rule allows. Case-insensitive, as :func:`effdense.get_model`;

@@ -34,6 +34,7 @@ from effdense.benchutil import (
     device_name,
     dtype_name,
     environment,
+    error_note,
     format_table,
     free_memory,
     output_dir,
@@ -224,8 +225,7 @@ def main(args: argparse.Namespace) -> int:
                         break
             n, evals = search(peak_of, args.budget, n_max)
         except Exception as exc:
-            msg = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            row.update(status="error", note=f"{type(exc).__name__}: {msg}"[:300])
+            row.update(status="error", note=error_note(exc))
             results.append(row)
             progress(f"{s}: error {row['note']}")
             continue

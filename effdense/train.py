@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from effdense import densenet, strategies
-from effdense.benchutil import AutocastInside, image_size_problem, positive_int
+from effdense.benchutil import AutocastInside, first_line, image_size_problem, positive_int
 from effdense.data import DATASETS, DEFAULT_IMAGE_SIZE, DataError, SeededSamples, ShardSampler, Subset, build_datasets
 
 DEFAULT_DEPTH = 22
@@ -163,7 +163,7 @@ def main(args: argparse.Namespace) -> int:
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not _out_of_memory(exc):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         print(
             f"effdense train: error: out of memory ({first[:200]}); try a smaller --batch-size or --image-size, "
             "or a leaner --strategy (shared, fused)",

@@ -452,6 +452,16 @@ def test_measure_builds_keeps_every_row():
     assert seen == ["broken", "none", "raises", "fine"]
 
 
+def test_error_note_is_one_short_line():
+    """Every failed row (bench, ablate, max-depth, the GPU suite's scripts) notes its error the same way."""
+    from effdense.benchutil import error_note, first_line
+
+    assert error_note(RuntimeError("CUDA out of memory.\nTried to allocate...")) == "RuntimeError: CUDA out of memory."
+    assert error_note(KeyError()) == first_line(KeyError()) == "KeyError"
+    assert error_note(ValueError("x" * 500)) == "ValueError: " + "x" * 288 and len(error_note(ValueError("x" * 500), 40)) == 40
+    assert first_line(RuntimeError("  first\nsecond ")) == "first"
+
+
 def test_profile_step_records_host_time_events_and_python(tmp_path, capsys):
     """benchmarks/profile_step.py (GPU suite): per row the host and whole-step times, the profiled step's
     events with their kinds, and a Python profile; the JSON names the command; bad arguments exit 2. No time
