@@ -388,11 +388,17 @@ class DenseNet(nn.Module):
             enabled: turn synchronisation on or off. Off makes every synchronised BatchNorm of the model
                 an ``nn.BatchNorm2d`` again, holding the same parameter and buffer tensors.
             process_group: the group to reduce over (a ``torch.distributed.ProcessGroup``, e.g. from
-                ``torch.distributed.new_group``); ``None`` means the default (world) group.
+                ``torch.distributed.new_group``); ``None`` means the default (world) group. Only with
+                ``enabled=True``: there is nothing to reduce over when synchronisation is off.
         """
         if not isinstance(enabled, bool):
             raise TypeError(f"set_sync_bn: enabled must be True or False, got {enabled!r}")
         if process_group is not None:
+            if not enabled:
+                raise ValueError(
+                    "set_sync_bn: a process_group was given with enabled=False; synchronisation off reduces "
+                    "over no group (call set_sync_bn(False) alone)"
+                )
             _check_process_group(process_group)
         if enabled:
             converted = nn.SyncBatchNorm.convert_sync_batchnorm(self.features, process_group)

@@ -925,6 +925,10 @@ def test_set_sync_bn_refuses_what_is_not_a_flag_or_a_group() -> None:
     group = _unused_process_group()
     model.set_sync_bn(True, group)
     assert all(b.sync_group is group for b in model.dense_blocks)
+    # a group with synchronisation off was ignored; it is refused before anything changes
+    with pytest.raises(ValueError, match="process_group was given with enabled=False"):
+        model.set_sync_bn(False, group)
+    assert all(b.sync_bn and b.sync_group is group for b in model.dense_blocks)
 
 
 def test_convert_keeps_sync_bn_and_its_process_group() -> None:
