@@ -22,7 +22,13 @@ def stats_dtype(dtype: torch.dtype) -> torch.dtype:
 def check_flag(name: str, value: object) -> None:
     """An on/off keyword (``stats``, ``batch_stats``) is a bool: a string such as ``"no"`` would read as True."""
     if value is not True and value is not False:
-        raise TypeError(f"{name}: expected a bool, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name}: expected a bool (True or False), got {type_name(value)} {value!r}")
+
+
+def type_name(value: object) -> str:
+    """``value``'s type, module-qualified unless built in: numpy's bool prints as ``numpy.bool``, not ``bool``."""
+    t = type(value)
+    return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
 def check_activation(name: str, t: torch.Tensor, *, like: torch.Tensor | None = None, channels: int | None = None) -> None:
@@ -125,6 +131,7 @@ def check_accumulate(
     check_vectors(
         C, x.device, stats_dtype(x.dtype), mean=mean, invstd=invstd, gamma=gamma, sum_dh=sum_dh, sum_dh_xmu=sum_dh_xmu
     )
+    check_in_place("grad", grad, x=x, dh=dh)
 
 
 def check_weight(weight: torch.Tensor, x: torch.Tensor) -> None:
@@ -145,10 +152,17 @@ def check_dy(dy: torch.Tensor, x: torch.Tensor, B: int) -> None:
     check_activation("dy", dy, like=x, channels=B)
 
 
+_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", lambda t: False)
+
+
 def _comparable(t: torch.Tensor) -> bool:
     """Whether ``t`` has storage whose overlap with another tensor's can be asked: a plain, non-empty tensor
-    with data in eager execution (tracing has no storages, and must not break the graph; meta/fake have none)."""
-    return not torch.compiler.is_compiling() and type(t) is torch.Tensor and not t.is_meta and t.numel() > 0
+    with data in eager execution (tracing has no storages, and must not break the graph; meta/fake have none;
+    nor have a ``torch.func`` transform's wrappers, e.g. vmap's batched tensors)."""
+    return (
+        not torch.compiler.is_compiling() and type(t) is torch.Tensor and not t.is_meta and t.numel() > 0
+        and not _functorch_wrapped(t)
+    )
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -192,6 +206,25 @@ def _planes_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     j_lo = max(-(N - 1), -((Cb + k - 1) // R))  # smallest j with k + j*R + Cb > 0
     j_hi = min(N - 1, (Ca - 1 - k) // R)  # largest j with k + j*R < Ca
     return j_lo <= j_hi
+
+
+def check_in_place(name: str, t: torch.Tensor, **read: torch.Tensor) -> None:
+    """``t``, updated element by element where the named tensors are read: each of them is ``t``'s very
+    elements (an in-place update of that input, which is allowed) or shares none with it. A partial overlap
+    would make the result depend on the order the elements are visited in (a channel of ``x`` read after a
+    neighbouring channel of ``grad`` was written to it). Checked as :func:`check_disjoint`."""
+    if not _comparable(t):
+        return
+    for other, o in read.items():
+        if (
+            _comparable(o) and _same_storage(t, o) and _planes_overlap(t, o)
+            and not (t.storage_offset() == o.storage_offset() and t.shape == o.shape and t.stride() == o.stride())
+        ):
+            raise ValueError(
+                f"{name}: expected {other} itself or memory separate from it, got a tensor that partly overlaps it "
+                f"(shapes {tuple(t.shape)} and {tuple(o.shape)}, storage offsets {t.storage_offset()} and "
+                f"{o.storage_offset()}): the result would depend on the order of the writes; pass a separate buffer"
+            )
 
 
 def check_disjoint(name: str, t: torch.Tensor, **read: torch.Tensor) -> None:

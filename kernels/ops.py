@@ -9,6 +9,11 @@ fake implementation does nothing. The Python functions below choose the backend:
 * ``backend="triton"``: always Triton (raises if it cannot run);
 * ``backend="reference"``: always the PyTorch twin.
 
+The ops take arguments the functions below have checked and allocated, and check nothing themselves (on a
+GPU a wrong size is an out-of-bounds write): call the functions. The checks that need storage (an output
+overlapping an input, :func:`._checks.check_disjoint`) run in eager execution only: traced tensors under
+``torch.compile`` have none.
+
 Numerics, layouts and shapes are documented on each function; the twins follow the same contract.
 float64 inputs run on the twins only (``"auto"`` picks them, ``"triton"`` refuses), with float64 per-channel
 vectors and statistics wherever fp32 is written below.
@@ -40,14 +45,15 @@ _BACKENDS = ("auto", "triton", "reference")
 def kernels_available(device: torch.device | str | None = None) -> bool:
     """Whether the Triton kernels would run for tensors on ``device``: triton imports, and the device is
     CUDA or Triton's interpreter is on (``TRITON_INTERPRET=1``, set before effdense.kernels is imported).
-    With ``device=None``, whether they run on the current CUDA device (no CUDA call if CUDA is absent)."""
+    With ``device=None``, whether they run on the current CUDA device (no CUDA call if CUDA is absent).
+    ``device`` is anything ``torch.device`` takes (a string such as ``"cuda:0"``, a ``torch.device``, an index)."""
+    if device is not None:
+        device = torch.device(device)  # (raises for what is not a device, e.g. "bogus")
     if _TRITON_ERROR is not None:
         return False
     if _launch.interpreting():
         return True
-    if device is None:
-        return torch.cuda.is_available()
-    return torch.device(device).type == "cuda"
+    return torch.cuda.is_available() and (device is None or device.type == "cuda")
 
 
 def set_autotune(enabled: bool) -> bool:
@@ -698,7 +704,8 @@ def bottleneck_backward(
         x, scale, shift, weight, dy, mean: as in :func:`bottleneck_backward_input`.
         invstd, gamma: fp32 ``[C]``, BN1's ``1/sqrt(var + eps)`` and weight.
         grad: ``(N, C, H, W)`` in x.dtype, updated in place (a channel slice of the block's gradient buffer;
-            it may be ``x`` itself, but must not overlap ``dy``, which is refused when working in chunks).
+            it may be ``x`` itself, but must not overlap ``x`` otherwise, nor ``dy`` when working in chunks:
+            both are refused).
         batch_stats: BN1 normalised with batch statistics (training); ``False``: with running statistics,
             given as ``mean``/``invstd``, and no gradient terms through them.
         chunk: at most this many input channels at a time for the input gradient (``None``: all), which
@@ -719,6 +726,7 @@ def bottleneck_backward(
     _checks.check_dy(dy, x, weight.shape[0])
     _checks.check_activation("grad", grad, like=x, channels=C)
     _checks.check_written("grad", grad)
+    _checks.check_in_place("grad", grad, x=x)
     _checks.check_vectors(C, x.device, torch.float32, mean=mean, invstd=invstd, gamma=gamma)
     reference.check_chunk(chunk)
     _checks.check_flag("batch_stats", batch_stats)

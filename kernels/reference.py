@@ -45,6 +45,18 @@ def _no_grad(fn: _F) -> _F:
     return wrapper  # type: ignore[return-value]
 
 
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
+
+
+def _threshold_backward_into(g: torch.Tensor, pre: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """ReLU's backward, PyTorch's own (``g`` where ``pre > 0``, else 0), written into ``out`` (which may be
+    ``g``). Under a ``torch.func`` transform as a new tensor copied in: vmap's batching cannot run the
+    ``out=`` form."""
+    if _functorch_active():
+        return out.copy_(torch.ops.aten.threshold_backward(g, pre, 0))
+    return torch.ops.aten.threshold_backward.grad_input(g, pre, 0, grad_input=out)
+
+
 def _col(v: torch.Tensor) -> torch.Tensor:
     return v.view(1, -1, 1, 1)
 
@@ -244,21 +256,27 @@ def bottleneck_backward_input(
     _checks.check_dy(dy, x, B)
     acc = _checks.stats_dtype(x.dtype)
     _checks.check_vector("mean", mean, C, x.device, acc)
-    if out is None:
-        out = torch.empty((N, C, H, W), dtype=x.dtype, device=x.device)
-    else:
+    if out is not None:
         _checks.check_activation("out", out, like=x, channels=C)
         _checks.check_written("out", out)
         _checks.check_disjoint("out", out, x=x, dy=dy)
     g = _wmm(weight.contiguous().t(), dy.reshape(N, B, H * W)).view(N, C, H, W)
     # ReLU's backward, PyTorch's own: zero where the (fp32) pre-activation is <= 0, g elsewhere (a NaN
     # pre-activation passes g, and a NaN in g stays out of the masked positions), written into out
-    torch.ops.aten.threshold_backward.grad_input(g, _affine(x, scale, shift), 0, grad_input=out)
+    pre = _affine(x, scale, shift)
+    if out is None and _functorch_active():  # a new tensor: under vmap g may be batched, an empty out would not be
+        out = torch.ops.aten.threshold_backward(g, pre, 0).to(x.dtype)
+    else:
+        if out is None:
+            out = torch.empty((N, C, H, W), dtype=x.dtype, device=x.device)
+        _threshold_backward_into(g, pre, out)
+    del pre
     del g
     dh = out if out.dtype == acc else out.to(acc)
     sum_dh = dh.sum(dim=(0, 2, 3))
     xmu = torch.sub(x, _col(mean))  # fp32 by promotion
-    sum_dh_xmu = xmu.mul_(dh).sum(dim=(0, 2, 3))
+    # (in place unless a torch.func transform runs: under vmap dh may be batched where xmu is not)
+    sum_dh_xmu = (xmu * dh if _functorch_active() else xmu.mul_(dh)).sum(dim=(0, 2, 3))
     return out, sum_dh, sum_dh_xmu
 
 
@@ -324,6 +342,7 @@ def bottleneck_backward(
     _checks.check_dy(dy, x, B)
     _checks.check_activation("grad", grad, like=x, channels=C)
     _checks.check_written("grad", grad)
+    _checks.check_in_place("grad", grad, x=x)
     acc = _checks.stats_dtype(x.dtype)
     _checks.check_vectors(C, x.device, acc, mean=mean, invstd=invstd, gamma=gamma)
     check_chunk(chunk)
@@ -347,7 +366,7 @@ def bottleneck_backward(
     dw = _weight_grad_sum(d, h.view(N, C, H * W))
     g = _wmm(weight.contiguous().t(), d).view(N, C, H, W)  # (a strided slice would cost a copy of g)
     # relu's mask, in place: h > 0 exactly where scale*x + shift > 0
-    dh = torch.ops.aten.threshold_backward.grad_input(g, h, 0, grad_input=g)
+    dh = _threshold_backward_into(g, h, g)
     del h
     dx, dgamma, dbeta = torch.ops.aten.native_batch_norm_backward(
         dh, xc, gamma, None, None, mean, invstd, True, 0.0, [True, True, True]

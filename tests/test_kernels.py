@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -358,9 +359,12 @@ def test_on_off_keywords_must_be_bools():
     c = _case(SHAPES[0], torch.float32, "cpu")
     args = (c["x"], c["scale"], c["shift"], c["weight"])
     for backend in ("reference", "triton") if K.kernels_available("cpu") else ("reference",):
-        with pytest.raises(TypeError, match="stats: expected a bool, got str 'yes'"):
+        with pytest.raises(TypeError, match=r"stats: expected a bool \(True or False\), got str 'yes'"):
             K.bottleneck_forward(*args, stats="yes", backend=backend)
-        with pytest.raises(TypeError, match="batch_stats: expected a bool, got str 'no'"):
+        # numpy's bool was named "bool" in the message, as if it were one
+        with pytest.raises(TypeError, match=r"stats: expected a bool \(True or False\), got numpy\.bool\w* "):
+            K.bottleneck_forward(*args, stats=np.True_, backend=backend)
+        with pytest.raises(TypeError, match=r"batch_stats: expected a bool \(True or False\), got str 'no'"):
             K.bottleneck_backward(*args, c["dy"], c["mean"], c["invstd"], c["gamma"], torch.zeros_like(c["x"]),
                                   batch_stats="no", backend=backend)  # fmt: skip
 
@@ -1138,6 +1142,12 @@ def test_backend_dispatch():
     with pytest.raises(ValueError, match="backend"):
         K.channel_stats(x, backend="cuda")
     assert K.kernels_available("meta") is False or K.kernels_available("cpu")
+    # the device is parsed first: not a device is an error (it answered True in the interpreter), and a CUDA
+    # device without CUDA is not available (it answered True)
+    with pytest.raises(RuntimeError, match="bogus"):
+        K.kernels_available("bogus")
+    if not torch.cuda.is_available() and not K.kernels_available("cpu"):
+        assert K.kernels_available("cuda") is False
     # meta tensors take the reference path under "auto" unless the interpreter is on (then the fake kernel)
     if not K.kernels_available("cpu"):
         with pytest.raises(RuntimeError, match="backend='triton'"):
@@ -1755,6 +1765,57 @@ def test_vmap_over_the_kernel_ops_runs_their_twins() -> None:
     dys = torch.randn(3, 2, 4, 3, 3)  # batched over dy only
     dw = torch.func.vmap(lambda d: K.bottleneck_backward_weight(xs[0], s, t, d))(dys)
     torch.testing.assert_close(dw[1], K.bottleneck_backward_weight(xs[0], s, t, dys[1]), rtol=1e-5, atol=1e-5)
+    # the input gradient and the whole backward (their twins wrote ReLU's backward with an out= operator, which
+    # vmap's batching cannot run), and statistics into given outputs (the overlap check asked a batched
+    # tensor for its storage): all failed under vmap before
+    m = xs[0].mean(dim=(0, 2, 3))
+    invstd, gamma = torch.rand(8) + 0.5, torch.randn(8)
+    dh, sdh, sdx = torch.func.vmap(lambda d: K.bottleneck_backward_input(xs[0], s, t, w, d, m))(dys)
+    one = K.bottleneck_backward_input(xs[0], s, t, w, dys[2], m)
+    for got, want in zip((dh[2], sdh[2], sdx[2]), one):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for batch_stats in (True, False):
+        grads = torch.zeros(3, 2, 8, 3, 3)
+
+        def whole(d, g):
+            return K.bottleneck_backward(xs[0], s, t, w, d, m, invstd, gamma, g, batch_stats=batch_stats, chunk=3)
+
+        outs = torch.func.vmap(whole)(dys, grads)
+        g1 = torch.zeros(2, 8, 3, 3)
+        want = whole(dys[1], g1)
+        torch.testing.assert_close(grads[1], g1, rtol=1e-5, atol=1e-5)
+        for got, w1 in zip(outs, want):
+            torch.testing.assert_close(got[1], w1, rtol=1e-5, atol=1e-5)
+    means, variances = torch.zeros(3, 8), torch.zeros(3, 8)
+    torch.func.vmap(lambda a, mo, vo: K.channel_stats(a, out=(mo, vo)))(xs, means, variances)
+    var0, mean0 = torch.var_mean(xs[0], dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(means[0], mean0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(variances[0], var0, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_grad_partly_overlapping_x_is_refused(backend):
+    """``grad`` may be ``x`` itself (or separate from it): one partly overlapping it made the result depend
+    on the chunk size (and on the order of the writes), silently, on both backends."""
+    _need_backend(backend)
+    N, C, H, W, B = 2, 10, 3, 3, 4
+    buf = torch.randn(N, C + 1, H, W)
+    x, grad = buf[:, :C], buf[:, 1:]
+    s, t, w = torch.rand(C) + 0.5, torch.randn(C), torch.randn(B, C)
+    dy, m, invstd, gamma = torch.randn(N, B, H, W), torch.randn(C), torch.rand(C) + 0.5, torch.randn(C)
+    for chunk in (None, 4):
+        with pytest.raises(ValueError, match="grad: expected x itself or memory separate from it"):
+            K.bottleneck_backward(x, s, t, w, dy, m, invstd, gamma, grad, chunk=chunk, backend=backend)
+    dh = torch.randn(N, C, H, W)
+    with pytest.raises(ValueError, match="grad: expected dh itself or memory separate from it"):
+        K.bn_backward_accumulate(grad, torch.randn(N, C, H, W), buf[:, :C], m, invstd, gamma, m, m, backend=backend)
+    # x itself, as before
+    before = x.clone()
+    K.bottleneck_backward(x, s, t, w, dy, m, invstd, gamma, x, chunk=4, backend=backend)
+    g = before.clone()
+    K.bottleneck_backward(before, s, t, w, dy, m, invstd, gamma, g, chunk=4, backend=backend)
+    torch.testing.assert_close(x, g, rtol=1e-5, atol=1e-5)
+    K.bn_backward_accumulate(dh, torch.randn(N, C, H, W), dh, m, invstd, gamma, m, m, backend=backend)
 
 
 def test_bn_relu_conv1x1_computes_no_statistics() -> None:
