@@ -628,14 +628,26 @@ def bn_relu_conv1x1(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, w
     Differentiable once, in reverse mode (``.backward()``, ``torch.autograd.grad``, also under
     ``torch.func.vmap``): differentiating its gradients again (double backward), forward-mode AD
     (``torch.autograd.forward_ad``, ``torch.func.jvp``) and ``torch.func.grad``/``vjp``/``jacrev`` raise.
+
+    Under ``torch.autocast`` for x's device, ``x`` and ``weight`` are cast to the autocast dtype first, as
+    autocast casts a convolution's input and weight (float64 stays float64); ``scale``/``shift`` stay fp32.
     """
     if isinstance(weight, torch.Tensor) and weight.dim() == 4 and weight.shape[2:] == (1, 1):
         weight = weight.flatten(1)  # (B, C, 1, 1); a k x k kernel is refused with its own shape
+    if isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor) and _autocasting(x):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        if x.dtype != torch.float64 and (x.dtype != dtype or weight.dtype != dtype):
+            x, weight = x.to(dtype), weight.to(dtype)
     reference._check_affine(x, scale, shift)
     _checks.check_weight(weight, x)
     if _forward_ad._current_level >= 0 or _functorch_active():  # (two flag reads on the common path)
         _check_autodiff(x, scale, shift, weight)
     return _bn_relu_conv1x1_op(x, scale, shift, weight)
+
+
+def _autocasting(x: torch.Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device type (a floating-point x)."""
+    return x.is_floating_point() and torch.is_autocast_enabled(x.device.type)
 
 
 def _check_autodiff(*inputs: torch.Tensor) -> None:

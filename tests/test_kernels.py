@@ -1818,6 +1818,22 @@ def test_grad_partly_overlapping_x_is_refused(backend):
     K.bn_backward_accumulate(dh, torch.randn(N, C, H, W), dh, m, invstd, gamma, m, m, backend=backend)
 
 
+def test_bn_relu_conv1x1_under_autocast_casts_as_a_convolution() -> None:
+    """Under torch.autocast, x and weight are cast to the autocast dtype as a convolution's would be (before:
+    an fp32 weight with the bf16 output of an autocast layer was refused, and fp32 inputs ran in fp32)."""
+    x, s, t, w, _, _ = _small(C=8, B=4)
+    w = w.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = K.bn_relu_conv1x1(x, s, t, w)
+        y2 = K.bn_relu_conv1x1(x.bfloat16(), s, t, w)  # as a previous autocast layer hands it on
+    assert y.dtype == y2.dtype == torch.bfloat16
+    torch.testing.assert_close(y, K.bn_relu_conv1x1(x.bfloat16(), s, t, w.detach().bfloat16()))
+    y.float().sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # float64 is left alone, as autocast leaves it
+        assert K.bn_relu_conv1x1(x.double(), s.double(), t.double(), w.detach().double()).dtype == torch.float64
+
+
 def test_bn_relu_conv1x1_computes_no_statistics() -> None:
     # before: its forward asked the bottleneck op for BN2's statistics and threw them away
     calls = []
