@@ -509,8 +509,9 @@ def _upgrade_legacy_keys(state_dict: Mapping[str, torch.Tensor]) -> "OrderedDict
 
 
 # Wrappers a training checkpoint puts around the state dict: ``{"state_dict": ...}`` (Lightning and many
-# scripts), ``{"model": ...}`` (``effdense train``).
-_CHECKPOINT_KEYS = ("state_dict", "model")
+# scripts), ``{"model": ...}`` (``effdense train``), ``{"model_state_dict": ...}`` (PyTorch's tutorial on
+# saving a checkpoint).
+_CHECKPOINT_KEYS = ("state_dict", "model", "model_state_dict")
 
 
 def _unwrap_checkpoint(obj: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -626,8 +627,67 @@ def load_weights(model: DenseNet, weights: Any, progress: bool = True) -> DenseN
     key has them; legacy key names are accepted)."""
     state_dict = _resolve_weights(weights, progress)
     if state_dict is not None:
-        model.load_state_dict(_upgrade_legacy_keys(_strip_wrapper_prefix(state_dict)), strict=True)
+        state_dict = _strip_owner_prefix(model, _upgrade_legacy_keys(_strip_wrapper_prefix(state_dict)))
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as exc:  # PyTorch's message lists every key: tens of KB for a checkpoint dict
+            raise RuntimeError(_misfit_message(model, state_dict, exc)) from None
     return model
+
+
+def _strip_owner_prefix(model: nn.Module, state_dict: "OrderedDict[str, Any]") -> "OrderedDict[str, Any]":
+    """A state dict of a module that held the model as an attribute (a Lightning module's ``model.``) has
+    every key prefixed with that attribute's name: stripped when the keys left are exactly the model's."""
+    own = model.state_dict().keys()
+    if set(state_dict) == set(own) or not state_dict:
+        return state_dict
+    heads = {k.split(".", 1)[0] if isinstance(k, str) and "." in k else None for k in state_dict}
+    if len(heads) == 1 and None not in heads:
+        cut = len(next(iter(heads))) + 1
+        stripped = OrderedDict((k[cut:], v) for k, v in state_dict.items())
+        if set(stripped) == set(own):
+            return stripped
+    return state_dict
+
+
+def _misfit_message(model: nn.Module, state_dict: Mapping[str, Any], exc: RuntimeError, show: int = 4) -> str:
+    """A short account of why ``state_dict`` does not load into ``model``: how many keys are missing and
+    unexpected with the first few of each, PyTorch's size mismatches, and a hint for a checkpoint dict."""
+    own = list(model.state_dict().keys())
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+
+    def some(keys: list) -> str:
+        more = f", ... ({len(keys) - show} more)" if len(keys) > show else ""
+        return ", ".join(repr(k) for k in keys[:show]) + more
+
+    parts = []
+    if missing:
+        parts.append(f"Missing key(s) ({len(missing)} of the model's {len(own)}): {some(missing)}")
+    if unexpected:
+        parts.append(f"Unexpected key(s) ({len(unexpected)}): {some(unexpected)}")
+    sizes = [line.strip() for line in str(exc).splitlines() if line.strip().startswith("size mismatch")]
+    if sizes:
+        more = f"; ... ({len(sizes) - 2} more)" if len(sizes) > 2 else ""
+        parts.append("; ".join(sizes[:2]) + more)
+    text = f"weights do not fit this {type(model).__name__}: " + ("; ".join(parts) or str(exc).strip().splitlines()[0])
+    head = state_dict.get("classifier.weight")
+    if any(line.startswith("size mismatch for classifier.") for line in sizes) and isinstance(head, torch.Tensor):
+        text += (f". The weights are for {head.shape[0]} classes: build the model with num_classes={head.shape[0]}, "
+                 "load them, then replace model.classifier")
+    not_tensors = [k for k in unexpected if not isinstance(state_dict[k], torch.Tensor)]
+    if not_tensors:
+        text += (
+            f". It holds entries that are not tensors ({some(not_tensors)}): a training checkpoint? Pass its "
+            "entry that holds the model's state dict (state_dict, model and model_state_dict are found by themselves)"
+        )
+    else:
+        owned = set(own)
+        prefixes = {k.split(".", 1)[0] + "." for k in unexpected if isinstance(k, str) and k.split(".", 1)[-1] in owned}
+        if prefixes and len(prefixes) <= 3:
+            text += (f". Its keys carry a prefix ({', '.join(map(repr, sorted(prefixes)))}) before the model's own, as "
+                     "a prefix of another wrapper or owner module would: strip it, or load the module it was saved from")
+    return text
 
 
 def _densenet(arch: str, weights: Any, progress: bool, **kwargs: Any) -> DenseNet:

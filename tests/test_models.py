@@ -340,6 +340,30 @@ def test_weights_enum_is_used_without_download() -> None:
     assert torch.equal(model.classifier.weight, sd["classifier.weight"])
 
 
+def test_weights_from_common_checkpoint_layouts_and_short_misfit_messages(tmp_path) -> None:
+    """Checkpoint layouts found in the wild load (PyTorch's tutorial's ``model_state_dict``, a Lightning
+    module's ``model.`` prefix); what does not fit is said in a few hundred characters, not PyTorch's list of
+    every key (30-73 KB for a checkpoint dict), with a hint for a checkpoint dict and for another class count."""
+    source = effdense.densenet_cifar(16, 6, num_classes=5)
+    own = source.state_dict()
+    for weights in ({"model_state_dict": own, "optimizer_state_dict": {}, "epoch": 3},
+                    {"state_dict": {f"model.{k}": v for k, v in own.items()}, "epoch": 3}):
+        torch.save(weights, tmp_path / "ckpt.pt")
+        model = effdense.densenet_cifar(16, 6, num_classes=5, weights=tmp_path / "ckpt.pt")
+        assert all(torch.equal(v, own[k]) for k, v in model.state_dict().items())
+    with pytest.raises(RuntimeError) as info:
+        effdense.densenet_cifar(16, 6, num_classes=5, weights={"net": own, "epoch": 3})
+    text = str(info.value)
+    assert len(text) < 600 and "Missing key(s) (" in text and "Unexpected key(s) (2): 'net', 'epoch'" in text
+    assert "a training checkpoint?" in text
+    with pytest.raises(RuntimeError, match=r"size mismatch for classifier.weight.*for 5 classes: build the model with num_classes=5"):
+        effdense.densenet_cifar(16, 6, num_classes=7, weights=own)
+    # a prefix is stripped only where the rest is exactly the model's keys
+    partial = {f"model.{k}": v for k, v in own.items() if k != "classifier.bias"}
+    with pytest.raises(RuntimeError, match=r"carry a prefix \(.model\..\) before the model.s own"):
+        effdense.densenet_cifar(16, 6, num_classes=5, weights=partial)
+
+
 def test_bad_weights() -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         effdense.densenet121(weights="/nonexistent/w.pth")
