@@ -185,6 +185,8 @@ def device_name(text: str) -> str:
         raise argparse.ArgumentTypeError(f"unknown device {text!r}; expected auto, cpu or cuda[:N]") from None
     if dev.type not in ("cpu", "cuda"):
         raise argparse.ArgumentTypeError(f"unsupported device {text!r}; expected auto, cpu or cuda[:N]")
+    if dev.type == "cpu" and dev.index not in (None, 0):  # PyTorch has one CPU device: "cpu:1" would run on it
+        raise argparse.ArgumentTypeError(f"unsupported device {text!r}: there is one CPU device; expected auto, cpu or cuda[:N]")
     return text
 
 

@@ -452,6 +452,14 @@ def test_measure_builds_keeps_every_row():
     assert seen == ["broken", "none", "raises", "fine"]
 
 
+@pytest.mark.parametrize("text, problem", [("mps", "unsupported device"), ("bogus", "unknown device"), ("cpu:1", "one CPU device")])
+def test_device_option_refuses_what_it_cannot_run_on(text, problem, capsys):
+    # "cpu:1" ran the whole bench on the one CPU and recorded "cpu:1" as its device
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", "--device", text, "--steps", "1"])
+    assert info.value.code == 2 and problem in capsys.readouterr().err
+
+
 def test_error_note_is_one_short_line():
     """Every failed row (bench, ablate, max-depth, the GPU suite's scripts) notes its error the same way."""
     from effdense.benchutil import error_note, first_line
