@@ -430,6 +430,25 @@ def _build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer,
     return sched
 
 
+def _reschedule(
+    args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int, epochs_done: int,
+    schedule_epochs: int | None,
+):
+    """The learning-rate schedule of ``schedule_epochs`` epochs (``args.epochs`` if None) of
+    ``steps_per_epoch`` steps, advanced to the end of epoch ``epochs_done``, on ``optimizer`` (its state
+    loaded from a checkpoint, whose param groups keep their ``initial_lr``): for a run resumed with another
+    number of processes than the checkpoint's, whose steps per epoch differ."""
+    for group in optimizer.param_groups:
+        group["lr"] = group.get("initial_lr", group["lr"])
+    length = argparse.Namespace(**{**vars(args), "epochs": schedule_epochs or args.epochs})
+    with warnings.catch_warnings():  # (stepped before any optimizer.step(), which PyTorch warns about)
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler = _build_scheduler(length, optimizer, steps_per_epoch)
+        for _ in range(epochs_done * steps_per_epoch):
+            scheduler.step()
+    return scheduler
+
+
 def _reject_ineffective_options(args: argparse.Namespace) -> None:
     """Options given that would change nothing are errors, as in the other ``effdense`` subcommands: an
     option that sets a value the run never uses (``--momentum`` with AdamW) is an error, not ignored.
@@ -950,6 +969,14 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
             say(f"note: the checkpoint's run has finished its {args.epochs} epochs; nothing is left to train")
         if saved_epochs is not None and saved_epochs != args.epochs:
             say(f"note: the learning-rate schedule keeps the checkpoint's length ({saved_epochs} epochs)")
+        if saved_world != ctx.world_size:  # (at an epoch's end: mid-epoch is refused above)
+            # the checkpoint's schedule counts the steps of its run's epochs, which another number of processes
+            # takes in other numbers: continued as saved, a cosine schedule reached 0 early and rose again, or
+            # ended above 0. The schedule is rebuilt for this run's steps, at the end of the epochs trained.
+            scheduler = _reschedule(args, optimizer, steps_per_epoch, start_epoch, saved_epochs)
+            say(f"note: the checkpoint's run had {saved_world} process(es), this one {ctx.world_size}: "
+                f"{steps_per_epoch} steps per epoch, global batch {global_batch}; the learning-rate schedule goes on "
+                f"from the end of epoch {start_epoch} counted in this run's steps")
         global_step = int(resume_state.get("global_step", start_epoch * steps_per_epoch + start_step))
         history = list(resume_state.get("history", []))
         # checkpoints written before it was saved: the last logged epoch's figure, the best there is

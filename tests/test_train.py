@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -134,6 +135,36 @@ def test_keyboard_interrupt_exception_saves_a_checkpoint_that_resumes(tmp_path):
     resumed = T.train(_args(tmp_path, "--epochs", 2, "--resume", first["checkpoint"]))
     straight = T.train(_args(tmp_path / "ref", "--epochs", 2))
     _assert_same_state(_state(resumed["model"]), _state(straight["model"]))
+
+
+def test_resume_with_another_number_of_processes_rescales_the_schedule(tmp_path):
+    # an end-of-epoch checkpoint of a 2-process run resumed in 1 process: its schedule counted 2 steps per epoch
+    # where this run takes 4, so continued as saved the cosine lr reached 0 at epoch 3 and rose again in epoch 4
+    extra = ["--epochs", 4, "--optimizer", "sgd", "--lr-schedule", "cosine", "--warmup-epochs", 1]
+    saved = tmp_path / "epoch2.pt"
+
+    def keep(epoch, step, loss):
+        if (epoch, step) == (2, 1):
+            shutil.copy(tmp_path / "a" / "checkpoint.pt", saved)
+
+    straight = T.train(_args(tmp_path / "a", *extra), on_step=keep)
+    state = torch.load(saved, weights_only=False)
+    assert state["epoch"] == 2 and state["world_size"] == 1
+    # what a 2-process run (global batch 64: 2 steps per epoch) would have saved at the end of epoch 2
+    args = T._with_defaults(_args(tmp_path / "b", *extra))
+    optimizer = T._build_optimizer(args, T.build_model(args, 10, 1))
+    scheduler = T._build_scheduler(args, optimizer, 2)
+    for _ in range(4):
+        optimizer.step()
+        scheduler.step()
+    state["world_size"], state["scheduler"] = 2, scheduler.state_dict()
+    for group, lr in zip(state["optimizer"]["param_groups"], scheduler.get_last_lr()):
+        group["lr"] = lr
+    torch.save(state, saved)
+    resumed = T.train(_args(tmp_path / "b", *extra, "--resume", saved))
+    lrs = [r["lr"] for r in resumed["history"][-2:]]
+    torch.testing.assert_close(lrs, [r["lr"] for r in straight["history"][-2:]])
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_a_failed_evaluation_keeps_the_epochs_training(tmp_path, monkeypatch, capsys):
