@@ -571,6 +571,19 @@ def test_channels_last_input() -> None:
     assert_matches(*_pair(model, "shared"), x)
 
 
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_channels_last_model_gets_gradients_in_its_parameters_layout(strategy) -> None:
+    # each bottleneck's and transition's 1x1 weight gradient came back contiguous, (C, 1, 1, 1) strides, on a
+    # channels_last model whose weights have (C, 1, C, C): DDP warned "Grad strides do not match bucket view
+    # strides" on every rank and copied them each step (naive and checkpoint matched the parameters)
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(16, 4, strategy=strategy).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    model(x).sum().backward()
+    odd = [n for n, p in model.named_parameters() if p.grad.stride() != p.stride()]
+    assert not odd, odd
+
+
 def test_fake_tensor_mode_shapes_only() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 

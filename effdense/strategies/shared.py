@@ -168,6 +168,16 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # ``bn.weight`` go through, costs about a microsecond per access, ~3,500 times per DenseNet-121 step.
 
 
+def _grad_like(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``g``, a gradient holding ``p``'s elements in contiguous order, viewed with ``p``'s strides where they
+    address the same elements: a 1x1 convolution's weight in channels_last has strides (C, 1, C, C) where
+    the contiguous gradient has (C, 1, 1, 1), and DDP warned of (and copied) each such gradient per step."""
+    g = g.view_as(p)
+    if g.stride() != p.stride() and p.is_contiguous():  # (contiguous up to the strides of size-1 dims)
+        g = g.as_strided(p.shape, p.stride())
+    return g
+
+
 def _parts(layer) -> tuple[Any, Any, Any, Any]:
     """A dense layer's ``(norm1, conv1, norm2, conv2)``; the last two None for a non-bottleneck layer."""
     m = layer._modules
@@ -659,7 +669,7 @@ def _layer_backward(
         return [
             _cast(dgamma1, _weight(bn1).dtype),
             _cast(dbeta1, _bias(bn1).dtype),
-            _cast(dw1.view_as(_weight(conv1)), _weight(conv1).dtype),
+            _cast(_grad_like(dw1, _weight(conv1)), _weight(conv1).dtype),
             _cast(dgamma2, _weight(bn2).dtype),
             _cast(dbeta2, _bias(bn2).dtype),
             _cast(dw2, _weight(conv2).dtype),
@@ -720,7 +730,7 @@ def _transition_backward(
     dy = _avg_pool2_backward(dout.to(stage.dtype), H, W)
     dw, dgamma, dbeta = _bottleneck_backward(stage, G, Fbuf, norm, affine, batch, state.count, w, dy)
     del dy
-    return [dgamma.to(_weight(norm).dtype), dbeta.to(_bias(norm).dtype), dw.view_as(weight).to(weight.dtype)]
+    return [dgamma.to(_weight(norm).dtype), dbeta.to(_bias(norm).dtype), _grad_like(dw, weight).to(weight.dtype)]
 
 
 def _differentiable_once(backward):
