@@ -214,6 +214,17 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
     return device
 
 
+def _batch_norm_problem(model: nn.Module, image_size: int, args: argparse.Namespace, ctx: "_Dist") -> str | None:
+    """Whether training-mode BatchNorm gets more than one value per channel (see ``image_size_problem``).
+    Every training batch is full (drop_last), so each BatchNorm sees ``--batch-size`` values per pixel in
+    each process, and under ``--sync-bn`` (statistics over every process) that many times the processes."""
+    seen = args.batch_size * (ctx.world_size if args.sync_bn and ctx.enabled else 1)
+    problem = image_size_problem(model, image_size, args.model or "this model", batch_size=seen)
+    if problem is not None and seen != args.batch_size:
+        problem += f" (the batch its BatchNorms see: --batch-size {args.batch_size} in each of {ctx.world_size} processes)"
+    return problem
+
+
 def _setup_distributed(device_name: str) -> tuple[_Dist, torch.device]:
     """Join the process group that torchrun describes (or one the caller already made)."""
     if dist.is_available() and dist.is_initialized():
@@ -890,8 +901,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
     test_set = Subset(spec.test, args.test_subset) if args.test_subset else spec.test
 
     model = build_model(args, spec.num_classes, spec.in_channels)
-    # every training batch is full (drop_last), so --batch-size is what each BatchNorm sees per process
-    problem = image_size_problem(model, spec.image_size, args.model or "this model", batch_size=args.batch_size)
+    problem = _batch_norm_problem(model, spec.image_size, args, ctx)
     if problem is not None:
         raise TrainError(problem)
     if args.sync_bn:

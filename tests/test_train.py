@@ -167,6 +167,19 @@ def test_resume_with_another_number_of_processes_rescales_the_schedule(tmp_path)
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_sync_bn_counts_every_process_in_the_batch_norm_batch():
+    # --batch-size 1 --sync-bn under torchrun was refused for 1x1 maps of "one image", while each BatchNorm
+    # sees one image per process: 2 values over 2 processes, which trains (the strategies handle it)
+    args = T._with_defaults(T.parse_args(["--depth", "10", "--growth-rate", "4", "--batch-size", "1", "--sync-bn"]))
+    model = T.build_model(args, 10, 1)
+    size = next(s for s in range(1, 64) if model._final_spatial(s) == 1 and model._final_spatial(s, 1) == 1)
+    two = T._Dist(rank=0, world_size=2)
+    assert T._batch_norm_problem(model, size, args, two) is None
+    assert "one image" in T._batch_norm_problem(model, size, args, T._Dist())  # one process: refused as before
+    plain = argparse.Namespace(**{**vars(args), "sync_bn": False})
+    assert "--batch-size 1" in T._batch_norm_problem(model, size, plain, two)  # each process alone
+
+
 def test_a_failed_evaluation_keeps_the_epochs_training(tmp_path, monkeypatch, capsys):
     # an error while evaluating (an unreadable test image, memory) came after the epoch's training and
     # before its checkpoint: the epoch was lost. Now it is saved as trained, and --resume goes on from there.
