@@ -584,6 +584,16 @@ def test_channels_last_model_gets_gradients_in_its_parameters_layout(strategy) -
     assert not odd, odd
 
 
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_channels_last_model_with_dropout_matches_naive(strategy) -> None:
+    # backward replayed dropout's RNG on a contiguous gradient, while forward drew the mask for a channels_last
+    # convolution output (numbers drawn in memory order): another mask, gradients off by O(1)
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(16, 4, drop_rate=0.3).to(memory_format=torch.channels_last)
+    x = torch.randn(3, 3, 8, 8).to(memory_format=torch.channels_last)
+    assert_matches(*_pair(model, strategy), x)
+
+
 def test_fake_tensor_mode_shapes_only() -> None:
     from torch._subclasses.fake_tensor import FakeTensorMode
 

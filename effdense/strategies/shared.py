@@ -260,8 +260,9 @@ class _StageState:
         self.updates: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
         self.mean: torch.Tensor | None = None  # fp32 [C_total] cached batch means (biased statistics)
         self.var: torch.Tensor | None = None
-        # per layer: how backward finds its dropout mask, or None without dropout: ("rng", RNG state before
-        # the dropout) replayed in backward (eager), or ("mask", bool mask) kept (under torch.compile)
+        # per layer: how backward finds its dropout mask, or None without dropout: ("rng", (RNG state before
+        # the dropout, the memory layout its mask was drawn in)) replayed in backward (eager), or ("mask", bool
+        # mask) kept (under torch.compile)
         self.rng: list[Any] = []
         self.y1: list[torch.Tensor | None] = []  # per layer: bottleneck output, when kept
         # per layer: BN2's batch statistics (mean, biased var; fp32 [B] each) when cached, else None
@@ -386,8 +387,18 @@ def _save_rng(device: torch.device) -> Any:
     return torch.get_rng_state()
 
 
-def _dropout_replay(g: torch.Tensor, p: float, rng_state: Any) -> torch.Tensor:
-    """Apply the forward's dropout mask (same RNG state, shape and dtype) to the gradient ``g``."""
+def _dropout_layout(out: torch.Tensor) -> torch.memory_format:
+    """The memory layout dropout's mask is drawn in for ``out``: the mask is allocated like ``out`` and its
+    numbers drawn in memory order, so a channels_last ``out`` (a channels_last model's convolution) gets
+    another mask from the same RNG state than a contiguous one."""
+    if out.dim() == 4 and not out.is_contiguous() and out.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _dropout_replay(g: torch.Tensor, p: float, rng_state: Any, layout: torch.memory_format) -> torch.Tensor:
+    """Apply the forward's dropout mask (same RNG state, shape, dtype and memory layout) to the gradient ``g``.
+    (Replayed on a contiguous ``g`` for a channels_last forward, the mask was another: wrong gradients.)"""
     device = g.device
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type):
@@ -395,7 +406,7 @@ def _dropout_replay(g: torch.Tensor, p: float, rng_state: Any) -> torch.Tensor:
             torch.cuda.set_rng_state(rng_state, device)
         else:
             torch.set_rng_state(rng_state)
-        return F.dropout(g.contiguous(), p=p, training=True)
+        return F.dropout(g.contiguous(memory_format=layout), p=p, training=True)
 
 
 def _bottleneck_forward(
@@ -485,7 +496,7 @@ def _layer_forward(stage: _Stage, state: _StageState, layer, Fbuf: torch.Tensor,
             state.save(("mask", mask), which="rng")
         else:
             if state.keep:
-                state.save(("rng", _save_rng(out.device)), which="rng")
+                state.save(("rng", (_save_rng(out.device), _dropout_layout(out))), which="rng")
             out = F.dropout(out, p=layer.drop_rate, training=True)
     else:
         state.save(None, which="rng")
@@ -632,7 +643,7 @@ def _layer_backward(
         if kind == "mask":
             dout = torch.ops.aten.native_dropout_backward(dout, saved, 1.0 / (1.0 - layer.drop_rate))
         else:
-            dout = _dropout_replay(dout, layer.drop_rate, saved)
+            dout = _dropout_replay(dout, layer.drop_rate, *saved)
     bn1, conv1, bn2, conv2 = parts
     batch1, batch2 = state.batch[l]  # forward's choice, whatever the modules' mode now
     count = state.count
