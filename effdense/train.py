@@ -158,7 +158,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = train(args)
     except (TrainError, DataError) as exc:
-        print(f"effdense train: error: {exc}", file=sys.stderr)
+        print(f"effdense train: error: {exc}{_notes(exc)}", file=sys.stderr)
         return 2
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not _out_of_memory(exc):
@@ -166,11 +166,24 @@ def main(args: argparse.Namespace) -> int:
         first = first_line(exc)
         print(
             f"effdense train: error: out of memory ({first[:200]}); try a smaller --batch-size or --image-size, "
-            "or a leaner --strategy (shared, fused)",
+            f"or a leaner --strategy (shared, fused){_notes(exc)}",
             file=sys.stderr,
         )
         return 1
     return 130 if result.get("interrupted") else 0
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note(note)`` (Python 3.11+; on 3.10 the same ``__notes__`` list, which :func:`_notes` reads)."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:  # pragma: no cover - Python 3.10
+        exc.__notes__ = [*getattr(exc, "__notes__", []), note]  # type: ignore[attr-defined]
+
+
+def _notes(exc: BaseException) -> str:
+    """The notes added to ``exc`` on its way up (what was saved before it ended the run), for its one line."""
+    return "".join(f"; {note}" for note in getattr(exc, "__notes__", ()))
 
 
 def _out_of_memory(exc: BaseException) -> bool:
@@ -1149,15 +1162,17 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
                 tl, tc, tn = _all_reduce_sum([float(loss_sum), float(correct), float(seen)], ctx, device)
                 try:
                     test_loss, test_acc = evaluate(model, test_loader, device, autocast, args.channels_last, ctx)
-                except Exception:
+                except Exception as exc:
                     # the epoch's training is done: keep it (whatever --save-every says), so that --resume
                     # goes on with the next epoch instead of training this one again. Without collectives:
                     # under DDP the failure may be this rank's alone, and the others would not join one.
                     if ctx.is_main:
                         save_checkpoint(ckpt_path, checkpoint_state(epoch + 1, 0, collective=False))
-                        print(f"effdense train: evaluation after epoch {epoch + 1} failed; the epoch's training is "
-                              f"saved to {ckpt_path} (no test metrics for it): continue with --resume {ckpt_path}",
-                              file=sys.stderr, flush=True)
+                        _add_note(
+                            exc,
+                            f"evaluation after epoch {epoch + 1} failed; the epoch's training is saved to {ckpt_path} "
+                            f"(no test metrics for it): continue with --resume {ckpt_path}",
+                        )
                     raise
                 peak, peak_kind = _peak_memory_mib(device)
                 peaks = [peak]
