@@ -160,8 +160,9 @@ print(json.dumps(env, indent=2))
 EOF
 
 if [ "$MODE" = gpu ]; then
-    # Order: the fused issue's figures first, then the CUDA tests (one unnamed failure at d837e33 that a rerun
-    # did not repeat: -v names each result), then what was never recorded, in case the budget runs out (at
+    # Order: the fused issue's figures first (the kernel bench among them: the forward kernel's reference sample
+    # is computed once since 88280aa, not yet timed), then the CUDA tests (one unnamed failure at d837e33 that a
+    # rerun did not repeat: -v names each result), then what was never recorded, in case the budget runs out (at
     # d837e33 the fused compile row was still compiling after 150 s, the BC-100 bench's fused row tuning after
     # 120 s; host_overhead.py had 40 s). A fresh machine
     # autotunes every kernel shape in the first fused step: on an H200 (commit 31de30d, Triton's default
@@ -190,6 +191,9 @@ if [ "$MODE" = gpu ]; then
     # (its kernel shapes are tuned by the step above, so it takes ~30 s); fused also eagerly with every kernel
     # launched through Triton's kernel[grid](...) (eager_triton_launch_ms): what the direct launch saves
     step step_graph_time 120 "$PY" benchmarks/step_graph_time.py --out "$OUT"
+    # (c) Triton bottleneck kernels vs cuBLAS on DenseNet-121 shapes, bf16 (the >= 70 % of cuBLAS target),
+    # with the autotuner's choice per shape
+    step bench_kernels 90 "$PY" benchmarks/bench_kernels.py --dtypes bf16 --out "$OUT"
     # (b) tests: every CUDA-marked test but the slow ones, then (below) the rest of the kernel and shared-block
     # tests; the slow CUDA tests (each GEMM kernel with each autotuning config, compiled per case) on their own.
     # EFFDENSE_AUTOTUNE=0: each test shape launches one untuned config instead of tuning all of them, the
@@ -217,9 +221,6 @@ if [ "$MODE" = gpu ]; then
     # where the eager step's host time goes (fused, naive, torchvision; DenseNet-121 b64 bf16): host vs whole-step
     # time, one profiled step's events (launches, operators, waits), a Python profile
     step profile_step 90 "$PY" benchmarks/profile_step.py --out "$OUT"
-    # (c) Triton bottleneck kernels vs cuBLAS on DenseNet-121 shapes, bf16 (the >= 70 % of cuBLAS target),
-    # with the autotuner's choice per shape
-    step bench_kernels 90 "$PY" benchmarks/bench_kernels.py --dtypes bf16 --out "$OUT"
     # (e) FakeTensor estimate vs the allocator's peak, per strategy (recorded on an H200 at 31de30d)
     step estimate_vs_cuda 120 "$PY" benchmarks/estimate_vs_cuda.py --device cuda --out "$OUT"
     step tests_cuda_slow 150 "$PY" -m pytest "${XDIST[@]}" tests -v -m "cuda and slow" --junitxml="$OUT/pytest_cuda_slow.xml"
