@@ -227,6 +227,19 @@ def check_in_place(name: str, t: torch.Tensor, **read: torch.Tensor) -> None:
             )
 
 
+def check_apart_from_vectors(name: str, t: torch.Tensor, **vectors: torch.Tensor) -> None:
+    """``t``, written by a kernel, covers no element of the named per-channel vectors it reads (a vector
+    viewed from the same storage as an output buffer): whether their storage spans meet."""
+    if not _comparable(t):
+        return
+    for other, v in vectors.items():
+        if _comparable(v) and _same_storage(t, v) and _spans_meet(t, v):
+            raise ValueError(
+                f"{name}: expected memory separate from {other} (it is written while {other} is read), got a tensor "
+                f"whose storage span meets it; pass a separate buffer"
+            )
+
+
 def check_disjoint(name: str, t: torch.Tensor, **read: torch.Tensor) -> None:
     """``t``, written by a kernel, shares no element with the named tensors it reads (checked on tensors
     with data in eager execution; plane-contiguous 4-D tensors, as :func:`check_activation` leaves them)."""

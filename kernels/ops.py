@@ -490,6 +490,7 @@ def bottleneck_backward_input(
         _checks.check_activation("out", out, like=x, channels=C)
         _checks.check_written("out", out)
         _checks.check_disjoint("out", out, x=x, dy=dy)
+        _checks.check_apart_from_vectors("out", out, mean=mean, scale=scale, shift=shift)
     sum_dh, sum_dh_xmu = _zero_pair(C, x)
     _input_grad(x, scale, shift, weight, dy, mean, out, sum_dh, sum_dh_xmu)
     return out, sum_dh, sum_dh_xmu

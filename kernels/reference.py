@@ -260,6 +260,7 @@ def bottleneck_backward_input(
         _checks.check_activation("out", out, like=x, channels=C)
         _checks.check_written("out", out)
         _checks.check_disjoint("out", out, x=x, dy=dy)
+        _checks.check_apart_from_vectors("out", out, mean=mean, scale=scale, shift=shift)
     g = _wmm(weight.contiguous().t(), dy.reshape(N, B, H * W)).view(N, C, H, W)
     # ReLU's backward, PyTorch's own: zero where the (fp32) pre-activation is <= 0, g elsewhere (a NaN
     # pre-activation passes g, and a NaN in g stays out of the masked positions), written into out

@@ -1794,6 +1794,24 @@ def test_vmap_over_the_kernel_ops_runs_their_twins() -> None:
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_out_overlapping_a_vector_it_reads_is_refused(backend):
+    # an fp32 out sharing storage with mean: the twin wrote out before reading mean (sum_dh_xmu off by 245),
+    # the kernel read it per tile; neither said anything
+    _need_backend(backend)
+    N, C, H, W, B = 2, 6, 3, 3, 4
+    x, s, t, w, dy, _ = _small(N, C, H, W, B)
+    storage = torch.randn(N * C * H * W + C)
+    out, mean = storage[: N * C * H * W].view(N, C, H, W), storage[-C - 1 : -1]
+    with pytest.raises(ValueError, match="out: expected memory separate from mean"):
+        K.bottleneck_backward_input(x, s, t, w, dy, mean, out=out, backend=backend)
+    right_after = storage[-C:]  # the same storage, right after out: allowed, and read as it was
+    expected = K.bottleneck_backward_input(x, s, t, w, dy, right_after.clone(), backend=backend)
+    got = K.bottleneck_backward_input(x, s, t, w, dy, right_after, out=out, backend=backend)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_grad_partly_overlapping_x_is_refused(backend):
     """``grad`` may be ``x`` itself (or separate from it): one partly overlapping it made the result depend
     on the chunk size (and on the order of the writes), silently, on both backends."""
