@@ -68,11 +68,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth-limit", type=positive_int, default=10_000,
                         help="search no deeper than this (default 10000)")
     parser.add_argument("--estimate-limit", type=positive_int, default=None,
-                        help="estimate no model deeper than this; beyond it, use a quadratic fit through the three "
-                        "deepest estimates (result marked 'extrapolated'); an estimate's time grows with depth, so large "
-                        "budgets (12GiB), whose search reaches thousands of layers, need it")
+                        help="estimate no model deeper than this (at least 22); beyond it, use a quadratic fit through "
+                        "the three deepest estimates (result marked 'extrapolated'; its error grows with the distance "
+                        "from the limit: give the deepest limit the time allows); an estimate's time grows with depth, "
+                        "so large budgets (12GiB), whose search reaches thousands of layers, need it")
     parser.add_argument("--backend", choices=("auto", "meta", "fake"), default="auto",
-                        help="estimate backend: meta (fastest), fake (FakeTensorMode) or auto (meta, else fake)")
+                        help="estimate backend: meta (fastest), fake (FakeTensorMode) or auto (the default: meta, "
+                        "else fake)")
     parser.add_argument("--device", type=device_name, default="auto",
                         help="with a GPU, the depth found is checked for real there (auto: GPU if any)")
     parser.add_argument("--no-verify", action="store_true",
@@ -158,6 +160,12 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--no-verify has no effect on {device.type}: only a GPU run checks the depth found for real")
     if args.estimate_limit is not None and args.estimate_limit < depth_of(1):
         raise UsageError(f"--estimate-limit {args.estimate_limit} allows no DenseNet-BC; it must be at least {depth_of(1)}")
+    if args.estimate_limit is not None and args.estimate_limit < depth_of(3):
+        # (below it the fit had fewer than three points, and the search estimated past the limit)
+        raise UsageError(
+            f"--estimate-limit {args.estimate_limit} leaves fewer than the three estimated models that deeper ones "
+            f"are fitted through (depths {depth_of(1)}, {depth_of(2)}, {depth_of(3)}); it must be at least {depth_of(3)}"
+        )
     if args.estimate_limit is not None and args.estimate_limit >= depth_of(n_max):
         raise UsageError(
             f"--estimate-limit {args.estimate_limit} has no effect with --depth-limit {args.depth_limit}: no model "

@@ -570,6 +570,9 @@ _TINY_TRAIN = ["--epochs", "1", "--subset", "64", "--test-subset", "64", "--batc
         (["max-depth", "--image-size", "3", "--depth-limit", "16", "--strategies", "naive"], "--image-size 3 is too small"),
         (["max-depth", "--estimate-limit", "5", "--depth-limit", "16", "--strategies", "naive"],
          "--estimate-limit 5 allows no DenseNet-BC"),
+        # before: with fewer than three models under the limit to fit through, the search estimated past it
+        (["max-depth", "--estimate-limit", "16", "--depth-limit", "40", "--strategies", "naive"],
+         "--estimate-limit 16 leaves fewer than the three estimated models"),
         # before: a traceback (exit code 1) from torch, or taken silently
         (["train", *_TINY_TRAIN, "--lr", "-1"], "--lr must be a number >= 0"),
         (["train", *_TINY_TRAIN, "--lr", "nan"], "--lr must be a number >= 0"),
@@ -587,7 +590,8 @@ _TINY_TRAIN = ["--epochs", "1", "--subset", "64", "--test-subset", "64", "--batc
         (["train", *_TINY_TRAIN, "--drop-rate", "nan"], "argument --drop-rate: expected a number in [0, 1)"),
         (["train", *_TINY_TRAIN, "--growth-rate", "0"], "argument --growth-rate: expected a positive integer, got '0'"),
     ],
-    ids=["ablate-image-size", "max-depth-image-size", "max-depth-estimate-limit", "train-lr", "train-lr-nan",
+    ids=["ablate-image-size", "max-depth-image-size", "max-depth-estimate-limit", "max-depth-estimate-limit-fit",
+         "train-lr", "train-lr-nan",
          "train-momentum", "train-weight-decay", "train-lr-gamma", "train-warmup", "train-label-smoothing",
          "train-milestones", "train-workers", "train-save-every", "train-drop-rate", "train-drop-rate-nan",
          "train-growth-rate"],
