@@ -156,6 +156,24 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def _check_header(path: Path) -> None:
+    """An ``ablate.csv`` already in ``--out`` gets rows appended: its header must be this version's columns.
+    (Another file's header took the rows under its own names, and an older version's gave ragged rows.)"""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open(newline="") as f:
+        header = next(csv.reader(f), [])
+    if header != list(CSV_COLUMNS):
+        missing = [c for c in CSV_COLUMNS if c not in header]
+        extra = [c for c in header if c not in CSV_COLUMNS]
+        what = "; ".join(x for x in (f"missing {', '.join(missing)}" if missing else "",
+                                      f"unknown {', '.join(extra)}" if extra else "") if x) or "in another order"
+        raise UsageError(
+            f"{path} has other columns than this version of ablate writes ({what}); give another --out, or move "
+            "the file away (ablate appends to its own CSV and skips the points already in it)"
+        )
+
+
 def _append(path: Path, row: dict[str, Any]) -> None:
     new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as f:
@@ -239,6 +257,7 @@ def main(args: argparse.Namespace) -> int:
             p[f] = "" if p["policy_obj"] is None else int(getattr(p["policy_obj"], f))
     output_dir(args.out, ("ablate.csv",) + (() if args.no_plots else ("ablate_depth.png", "ablate_batch.png", "ablate_time.png")))
     csv_path = args.out / "ablate.csv"
+    _check_header(csv_path)
     # a point measured without --time is not done for a timed run: it is run again, and the newer row wins
     done = {
         _key(r) for r in read_rows(csv_path)

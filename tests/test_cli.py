@@ -75,6 +75,16 @@ def test_ablate_tiny_and_resume(capsys, tmp_path):
         assert len(list(csv.DictReader(f))) == 8
 
 
+def test_ablate_refuses_a_csv_with_other_columns(capsys, tmp_path):
+    # before: rows were appended under a foreign header (and under an older version's, ragged), silently
+    argv = ["ablate", "--strategies", "naive", "--depths", "10,16", "--batch-sizes", "2", "--estimate", "--no-progress",
+            "--out", str(tmp_path)]  # fmt: skip
+    (tmp_path / "ablate.csv").write_text("foo,bar\n1,2\n")
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and "has other columns than this version of ablate writes (missing " in err, err
+    assert (tmp_path / "ablate.csv").read_text() == "foo,bar\n1,2\n"
+
+
 def test_ablate_plot_draws_each_series_in_its_own_style(capsys, tmp_path, monkeypatch):
     # before: every series took matplotlib's default colour cycle with one marker, so with --vary all the
     # 18 series had 10 looks (naive and fused drawn alike) and the legend covered the lines
