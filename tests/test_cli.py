@@ -698,6 +698,8 @@ def test_options_given_without_effect_are_usage_errors(capsys, tmp_path, argv, o
 def test_options_without_effect_name_all_of_those_given(capsys):
     code, _, err = run(capsys, "bench", "--memory", "estimate", "--warmup", "1", "--steps", "2")
     assert code == 2 and "--steps and --warmup have no effect with --memory estimate" in err, err
+    code, _, err = run(capsys, "bench", "--memory", "estimate", "--no-timing")  # before: accepted
+    assert code == 2 and "--no-timing has no effect with --memory estimate" in err, err
 
 
 # The documented commands (README.md, benchmarks/results/README.md, benchmarks/gpu_suite.sh): none of them
