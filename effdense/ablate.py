@@ -295,9 +295,15 @@ def main(args: argparse.Namespace) -> int:
         for path in written:
             print(f"wrote {path}")
         names = {p.name for p in written}
-        for name, axis in (("ablate_depth.png", "depth"), ("ablate_batch.png", "batch size")):
+        reasons = [("ablate_depth.png", "its x axis needs two or more values of depth measured"),
+                   ("ablate_batch.png", "its x axis needs two or more values of batch size measured")]
+        if args.time:
+            reasons.append(("ablate_time.png", "it needs naive in the grid (times are relative to naive's) and two "
+                            "or more depths timed"))
+        for name, why in reasons:
             if name not in names:
-                print(f"{name} not drawn: its x axis needs two or more values of {axis} measured")
+                stale = " (the file there is from an earlier run)" if (args.out / name).exists() else ""
+                print(f"{name} not drawn: {why}{stale}")
     return 0
 
 

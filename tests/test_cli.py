@@ -75,6 +75,16 @@ def test_ablate_tiny_and_resume(capsys, tmp_path):
         assert len(list(csv.DictReader(f))) == 8
 
 
+def test_ablate_says_why_the_time_plot_is_not_drawn(capsys, tmp_path):
+    # before: --time without naive in the grid drew no time plot and said nothing, and an earlier run's stayed
+    (tmp_path / "ablate_time.png").write_bytes(b"an earlier run's plot")
+    code, out, err = run(capsys, "ablate", "--strategies", "checkpoint", "--depths", "10,16", "--batch-sizes", "2",
+                         "--estimate", "--time", "--steps", "1", "--warmup", "0", "--no-progress", "--out", str(tmp_path))
+    assert code == 0, err
+    assert ("ablate_time.png not drawn: it needs naive in the grid (times are relative to naive's) and two or more "
+            "depths timed (the file there is from an earlier run)") in out
+
+
 def test_ablate_refuses_a_csv_with_other_columns(capsys, tmp_path):
     # before: rows were appended under a foreign header (and under an older version's, ragged), silently
     argv = ["ablate", "--strategies", "naive", "--depths", "10,16", "--batch-sizes", "2", "--estimate", "--no-progress",
