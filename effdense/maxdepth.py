@@ -160,16 +160,16 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"--no-verify has no effect on {device.type}: only a GPU run checks the depth found for real")
     if args.estimate_limit is not None and args.estimate_limit < depth_of(1):
         raise UsageError(f"--estimate-limit {args.estimate_limit} allows no DenseNet-BC; it must be at least {depth_of(1)}")
+    if args.estimate_limit is not None and args.estimate_limit >= depth_of(n_max):
+        raise UsageError(
+            f"--estimate-limit {args.estimate_limit} has no effect with --depth-limit {args.depth_limit}: no model "
+            f"searched is deeper than {depth_of(n_max)}, so every one is estimated"
+        )
     if args.estimate_limit is not None and args.estimate_limit < depth_of(3):
         # (below it the fit had fewer than three points, and the search estimated past the limit)
         raise UsageError(
             f"--estimate-limit {args.estimate_limit} leaves fewer than the three estimated models that deeper ones "
             f"are fitted through (depths {depth_of(1)}, {depth_of(2)}, {depth_of(3)}); it must be at least {depth_of(3)}"
-        )
-    if args.estimate_limit is not None and args.estimate_limit >= depth_of(n_max):
-        raise UsageError(
-            f"--estimate-limit {args.estimate_limit} has no effect with --depth-limit {args.depth_limit}: no model "
-            f"searched is deeper than {depth_of(n_max)}, so every one is estimated"
         )
     # the shallowest model stands for all: the same input size at every depth
     require_image_size(

@@ -42,7 +42,7 @@ def test_bench_tiny(capsys, tmp_path):
 
 def test_bench_names_the_ratio_baseline(capsys, tmp_path):
     # before: without a naive row the ratios were against the first row, which only the JSON said
-    code, out, err = run(capsys, "bench", "--model", "densenet_bc_10", "--batch-size", "2", "--no-timing",
+    code, out, err = run(capsys, "bench", "--model", "densenet_bc_10", "--batch-size", "2",
                          "--strategies", "shared,checkpoint", "--memory", "estimate", "--out", str(tmp_path))  # fmt: skip
     assert code == 0, err
     assert "x mem and x time: against effdense shared" in out
@@ -52,7 +52,7 @@ def test_bench_names_the_ratio_baseline(capsys, tmp_path):
 
 def test_bench_reports_unavailable_strategy_as_skipped(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(effdense.strategies, "available", lambda: ("naive",))
-    code, _, err = run(capsys, "bench", "--model", "densenet_bc_10", "--batch-size", "2", "--no-timing",
+    code, _, err = run(capsys, "bench", "--model", "densenet_bc_10", "--batch-size", "2",
                        "--no-reference", "--strategies", "naive,fused", "--memory", "estimate", "--out", str(tmp_path))  # fmt: skip
     assert code == 0, err
     rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
@@ -257,7 +257,7 @@ def test_bad_arguments_one_line_exit_2(capsys, argv, fragment):
 _OUT_WRITERS = pytest.mark.parametrize(
     "argv",
     [
-        ["bench", "--model", "densenet_bc_10", "--batch-size", "2", "--no-timing", "--memory", "estimate"],
+        ["bench", "--model", "densenet_bc_10", "--batch-size", "2", "--memory", "estimate"],
         ["ablate", "--strategies", "naive", "--depths", "10", "--batch-sizes", "2", "--estimate", "--no-progress"],
         ["max-depth", "--budget", "1MiB", "--batch-size", "2", "--strategies", "naive", "--depth-limit", "16"],
         ["summary", "densenet_bc_10", "--no-memory"],
