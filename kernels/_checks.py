@@ -7,6 +7,8 @@ Every entry point reads activations as ``(N, C, H, W)`` tensors whose spatial pl
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 
 # dtypes the Triton kernels take; the PyTorch twins also take float64 (gradcheck, numerics studies)
@@ -208,47 +210,51 @@ def _planes_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return j_lo <= j_hi
 
 
+def _sharing(t: torch.Tensor, read: dict[str, torch.Tensor], meet) -> Iterator[tuple[str, torch.Tensor]]:
+    """The named tensors of ``read`` that share storage with ``t`` and ``meet(t, o)``: the loop of the
+    overlap checks below (tensors with data in eager execution only, see :func:`_comparable`)."""
+    if not _comparable(t):
+        return
+    for other, o in read.items():
+        if _comparable(o) and _same_storage(t, o) and meet(t, o):
+            yield other, o
+
+
+def _partly_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors on one storage share elements without being the same elements."""
+    same = a.storage_offset() == b.storage_offset() and a.shape == b.shape and a.stride() == b.stride()
+    return not same and _planes_overlap(a, b)
+
+
 def check_in_place(name: str, t: torch.Tensor, **read: torch.Tensor) -> None:
     """``t``, updated element by element where the named tensors are read: each of them is ``t``'s very
     elements (an in-place update of that input, which is allowed) or shares none with it. A partial overlap
     would make the result depend on the order the elements are visited in (a channel of ``x`` read after a
     neighbouring channel of ``grad`` was written to it). Checked as :func:`check_disjoint`."""
-    if not _comparable(t):
-        return
-    for other, o in read.items():
-        if (
-            _comparable(o) and _same_storage(t, o) and _planes_overlap(t, o)
-            and not (t.storage_offset() == o.storage_offset() and t.shape == o.shape and t.stride() == o.stride())
-        ):
-            raise ValueError(
-                f"{name}: expected {other} itself or memory separate from it, got a tensor that partly overlaps it "
-                f"(shapes {tuple(t.shape)} and {tuple(o.shape)}, storage offsets {t.storage_offset()} and "
-                f"{o.storage_offset()}): the result would depend on the order of the writes; pass a separate buffer"
-            )
+    for other, o in _sharing(t, read, _partly_overlap):
+        raise ValueError(
+            f"{name}: expected {other} itself or memory separate from it, got a tensor that partly overlaps it "
+            f"(shapes {tuple(t.shape)} and {tuple(o.shape)}, storage offsets {t.storage_offset()} and "
+            f"{o.storage_offset()}): the result would depend on the order of the writes; pass a separate buffer"
+        )
 
 
 def check_apart_from_vectors(name: str, t: torch.Tensor, **vectors: torch.Tensor) -> None:
     """``t``, written by a kernel, covers no element of the named per-channel vectors it reads (a vector
     viewed from the same storage as an output buffer): whether their storage spans meet."""
-    if not _comparable(t):
-        return
-    for other, v in vectors.items():
-        if _comparable(v) and _same_storage(t, v) and _spans_meet(t, v):
-            raise ValueError(
-                f"{name}: expected memory separate from {other} (it is written while {other} is read), got a tensor "
-                f"whose storage span meets it; pass a separate buffer"
-            )
+    for other, _ in _sharing(t, vectors, _spans_meet):
+        raise ValueError(
+            f"{name}: expected memory separate from {other} (it is written while {other} is read), got a tensor "
+            f"whose storage span meets it; pass a separate buffer"
+        )
 
 
 def check_disjoint(name: str, t: torch.Tensor, **read: torch.Tensor) -> None:
     """``t``, written by a kernel, shares no element with the named tensors it reads (checked on tensors
     with data in eager execution; plane-contiguous 4-D tensors, as :func:`check_activation` leaves them)."""
-    if not _comparable(t):
-        return
-    for other, o in read.items():
-        if _comparable(o) and _same_storage(t, o) and _planes_overlap(t, o):
-            raise ValueError(
-                f"{name}: expected memory separate from {other} (it is written while {other} is read), got a tensor "
-                f"that overlaps it (shapes {tuple(t.shape)} and {tuple(o.shape)}, storage offsets {t.storage_offset()} "
-                f"and {o.storage_offset()}); pass a separate buffer"
-            )
+    for other, o in _sharing(t, read, _planes_overlap):
+        raise ValueError(
+            f"{name}: expected memory separate from {other} (it is written while {other} is read), got a tensor "
+            f"that overlaps it (shapes {tuple(t.shape)} and {tuple(o.shape)}, storage offsets {t.storage_offset()} "
+            f"and {o.storage_offset()}); pass a separate buffer"
+        )

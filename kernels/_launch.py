@@ -29,9 +29,9 @@ def env_switch(name: str) -> bool:
 def require_bool(enabled: object) -> None:
     """The argument of an on/off setter (``set_autotune``, ``set_direct_launch``) is a bool."""
     if not isinstance(enabled, bool):
-        t = type(enabled)
-        name = t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
-        raise TypeError(f"enabled: expected a bool (True or False), got {name} {enabled!r}")
+        from effdense.kernels._checks import type_name  # (_checks imports torch alone: no cycle)
+
+        raise TypeError(f"enabled: expected a bool (True or False), got {type_name(enabled)} {enabled!r}")
 
 
 def interpreting() -> bool:
