@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     json_path.write_text(json.dumps({"metadata": meta, "rows": rows}, indent=2))
     meta_columns = ("device", "torch", "triton", "git_commit", "command")  # as effdense bench's CSV, per row
     with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*rows[0].keys(), *meta_columns])
+        writer = csv.DictWriter(f, fieldnames=[*rows[0].keys(), *meta_columns], lineterminator="\n")
         writer.writeheader()
         for r in rows:
             writer.writerow({**r, **{k: meta[k] for k in meta_columns}})

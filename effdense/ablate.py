@@ -177,7 +177,7 @@ def _check_header(path: Path) -> None:
 def _append(path: Path, row: dict[str, Any]) -> None:
     new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS), extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS), extrasaction="ignore", lineterminator="\n")
         if new:
             writer.writeheader()
         writer.writerow(row)

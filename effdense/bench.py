@@ -48,6 +48,7 @@ from effdense.benchutil import (
     reject_ineffective,
     require_image_size,
     resolve_device,
+    selection_tag,
     strategy_list,
     time_steps,
     write_csv,
@@ -444,7 +445,18 @@ def main(args: argparse.Namespace) -> int:
     rows = _rows(args, device)
     if not rows:
         raise UsageError("nothing to run: no strategy selected and no torchvision row")
-    stem = f"bench_{args.model}_b{args.batch_size}_{size}px_{args.dtype}_{device.type}"
+    # settings that change what a row measures, or which rows there are, are in the name: a run with them
+    # does not overwrite the default run's files (only a rerun of the same selection does)
+    reference = _reference_rows(args, device)
+    default_reference = _reference_rows(argparse.Namespace(), device)
+    stem = (
+        f"bench_{args.model}_b{args.batch_size}_{size}px_{args.dtype}_{device.type}"
+        + ("_estimate" if args.memory == "estimate" else "")
+        + ("_channels-last" if args.channels_last else "")
+        + ("_compile" if getattr(args, "compile", False) else "")
+        + selection_tag([r["strategy"] for r in rows if r["kind"] == "effdense"], _strategies.available())
+        + selection_tag(["ref", *reference] if reference else [], ["ref", *default_reference], none="noref")
+    )
     output_dir(args.out, (f"{stem}.json", f"{stem}.csv"))
     env = environment(device)
     settings = {

@@ -93,6 +93,15 @@ def strategy_list(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def selection_tag(chosen: Sequence[str], default: Sequence[str], none: str = "") -> str:
+    """The part of a result file's name that tells a run of a selection of rows (``--strategies``,
+    ``--reference``) from a run of the default ones, so that one does not overwrite the other: ``""`` for
+    the default selection, ``none`` for an empty one, else ``"_"`` and the names joined by ``-``."""
+    if list(chosen) == list(default):
+        return ""
+    return f"_{none}" if not chosen else "_" + "-".join(chosen)
+
+
 def comma_items(text: str) -> list[str]:
     """The stripped items of a comma list; ``[]`` when there is none (``""``, ``","``: the caller names the
     empty list). An empty item between others (``"16,,22"``, ``"16,"``) is an ``ArgumentTypeError``: a value
@@ -441,9 +450,10 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
+    """``rows`` as CSV under a header of ``columns`` (keys not in it left out), with ``\\n`` line ends."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for row in rows:
             writer.writerow(row)

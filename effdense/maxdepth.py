@@ -43,6 +43,7 @@ from effdense.benchutil import (
     progress,
     require_image_size,
     resolve_device,
+    selection_tag,
     strategy_list,
     write_csv,
     write_json,
@@ -181,13 +182,16 @@ def main(args: argparse.Namespace) -> int:
         )
     # whole MiB name the file in MiB, other budgets in bytes (so budgets under 1 MiB get distinct names)
     budget = f"{args.budget >> 20}MiB" if args.budget % (1 << 20) == 0 else f"{args.budget}B"
-    stem = f"max_depth_{budget}_k{args.growth_rate}_b{args.batch_size}_{args.image_size}px_{args.dtype}"
+    # (a run of some strategies is named after them: it does not overwrite a run of all of them)
+    stem = (f"max_depth_{budget}_k{args.growth_rate}_b{args.batch_size}_{args.image_size}px_{args.dtype}"
+            + selection_tag(names, available))
     output_dir(args.out, (f"{stem}.json", f"{stem}.csv"))
     env = environment(device)
     settings = {
         "budget_bytes": args.budget, "budget_mib": mib(args.budget), "growth_rate": args.growth_rate,
         "batch_size": args.batch_size, "image_size": args.image_size, "dtype": args.dtype,
-        "depth_limit": args.depth_limit, "backend": args.backend,
+        "depth_limit": args.depth_limit, "estimate_limit": args.estimate_limit, "backend": args.backend,
+        "strategies": names,
     }  # fmt: skip
     shape = (args.batch_size, 3, args.image_size, args.image_size)
     autocast = DTYPES[args.dtype]

@@ -793,7 +793,7 @@ class _MetricsLog:
         flat = {k: (";".join(f"{x:.1f}" for x in v) if isinstance(v, list) else v) for k, v in row.items()}
         new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
         with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(flat))
+            writer = csv.DictWriter(f, fieldnames=list(flat), lineterminator="\n")
             if new:
                 writer.writeheader()
             writer.writerow(flat)

@@ -26,7 +26,7 @@ def test_bench_tiny(capsys, tmp_path):
     code, out, err = run(capsys, "bench", "--model", "densenet_bc_10", "--batch-size", "2", "--steps", "2",
                          "--strategies", "naive,checkpoint", "--device", "cpu", "--out", str(tmp_path))  # fmt: skip
     assert code == 0, err
-    (json_path,) = tmp_path.glob("bench_densenet_bc_10_b2_32px_fp32_cpu.json")
+    (json_path,) = tmp_path.glob("bench_densenet_bc_10_b2_32px_fp32_cpu_naive-checkpoint.json")
     payload = json.loads(json_path.read_text())
     rows = {r["row"]: r for r in payload["rows"]}
     assert set(rows) == {"effdense naive", "effdense checkpoint", "torchvision", "torchvision memory_efficient"}
@@ -38,6 +38,25 @@ def test_bench_tiny(capsys, tmp_path):
     assert "[1/4] effdense naive" in err and "peak MiB" in out
     with open(json_path.with_suffix(".csv")) as f:
         assert len(list(csv.DictReader(f))) == 4
+
+
+def test_bench_file_names_tell_runs_apart(capsys, tmp_path):
+    """Runs that measure another way (estimate), or other rows (a strategy subset, other torchvision rows),
+    write files of their own; before, every one of them overwrote the default run's files."""
+    common = ("bench", "--model", "densenet_bc_10", "--batch-size", "2", "--memory", "estimate", "--device", "cpu",
+              "--out", str(tmp_path))  # fmt: skip
+    assert run(capsys, *common)[0] == 0
+    assert run(capsys, *common, "--strategies", "fused,naive", "--no-reference")[0] == 0
+    assert run(capsys, *common, "--strategies", "all", "--reference", "plain")[0] == 0
+    assert run(capsys, *common, "--strategies", "naive,checkpoint,shared,fused", "--reference", "plain,memory_efficient")[0] == 0
+    stem = "bench_densenet_bc_10_b2_32px_fp32_cpu_estimate"
+    assert {p.name for p in tmp_path.glob("*.json")} == {
+        f"{stem}.json", f"{stem}_fused-naive_noref.json", f"{stem}_ref-plain.json"}  # (the last run is the default)
+    rows = lambda name: [r["row"] for r in json.loads((tmp_path / name).read_text())["rows"]]  # noqa: E731
+    assert rows(f"{stem}_fused-naive_noref.json") == ["effdense fused", "effdense naive"]
+    assert len(rows(f"{stem}.json")) == 6
+    for path in tmp_path.glob("*.csv"):  # plain \n line ends (csv's default is \r\n)
+        assert b"\r" not in path.read_bytes()
 
 
 def test_bench_names_the_ratio_baseline(capsys, tmp_path):
@@ -179,6 +198,18 @@ def test_max_depth_tiny(capsys, tmp_path):
     assert by["checkpoint"]["max_depth"] >= by["naive"]["max_depth"]
 
 
+def test_max_depth_file_names_its_strategies_and_records_its_settings(capsys, tmp_path):
+    common = ("max-depth", "--budget", "2MiB", "--batch-size", "2", "--depth-limit", "28", "--device", "cpu",
+              "--out", str(tmp_path))  # fmt: skip
+    assert run(capsys, *common, "--strategies", "naive", "--estimate-limit", "22")[0] == 0
+    assert run(capsys, *common, "--strategies", "shared")[0] == 0
+    names = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert names == ["max_depth_2MiB_k12_b2_32px_fp32_naive.json", "max_depth_2MiB_k12_b2_32px_fp32_shared.json"]
+    meta = json.loads((tmp_path / names[0]).read_text())["meta"]
+    assert meta["estimate_limit"] == 22 and meta["strategies"] == ["naive"]
+    assert json.loads((tmp_path / names[1]).read_text())["meta"]["estimate_limit"] is None
+
+
 def test_max_depth_when_nothing_fits_says_so(capsys, tmp_path):
     """A budget below the shallowest model: status 'none fits', a progress line that says it, and a file
     named after the budget in bytes (budgets under 1 MiB would otherwise all be '0MiB')."""
@@ -186,7 +217,7 @@ def test_max_depth_when_nothing_fits_says_so(capsys, tmp_path):
                          "--depth-limit", "16", "--device", "cpu", "--out", str(tmp_path))  # fmt: skip
     assert code == 0, err
     assert "no depth fits the budget (the shallowest, depth 10, needs" in err + out
-    rows = json.loads((tmp_path / "max_depth_307200B_k12_b4_32px_fp32.json").read_text())["rows"]
+    rows = json.loads((tmp_path / "max_depth_307200B_k12_b4_32px_fp32_naive.json").read_text())["rows"]
     assert rows[0]["status"] == "none fits" and rows[0]["max_depth"] is None
 
 
@@ -279,8 +310,8 @@ def test_out_that_cannot_be_a_folder_is_a_usage_error(capsys, tmp_path, argv, wh
 
 
 _RESULT_FILE = {
-    "bench": "bench_densenet_bc_10_b2_32px_fp32_cpu.json", "ablate": "ablate.csv",
-    "max-depth": "max_depth_1MiB_k12_b2_32px_fp32.json", "summary": "summary_densenet_bc_10.json",
+    "bench": "bench_densenet_bc_10_b2_32px_fp32_cpu_estimate.json", "ablate": "ablate.csv",
+    "max-depth": "max_depth_1MiB_k12_b2_32px_fp32_naive.json", "summary": "summary_densenet_bc_10.json",
 }  # fmt: skip
 
 
