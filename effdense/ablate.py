@@ -39,6 +39,7 @@ from effdense.benchutil import (
     dtype_list,
     environment,
     error_note,
+    exit_code,
     free_memory,
     int_list,
     nonnegative_int,
@@ -270,6 +271,7 @@ def main(args: argparse.Namespace) -> int:
         f"{len(todo)} to run ({mode} memory{', timed' if args.time else ''}, {env['device_name']})"
     )
     bar = _progress_bar(len(todo), disable=args.no_progress)
+    failed: list[str] = []
     for p in todo:
         label = f"{p['strategy']}[{p['policy']}] d={p['depth']} k={p['growth_rate']} b={p['batch_size']} {p['dtype']}"
         bar.set_description(label)
@@ -283,6 +285,7 @@ def main(args: argparse.Namespace) -> int:
             except Exception as exc:  # one point failing (out of memory, say) must not end the grid
                 free_memory(device)
                 row.update(status="error", note=error_note(exc))
+                failed.append(label)
         row["seconds"] = round(time.perf_counter() - start, 2)
         _append(csv_path, row)
         bar.update(1)
@@ -304,7 +307,7 @@ def main(args: argparse.Namespace) -> int:
             if name not in names:
                 stale = " (the file there is from an earlier run)" if (args.out / name).exists() else ""
                 print(f"{name} not drawn: {why}{stale}")
-    return 0
+    return exit_code("ablate", failed, len(todo), ("grid point", "grid points"))
 
 
 class _LineBar:

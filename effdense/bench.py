@@ -35,6 +35,7 @@ from effdense.benchutil import (
     dtype_name,
     environment,
     error_note,
+    exit_code,
     format_table,
     free_memory,
     model_name,
@@ -511,4 +512,4 @@ def main(args: argparse.Namespace) -> int:
     if baseline is not None:
         print(f"x mem and x time: against {baseline}")
     print(f"wrote {json_path} and {csv_path} ({elapsed:.0f} s)")
-    return 0
+    return exit_code("bench", [r["row"] for r in results if r["status"] == "error"], len(results))

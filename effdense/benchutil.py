@@ -55,6 +55,18 @@ def error_note(exc: BaseException, limit: int = 300) -> str:
     return (f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__)[:limit]
 
 
+def exit_code(command: str, failed: Sequence[str], total: int, what: tuple[str, str] = ("row", "rows")) -> int:
+    """A results command's exit status: 0 when nothing failed; else 1, after a line on stderr naming the
+    failures (their results are written all the same, each with status ``error`` and its note), so that a
+    script or CI job running the command sees them."""
+    if not failed:
+        return 0
+    names = ", ".join(failed[:5]) + (f" and {len(failed) - 5} more" if len(failed) > 5 else "")
+    print(f"effdense {command}: {len(failed)} of {total} {what[total != 1]} failed ({names}); each is recorded with status "
+          "'error' and its note; exit code 1", file=sys.stderr, flush=True)
+    return 1
+
+
 def model_name(text: str) -> str:
     """A name :func:`effdense.get_model` accepts: one of :data:`effdense.MODELS`, ``densenet_bc_<depth>``
     or ``densenet_<depth>`` with a depth the paper's rule allows. Case-insensitive, as :func:`effdense.get_model`;

@@ -35,6 +35,7 @@ from effdense.benchutil import (
     dtype_name,
     environment,
     error_note,
+    exit_code,
     format_table,
     free_memory,
     output_dir,
@@ -285,7 +286,7 @@ def main(args: argparse.Namespace) -> int:
     write_json(json_path, {"meta": {**env, **settings}, "rows": results})
     write_csv(csv_path, results, CSV_COLUMNS)
     print(f"wrote {json_path} and {csv_path}")
-    return 0
+    return exit_code("max-depth", [r["strategy"] for r in results if r["status"] == "error"], len(results), ("strategy", "strategies"))
 
 
 def _verify(strategy: str, depth: int, args: argparse.Namespace, device: torch.device, shape, autocast) -> dict[str, Any]:

@@ -210,6 +210,48 @@ def test_max_depth_file_names_its_strategies_and_records_its_settings(capsys, tm
     assert json.loads((tmp_path / names[1]).read_text())["meta"]["estimate_limit"] is None
 
 
+@pytest.mark.parametrize("command", ["bench", "ablate", "max-depth"])
+def test_failed_rows_make_the_exit_code_1(capsys, tmp_path, monkeypatch, command):
+    """A row (grid point, strategy) that raises is recorded with status 'error' and the others still run; the
+    command then ends with exit code 1 and a line naming the failures (it ended with 0, so a script or CI
+    job running it took a failed measurement for a result)."""
+    from effdense import ablate, bench, maxdepth
+
+    real = effdense.memory.estimate_step
+
+    def estimate_step(*args, strategy=None, **kwargs):
+        build = args[0]
+        broken = strategy == "checkpoint" or (callable(build) and build().strategy == "checkpoint")
+        if broken:
+            raise RuntimeError("simulated failure\nsecond line")
+        return real(*args, **({} if strategy is None else {"strategy": strategy}), **kwargs)
+
+    module, argv = {
+        "bench": (bench, ["--model", "densenet_bc_10", "--batch-size", "2", "--memory", "estimate", "--no-reference"]),
+        "ablate": (ablate, ["--depths", "10", "--batch-sizes", "2", "--estimate", "--no-progress", "--no-plots"]),
+        "max-depth": (maxdepth, ["--budget", "16MiB", "--batch-size", "2", "--depth-limit", "16"]),
+    }[command]
+    if command != "ablate":  # (ablate's estimates run on the CPU: --device is refused with --estimate)
+        argv += ["--device", "cpu"]
+    monkeypatch.setattr(module, "estimate_step", estimate_step)
+    code, out, err = run(capsys, command, *argv, "--strategies", "naive,checkpoint", "--out", str(tmp_path))
+    assert code == 1, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith(f"effdense {command}: 1 of 2 ") and "failed (" in last and "checkpoint" in last, last
+    if command != "ablate":
+        rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    else:
+        with open(tmp_path / "ablate.csv") as f:
+            rows = list(csv.DictReader(f))
+    assert [r["status"] for r in rows] == ["ok", "error"]
+    assert rows[1]["note"] == "RuntimeError: simulated failure"
+    # a rerun of ablate retries only the failed point; with it fixed, the exit code is 0
+    if command == "ablate":
+        monkeypatch.setattr(module, "estimate_step", real)
+        code, _, err = run(capsys, command, *argv, "--strategies", "naive,checkpoint", "--out", str(tmp_path))
+        assert code == 0 and "1 to run" in err, err
+
+
 def test_max_depth_when_nothing_fits_says_so(capsys, tmp_path):
     """A budget below the shallowest model: status 'none fits', a progress line that says it, and a file
     named after the budget in bytes (budgets under 1 MiB would otherwise all be '0MiB')."""
