@@ -1294,6 +1294,29 @@ def test_double_backward_names_the_way_out(strategy: str) -> None:
         first.square().sum().backward()  # a gradient penalty
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_checkpoint_second_derivatives_match_naive(mode: str) -> None:
+    """A Hessian (row by row, retain_graph=True) through checkpoint's recomputed bottleneck and stem: putting
+    the BatchNorm running statistics back after each recomputation bumped their version, which invalidated
+    what the earlier recomputation's graph saved, and autograd raised its in-place error. torchvision's
+    memory_efficient=True computes it."""
+    from torch.func import functional_call
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    names = ["features.denseblock1.denselayer1.norm1.weight", "features.norm0.weight"]
+    hessians = {}
+    for strategy in ("naive", "checkpoint"):
+        model = getattr(_small_densenet(strategy).double(), mode)()
+        params = dict(model.named_parameters())
+        p0 = tuple(params[n].detach().clone() for n in names)
+        f = lambda *ps: functional_call(model, dict(zip(names, ps)), (x,), strict=False).square().sum()  # noqa: E731
+        hessians[strategy] = torch.autograd.functional.hessian(f, p0)
+    for row, row_ref in zip(hessians["checkpoint"], hessians["naive"]):
+        for h, h_ref in zip(row, row_ref):
+            torch.testing.assert_close(h, h_ref, rtol=1e-7, atol=1e-9)
+
+
 @pytest.mark.parametrize("strategy", ["shared", "fused"])
 def test_double_backward_through_a_block_alone_raises_too(strategy: str) -> None:
     # a block followed by a parameter-free loss: its incoming gradient is a constant. Before, the input

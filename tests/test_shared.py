@@ -461,7 +461,7 @@ def test_gradcheck_float64_tiny_block() -> None:
         for p, q in zip(params, ps):
             p.data = q
         try:
-            out = shared._DenseStageFunction.apply(
+            out, _ = shared._DenseStageFunction.apply(
                 shared._make_stage(block, transition, shared.reference_ops(), x), x, *ps
             )
         finally:
@@ -494,6 +494,44 @@ def test_second_backward_and_double_backward_raise() -> None:
     (gx,) = torch.autograd.grad(loss, x, create_graph=True)
     with pytest.raises(RuntimeError, match="(?i)differentiable|once_differentiable|does not require grad"):
         gx.sum().backward()
+
+
+_ONCE = "strategies 'shared' and 'fused' are differentiable once"
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+@pytest.mark.parametrize("how", ["grad_params", "backward_inputs", "grad_x", "grad_stem", "hvp", "features_slice"])
+def test_every_second_derivative_through_a_block_raises(strategy, how) -> None:
+    """A gradient penalty differentiated with respect to chosen tensors: autograd prunes the nodes that lead to
+    none of them, and the double-backward guard led to the incoming gradient only, so these raised nothing
+    and left out the blocks' part of the second derivative (block parameters None or zero, the stem's and the
+    input's wrong; hvp exactly zero). Each must raise the message naming the way out."""
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(16, 4, strategy=strategy).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    block_params = list(model.features.denseblock1.parameters())
+    net = model.features[:3] if how == "features_slice" else model  # stem, block 1, transition 1: a linear loss
+    if how == "hvp":
+        params = dict(model.named_parameters())
+
+        def loss(*values):
+            out = torch.func.functional_call(model, dict(zip(params, values)), (x,))
+            return out[:, 0].sum()
+
+        with pytest.raises(RuntimeError, match=_ONCE):
+            torch.autograd.functional.hvp(loss, tuple(params.values()), tuple(torch.ones_like(p) for p in params.values()))
+        return
+    (g,) = torch.autograd.grad(net(x)[:, 0].sum(), x, create_graph=True)  # (a constant incoming gradient)
+    penalty = (g.flatten(1).norm(dim=1) - 1).square().mean()
+    with pytest.raises(RuntimeError, match=_ONCE):
+        if how in ("grad_params", "features_slice"):
+            torch.autograd.grad(penalty, block_params, allow_unused=True)
+        elif how == "backward_inputs":
+            penalty.backward(inputs=block_params)
+        elif how == "grad_x":
+            torch.autograd.grad(penalty, x)
+        else:
+            torch.autograd.grad(penalty, model.features.conv0.weight)
 
 
 def test_retain_graph_backpropagates_again_or_says_why() -> None:
@@ -604,6 +642,55 @@ def test_fake_tensor_mode_shapes_only() -> None:
         out.sum().backward()
         assert out.shape == (64, 1000)
         assert model.features.conv0.weight.grad.shape == model.features.conv0.weight.shape
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+@pytest.mark.parametrize("how", ["relu_after_backbone", "hook_on_block"])
+def test_block_output_modified_in_place_says_what_and_why(strategy, how) -> None:
+    """A block run on its own returns its feature buffer, which backward needs: changing it in place (a backbone
+    slice with nn.ReLU(inplace=True) after it, a hook that edits the output) gave autograd's bare version error,
+    naming only _DenseStageFunction. naive trains (torch.cat's output is free to change)."""
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(16, 4, strategy=strategy)
+    if how == "relu_after_backbone":
+        net = nn.Sequential(*list(model.features.children())[:2], nn.ReLU(inplace=True))  # conv0, denseblock1
+    else:
+        model.features.denseblock2.register_forward_hook(lambda m, i, o: o.clamp_(max=5.0))
+        net = model
+    x = torch.randn(2, 3, 8, 8)
+    loss = net(x).sum()
+    with pytest.raises(RuntimeError, match="effdense shared/fused: the output of a dense block .* was modified in "
+                                           "place before backward.*strategy 'checkpoint' or 'naive'"):  # fmt: skip
+        loss.backward()
+    model.set_strategy("naive")
+    net(x).sum().backward()  # what the message offers works
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+@pytest.mark.parametrize("module", ["denselayer1.conv1", "denselayer2.norm1", "denselayer1.conv2"])
+def test_a_module_in_another_dtype_raises_as_naive(strategy, module) -> None:
+    """Outside autocast, a layer put in fp64 in an fp32 model (and an fp32 conv in a bf16 model) is an error
+    for naive and torchvision; shared/fused cast its parameters and computed it in the input's dtype silently."""
+    for model_dtype, module_dtype in ((torch.float32, torch.float64), (torch.bfloat16, torch.float32)):
+        if model_dtype == torch.bfloat16 and "norm" in module:
+            continue  # (fp32 BatchNorm in a bf16 model is allowed: below)
+        for s in ("naive", strategy):
+            torch.manual_seed(0)
+            model = effdense.densenet_cifar(16, 4, strategy=s).to(model_dtype)
+            model.features.denseblock1.get_submodule(module).to(module_dtype)
+            x = torch.randn(2, 3, 8, 8, dtype=model_dtype)
+            match = "effdense: denselayer.* of a dense block has torch.* parameters but the block's input is" if s == strategy else None
+            with pytest.raises(RuntimeError, match=match):
+                model(x).sum().backward()
+    # allowed: BatchNorm in fp32 in a bf16 model, as naive allows it; any dtype under autocast
+    ref = effdense.densenet_cifar(16, 4, strategy="naive").bfloat16()
+    ref.features.denseblock1.denselayer2.norm1.float()
+    _, other = _pair(ref, strategy)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
+    torch.testing.assert_close(other(x), ref(x), rtol=2e-2, atol=2e-2)
+    other.features.denseblock1.denselayer1.conv1.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        other(x.float()).sum().backward()
 
 
 def test_block_input_channels_checked() -> None:

@@ -37,8 +37,11 @@ def frozen_running_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
         with torch.no_grad():
             for bn, values in zip(bns, saved):
                 live = [b for b in (bn.running_mean, bn.running_var, bn.num_batches_tracked) if b is not None]
+                # (through .data: the values are the ones the buffers had, and a version bump here invalidated the
+                # tensors an earlier recomputation's graph saved, so a second-order pass, a Hessian or
+                # gradgradcheck, raised autograd's in-place error; torchvision's memory_efficient=True computes it)
                 for buf, value in zip(live, values):
-                    buf.copy_(value)
+                    buf.data.copy_(value)
 
 
 def _forward_record(modules: Sequence[nn.Module]) -> tuple[list[tuple[dict, str, torch.Tensor]], list[tuple[nn.Module, bool]]]:

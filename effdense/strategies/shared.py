@@ -750,7 +750,14 @@ def _differentiable_once(backward):
     they are differentiated again (gradient penalties, ``gradgradcheck``). Unlike PyTorch's, the node is made
     whenever the Function's inputs need gradients, not only when the incoming gradient requires grad: a
     block followed by a parameter-free loss gets a constant incoming gradient, and its input gradient then
-    came back without a graph, so a penalty on it silently contributed nothing."""
+    came back without a graph, so a penalty on it silently contributed nothing.
+
+    The node has edges to every tensor the gradients depend on, so that any second derivative that would pass
+    through them reaches it and raises: the incoming gradients that require grad, and the Function's own
+    node (through its saved ``token`` output), whose edges lead to the block's input and parameters. With
+    edges to the incoming gradient only, ``torch.autograd.grad(penalty, params)``, ``backward(inputs=...)``
+    and ``torch.autograd.functional.hvp`` pruned the node, raised nothing, and left out the block's part of
+    the second derivative (zero, or None for its parameters)."""
 
     @functools.wraps(backward)
     def wrapper(ctx, *grads):
@@ -758,11 +765,14 @@ def _differentiable_once(backward):
             outputs = backward(ctx, *grads)
         if not torch.is_grad_enabled() or not any(ctx.needs_input_grad):
             return outputs
+        token = ctx.saved_tensors[-1]
+        links = [g for g in grads if g is not None and g.requires_grad] + ([token] if token.requires_grad else [])
         return differentiable_once(
             outputs,
             b"effdense: strategies 'shared' and 'fused' are differentiable once (their dense-block backward runs "
             b"without autograd), so a double backward (create_graph=True, then a gradient of those gradients, "
             b"e.g. a gradient penalty) is not supported: call model.set_strategy('naive') or 'checkpoint' first",
+            links=links,
         )
 
     return wrapper
@@ -821,6 +831,23 @@ def _modules_as_saved(
     return layers, (bn(t._modules["norm"]), conv(t._modules["conv"])) if t is not None else None
 
 
+def _output_modified_error(stage: _Stage) -> RuntimeError:
+    """The error for a block run on its own (no transition in the stage: a slice of ``model.features``, a hook
+    on it) whose output was changed in place after forward. That output is the block's feature buffer,
+    which backward recomputes from (as ``torch.sigmoid``'s backward needs its output), so PyTorch's version
+    check refuses it; torchvision's block returns a fresh ``torch.cat`` instead."""
+    block = stage.block
+    return RuntimeError(
+        f"effdense shared/fused: the output of a dense block ({len(stage.layers)} layers, "
+        f"{block.num_input_features} input channels) was modified in place before backward: an "
+        "nn.ReLU(inplace=True) or another in-place op after it (a following module whose first step passes its "
+        "input through, such as a transition whose norm is nn.Identity), or a forward hook that edits the output. "
+        "With strategy 'shared' and 'fused' that tensor is the block's feature buffer, which backward needs; apply "
+        "the op out of place, .clone() the output first, or use strategy 'checkpoint' or 'naive' "
+        "(model.set_strategy(...))"
+    )
+
+
 class _DenseStageFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stage: _Stage, x: torch.Tensor, *params: torch.Tensor):  # type: ignore[override]
@@ -837,14 +864,22 @@ class _DenseStageFunction(torch.autograd.Function):
         running = _running_stats_used(stage, state)
         if running and not torch.compiler.is_compiling():
             _remember_saved_running(running)
-        ctx.save_for_backward(Fbuf, *params, *running)
-        return Fbuf if out is None else out
+        # token: an empty second output, saved, through which backward's double-backward guard links to this
+        # node (and so to x and the parameters) without keeping any tensor of forward alive
+        token = Fbuf.new_empty(0)
+        ctx.save_for_backward(Fbuf, *params, *running, token)
+        return Fbuf if out is None else out, token
 
     @staticmethod
     @_differentiable_once
-    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor, _grad_token: torch.Tensor | None):  # type: ignore[override]
         # PyTorch's own errors: a second backward without retain_graph, a saved tensor modified in place
-        saved = ctx.saved_tensors
+        try:
+            saved = ctx.saved_tensors
+        except RuntimeError as exc:
+            if not ctx.has_transition and "modified by an inplace operation" in str(exc) and "output 0 of" in str(exc):
+                raise _output_modified_error(ctx.stage) from exc
+            raise
         Fbuf = saved[0]
         stage: _Stage = ctx.stage
         state: _StageState = ctx.state
@@ -857,7 +892,7 @@ class _DenseStageFunction(torch.autograd.Function):
         block, k = stage.block, stage.block.growth_rate
         C0 = block.num_input_features
         n = ctx.n_params
-        layer_parts, transition_parts = _modules_as_saved(stage, state, saved[1 : 1 + n], saved[1 + n :])
+        layer_parts, transition_parts = _modules_as_saved(stage, state, saved[1 : 1 + n], saved[1 + n : -1])
         with _autocast_off(Fbuf.device.type):
             grads: list[torch.Tensor] = []
             if ctx.has_transition:
@@ -893,6 +928,11 @@ def _has_autocast(device_type: str) -> bool:
 
 def _autocast_off(device_type: str) -> Any:
     return torch.autocast(device_type, enabled=False) if _has_autocast(device_type) else contextlib.nullcontext()
+
+
+def _autocasting(x: torch.Tensor) -> bool:
+    dev = x.device.type
+    return _has_autocast(dev) and torch.is_autocast_enabled(dev)
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
@@ -1029,12 +1069,35 @@ def run_stage(block, transition, x: torch.Tensor, ops: ModuleType, **stage_optio
         return out if transition is None else transition(out)
     stage = _make_stage(block, transition, ops, x, **stage_options)
     params = stage.params()
+    if any(p.dtype != x.dtype for p in params) and not _autocasting(x):
+        _check_param_dtypes(stage, x.dtype)
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         with _autocast_off(x.device.type):
-            return _DenseStageFunction.apply(stage, x, *params)
+            return _DenseStageFunction.apply(stage, x, *params)[0]
     with torch.no_grad(), _autocast_off(x.device.type):
         Fbuf, out, _ = _stage_forward(stage, x, keep=False)
     return Fbuf if out is None else out
+
+
+def _check_param_dtypes(stage: _Stage, dtype: torch.dtype) -> None:
+    """Outside autocast the modules run in the input's dtype, as naive's do: a convolution whose weight has
+    another dtype is an error there (so is a BatchNorm's, except fp32 parameters for a bf16/fp16 input, the
+    "BatchNorm in fp32" recipe). The stage casts parameters for autocast's sake; without this check it cast
+    these too, and a layer put in fp64 by ``layer.double()`` computed in fp32 without a word."""
+    reduced = dtype in (torch.bfloat16, torch.float16)
+    named = [(f"{name}.{part}", m) for name, layer in stage.block._modules.items()
+             for part, m in zip(("norm1", "conv1", "norm2", "conv2"), _parts(layer)) if m is not None]
+    if stage.transition is not None:
+        named += [(f"(transition).{part}", stage.transition._modules[part]) for part in ("norm", "conv")]
+    for name, m in named:
+        is_bn = isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
+        for p in (_weight(m), _bias(m)) if is_bn else (_weight(m),):
+            if p.dtype != dtype and not (is_bn and reduced and p.dtype == torch.float32):
+                raise RuntimeError(
+                    f"effdense: {name} of a dense block has {p.dtype} parameters but the block's input is {dtype} "
+                    f"(outside autocast a model computes in one dtype; naive and torchvision raise here too): put "
+                    f"the model in one dtype with model.to({dtype}), or run it under torch.autocast"
+                )
 
 
 def _check_block_input(block, x: torch.Tensor) -> None:
