@@ -693,6 +693,27 @@ def test_a_module_in_another_dtype_raises_as_naive(strategy, module) -> None:
         other(x.float()).sum().backward()
 
 
+@pytest.mark.parametrize("strategy, name", [
+    ("shared", "features.conv0.weight"), ("fused", "features.norm0.weight"),
+    ("checkpoint", "features.denseblock1.denselayer1.conv1.weight"),
+    ("checkpoint", "features.denseblock1.denselayer2.norm1.bias"),
+])  # fmt: skip
+def test_recomputed_parameter_modified_in_place_before_backward_raises(strategy, name) -> None:
+    """What is recomputed in backward (the ImageNet stem; under checkpoint each BN1-ReLU-conv1x1) read the
+    parameters as they were at backward: one changed in place in between (an optimiser step) gave gradients
+    of the new values, where the plain model raises autograd's in-place error."""
+    torch.manual_seed(0)
+    model = effdense.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=5,
+                              strategy=strategy)  # fmt: skip
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    loss = model(x).square().sum()
+    with torch.no_grad():
+        model.get_parameter(name).mul_(1.5)
+    with pytest.raises(RuntimeError, match=r"modified by an inplace operation: \[.*\] \((Conv2d|BatchNorm2d)\.(weight|bias), "
+                                           r"read again when effdense recomputes it in backward\)"):  # fmt: skip
+        loss.backward()
+
+
 def test_block_input_channels_checked() -> None:
     block = effdense.densenet_cifar(16, 4, strategy="shared").features.denseblock1
     with pytest.raises(ValueError, match="dense block expects input \\(N, 8, H, W\\), got shape \\(2, 5, 4, 4\\)"):

@@ -104,6 +104,7 @@ def recompute_once(
     calls = 0
     record: list[tuple[dict, str, torch.Tensor]] = []
     modes: list[tuple[nn.Module, bool]] = []
+    versions: list[tuple[torch.Tensor, int, str]] = []
 
     def wrapped(*inputs: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -114,11 +115,35 @@ def recompute_once(
             tensors, flags = _forward_record(modules if reads is None else reads)
             record.extend(tensors)
             modes.extend(flags)
+            versions.extend(_parameter_versions(modules if reads is None else reads))
             return fn(*inputs)
+        _check_unchanged(versions)
         with _as_in_forward(record, modes), frozen_running_stats(modules):
             return fn(*inputs)
 
     return wrapped
+
+
+def _parameter_versions(modules: Sequence[nn.Module]) -> list[tuple[torch.Tensor, int, str]]:
+    """Each parameter that forward read of ``modules`` (recursively), with its version counter now."""
+    return [
+        (t, t._version, f"{type(m).__name__}.{name}")
+        for mod in modules for m in mod.modules() for name, t in m._parameters.items() if t is not None
+    ]  # fmt: skip
+
+
+def _check_unchanged(versions: Sequence[tuple[torch.Tensor, int, str]]) -> None:
+    """The recomputation would read a parameter changed in place since forward (an optimiser step between a
+    forward and its backward): autograd's error, as the plain model raises it for the tensors it saved,
+    instead of gradients computed from the new values."""
+    for t, version, label in versions:
+        if t._version != version:
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by an inplace operation: "
+                f"[{t.type()} {list(t.shape)}] ({label}, read again when effdense recomputes it in backward) is at "
+                f"version {t._version}; expected version {version} instead. Run backward before changing the "
+                "parameters in place (e.g. before optimizer.step())"
+            )
 
 
 # What is recomputed here (the ImageNet stem conv-BN-ReLU-pool; BN1-ReLU-conv1x1) draws no random numbers,
