@@ -1280,6 +1280,25 @@ def test_torch_func_transforms_run_auto_as_naive() -> None:
             per_sample_input_grads(model.set_strategy(strategy))
 
 
+def test_forward_mode_ad_runs_auto_as_naive_and_names_the_way_out() -> None:
+    """Inside forward_ad.dual_level(), "auto" runs as naive (the tangent is naive's); an explicit shared/fused
+    raised PyTorch's bare "You must implement the jvp function" or a batch_norm error about running
+    statistics, naming neither effdense nor the way out."""
+    import torch.autograd.forward_ad as fwAD
+
+    model, reference = _small_densenet("auto"), _small_densenet("naive")
+    x, tangent = torch.randn(2, 3, 29, 29), torch.randn(2, 3, 29, 29)
+
+    def jvp(m):
+        with fwAD.dual_level():
+            return fwAD.unpack_dual(m(fwAD.make_dual(x, tangent))).tangent
+
+    assert_close_rel(jvp(model), jvp(reference), name="forward-mode tangent")
+    for strategy in ("shared", "fused"):
+        with pytest.raises(RuntimeError, match=f"strategy '{strategy}' cannot run inside forward-mode AD.*set_strategy"):
+            jvp(model.set_strategy(strategy))
+
+
 @pytest.mark.parametrize("strategy", ["shared", "fused"])
 def test_double_backward_names_the_way_out(strategy: str) -> None:
     model, reference = _small_densenet(strategy), _small_densenet("naive")

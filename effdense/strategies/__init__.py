@@ -149,6 +149,14 @@ def _runner_for(name: str, x: torch.Tensor) -> ModuleType:
         return _as_naive_inside(
             name, "a torch.func transform (grad, vmap, jacrev, ...)", "its autograd Function writes shared buffers in place"
         )
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0 and not torch.compiler.is_compiling():
+        # inside torch.autograd.forward_ad.dual_level(): tangents need a forward-mode derivative of every op, which
+        # the shared/fused Function has not (PyTorch's bare "You must implement the jvp function", or a
+        # batch_norm error about running statistics with forward grads, naming neither effdense nor the way out)
+        return _as_naive_inside(
+            name, "forward-mode AD (torch.autograd.forward_ad.dual_level)",
+            "its autograd Function has no forward-mode derivative (jvp)",
+        )  # fmt: skip
     if getattr(torch.autograd.graph, "_allow_mutation_on_saved_tensors_enabled", False):
         # torch.autograd.graph.allow_mutation_on_saved_tensors(): its dispatch mode cannot follow the stage's
         # out-argument and optional-output operators (it failed with a bare KeyError/AttributeError inside)
