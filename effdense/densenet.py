@@ -91,6 +91,12 @@ class _DenseLayer(nn.Module):
         return self.tail(self.bn_function(inputs))
 
 
+def _check_policy(policy: Any, what: str = "policy") -> Policy:
+    if not isinstance(policy, Policy):
+        raise TypeError(f"{what} must be an effdense.Policy, got {type(policy).__name__}")
+    return policy
+
+
 class _DenseBlock(nn.ModuleDict):
     """``num_layers`` dense layers; output is the input concatenated with every layer's new features.
 
@@ -140,10 +146,23 @@ class _DenseBlock(nn.ModuleDict):
         # checked here, as the model's: a typo used to surface as a bare KeyError at the next forward
         self._strategy = strategies.check_strategy(strategy)
 
+    @property
+    def policy(self) -> Policy:
+        """The :class:`effdense.Policy` this block runs with: the model's (:meth:`DenseNet.set_strategy`
+        with a policy sets every block's), or one given to the block itself."""
+        return self._policy
+
+    @policy.setter
+    def policy(self, policy: Policy) -> None:
+        # checked here, as the model's: a dict or None used to fail deep in the next forward (AttributeError)
+        self._policy = _check_policy(policy, "a dense block's policy")
+
     def __setstate__(self, state: dict[str, Any]) -> None:
-        # a block pickled before ``strategy`` became a property kept it in its instance dict
+        # a block pickled before ``strategy`` and ``policy`` became properties kept them in its instance dict
         if "strategy" in state:  # (checked, as the setter checks: it was assigned unchecked then)
             state["_strategy"] = strategies.check_strategy(state.pop("strategy"))
+        if "policy" in state:
+            state["_policy"] = _check_policy(state.pop("policy"), "a dense block's policy")
         super().__setstate__(state)
 
     def forward(self, init_features: torch.Tensor) -> torch.Tensor:
@@ -353,26 +372,26 @@ class DenseNet(nn.Module):
 
     @policy.setter
     def policy(self, policy: Policy) -> None:
-        if not isinstance(policy, Policy):  # (set_strategy takes None as "keep the current one")
-            raise TypeError(f"policy must be an effdense.Policy, got {type(policy).__name__}")
-        self.set_strategy(self._strategy, policy)
+        self.set_strategy(self._strategy, _check_policy(policy))  # (set_strategy takes None as "keep")
 
     def set_strategy(self, strategy: str, policy: Policy | None = None) -> "DenseNet":
         """Switch how dense blocks run, on a live model (parameters are untouched). Returns ``self``.
 
         Args:
-            strategy: ``"auto"`` or one of :data:`effdense.STRATEGIES`.
-            policy: new :class:`effdense.Policy`; ``None`` keeps the current one.
+            strategy: ``"auto"`` or one of :data:`effdense.STRATEGIES`, for every dense block.
+            policy: new :class:`effdense.Policy` for the model and every dense block; ``None`` keeps each
+                block's current one (the model's, or one a block was given of its own).
         """
         strategies.check_strategy(strategy)
-        if policy is not None and not isinstance(policy, Policy):
-            raise TypeError(f"policy must be an effdense.Policy, got {type(policy).__name__}")
+        if policy is not None:
+            _check_policy(policy)
         self._strategy = strategy
         if policy is not None:
             self._policy = policy
         for block in self.dense_blocks:
             block.strategy = strategy
-            block.policy = self._policy
+            if policy is not None:
+                block.policy = policy
         return self
 
     def set_sync_bn(self, enabled: bool = True, process_group: Any = None) -> "DenseNet":
@@ -1121,8 +1140,9 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
     Args:
         model: a ``torchvision.models.DenseNet`` (or an effdense one).
         strategy: block strategy of the new model.
-        policy: :class:`effdense.Policy` of the new model; ``None`` keeps an effdense source's policy
-            (the default ``Policy()`` for a torchvision source).
+        policy: :class:`effdense.Policy` of the new model and its blocks; ``None`` keeps an effdense source's
+            (the model's, and each block's own where a block was given one; the default ``Policy()`` for a
+            torchvision source).
     """
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         raise TypeError(
@@ -1153,7 +1173,8 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
     stem = _source_stem(features)
     compression = model.compression if isinstance(model, DenseNet) else _source_compression(features)
     sync_bn, sync_group = _source_sync_bn(model, features)
-    if policy is None and isinstance(model, DenseNet):
+    keep_block_policies = policy is None and isinstance(model, DenseNet)
+    if keep_block_policies:
         policy = model.policy
     clone = DenseNet(
         growth_rate=growth_rate,
@@ -1202,6 +1223,8 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
         if src is None:
             continue
         module.training = src.training
+        if keep_block_policies and isinstance(module, _DenseBlock) and isinstance(src, _DenseBlock):
+            module.policy = src.policy  # (a block given a policy of its own keeps it)
         if isinstance(module, _DenseLayer) and "drop_rate" in src.__dict__:  # each layer's own (set per layer)
             module.drop_rate = float(src.drop_rate)
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and isinstance(src, nn.modules.batchnorm._BatchNorm):

@@ -912,6 +912,37 @@ def test_a_blocks_strategy_is_checked_when_set() -> None:
         effdense.densenet._DenseBlock.__new__(effdense.densenet._DenseBlock).__setstate__(state)
 
 
+def test_a_blocks_policy_is_checked_when_set_and_kept_until_the_model_sets_one() -> None:
+    """A block's policy: checked when set (a dict or None failed with an AttributeError deep in the next
+    forward); kept by set_strategy without a policy, by estimate_step given the model's own strategy and by
+    convert() (all three put the model's policy back on every block, silently); replaced by a model-wide one."""
+    from effdense.memory import estimate_step
+
+    model = effdense.densenet_cifar(16, 4, strategy="shared")
+    block = model.features.denseblock1
+    for bad in ({"cache_stats": False}, None):
+        with pytest.raises(TypeError, match="a dense block's policy must be an effdense.Policy, got"):
+            block.policy = bad
+    own = effdense.Policy(recompute_bottleneck=False)
+    block.policy = own
+    shape = (2, 3, 8, 8)
+    peak = estimate_step(model, shape).peak
+    assert estimate_step(model, shape, strategy="shared").peak == peak
+    assert estimate_step(model, shape, strategy="shared", policy=effdense.Policy()).peak < peak
+    model.set_strategy("fused")
+    assert block.policy is own and model.features.denseblock2.policy == effdense.Policy()
+    assert effdense.convert(model).features.denseblock1.policy is own
+    assert effdense.convert(model, policy=effdense.Policy()).features.denseblock1.policy == effdense.Policy()
+    model.policy = effdense.Policy(cache_stats=False)
+    assert block.policy == model.features.denseblock2.policy == effdense.Policy(cache_stats=False)
+    # a block pickled before the property held "policy" in its instance dict
+    state = block.__getstate__()
+    state["policy"] = state.pop("_policy")
+    old = effdense.densenet._DenseBlock.__new__(effdense.densenet._DenseBlock)
+    old.__setstate__(state)
+    assert old.policy == effdense.Policy(cache_stats=False)
+
+
 @pytest.mark.parametrize("strategy", ["shared", "fused"])
 def test_a_blocks_own_strategy_is_honoured_under_the_models(strategy, monkeypatch) -> None:
     """``block.strategy`` decides how a block runs (the _DenseBlock docstring): before, a shared/fused model
