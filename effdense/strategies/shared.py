@@ -867,12 +867,15 @@ class _DenseStageFunction(torch.autograd.Function):
         # token: an empty second output, saved, through which backward's double-backward guard links to this
         # node (and so to x and the parameters) without keeping any tensor of forward alive
         token = Fbuf.new_empty(0)
+        ctx.set_materialize_grads(False)  # (the token's gradient stays None: no zeros made for it)
         ctx.save_for_backward(Fbuf, *params, *running, token)
         return Fbuf if out is None else out, token
 
     @staticmethod
     @_differentiable_once
-    def backward(ctx, grad_out: torch.Tensor, _grad_token: torch.Tensor | None):  # type: ignore[override]
+    def backward(ctx, grad_out: torch.Tensor | None, _grad_token: torch.Tensor | None):  # type: ignore[override]
+        if grad_out is None:  # (gradients are not materialised: an undefined one is zero, so are the results)
+            return (None,) * (2 + ctx.n_params)
         # PyTorch's own errors: a second backward without retain_graph, a saved tensor modified in place
         try:
             saved = ctx.saved_tensors
