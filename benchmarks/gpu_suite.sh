@@ -9,18 +9,21 @@
 #   OUT=/tmp/gpu ARCHIVE=/keep/gpu.tgz bash benchmarks/gpu_suite.sh   # also everything in one .tgz
 #   bash benchmarks/gpu_suite.sh --allow-cpu      # dry run without a GPU: every step on tiny settings
 #
-# Everything goes under $OUT (default benchmarks/results/gpu-<device-slug>/): environment.json, one
+# Everything goes under $OUT, a new or empty folder (default benchmarks/results/gpu-<device-slug>/<date>_<commit>/;
+# a folder holding an earlier run's files is refused, so that no stale result sits beside this run's): environment.json, one
 # <step>.log per step, pytest junit XML, the benchmarks' JSON/CSV, and steps.tsv / summary.json with each
 # step's exit code and duration. A failing step does not stop the others; the script exits 1 at the end if
 # any step failed (2 for a usage error or no GPU). Each step runs under `timeout`, and all of them share a
 # budget of $SUITE_BUDGET_S seconds (default 540, so the suite ends inside a 10-minute session; 551 s with
 # SUITE_BUDGET_S=550 on an H200 at 3d264cc): a step left without time is recorded as not_run. ARCHIVE: a
 # .tgz path to pack $OUT into at the end, for machines that return few files. No network access is needed.
-# GIT_COMMIT names the commit recorded (else .git's, else "unknown").
+# GIT_COMMIT names the commit recorded (else .git's, else "unknown"). PYTHON: the interpreter (default python),
+# whose effdense must be this checkout's (pip install -e .; checked). SUITE_WORKERS: pytest-xdist processes for
+# the CUDA test steps (default 8, when xdist is importable).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
 
 ALLOW_CPU=0
 while [ $# -gt 0 ]; do
@@ -36,6 +39,15 @@ PY=${PYTHON:-python}
 if ! "$PY" -c "import effdense, torch" 2>/dev/null; then
     echo "gpu_suite.sh: error: '$PY' cannot import effdense and torch; install with" \
         "'$PY -m pip install --no-deps --no-build-isolation -e .' or set PYTHON=/path/to/python" >&2
+    exit 2
+fi
+# the effdense that runs must be this checkout's: the suite records this checkout's commit, and its CLI steps
+# (python -m, from here) would import this tree's effdense/ while the scripts (python benchmarks/x.py) import the
+# installed one, mixing two trees under one commit
+WHERE=$("$PY" -c "import os, effdense, effdense.kernels as k; print(os.path.dirname(os.path.dirname(os.path.realpath(effdense.__file__))), os.path.dirname(os.path.realpath(k.__file__)), sep='|')" 2>&1 | tail -n 1) || WHERE="|"
+if [ "${WHERE%%|*}" != "$(pwd -P)" ] || [ "${WHERE#*|}" != "$(pwd -P)/kernels" ]; then
+    echo "gpu_suite.sh: error: '$PY' imports effdense (and effdense.kernels) from '${WHERE%%|*}' ('${WHERE#*|}'), not from" \
+        "this checkout ($(pwd -P)); install it with '$PY -m pip install --no-deps --no-build-isolation -e .'" >&2
     exit 2
 fi
 # the console script may belong to another interpreter than $PY (seen on a GPU machine: its `effdense` ran a
@@ -58,15 +70,31 @@ SLUG=$("$PY" -c "
 import re, torch
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu-dry-run'
 print(re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-'))")
-OUT=${OUT:-benchmarks/results/gpu-$SLUG}
-mkdir -p "$OUT"
-OUT=$(cd "$OUT" && pwd)
+BUDGET=${SUITE_BUDGET_S:-540}
+if ! [[ "$BUDGET" =~ ^[0-9]+$ ]] || [ "$BUDGET" -eq 0 ]; then
+    echo "gpu_suite.sh: error: SUITE_BUDGET_S must be a positive number of seconds, got '$BUDGET'" >&2
+    exit 2
+fi
 if [ -z "${GIT_COMMIT:-}" ]; then
     GIT_COMMIT=$(git rev-parse HEAD 2>/dev/null || echo unknown)
     [ "$GIT_COMMIT" != unknown ] && ! git diff --quiet HEAD 2>/dev/null && GIT_COMMIT="$GIT_COMMIT+dirty"
 fi
 export GIT_COMMIT  # effdense and bench_kernels.py record it (it takes precedence over .git)
-BUDGET=${SUITE_BUDGET_S:-540}
+OUT=${OUT:-benchmarks/results/gpu-$SLUG/$(date -u +%Y-%m-%d)_${GIT_COMMIT:0:7}}
+if [ -e "$OUT" ] && ! [ -d "$OUT" ]; then
+    echo "gpu_suite.sh: error: OUT=$OUT is a file, not a folder" >&2
+    exit 2
+fi
+if [ -d "$OUT" ] && [ -n "$(ls -A "$OUT")" ]; then
+    echo "gpu_suite.sh: error: OUT=$OUT already holds files (an earlier run's results would sit beside this run's," \
+        "under its environment.json and steps.tsv); give a new or empty folder" >&2
+    exit 2
+fi
+if ! mkdir -p "$OUT" 2>/dev/null; then
+    echo "gpu_suite.sh: error: cannot create the OUT folder $OUT" >&2
+    exit 2
+fi
+OUT=$(cd "$OUT" && pwd)
 # pytest-xdist (when importable, on a GPU): the CUDA test steps spread their tests over $SUITE_WORKERS processes.
 # Their time is Triton compiling each test's kernels on the host, one after another: at 1a95410 on a fresh H100
 # 88 of 126 CUDA tests ran in 180 s on one of its 16 cores. The processes share the GPU (each test is small).
