@@ -22,7 +22,16 @@ from pathlib import Path
 import torch
 
 import effdense
-from effdense.benchutil import environment
+from effdense.benchutil import (
+    UsageError,
+    device_name,
+    environment,
+    model_name,
+    nonnegative_int,
+    positive_int,
+    require_image_size,
+    resolve_device,
+)
 
 
 def _step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> float:
@@ -38,25 +47,28 @@ def _step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> floa
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="densenet_bc_100")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--model", type=model_name, default="densenet_bc_100")
+    p.add_argument("--batch-size", type=positive_int, default=16)
+    p.add_argument("--image-size", type=positive_int, default=32)
     p.add_argument("--baseline", default="naive")
     p.add_argument("--candidate", default="shared")
-    p.add_argument("--pairs", type=int, default=10, help="timed pairs (default 10)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed pairs first (default 1)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--pairs", type=positive_int, default=10, help="timed pairs (default 10)")
+    p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed pairs first (default 1)")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu (default), cuda[:N] or auto")
+    p.add_argument("--threads", type=nonnegative_int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="folder for the JSON (default: print only)")
     args = p.parse_args(argv)
-    if args.pairs < 1 or args.warmup < 0 or args.batch_size < 1:
-        p.error("--pairs and --batch-size must be positive, --warmup non-negative")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
     for s in (args.baseline, args.candidate):
         if s not in effdense.STRATEGIES:
             p.error(f"unknown strategy {s!r}; expected one of {effdense.STRATEGIES}")
+    try:
+        device = resolve_device(args.device)
+        require_image_size(effdense.get_model(args.model, strategy="naive"), args.image_size, args.model,
+                           batch_size=args.batch_size)  # fmt: skip
+    except UsageError as exc:
+        p.error(str(exc))
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     base = effdense.get_model(args.model, strategy=args.baseline).to(device)
