@@ -38,10 +38,14 @@ from effdense import get_model
 from effdense import strategies as _strategies
 from effdense.benchutil import (
     DTYPES,
+    device_name,
     environment,
     error_note,
     format_table,
     free_memory,
+    image_size_problem,
+    model_name,
+    positive_int,
     progress,
     resolve_device,
     strategy_list,
@@ -68,14 +72,19 @@ def config(text: str) -> tuple[str, int, int, str]:
     if dtype not in DTYPES:
         raise argparse.ArgumentTypeError(f"unknown dtype {dtype!r} in {text!r}; expected one of {', '.join(DTYPES)}")
     try:
-        return parts[0], int(parts[1]), int(parts[2]), dtype
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"BATCH and SIZE must be integers in {text!r}") from None
+        name = model_name(parts[0])
+        batch, size = positive_int(parts[1]), positive_int(parts[2])
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} in {text!r} (MODEL:BATCH:SIZE[:DTYPE])") from None
+    problem = image_size_problem(get_model(name, strategy="naive"), size, name, batch)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(f"{problem} (in {text!r})")
+    return name, batch, size, dtype
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda", help="cuda (default), cuda:N or cpu")
+    p.add_argument("--device", type=device_name, default="cuda", help="cuda (default), cuda:N or cpu")
     p.add_argument("--config", type=config, action="append", default=None, metavar="MODEL:BATCH:SIZE[:DTYPE]",
                    help=f"repeatable; default: {' and '.join(DEFAULT_CONFIGS)}")
     p.add_argument("--strategies", type=strategy_list, default=None,
@@ -84,14 +93,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_one(model_name: str, strategy: str, shape: tuple[int, ...], dtype: str, device: torch.device) -> dict[str, Any]:
+def run_one(name: str, strategy: str, shape: tuple[int, ...], dtype: str, device: torch.device) -> dict[str, Any]:
     autocast = DTYPES[dtype]
     start = time.perf_counter()
-    est = estimate_step(model_name, shape, device=str(device), autocast_dtype=autocast, strategy=strategy, backend="fake")
+    est = estimate_step(name, shape, device=str(device), autocast_dtype=autocast, strategy=strategy, backend="fake")
     estimate_s = time.perf_counter() - start
     free_memory(device)
     torch.manual_seed(0)
-    model = get_model(model_name, strategy=strategy).to(device)
+    model = get_model(name, strategy=strategy).to(device)
     start = time.perf_counter()
     mem = measure_step(model, shape, autocast_dtype=autocast)
     measure_s = time.perf_counter() - start
@@ -124,17 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     progress(f"estimate_vs_cuda: {len(configs)} configs x {len(names)} strategies on {env['device_name']}")
     rows: list[dict[str, Any]] = []
-    for model_name, batch, size, dtype in configs:
-        label = f"{model_name} b{batch} {size}px {dtype}"
+    for name, batch, size, dtype in configs:
+        label = f"{name} b{batch} {size}px {dtype}"
         for strategy in names:
-            row: dict[str, Any] = {"config": label, "model": model_name, "batch_size": batch, "image_size": size,
+            row: dict[str, Any] = {"config": label, "model": name, "batch_size": batch, "image_size": size,
                                    "dtype": dtype, "strategy": strategy}  # fmt: skip
             start = time.perf_counter()
             if strategy not in available:
                 row.update(status="skipped", note="strategy not available here")
             else:
                 try:
-                    row.update(run_one(model_name, strategy, (batch, 3, size, size), dtype, device))
+                    row.update(run_one(name, strategy, (batch, 3, size, size), dtype, device))
                 except Exception as exc:  # one failing row must not lose the others
                     free_memory(device)
                     row.update(status="error", note=error_note(exc))

@@ -466,6 +466,25 @@ def _benchmark_script(name: str):
     return module
 
 
+@pytest.mark.parametrize("script_name, argv, fragment", [
+    ("step_time_ratio", ["--model", "nosuch"], "unknown model 'nosuch'"),
+    ("step_time_ratio", ["--device", "bogus"], "unknown device 'bogus'"),
+    ("step_time_ratio", ["--image-size", "1", "--batch-size", "2"], "too small for densenet_bc_100"),
+    ("estimate_vs_cuda", ["--config", "nosuch:2:32"], "unknown model 'nosuch'"),
+    ("estimate_vs_cuda", ["--config", "densenet_bc_16:0:32"], "expected a positive integer, got '0'"),
+    ("estimate_vs_cuda", ["--device", "nonsense"], "unknown device 'nonsense'"),
+])  # fmt: skip
+def test_benchmark_scripts_refuse_bad_arguments_with_a_usage_error(capsys, tmp_path, script_name, argv, fragment):
+    """Before: tracebacks (exit 1) from step_time_ratio.py; estimate_vs_cuda.py ran every row into an error
+    (and overwrote its result files) for a config it could not run."""
+    script = _benchmark_script(script_name)
+    with pytest.raises(SystemExit) as exc:
+        script.main([*argv, "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and fragment in err.strip().splitlines()[-1] and "Traceback" not in err, err
+    assert not any(tmp_path.iterdir())
+
+
 def test_step_graph_time_arguments_and_device(capsys):
     """benchmarks/step_graph_time.py (GPU suite): its arguments parse, bad ones exit 2, and without CUDA it
     says it needs a CUDA device (exit 2) instead of failing later."""
