@@ -358,11 +358,15 @@ def _run_row(
         say(f"{mib(mem.peak):,.1f} MiB ({mem.mode}); timing up to {args.steps} steps{limit}")
         if args.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        times = time_steps(
-            model, x, steps=args.steps, warmup=args.warmup, autocast_dtype=autocast,
-            max_seconds=args.max_seconds_per_row or None, min_steps=MIN_TIMED_STEPS,
-        )  # fmt: skip
-        out.update(quantiles(times), timed_steps=len(times))
+        try:
+            times = time_steps(
+                model, x, steps=args.steps, warmup=args.warmup, autocast_dtype=autocast,
+                max_seconds=args.max_seconds_per_row or None, min_steps=MIN_TIMED_STEPS,
+            )  # fmt: skip
+        except Exception as exc:  # the peak measured above stays in the row (it was lost with the row before)
+            out.update(status="error", note=f"timing: {error_note(exc)}")
+        else:
+            out.update(quantiles(times), timed_steps=len(times))
     del model, x
     free_memory(device)
     return out

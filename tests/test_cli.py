@@ -59,6 +59,21 @@ def test_bench_file_names_tell_runs_apart(capsys, tmp_path):
         assert b"\r" not in path.read_bytes()
 
 
+def test_bench_row_whose_timing_fails_keeps_its_measured_peak(capsys, tmp_path, monkeypatch):
+    from effdense import bench
+
+    def time_steps(*args, **kwargs):
+        raise RuntimeError("simulated timing failure")
+
+    monkeypatch.setattr(bench, "time_steps", time_steps)
+    code, _, err = run(capsys, "bench", "--model", "densenet_bc_10", "--batch-size", "2", "--strategies", "naive",
+                       "--no-reference", "--steps", "1", "--device", "cpu", "--out", str(tmp_path))  # fmt: skip
+    assert code == 1, err
+    (row,) = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    assert row["status"] == "error" and row["note"] == "timing: RuntimeError: simulated timing failure"
+    assert row["peak_mib"] > 0 and row["memory_mode"] == "exact"
+
+
 def test_bench_names_the_ratio_baseline(capsys, tmp_path):
     # before: without a naive row the ratios were against the first row, which only the JSON said
     code, out, err = run(capsys, "bench", "--model", "densenet_bc_10", "--batch-size", "2",
