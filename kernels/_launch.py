@@ -101,8 +101,13 @@ def input_precision(dtype: torch.dtype) -> str:
 # turns it off; it never runs in the interpreter, whose kernels are not compiled.
 
 _DIRECT = env_switch("EFFDENSE_DIRECT_LAUNCH")
-# (fn, device, argument key, keyword items) -> (launcher, function handle, packed metadata, trailing arguments)
+# (fn, device, argument key, keyword items) -> (launcher, function handle, packed metadata, trailing arguments).
+# Its keys hold every int argument by value (sizes, strides), so each new input size adds a few hundred entries
+# (~1 KB each) for a DenseNet-121; a multi-scale or detection run sees many sizes. Past _COMPILED_MAX entries it
+# starts over: the next launch of each key goes through Triton once more (Triton's own cache keeps the
+# compiled kernels), and is remembered again.
 _COMPILED: dict[tuple, tuple] = {}
+_COMPILED_MAX = 8192
 # launches by route since import (tests and benchmarks read them): "direct", "triton" (through fn[grid])
 counts = {"direct": 0, "triton": 0}
 # (get_current_device, get_current_stream, runtime knobs), set at the first direct launch (one assignment: two
@@ -193,4 +198,10 @@ def _remember(fn, key: tuple, kernel, args: tuple, kwargs: dict) -> None:
             tail.append(param.default)
         else:
             return
-    _COMPILED[key] = (run, function, packed, tuple(tail))
+    _store(key, (run, function, packed, tuple(tail)))
+
+
+def _store(key: tuple, entry: tuple) -> None:
+    if len(_COMPILED) >= _COMPILED_MAX:
+        _COMPILED.clear()
+    _COMPILED[key] = entry

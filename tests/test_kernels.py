@@ -862,6 +862,22 @@ def direct_launch(monkeypatch):
     L.set_direct_launch(previous)
 
 
+def test_direct_launch_cache_is_bounded(direct_launch, monkeypatch):
+    """Its keys hold sizes by value, so every new input size added entries for good (multi-scale training):
+    past _COMPILED_MAX it starts over, and a key launched again goes through Triton once, then directly."""
+    L, fn, log, _ = direct_launch
+    monkeypatch.setattr(L, "_COMPILED_MAX", 4)
+    x, y = torch.zeros(16), torch.zeros(16)
+    for n in range(10):  # ten sizes
+        L.launch(fn, (1,), (x, y, n, 0.5), {"BLOCK": 16})
+        assert 1 <= len(L._COMPILED) <= 4
+    log.clear()
+    L.launch(fn, (1,), (x, y, 9, 0.5), {"BLOCK": 16})  # the last size is still remembered: direct
+    L.launch(fn, (1,), (x, y, 0, 0.5), {"BLOCK": 16})  # the first was dropped: through Triton, then remembered
+    L.launch(fn, (1,), (x, y, 0, 0.5), {"BLOCK": 16})
+    assert [e[0] for e in log] == ["direct", "triton", "direct"]
+
+
 def test_direct_launch_reuses_the_compiled_kernel(direct_launch):
     """After a kernel's first launch through Triton for a specialisation, the same key launches the compiled
     kernel Triton returned through its launcher: grid padded to 3-D, the current stream, its function and
