@@ -183,9 +183,9 @@ def main(args: argparse.Namespace) -> int:
         )
     # whole MiB name the file in MiB, other budgets in bytes (so budgets under 1 MiB get distinct names)
     budget = f"{args.budget >> 20}MiB" if args.budget % (1 << 20) == 0 else f"{args.budget}B"
-    # (a run of some strategies is named after them: it does not overwrite a run of all of them)
+    # (a GPU run, or one of some strategies, is named so: it does not overwrite a CPU run, or one of all of them)
     stem = (f"max_depth_{budget}_k{args.growth_rate}_b{args.batch_size}_{args.image_size}px_{args.dtype}"
-            + selection_tag(names, available))
+            + ("_cuda" if device.type == "cuda" else "") + selection_tag(names, available))
     output_dir(args.out, (f"{stem}.json", f"{stem}.csv"))
     env = environment(device)
     settings = {
