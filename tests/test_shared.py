@@ -682,15 +682,20 @@ def test_a_module_in_another_dtype_raises_as_naive(strategy, module) -> None:
             match = "effdense: denselayer.* of a dense block has torch.* parameters but the block's input is" if s == strategy else None
             with pytest.raises(RuntimeError, match=match):
                 model(x).sum().backward()
-    # allowed: BatchNorm in fp32 in a bf16 model, as naive allows it; any dtype under autocast
+    # allowed: BatchNorm in fp32 in a bf16 model, as naive allows it; under autocast, an fp32 conv (autocast
+    # casts it), not an fp64 one (autocast leaves it alone: naive raises, and shared/fused computed it in bf16)
     ref = effdense.densenet_cifar(16, 4, strategy="naive").bfloat16()
     ref.features.denseblock1.denselayer2.norm1.float()
     _, other = _pair(ref, strategy)
     x = torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)
     torch.testing.assert_close(other(x), ref(x), rtol=2e-2, atol=2e-2)
-    other.features.denseblock1.denselayer1.conv1.double()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        other(x.float()).sum().backward()
+    for model in (ref, other):
+        model.features.denseblock1.denselayer1.conv1.float()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x.float()).sum().backward()
+        model.features.denseblock1.denselayer1.conv1.double()
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError):
+            model(x.float()).sum().backward()
 
 
 @pytest.mark.parametrize("strategy, name", [
