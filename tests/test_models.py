@@ -1280,6 +1280,24 @@ def test_torch_func_transforms_run_auto_as_naive() -> None:
             per_sample_input_grads(model.set_strategy(strategy))
 
 
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_batched_backward_names_the_way_out(strategy: str) -> None:
+    """is_grads_batched=True and jacobian(vectorize=True) run the backward under PyTorch's own batching, outside
+    torch.func: the block's backward crashed with "Cannot access storage of BatchedTensorImpl"."""
+    model, reference = _small_densenet(strategy), _small_densenet("naive")
+    x = torch.randn(2, 3, 29, 29, requires_grad=True)
+    out = model(x)
+    basis = torch.eye(out.numel()).view(-1, *out.shape)[:3]
+    with pytest.raises(RuntimeError, match="cannot run a batched backward.*set_strategy\\('naive'\\) or 'checkpoint'"):
+        torch.autograd.grad(out, x, grad_outputs=basis, is_grads_batched=True)
+    with pytest.raises(RuntimeError, match="cannot run a batched backward"):
+        torch.autograd.functional.jacobian(lambda t: model(t)[:, :2], x, vectorize=True)
+    for way_out in ("naive", "checkpoint"):
+        (rows,) = torch.autograd.grad(model.set_strategy(way_out)(x), x, grad_outputs=basis, is_grads_batched=True)
+        (expected,) = torch.autograd.grad(reference(x), x, grad_outputs=basis, is_grads_batched=True)
+        assert_close_rel(rows, expected, name=f"batched input gradient, {way_out}")
+
+
 def test_forward_mode_ad_runs_auto_as_naive_and_names_the_way_out() -> None:
     """Inside forward_ad.dual_level(), "auto" runs as naive (the tangent is naive's); an explicit shared/fused
     raised PyTorch's bare "You must implement the jvp function" or a batch_norm error about running

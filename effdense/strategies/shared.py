@@ -902,6 +902,13 @@ class _DenseStageFunction(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor | None, _grad_token: torch.Tensor | None):  # type: ignore[override]
         if grad_out is None:  # (gradients are not materialised: an undefined one is zero, so are the results)
             return (None,) * (2 + ctx.n_params)
+        if _legacy_batched(grad_out):
+            raise RuntimeError(
+                "effdense: strategies 'shared' and 'fused' cannot run a batched backward "
+                "(torch.autograd.grad(..., is_grads_batched=True), torch.autograd.functional.jacobian(..., "
+                "vectorize=True)): their dense-block backward writes into shared buffers, which PyTorch's batching "
+                "cannot follow; call model.set_strategy('naive') or 'checkpoint' first, or use vectorize=False"
+            )
         # PyTorch's own errors: a second backward without retain_graph, a saved tensor modified in place
         try:
             saved = ctx.saved_tensors
@@ -953,6 +960,13 @@ class _DenseStageFunction(torch.autograd.Function):
             elif not stage.policy.recompute_bottleneck:
                 state.y1 = None
         return (None, dx, *grads)
+
+
+def _legacy_batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a batched tensor of the backward's own vmap (``is_grads_batched=True``), which runs
+    outside torch.func, so the forward's torch.func check did not see it."""
+    check = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    return check is not None and bool(check(t))
 
 
 def _keeps_graph() -> bool:
