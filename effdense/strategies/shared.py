@@ -902,7 +902,7 @@ class _DenseStageFunction(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor | None, _grad_token: torch.Tensor | None):  # type: ignore[override]
         if grad_out is None:  # (gradients are not materialised: an undefined one is zero, so are the results)
             return (None,) * (2 + ctx.n_params)
-        if _legacy_batched(grad_out):
+        if not torch.compiler.is_compiling() and _legacy_batched(grad_out):  # (dynamo cannot trace the check)
             raise RuntimeError(
                 "effdense: strategies 'shared' and 'fused' cannot run a batched backward "
                 "(torch.autograd.grad(..., is_grads_batched=True), torch.autograd.functional.jacobian(..., "
