@@ -33,6 +33,7 @@ import torch
 from effdense import strategies as _strategies
 from effdense.benchutil import (
     DTYPES,
+    append_csv,
     UsageError,
     comma_items,
     device_name,
@@ -175,15 +176,6 @@ def _check_header(path: Path) -> None:
         )
 
 
-def _append(path: Path, row: dict[str, Any]) -> None:
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS), extrasaction="ignore", lineterminator="\n")
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
-
-
 def _run_point(point: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     shape = (point["batch_size"], 3, point["image_size"], point["image_size"])
     autocast = DTYPES[point["dtype"]]
@@ -287,7 +279,7 @@ def main(args: argparse.Namespace) -> int:
                 row.update(status="error", note=error_note(exc))
                 failed.append(label)
         row["seconds"] = round(time.perf_counter() - start, 2)
-        _append(csv_path, row)
+        append_csv(csv_path, row, CSV_COLUMNS)
         bar.update(1)
         if row["status"] != "ok":
             bar.write(f"{label}: {row['status']} {row.get('note', '')}")

@@ -471,6 +471,17 @@ def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]
             writer.writerow(row)
 
 
+def append_csv(path: Path, row: dict[str, Any], columns: Sequence[str]) -> None:
+    """``row`` appended to the CSV at ``path`` (keys not in ``columns`` left out), under a header of ``columns``
+    written first when the file is new or empty; ``\n`` line ends, as :func:`write_csv`."""
+    new = not path.exists() or path.stat().st_size == 0
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, Callable[[Any], str]]]) -> str:
     """A plain-text table: ``columns`` are ``(key, header, formatter)``; missing values print as ``-``."""
     cells = [[header for _, header, _ in columns]]

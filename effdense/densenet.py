@@ -294,8 +294,8 @@ class DenseNet(nn.Module):
         if memory_efficient:
             strategy = "checkpoint"
         strategies.check_strategy(strategy)
-        if policy is not None and not isinstance(policy, Policy):
-            raise TypeError(f"policy must be an effdense.Policy, got {type(policy).__name__}")
+        if policy is not None:
+            _check_policy(policy)
 
         self.growth_rate = growth_rate
         self.block_config = block_config

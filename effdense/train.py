@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import dataclasses
 import json
 import math
@@ -29,6 +28,7 @@ import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from effdense import densenet, strategies
-from effdense.benchutil import AutocastInside, first_line, image_size_problem, positive_int
+from effdense.benchutil import AutocastInside, append_csv, first_line, image_size_problem, positive_int
 from effdense.data import DATASETS, DEFAULT_IMAGE_SIZE, DataError, SeededSamples, ShardSampler, Subset, build_datasets
 
 DEFAULT_DEPTH = 22
@@ -791,12 +791,7 @@ class _MetricsLog:
                 f.write(json.dumps(row) + "\n")
             return
         flat = {k: (";".join(f"{x:.1f}" for x in v) if isinstance(v, list) else v) for k, v in row.items()}
-        new = not os.path.exists(self.path) or os.path.getsize(self.path) == 0
-        with open(self.path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(flat), lineterminator="\n")
-            if new:
-                writer.writeheader()
-            writer.writerow(flat)
+        append_csv(Path(self.path), flat, list(flat))
 
 
 def _progress(total: int, desc: str, enabled: bool):

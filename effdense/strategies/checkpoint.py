@@ -44,16 +44,22 @@ def frozen_running_stats(modules: Sequence[nn.Module]) -> Iterator[None]:
                     buf.data.copy_(value)
 
 
-def _forward_record(modules: Sequence[nn.Module]) -> tuple[list[tuple[dict, str, torch.Tensor]], list[tuple[nn.Module, bool]]]:
+def _forward_record(
+    modules: Sequence[nn.Module],
+) -> tuple[list[tuple[dict, str, torch.Tensor]], list[tuple[nn.Module, bool]], list[tuple[torch.Tensor, int, str]]]:
     """What forward read of ``modules`` (recursively): every parameter and buffer as ``(the module's dict,
-    name, tensor)``, and every module's ``training`` flag."""
-    tensors, modes = [], []
+    name, tensor)``, every module's ``training`` flag, and every parameter with its version counter now (see
+    :func:`_check_unchanged`)."""
+    tensors, modes, versions = [], [], []
     for mod in modules:
         for m in mod.modules():
             modes.append((m, m.training))
             for d in (m._parameters, m._buffers):
                 tensors.extend((d, name, t) for name, t in d.items() if t is not None)
-    return tensors, modes
+            versions.extend(
+                (t, t._version, f"{type(m).__name__}.{name}") for name, t in m._parameters.items() if t is not None
+            )
+    return tensors, modes, versions
 
 
 @contextlib.contextmanager
@@ -112,24 +118,16 @@ def recompute_once(
         nonlocal calls
         calls += 1
         if calls == 1:
-            tensors, flags = _forward_record(modules if reads is None else reads)
+            tensors, flags, read_versions = _forward_record(modules if reads is None else reads)
             record.extend(tensors)
             modes.extend(flags)
-            versions.extend(_parameter_versions(modules if reads is None else reads))
+            versions.extend(read_versions)
             return fn(*inputs)
         _check_unchanged(versions)
         with _as_in_forward(record, modes), frozen_running_stats(modules):
             return fn(*inputs)
 
     return wrapped
-
-
-def _parameter_versions(modules: Sequence[nn.Module]) -> list[tuple[torch.Tensor, int, str]]:
-    """Each parameter that forward read of ``modules`` (recursively), with its version counter now."""
-    return [
-        (t, t._version, f"{type(m).__name__}.{name}")
-        for mod in modules for m in mod.modules() for name, t in m._parameters.items() if t is not None
-    ]  # fmt: skip
 
 
 def _check_unchanged(versions: Sequence[tuple[torch.Tensor, int, str]]) -> None:

@@ -1124,8 +1124,9 @@ def run_stage(block, transition, x: torch.Tensor, ops: ModuleType, **stage_optio
         return out if transition is None else transition(out)
     stage = _make_stage(block, transition, ops, x, **stage_options)
     params = stage.params()
-    if any(p.dtype != x.dtype for p in params):
-        _check_param_dtypes(stage, x.dtype, params, autocast=_autocasting(x))
+    dtypes = {p.dtype for p in params}  # (one pass over the parameters: this runs on every stage's forward)
+    if dtypes != {x.dtype}:
+        _check_param_dtypes(stage, x.dtype, dtypes, autocast=_autocasting(x))
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         with _autocast_off(x.device.type):
             return _DenseStageFunction.apply(stage, x, *params)[0]
@@ -1134,15 +1135,16 @@ def run_stage(block, transition, x: torch.Tensor, ops: ModuleType, **stage_optio
     return Fbuf if out is None else out
 
 
-def _check_param_dtypes(stage: _Stage, dtype: torch.dtype, params: Sequence[torch.Tensor], autocast: bool = False) -> None:
+def _check_param_dtypes(stage: _Stage, dtype: torch.dtype, dtypes: set, autocast: bool = False) -> None:
     """Outside autocast the modules run in the input's dtype, as naive's do: a convolution whose weight has
     another dtype is an error there (so is a BatchNorm's, except fp32 parameters for a bf16/fp16 input, the
     "BatchNorm in fp32" recipe). The stage casts parameters for autocast's sake; without this check it cast
-    these too, and a layer put in fp64 by ``layer.double()`` computed in fp32 without a word. Under autocast
+    these too, and a layer put in fp64 by ``layer.double()`` computed in fp32 without a word (``dtypes``: the
+    stage's parameter dtypes, more than ``dtype`` alone). Under autocast
     (``autocast=True``) only an fp64 convolution weight in a model whose input is not fp64 is an error, as
     for naive: autocast casts fp32 weights, and leaves fp64 ones alone."""
     if autocast:  # (the usual mixed-precision step, fp32 weights and bf16/fp16 activations: one pass, no error)
-        if dtype == torch.float64 or not any(p.dtype == torch.float64 for p in params):
+        if dtype == torch.float64 or torch.float64 not in dtypes:
             return
         for name, layer in stage.block._modules.items():
             for part, m in zip(("conv1", "conv2"), _parts(layer)[1::2]):
