@@ -13,7 +13,7 @@ percentiles, in ms):
 ``*_graph`` columns time the same calls replayed from a CUDA graph (GPU time without Python and launch
 overhead, which dominates the small 14x14/7x7 problems). ``ms_reference`` is the eager PyTorch twin the kernel replaces (unfused, materialising ``h``).
 Writes ``benchmarks/results/bench_kernels_<device>.json`` and ``.csv`` and prints a table. Never asserts.
-The JSON's ``metadata`` is :func:`effdense.benchutil.environment` (device, versions, commit, command line,
+The JSON's ``meta`` (``metadata`` in files recorded before 2026-11-27) is :func:`effdense.benchutil.environment` (device, versions, commit, command line,
 time), as in the other benchmarks' files, plus this script's settings; ``device`` there is the GPU's name.
 
 Usage: ``python benchmarks/bench_kernels.py [--dtypes bf16,fp32] [--batch 64] [--quick]``
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
     json_path = args.out / f"bench_kernels_{slug}.json"
     csv_path = args.out / f"bench_kernels_{slug}.csv"
-    json_path.write_text(json.dumps({"metadata": meta, "rows": rows}, indent=2))
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     meta_columns = ("device", "torch", "triton", "git_commit", "command")  # as effdense bench's CSV, per row
     with csv_path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=[*rows[0].keys(), *meta_columns], lineterminator="\n")

@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name:34s} {us:7.1f}{extra}")
     payload = {
         "benchmark": "host_overhead",
-        "environment": {
+        "meta": {  # (recorded as "environment" before 2026-11-27; "meta" as in the other benchmarks' files)
             **environment(torch.device(args.device)),
             "command": " ".join(["python", "benchmarks/host_overhead.py", *(sys.argv[1:] if argv is None else argv)]),
         },

@@ -7,7 +7,7 @@ figure: a load change between pairs moves both steps of a pair alike.
     python benchmarks/step_time_ratio.py                       # shared vs naive, DenseNet-BC-100, batch 16, CPU
     python benchmarks/step_time_ratio.py --candidate checkpoint --pairs 20 --out benchmarks/results
 
-Writes ``step_ratio_<model>_b<batch>_<candidate>_vs_<baseline>_<device>.json`` with every pair's times.
+Writes ``step_ratio_<model>_b<batch>_<size>px_<candidate>_vs_<baseline>_<device>.json`` with every pair's times.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"step_ratio_{args.model}_b{args.batch_size}_{args.candidate}_vs_{args.baseline}_{device.type}.json"
+        path = out / f"step_ratio_{args.model}_b{args.batch_size}_{args.image_size}px_{args.candidate}_vs_{args.baseline}_{device.type}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
     return 0

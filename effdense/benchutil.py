@@ -343,10 +343,25 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "git_commit": git_commit(),
-        "command": " ".join(["effdense", *sys.argv[1:]]) if Path(sys.argv[0]).name == "effdense" else " ".join(sys.argv),
+        "command": command_line(),
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "strategies_available": list(_strategies.available()),
     }
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """The command that ran this process (``sys.argv`` by default), as a user would type it again: the
+    ``effdense`` script as ``effdense ...``, ``python -m effdense.cli ...`` (how the GPU suite runs the CLI,
+    whose ``argv[0]`` is then the full path of ``cli.py``) as that, a script as ``python <script> ...``."""
+    argv = list(sys.argv if argv is None else argv)
+    if not argv:
+        return ""
+    first = Path(argv[0])
+    if first.name == "effdense":
+        return " ".join(["effdense", *argv[1:]])
+    if first.name == "cli.py" and first.parent.name == "effdense":
+        return " ".join(["python -m effdense.cli", *argv[1:]])
+    return " ".join(["python", *argv] if first.suffix == ".py" else argv)
 
 
 def default_image_size(model_name_: str) -> int:

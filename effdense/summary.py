@@ -44,6 +44,7 @@ from effdense.benchutil import (
     positive_int,
     progress,
     reject_ineffective,
+    selection_tag,
     require_image_size,
     strategy_list,
     write_json,
@@ -152,7 +153,14 @@ def main(args: argparse.Namespace) -> int:
     model = get_model(args.model, strategy="naive")
     # the memory estimates take a training step at --batch-size; the rest runs one image in eval mode
     require_image_size(model, size, args.model, batch_size=None if args.no_memory else args.batch_size)
-    output_dir(args.out, (f"summary_{args.model}.json",))
+    # the settings that change the file's contents are in its name: a run at another image size, batch, dtype
+    # or strategy selection does not overwrite this one (only a rerun of the same settings does)
+    available = _strategies.available()
+    names = args.strategies if args.strategies is not None else list(available)
+    stem = f"summary_{args.model}_{size}px" + (
+        "_nomemory" if args.no_memory else f"_b{args.batch_size}_{args.dtype}" + selection_tag(names, available)
+    )
+    output_dir(args.out, (f"{stem}.json",))
     num_classes = model.classifier.out_features
     blocks = [len(b.layers) for b in model.dense_blocks]
     connections = [n * (n + 1) // 2 for n in blocks]
@@ -211,8 +219,6 @@ def main(args: argparse.Namespace) -> int:
 
     memory: list[dict[str, Any]] = []
     if not args.no_memory:
-        available = _strategies.available()
-        names = args.strategies if args.strategies is not None else list(available)
         shape = (args.batch_size, 3, size, size)
         progress(f"estimating training-step memory at batch {args.batch_size}, {size}x{size}, {args.dtype} ...")
         for s in names:
@@ -241,9 +247,10 @@ def main(args: argparse.Namespace) -> int:
             ("status", "status", str),
         )))  # fmt: skip
     env = environment(torch.device("cpu"))
-    path = args.out / f"summary_{args.model}.json"
+    path = args.out / f"{stem}.json"
     write_json(path, {
-        "meta": {**env, "model": args.model, "image_size": size, "batch_size": args.batch_size, "dtype": args.dtype},
+        "meta": {**env, "model": args.model, "image_size": size, "memory": not args.no_memory,
+                 **({} if args.no_memory else {"batch_size": args.batch_size, "dtype": args.dtype, "strategies": names})},
         "models": rows, "blocks": blocks, "dense_connections_per_block": connections, "memory": memory,
     })  # fmt: skip
     print(f"wrote {path}")

@@ -4,6 +4,7 @@ import csv
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -292,7 +293,8 @@ def test_summary_tiny(capsys, tmp_path):
     code, out, err = run(capsys, "summary", "densenet_bc_16", "--strategies", "naive", "--batch-size", "2",
                          "--out", str(tmp_path))  # fmt: skip
     assert code == 0, err
-    payload = json.loads((tmp_path / "summary_densenet_bc_16.json").read_text())
+    payload = json.loads((tmp_path / "summary_densenet_bc_16_32px_b2_fp32_naive.json").read_text())
+    assert payload["meta"]["strategies"] == ["naive"] and payload["meta"]["batch_size"] == 2
     assert payload["blocks"] == [2, 2, 2] and payload["dense_connections_per_block"] == [3, 3, 3]
     model, resnet = payload["models"]
     assert model["params"] == sum(p.numel() for p in effdense.get_model("densenet_bc_16").parameters())
@@ -304,7 +306,7 @@ def test_model_names_are_case_insensitive(capsys, tmp_path):
     # as effdense.get_model; before: "unknown model 'DenseNet_BC_10'"
     code, _, err = run(capsys, "summary", "DenseNet_BC_10", "--no-memory", "--out", str(tmp_path))
     assert code == 0, err
-    assert json.loads((tmp_path / "summary_densenet_bc_10.json").read_text())["blocks"] == [1, 1, 1]
+    assert json.loads((tmp_path / "summary_densenet_bc_10_32px_nomemory.json").read_text())["blocks"] == [1, 1, 1]
 
 
 @pytest.mark.parametrize(
@@ -368,7 +370,7 @@ def test_out_that_cannot_be_a_folder_is_a_usage_error(capsys, tmp_path, argv, wh
 
 _RESULT_FILE = {
     "bench": "bench_densenet_bc_10_b2_32px_fp32_cpu_estimate.json", "ablate": "ablate.csv",
-    "max-depth": "max_depth_1MiB_k12_b2_32px_fp32_naive.json", "summary": "summary_densenet_bc_10.json",
+    "max-depth": "max_depth_1MiB_k12_b2_32px_fp32_naive.json", "summary": "summary_densenet_bc_10_32px_nomemory.json",
 }  # fmt: skip
 
 
@@ -522,7 +524,7 @@ def test_host_overhead_counts_and_writes(tmp_path, capsys):
             "--strategies", "naive,fused", "--out", str(tmp_path)]  # fmt: skip
     assert script.main(argv) == 0
     data = json.loads((tmp_path / "host_overhead_densenet_bc_16_b2_8px.json").read_text())
-    assert data["environment"]["command"] == " ".join(["python", "benchmarks/host_overhead.py", *argv])
+    assert data["meta"]["command"] == " ".join(["python", "benchmarks/host_overhead.py", *argv])
     rows = {r["strategy"]: r for r in data["op_counts"]}
     for row in rows.values():
         kinds = ("views", "allocations", "fills", "compute", "kernel_ops")
@@ -682,7 +684,7 @@ def test_summary_reference_row_says_it_is_the_imagenet_resnet(capsys, tmp_path):
     assert code == 0, err
     assert "torchvision resnet18 (ImageNet architecture)" in out
     assert "run at 32x32 input (last feature map 1x1)" in out and "It is not a CIFAR ResNet" in out
-    (resnet,) = json.loads((tmp_path / "summary_densenet_bc_16.json").read_text())["models"][1:]
+    (resnet,) = json.loads((tmp_path / "summary_densenet_bc_16_32px_nomemory.json").read_text())["models"][1:]
     assert "not a CIFAR ResNet" in resnet["note"] and resnet["input"] == "32x32"
 
 
@@ -875,7 +877,7 @@ def test_summary_depth_column_counts_both_rows_the_same_way(capsys, tmp_path):
         assert layer_depth(lambda name=name: effdense.get_model(name, strategy="naive"), 32) == all_layers == depth
     code, out, err = run(capsys, "summary", "densenet_bc_16", "--no-memory", "--out", str(tmp_path))
     assert code == 0, err
-    model, resnet = json.loads((tmp_path / "summary_densenet_bc_16.json").read_text())["models"]
+    model, resnet = json.loads((tmp_path / "summary_densenet_bc_16_32px_nomemory.json").read_text())["models"]
     assert (model["depth"], resnet["depth"]) == (16, 18)
     assert "depth: convolution and fully connected layers on the longest input-to-output path" in out
 
@@ -1033,3 +1035,35 @@ def test_bench_compiled_low_precision_rows_enter_autocast_inside_the_compiled_ca
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert model(x).dtype == torch.bfloat16  # autocast ran inside
     assert not isinstance(_compiled(effdense.get_model("densenet_bc_10"), "fp32")._orig_mod, AutocastInside)
+
+
+def test_summary_runs_at_other_settings_do_not_overwrite_each_other(capsys, tmp_path):
+    # before: every run wrote summary_<model>.json, so a run at another image size, batch or dtype replaced
+    # the last one's file (whose numbers then no longer matched the command that a reader reran)
+    runs = [
+        ("--no-memory",),
+        ("--no-memory", "--image-size", "64"),
+        ("--strategies", "naive", "--batch-size", "2"),
+        ("--strategies", "naive", "--batch-size", "3"),
+    ]
+    for extra in runs:
+        code, _, err = run(capsys, "summary", "densenet_bc_10", *extra, "--out", str(tmp_path))
+        assert code == 0, err
+    names = sorted(p.name for p in tmp_path.glob("summary_*.json"))
+    assert names == [
+        "summary_densenet_bc_10_32px_b2_fp32_naive.json", "summary_densenet_bc_10_32px_b3_fp32_naive.json",
+        "summary_densenet_bc_10_32px_nomemory.json", "summary_densenet_bc_10_64px_nomemory.json",
+    ]
+    meta = json.loads((tmp_path / "summary_densenet_bc_10_64px_nomemory.json").read_text())["meta"]
+    assert meta["image_size"] == 64 and meta["memory"] is False and "batch_size" not in meta
+
+
+def test_recorded_command_line_is_what_a_user_types_again():
+    # before: `python -m effdense.cli bench ...` (how benchmarks/gpu_suite.sh runs the CLI) was recorded as
+    # "/abs/path/effdense/cli.py bench ...", a command that does not reproduce the run
+    from effdense.benchutil import command_line
+
+    cli_path = str(Path(effdense.__file__).parent / "cli.py")
+    assert command_line([cli_path, "bench", "--steps", "2"]) == "python -m effdense.cli bench --steps 2"
+    assert command_line(["/venv/bin/effdense", "summary", "densenet121"]) == "effdense summary densenet121"
+    assert command_line(["benchmarks/bench_kernels.py", "--quick"]) == "python benchmarks/bench_kernels.py --quick"
