@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import random
 import types
+import warnings
 
 import pytest
 import torch
@@ -1101,3 +1102,106 @@ def test_disabled_saved_tensor_hooks_keep_activations_instead_of_failing(strateg
     with torch.autograd.graph.disable_saved_tensors_hooks("effdense test: no saved-tensor hooks here"):
         with pytest.warns(UserWarning, match=r"saved-tensor hooks are disabled \(torch.autograd.graph.disable_saved"):
             assert_matches(ref, other, torch.randn(2, 3, 33, 33))
+
+
+def _stem_dropout(m):
+    m.features.relu0 = nn.Sequential(nn.ReLU(), nn.Dropout(0.3))
+
+
+def _stem_instance_norm(m):
+    m.features.norm0 = nn.InstanceNorm2d(m.features.norm0.num_features, affine=True, track_running_stats=True)
+
+
+_NOT_RECOMPUTABLE_STEMS = {
+    "dropout": _stem_dropout,
+    "rrelu": lambda m: setattr(m.features, "relu0", nn.RReLU()),
+    "spectral_norm": lambda m: nn.utils.parametrizations.spectral_norm(m.features.conv0),
+    "instance_norm_with_running_stats": _stem_instance_norm,
+}
+
+
+@pytest.mark.parametrize("swap", sorted(_NOT_RECOMPUTABLE_STEMS))
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_stem_module_that_would_not_recompute_exactly_keeps_its_activations(strategy, swap) -> None:
+    """shared/fused recompute the ImageNet stem in backward without restoring the RNG (its standard modules
+    draw nothing). Before, a Dropout or RReLU swapped into it was recomputed with another draw (gradients
+    off by 100 % and more), and a spectral-norm parametrization or an InstanceNorm with running statistics
+    stepped its state twice per step; now such a stem keeps its activations, with a warning naming the
+    module, and gives naive's outputs, gradients and buffers (the power iteration's u and v among them)."""
+    torch.manual_seed(0)
+    model = effdense.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3)
+    _NOT_RECOMPUTABLE_STEMS[swap](model)
+    ref, other = _pair(model, strategy)
+    with pytest.warns(UserWarning, match=r"the stem \(conv0, norm0, relu0, pool0\) keeps its activations .*(relu0|conv0|norm0)"):
+        assert_matches(ref, other, torch.randn(2, 3, 33, 33))
+
+
+_NOT_RECOMPUTABLE_LAYERS = {
+    "dropout": lambda layer: setattr(layer, "relu1", nn.Sequential(nn.ReLU(), nn.Dropout(0.3))),
+    "rrelu": lambda layer: setattr(layer, "relu1", nn.RReLU()),
+    "spectral_norm": lambda layer: nn.utils.parametrizations.spectral_norm(layer.conv1),
+    "old_spectral_norm": lambda layer: nn.utils.spectral_norm(layer.conv1),
+    "instance_norm_with_running_stats": lambda layer: setattr(
+        layer, "norm1", nn.InstanceNorm2d(layer.norm1.num_features, affine=True, track_running_stats=True)
+    ),
+}
+
+
+@pytest.mark.parametrize("swap", sorted(_NOT_RECOMPUTABLE_LAYERS))
+def test_checkpoint_block_with_a_part_that_would_not_recompute_exactly_runs_as_naive(swap) -> None:
+    """checkpoint recomputes each layer's norm1-relu1-conv1 in backward. Before, a random module there was
+    recomputed with another draw (wrong gradients in every earlier layer; torchvision's memory_efficient=True
+    restores the RNG) and a spectral norm stepped its power iteration twice per step (as torchvision's does);
+    now that block runs as naive, with a warning naming the module, and matches naive exactly."""
+    torch.manual_seed(0)
+    model = effdense.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3)
+    _NOT_RECOMPUTABLE_LAYERS[swap](model.features.denseblock2.denselayer2)
+    ref, other = _pair(model, "checkpoint")
+    with pytest.warns(UserWarning, match=r"instead of 'checkpoint', because denselayer2\.(relu1|conv1|norm1)"):
+        assert_matches(ref, other, torch.randn(2, 3, 33, 33))
+
+
+@pytest.mark.parametrize("strategy", ["checkpoint", "shared"])
+def test_modules_that_recompute_exactly_are_still_recomputed(strategy) -> None:
+    """The other side of the two tests above: Dropout(p=0), GroupNorm, torchvision's FrozenBatchNorm2d and
+    another activation in the stem (shared) or a layer's recomputed parts (checkpoint) warn of nothing."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(0)
+    model = effdense.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3)
+    f, layer = model.features, model.features.denseblock1.denselayer1
+    if strategy == "shared":
+        f.relu0, f.norm0 = nn.Sequential(nn.SiLU(), nn.Dropout(0.0)), FrozenBatchNorm2d(8)
+    else:
+        layer.relu1, layer.norm1 = nn.Sequential(nn.ReLU(), nn.Dropout(0.0)), nn.GroupNorm(2, 8)
+    ref, other = _pair(model, strategy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_matches(ref, other, torch.randn(2, 3, 33, 33))
+
+
+@pytest.mark.parametrize("strategy", ["checkpoint", "shared"])
+def test_running_statistics_updated_between_an_eval_forward_and_its_backward_raise(strategy) -> None:
+    """An eval-mode forward, then a training-mode forward that updates the running statistics it normalised
+    with, then the first one's backward: shared/fused raise autograd's in-place error. Before, checkpoint
+    recomputed BN1 with the new statistics and gave a gradient neither the forward's nor naive's (28 % off
+    naive's input gradient), silently; batch_norm moves no version counter of the statistics it updates, so
+    the check is on num_batches_tracked, which a training-mode BatchNorm increments in place."""
+    torch.manual_seed(0)
+    model = effdense.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3)
+    model.set_strategy(strategy).eval()
+    out = model(torch.randn(2, 3, 33, 33, requires_grad=True))
+    model.train()
+    with torch.no_grad():
+        model(3 * torch.randn(4, 3, 33, 33) + 1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.pow(2).sum().backward()
+    # without the update in between: no error, naive's gradients (the statistics are read, not changed)
+    ref = copy.deepcopy(model).set_strategy("naive").eval()
+    model.eval()
+    x = torch.randn(2, 3, 33, 33)
+    for m in (model, ref):
+        m.zero_grad(set_to_none=True)
+        m(x).pow(2).sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)

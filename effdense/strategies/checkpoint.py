@@ -18,6 +18,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
+from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNormHook  # old-style spectral_norm's pre-hook
 from torch.utils.checkpoint import checkpoint
 
 from effdense.strategies import naive as _naive
@@ -48,8 +49,9 @@ def _forward_record(
     modules: Sequence[nn.Module],
 ) -> tuple[list[tuple[dict, str, torch.Tensor]], list[tuple[nn.Module, bool]], list[tuple[torch.Tensor, int, str]]]:
     """What forward read of ``modules`` (recursively): every parameter and buffer as ``(the module's dict,
-    name, tensor)``, every module's ``training`` flag, and every parameter with its version counter now (see
-    :func:`_check_unchanged`)."""
+    name, tensor)``, every module's ``training`` flag, and with its version counter now (see
+    :func:`_check_unchanged`) every parameter, and the running statistics of a BatchNorm that normalises with
+    them (eval mode): the recomputation reads those again too."""
     tensors, modes, versions = [], [], []
     for mod in modules:
         for m in mod.modules():
@@ -59,6 +61,12 @@ def _forward_record(
             versions.extend(
                 (t, t._version, f"{type(m).__name__}.{name}") for name, t in m._parameters.items() if t is not None
             )
+            if not m.training and isinstance(m, nn.modules.batchnorm._BatchNorm) and m._buffers.get("running_mean") is not None:
+                # its running statistics, which batch_norm updates without moving their version counters; a
+                # training-mode forward that updates them counts the update in num_batches_tracked, in place
+                t = m._buffers.get("num_batches_tracked")
+                if t is not None:
+                    versions.append((t, t._version, f"{type(m).__name__}.num_batches_tracked, counting updates of the running statistics it normalised with"))
     return tensors, modes, versions
 
 
@@ -132,22 +140,82 @@ def recompute_once(
 
 def _check_unchanged(versions: Sequence[tuple[torch.Tensor, int, str]]) -> None:
     """The recomputation would read a parameter changed in place since forward (an optimiser step between a
-    forward and its backward): autograd's error, as the plain model raises it for the tensors it saved,
-    instead of gradients computed from the new values."""
+    forward and its backward), or running statistics that an eval-mode BatchNorm normalised with and a
+    training-mode forward has updated since: autograd's error, as the plain model raises it for the tensors it
+    saved (and shared/fused for those statistics), instead of gradients computed from the new values."""
     for t, version, label in versions:
         if t._version != version:
             raise RuntimeError(
                 f"one of the variables needed for gradient computation has been modified by an inplace operation: "
                 f"[{t.type()} {list(t.shape)}] ({label}, read again when effdense recomputes it in backward) is at "
                 f"version {t._version}; expected version {version} instead. Run backward before changing the "
-                "parameters in place (e.g. before optimizer.step())"
+                "parameters in place (e.g. before optimizer.step()) or running a training-mode forward"
             )
 
 
 # What is recomputed here (the ImageNet stem conv-BN-ReLU-pool; BN1-ReLU-conv1x1) draws no random numbers,
 # so checkpoint need not save and restore the RNG states around the recomputation (a host cost per call on
-# CUDA, and a generator-state read that CUDA graph capture may not allow). Dropout stays outside.
+# CUDA, and a generator-state read that CUDA graph capture may not allow). Dropout stays outside. That holds
+# for the modules below only: anything else is not recomputed (see unrecomputable).
 _PRESERVE_RNG = False
+
+# Modules whose output depends only on their input, parameters and buffers, and whose call changes no state:
+# a recomputation gives what the forward gave and leaves the module as one call leaves it. Exact classes: a
+# subclass, a parametrized module (its class is a generated subclass) or an instance's own forward may
+# compute otherwise. BatchNorm (running statistics put back by recompute_once), InstanceNorm without running
+# statistics, torchvision's FrozenBatchNorm2d and Dropout that draws nothing (eval mode, p = 0) are handled in
+# _recomputes_exactly.
+_RECOMPUTABLE = frozenset({
+    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Identity, nn.Sequential, nn.Flatten,
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
+    nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+})  # fmt: skip
+_BATCHNORM_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
+_DROPOUTS = frozenset({nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout})
+
+
+def _recomputes_exactly(m: nn.Module) -> bool:
+    """Whether a second call of ``m`` (not its submodules) in backward computes what the first computed and
+    changes nothing that the first did not (BatchNorm running statistics aside: recompute_once puts them
+    back). Not so for a parametrization (``spectral_norm`` steps its power iteration at each call), the
+    pre-hook of the old-style ``torch.nn.utils.spectral_norm`` (the same), or a module that draws random
+    numbers. Other hooks fire again in the recomputation, as under torchvision's ``memory_efficient=True``."""
+    d, cls = m.__dict__, type(m)
+    if "forward" in d or "parametrizations" in d["_modules"]:  # (where a parametrized module keeps them)
+        return False
+    if any(isinstance(h, _SpectralNormHook) for h in d["_forward_pre_hooks"].values()):
+        return False
+    if cls in _RECOMPUTABLE:
+        return True
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return cls.forward in _BATCHNORM_FORWARDS or getattr(cls, "_effdense_computes_as_batchnorm", False)
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm):
+        return cls.forward is nn.modules.instancenorm._InstanceNorm.forward and not m.track_running_stats
+    if cls in _DROPOUTS:
+        return not m.training or m.p == 0
+    return cls.__name__ == "FrozenBatchNorm2d" and cls.__module__ == "torchvision.ops.misc"
+
+
+def unrecomputable(named: Sequence[tuple[str, nn.Module]]) -> list[str]:
+    """The names (dotted, below the given ones) of the modules in ``named`` that a recomputation would not
+    reproduce exactly (see :func:`_recomputes_exactly`): a Dropout or RReLU swapped into the stem, a
+    spectral-norm parametrization, an InstanceNorm with running statistics. Recomputing those gave other
+    gradients than the forward's (another random draw) or stepped their state twice per training step;
+    torchvision's ``memory_efficient=True`` preserves the RNG but still steps such state twice."""
+    odd: list[str] = []
+    stack = list(reversed(named))
+    while stack:
+        name, m = stack.pop()
+        if m is None:  # (a submodule slot set to None)
+            continue
+        if not _recomputes_exactly(m):
+            odd.append(name)  # (not its submodules: a parametrized conv is named, not its parametrizations)
+            continue
+        stack.extend(reversed([(f"{name}.{sub}", c) for sub, c in m._modules.items()]))
+    return odd
 
 
 def _needs_grad(tensors: Sequence[torch.Tensor], modules: Sequence[nn.Module]) -> bool:
@@ -171,11 +239,13 @@ def hooks_disabled() -> bool:
     return not torch.compiler.is_compiling() and _hooks_disabled_message() is not None
 
 
-def run_recomputed(modules: Sequence[nn.Module], x: torch.Tensor) -> torch.Tensor:
-    """Apply ``modules`` in order under checkpointing: only ``x`` is kept, the rest is recomputed in
-    backward, BatchNorm running statistics are updated once. Runs plainly when it saves nothing (no
-    gradient needed, or a single module, e.g. the CIFAR stem's lone convolution), and, with a warning, where
-    saved-tensor hooks are disabled (:func:`hooks_disabled`): their activations are then kept."""
+def run_recomputed(named: Sequence[tuple[str, nn.Module]], x: torch.Tensor) -> torch.Tensor:
+    """Apply the ``(name, module)`` pairs' modules in order under checkpointing: only ``x`` is kept, the rest
+    is recomputed in backward, BatchNorm running statistics are updated once. Runs plainly when it saves
+    nothing (no gradient needed, or a single module, e.g. the CIFAR stem's lone convolution), and, with a
+    warning, where saved-tensor hooks are disabled (:func:`hooks_disabled`) or a module would not recompute
+    exactly (:func:`unrecomputable`): their activations are then kept."""
+    modules = [m for _, m in named]
 
     def run(inp: torch.Tensor) -> torch.Tensor:
         for m in modules:
@@ -184,14 +254,33 @@ def run_recomputed(modules: Sequence[nn.Module], x: torch.Tensor) -> torch.Tenso
 
     if len(modules) <= 1 or not _needs_grad([x], modules):
         return run(x)
-    if hooks_disabled():
-        warnings.warn(
-            f"effdense: the stem ({', '.join(type(m).__name__ for m in modules)}) keeps its activations instead of "
-            f"recomputing them in backward, because {_NO_HOOKS}",
-            stacklevel=4,
-        )
+    why = _NO_HOOKS if hooks_disabled() else None
+    if why is None and not torch.compiler.is_compiling():
+        odd = unrecomputable(named)
+        if odd:
+            why = f"{_names(odd)} would not recompute exactly (a random draw, or state stepped twice): {_NOT_EXACT}"
+    if why is not None:
+        if not torch.compiler.is_compiling():
+            warnings.warn(
+                f"effdense: the stem ({', '.join(name for name, _ in named)}) keeps its activations instead of "
+                f"recomputing them in backward, because {why}",
+                stacklevel=4,
+            )
         return run(x)
     return checkpoint(recompute_once(run, modules), x, use_reentrant=False, preserve_rng_state=_PRESERVE_RNG)
+
+
+# what checkpoint recomputes of a layer: layer.bn_function, concat -> norm1 -> relu1 -> conv1
+_RECOMPUTED_PARTS = ("norm1", "relu1", "conv1")
+
+_NOT_EXACT = (
+    "effdense recomputes only modules that compute the same again and change no state (PyTorch's convolutions, "
+    "BatchNorm, activations, pools, eval-mode Dropout; no parametrizations)"
+)
+
+
+def _names(odd: Sequence[str]) -> str:
+    return ", ".join(odd[:3]) + (", ..." if len(odd) > 3 else "")
 
 
 def _own_layers(block) -> list[str]:
@@ -218,6 +307,19 @@ def run_block(block, x: torch.Tensor) -> torch.Tensor:
             stacklevel=3,
         )
         return _naive.run_block(block, x)
+    if not torch.compiler.is_compiling():
+        odd = unrecomputable([
+            (f"{name}.{part}", m) for name, layer in block.named_children()
+            for part in _RECOMPUTED_PARTS if (m := layer._modules.get(part)) is not None
+        ])  # fmt: skip
+        if odd:
+            warn_runs_as_naive(
+                "'checkpoint'",
+                f"{_names(odd)}, which checkpoint recomputes in backward, would not recompute exactly (a random draw, "
+                f"or state stepped twice): {_NOT_EXACT}; naive calls each module once",
+                stacklevel=3,
+            )
+            return _naive.run_block(block, x)
     features = [x]
     for layer in block.layers:
         if _needs_grad(features, [layer]):

@@ -1296,7 +1296,7 @@ def run_features(
     """The whole feature extractor: recomputed stem, then (block + transition) stages, then norm5.
     ``widest_chunks``: every stage's chunks as large as the network's largest (:func:`_widest_chunk`)."""
     ops = ops or reference_ops()
-    stem = [m for name, m in model.features.named_children() if name in STEM]
+    stem = [(name, m) for name, m in model.features.named_children() if name in STEM]
     x = _checkpoint.run_recomputed(stem, x)
     children = dict(model.features.named_children())
     n_blocks = len(model.block_config)
