@@ -1085,6 +1085,46 @@ def _copy_swapped_leaves(clone: nn.Module, source: nn.Module) -> None:
         setattr(clone.get_submodule(parent), child, _copy_module(other))
 
 
+# the module hooks that change what a call computes or sees (forward, forward pre-, backward hooks)
+_HOOK_DICTS = (
+    "_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs", "_backward_hooks", "_backward_pre_hooks",
+)  # fmt: skip
+
+
+def _copy_hooks(module: nn.Module, source: nn.Module) -> None:
+    """Register ``source``'s forward, forward pre- and backward hooks on ``module`` (the same functions), where
+    ``module`` was built rather than copied (a copied stem, head or swapped module has its own copies). Before,
+    convert() dropped the hooks on every dense block, layer, transition and their modules (a forward hook that
+    scaled an output changed the source's outputs and not the copy's) and kept the stem's and the head's."""
+    d = source.__dict__
+    if not any(d.get(k) for k in _HOOK_DICTS) or any(module.__dict__.get(k) for k in _HOOK_DICTS):
+        return
+    for k in _HOOK_DICTS:
+        if k in d:
+            setattr(module, k, type(d[k])(d[k]))  # (new dicts: the source's handles remove from the source's only)
+    module._is_full_backward_hook = d.get("_is_full_backward_hook")
+
+
+def _refuse_pruned(model: nn.Module) -> None:
+    """``torch.nn.utils.prune`` replaces a module's ``weight`` with ``weight_orig`` and ``weight_mask`` and a
+    forward pre-hook that multiplies them: a state dict a DenseNet does not take. Said so, with the way out
+    (before: the state-dict difference, naming no pruning)."""
+    from torch.nn.utils import prune
+
+    pruned = [
+        name or "model" for name, m in model.named_modules()
+        if any(isinstance(h, prune.BasePruningMethod) for h in m._forward_pre_hooks.values())
+    ]  # fmt: skip
+    if pruned:
+        raise TypeError(
+            f"convert(): the model is pruned with torch.nn.utils.prune ({', '.join(pruned[:3])}"
+            f"{', ...' if len(pruned) > 3 else ''}), whose modules hold weight_orig and weight_mask in place of "
+            "weight; call torch.nn.utils.prune.remove(module, name) on each pruned module first (the pruned "
+            "weights stay zero), convert, and prune the converted model again if it needs the masks"
+        )
+
+
 def _copy_module(module: nn.Module) -> nn.Module:
     """``copy.deepcopy(module)`` that shares, not copies, the process groups its SyncBatchNorms reduce over:
     a group is a handle on the job's communicators, which cannot be copied (deepcopy raised "cannot pickle
@@ -1129,10 +1169,13 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
     Other modules swapped into the source's blocks and transitions (an activation, a pool, a frozen
     BatchNorm, an ``nn.Sequential`` in a module's place) are copied as they are too; the strategies run such a
     stage as ``naive``, with a warning. A source whose blocks a DenseNet cannot hold (a dense layer replaced
-    by another kind of module) raises ``TypeError`` naming the first module where it differs.
+    by another kind of module) raises ``TypeError`` naming the first module where it differs, as does a model
+    pruned with ``torch.nn.utils.prune`` (call ``prune.remove`` first).
 
     The copy also keeps what the state dict does not carry: train/eval flags, ``requires_grad``, BatchNorm
-    momentum and eps, each dense layer's ``drop_rate``, and SyncBatchNorm semantics: a source with
+    momentum and eps, each dense layer's ``drop_rate``, forward and backward hooks registered on the source's
+    modules (the same functions, registered anew: the source's handles do not remove them from the copy; a
+    hooked dense layer makes its block run as naive, see the README), and SyncBatchNorm semantics: a source with
     :meth:`DenseNet.set_sync_bn` on (or a DenseNet whose BatchNorms are all ``nn.SyncBatchNorm``, or all
     ``effdense.train.CPUSyncBatchNorm``, over one process group) gives a copy with
     ``set_sync_bn(True, <the same process group>)`` (and the CPU stand-in's class where the source had it).
@@ -1207,6 +1250,7 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
             from effdense.train import enable_cpu_sync_bn  # the source's CPU stand-in, as DDP on CPU needs
 
             enable_cpu_sync_bn(clone)
+    _refuse_pruned(model)
     _match_untracked_batchnorms(clone, model)
     _copy_swapped_leaves(clone, model)
     _copy_layouts(clone, model)
@@ -1229,6 +1273,7 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
             module.drop_rate = float(src.drop_rate)
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and isinstance(src, nn.modules.batchnorm._BatchNorm):
             module.momentum, module.eps = src.momentum, src.eps
+        _copy_hooks(module, src)
     source_params = dict(model.named_parameters())
     for name, p in clone.named_parameters():
         src_p = source_params.get(name)

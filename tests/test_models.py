@@ -10,6 +10,7 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.utils.prune  # noqa: F401 (torch.nn.utils.prune.* below)
 import torchvision
 
 import effdense
@@ -1365,3 +1366,49 @@ def test_double_backward_through_a_block_alone_raises_too(strategy: str) -> None
     assert first.requires_grad
     with pytest.raises(RuntimeError, match="differentiable once"):
         (y.mean() + first.square().sum()).backward()
+
+
+@pytest.mark.parametrize("strategy", ["naive", "shared"])
+def test_convert_keeps_the_sources_module_hooks(strategy) -> None:
+    """Before, convert() dropped forward and backward hooks on every dense block, layer, transition and their
+    modules (a hook that scaled an output changed the source's outputs and not the copy's) and kept the stem's
+    and head's (deep copies). The copy now has the same hooks and the same outputs and gradients; a hooked
+    layer makes its block run as naive, as on any model."""
+    torch.manual_seed(0)
+    source = _small_torchvision_densenet(num_classes=4)
+    scale = lambda module, inputs, output: output * 3  # noqa: E731
+    f = source.features
+    hooked = [f.denseblock1, f.denseblock2.denselayer1, f.transition1, f.denseblock2.denselayer2.norm1, f.conv0]
+    for m in hooked:
+        m.register_forward_hook(scale)
+    f.denseblock1.denselayer1.conv1.register_forward_pre_hook(lambda module, args: (args[0] * 0.5,))
+    grads = []
+    f.denseblock2.denselayer2.conv2.register_full_backward_hook(lambda module, gin, gout: grads.append(gout[0].abs().sum()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the hooked blocks run as naive, with their warning)
+        ours = effdense.convert(source, strategy=strategy)
+        ours_modules = dict(ours.named_modules())
+        for name, m in source.named_modules():
+            assert len(ours_modules[name]._forward_hooks) == len(m._forward_hooks), name
+        x = torch.randn(2, 3, 40, 40)
+        out_tv, out = train_step(copy.deepcopy(source), x), train_step(ours, x)
+    assert_close_rel(out, out_tv, rtol=1e-4, name="output")
+    assert len(grads) == 2 and torch.allclose(grads[0], grads[1], rtol=1e-4)
+    # the source's handles are the source's: removing one leaves the copy's hook in place
+    handle = source.features.denseblock1.register_forward_hook(scale)
+    copy_of_it = effdense.convert(source, strategy="naive")
+    handle.remove()
+    assert len(copy_of_it.features.denseblock1._forward_hooks) == 2
+
+
+def test_convert_says_a_pruned_model_needs_prune_remove() -> None:
+    # before: "the state dicts differ: ... Unexpected weight_orig, weight_mask", naming no pruning
+    source = _small_torchvision_densenet(num_classes=4)
+    conv = source.features.denseblock2.denselayer1.conv2
+    torch.nn.utils.prune.l1_unstructured(conv, "weight", amount=0.3)
+    with pytest.raises(TypeError, match=r"pruned with torch.nn.utils.prune \(features.denseblock2.denselayer1.conv2\).*prune.remove"):
+        effdense.convert(source)
+    torch.nn.utils.prune.remove(conv, "weight")
+    x = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(effdense.convert(source).eval()(x), source.eval()(x))
