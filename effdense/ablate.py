@@ -42,6 +42,7 @@ from effdense.benchutil import (
     error_note,
     exit_code,
     free_memory,
+    fused_note,
     int_list,
     nonnegative_int,
     output_dir,
@@ -66,7 +67,10 @@ KEY_COLUMNS = ("strategy", "policy", "depth", "growth_rate", "batch_size", "dtyp
 CSV_COLUMNS = (
     *KEY_COLUMNS, *POLICY_FIELDS, "status", "peak_mib", "activations_mib", "params_mib", "peak_bytes",
     "time_ms", "time_ms_p20", "time_ms_p80", "timed_steps", "seconds", "note", "device_name", "torch", "git_commit",
+    "steps", "warmup", "command",
 )  # fmt: skip
+# columns that earlier versions did not write: a file with all the others gets them added (empty) on its next run
+_ADDED_COLUMNS = ("steps", "warmup", "command")
 
 
 TIME_DEFAULTS = {"steps": 10, "warmup": 1}
@@ -160,11 +164,21 @@ def read_rows(path: Path) -> list[dict[str, str]]:
 
 def _check_header(path: Path) -> None:
     """An ``ablate.csv`` already in ``--out`` gets rows appended: its header must be this version's columns.
-    (Another file's header took the rows under its own names, and an older version's gave ragged rows.)"""
+    (Another file's header took the rows under its own names, and an older version's gave ragged rows.) A
+    file of the version before ``steps``, ``warmup`` and ``command`` were recorded is rewritten with them,
+    empty in its rows."""
     if not path.exists() or path.stat().st_size == 0:
         return
     with path.open(newline="") as f:
         header = next(csv.reader(f), [])
+    if header == [c for c in CSV_COLUMNS if c not in _ADDED_COLUMNS]:
+        rows = read_rows(path)
+        with path.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+        progress(f"{path}: added the columns {', '.join(_ADDED_COLUMNS)} (empty in its {len(rows)} earlier rows)")
+        return
     if header != list(CSV_COLUMNS):
         missing = [c for c in CSV_COLUMNS if c not in header]
         extra = [c for c in header if c not in CSV_COLUMNS]
@@ -174,6 +188,12 @@ def _check_header(path: Path) -> None:
             f"{path} has other columns than this version of ablate writes ({what}); give another --out, or move "
             "the file away (ablate appends to its own CSV and skips the points already in it)"
         )
+
+
+def _device_type(args: argparse.Namespace, device: torch.device) -> str:
+    """Where a row is measured: estimates on the CPU, times (and exact memory) on ``--device``. (Before, a
+    GPU-timed ``--estimate`` row said cpu, and a later CPU-timed run took its GPU times for its own.)"""
+    return "cpu" if args.estimate and not args.time else device.type
 
 
 def _run_point(point: dict[str, Any], args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
@@ -245,19 +265,24 @@ def main(args: argparse.Namespace) -> int:
         )
     mode = "estimate" if args.estimate else "exact"
     for p in points:
-        p.update(memory_mode=mode, device_type="cpu" if args.estimate else device.type)
+        p.update(memory_mode=mode, device_type=_device_type(args, device))
         for f in POLICY_FIELDS:
             p[f] = "" if p["policy_obj"] is None else int(getattr(p["policy_obj"], f))
     output_dir(args.out, ("ablate.csv",) + (() if args.no_plots else ("ablate_depth.png", "ablate_batch.png", "ablate_time.png")))
     csv_path = args.out / "ablate.csv"
     _check_header(csv_path)
-    # a point measured without --time is not done for a timed run: it is run again, and the newer row wins
+    env = environment(device)
+    timing = {"steps": args.steps, "warmup": args.warmup} if args.time else {"steps": "", "warmup": ""}
+    # a point is done when a row of it was measured by this code (commit) and torch, and timed as this run
+    # times (a point measured without --time, or with other --steps/--warmup, is not done for a timed run):
+    # the rest runs again, and the newer row wins (in the plots too)
     done = {
         _key(r) for r in read_rows(csv_path)
-        if r.get("status") == "skipped" or (r.get("status") == "ok" and (r.get("time_ms") or not args.time))
+        if r.get("git_commit") == str(env["git_commit"] or "") and r.get("torch") == env["torch"]
+        and (r.get("status") == "skipped" or (r.get("status") == "ok" and (not args.time or (
+            r.get("time_ms") and r.get("steps") == str(args.steps) and r.get("warmup") == str(args.warmup)))))
     }  # fmt: skip
     todo = [p for p in points if _key(p) not in done]
-    env = environment(device)
     progress(
         f"effdense ablate: {len(points)} grid points, {len(points) - len(todo)} already in {csv_path}, "
         f"{len(todo)} to run ({mode} memory{', timed' if args.time else ''}, {env['device_name']})"
@@ -267,13 +292,16 @@ def main(args: argparse.Namespace) -> int:
     for p in todo:
         label = f"{p['strategy']}[{p['policy']}] d={p['depth']} k={p['growth_rate']} b={p['batch_size']} {p['dtype']}"
         bar.set_description(label)
-        row = {**p, "device_name": env["device_name"], "torch": env["torch"], "git_commit": env["git_commit"]}
+        row = {**p, **timing, "device_name": env["device_name"], "torch": env["torch"],
+               "git_commit": env["git_commit"], "command": env["command"]}  # fmt: skip
         start = time.perf_counter()
         if not p["available"]:
             row.update(status="skipped", note="not implemented yet")
         else:
             try:
                 row.update(status="ok", **_run_point(p, args, device))
+                if p["strategy"] == "fused":
+                    row["note"] = fused_note(device)  # (as bench notes it)
             except Exception as exc:  # one point failing (out of memory, say) must not end the grid
                 free_memory(device)
                 row.update(status="error", note=error_note(exc))

@@ -37,6 +37,7 @@ from effdense.benchutil import (
     error_note,
     exit_code,
     format_table,
+    fused_note,
     free_memory,
     model_name,
     nonnegative_float,
@@ -61,7 +62,8 @@ from effdense.memory import estimate_step, measure_step, mib
 CSV_COLUMNS = (
     "row", "kind", "strategy", "status", "model", "batch_size", "image_size", "dtype", "channels_last",
     "peak_mib", "mem_ratio", "time_ms", "time_ms_p20", "time_ms_p80", "time_ratio", "timed_steps",
-    "params_mib", "grads_mib", "buffers_mib", "input_mib", "activations_mib", "memory_mode", "baseline_row", "note",
+    "params_mib", "grads_mib", "grads_at_peak_mib", "buffers_mib", "input_mib", "activations_mib", "memory_mode",
+    "baseline_row", "note",
     "device", "device_name", "torch", "torchvision", "triton", "git_commit", "command",
 )  # fmt: skip
 
@@ -284,8 +286,8 @@ def _rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
         row = {"row": f"effdense {s}", "kind": "effdense", "strategy": s, "build": None, "note": ""}
         if s in available:
             row["build"] = effdense_builder(s)
-            if s == "fused" and device.type != "cuda":
-                row["note"] = "CPU: PyTorch twins of the kernels"
+            if s == "fused":
+                row["note"] = fused_note(device)
         else:
             row["note"] = "not implemented yet"
         rows.append(row)
@@ -373,11 +375,15 @@ def _run_row(
 
 
 def _memory_fields(mem: Any) -> dict[str, Any]:
+    """The step's memory (see :class:`effdense.memory.StepMemory`): ``grads_mib`` the parameter gradients at the
+    end of the step, ``grads_at_peak_mib`` those live at the peak; params + buffers + input + grads at peak +
+    activations = peak."""
     return {
         "peak_bytes": mem.peak,
         "peak_mib": mib(mem.peak),
         "params_mib": mib(mem.params),
         "grads_mib": mib(mem.grads),
+        "grads_at_peak_mib": mib(mem.grads_at_peak),
         "buffers_mib": mib(mem.buffers),
         "input_mib": mib(mem.input),
         "activations_mib": mib(mem.activations),

@@ -364,6 +364,17 @@ def command_line(argv: Sequence[str] | None = None) -> str:
     return " ".join(["python", *argv] if first.suffix == ".py" else argv)
 
 
+def fused_note(device: torch.device) -> str:
+    """What ``fused`` runs on ``device``, for a result row's note where that is not the GPU's kernels: the
+    PyTorch twins (a CPU), or the Triton kernels through the interpreter (``TRITON_INTERPRET=1``, as the tests
+    set it). Empty on CUDA."""
+    if device.type == "cuda":
+        return ""
+    from effdense.kernels import kernels_available
+
+    return "CPU: Triton kernels through the interpreter" if kernels_available(device) else "CPU: PyTorch twins of the kernels"
+
+
 def default_image_size(model_name_: str) -> int:
     """224 for the ImageNet models, 32 for the CIFAR ones."""
     from effdense.densenet import CIFAR_PRESETS, IMAGENET_CONFIGS

@@ -281,6 +281,7 @@ def main(args: argparse.Namespace) -> int:
         ("seconds", "s", str),
         ("verified_peak_mib", "GPU MiB", lambda v: f"{v:,.1f}"),
         ("status", "status", str),
+        ("note", "note", str),  # (a depth capped by --depth-limit, an extrapolation: the status alone said ok)
     )))  # fmt: skip
     json_path, csv_path = args.out / f"{stem}.json", args.out / f"{stem}.csv"
     write_json(json_path, {"meta": {**env, **settings}, "rows": results})

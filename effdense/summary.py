@@ -229,7 +229,7 @@ def main(args: argparse.Namespace) -> int:
                 try:
                     est = estimate_step(args.model, shape, strategy=s, autocast_dtype=DTYPES[args.dtype], backend="auto")
                     row.update(status="ok", peak_mib=mib(est.peak), activations_mib=mib(est.activations),
-                               params_grads_mib=mib(est.params + est.grads))
+                               params_grads_at_peak_mib=mib(est.params + est.grads_at_peak))
                 except Exception as exc:
                     row.update(status=f"error: {type(exc).__name__}")
             memory.append(row)
@@ -243,7 +243,7 @@ def main(args: argparse.Namespace) -> int:
             ("peak_mib", "peak MiB", lambda v: f"{v:,.1f}"),
             ("activations_mib", "activations MiB", lambda v: f"{v:,.1f}"),
             ("ratio", "activations x naive", lambda v: f"{v:.3f}"),
-            ("params_grads_mib", "params+grads MiB", lambda v: f"{v:,.1f}"),
+            ("params_grads_at_peak_mib", "params+grads at peak MiB", lambda v: f"{v:,.1f}"),
             ("status", "status", str),
         )))  # fmt: skip
     env = environment(torch.device("cpu"))

@@ -186,6 +186,66 @@ def test_ablate_resumed_with_time_times_the_points_measured_without(capsys, tmp_
     assert code == 0 and "0 to run" in err, err
 
 
+def test_ablate_resume_reruns_points_of_other_timing_code_or_torch(capsys, tmp_path, monkeypatch):
+    # before: a row counted as done whatever --steps/--warmup timed it and whatever code or torch measured
+    # it ("all 4 grid points already there; nothing run" after a change); the rows name neither steps nor command
+    argv = ["ablate", "--strategies", "naive", "--depths", "10,16", "--batch-sizes", "2", "--image-size", "8",
+            "--device", "cpu", "--no-progress", "--no-plots", "--out", str(tmp_path), "--time", "--warmup", "0"]  # fmt: skip
+    monkeypatch.setenv("GIT_COMMIT", "aaaa")
+    assert run(capsys, *argv, "--steps", "1")[0] == 0
+    code, _, err = run(capsys, *argv, "--steps", "2")  # other --steps: timed again
+    assert code == 0 and "2 to run" in err, err
+    assert "0 to run" in run(capsys, *argv, "--steps", "2")[2]
+    monkeypatch.setenv("GIT_COMMIT", "bbbb")  # other code: measured again
+    code, _, err = run(capsys, *argv, "--steps", "2")
+    assert code == 0 and "2 to run" in err, err
+    with open(tmp_path / "ablate.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["steps"], r["warmup"], r["git_commit"]) for r in rows] == [
+        ("1", "0", "aaaa"), ("1", "0", "aaaa"), ("2", "0", "aaaa"), ("2", "0", "aaaa"), ("2", "0", "bbbb"), ("2", "0", "bbbb")
+    ]
+    assert all(r["command"].startswith("effdense ablate ") or "cli" in r["command"] for r in rows)
+
+
+def test_ablate_adds_the_new_columns_to_an_earlier_versions_csv(capsys, tmp_path):
+    from effdense import ablate
+
+    old = [c for c in ablate.CSV_COLUMNS if c not in ("steps", "warmup", "command")]
+    row = dict.fromkeys(old, "")
+    row.update(strategy="naive", policy="-", depth="40", status="ok", peak_mib="1.5")
+    with open(tmp_path / "ablate.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old, lineterminator="\n")
+        writer.writeheader()
+        writer.writerow(row)
+    argv = ["ablate", "--strategies", "naive", "--depths", "10", "--batch-sizes", "2", "--estimate", "--no-progress",
+            "--no-plots", "--out", str(tmp_path)]  # fmt: skip
+    code, _, err = run(capsys, *argv)
+    assert code == 0 and "added the columns steps, warmup, command (empty in its 1 earlier rows)" in err, err
+    with open(tmp_path / "ablate.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == list(ablate.CSV_COLUMNS) and rows[0]["peak_mib"] == "1.5" and rows[0]["command"] == ""
+    assert len(rows) == 2 and rows[1]["command"]
+
+
+def test_ablate_rows_say_where_they_were_measured_and_on_what(capsys, tmp_path):
+    import argparse
+
+    from effdense import ablate
+
+    cuda = torch.device("cuda")  # (a device object only: nothing runs on it)
+    estimate_timed = argparse.Namespace(estimate=True, time=True)
+    assert ablate._device_type(estimate_timed, cuda) == "cuda"  # before: "cpu", with the GPU's times
+    assert ablate._device_type(argparse.Namespace(estimate=True, time=False), cuda) == "cpu"
+    assert ablate._device_type(argparse.Namespace(estimate=False, time=False), cuda) == "cuda"
+    code, _, err = run(capsys, "ablate", "--strategies", "fused", "--depths", "10", "--batch-sizes", "2", "--image-size",
+                       "8", "--device", "cpu", "--no-progress", "--no-plots", "--out", str(tmp_path))  # fmt: skip
+    assert code == 0, err
+    with open(tmp_path / "ablate.csv") as f:
+        (row,) = csv.DictReader(f)
+    if not torch.cuda.is_available():  # as bench notes it: not the GPU's kernels (the tests run the interpreter)
+        assert row["note"] == "CPU: Triton kernels through the interpreter"
+
+
 def test_ablate_plots_show_the_grid_just_run(capsys, tmp_path, monkeypatch):
     # two grids in one folder, at two image sizes: before, the plots mixed both into each line
     import matplotlib.axes
@@ -285,6 +345,9 @@ def test_max_depth_at_the_depth_limit_says_so(capsys, tmp_path):
                          "--depth-limit", "16", "--device", "cpu", "--out", str(tmp_path))  # fmt: skip
     assert code == 0, err
     assert "naive: max depth 16 (" in err + out and "the deepest that --depth-limit 16 allows" in err + out
+    # and the table, whose status column says ok, has the note too
+    (line,) = [ln for ln in out.splitlines() if ln.startswith("naive ")]
+    assert line.split()[-4:] == ["ok", "reached", "--depth-limit", "16"], out
     rows = json.loads(next(tmp_path.glob("max_depth_1024MiB_*.json")).read_text())["rows"]
     assert rows[0]["max_depth"] == 16 and rows[0]["note"] == "reached --depth-limit 16"
 
@@ -1067,3 +1130,18 @@ def test_recorded_command_line_is_what_a_user_types_again():
     assert command_line([cli_path, "bench", "--steps", "2"]) == "python -m effdense.cli bench --steps 2"
     assert command_line(["/venv/bin/effdense", "summary", "densenet121"]) == "effdense summary densenet121"
     assert command_line(["benchmarks/bench_kernels.py", "--quick"]) == "python benchmarks/bench_kernels.py --quick"
+
+
+def test_bench_memory_columns_add_up_to_the_peak(capsys, tmp_path):
+    # before: grads_mib was every gradient at the end of the step while activations_mib took out only those
+    # live at the peak, so the columns summed to more than peak_mib and the figure that closed it was missing
+    code, _, err = run(capsys, "bench", "--model", "densenet_bc_10", "--batch-size", "2", "--memory", "estimate",
+                       "--strategies", "naive,shared", "--no-reference", "--out", str(tmp_path))  # fmt: skip
+    assert code == 0, err
+    with open(next(tmp_path.glob("*.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    for r in rows:
+        parts = ("params_mib", "buffers_mib", "input_mib", "grads_at_peak_mib", "activations_mib")
+        assert abs(sum(float(r[c]) for c in parts) - float(r["peak_mib"])) < 1e-6, r
+        assert float(r["grads_at_peak_mib"]) <= float(r["grads_mib"])
