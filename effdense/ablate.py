@@ -24,6 +24,7 @@ import csv
 import dataclasses
 import itertools
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -173,10 +174,12 @@ def _check_header(path: Path) -> None:
         header = next(csv.reader(f), [])
     if header == [c for c in CSV_COLUMNS if c not in _ADDED_COLUMNS]:
         rows = read_rows(path)
-        with path.open("w", newline="") as f:
+        staged = path.with_name(path.name + ".tmp")  # (then replaced in one step: an interrupt loses no row)
+        with staged.open("w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
             writer.writeheader()
             writer.writerows(rows)
+        os.replace(staged, path)
         progress(f"{path}: added the columns {', '.join(_ADDED_COLUMNS)} (empty in its {len(rows)} earlier rows)")
         return
     if header != list(CSV_COLUMNS):
@@ -300,7 +303,7 @@ def main(args: argparse.Namespace) -> int:
         else:
             try:
                 row.update(status="ok", **_run_point(p, args, device))
-                if p["strategy"] == "fused":
+                if p["strategy"] == "fused" and (args.time or not args.estimate):  # (an estimate runs no kernel)
                     row["note"] = fused_note(device)  # (as bench notes it)
             except Exception as exc:  # one point failing (out of memory, say) must not end the grid
                 free_memory(device)

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import csv
 import datetime
+import hashlib
 import json
 import math
 import os
@@ -299,8 +300,9 @@ def resolve_device(text: str) -> torch.device:
 
 def git_commit() -> str:
     """``$GIT_COMMIT`` when set (the caller knows: e.g. a tree copied onto a GPU machine beside a stale
-    ``.git``, which recorded another commit), else the checkout's commit (``+dirty`` when the tree has
-    changes), else ``"unknown"``."""
+    ``.git``, which recorded another commit), else the checkout's commit, with ``+dirty.<hash>`` when tracked
+    files have changes (the hash of ``git diff HEAD``: two different sets of edits on one commit are told
+    apart, so that ``ablate`` does not take one's rows for the other's), else ``"unknown"``."""
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
     root = Path(__file__).resolve().parent.parent
@@ -308,10 +310,10 @@ def git_commit() -> str:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-        return head + ("+dirty" if dirty else "")
+        diff = subprocess.run(
+            ["git", "diff", "HEAD", "--no-ext-diff", "--no-color"], cwd=root, capture_output=True, timeout=30, check=True
+        ).stdout
+        return head + (f"+dirty.{hashlib.sha1(diff).hexdigest()[:10]}" if diff else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 

@@ -1208,6 +1208,7 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
     blocks = [m for name, m in features.named_children() if name.startswith("denseblock")]
     if not blocks:
         raise TypeError("convert() found no dense blocks (features.denseblock1, ...) in the model")
+    _refuse_pruned(model)  # (before any module is copied: a pruned module's deepcopy fails on its own)
     first = next(iter(blocks[0].children()))
     bottleneck = hasattr(first, "conv2")
     growth_rate = (first.conv2 if bottleneck else first.conv1).out_channels
@@ -1250,7 +1251,6 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
             from effdense.train import enable_cpu_sync_bn  # the source's CPU stand-in, as DDP on CPU needs
 
             enable_cpu_sync_bn(clone)
-    _refuse_pruned(model)
     _match_untracked_batchnorms(clone, model)
     _copy_swapped_leaves(clone, model)
     _copy_layouts(clone, model)

@@ -244,6 +244,12 @@ def test_ablate_rows_say_where_they_were_measured_and_on_what(capsys, tmp_path):
         (row,) = csv.DictReader(f)
     if not torch.cuda.is_available():  # as bench notes it: not the GPU's kernels (the tests run the interpreter)
         assert row["note"] == "CPU: Triton kernels through the interpreter"
+    code, _, err = run(capsys, "ablate", "--strategies", "fused", "--depths", "10", "--batch-sizes", "2", "--image-size",
+                       "8", "--estimate", "--no-progress", "--no-plots", "--out", str(tmp_path / "est"))  # fmt: skip
+    assert code == 0, err
+    with open(tmp_path / "est" / "ablate.csv") as f:
+        (row,) = csv.DictReader(f)
+    assert row["note"] == ""  # an estimate runs no kernel: nothing to say about which ran
 
 
 def test_ablate_plots_show_the_grid_just_run(capsys, tmp_path, monkeypatch):
@@ -1145,3 +1151,25 @@ def test_bench_memory_columns_add_up_to_the_peak(capsys, tmp_path):
         parts = ("params_mib", "buffers_mib", "input_mib", "grads_at_peak_mib", "activations_mib")
         assert abs(sum(float(r[c]) for c in parts) - float(r["peak_mib"])) < 1e-6, r
         assert float(r["grads_at_peak_mib"]) <= float(r["grads_mib"])
+
+
+def test_git_commit_tells_two_sets_of_edits_apart(monkeypatch):
+    # before: any dirty tree was "<commit>+dirty", so ablate took rows measured with other edits for this code's
+    import subprocess as sp
+
+    from effdense import benchutil
+
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
+    diffs = {"text": b""}
+
+    def fake_run(argv, **kwargs):
+        out = "abc123\n" if argv[1] == "rev-parse" else diffs["text"]
+        return sp.CompletedProcess(argv, 0, stdout=out, stderr="")
+
+    monkeypatch.setattr(benchutil.subprocess, "run", fake_run)
+    assert benchutil.git_commit() == "abc123"
+    diffs["text"] = b"--- a/x\n+++ b/x\n+one edit\n"
+    first = benchutil.git_commit()
+    diffs["text"] = b"--- a/x\n+++ b/x\n+another edit\n"
+    second = benchutil.git_commit()
+    assert first.startswith("abc123+dirty.") and second.startswith("abc123+dirty.") and first != second

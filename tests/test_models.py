@@ -1409,6 +1409,11 @@ def test_convert_says_a_pruned_model_needs_prune_remove() -> None:
     with pytest.raises(TypeError, match=r"pruned with torch.nn.utils.prune \(features.denseblock2.denselayer1.conv2\).*prune.remove"):
         effdense.convert(source)
     torch.nn.utils.prune.remove(conv, "weight")
+    for name in ("classifier", "features.conv0"):  # copied modules too (before: deepcopy's own error about graph leaves)
+        other = _small_torchvision_densenet(num_classes=4)
+        torch.nn.utils.prune.l1_unstructured(other.get_submodule(name), "weight", amount=0.3)
+        with pytest.raises(TypeError, match=rf"pruned with torch.nn.utils.prune \({name}\)"):
+            effdense.convert(other)
     x = torch.randn(2, 3, 40, 40)
     with torch.no_grad():
         torch.testing.assert_close(effdense.convert(source).eval()(x), source.eval()(x))

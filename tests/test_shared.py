@@ -1205,3 +1205,34 @@ def test_running_statistics_updated_between_an_eval_forward_and_its_backward_rai
         m(x).pow(2).sum().backward()
     for (name, p), q in zip(ref.named_parameters(), model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+def test_which_modules_recompute_exactly() -> None:
+    """The rule behind the two fallbacks above, module by module: known deterministic, stateless modules pass
+    (RReLU and Dropout in eval mode draw nothing; weight norm computes the weight from parameters alone), random
+    or stateful ones and anything unknown are named (a forward patched on a class is not that class's)."""
+    from effdense.strategies.checkpoint import unrecomputable
+
+    wn = nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3))
+    sn = nn.utils.parametrizations.spectral_norm(nn.Conv2d(3, 4, 3))
+    old_sn = nn.utils.spectral_norm(nn.Conv2d(3, 4, 3))
+
+    class MyReLU(nn.ReLU):
+        pass
+
+    named = {
+        "ok_seq": nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(inplace=True), nn.MaxPool2d(2)),
+        "ok_eval_rrelu": nn.RReLU().eval(), "ok_eval_dropout": nn.Dropout(0.5).eval(), "ok_p0": nn.Dropout(0.0),
+        "ok_wn": wn, "ok_softmax": nn.Softmax(dim=1), "ok_group": nn.GroupNorm(2, 4),
+        "rrelu": nn.RReLU(), "dropout": nn.Dropout(0.5), "sn": sn, "old_sn": old_sn, "sub": MyReLU(),
+        "inst": nn.InstanceNorm2d(4, track_running_stats=True), "seq": nn.Sequential(nn.ReLU(), nn.Dropout2d(0.1)),
+    }  # fmt: skip
+    assert unrecomputable(list(named.items())) == ["rrelu", "dropout", "sn", "old_sn", "sub", "inst", "seq.1"]
+    relu = nn.ReLU()
+    original = nn.ReLU.forward
+    try:
+        nn.ReLU.forward = lambda self, x: x.clamp(min=0) + torch.rand_like(x)  # patched on the class
+        assert unrecomputable([("relu", relu)]) == ["relu"]
+    finally:
+        nn.ReLU.forward = original
+    assert unrecomputable([("relu", relu)]) == []

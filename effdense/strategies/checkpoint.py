@@ -160,61 +160,97 @@ def _check_unchanged(versions: Sequence[tuple[torch.Tensor, int, str]]) -> None:
 _PRESERVE_RNG = False
 
 # Modules whose output depends only on their input, parameters and buffers, and whose call changes no state:
-# a recomputation gives what the forward gave and leaves the module as one call leaves it. Exact classes: a
-# subclass, a parametrized module (its class is a generated subclass) or an instance's own forward may
-# compute otherwise. BatchNorm (running statistics put back by recompute_once), InstanceNorm without running
-# statistics, torchvision's FrozenBatchNorm2d and Dropout that draws nothing (eval mode, p = 0) are handled in
-# _recomputes_exactly.
-_RECOMPUTABLE = frozenset({
-    nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Identity, nn.Sequential, nn.Flatten,
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
-    nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
-    nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
-})  # fmt: skip
+# a recomputation gives what the forward gave and leaves the module as one call leaves it. Exact classes with
+# their own forward (a subclass, a parametrized module's generated class, a forward patched on the class or
+# the instance may compute otherwise). BatchNorm (running statistics put back by recompute_once), InstanceNorm
+# without running statistics, torchvision's FrozenBatchNorm2d, Dropout and RReLU that draw nothing (eval mode;
+# Dropout with p = 0) and weight-norm parametrizations are handled in _recomputes_exactly.
+_RECOMPUTABLE = {
+    cls: cls.forward
+    for cls in (
+        nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, nn.Identity, nn.Sequential, nn.Flatten,
+        nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+        nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign, nn.Tanhshrink, nn.Softmax,
+        nn.LogSoftmax, nn.Softmax2d,
+        nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+        nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d,
+        nn.ReplicationPad2d, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
+    )
+}  # fmt: skip
 _BATCHNORM_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
-_DROPOUTS = frozenset({nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout})
+_INSTANCENORM_FORWARD = nn.modules.instancenorm._InstanceNorm.forward
+# drawing random numbers in training mode only (Dropout with p = 0 draws nothing either)
+_RANDOM_IN_TRAINING = {cls: cls.forward for cls in (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.RReLU,
+)}  # fmt: skip
+# parametrizations that compute the weight from the module's parameters alone, and step no state
+_STATELESS_PARAMETRIZATIONS = tuple(
+    c for c in (getattr(torch.nn.utils.parametrizations, "_WeightNorm", None),) if c is not None
+)
 
 
 def _recomputes_exactly(m: nn.Module) -> bool:
     """Whether a second call of ``m`` (not its submodules) in backward computes what the first computed and
     changes nothing that the first did not (BatchNorm running statistics aside: recompute_once puts them
-    back). Not so for a parametrization (``spectral_norm`` steps its power iteration at each call), the
-    pre-hook of the old-style ``torch.nn.utils.spectral_norm`` (the same), or a module that draws random
-    numbers. Other hooks fire again in the recomputation, as under torchvision's ``memory_efficient=True``."""
+    back). Not known to for a parametrization other than weight norm (``spectral_norm`` steps its power
+    iteration at each call), the pre-hook of the old-style ``torch.nn.utils.spectral_norm`` (the same), a
+    module that draws random numbers, or any module class not listed above. Other hooks fire again in the
+    recomputation, as under torchvision's ``memory_efficient=True``."""
     d, cls = m.__dict__, type(m)
-    if "forward" in d or "parametrizations" in d["_modules"]:  # (where a parametrized module keeps them)
+    if "forward" in d:
         return False
-    if any(isinstance(h, _SpectralNormHook) for h in d["_forward_pre_hooks"].values()):
+    params = d["_modules"].get("parametrizations")
+    if params is not None:  # a generated subclass of the module's class, whose parametrizations are listed here
+        if not all(isinstance(p, _STATELESS_PARAMETRIZATIONS) for plist in params.values() for p in plist):
+            return False
+        cls = cls.__bases__[0]  # (the class it was made from; its forward is the one that runs)
+    if d["_forward_pre_hooks"] and any(isinstance(h, _SpectralNormHook) for h in d["_forward_pre_hooks"].values()):
         return False
-    if cls in _RECOMPUTABLE:
-        return True
+    forward = _RECOMPUTABLE.get(cls)
+    if forward is not None:
+        return cls.forward is forward
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         return cls.forward in _BATCHNORM_FORWARDS or getattr(cls, "_effdense_computes_as_batchnorm", False)
     if isinstance(m, nn.modules.instancenorm._InstanceNorm):
-        return cls.forward is nn.modules.instancenorm._InstanceNorm.forward and not m.track_running_stats
-    if cls in _DROPOUTS:
-        return not m.training or m.p == 0
+        return cls.forward is _INSTANCENORM_FORWARD and not m.track_running_stats
+    forward = _RANDOM_IN_TRAINING.get(cls)
+    if forward is not None:
+        return cls.forward is forward and (not m.training or getattr(m, "p", None) == 0)
     return cls.__name__ == "FrozenBatchNorm2d" and cls.__module__ == "torchvision.ops.misc"
 
 
-def unrecomputable(named: Sequence[tuple[str, nn.Module]]) -> list[str]:
-    """The names (dotted, below the given ones) of the modules in ``named`` that a recomputation would not
-    reproduce exactly (see :func:`_recomputes_exactly`): a Dropout or RReLU swapped into the stem, a
-    spectral-norm parametrization, an InstanceNorm with running statistics. Recomputing those gave other
-    gradients than the forward's (another random draw) or stepped their state twice per training step;
+def _all_recompute_exactly(modules: Sequence[nn.Module | None]) -> bool:
+    """:func:`_recomputes_exactly` for ``modules`` and every module below them (the common case, in one pass
+    without names: this runs on every forward)."""
+    stack = list(modules)
+    while stack:
+        m = stack.pop()
+        if m is None:  # (a submodule slot set to None)
+            continue
+        if not _recomputes_exactly(m):
+            return False
+        stack.extend(c for k, c in m.__dict__["_modules"].items() if k != "parametrizations")  # (checked above)
+    return True
+
+
+def unrecomputable(named: Sequence[tuple[str, nn.Module | None]]) -> list[str]:
+    """The names (dotted, below the given ones) of the modules in ``named`` that a recomputation is not known
+    to reproduce exactly (see :func:`_recomputes_exactly`): a Dropout or RReLU in training mode swapped into
+    the stem, a spectral-norm parametrization, an InstanceNorm with running statistics. Recomputing those gave
+    other gradients than the forward's (another random draw) or stepped their state twice per training step;
     torchvision's ``memory_efficient=True`` preserves the RNG but still steps such state twice."""
+    if _all_recompute_exactly([m for _, m in named]):
+        return []
     odd: list[str] = []
     stack = list(reversed(named))
     while stack:
         name, m = stack.pop()
-        if m is None:  # (a submodule slot set to None)
+        if m is None:
             continue
         if not _recomputes_exactly(m):
             odd.append(name)  # (not its submodules: a parametrized conv is named, not its parametrizations)
             continue
-        stack.extend(reversed([(f"{name}.{sub}", c) for sub, c in m._modules.items()]))
+        stack.extend(reversed([(f"{name}.{sub}", c) for sub, c in m._modules.items() if sub != "parametrizations"]))
     return odd
 
 
@@ -258,7 +294,8 @@ def run_recomputed(named: Sequence[tuple[str, nn.Module]], x: torch.Tensor) -> t
     if why is None and not torch.compiler.is_compiling():
         odd = unrecomputable(named)
         if odd:
-            why = f"{_names(odd)} would not recompute exactly (a random draw, or state stepped twice): {_NOT_EXACT}"
+            why = (f"{_names(odd)} is not known to recompute exactly (it may draw other random numbers, or step its "
+                   f"state twice): {_NOT_EXACT}")
     if why is not None:
         if not torch.compiler.is_compiling():
             warnings.warn(
@@ -274,8 +311,8 @@ def run_recomputed(named: Sequence[tuple[str, nn.Module]], x: torch.Tensor) -> t
 _RECOMPUTED_PARTS = ("norm1", "relu1", "conv1")
 
 _NOT_EXACT = (
-    "effdense recomputes only modules that compute the same again and change no state (PyTorch's convolutions, "
-    "BatchNorm, activations, pools, eval-mode Dropout; no parametrizations)"
+    "effdense recomputes only modules known to compute the same again and change no state (PyTorch's "
+    "convolutions, BatchNorm, activations, pools, eval-mode Dropout; weight norm the only parametrization)"
 )
 
 
@@ -307,16 +344,16 @@ def run_block(block, x: torch.Tensor) -> torch.Tensor:
             stacklevel=3,
         )
         return _naive.run_block(block, x)
-    if not torch.compiler.is_compiling():
-        odd = unrecomputable([
-            (f"{name}.{part}", m) for name, layer in block.named_children()
-            for part in _RECOMPUTED_PARTS if (m := layer._modules.get(part)) is not None
-        ])  # fmt: skip
+    layers = block._modules
+    if not torch.compiler.is_compiling() and not _all_recompute_exactly(
+        [layer._modules.get(part) for layer in layers.values() for part in _RECOMPUTED_PARTS]
+    ):
+        odd = unrecomputable([(f"{name}.{part}", layer._modules.get(part)) for name, layer in layers.items() for part in _RECOMPUTED_PARTS])
         if odd:
             warn_runs_as_naive(
                 "'checkpoint'",
-                f"{_names(odd)}, which checkpoint recomputes in backward, would not recompute exactly (a random draw, "
-                f"or state stepped twice): {_NOT_EXACT}; naive calls each module once",
+                f"{_names(odd)}, which checkpoint recomputes in backward, is not known to recompute exactly (it may "
+                f"draw other random numbers, or step its state twice): {_NOT_EXACT}; naive calls each module once",
                 stacklevel=3,
             )
             return _naive.run_block(block, x)
