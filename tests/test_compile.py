@@ -326,3 +326,15 @@ def test_export_runs_auto_as_naive_and_refuses_shared_fused(strict) -> None:
     for strategy in ("shared", "fused"):
         with pytest.raises(Exception, match=f"strategy '{strategy}' cannot be exported by torch.export"):
             torch.export.export(copy.deepcopy(model).set_strategy(strategy), (x,), strict=strict)
+
+
+def test_checkpoint_compiles_into_one_graph() -> None:
+    """``checkpoint`` under ``torch.compile(fullgraph=True)``: no graph break, naive's gradients and statistics
+    (d70c9bc broke the graph in every dense block: an assignment expression in a comprehension is a cell that
+    dynamo cannot read; with the checkpoint running eagerly, a compiled torch.utils.checkpoint around the model
+    then updated the running statistics twice per step)."""
+    torch.manual_seed(0)
+    ref, other = _pair(_two_blocks(), "checkpoint")
+    compiled = torch.compile(other, fullgraph=True, backend="aot_eager")
+    run_steps(ref, other, lambda x: train_step(compiled, x), torch.randn(2, 3, 8, 8))
+    assert_one_graph()

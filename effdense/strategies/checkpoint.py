@@ -364,10 +364,13 @@ def run_block(block, x: torch.Tensor) -> torch.Tensor:
             # what the recomputation reads: the parts bn_function runs (a bn_function of a layer's own: the whole
             # layer). Not norm2/conv2, whose gradients autograd finishes before it recomputes: an optimizer
             # step in their post-accumulate-grad hooks (optimizer-in-backward) raised the in-place error here
+            # (no assignment expression here: dynamo cannot trace the cell it makes, "Read uninitialized cell",
+            # and broke the compiled graph in every dense block)
             parts = layer._modules
-            reads = [layer] if overrides(layer, layer_class, ("bn_function",)) else [
-                m for p in _RECOMPUTED_PARTS if (m := parts.get(p)) is not None
-            ]  # fmt: skip
+            if overrides(layer, layer_class, ("bn_function",)):
+                reads = [layer]
+            else:
+                reads = [parts[p] for p in _RECOMPUTED_PARTS if parts.get(p) is not None]
             fn = recompute_once(lambda *inputs, layer=layer: layer.bn_function(inputs), [layer.norm1], reads=reads)
             bottleneck = checkpoint(fn, *features, use_reentrant=False, preserve_rng_state=_PRESERVE_RNG)
         else:
