@@ -1258,3 +1258,31 @@ def test_optimizer_step_in_backward_trains_as_naive(strategy) -> None:
 
     ref, other = _pair(model, strategy)
     torch.testing.assert_close(train(other), train(ref), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_dropout_drawn_while_another_draw_interleaves_raises_in_backward(strategy, monkeypatch) -> None:
+    """shared/fused replay each layer's dropout mask in backward from the RNG state saved in forward. Another
+    thread drawing from the generator between that save and the draw (simulated here: a draw inside the
+    forward's dropout call) made the replay apply another mask: gradients off by up to 100x, silently. Now
+    backward checks that its replay left the generator where forward's draw did, and raises if not; without
+    the interleaved draw, the same model trains as naive."""
+    torch.manual_seed(0)
+    model = effdense.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3,
+                              drop_rate=0.5)  # fmt: skip
+    ref, other = _pair(model, strategy)
+    x = torch.randn(2, 3, 33, 33)
+    assert_matches(ref, other, x)
+    real_dropout = nn.functional.dropout
+    interleave = {"on": True}
+
+    def racing_dropout(t, *args, **kwargs):
+        if interleave["on"]:
+            torch.rand(7)  # "another thread" draws between the saved state and this layer's mask
+        return real_dropout(t, *args, **kwargs)
+
+    monkeypatch.setattr(nn.functional, "dropout", racing_dropout)
+    out = other(x)
+    interleave["on"] = False  # (backward's replay draws alone)
+    with pytest.raises(RuntimeError, match="dropout mask cannot be replayed in backward.*another thread"):
+        out.sum().backward()

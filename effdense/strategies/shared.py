@@ -422,9 +422,15 @@ def _dropout_layout(out: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def _dropout_replay(g: torch.Tensor, p: float, rng_state: Any, layout: torch.memory_format) -> torch.Tensor:
+def _dropout_replay(
+    g: torch.Tensor, p: float, rng_state: Any, layout: torch.memory_format, after: Any = None
+) -> torch.Tensor:
     """Apply the forward's dropout mask (same RNG state, shape, dtype and memory layout) to the gradient ``g``.
-    (Replayed on a contiguous ``g`` for a channels_last forward, the mask was another: wrong gradients.)"""
+    (Replayed on a contiguous ``g`` for a channels_last forward, the mask was another: wrong gradients.)
+    ``after``: the RNG state that forward's draw left; a replay that leaves another drew other numbers, which
+    happens when another thread used the generator while forward drew its mask (or while backward replays it):
+    that raises, instead of the silently wrong gradients it gave (torch.utils.checkpoint's RNG replay has the
+    same race)."""
     device = g.device
     devices = [device] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices, device_type=device.type):
@@ -432,7 +438,16 @@ def _dropout_replay(g: torch.Tensor, p: float, rng_state: Any, layout: torch.mem
             torch.cuda.set_rng_state(rng_state, device)
         else:
             torch.set_rng_state(rng_state)
-        return F.dropout(g.contiguous(memory_format=layout), p=p, training=True)
+        out = F.dropout(g.contiguous(memory_format=layout), p=p, training=True)
+        if after is not None and not torch.equal(_save_rng(device), after):  # (host tensors: no device sync)
+            raise RuntimeError(
+                "effdense: a dense layer's dropout mask cannot be replayed in backward: the random number generator "
+                f"of {device} was used elsewhere (another thread) while this layer's forward drew the mask, or while "
+                "backward replayed it, so the replay would apply another mask. Strategies 'shared' and 'fused' replay "
+                "dropout masks from the RNG state, as torch.utils.checkpoint does: run a model's forward and backward "
+                "from one thread at a time, or use strategy 'naive' or 'checkpoint', which keep dropout's mask"
+            )
+        return out
 
 
 def _bottleneck_forward(
@@ -521,9 +536,11 @@ def _layer_forward(stage: _Stage, state: _StageState, layer, Fbuf: torch.Tensor,
             out, mask = torch.ops.aten.native_dropout(out, layer.drop_rate, True)
             state.save(("mask", mask), which="rng")
         else:
-            if state.keep:
-                state.save(("rng", (_save_rng(out.device), _dropout_layout(out))), which="rng")
+            before = _save_rng(out.device) if state.keep else None
+            layout = _dropout_layout(out)
             out = F.dropout(out, p=layer.drop_rate, training=True)
+            if state.keep:  # (the state after too: backward checks that its replay drew the same numbers)
+                state.save(("rng", (before, layout, _save_rng(out.device))), which="rng")
     else:
         state.save(None, which="rng")
     return out
