@@ -13,8 +13,9 @@ percentiles, in ms):
 ``*_graph`` columns time the same calls replayed from a CUDA graph (GPU time without Python and launch
 overhead, which dominates the small 14x14/7x7 problems). ``ms_reference`` is the eager PyTorch twin the kernel replaces (unfused, materialising ``h``).
 Writes ``benchmarks/results/bench_kernels_<device>.json`` and ``.csv`` and prints a table. Never asserts.
-The JSON's ``meta`` (``metadata`` in files recorded before 2026-11-27) is :func:`effdense.benchutil.environment` (device, versions, commit, command line,
-time), as in the other benchmarks' files, plus this script's settings; ``device`` there is the GPU's name.
+The JSON's ``meta`` (``metadata`` in files recorded before 2026-11-27) is :func:`effdense.benchutil.environment`
+(device, versions, commit, command line, time), as in the other benchmarks' files, plus this script's
+settings; ``device`` there is the GPU's name.
 
 Usage: ``python benchmarks/bench_kernels.py [--dtypes bf16,fp32] [--batch 64] [--quick]``
 """

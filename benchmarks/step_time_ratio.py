@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        path = out / f"step_ratio_{args.model}_b{args.batch_size}_{args.image_size}px_{args.candidate}_vs_{args.baseline}_{device.type}.json"
+        stem = f"step_ratio_{args.model}_b{args.batch_size}_{args.image_size}px_{args.candidate}_vs_{args.baseline}"
+        path = out / f"{stem}_{device.type}.json"
         path.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {path}")
     return 0

@@ -311,8 +311,9 @@ def git_commit() -> str:
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
         ).stdout.strip()
         diff = subprocess.run(
-            ["git", "diff", "HEAD", "--no-ext-diff", "--no-color"], cwd=root, capture_output=True, timeout=30, check=True
-        ).stdout
+            ["git", "diff", "HEAD", "--no-ext-diff", "--no-color"],
+            cwd=root, capture_output=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
         return head + (f"+dirty.{hashlib.sha1(diff).hexdigest()[:10]}" if diff else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -374,7 +375,9 @@ def fused_note(device: torch.device) -> str:
         return ""
     from effdense.kernels import kernels_available
 
-    return "CPU: Triton kernels through the interpreter" if kernels_available(device) else "CPU: PyTorch twins of the kernels"
+    if kernels_available(device):
+        return "CPU: Triton kernels through the interpreter"
+    return "CPU: PyTorch twins of the kernels"
 
 
 def default_image_size(model_name_: str) -> int:

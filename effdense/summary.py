@@ -249,8 +249,10 @@ def main(args: argparse.Namespace) -> int:
     env = environment(torch.device("cpu"))
     path = args.out / f"{stem}.json"
     write_json(path, {
-        "meta": {**env, "model": args.model, "image_size": size, "memory": not args.no_memory,
-                 **({} if args.no_memory else {"batch_size": args.batch_size, "dtype": args.dtype, "strategies": names})},
+        "meta": {
+            **env, "model": args.model, "image_size": size, "memory": not args.no_memory,
+            **({} if args.no_memory else {"batch_size": args.batch_size, "dtype": args.dtype, "strategies": names}),
+        },
         "models": rows, "blocks": blocks, "dense_connections_per_block": connections, "memory": memory,
     })  # fmt: skip
     print(f"wrote {path}")

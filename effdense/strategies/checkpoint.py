@@ -61,12 +61,14 @@ def _forward_record(
             versions.extend(
                 (t, t._version, f"{type(m).__name__}.{name}") for name, t in m._parameters.items() if t is not None
             )
-            if not m.training and isinstance(m, nn.modules.batchnorm._BatchNorm) and m._buffers.get("running_mean") is not None:
+            bn = isinstance(m, nn.modules.batchnorm._BatchNorm)
+            if bn and not m.training and m._buffers.get("running_mean") is not None:
                 # its running statistics, which batch_norm updates without moving their version counters; a
                 # training-mode forward that updates them counts the update in num_batches_tracked, in place
                 t = m._buffers.get("num_batches_tracked")
                 if t is not None:
-                    versions.append((t, t._version, f"{type(m).__name__}.num_batches_tracked, counting updates of the running statistics it normalised with"))
+                    label = f"{type(m).__name__}.num_batches_tracked, counting updates of the running statistics it normalised with"
+                    versions.append((t, t._version, label))
     return tensors, modes, versions
 
 
@@ -345,10 +347,12 @@ def run_block(block, x: torch.Tensor) -> torch.Tensor:
         )
         return _naive.run_block(block, x)
     layers = block._modules
-    if not torch.compiler.is_compiling() and not _all_recompute_exactly(
+    # (only where something is recomputed: with gradients on; none while compiling, where it is fn itself)
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not _all_recompute_exactly(
         [layer._modules.get(part) for layer in layers.values() for part in _RECOMPUTED_PARTS]
     ):
-        odd = unrecomputable([(f"{name}.{part}", layer._modules.get(part)) for name, layer in layers.items() for part in _RECOMPUTED_PARTS])
+        named = [(f"{name}.{part}", layer._modules.get(part)) for name, layer in layers.items() for part in _RECOMPUTED_PARTS]
+        odd = unrecomputable(named)
         if odd:
             warn_runs_as_naive(
                 "'checkpoint'",
