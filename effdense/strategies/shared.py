@@ -52,6 +52,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import _disable_current_modes  # (private: see _same_rng_state)
 
 from effdense._autograd import differentiable_once
 from effdense.strategies import STEM, overrides, standard_class, warn_runs_as_naive
@@ -422,6 +423,14 @@ def _dropout_layout(out: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _same_rng_state(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two generator states (host byte tensors: comparing them syncs no device) are equal, compared
+    outside any dispatch mode: under FakeTensorMode (estimates, ``tests/test_compile.py``) the states are real
+    tensors, which the mode refuses as inputs (it raised there), and fake dropout draws nothing on either side."""
+    with _disable_current_modes():
+        return torch.equal(a, b)
+
+
 def _dropout_replay(
     g: torch.Tensor, p: float, rng_state: Any, layout: torch.memory_format, after: Any = None
 ) -> torch.Tensor:
@@ -439,7 +448,7 @@ def _dropout_replay(
         else:
             torch.set_rng_state(rng_state)
         out = F.dropout(g.contiguous(memory_format=layout), p=p, training=True)
-        if after is not None and not torch.equal(_save_rng(device), after):  # (host tensors: no device sync)
+        if after is not None and not _same_rng_state(_save_rng(device), after):
             raise RuntimeError(
                 "effdense: a dense layer's dropout mask cannot be replayed in backward: the random number generator "
                 f"of {device} was used elsewhere (another thread) while this layer's forward drew the mask, or while "
