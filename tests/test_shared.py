@@ -1286,3 +1286,17 @@ def test_dropout_drawn_while_another_draw_interleaves_raises_in_backward(strateg
     interleave["on"] = False  # (backward's replay draws alone)
     with pytest.raises(RuntimeError, match="dropout mask cannot be replayed in backward.*another thread"):
         out.sum().backward()
+
+
+def test_checkpoint_block_that_recomputes_nothing_does_not_warn() -> None:
+    """A block whose parameters are frozen, fed an input that needs no gradient, recomputes nothing: a
+    module there that would not recompute exactly is no reason for the 'runs as naive' warning (it warned
+    whenever gradients were enabled)."""
+    torch.manual_seed(0)
+    model = effdense.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3)
+    model.features.denseblock1.denselayer1.relu1 = nn.RReLU()
+    model.features.requires_grad_(False)
+    model.set_strategy("checkpoint")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(2, 3, 33, 33)).sum().backward()  # (the classifier still trains)

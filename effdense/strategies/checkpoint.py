@@ -347,8 +347,8 @@ def run_block(block, x: torch.Tensor) -> torch.Tensor:
         )
         return _naive.run_block(block, x)
     layers = block._modules
-    # (only where something is recomputed: with gradients on; none while compiling, where it is fn itself)
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling() and not _all_recompute_exactly(
+    # (only where something is recomputed: a gradient needed; none while compiling, where it is fn itself)
+    if _needs_grad([x], list(layers.values())) and not torch.compiler.is_compiling() and not _all_recompute_exactly(
         [layer._modules.get(part) for layer in layers.values() for part in _RECOMPUTED_PARTS]
     ):
         named = [(f"{name}.{part}", layer._modules.get(part)) for name, layer in layers.items() for part in _RECOMPUTED_PARTS]

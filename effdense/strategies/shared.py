@@ -288,8 +288,8 @@ class _StageState:
         self.mean: torch.Tensor | None = None  # fp32 [C_total] cached batch means (biased statistics)
         self.var: torch.Tensor | None = None
         # per layer: how backward finds its dropout mask, or None without dropout: ("rng", (RNG state before
-        # the dropout, the memory layout its mask was drawn in)) replayed in backward (eager), or ("mask", bool
-        # mask) kept (under torch.compile)
+        # the dropout, the memory layout its mask was drawn in, RNG state after it)) replayed in backward
+        # (eager; the state after checks the replay), or ("mask", bool mask) kept (under torch.compile)
         self.rng: list[Any] = []
         self.y1: list[torch.Tensor | None] = []  # per layer: bottleneck output, when kept
         # per layer: BN2's batch statistics (mean, biased var; fp32 [B] each) when cached, else None
