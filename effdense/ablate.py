@@ -34,8 +34,8 @@ import torch
 from effdense import strategies as _strategies
 from effdense.benchutil import (
     DTYPES,
-    append_csv,
     UsageError,
+    append_csv,
     comma_items,
     device_name,
     dtype_list,
@@ -56,6 +56,7 @@ from effdense.benchutil import (
     resolve_device,
     strategy_list,
     time_steps,
+    write_csv,
 )
 from effdense.densenet import cifar_layers_per_block, get_model
 from effdense.memory import estimate_step, measure_step, mib
@@ -175,10 +176,7 @@ def _check_header(path: Path) -> None:
     if header == [c for c in CSV_COLUMNS if c not in _ADDED_COLUMNS]:
         rows = read_rows(path)
         staged = path.with_name(path.name + ".tmp")  # (then replaced in one step: an interrupt loses no row)
-        with staged.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS), lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(staged, rows, CSV_COLUMNS)
         os.replace(staged, path)
         progress(f"{path}: added the columns {', '.join(_ADDED_COLUMNS)} (empty in its {len(rows)} earlier rows)")
         return
@@ -281,7 +279,7 @@ def main(args: argparse.Namespace) -> int:
     # the rest runs again, and the newer row wins (in the plots too)
     done = {
         _key(r) for r in read_rows(csv_path)
-        if r.get("git_commit") == str(env["git_commit"] or "") and r.get("torch") == env["torch"]
+        if r.get("git_commit") == env["git_commit"] and r.get("torch") == env["torch"]
         and (r.get("status") == "skipped" or (r.get("status") == "ok" and (not args.time or (
             r.get("time_ms") and r.get("steps") == str(args.steps) and r.get("warmup") == str(args.warmup)))))
     }  # fmt: skip

@@ -44,8 +44,8 @@ from effdense.benchutil import (
     positive_int,
     progress,
     reject_ineffective,
-    selection_tag,
     require_image_size,
+    selection_tag,
     strategy_list,
     write_json,
 )

@@ -298,6 +298,22 @@ def warn_runs_as_naive(instead_of: str, because: str, stacklevel: int) -> None:
     )
 
 
+# A subclass computes as its base only if it keeps the base's forward: one that overrides it (a BatchNorm that
+# rescales its output) would otherwise be computed (or recomputed) as plain BatchNorm, silently. A BatchNorm
+# class that computes nn.SyncBatchNorm's function with a forward of its own says so with the class attribute
+# ``_effdense_computes_as_batchnorm`` (effdense.train.CPUSyncBatchNorm, the CPU stand-in).
+_BN_FORWARDS = (torch.nn.modules.batchnorm._BatchNorm.forward, torch.nn.SyncBatchNorm.forward)
+
+
+def computes_as_batchnorm(m: torch.nn.Module) -> bool:
+    """Whether ``m`` is a BatchNorm whose class computes PyTorch's BatchNorm (the strategies compute it
+    themselves under shared/fused, and recompute it under checkpoint and the recomputed stem)."""
+    cls = type(m)
+    return isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and (
+        cls.forward in _BN_FORWARDS or getattr(cls, "_effdense_computes_as_batchnorm", False)
+    )
+
+
 def overrides(module: torch.nn.Module, base: type, names: tuple[str, ...]) -> bool:
     """Whether ``module`` computes other than ``base``'s methods ``names``: an instance attribute of one of
     those names (a patched ``module.forward``), or a class whose method is not ``base``'s (a subclass with a

@@ -22,7 +22,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNormHook  # ol
 from torch.utils.checkpoint import checkpoint
 
 from effdense.strategies import naive as _naive
-from effdense.strategies import overrides, standard_class, warn_runs_as_naive
+from effdense.strategies import computes_as_batchnorm, overrides, standard_class, warn_runs_as_naive
 
 
 @contextlib.contextmanager
@@ -179,7 +179,6 @@ _RECOMPUTABLE = {
         nn.ReplicationPad2d, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm,
     )
 }  # fmt: skip
-_BATCHNORM_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
 _INSTANCENORM_FORWARD = nn.modules.instancenorm._InstanceNorm.forward
 # drawing random numbers in training mode only (Dropout with p = 0 draws nothing either)
 _RANDOM_IN_TRAINING = {cls: cls.forward for cls in (
@@ -212,7 +211,7 @@ def _recomputes_exactly(m: nn.Module) -> bool:
     if forward is not None:
         return cls.forward is forward
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        return cls.forward in _BATCHNORM_FORWARDS or getattr(cls, "_effdense_computes_as_batchnorm", False)
+        return computes_as_batchnorm(m)
     if isinstance(m, nn.modules.instancenorm._InstanceNorm):
         return cls.forward is _INSTANCENORM_FORWARD and not m.track_running_stats
     forward = _RANDOM_IN_TRAINING.get(cls)

@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import _disable_current_modes  # (private: see _same_rng_state)
 
 from effdense._autograd import differentiable_once
-from effdense.strategies import STEM, overrides, standard_class, warn_runs_as_naive
+from effdense.strategies import STEM, computes_as_batchnorm, overrides, standard_class, warn_runs_as_naive
 from effdense.strategies import checkpoint as _checkpoint
 from effdense.strategies import naive as _naive
 
@@ -545,8 +545,8 @@ def _layer_forward(stage: _Stage, state: _StageState, layer, Fbuf: torch.Tensor,
             out, mask = torch.ops.aten.native_dropout(out, layer.drop_rate, True)
             state.save(("mask", mask), which="rng")
         else:
-            before = _save_rng(out.device) if state.keep else None
-            layout = _dropout_layout(out)
+            if state.keep:
+                before, layout = _save_rng(out.device), _dropout_layout(out)
             out = F.dropout(out, p=layer.drop_rate, training=True)
             if state.keep:  # (the state after too: backward checks that its replay drew the same numbers)
                 state.save(("rng", (before, layout, _save_rng(out.device))), which="rng")
@@ -1220,11 +1220,8 @@ _TRANSITION_PARTS = (("norm", _BN), ("relu", _RELU), ("conv", _CONV1X1))
 _LAYER_METHODS = ("forward", "bn_function", "tail")
 
 
-# A subclass computes as its base only if it keeps the base's forward: one that overrides it (a clipped ReLU,
-# a BatchNorm that rescales its output) would otherwise be computed as plain ReLU/BatchNorm, silently. A
-# BatchNorm class that computes nn.SyncBatchNorm's function with a forward of its own says so with the class
-# attribute ``_effdense_computes_as_batchnorm`` (effdense.train.CPUSyncBatchNorm, the CPU stand-in).
-_BN_FORWARDS = (torch.nn.modules.batchnorm._BatchNorm.forward, torch.nn.SyncBatchNorm.forward)
+# A subclass computes as its base only if it keeps the base's forward: one that overrides it (a clipped ReLU)
+# would otherwise be computed as plain ReLU, silently (BatchNorm: strategies.computes_as_batchnorm).
 
 
 def _has_tensor(m: Any, name: str) -> bool:
@@ -1241,14 +1238,7 @@ def _computes_as_module(m: Any, kind: Any) -> bool:
     if m is None or "forward" in m.__dict__:  # a missing part, or an instance's own forward (m.forward = ...)
         return False
     if kind is _BN:
-        cls = type(m)
-        return (
-            isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-            and m.affine
-            and (cls.forward in _BN_FORWARDS or getattr(cls, "_effdense_computes_as_batchnorm", False))
-            and _has_tensor(m, "weight")
-            and _has_tensor(m, "bias")
-        )
+        return computes_as_batchnorm(m) and m.affine and _has_tensor(m, "weight") and _has_tensor(m, "bias")
     if kind is _RELU:
         return isinstance(m, torch.nn.ReLU) and type(m).forward is torch.nn.ReLU.forward
     return (
