@@ -603,6 +603,36 @@ def test_low_precision_model_in_eval_mode_backpropagates(strategy, dtype) -> Non
         assert err <= 2 * err_naive + 1e-2 * scale, (i, err, err_naive)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_low_precision_running_stats_blend_in_float32(strategy, dtype) -> None:
+    """A float16 model fed a batch variance above 65504 (float16's largest value): the running variance
+    ``0.9 * 1 + 0.1 * var`` fits, and naive keeps it finite. Casting the batch statistics to the buffers' dtype
+    before blending made it ``inf`` (eval then normalised every such channel to 0). Now the blend is computed
+    in float32 and rounded once: within one rounding of the float64 blend of naive's own batch statistics."""
+    torch.manual_seed(0)
+    base = effdense.densenet_cifar(16, 4).to(dtype)
+    x = (300 * torch.randn(2, 3, 8, 8)).to(dtype)  # stem outputs of std ~1e3: batch variances ~1e6
+    runs = {}
+    for s in ("naive", strategy):
+        m = copy.deepcopy(base).set_strategy(s).train()
+        with torch.no_grad():
+            m(x)
+        runs[s] = m
+    bn = runs[strategy].features.denseblock1.denselayer1.norm1
+    ref = runs["naive"].features.denseblock1.denselayer1.norm1
+    with torch.no_grad():  # the float64 blend of the batch statistics of the input naive's norm1 saw
+        feats = runs["naive"].features.conv0(x).double()
+    var = feats.var((0, 2, 3), unbiased=True)
+    assert var.max() > 65504
+    gold = 0.9 * base.features.denseblock1.denselayer1.norm1.running_var.double() + 0.1 * var
+    assert torch.isfinite(ref.running_var).all()
+    assert torch.isfinite(bn.running_var).all()
+    torch.testing.assert_close(bn.running_var.double(), gold, rtol=2 ** -7, atol=0)
+    for name, b in runs[strategy].named_buffers():
+        if "running" in name:
+            assert torch.isfinite(b).all() == torch.isfinite(dict(runs["naive"].named_buffers())[name]).all(), name
+
 def test_channels_last_input() -> None:
     torch.manual_seed(0)
     model = effdense.densenet_cifar(16, 4)

@@ -137,10 +137,22 @@ def _update_running_stats(updates: Sequence[tuple[Any, torch.Tensor, torch.Tenso
             means = [bn.running_mean.data if eager else bn.running_mean for bn, _, _ in group]
             variances = [bn.running_var.data if eager else bn.running_var for bn, _, _ in group]
             unbiased = torch._foreach_mul([v for _, _, v in group], count / (count - 1))
-            torch._foreach_mul_(means, 1 - factor)
-            torch._foreach_add_(means, [m.to(r.dtype) for (_, m, _), r in zip(group, means)], alpha=factor)
-            torch._foreach_mul_(variances, 1 - factor)
-            torch._foreach_add_(variances, [u.to(r.dtype) for u, r in zip(unbiased, variances)], alpha=factor)
+            _blend_(means, [m for _, m, _ in group], factor)
+            _blend_(variances, unbiased, factor)
+
+
+def _blend_(running: list[torch.Tensor], stats: list[torch.Tensor], factor: float) -> None:
+    """``running[i] = (1 - factor) * running[i] + factor * stats[i]``, computed in the statistics' precision
+    (float32 for half and bfloat16 models) and rounded once into each buffer, as ATen's update is: a float16
+    buffer fed a batch variance above 65504 (its largest value) keeps a finite blend, where casting the
+    statistic to the buffer's dtype first made it ``inf``. Buffers already in that precision blend in place."""
+    if all(r.dtype == s.dtype for r, s in zip(running, stats)):
+        torch._foreach_mul_(running, 1 - factor)
+        torch._foreach_add_(running, stats, alpha=factor)
+        return
+    blended = torch._foreach_mul([r.to(s.dtype) for r, s in zip(running, stats)], 1 - factor)
+    torch._foreach_add_(blended, stats, alpha=factor)
+    torch._foreach_copy_(running, blended)
 
 
 def _sync_stats(mean: torch.Tensor, var: torch.Tensor, count: int, group: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
