@@ -912,6 +912,22 @@ def _output_modified_error(stage: _Stage) -> RuntimeError:
     )
 
 
+def _running_stats_updated_error(changed: Sequence[torch.Tensor]) -> RuntimeError:
+    """The error for running statistics that an eval-mode forward normalised with and that were changed in place
+    before its backward, which reads them again (a training-mode forward in between updates them): PyTorch's
+    bare version-check message named only a shape."""
+    shapes = ", ".join(f"[{t.type()} {list(t.shape)}]" for t in changed[:4]) + (" ..." if len(changed) > 4 else "")
+    return RuntimeError(
+        "effdense shared/fused: BatchNorm running statistics that a dense block's forward normalised with (its "
+        "BatchNorms in eval mode) were modified by an inplace operation before that forward's backward "
+        f"({len(changed)} running_mean/running_var tensors: {shapes}); a training-mode forward in between updates "
+        "them in place. Backward reads them again, so it refuses, as PyTorch does for any tensor it saved "
+        "(torchvision's model instead computes these gradients from the new statistics). Run the eval-mode "
+        "forward's backward before the training-mode forward, or keep the model in one mode between a forward "
+        "and its backward"
+    )
+
+
 class _DenseStageFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stage: _Stage, x: torch.Tensor, *params: torch.Tensor):  # type: ignore[override]
@@ -928,6 +944,7 @@ class _DenseStageFunction(torch.autograd.Function):
         running = _running_stats_used(stage, state)
         if running and not torch.compiler.is_compiling():
             _remember_saved_running(running, state)
+            ctx.running_versions = [(t, t._version) for t in running]  # (for backward's error message)
         # token: an empty second output, saved, through which backward's double-backward guard links to this
         # node (and so to x and the parameters) without keeping any tensor of forward alive
         token = Fbuf.new_empty(0)
@@ -951,8 +968,12 @@ class _DenseStageFunction(torch.autograd.Function):
         try:
             saved = ctx.saved_tensors
         except RuntimeError as exc:
-            if not ctx.has_transition and "modified by an inplace operation" in str(exc) and "output 0 of" in str(exc):
-                raise _output_modified_error(ctx.stage) from exc
+            if "modified by an inplace operation" in str(exc):
+                if not ctx.has_transition and "output 0 of" in str(exc):
+                    raise _output_modified_error(ctx.stage) from exc
+                changed = [t for t, version in getattr(ctx, "running_versions", ()) if t._version != version]
+                if changed:
+                    raise _running_stats_updated_error(changed) from exc
             raise
         Fbuf = saved[0]
         stage: _Stage = ctx.stage
