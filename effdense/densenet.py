@@ -123,7 +123,6 @@ class _DenseBlock(nn.ModuleDict):
             self.add_module(f"denselayer{i + 1}", layer)
         self.num_input_features = num_input_features
         self.growth_rate = growth_rate
-        self.num_output_features = num_input_features + num_layers * growth_rate
         self.strategy = strategy
         self.policy = policy or Policy()
         # SyncBatchNorm semantics for the shared/fused strategies: None (local statistics) or
@@ -134,6 +133,12 @@ class _DenseBlock(nn.ModuleDict):
     @property
     def layers(self) -> list[_DenseLayer]:
         return list(self.values())  # type: ignore[arg-type]
+
+    @property
+    def num_output_features(self) -> int:
+        """Channels of the block's output: its input's and ``growth_rate`` per layer it holds now (a layer
+        appended or deleted after construction counts; the shared strategies size their buffer by it)."""
+        return self.num_input_features + len(self._modules) * self.growth_rate
 
     @property
     def strategy(self) -> str:
@@ -163,6 +168,7 @@ class _DenseBlock(nn.ModuleDict):
             state["_strategy"] = strategies.check_strategy(state.pop("strategy"))
         if "policy" in state:
             state["_policy"] = _check_policy(state.pop("policy"), "a dense block's policy")
+        state.pop("num_output_features", None)  # (an attribute until it became a property of the layers held)
         super().__setstate__(state)
 
     def forward(self, init_features: torch.Tensor) -> torch.Tensor:

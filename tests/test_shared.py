@@ -812,6 +812,60 @@ def test_running_statistics_are_flagged_only_while_a_graph_that_saved_them_lives
         kept.backward()
 
 
+def _resize_head(model: nn.Module, channels: int) -> None:
+    model.features.norm5 = nn.BatchNorm2d(channels)
+    model.classifier = nn.Linear(channels, model.classifier.out_features)
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+@pytest.mark.parametrize("surgery", ["append_last", "pop_last_of_middle"])
+def test_layer_added_or_removed_after_construction(strategy, surgery) -> None:
+    """Model surgery on a block's layers, with what follows resized: the shared buffer was sized by the
+    block's layer count at construction, so a layer appended raised a bare size error, one removed a
+    BatchNorm size error. Now the block's output width counts the layers it holds, and the model matches naive."""
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(16, 4)
+    f = model.features
+    if surgery == "append_last":
+        block = f.denseblock3
+        block.add_module("denselayer3", effdense.densenet._DenseLayer(block.num_output_features, 4, 4, 0.0))
+        _resize_head(model, block.num_output_features)
+    else:
+        block = f.denseblock2
+        del block.denselayer2
+        c = block.num_output_features
+        f.transition2.norm = nn.BatchNorm2d(c)
+        f.transition2.conv = nn.Conv2d(c, f.transition2.conv.out_channels, 1, bias=False)
+    assert block.num_output_features == block.num_input_features + len(block.layers) * block.growth_rate
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (the layout is a dense block's: no fallback to naive)
+        assert_matches(*_pair(model, strategy), torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_layer_removed_without_resizing_the_rest_raises_as_naive(strategy) -> None:
+    """A layer deleted and what reads the block's output left as it was (a mistake naive catches with
+    PyTorch's size error): shared/fused ran on, the missing channels read from an uninitialised buffer
+    (different outputs for identical forwards). Now the stage sees the channel counts are not its block's,
+    warns naming the block, and runs as naive, which raises."""
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(16, 4, strategy=strategy)
+    del model.features.denseblock2.denselayer1  # the second layer now reads 4 channels fewer than it holds
+    with pytest.warns(UserWarning, match=r"features\.denseblock2\) runs as strategy 'naive'.*denselayer2\.norm1"
+                      r"\.num_features = \d+, expected \d+"):
+        with pytest.raises(RuntimeError, match="running_mean should contain"):
+            model(torch.randn(2, 3, 8, 8))
+
+
+def test_fallback_warning_names_the_block() -> None:
+    """Every block has a ``denselayer1``: the warning of a module swapped in names the block too."""
+    model = effdense.densenet_cifar(16, 4, strategy="shared")
+    conv = model.features.denseblock2.denselayer1.conv2
+    model.features.denseblock2.denselayer1.conv2 = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1)
+    with pytest.warns(UserWarning, match=r"dense block \(features\.denseblock2\) .* denselayer1\.conv2"):
+        model(torch.randn(2, 3, 8, 8))
+
+
 def test_block_input_channels_checked() -> None:
     block = effdense.densenet_cifar(16, 4, strategy="shared").features.denseblock1
     with pytest.raises(ValueError, match="dense block expects input \\(N, 8, H, W\\), got shape \\(2, 5, 4, 4\\)"):
@@ -951,7 +1005,7 @@ _OWN_FORWARDS = {
 }
 
 
-@pytest.mark.filterwarnings("ignore:effdense. a dense block runs as strategy 'naive'")
+@pytest.mark.filterwarnings("ignore:effdense. a dense block.* runs as strategy 'naive'")
 @pytest.mark.parametrize("case", list(_OWN_FORWARDS))
 @pytest.mark.parametrize("strategy", ["checkpoint", "shared", "fused"])
 def test_own_forwards_are_run(case, strategy) -> None:
@@ -968,7 +1022,7 @@ def test_own_forwards_are_run(case, strategy) -> None:
     assert_matches(*models, torch.randn(2, 3, 8, 8))
 
 
-@pytest.mark.filterwarnings("ignore:effdense. a dense block runs as strategy 'naive'")
+@pytest.mark.filterwarnings("ignore:effdense. a dense block.* runs as strategy 'naive'")
 @pytest.mark.parametrize("cls, method", [("_DenseLayer", "forward"), ("_DenseLayer", "tail"), ("_DenseBlock", "forward")])
 @pytest.mark.parametrize("strategy", ["checkpoint", "shared", "fused"])
 def test_methods_patched_on_effdense_classes_are_run(cls, method, strategy, monkeypatch) -> None:
@@ -1132,8 +1186,33 @@ def test_disabled_saved_tensor_hooks_keep_activations_instead_of_failing(strateg
     model = effdense.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3)
     ref, other = _pair(model, strategy)
     with torch.autograd.graph.disable_saved_tensors_hooks("effdense test: no saved-tensor hooks here"):
-        with pytest.warns(UserWarning, match=r"saved-tensor hooks are disabled \(torch.autograd.graph.disable_saved"):
+        with pytest.warns(UserWarning, match=r"saved-tensor hooks are disabled here .*context says: .effdense test"):
             assert_matches(ref, other, torch.randn(2, 3, 33, 33))
+
+
+def test_checkpoint_under_torch_func_grad_says_the_transform_disabled_hooks() -> None:
+    """torch.func.grad disables saved-tensor hooks itself: the fallback warning named only
+    ``disable_saved_tensors_hooks``, a call the user never made. It quotes the transform's own message now;
+    the gradients are naive's."""
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(16, 4)
+    ref, other = _pair(model, "checkpoint")
+    x = torch.randn(2, 3, 8, 8)
+    grads = {}
+    for name, m in (("naive", ref), ("checkpoint", other)):
+        params = {n: p.detach() for n, p in m.named_parameters()}
+        buffers = {n: b.clone() for n, b in m.named_buffers()}
+
+        def loss(p, b, m=m):  # (the buffers as inputs: training mode updates them in place)
+            return torch.func.functional_call(m, {**p, **b}, (x,)).square().sum()
+
+        if name == "checkpoint":
+            with pytest.warns(UserWarning, match=r"torch\.func transforms .*context says: .torch\.func\.\{grad"):
+                grads[name] = torch.func.grad(loss)(params, buffers)
+        else:
+            grads[name] = torch.func.grad(loss)(params, buffers)
+    for n, g in grads["naive"].items():
+        torch.testing.assert_close(grads["checkpoint"][n], g, rtol=1e-4, atol=1e-6)
 
 
 def _stem_dropout(m):

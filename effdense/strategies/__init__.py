@@ -285,14 +285,16 @@ def standard_class(kind: str) -> type:
     return _STANDARD[kind]
 
 
-def warn_runs_as_naive(instead_of: str, because: str, stacklevel: int) -> None:
+def warn_runs_as_naive(instead_of: str, because: str, stacklevel: int, where: str = "") -> None:
     """The warning of a dense block that runs as naive instead of ``instead_of`` ``because`` of what it holds
     (none while dynamo traces: it refuses ``warnings.warn``, and traces the modules as they are).
-    ``stacklevel``: as for :func:`warnings.warn` called in the caller's place."""
+    ``stacklevel``: as for :func:`warnings.warn` called in the caller's place; ``where``: the block's name in
+    its model, where the caller knows it (every block has a ``denselayer3``)."""
     if torch.compiler.is_compiling():
         return
+    block = f"dense block ({where})" if where else "dense block"
     warnings.warn(
-        f"effdense: a dense block runs as strategy 'naive' instead of {instead_of}, because {because}. The block "
+        f"effdense: a {block} runs as strategy 'naive' instead of {instead_of}, because {because}. The block "
         "keeps naive's memory.",
         stacklevel=stacklevel + 1,
     )

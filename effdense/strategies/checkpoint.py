@@ -264,10 +264,17 @@ def _needs_grad(tensors: Sequence[torch.Tensor], modules: Sequence[nn.Module]) -
 # (private: the message that torch.autograd.graph.disable_saved_tensors_hooks set; a torch without it: None)
 _hooks_disabled_message = getattr(torch._C._autograd, "_saved_tensors_hooks_get_disabled_error_message", lambda: None)
 
-_NO_HOOKS = (
-    "saved-tensor hooks are disabled (torch.autograd.graph.disable_saved_tensors_hooks), and "
-    "torch.utils.checkpoint registers them"
-)
+
+
+def _no_hooks_reason() -> str:
+    """Why checkpointing cannot run here, with the disabling context's own message (a torch.func transform
+    disables the hooks itself: naming only ``disable_saved_tensors_hooks`` sent users looking for a call of
+    theirs that was not there)."""
+    return (
+        "saved-tensor hooks are disabled here (torch.func transforms such as grad, vjp and jacrev disable them, as "
+        f"does torch.autograd.graph.disable_saved_tensors_hooks; the disabling context says: "
+        f"\"{_hooks_disabled_message()}\"), and torch.utils.checkpoint registers them"
+    )
 
 
 def hooks_disabled() -> bool:
@@ -291,7 +298,7 @@ def run_recomputed(named: Sequence[tuple[str, nn.Module]], x: torch.Tensor) -> t
 
     if len(modules) <= 1 or not _needs_grad([x], modules):
         return run(x)
-    why = _NO_HOOKS if hooks_disabled() else None
+    why = _no_hooks_reason() if hooks_disabled() else None
     if why is None and not torch.compiler.is_compiling():
         odd = unrecomputable(named)
         if odd:
@@ -334,7 +341,7 @@ def _own_layers(block) -> list[str]:
 
 def run_block(block, x: torch.Tensor) -> torch.Tensor:
     if hooks_disabled() and _needs_grad([x], block.layers):
-        warn_runs_as_naive("'checkpoint'", _NO_HOOKS, stacklevel=3)
+        warn_runs_as_naive("'checkpoint'", _no_hooks_reason(), stacklevel=3)
         return _naive.run_block(block, x)
     odd = _own_layers(block)
     if odd:

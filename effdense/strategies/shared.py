@@ -1165,19 +1165,27 @@ def _widest_chunk(blocks: Sequence[Any], x: torch.Tensor, chunk_factor: int) -> 
     return widest
 
 
-def run_stage(block, transition, x: torch.Tensor, ops: ModuleType, **stage_options: Any) -> torch.Tensor:
+def run_stage(
+    block, transition, x: torch.Tensor, ops: ModuleType, where: str = "", **stage_options: Any
+) -> torch.Tensor:
     """Run ``block`` (and ``transition`` if given) on ``x`` with the shared buffers; returns the block
-    buffer, or the transition's pooled output when a transition is given. ``stage_options`` are
-    ``chunk_factor`` and ``chunk_values`` (see :class:`_Stage` and :func:`_chunk_width`)."""
+    buffer, or the transition's pooled output when a transition is given. ``where``: the block's name in
+    the model, for warnings. ``stage_options`` are ``chunk_factor`` and ``chunk_values`` (see :class:`_Stage`
+    and :func:`_chunk_width`)."""
     _check_block_input(block, x)
     # The plain modules, as naive, for an empty batch, which has no statistics for the shared buffers (as a
     # model does for every strategy, strategies._runner_for, with PyTorch's semantics: an empty output, zero
-    # gradients, BatchNorm counters advanced and running statistics kept), and for modules the Function would
+    # gradients, BatchNorm counters advanced and running statistics kept), for modules the Function would
     # not compute as they compute themselves (a conv with a bias, a non-affine BatchNorm, another activation,
-    # ...), rather than silently other values
+    # ...), rather than silently other values, and for layers whose channel counts are not the block's (a
+    # layer deleted or inserted after construction: the buffer's layout would be another's than the modules')
     odd = _custom_modules(block, transition) if x.shape[0] else []
     if odd:
-        _warn_custom_modules(odd)
+        _warn_custom_modules(odd, where)
+    else:
+        odd = _layout_mismatch(block, transition) if x.shape[0] else []
+        if odd:
+            _warn_layout_mismatch(block, odd, where)
     if odd or x.shape[0] == 0:
         out = _naive.run_block(block, x)
         return out if transition is None else transition(out)
@@ -1317,7 +1325,7 @@ def _custom_transition_modules(transition) -> list[str]:
     return odd
 
 
-def _warn_custom_modules(odd: list[str]) -> None:
+def _warn_custom_modules(odd: list[str], where: str = "") -> None:
     names = ", ".join(odd[:3]) + (", ..." if len(odd) > 3 else "")
     warn_runs_as_naive(
         "'shared'/'fused'",
@@ -1325,6 +1333,71 @@ def _warn_custom_modules(odd: list[str]) -> None:
         "torchvision's geometry, 2x2 average pool, and the layers' and transition's own forwards); naive calls the "
         "modules themselves",
         stacklevel=3,
+        where=where,
+    )
+
+
+def _layout_mismatch(block, transition) -> list[str]:
+    """The channel counts of a stage's (standard) modules that are not a dense block's: layer ``i`` (from 0)
+    reads ``C0 + i*k`` channels and adds ``k``, its bottleneck's parts agree on their width, and the
+    transition reads all ``C0 + L*k``. The shared buffer is laid out so; a layer deleted, inserted or
+    replaced by one of another width after construction breaks it (naive then runs what the modules say, or
+    raises PyTorch's shape error as torchvision's model does; the Function read uninitialised channels).
+    (Runs on every stage's forward: one pass of plain comparisons, the messages only for a mismatch.)"""
+    C0, k = block.num_input_features, block.growth_rate
+    c = C0
+    for layer in block._modules.values():
+        m = layer._modules
+        conv1 = m["conv1"]
+        if m["norm1"].num_features != c or conv1.in_channels != c:
+            break
+        if layer.__dict__["bottleneck"]:
+            conv2 = m["conv2"]
+            if not (m["norm2"].num_features == conv2.in_channels == conv1.out_channels and conv2.out_channels == k):
+                break
+        elif conv1.out_channels != k:
+            break
+        c += k
+    else:
+        if transition is None:
+            return []
+        m = transition._modules
+        if m["norm"].num_features == c and m["conv"].in_channels == c:
+            return []
+    return _layout_details(block, transition)
+
+
+def _layout_details(block, transition) -> list[str]:
+    """What :func:`_layout_mismatch` found, one ``module.attribute = value, expected value`` each."""
+    C0, k = block.num_input_features, block.growth_rate
+    wrong = []
+    for i, (name, layer) in enumerate(block._modules.items()):
+        m, c = layer._modules, C0 + i * k
+        width = m["conv1"].out_channels
+        if layer.__dict__["bottleneck"]:
+            expected = (("norm1", "num_features", c), ("conv1", "in_channels", c), ("norm2", "num_features", width),
+                        ("conv2", "in_channels", width), ("conv2", "out_channels", k))  # fmt: skip
+        else:
+            expected = (("norm1", "num_features", c), ("conv1", "in_channels", c), ("conv1", "out_channels", k))
+        wrong += [f"{name}.{part}.{attr} = {getattr(m[part], attr)}, expected {want}"
+                  for part, attr, want in expected if getattr(m[part], attr) != want]  # fmt: skip
+    if transition is not None:
+        m, c = transition._modules, block.num_output_features
+        wrong += [f"transition.{part}.{attr} = {getattr(m[part], attr)}, expected {c}"
+                  for part, attr in (("norm", "num_features"), ("conv", "in_channels")) if getattr(m[part], attr) != c]  # fmt: skip
+    return wrong
+
+
+def _warn_layout_mismatch(block, wrong: list[str], where: str = "") -> None:
+    details = "; ".join(wrong[:3]) + ("; ..." if len(wrong) > 3 else "")
+    warn_runs_as_naive(
+        "'shared'/'fused'",
+        f"its modules' channel counts are not those of a dense block of {block.num_input_features} input channels "
+        f"and growth rate {block.growth_rate} with {len(block._modules)} layers (layer i reads "
+        f"{block.num_input_features} + (i-1)*{block.growth_rate} channels and adds {block.growth_rate}): {details} "
+        "(a layer deleted, inserted or replaced after construction?); naive runs the modules as they are",
+        stacklevel=3,
+        where=where,
     )
 
 
@@ -1354,5 +1427,5 @@ def run_features(
         stage_options["chunk_values"] = _widest_chunk(blocks, x, stage_options.get("chunk_factor", 1))
     for i, block in enumerate(blocks, 1):
         transition = children.get(f"transition{i}")
-        x = run_stage(block, transition, x, ops, **stage_options)
+        x = run_stage(block, transition, x, ops, where=f"features.denseblock{i}", **stage_options)
     return children["norm5"](x)
