@@ -137,7 +137,7 @@ def _runner_for(name: str, x: torch.Tensor) -> ModuleType:
         # a trace records operators, not Python: "auto" records the plain model, as torchvision's traces
         # (and no branch on the traced shape here, which would only warn)
         if name in ("shared", "fused"):
-            _untraceable(name, "torch.jit.trace")
+            _untraceable(name, "torch.jit.trace (nor by what uses it: torch.onnx.export with dynamo=False)")
         return _runners()["naive" if name == "auto" else name]
     if x.shape[0] == 0:
         # an empty batch holds no activations to save memory on; naive gives it PyTorch's own semantics
