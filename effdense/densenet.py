@@ -140,6 +140,15 @@ class _DenseBlock(nn.ModuleDict):
         appended or deleted after construction counts; the shared strategies size their buffer by it)."""
         return self.num_input_features + len(self._modules) * self.growth_rate
 
+    @num_output_features.setter
+    def num_output_features(self, value: int) -> None:
+        if value != self.num_output_features:
+            raise AttributeError(
+                f"a dense block's num_output_features is {self.num_output_features}, counted from the layers it "
+                f"holds ({self.num_input_features} input channels + {len(self._modules)} layers x growth rate "
+                f"{self.growth_rate}); it cannot be set to {value}: add or delete layers instead"
+            )
+
     @property
     def strategy(self) -> str:
         """How this block runs: ``"auto"`` or one of :data:`effdense.STRATEGIES` (the model's

@@ -605,7 +605,7 @@ def test_low_precision_model_in_eval_mode_backpropagates(strategy, dtype) -> Non
         assert err <= 2 * err_naive + 1e-2 * scale, (i, err, err_naive)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float16])  # (bfloat16's range holds these variances)
 @pytest.mark.parametrize("strategy", ["shared", "fused"])
 def test_low_precision_running_stats_blend_in_float32(strategy, dtype) -> None:
     """A float16 model fed a batch variance above 65504 (float16's largest value): the running variance
@@ -630,7 +630,7 @@ def test_low_precision_running_stats_blend_in_float32(strategy, dtype) -> None:
     gold = 0.9 * base.features.denseblock1.denselayer1.norm1.running_var.double() + 0.1 * var
     assert torch.isfinite(ref.running_var).all()
     assert torch.isfinite(bn.running_var).all()
-    torch.testing.assert_close(bn.running_var.double(), gold, rtol=2 ** -7, atol=0)
+    torch.testing.assert_close(bn.running_var.double(), gold, rtol=2 ** -10, atol=0)
     for name, b in runs[strategy].named_buffers():
         if "running" in name:
             assert torch.isfinite(b).all() == torch.isfinite(dict(runs["naive"].named_buffers())[name]).all(), name
@@ -837,6 +837,8 @@ def test_layer_added_or_removed_after_construction(strategy, surgery) -> None:
         f.transition2.norm = nn.BatchNorm2d(c)
         f.transition2.conv = nn.Conv2d(c, f.transition2.conv.out_channels, 1, bias=False)
     assert block.num_output_features == block.num_input_features + len(block.layers) * block.growth_rate
+    with pytest.raises(AttributeError, match="counted from the layers it holds"):
+        block.num_output_features += 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # (the layout is a dense block's: no fallback to naive)
         assert_matches(*_pair(model, strategy), torch.randn(2, 3, 8, 8))

@@ -137,7 +137,7 @@ def _runner_for(name: str, x: torch.Tensor) -> ModuleType:
         # a trace records operators, not Python: "auto" records the plain model, as torchvision's traces
         # (and no branch on the traced shape here, which would only warn)
         if name in ("shared", "fused"):
-            _untraceable(name, "torch.jit.trace (nor by what uses it: torch.onnx.export with dynamo=False)")
+            _untraceable(name, "torch.jit.trace (which torch.onnx.export(dynamo=False) uses)")
         return _runners()["naive" if name == "auto" else name]
     if x.shape[0] == 0:
         # an empty batch holds no activations to save memory on; naive gives it PyTorch's own semantics
@@ -183,7 +183,7 @@ def _untraceable(name: str, tracer: str) -> NoReturn:
         f"strategy {name!r} cannot be traced by {tracer} (it computes sizes from the input's shape in Python"
         f"{'' if name != 'checkpoint' else ' and branches on requires_grad'}); call model.set_strategy('naive') "
         "(or 'auto', which traces as naive) before tracing, or use torch.compile, which runs every strategy, "
-        "or torch.export, which exports 'auto' as naive"
+        "or torch.export (and torch.onnx.export(dynamo=True)), which exports 'auto' as naive"
     )
 
 

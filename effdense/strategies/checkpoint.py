@@ -265,7 +265,6 @@ def _needs_grad(tensors: Sequence[torch.Tensor], modules: Sequence[nn.Module]) -
 _hooks_disabled_message = getattr(torch._C._autograd, "_saved_tensors_hooks_get_disabled_error_message", lambda: None)
 
 
-
 def _no_hooks_reason() -> str:
     """Why checkpointing cannot run here, with the disabling context's own message (a torch.func transform
     disables the hooks itself: naming only ``disable_saved_tensors_hooks`` sent users looking for a call of

@@ -150,8 +150,8 @@ def _blend_(running: list[torch.Tensor], stats: list[torch.Tensor], factor: floa
         torch._foreach_mul_(running, 1 - factor)
         torch._foreach_add_(running, stats, alpha=factor)
         return
-    blended = torch._foreach_mul([r.to(s.dtype) for r, s in zip(running, stats)], 1 - factor)
-    torch._foreach_add_(blended, stats, alpha=factor)
+    blended = torch._foreach_mul(stats, factor)
+    torch._foreach_add_(blended, running, alpha=1 - factor)  # (a float16/bfloat16 buffer added into float32)
     torch._foreach_copy_(running, blended)
 
 
@@ -1393,7 +1393,7 @@ def _warn_layout_mismatch(block, wrong: list[str], where: str = "") -> None:
     warn_runs_as_naive(
         "'shared'/'fused'",
         f"its modules' channel counts are not those of a dense block of {block.num_input_features} input channels "
-        f"and growth rate {block.growth_rate} with {len(block._modules)} layers (layer i reads "
+        f"and growth rate {block.growth_rate} with {len(block._modules)} layer{'s' if len(block._modules) != 1 else ''} (layer i reads "
         f"{block.num_input_features} + (i-1)*{block.growth_rate} channels and adds {block.growth_rate}): {details} "
         "(a layer deleted, inserted or replaced after construction?); naive runs the modules as they are",
         stacklevel=3,
