@@ -382,12 +382,16 @@ class DenseNet(nn.Module):
 
     @property
     def policy(self) -> Policy:
-        """The :class:`effdense.Policy` of the blocks. Assigning it is :meth:`set_strategy` with it."""
+        """The :class:`effdense.Policy` of the blocks. Assigning it gives it to the model and every dense
+        block, and leaves the blocks' strategies as they are (a block given a strategy of its own keeps it,
+        as assigning :attr:`strategy` keeps the blocks' policies)."""
         return self._policy
 
     @policy.setter
     def policy(self, policy: Policy) -> None:
-        self.set_strategy(self._strategy, _check_policy(policy))  # (set_strategy takes None as "keep")
+        self._policy = _check_policy(policy)
+        for block in self.dense_blocks:
+            block.policy = policy
 
     def set_strategy(self, strategy: str, policy: Policy | None = None) -> "DenseNet":
         """Switch how dense blocks run, on a live model (parameters are untouched). Returns ``self``.

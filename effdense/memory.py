@@ -945,7 +945,10 @@ def estimate_step(
         if strategy is not None or policy is not None:
             if not hasattr(module, "set_strategy"):
                 raise TypeError(f"strategy/policy need an effdense DenseNet, got {type(module).__name__}")
-            module.set_strategy(strategy or module.strategy, policy)
+            if strategy is not None:
+                module.set_strategy(strategy, policy)
+            else:  # a policy alone: every block's, each block's strategy kept (one of its own included)
+                module.policy = policy
         if not isinstance(module, nn.Module):
             raise TypeError(f"the model builder returned a {type(module).__name__} object, not an nn.Module")
         recurrent = [type(m).__name__ for m in module.modules() if isinstance(m, nn.RNNBase)]

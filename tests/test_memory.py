@@ -103,6 +103,26 @@ def test_estimate_equals_measurement_every_strategy(strategy):
     assert meta.peak == fake.peak
 
 
+def test_estimate_with_a_policy_alone_keeps_each_blocks_strategy():
+    """``estimate_step(model, ..., policy=p)`` with no strategy: it set every block to the model's strategy, so a
+    model with a naive block was estimated as all-shared (13.6 MiB against the live model's 27.9 MiB)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = effdense.get_model("densenet_bc_22", strategy="shared")
+    model.features.denseblock1.strategy = "naive"
+    policy = effdense.Policy(recompute_bottleneck=False)
+    fake = estimate_step(model, (4, 3, 32, 32), policy=policy)
+    live = copy.deepcopy(model)
+    for block in live.dense_blocks:
+        block.policy = policy
+    exact = measure_step(live, (4, 3, 32, 32))
+    assert fake.peak == pytest.approx(exact.peak, rel=0.01)
+    everywhere = estimate_step(model, (4, 3, 32, 32), strategy="shared", policy=policy)  # (the naive block costs)
+    assert fake.peak > 1.2 * everywhere.peak
+    assert model.features.denseblock1.strategy == "naive" and model.policy == effdense.Policy()  # (a copy was estimated)
+
+
 @pytest.mark.parametrize("backend", ["fake", "meta"])
 def test_estimate_equals_measurement_channels_last(backend):
     # fake: converting the fake model to channels_last failed ("_apply(): Couldn't swap Conv2d.weight")

@@ -153,15 +153,23 @@ def test_strategy_switch_on_live_model_keeps_outputs() -> None:
             assert_close_rel(model(x), reference, rtol=1e-5, name=name)
 
 
-def test_assigning_strategy_or_policy_is_set_strategy() -> None:
+def test_assigning_strategy_or_policy_reaches_every_block() -> None:
     """``model.strategy = ...`` and ``model.policy = ...`` reach every block, as set_strategy does (before: the
-    model's attribute changed and the blocks kept running the old strategy, silently)."""
+    model's attribute changed and the blocks kept running the old strategy, silently); a policy alone keeps
+    each block's strategy."""
     model = effdense.densenet_cifar(16, 4)
     model.strategy = "naive"
     assert model.strategy == "naive" and all(b.strategy == "naive" for b in model.dense_blocks)
     policy = effdense.Policy(recompute_bottleneck=False)
     model.policy = policy
     assert model.policy is policy and model.strategy == "naive" and all(b.policy is policy for b in model.dense_blocks)
+    # a policy alone leaves each block's strategy, one of its own included (it reset them all to the model's)
+    model.set_strategy("shared")
+    model.features.denseblock1.strategy = "naive"
+    model.policy = effdense.Policy(shared_grad=False)
+    assert [b.strategy for b in model.dense_blocks] == ["naive", "shared", "shared"]
+    assert all(b.policy == effdense.Policy(shared_grad=False) for b in model.dense_blocks)
+    model.set_strategy("naive", policy)
     with pytest.raises(ValueError, match="unknown strategy 'fast'"):
         model.strategy = "fast"
     with pytest.raises(TypeError, match="policy must be an effdense.Policy, got NoneType"):
