@@ -551,6 +551,13 @@ def test_retain_graph_backpropagates_again_or_says_why() -> None:
     torch.autograd.grad(loss, x, retain_graph=True)
     with pytest.raises(RuntimeError, match="recompute_bottleneck=False"):
         torch.autograd.grad(loss, x)
+    # a model without bottlenecks keeps nothing under that policy: it backpropagates again (it raised)
+    plain = effdense.densenet_cifar(16, 4, bottleneck=False, strategy="shared")
+    plain.policy = effdense.Policy(recompute_bottleneck=False)
+    loss = plain(x).square().sum()
+    (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+    (g2,) = torch.autograd.grad(loss, x)
+    torch.testing.assert_close(g1, g2, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
@@ -663,6 +670,32 @@ def test_channels_last_model_with_dropout_matches_naive(strategy) -> None:
     model = effdense.densenet_cifar(16, 4, drop_rate=0.3).to(memory_format=torch.channels_last)
     x = torch.randn(3, 3, 8, 8).to(memory_format=torch.channels_last)
     assert_matches(*_pair(model, strategy), x)
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+@pytest.mark.parametrize("new_rate", [0.0, 0.5])
+def test_dropout_rate_changed_before_backward_applies_forwards_rate(strategy, new_rate) -> None:
+    """A dropout schedule that sets the layers' ``drop_rate`` between a forward and its backward (or two
+    forwards at different rates, one backward): backward read the layer's rate then, not forward's. 0.2 -> 0.5
+    gave input gradients off by O(1), silently; 0.2 -> 0.0 raised the error meant for another thread's draw."""
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(16, 4, drop_rate=0.2).double()
+    ref, other = _pair(model, strategy)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    grads = []
+    for m in (ref, other):
+        xx = x.clone().requires_grad_()
+        torch.manual_seed(1)
+        first = m(xx)
+        for layer in m.modules():
+            if isinstance(layer, effdense.densenet._DenseLayer):
+                layer.drop_rate = new_rate
+        torch.manual_seed(2)
+        second = m(xx)
+        (first.square().sum() + second.sum()).backward()
+        grads.append([xx.grad] + [p.grad for p in m.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
 
 
 def test_fake_tensor_mode_shapes_only() -> None:

@@ -550,18 +550,19 @@ def _layer_forward(stage: _Stage, state: _StageState, layer, Fbuf: torch.Tensor,
             state.save(None, which=which)
         h = _bn_relu(x, norm1, *_bn_stats(norm1, mean1, var1))
         out = F.conv2d(h, _cast(_weight(conv1), dtype), padding=1)
-    if layer.drop_rate > 0 and layer.training:
+    p = layer.drop_rate  # (saved with the mask or RNG state: backward applies this rate, whatever the layer's then)
+    if p > 0 and layer.training:
         if state.keep and _keep_dropout_mask(out.device):
             # dynamo and CUDA-graph capture cannot save and restore RNG states: keep the mask (1 byte per new
             # value). The CPU kernel draws the same Bernoulli numbers as F.dropout's, so the masks agree with eager.
-            out, mask = torch.ops.aten.native_dropout(out, layer.drop_rate, True)
-            state.save(("mask", mask), which="rng")
+            out, mask = torch.ops.aten.native_dropout(out, p, True)
+            state.save(("mask", (mask, p)), which="rng")
         else:
             if state.keep:
                 before, layout = _save_rng(out.device), _dropout_layout(out)
-            out = F.dropout(out, p=layer.drop_rate, training=True)
+            out = F.dropout(out, p=p, training=True)
             if state.keep:  # (the state after too: backward checks that its replay drew the same numbers)
-                state.save(("rng", (before, layout, _save_rng(out.device))), which="rng")
+                state.save(("rng", (p, before, layout, _save_rng(out.device))), which="rng")
     else:
         state.save(None, which="rng")
     return out
@@ -702,12 +703,13 @@ def _layer_backward(
     dtype = stage.dtype
     x = Fbuf[:, :c]
     dout = G[:, c : c + k]
-    if state.rng[l] is not None:
+    if state.rng[l] is not None:  # forward's dropout, at forward's rate (a schedule may have changed the layer's)
         kind, saved = state.rng[l]
         if kind == "mask":
-            dout = torch.ops.aten.native_dropout_backward(dout, saved, 1.0 / (1.0 - layer.drop_rate))
+            mask, p = saved
+            dout = torch.ops.aten.native_dropout_backward(dout, mask, 1.0 / (1.0 - p))
         else:
-            dout = _dropout_replay(dout, layer.drop_rate, *saved)
+            dout = _dropout_replay(dout, *saved)
     bn1, conv1, bn2, conv2 = parts
     batch1, batch2 = state.batch[l]  # forward's choice, whatever the modules' mode now
     count = state.count
@@ -1016,7 +1018,7 @@ class _DenseStageFunction(torch.autograd.Function):
         if not torch.compiler.is_compiling():
             if not _keeps_graph():
                 ctx.state = None
-            elif not stage.policy.recompute_bottleneck:
+            elif any(y is not None for y in state.y1):  # (recompute_bottleneck=False kept some: no others)
                 state.y1 = None
         return (None, dx, *grads)
 
