@@ -23,8 +23,6 @@ Usage: ``python benchmarks/bench_kernels.py [--dtypes bf16,fp32] [--batch 64] [-
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import pathlib
 import re
 import sys
@@ -35,6 +33,8 @@ from effdense.benchutil import (
     environment,
     output_dir,
     positive_int,
+    write_csv,
+    write_json,
 )
 
 # DenseNet-121: (C, H=W) pairs a bottleneck meets (block 1 ends at C=256 at 56x56, block 2 at 512 at 28x28, ...)
@@ -100,7 +100,9 @@ def _tflops(flops: float, ms: float | None) -> float | None:
     return None if ms is None else flops / (ms * 1e-3) / 1e12
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def run(args: argparse.Namespace, on_shape=None) -> list[dict]:
+    """Every shape's rows; ``on_shape(rows so far)`` after each shape (the result files are rewritten then:
+    a run cut by the GPU suite's time limit keeps what it measured)."""
     import torch
 
     if args.quick:
@@ -114,6 +116,8 @@ def run(args: argparse.Namespace) -> list[dict]:
         for C, S in shapes:
             rows += _shape_rows(dname, args.batch, C, args.bottleneck, S)
             torch.cuda.empty_cache()  # the shape's tensors went with _shape_rows' frame
+            if on_shape is not None:
+                on_shape(rows)
     return rows
 
 
@@ -228,17 +232,18 @@ def main(argv: list[str] | None = None) -> int:
     meta = metadata(args, torch.device("cuda"), argv)
     name = meta["device"]
     print(HEADER)
-    rows = run(args)
     slug = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
     json_path = args.out / f"bench_kernels_{slug}.json"
     csv_path = args.out / f"bench_kernels_{slug}.csv"
-    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     meta_columns = ("device", "torch", "triton", "git_commit", "command")  # as effdense bench's CSV, per row
-    with csv_path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*rows[0].keys(), *meta_columns], lineterminator="\n")
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**r, **{k: meta[k] for k in meta_columns}})
+
+    def write(rows: list[dict], complete: bool) -> None:  # ("complete": False while shapes remain)
+        write_json(json_path, {"meta": meta, "complete": complete, "rows": rows})
+        write_csv(csv_path, [{**r, **{k: meta[k] for k in meta_columns}} for r in rows], [*rows[0].keys(), *meta_columns])
+
+    rows = run(args, on_shape=lambda rows: write(rows, complete=False))
+    if rows:
+        write(rows, complete=True)
     print()
     print(f"{name} | torch {meta['torch']} | triton {meta['triton']} | commit {meta['git_commit'][:10]}")
     print(f"command: {meta['command']}")

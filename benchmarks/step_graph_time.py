@@ -142,14 +142,26 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
     target = torch.randint(0, base.classifier.out_features, (args.batch_size,), device=device)
     label = f"{args.model} b{args.batch_size} {args.image_size}px {args.dtype}"
+    path = None
+    if args.out is not None:
+        path = args.out / f"step_graph_{args.model}_b{args.batch_size}_{args.image_size}px_{args.dtype}_{device.type}.json"
+    meta = {**env, "settings": {k: v for k, v in vars(args).items() if k != "out"}}
+    done: list[dict] = []
+
+    def on_row(row: dict) -> None:
+        progress(
+            f"{label} {row['row']}: " + ", ".join(f"{k} {row[k]:.2f}" for k in ("eager_ms", "graph_ms") if k in row)
+            + f" ({row['status']})"
+        )  # fmt: skip
+        done.append(row)
+        if path is not None:  # (after each row: a run cut by the GPU suite's time limit keeps what it measured)
+            write_json(path, {"meta": meta, "complete": False, "rows": done})
+
     rows = measure_builds(
         same_weight_builds(args.model, base, args.strategies, () if args.no_reference else args.reference),
         lambda name, model: time_row(model, x, target, autocast, args.steps, args.warmup, triton_launch=name.endswith("fused")),
         device,
-        on_row=lambda row: progress(
-            f"{label} {row['row']}: " + ", ".join(f"{k} {row[k]:.2f}" for k in ("eager_ms", "graph_ms") if k in row)
-            + f" ({row['status']})"
-        ),
+        on_row=on_row,
         model=args.model, batch_size=args.batch_size, image_size=args.image_size, dtype=args.dtype,
     )  # fmt: skip
     print(format_table(rows, (
@@ -161,9 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         ("status", "status", str),
         ("note", "note", str),
     )))  # fmt: skip
-    if args.out is not None:
-        path = args.out / f"step_graph_{args.model}_b{args.batch_size}_{args.image_size}px_{args.dtype}_{device.type}.json"
-        write_json(path, {"meta": {**env, "settings": {k: v for k, v in vars(args).items() if k != "out"}}, "rows": rows})
+    if path is not None:
+        write_json(path, {"meta": meta, "complete": True, "rows": rows})
         print(f"wrote {path}")
     return 0 if all(r["status"] in ("ok", "no graph", "skipped") for r in rows) else 1
 

@@ -487,9 +487,12 @@ def _finite(value: Any) -> Any:
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """``payload`` as standard JSON (non-finite numbers as null)."""
+    """``payload`` as standard JSON (non-finite numbers as null), replacing ``path`` at once: the benchmarks
+    rewrite their file after each row, and a run killed by a time limit mid-write keeps the last whole file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_finite(payload), indent=2, default=str, allow_nan=False) + "\n")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(_finite(payload), indent=2, default=str, allow_nan=False) + "\n")
+    os.replace(tmp, path)
 
 
 def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
