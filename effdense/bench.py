@@ -425,6 +425,23 @@ def _reject_ineffective_options(args: argparse.Namespace) -> None:
         reject_ineffective(args, timing_options, "with --no-timing")
 
 
+def result_stem(args: argparse.Namespace, rows: list[dict[str, Any]], device: torch.device, size: int) -> str:
+    """The result files' name without extension. Settings that change what a row measures, or which rows there
+    are, are in it: a run with them does not overwrite the default run's files (only a rerun of the same
+    selection does)."""
+    reference = _reference_rows(args, device)
+    default_reference = _reference_rows(argparse.Namespace(), device)
+    strategies = list(dict.fromkeys(r["strategy"] for r in rows if r["kind"] == "effdense"))  # (--compile: 2 rows each)
+    return (
+        f"bench_{args.model}_b{args.batch_size}_{size}px_{args.dtype}_{device.type}"
+        + ("_estimate" if args.memory == "estimate" else "")
+        + ("_channels-last" if args.channels_last else "")
+        + ("_compile" if getattr(args, "compile", False) else "")
+        + selection_tag(strategies, _strategies.available())
+        + selection_tag(["ref", *reference] if reference else [], ["ref", *default_reference], none="noref")
+    )
+
+
 def main(args: argparse.Namespace) -> int:
     _reject_ineffective_options(args)
     if getattr(args, "compile", False) and (args.memory == "estimate" or args.no_timing):
@@ -456,18 +473,7 @@ def main(args: argparse.Namespace) -> int:
     rows = _rows(args, device)
     if not rows:
         raise UsageError("nothing to run: no strategy selected and no torchvision row")
-    # settings that change what a row measures, or which rows there are, are in the name: a run with them
-    # does not overwrite the default run's files (only a rerun of the same selection does)
-    reference = _reference_rows(args, device)
-    default_reference = _reference_rows(argparse.Namespace(), device)
-    stem = (
-        f"bench_{args.model}_b{args.batch_size}_{size}px_{args.dtype}_{device.type}"
-        + ("_estimate" if args.memory == "estimate" else "")
-        + ("_channels-last" if args.channels_last else "")
-        + ("_compile" if getattr(args, "compile", False) else "")
-        + selection_tag([r["strategy"] for r in rows if r["kind"] == "effdense"], _strategies.available())
-        + selection_tag(["ref", *reference] if reference else [], ["ref", *default_reference], none="noref")
-    )
+    stem = result_stem(args, rows, device, size)
     output_dir(args.out, (f"{stem}.json", f"{stem}.csv"))
     env = environment(device)
     settings = {

@@ -490,6 +490,10 @@ def test_bench_compile_adds_a_compiled_row_per_strategy_last():
     assert hasattr(model, "_orig_mod") and model._orig_mod.strategy == "fused"
     plain = cli.build_parser().parse_args(["bench", "--strategies", "fused", "--model", "densenet_bc_10"])
     assert not any(r["row"].endswith(" compile") and r["kind"] == "effdense" for r in bench._rows(plain, torch.device("cuda")))
+    # the files name each strategy once (the GPU suite's compile run wrote ..._compile_fused-fused_noref)
+    only = cli.build_parser().parse_args(["bench", "--strategies", "fused", "--compile", "--no-reference", "--model", "densenet_bc_10"])
+    stem = bench.result_stem(only, bench._rows(only, torch.device("cuda")), torch.device("cuda"), 32)
+    assert stem == "bench_densenet_bc_10_b64_32px_fp32_cuda_compile_fused_noref", stem
 
 
 def test_ablate_with_no_available_strategy_is_a_usage_error(capsys, tmp_path, monkeypatch):
