@@ -21,9 +21,10 @@
 # whose effdense must be this checkout's (pip install -e .; checked). SUITE_WORKERS: pytest-xdist processes for
 # the CUDA test steps (default 8, when xdist is importable).
 set -euo pipefail
+SUITE_START=$SECONDS  # (here, before the pre-checks below: they are in the budget too)
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 
 ALLOW_CPU=0
 while [ $# -gt 0 ]; do
@@ -102,7 +103,6 @@ XDIST=()
 if [ "$MODE" = gpu ] && "$PY" -c "import xdist" 2>/dev/null; then
     XDIST=(-n "${SUITE_WORKERS:-8}")
 fi
-SUITE_START=0  # (bash's SECONDS counts from the shell's start: the pre-checks above are in the budget too)
 
 echo "gpu_suite.sh: $MODE on $SLUG, commit $GIT_COMMIT, writing to $OUT (budget ${BUDGET}s; pytest ${XDIST[*]:-without xdist})"
 printf 'step\texit_code\tseconds\tstatus\tcommand\n' >"$OUT/steps.tsv"

@@ -19,9 +19,10 @@ import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -489,16 +490,29 @@ def _finite(value: Any) -> Any:
 def write_json(path: Path, payload: dict[str, Any]) -> None:
     """``payload`` as standard JSON (non-finite numbers as null), replacing ``path`` at once: the benchmarks
     rewrite their file after each row, and a run killed by a time limit mid-write keeps the last whole file."""
+    text = json.dumps(_finite(payload), indent=2, default=str, allow_nan=False) + "\n"
+    with _replacing(path) as tmp:
+        tmp.write_text(text)
+
+
+@contextlib.contextmanager
+def _replacing(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` that replaces it when the block completes (``os.replace``: readers
+    see the old file or the new one, never a part), and is removed when the block fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_finite(payload), indent=2, default=str, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
-    """``rows`` as CSV under a header of ``columns`` (keys not in it left out), with ``\\n`` line ends."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
+    """``rows`` as CSV under a header of ``columns`` (keys not in it left out), with ``\\n`` line ends; the
+    file is replaced at once, as :func:`write_json`'s."""
+    with _replacing(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for row in rows:

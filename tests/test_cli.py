@@ -1179,3 +1179,25 @@ def test_git_commit_tells_two_sets_of_edits_apart(monkeypatch):
     diffs["text"] = b"--- a/x\n+++ b/x\n+another edit\n"
     second = benchutil.git_commit()
     assert first.startswith("abc123+dirty.") and second.startswith("abc123+dirty.") and first != second
+
+
+def test_result_files_are_replaced_whole(tmp_path):
+    """The benchmarks rewrite their JSON/CSV after each row (a GPU-suite step cut by its time limit keeps what it
+    measured): a write replaces the file at once, and a failed one leaves the old file and no temporary."""
+    from effdense.benchutil import write_csv, write_json
+
+    path = tmp_path / "r.json"
+    write_json(path, {"rows": [1]})
+    with pytest.raises(ValueError):
+        write_json(path, {"rows": [2], "bad": _Unserialisable()})
+    assert json.loads(path.read_text()) == {"rows": [1]}
+    write_csv(tmp_path / "r.csv", [{"a": 1, "b": 2}], ["a", "b"])
+    with pytest.raises(ValueError):
+        write_csv(tmp_path / "r.csv", [{"a": 3, "b": 4}, {"a": 5, "b": _Unserialisable()}], ["a", "b"])
+    assert (tmp_path / "r.csv").read_text() == "a,b\n1,2\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.json"]
+
+
+class _Unserialisable:
+    def __str__(self) -> str:
+        raise ValueError("cannot be written")

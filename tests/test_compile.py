@@ -200,6 +200,19 @@ def test_compiled_dropout_kept_bottleneck_and_checkpointed_stem() -> None:
     assert_one_graph()
 
 
+def test_compiled_dropout_at_rate_one_set_by_a_schedule() -> None:
+    """The constructor refuses ``drop_rate=1.0``, a schedule may still set it: the compiled graph's kept mask
+    scaled its gradient by 1 / (1 - p) in Python (ZeroDivisionError). Every new feature dropped: naive's."""
+    torch.manual_seed(0)
+    model = effdense.DenseNet(4, (2, 1), 8, bn_size=2, num_classes=3, drop_rate=0.2)
+    for layer in model.modules():
+        if isinstance(layer, effdense.densenet._DenseLayer):
+            layer.drop_rate = 1.0
+    ref, other = _pair(model, "shared")
+    compiled = torch.compile(other, fullgraph=True, backend="aot_eager")
+    run_steps(ref, other, lambda x: train_step(compiled, x), torch.randn(2, 3, 29, 29))
+
+
 def test_compiled_model_fires_hooks_as_eager() -> None:
     """Hooks under torch.compile: as in eager, hooks on a transition, a block and ``features`` fire (the plain
     modules run), and a block with a hook on one of its layers' modules runs as naive (no warning inside

@@ -299,9 +299,10 @@ class _StageState:
         self.updates: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
         self.mean: torch.Tensor | None = None  # fp32 [C_total] cached batch means (biased statistics)
         self.var: torch.Tensor | None = None
-        # per layer: how backward finds its dropout mask, or None without dropout: ("rng", (RNG state before
-        # the dropout, the memory layout its mask was drawn in, RNG state after it)) replayed in backward
-        # (eager; the state after checks the replay), or ("mask", bool mask) kept (under torch.compile)
+        # per layer: how backward finds its dropout mask, or None without dropout: ("rng", (rate, RNG state
+        # before the dropout, the memory layout its mask was drawn in, RNG state after it)) replayed in backward
+        # (eager; the state after checks the replay), or ("mask", (bool mask, rate)) kept (under torch.compile
+        # and CUDA-graph capture)
         self.rng: list[Any] = []
         self.y1: list[torch.Tensor | None] = []  # per layer: bottleneck output, when kept
         # per layer: BN2's batch statistics (mean, biased var; fp32 [B] each) when cached, else None
@@ -706,8 +707,8 @@ def _layer_backward(
     if state.rng[l] is not None:  # forward's dropout, at forward's rate (a schedule may have changed the layer's)
         kind, saved = state.rng[l]
         if kind == "mask":
-            mask, p = saved
-            dout = torch.ops.aten.native_dropout_backward(dout, mask, 1.0 / (1.0 - p))
+            mask, p = saved  # (p = 1, set by a schedule: every value dropped, as F.dropout's zero gradient)
+            dout = torch.ops.aten.native_dropout_backward(dout, mask, 1.0 / (1.0 - p) if p < 1 else 0.0)
         else:
             dout = _dropout_replay(dout, *saved)
     bn1, conv1, bn2, conv2 = parts
