@@ -70,6 +70,24 @@ def _ghost_ddp(strategy, rank):
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
 
+def _fsdp2(strategy, rank):
+    # FSDP2: every dense block sharded, then the model (the parameters are DTensors; the strategies compute
+    # with the unsharded ones FSDP gathers before each block's forward and backward)
+    from torch.distributed.fsdp import fully_shard
+
+    model = _tiny_model(strategy)
+    for block in model.dense_blocks:
+        fully_shard(block)
+    fully_shard(model)
+    opt = _sgd(model)
+    for x, y in _global_batches():
+        loss = F.cross_entropy(model(x.chunk(WORLD)[rank]), y.chunk(WORLD)[rank])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return {k: v.full_tensor().detach().clone() for k, v in model.named_parameters()}
+
+
 def _ghost_reference(strategy):
     model = _tiny_model(strategy)
     opt = _sgd(model)
@@ -137,13 +155,15 @@ def _worker(rank, init_file, out_dir, strategies):
                             timeout=timedelta(seconds=30))
     try:
         for s in strategies:
-            for kind in ("ghost", "sync", "torch_sync", "eval_alone"):
+            for kind in ("ghost", "fsdp2", "sync", "torch_sync", "eval_alone"):
                 path = os.path.join(out_dir, f"{kind}-{s}-rank{rank}.pt")
                 try:
                     with warnings.catch_warnings(record=True) as warned:
                         warnings.simplefilter("always")
                         if kind == "ghost":
                             result = {"params": _ghost_ddp(s, rank)}
+                        elif kind == "fsdp2":
+                            result = {"params": _fsdp2(s, rank)}
                         elif kind == "torch_sync":
                             result = {"state": _torch_sync_bn_ddp(s, rank)}
                         elif kind == "eval_alone":
@@ -216,6 +236,17 @@ def test_ddp_matches_single_process_ghost_batches(ddp_runs, strategy):
     expected = _ghost_reference(strategy)
     for rank in range(WORLD):
         _close(_load(ddp_runs, "ghost", strategy, rank)["params"], expected, f"rank {rank}")
+
+
+@pytest.mark.parametrize("strategy", _strategy_params(effdense.STRATEGIES))
+def test_fsdp2_per_block_matches_single_process_ghost_batches(ddp_runs, strategy):
+    """FSDP2's fully_shard on each dense block and the model: the strategy runs on the gathered parameters
+    (no fallback to naive) and trains as DDP does."""
+    expected = _ghost_reference(strategy)
+    for rank in range(WORLD):
+        result = _load(ddp_runs, "fsdp2", strategy, rank)
+        assert result["fallbacks"] == 0, f"rank {rank}: a block ran as naive"
+        _close(result["params"], expected, f"rank {rank}")
 
 
 @pytest.mark.parametrize("strategy", _strategy_params(effdense.STRATEGIES))
