@@ -1434,6 +1434,33 @@ def test_dropout_drawn_while_another_draw_interleaves_raises_in_backward(strateg
         out.sum().backward()
 
 
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_dropout_replay_leaves_the_global_generator_alone_on_cpu(strategy, monkeypatch) -> None:
+    """On CPU backward replays each dropout mask from a private generator set to forward's state: it set the
+    global generator back and restored it after (fork_rng), so another thread drawing meanwhile got forward's
+    numbers again and lost its own advance. The masks are still naive's."""
+    torch.manual_seed(0)
+    model = effdense.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2, num_classes=3,
+                              drop_rate=0.5)  # fmt: skip
+    ref, other = _pair(model, strategy)
+    x = torch.randn(2, 3, 33, 33)
+    torch.manual_seed(5)
+    ref(x).sum().backward()
+    torch.manual_seed(5)
+    out = other(x)
+    state = torch.get_rng_state()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("backward set the global generator")
+
+    monkeypatch.setattr(torch, "set_rng_state", refuse)
+    monkeypatch.setattr(torch.random, "set_rng_state", refuse)
+    out.sum().backward()
+    assert torch.equal(torch.get_rng_state(), state)
+    for (name, p), q in zip(ref.named_parameters(), other.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_checkpoint_block_that_recomputes_nothing_does_not_warn() -> None:
     """A block whose parameters are frozen, fed an input that needs no gradient, recomputes nothing: a
     module there that would not recompute exactly is no reason for the 'runs as naive' warning (it warned

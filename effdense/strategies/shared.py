@@ -450,26 +450,40 @@ def _dropout_replay(
     """Apply the forward's dropout mask (same RNG state, shape, dtype and memory layout) to the gradient ``g``.
     (Replayed on a contiguous ``g`` for a channels_last forward, the mask was another: wrong gradients.)
     ``after``: the RNG state that forward's draw left; a replay that leaves another drew other numbers, which
-    happens when another thread used the generator while forward drew its mask (or while backward replays it):
-    that raises, instead of the silently wrong gradients it gave (torch.utils.checkpoint's RNG replay has the
-    same race)."""
+    happens when another thread used the generator while forward drew its mask: that raises, instead of the
+    silently wrong gradients it gave (torch.utils.checkpoint's RNG replay has the same race).
+
+    On CPU the replay draws from a private generator set to forward's state, with ``F.dropout``'s own steps
+    (``bernoulli_(1 - p)`` into an ``empty_like`` of the input, scaled by ``1 / (1 - p)``; nothing drawn at
+    ``p = 1``): backward leaves the global generator alone, where setting it back and restoring it (as
+    ``fork_rng`` does) raced other threads' draws, handing them forward's numbers again and undoing their
+    advance. CUDA's dropout draws in a fused kernel from the default generator only, so there the replay
+    sets that generator back inside ``fork_rng``."""
     device = g.device
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type):
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(rng_state, device)
+    gi = g.contiguous(memory_format=layout)
+    if device.type == "cpu":
+        generator = torch.Generator()
+        generator.set_state(rng_state)
+        if p >= 1:
+            out = gi * 0.0
         else:
-            torch.set_rng_state(rng_state)
-        out = F.dropout(g.contiguous(memory_format=layout), p=p, training=True)
-        if after is not None and not _same_rng_state(_save_rng(device), after):
-            raise RuntimeError(
-                "effdense: a dense layer's dropout mask cannot be replayed in backward: the random number generator "
-                f"of {device} was used elsewhere (another thread) while this layer's forward drew the mask, or while "
-                "backward replayed it, so the replay would apply another mask. Strategies 'shared' and 'fused' replay "
-                "dropout masks from the RNG state, as torch.utils.checkpoint does: run a model's forward and backward "
-                "from one thread at a time, or use strategy 'naive' or 'checkpoint', which keep dropout's mask"
-            )
-        return out
+            noise = torch.empty_like(gi).bernoulli_(1 - p, generator=generator)
+            out = gi * noise.div_(1 - p)
+        replayed_to = generator.get_state()
+    else:
+        with torch.random.fork_rng(devices=[device], device_type=device.type):
+            torch.cuda.set_rng_state(rng_state, device)
+            out = F.dropout(gi, p=p, training=True)
+            replayed_to = _save_rng(device)
+    if after is not None and not _same_rng_state(replayed_to, after):
+        raise RuntimeError(
+            "effdense: a dense layer's dropout mask cannot be replayed in backward: the random number generator "
+            f"of {device} was used elsewhere (another thread) while this layer's forward drew the mask, so the "
+            "replay would apply another mask. Strategies 'shared' and 'fused' replay dropout masks from the RNG "
+            "state, as torch.utils.checkpoint does: run a model's forward and backward from one thread at a time, "
+            "or use strategy 'naive' or 'checkpoint', which keep dropout's mask"
+        )
+    return out
 
 
 def _bottleneck_forward(
