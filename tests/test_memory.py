@@ -103,6 +103,17 @@ def test_estimate_equals_measurement_every_strategy(strategy):
     assert meta.peak == fake.peak
 
 
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_estimates_of_a_dropout_model_equal_its_measurement(strategy):
+    """Dropout's replay in backward: the fake and meta estimates count what the CPU step allocates (the meta
+    replay once took the CUDA path, 30 KB high at this size, and queued a CUDA RNG call)."""
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(16, 4, drop_rate=0.2, strategy=strategy)
+    exact = measure_step(model, (2, 3, 8, 8))
+    assert estimate_step(model, (2, 3, 8, 8)).peak == exact.peak
+    assert estimate_step(model, (2, 3, 8, 8), backend="meta").peak == exact.peak
+
+
 def test_estimate_with_a_policy_alone_keeps_each_blocks_strategy():
     """``estimate_step(model, ..., policy=p)`` with no strategy: it set every block to the model's strategy, so a
     model with a naive block was estimated as all-shared (13.6 MiB against the live model's 27.9 MiB)."""

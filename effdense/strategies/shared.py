@@ -461,7 +461,7 @@ def _dropout_replay(
     sets that generator back inside ``fork_rng``."""
     device = g.device
     gi = g.contiguous(memory_format=layout)
-    if device.type == "cpu":
+    if device.type != "cuda":  # (CPU, and meta estimates, which stand for the CPU)
         generator = torch.Generator()
         generator.set_state(rng_state)
         if p >= 1:
