@@ -478,10 +478,11 @@ def _dropout_replay(
     if after is not None and not _same_rng_state(replayed_to, after):
         raise RuntimeError(
             "effdense: a dense layer's dropout mask cannot be replayed in backward: the random number generator "
-            f"of {device} was used elsewhere (another thread) while this layer's forward drew the mask, so the "
-            "replay would apply another mask. Strategies 'shared' and 'fused' replay dropout masks from the RNG "
-            "state, as torch.utils.checkpoint does: run a model's forward and backward from one thread at a time, "
-            "or use strategy 'naive' or 'checkpoint', which keep dropout's mask"
+            f"of {device} was used elsewhere (another thread) while this layer's forward drew the mask"
+            f"{', or while backward replayed it' if device.type == 'cuda' else ''}, so the replay would apply another "
+            "mask. Strategies 'shared' and 'fused' replay dropout masks from the RNG state, as "
+            "torch.utils.checkpoint does: run a model's forward and backward from one thread at a time, or use "
+            "strategy 'naive' or 'checkpoint', which keep dropout's mask"
         )
     return out
 
