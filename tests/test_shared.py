@@ -1461,6 +1461,14 @@ def test_dropout_replay_leaves_the_global_generator_alone_on_cpu(strategy, monke
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_dropout_keeps_its_mask_on_devices_without_a_replay() -> None:
+    """The replay sets the CPU generator (a private copy) or CUDA's: on MPS/XPU forward's dropout draws from
+    their own generator, so a replay there applied another mask (silently wrong gradients; untestable without
+    such a device: the rule is checked)."""
+    assert shared._keep_dropout_mask(torch.device("mps")) and shared._keep_dropout_mask(torch.device("xpu"))
+    assert not shared._keep_dropout_mask(torch.device("cpu")) and not shared._keep_dropout_mask(torch.device("meta"))
+
+
 def test_checkpoint_block_that_recomputes_nothing_does_not_warn() -> None:
     """A block whose parameters are frozen, fed an input that needs no gradient, recomputes nothing: a
     module there that would not recompute exactly is no reason for the 'runs as naive' warning (it warned

@@ -415,8 +415,11 @@ def _keep_dropout_mask(device: torch.device) -> bool:
     """Whether forward keeps dropout's bool mask for backward instead of the RNG state to replay it from:
     under torch.compile (dynamo cannot capture or restore RNG states) and while a CUDA graph is being
     captured on the current stream (a state read on the host at capture stays what it was, while each replay's
-    dropout draws new numbers: backward would replay another mask than forward's)."""
+    dropout draws new numbers: backward would replay another mask than forward's), and on devices other than
+    the CPU and CUDA (MPS, XPU: their dropout draws from their own generator, which the replay does not set)."""
     if torch.compiler.is_compiling():
+        return True
+    if device.type not in ("cpu", "cuda", "meta"):  # (MPS, XPU, ...: no replay here draws their generator's numbers)
         return True
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
@@ -461,7 +464,7 @@ def _dropout_replay(
     sets that generator back inside ``fork_rng``."""
     device = g.device
     gi = g.contiguous(memory_format=layout)
-    if device.type != "cuda":  # (CPU, and meta estimates, which stand for the CPU)
+    if device.type in ("cpu", "meta"):  # (meta estimates stand for the CPU; other devices keep the mask)
         generator = torch.Generator()
         generator.set_state(rng_state)
         if p >= 1:
