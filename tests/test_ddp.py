@@ -188,7 +188,12 @@ def _worker(rank, init_file, out_dir, strategies):
 
 @pytest.fixture(autouse=True)
 def _fused_on_its_cpu_path_one_thread(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # effdense.kernels reads it at every dispatch
+    # the single-process references run fused's CPU path, as the ranks do (their _worker sets TRITON_INTERPRET=0
+    # before anything imports effdense.kernels). Here the kernels may already be imported, or are imported by
+    # later tests: the variable is read once, at that import, so setting it would leak into every later test
+    # (they would run the twins instead of the interpreter). Turn the dispatch off for these tests alone.
+    from effdense.kernels import _launch
+    monkeypatch.setattr(_launch, "_INTERPRETING", False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks: tiny models, and OpenMP spinning on a shared machine costs
     yield
