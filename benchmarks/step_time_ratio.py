@@ -13,7 +13,6 @@ Writes ``step_ratio_<model>_b<batch>_<size>px_<candidate>_vs_<baseline>_<device>
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ from effdense.benchutil import (
     positive_int,
     require_image_size,
     resolve_device,
+    write_json,
 )
 
 
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         stem = f"step_ratio_{args.model}_b{args.batch_size}_{args.image_size}px_{args.candidate}_vs_{args.baseline}"
         path = out / f"{stem}_{device.type}.json"
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(path, result)  # (replaced at once: an interrupted write keeps the old file)
         print(f"wrote {path}")
     return 0
 
