@@ -33,6 +33,40 @@ def type_name(value: object) -> str:
     return t.__qualname__ if t.__module__ == "builtins" else f"{t.__module__}.{t.__qualname__}"
 
 
+# The kernels offset a sample's values in 64 bits (``n * stride_n``), and channels, pixels and the GEMM's rows
+# (``N*H*W``) in 32 bits: Triton passes an int argument below 2**31 as a 32-bit integer, and products of 32-bit
+# values wrap. Past this bound (2**31 less room for one tile past the end) an offset could wrap, reading and
+# writing other memory: such tensors go to the PyTorch twins (backend="auto") or are refused ("triton").
+INT32_SPAN = 2**31 - 2**16
+
+
+def int32_span_error(tensors: tuple) -> str | None:
+    """Why the 4-D tensors among ``tensors`` (and in tuples among them, such as ``out=``; others are skipped) do
+    not fit the kernels' 32-bit offsets, or None if they do: ``N*H*W`` values per channel, or a channel stride
+    spanning that much (a channel-major view)."""
+    for t in tensors:
+        if isinstance(t, (tuple, list)):
+            inner = int32_span_error(tuple(t))
+            if inner is not None:
+                return inner
+            continue
+        if isinstance(t, torch.Tensor) and t.dim() == 4:
+            N, C, H, W = t.shape
+            P = H * W
+            if N * P > INT32_SPAN:
+                return (
+                    f"a tensor of shape {tuple(t.shape)} has N*H*W = {N * P} values per channel, more than the "
+                    f"kernels' 32-bit row offsets reach ({INT32_SPAN}); split the batch"
+                )
+            if C > 1 and (C - 1) * abs(t.stride(1)) + P > INT32_SPAN:
+                return (
+                    f"a tensor of shape {tuple(t.shape)} and strides {t.stride()} spans "
+                    f"{(C - 1) * abs(t.stride(1)) + P} elements across its channels, more than the kernels' "
+                    f"32-bit channel offsets reach ({INT32_SPAN}); pass it .contiguous()"
+                )
+    return None
+
+
 def check_activation(name: str, t: torch.Tensor, *, like: torch.Tensor | None = None, channels: int | None = None) -> None:
     """``t`` is a 4-D float tensor with a contiguous (H, W) plane; optionally shaped/typed/placed like ``like``."""
     if not isinstance(t, torch.Tensor):

@@ -40,6 +40,27 @@ def interpreting() -> bool:
     return _INTERPRETING
 
 
+def on_tensor_device(host):
+    """Decorator for a launch host whose first argument is the tensor every launch reads: its kernels run on
+    that tensor's GPU. Triton launches on the *current* CUDA device (and its stream), and so does the direct
+    launch: a model on ``cuda:1`` run from a thread whose current device is ``cuda:0`` (no
+    ``torch.cuda.set_device(1)``) would launch on GPU 0, unordered against the allocations and fills queued on
+    GPU 1's stream. (Autograd's backward threads and ``nn.DataParallel``'s replicas set the device already;
+    a plain forward does not.) The guard is entered only when the devices differ: one ``current_device()``
+    call per launch host otherwise."""
+
+    @functools.wraps(host)
+    def guarded(x, *args, **kwargs):
+        if x.is_cuda:
+            index = x.get_device()
+            if index != torch.cuda.current_device():
+                with torch.cuda.device(index):
+                    return host(x, *args, **kwargs)
+        return host(x, *args, **kwargs)
+
+    return guarded
+
+
 def cdiv(a: int, b: int) -> int:
     """``ceil(a / b)`` for host-side grid arithmetic. ``triton.cdiv`` is a constexpr function whose call
     from Python costs several microseconds, a cost paid on every launch."""

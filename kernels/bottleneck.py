@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import threading
 from typing import Iterator
 
 import torch
@@ -586,6 +587,12 @@ def _forced(kernel: str) -> dict | None:
 # every argument, ``str(dtype)`` of each tensor included): ~23 us of host time per launch on the 2-core
 # CPU here against ~2 us for this lookup, for ~240 tuned launches per DenseNet-121 step.
 _CHOSEN: dict[tuple, dict] = {}
+# Held around every launch through an Autotuner: its run() keeps per-call state on the shared object
+# (``nargs``, read while it times configs and reset to None after; ``best_config``) and tunes with the GIL
+# released, so two threads launching the same kernel at once (nn.DataParallel's replicas, in their first
+# step) could time with each other's arguments, zero each other's sums (``reset_to_zero``) or read the
+# other's choice. Once a key is chosen its launches skip the Autotuner, and the lock.
+_TUNING = threading.Lock()
 
 # Autotuning times every configuration of a GEMM kernel for each new key (the first fused DenseNet-121 b64
 # bf16 step on a fresh H200 spent 77 s in it, benchmarks/results/gpu-nvidia-h200/2026-11-26_c2e934d/). Off,
@@ -632,13 +639,16 @@ def _launch_tuned(tuned, grid, args: tuple, key: tuple, **constexprs) -> None:
     ``key``, which must determine the Autotuner's own key (the kernel's tuning arguments and the dtypes of
     its tensor arguments). A Triton without ``best_config`` launches through the Autotuner every time."""
     chosen = _CHOSEN.get(key)
-    if chosen is not None:
-        _launch.launch(tuned.fn, grid(chosen), args, {**constexprs, **chosen})
-        return
-    tuned[grid](*args, **constexprs)
-    config = getattr(tuned, "best_config", None)  # set by Autotuner.run to the config it launched
-    if config is not None:
-        _CHOSEN[key] = dict(config.all_kwargs())
+    if chosen is None:
+        with _TUNING:
+            chosen = _CHOSEN.get(key)  # (another thread may have tuned it while this one waited)
+            if chosen is None:
+                tuned[grid](*args, **constexprs)
+                config = getattr(tuned, "best_config", None)  # set by Autotuner.run to the config it launched
+                if config is not None:
+                    _CHOSEN[key] = dict(config.all_kwargs())
+                return
+    _launch.launch(tuned.fn, grid(chosen), args, {**constexprs, **chosen})
 
 
 def _launch_gemm(kernel: str, fn, tuned, grid, args: tuple, key: tuple, named_args: dict, interp_meta, **constexprs) -> None:
@@ -672,6 +682,7 @@ def _keys(C: int, M: int) -> tuple[int, int]:
 # Host launches: shapes already checked, outputs already allocated (and sums zeroed) by the caller
 
 
+@_launch.on_tensor_device
 def bottleneck_forward_launch(x, scale, shift, weight, y, y_sum, y_sqsum, y_ref) -> None:
     """``y_sum``/``y_sqsum``/``y_ref``: fp32 ``[B]``, any contents, for BN2's sums centred on ``y_ref``
     (written here: the sums zeroed and ``y[0, :, 0]``, then the GEMM's epilogue adds into the sums), or all
@@ -711,6 +722,7 @@ def _weight_splits(device: torch.device, tiles: int, tiles_m: int) -> int:
     return max(1, min(tiles_m // min_per_split, _launch.cdiv(_launch.target_programs(device), tiles)))
 
 
+@_launch.on_tensor_device
 def bottleneck_backward_weight_launch(x, scale, shift, dy, dw) -> None:
     N, C, H, W = x.shape
     B, P, M = dy.shape[1], H * W, N * H * W
@@ -729,6 +741,7 @@ def bottleneck_backward_weight_launch(x, scale, shift, dy, dw) -> None:
     )  # fmt: skip
 
 
+@_launch.on_tensor_device
 def bottleneck_backward_input_launch(x, scale, shift, weight, dy, mean, dh, sum_dh, sum_dh_xmu) -> None:
     N, C, H, W = x.shape
     B, P, M = weight.shape[0], H * W, N * H * W
@@ -747,6 +760,7 @@ def bottleneck_backward_input_launch(x, scale, shift, weight, dy, mean, dh, sum_
     )  # fmt: skip
 
 
+@_launch.on_tensor_device
 def bn_backward_accumulate_launch(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu) -> None:
     """``sum_dh``/``sum_dh_xmu``: BN1's backward sums (batch statistics), or both ``None`` for running
     statistics (``grad += gamma*invstd*dh``; ``x`` and ``mean`` are then not read)."""

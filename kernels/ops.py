@@ -9,6 +9,10 @@ fake implementation does nothing. The Python functions below choose the backend:
 * ``backend="triton"``: always Triton (raises if it cannot run);
 * ``backend="reference"``: always the PyTorch twin.
 
+The kernels offset samples in 64 bits but channels and rows in 32 bits: a tensor with ``N*H*W`` above about
+2**31 values per channel, or whose channel stride spans that much (a channel-major view), runs on the twin
+under ``"auto"`` and is refused by ``"triton"`` (:func:`._checks.int32_span_error`).
+
 The ops take arguments the functions below have checked and allocated, and check nothing themselves (on a
 GPU a wrong size is an out-of-bounds write): call the functions. The checks that need storage (an output
 overlapping an input, :func:`._checks.check_disjoint`) run in eager execution only: traced tensors under
@@ -99,7 +103,12 @@ def _use_triton(x: torch.Tensor, backend: str, *others: Any) -> bool:
     if backend == "auto":
         # float64 (gradcheck, numerics studies) always runs on the PyTorch twins, as does an op under vmap
         try:
-            return x.dtype in _checks.KERNEL_DTYPES and kernels_available(x.device) and not _transformed((x, *others))
+            return (
+                x.dtype in _checks.KERNEL_DTYPES
+                and kernels_available(x.device)
+                and not _transformed((x, *others))
+                and _checks.int32_span_error((x, *others)) is None
+            )
         except AttributeError:  # not a tensor (None, a list, a number): the twin's check names it
             return False
     if backend == "triton":
@@ -118,6 +127,9 @@ def _use_triton(x: torch.Tensor, backend: str, *others: Any) -> bool:
                 "backend='triton': the kernel ops do not run under torch.func transforms (vmap, grad); "
                 "backend='auto' runs the PyTorch twins there"
             )
+        span = _checks.int32_span_error((x, *others))
+        if span is not None:
+            raise ValueError(f"backend='triton': {span}, or use backend='auto', which runs the PyTorch twin for it")
         return True
     raise ValueError(f"backend: expected one of {_BACKENDS}, got {backend!r}")
 

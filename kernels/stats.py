@@ -118,6 +118,7 @@ def _stats_blocks(x: torch.Tensor) -> tuple[int, int]:
     return min(32, _launch.next_power_of_2(C)), 256
 
 
+@_launch.on_tensor_device
 def channel_stats_launch(
     x: torch.Tensor,
     mean: torch.Tensor,

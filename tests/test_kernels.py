@@ -1303,6 +1303,160 @@ def test_cuda_direct_launch_matches_triton_launch(dtype):
         K.set_autotune(previous_tune)
 
 
+def test_launch_hosts_run_on_the_tensors_gpu(monkeypatch):
+    """Triton (and the direct launch) launch on the *current* CUDA device: a model on cuda:1 run from a thread
+    whose current device is cuda:0 launched there, unordered against the work queued on cuda:1. Every launch
+    host now enters its tensor's device when it is not the current one (CUDA calls stubbed: no GPU needed)."""
+    from effdense.kernels import _launch as L
+
+    entered, seen = [], []
+
+    class _Guard:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            entered.append(self.index)
+
+        def __exit__(self, *exc):
+            entered.append(None)
+
+    class _OnGPU:  # stands for a CUDA tensor: what the guard reads of one
+        def __init__(self, index):
+            self.is_cuda, self.index = True, index
+
+        def get_device(self):
+            return self.index
+
+    host = L.on_tensor_device(lambda x, *rest: seen.append((x, rest, list(entered))))
+    monkeypatch.setattr(torch.cuda, "device", _Guard)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    a, b = _OnGPU(1), _OnGPU(0)
+    host(a, 7)
+    host(b, 8)
+    assert seen[0] == (a, (7,), [1]) and entered == [1, None], "cuda:1 launched under torch.cuda.device(1)"
+    assert seen[1] == (b, (8,), [1, None]), "the current device: no guard"
+
+    def no_cuda():
+        raise AssertionError("a CPU tensor asked for the current CUDA device")
+
+    monkeypatch.setattr(torch.cuda, "current_device", no_cuda)
+    x = torch.zeros(1)
+    host(x)
+    assert seen[2][0] is x
+    if KB is not None:  # the five hosts that every public op's launches go through carry it
+        from effdense.kernels import stats as KS
+
+        for fn in (KS.channel_stats_launch, KB.bottleneck_forward_launch, KB.bottleneck_backward_weight_launch,
+                   KB.bottleneck_backward_input_launch, KB.bn_backward_accumulate_launch):  # fmt: skip
+            assert fn.__code__ is L.on_tensor_device(lambda: None).__code__, fn.__name__
+
+
+@pytest.mark.cuda
+def test_kernels_on_a_gpu_that_is_not_the_current_one():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    c = _case(SHAPES[1], torch.float32, "cuda:1")
+    assert torch.cuda.current_device() == 0
+    for backend in ("triton", "reference"):
+        got = K.bottleneck_forward(c["x"], c["scale"], c["shift"], c["weight"], backend=backend)
+        stats = K.channel_stats(c["x"], backend=backend)
+        if backend == "triton":
+            want = got, stats
+    torch.testing.assert_close(want[0][0], got[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(want[1], stats, rtol=1e-4, atol=1e-4)
+
+
+def _wide_view(N, C, H, W, channel_stride, device="meta"):
+    """An (N, C, H, W) view with the given channel stride (planes contiguous): a channel-major view."""
+    storage = torch.empty((C - 1) * channel_stride + N * H * W, device=device)
+    return storage.as_strided((N, C, H, W), (H * W, channel_stride, W, 1))
+
+
+@pytest.mark.parametrize("case", ["channel-span", "rows"])
+def test_tensors_past_32_bit_offsets_take_the_twins(case, monkeypatch):
+    """The kernels offset channels and the GEMM's rows in 32 bits (samples in 64): a channel-major view whose
+    channel stride spans 2**31 elements wrapped (the interpreter read a value 2**31 elements before the one
+    asked for, and compiled code does the same arithmetic), as would N*H*W >= 2**31. 'triton' refuses them,
+    'auto' runs the twin (meta tensors: the check reads sizes and strides only)."""
+    if not K.kernels_available("meta"):
+        pytest.skip("the dispatch check runs where the kernels would (interpreter or CUDA)")
+    if case == "channel-span":
+        x = _wide_view(1, 3, 2, 2, 2**30)
+        match = "channel offsets"
+    else:
+        x = torch.empty(2**16, 2, 2**8, 2**7 + 1, device="meta")
+        match = "row offsets"
+    C = x.shape[1]
+    scale, shift, w = torch.ones(C, device="meta"), torch.zeros(C, device="meta"), torch.ones(4, C, device="meta")
+    with pytest.raises(ValueError, match=match):
+        K.channel_stats(x, backend="triton")
+    with pytest.raises(ValueError, match=match):
+        K.bottleneck_forward(x, scale, shift, w, backend="triton")
+    called = []
+    monkeypatch.setattr(R, "channel_stats", lambda x, out=None: called.append("stats") or (None, None))
+    K.channel_stats(x)
+    assert called == ["stats"]
+    # an output that spans too much counts as well (out= of the input gradient)
+    small = torch.empty(1, 3, 2, 2, device="meta")
+    dy = torch.empty(1, 4, 2, 2, device="meta")
+    with pytest.raises(ValueError, match="channel offsets"):
+        K.bottleneck_backward_input(small, scale[:3], shift[:3], w[:, :3], dy, scale[:3], _wide_view(1, 3, 2, 2, 2**30),
+                                    backend="triton")  # fmt: skip
+    assert _checks_span(small) is None
+
+
+def _checks_span(t):
+    from effdense.kernels import _checks
+
+    return _checks.int32_span_error((t,))
+
+
+def test_autotuned_launches_tune_one_thread_at_a_time(monkeypatch):
+    """triton.autotune's Autotuner keeps per-call state on itself and times with the GIL released: two threads
+    tuning at once (nn.DataParallel's replicas in their first step) could time with each other's arguments.
+    One tunes while the other waits, then launches the config the first chose, without the Autotuner."""
+    if KB is None:
+        pytest.skip("triton missing")
+    import threading
+    import time
+
+    from effdense.kernels import _launch as L
+
+    inside, most, tuned_calls, direct = [0], [0], [], []
+
+    class _Config:
+        def all_kwargs(self):
+            return {"BLOCK": 64}
+
+    class _Tuned:
+        fn = "kernel"
+        best_config = None
+
+        def __getitem__(self, grid):
+            def run(*args, **kw):
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+                time.sleep(0.05)
+                tuned_calls.append(args)
+                self.best_config = _Config()
+                inside[0] -= 1
+
+            return run
+
+    monkeypatch.setattr(KB, "_CHOSEN", {})
+    monkeypatch.setattr(L, "launch", lambda fn, grid, args, kwargs: direct.append((fn, grid, args, kwargs)))
+    tuned = _Tuned()
+    threads = [threading.Thread(target=KB._launch_tuned, args=(tuned, lambda meta: (meta["BLOCK"],), (i,), ("key",)))
+               for i in range(2)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert most[0] == 1 and len(tuned_calls) == 1, "one thread tuned, alone"
+    assert len(direct) == 1 and direct[0][0] == "kernel" and direct[0][1] == (64,) and direct[0][3] == {"BLOCK": 64}
+
+
 def test_host_grid_arithmetic_matches_triton():
     """The launches' grid arithmetic (``_launch.cdiv``/``next_power_of_2``, plain Python because Triton's
     constexpr functions cost microseconds per call from the host) agrees with Triton's."""
