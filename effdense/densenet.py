@@ -1192,7 +1192,8 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
     pruned with ``torch.nn.utils.prune`` (call ``prune.remove`` first).
 
     The copy also keeps what the state dict does not carry: train/eval flags, ``requires_grad``, BatchNorm
-    momentum and eps, each dense layer's ``drop_rate``, forward and backward hooks registered on the source's
+    momentum and eps, each dense layer's ``drop_rate``, ties (a module reached under two names, a parameter or
+    buffer held by two modules: tied in the copy too), forward and backward hooks registered on the source's
     modules (the same functions, registered anew: the source's handles do not remove them from the copy; a
     hooked dense layer makes its block run as naive, see the README), and SyncBatchNorm semantics: a source with
     :meth:`DenseNet.set_sync_bn` on (or a DenseNet whose BatchNorms are all ``nn.SyncBatchNorm``, or all
@@ -1298,4 +1299,33 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
         src_p = source_params.get(name)
         if src_p is not None:
             p.requires_grad_(src_p.requires_grad)
+    _copy_ties(clone, model)
     return clone
+
+
+def _copy_ties(clone: nn.Module, source: nn.Module) -> None:
+    """Tie in ``clone`` what is tied in ``source``: a module reached under two names (one BatchNorm as two
+    layers' ``norm2``), and a parameter or buffer held by two modules (a weight shared by two convolutions).
+    The copy is built module by module and loaded from a state dict, which lists a tied tensor under each of
+    its names: without this, each name got a tensor of its own, silently untied (other gradients, and a shared
+    BatchNorm's statistics no longer updated twice per step)."""
+    first: dict[int, str] = {}
+    for name, m in source.named_modules(remove_duplicate=False):
+        seen = first.setdefault(id(m), name)
+        if seen != name:
+            parent, _, attr = name.rpartition(".")
+            setattr(clone.get_submodule(parent), attr, clone.get_submodule(seen))
+    for named in (source.named_parameters, source.named_buffers):
+        first.clear()
+        for name, t in named(remove_duplicate=False):
+            seen = first.setdefault(id(t), name)
+            if seen != name:
+                owner, _, attr = name.rpartition(".")
+                holder, _, seen_attr = seen.rpartition(".")
+                target = getattr(clone.get_submodule(holder), seen_attr)
+                module = clone.get_submodule(owner)
+                if getattr(module, attr) is not target:  # (already shared where the modules are)
+                    if isinstance(target, nn.Parameter):
+                        setattr(module, attr, target)
+                    else:
+                        module._buffers[attr] = target

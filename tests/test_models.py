@@ -526,6 +526,36 @@ def test_convert_keeps_what_the_state_dict_does_not_carry() -> None:
             assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6), f"{strategy} {name}"
 
 
+def test_convert_keeps_tied_modules_and_parameters() -> None:
+    """A source with one BatchNorm as two layers' norm2 and one weight shared by two convolutions: the copy,
+    built module by module and loaded from a state dict (which lists a tied tensor under each name), held a
+    tensor per name, silently untied (3085 parameter elements against 2781, other gradients, the shared
+    BatchNorm's statistics updated once per step instead of twice)."""
+    torch.manual_seed(0)
+    source = _small_torchvision_densenet(num_classes=4)
+    block = source.features.denseblock2
+    block.denselayer2.norm2 = block.denselayer1.norm2
+    block.denselayer3.conv2.weight = block.denselayer1.conv2.weight
+    tv = copy.deepcopy(source)
+    x = torch.randn(2, 3, 40, 40)
+    out_tv = train_step(tv, x)
+    tv_params = dict(tv.named_parameters())
+    for strategy in effdense.available_strategies():
+        ours = effdense.convert(source, strategy=strategy)
+        b = ours.features.denseblock2
+        assert b.denselayer2.norm2 is b.denselayer1.norm2, strategy
+        assert b.denselayer3.conv2.weight is b.denselayer1.conv2.weight, strategy
+        assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in tv.parameters())
+        out = train_step(ours, x)
+        assert_close_rel(out, out_tv, rtol=1e-4, name=f"{strategy} output")
+        assert dict(ours.named_parameters()).keys() == tv_params.keys()
+        gmax = max(p.grad.abs().max().item() for p in tv.parameters())  # (norm0's is ~0 in exact arithmetic)
+        for name, p in ours.named_parameters():
+            torch.testing.assert_close(p.grad, tv_params[name].grad, rtol=1e-4, atol=1e-6 * gmax, msg=f"{strategy} {name}")
+        for (name, a), b_ in zip(_bn_buffers(ours).items(), _bn_buffers(tv).values()):
+            assert torch.allclose(a.float(), b_.float(), rtol=1e-4, atol=1e-6), f"{strategy} {name}"
+
+
 def test_convert_keeps_each_layers_drop_rate() -> None:
     # before: every layer of the copy took the first layer's drop_rate
     source = _small_torchvision_densenet(num_classes=4)

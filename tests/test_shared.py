@@ -14,6 +14,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import effdense
 from effdense.strategies import shared
@@ -1467,6 +1468,114 @@ def test_dropout_keeps_its_mask_on_devices_without_a_replay() -> None:
     such a device: the rule is checked)."""
     assert shared._keep_dropout_mask(torch.device("mps")) and shared._keep_dropout_mask(torch.device("xpu"))
     assert not shared._keep_dropout_mask(torch.device("cpu")) and not shared._keep_dropout_mask(torch.device("meta"))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_dropout_replay_at_batch_1_on_a_misaligned_gradient_slice_matches_naive(strategy) -> None:
+    """At batch 1 a layer's channel slice of the gradient buffer is contiguous, so the replay drew on the view
+    itself; growth 5 from 6 channels at 7x7 in fp32 starts slices 1176, 2156, ... bytes in, not 16-byte aligned.
+    CUDA's dropout picks its vector width (and with it which random number masks which element) from the
+    input's address, where forward's input was a fresh, aligned allocation: another mask, silently."""
+    torch.manual_seed(0)
+    model = effdense.DenseNet(5, (3,), 6, bn_size=2, num_classes=3, small_inputs=True, drop_rate=0.5).cuda()
+    assert_matches(*_pair(model, strategy), torch.randn(1, 3, 7, 7, device="cuda"))
+
+
+def test_sync_count_reduces_on_the_inputs_gpu(monkeypatch) -> None:
+    """Under NCCL the stage's global batch count was all-reduced on the current GPU, cuda:0 on every rank
+    that had not called torch.cuda.set_device (its model on cuda:<rank>): NCCL's duplicate-GPU error, or a
+    hang. nn.SyncBatchNorm reduces on its input's device; so does the count now (tensor creation stubbed:
+    no GPU is needed to see which device it asks for)."""
+    import torch.distributed as dist
+
+    asked = []
+
+    class _Stop(Exception):
+        pass
+
+    def tensor(data, device=None):
+        asked.append(torch.device(device))
+        raise _Stop
+
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "nccl")
+    monkeypatch.setattr(shared.torch, "tensor", tensor)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    stage = types.SimpleNamespace(sync_group=None)
+    for device in ("cuda:1", "cuda:3"):
+        with pytest.raises(_Stop):
+            shared._sync_count(stage, 8, torch.device(device))
+    assert asked == [torch.device("cuda:1"), torch.device("cuda:3")]
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    with pytest.raises(_Stop):
+        shared._sync_count(stage, 8, torch.device("cuda:1"))
+    assert asked[-1] == torch.device("cpu")  # gloo reduces host tensors
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum", "cumulative"])
+def test_one_batchnorm_in_two_layers_updates_its_statistics_twice_in_order(strategy, momentum) -> None:
+    """One BatchNorm module as two layers' norm2 (tied): the stage updated its running statistics for both
+    layers at once, with one buffer listed twice in the multi-tensor ops, so the blends summed instead of
+    chaining, and with momentum=None both read the counter after its two increments (running_var 0.25 high)."""
+    torch.manual_seed(0)
+    model = effdense.DenseNet(4, (3,), 8, bn_size=2, num_classes=3, small_inputs=True).double()
+    block = model.features.denseblock1
+    block.denselayer2.norm2 = block.denselayer3.norm2 = block.denselayer1.norm2
+    block.denselayer1.norm2.momentum = momentum
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (computed by the strategy, not run as naive)
+        assert_matches(*_pair(model, strategy), torch.randn(2, 3, 6, 6, dtype=torch.float64), steps=3)
+
+
+class _CountingScale(nn.Module):
+    """A parametrization with state: it scales the weight by how often it has run in training."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.calls += 1
+        return w * (1 + 0.1 * self.calls)
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_batchnorm_with_a_parametrization_that_has_state_runs_as_naive(strategy) -> None:
+    """The strategies read a BatchNorm's weight several times per step (naive once): a parametrization with
+    state (spectral norm's power iteration, a counter) ran three times in forward and again in backward, for
+    other outputs and gradients, or autograd's bare in-place error. Such a block runs as naive, with a warning;
+    weight norm (stateless) is still computed by the strategy."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    torch.manual_seed(0)
+    model = effdense.DenseNet(4, (2, 2), 8, bn_size=2, num_classes=3, small_inputs=True).double()
+    parametrize.register_parametrization(model.features.denseblock1.denselayer1.norm1, "weight", _CountingScale())
+    parametrizations.weight_norm(model.features.denseblock2.denselayer2.norm2, dim=0)
+    ref, other = _pair(model, strategy)
+    with pytest.warns(UserWarning, match=r"features\.denseblock1\) runs as strategy 'naive'.*denselayer1\.norm1") as record:
+        assert_matches(ref, other, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    assert not any("denseblock2" in str(w.message) for w in record), "weight norm needs no fallback"
+    calls = [layer.norm1.parametrizations.weight[0].calls for layer in (ref.features.denseblock1.denselayer1,
+                                                                         other.features.denseblock1.denselayer1)]  # fmt: skip
+    assert calls[0] == calls[1] == 3, calls  # one at registration, one per forward
+
+
+def test_conv_with_an_instance_patched_conv_forward_runs_as_naive() -> None:
+    """``conv._conv_forward`` (what Conv2d.forward calls) replaced on the instance: the strategy computed a
+    plain convolution, silently (eval outputs off by 0.25)."""
+    torch.manual_seed(0)
+    model = effdense.DenseNet(4, (2,), 8, bn_size=2, num_classes=3, small_inputs=True).double()
+    conv = model.features.denseblock1.denselayer1.conv1
+    conv._conv_forward = lambda x, w, b: F.conv2d(x, 2 * w, b)
+    ref, other = _pair(model, "shared")
+    with pytest.warns(UserWarning, match=r"denselayer1\.conv1"):
+        assert_matches(ref, other, torch.randn(2, 3, 8, 8, dtype=torch.float64))
+    ref.eval(), other.eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="naive"):
+        torch.testing.assert_close(other(x), ref(x))
 
 
 def test_checkpoint_block_that_recomputes_nothing_does_not_warn() -> None:

@@ -190,6 +190,14 @@ _STATELESS_PARAMETRIZATIONS = tuple(
 )
 
 
+def stateless_parametrizations(m: nn.Module) -> bool:
+    """Whether every parametrization registered on ``m`` (none counts) computes its tensor from the module's
+    parameters alone and steps no state, so that reading the tensor again, as a recomputation (or the
+    ``shared`` Function's forward and backward) does, gives the same value and changes nothing."""
+    params = m.__dict__["_modules"].get("parametrizations")
+    return params is None or all(isinstance(p, _STATELESS_PARAMETRIZATIONS) for plist in params.values() for p in plist)
+
+
 def _recomputes_exactly(m: nn.Module) -> bool:
     """Whether a second call of ``m`` (not its submodules) in backward computes what the first computed and
     changes nothing that the first did not (BatchNorm running statistics aside: recompute_once puts them
@@ -200,9 +208,9 @@ def _recomputes_exactly(m: nn.Module) -> bool:
     d, cls = m.__dict__, type(m)
     if "forward" in d:
         return False
-    params = d["_modules"].get("parametrizations")
-    if params is not None:  # a generated subclass of the module's class, whose parametrizations are listed here
-        if not all(isinstance(p, _STATELESS_PARAMETRIZATIONS) for plist in params.values() for p in plist):
+    if d["_modules"].get("parametrizations") is not None:
+        # a generated subclass of the module's class, whose parametrizations are listed there
+        if not stateless_parametrizations(m):
             return False
         cls = cls.__bases__[0]  # (the class it was made from; its forward is the one that runs)
     if d["_forward_pre_hooks"] and any(isinstance(h, _SpectralNormHook) for h in d["_forward_pre_hooks"].values()):

@@ -121,6 +121,20 @@ def _update_running_stats(updates: Sequence[tuple[Any, torch.Tensor, torch.Tenso
     todo = [(bn, m, v) for bn, m, v in updates if bn.training and bn.track_running_stats and bn.running_mean is not None]
     if not todo:
         return
+    if len({id(bn) for bn, _, _ in todo}) < len(todo):
+        # one BatchNorm module in several layers (tied): its updates apply one after another, in layer order,
+        # as naive's forward makes them (at once, its counter advanced twice before either factor was read,
+        # and the blends of one buffer listed twice summed instead of chaining)
+        rounds: list[list[tuple[Any, torch.Tensor, torch.Tensor]]] = []
+        seen: dict[int, int] = {}
+        for item in todo:
+            k = seen[id(item[0])] = seen.get(id(item[0]), -1) + 1
+            if k == len(rounds):
+                rounds.append([])
+            rounds[k].append(item)
+        for batch in rounds:
+            _update_running_stats(batch, count)
+        return
     eager = not torch.compiler.is_compiling()
     with torch.no_grad():
         torch._foreach_add_([bn.num_batches_tracked for bn, _, _ in todo], 1)
@@ -155,8 +169,10 @@ def _blend_(running: list[torch.Tensor], stats: list[torch.Tensor], factor: floa
     torch._foreach_copy_(running, blended)
 
 
-def _sync_stats(mean: torch.Tensor, var: torch.Tensor, count: int, group: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Combine per-rank (mean, biased var, count) into global ones (Chan et al.), as SyncBatchNorm."""
+def _sync_stats(mean: torch.Tensor, var: torch.Tensor, count: int, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine per-rank (mean, biased var, count) into the global mean and biased var (Chan et al.), as
+    SyncBatchNorm. (The global count is the stage's, from :func:`_sync_count`: reading it here again cost a
+    device-to-host copy per call.)"""
     import torch.distributed as dist
 
     world = dist.get_world_size(group)
@@ -169,7 +185,7 @@ def _sync_stats(mean: torch.Tensor, var: torch.Tensor, count: int, group: Any) -
     total = counts.sum()
     g_mean = (means * counts).sum(0) / total
     g_var = ((vars_ + (means - g_mean) ** 2) * counts).sum(0) / total
-    return g_mean, g_var, int(round(float(total)))
+    return g_mean, g_var
 
 
 def _all_reduce_(tensors: Sequence[torch.Tensor], group: Any) -> None:
@@ -326,7 +342,7 @@ class _StageState:
 def _channel_stats(stage: _Stage, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mean, var = stage.ops.channel_stats(x)
     if stage.sync:
-        mean, var, _ = _sync_stats(mean, var, x.shape[0] * x.shape[2] * x.shape[3], stage.sync_group)
+        mean, var = _sync_stats(mean, var, x.shape[0] * x.shape[2] * x.shape[3], stage.sync_group)
     return mean, var
 
 
@@ -389,7 +405,7 @@ def _bn2_stats(
         return None, None
     local = shape[0] * shape[2] * shape[3]
     if stage.sync:
-        mean, var, _ = _sync_stats(mean, var, local, stage.sync_group)
+        mean, var = _sync_stats(mean, var, local, stage.sync_group)
     if update:
         _check_count(state.count, shape)
         state.updates.append((bn, mean, var))
@@ -474,6 +490,13 @@ def _dropout_replay(
             out = gi * noise.div_(1 - p)
         replayed_to = generator.get_state()
     else:
+        if gi.data_ptr() % 128:
+            # CUDA's dropout kernel picks its vector width from its input's address (16 bytes and up), and each
+            # width maps the random numbers to elements differently (same generator offset after: the check
+            # below cannot tell).
+            # Forward's input was a fresh allocation; a channel slice of the gradient buffer, contiguous as it
+            # is at batch 1, can start anywhere: draw on a fresh copy, aligned as forward's (the allocator's 512)
+            gi = gi.clone(memory_format=layout)
         with torch.random.fork_rng(devices=[device], device_type=device.type):
             torch.cuda.set_rng_state(rng_state, device)
             out = F.dropout(gi, p=p, training=True)
@@ -615,7 +638,7 @@ def _stage_forward(stage: _Stage, x: torch.Tensor, keep: bool) -> tuple[torch.Te
     )
     # the global count only where batch statistics are formed: in eval mode no collective runs (a rank may
     # evaluate alone, as with nn.SyncBatchNorm, which all-reduces in training only)
-    count = N * H * W if not (stage.sync and batch) else _sync_count(stage, N * H * W)
+    count = N * H * W if not (stage.sync and batch) else _sync_count(stage, N * H * W, x.device)
     state = _StageState(keep, count)
     Fbuf = torch.empty((N, c_total, H, W), dtype=stage.dtype, device=x.device)
     Fbuf[:, :C0].copy_(x)
@@ -791,11 +814,17 @@ def _layer_backward(
     return [_cast(dgamma1, _weight(bn1).dtype), _cast(dbeta1, _bias(bn1).dtype), _cast(dw, _weight(conv1).dtype)]
 
 
-def _sync_count(stage: _Stage, local: int) -> int:
+def _sync_count(stage: _Stage, local: int, device: torch.device) -> int:
+    """The global batch count of a stage whose input (on ``device``) holds ``local`` values per channel."""
     import torch.distributed as dist
 
-    # NCCL reduces CUDA tensors only; gloo takes CPU ones
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(stage.sync_group) == "nccl" else "cpu"
+    # NCCL reduces CUDA tensors only (on the input's GPU, as nn.SyncBatchNorm: a rank that never called
+    # torch.cuda.set_device has cuda:0 current, and every rank reducing there is NCCL's duplicate-GPU error);
+    # gloo takes CPU ones
+    if dist.get_backend(stage.sync_group) != "nccl":
+        device = torch.device("cpu")
+    elif device.type != "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
     t = torch.tensor([float(local)], device=device)
     dist.all_reduce(t, group=stage.sync_group)
     return int(round(float(t)))
@@ -1300,11 +1329,20 @@ def _computes_as_module(m: Any, kind: Any) -> bool:
     if m is None or "forward" in m.__dict__:  # a missing part, or an instance's own forward (m.forward = ...)
         return False
     if kind is _BN:
-        return computes_as_batchnorm(m) and m.affine and _has_tensor(m, "weight") and _has_tensor(m, "bias")
+        # (a parametrized weight or bias is read several times per step here, once by naive: one with state,
+        # or random, would give other values, so only the stateless ones are computed; before the tensors are read)
+        return (
+            computes_as_batchnorm(m)
+            and _checkpoint.stateless_parametrizations(m)
+            and m.affine
+            and _has_tensor(m, "weight")
+            and _has_tensor(m, "bias")
+        )
     if kind is _RELU:
         return isinstance(m, torch.nn.ReLU) and type(m).forward is torch.nn.ReLU.forward
     return (
         type(m) is torch.nn.Conv2d
+        and "_conv_forward" not in m.__dict__  # (its forward's helper, patched on the instance)
         and m._parameters["bias"] is None
         and (m.kernel_size, m.stride, m.padding, m.dilation, m.groups, m.padding_mode) == kind
     )
@@ -1350,8 +1388,8 @@ def _warn_custom_modules(odd: list[str], where: str = "") -> None:
     names = ", ".join(odd[:3]) + (", ..." if len(odd) > 3 else "")
     warn_runs_as_naive(
         "'shared'/'fused'",
-        f"its modules {names} are not what those strategies compute (affine BatchNorm, ReLU, bias-free Conv2d of "
-        "torchvision's geometry, 2x2 average pool, and the layers' and transition's own forwards); naive calls the "
+        f"its modules {names} are not what those strategies compute (affine BatchNorm, its parametrizations "
+        "if any stateless, ReLU, bias-free Conv2d of torchvision's geometry, 2x2 average pool, and the layers' and transition's own forwards); naive calls the "
         "modules themselves",
         stacklevel=3,
         where=where,
