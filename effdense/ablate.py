@@ -266,6 +266,14 @@ def main(args: argparse.Namespace) -> int:
         p.update(memory_mode=mode, device_type=_device_type(args, device))
         for f in POLICY_FIELDS:
             p[f] = "" if p["policy_obj"] is None else int(getattr(p["policy_obj"], f))
+    if not args.no_plots:  # (before any point runs: it was a traceback after the whole grid)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise UsageError(
+                "the plots need matplotlib, which is not installed: pip install 'effdense[plot]' (or matplotlib), "
+                "or pass --no-plots for the CSV alone"
+            ) from None
     output_dir(args.out, ("ablate.csv",) + (() if args.no_plots else ("ablate_depth.png", "ablate_batch.png", "ablate_time.png")))
     csv_path = args.out / "ablate.csv"
     _check_header(csv_path)

@@ -15,6 +15,7 @@ weights, so every row computes the same function.
 from __future__ import annotations
 
 import argparse
+import importlib
 import contextlib
 import time
 from pathlib import Path
@@ -262,6 +263,21 @@ def measure_builds(
 # Rows
 
 
+_REFERENCE_LABELS = {"plain": "torchvision", "memory_efficient": "torchvision memory_efficient",
+                     "compile": "torchvision compile"}  # fmt: skip
+
+
+def _reference_unavailable(model_name: str) -> str | None:
+    """Why torchvision's rows cannot run for ``model_name``, or None when they can."""
+    try:
+        importlib.import_module("torchvision")
+    except ImportError:
+        return "torchvision is not installed (pip install torchvision)"
+    if model_name not in IMAGENET_CONFIGS and torchvision_twin(get_model(model_name, strategy="naive"), False) is None:
+        return "torchvision's DenseNet class cannot express this model (no bottleneck, or a compression other than 0.5)"
+    return None
+
+
 def _reference_rows(args: argparse.Namespace, device: torch.device) -> list[str]:
     """The torchvision rows asked for: ``--no-reference`` none; ``--reference`` those it names (``compile`` on a
     GPU only: an error when named explicitly elsewhere); else all, the compiled one on a GPU only."""
@@ -292,27 +308,32 @@ def _rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
             row["note"] = "not implemented yet"
         rows.append(row)
     reference = _reference_rows(args, device)
-    if reference:
-        probe = get_model(args.model, strategy="naive") if args.model not in IMAGENET_CONFIGS else None
-        expressible = probe is None or torchvision_twin(probe, False) is not None
-        if expressible:
-            def tv_builder(me: bool, compiled: bool = False) -> Callable[[], nn.Module]:
-                def build() -> nn.Module:
-                    twin = torchvision_twin(get_model(args.model, strategy="naive"), me)
-                    return _compiled(twin, args.dtype) if compiled else twin
+    why_not = _reference_unavailable(args.model) if reference else None
+    if why_not is not None:  # listed, skipped with the reason (asked for by --reference: an error, before any row)
+        if getattr(args, "reference", None) is not None:
+            raise UsageError(f"--reference {','.join(reference)}: {why_not}; leave --reference out")
+        for name in reference:
+            rows.append({"row": _REFERENCE_LABELS[name], "kind": "torchvision",
+                         "strategy": "checkpoint" if name == "memory_efficient" else "naive", "build": None,
+                         "note": why_not})  # fmt: skip
+    elif reference:
+        def tv_builder(me: bool, compiled: bool = False) -> Callable[[], nn.Module]:
+            def build() -> nn.Module:
+                twin = torchvision_twin(get_model(args.model, strategy="naive"), me)
+                return _compiled(twin, args.dtype) if compiled else twin
 
-                return build
+            return build
 
-            note = "" if args.model in IMAGENET_CONFIGS else "torchvision DenseNet class, CIFAR stem"
-            if "plain" in reference:
-                rows.append({"row": "torchvision", "kind": "torchvision", "strategy": "naive",
-                             "build": tv_builder(False), "note": note})
-            if "memory_efficient" in reference:
-                rows.append({"row": "torchvision memory_efficient", "kind": "torchvision", "strategy": "checkpoint",
-                             "build": tv_builder(True), "note": note})
-            if "compile" in reference:
-                rows.append({"row": "torchvision compile", "kind": "torchvision", "strategy": "naive",
-                             "build": tv_builder(False, compiled=True), "note": "torch.compile, default mode"})
+        note = "" if args.model in IMAGENET_CONFIGS else "torchvision DenseNet class, CIFAR stem"
+        if "plain" in reference:
+            rows.append({"row": _REFERENCE_LABELS["plain"], "kind": "torchvision", "strategy": "naive",
+                         "build": tv_builder(False), "note": note})
+        if "memory_efficient" in reference:
+            rows.append({"row": _REFERENCE_LABELS["memory_efficient"], "kind": "torchvision", "strategy": "checkpoint",
+                         "build": tv_builder(True), "note": note})
+        if "compile" in reference:
+            rows.append({"row": _REFERENCE_LABELS["compile"], "kind": "torchvision", "strategy": "naive",
+                         "build": tv_builder(False, compiled=True), "note": "torch.compile, default mode"})
     if getattr(args, "compile", False):  # last: a run cut short (compilation takes minutes) keeps the rows above
         for s in names:
             if s in available:

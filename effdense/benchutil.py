@@ -303,10 +303,16 @@ def git_commit() -> str:
     """``$GIT_COMMIT`` when set (the caller knows: e.g. a tree copied onto a GPU machine beside a stale
     ``.git``, which recorded another commit), else the checkout's commit, with ``+dirty.<hash>`` when tracked
     files have changes (the hash of ``git diff HEAD``: two different sets of edits on one commit are told
-    apart, so that ``ablate`` does not take one's rows for the other's), else ``"unknown"``."""
+    apart, so that ``ablate`` does not take one's rows for the other's), else ``"effdense-<version>"`` (an
+    installed package: a site-packages inside another project's repository has that project's commit, which
+    is not effdense's), else ``"unknown"``."""
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
     root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file() or not (root / "kernels").is_dir():  # not effdense's checkout
+        from effdense import __version__
+
+        return f"effdense-{__version__}"
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True

@@ -601,9 +601,15 @@ def _verify_weights_enum(arch: str, weights: Any) -> Any:
     if isinstance(weights, (str, os.PathLike)) and not os.path.exists(os.fspath(weights)):
         cls = _weights_enum_class(arch)
         if cls is None:  # no member names to try: the file does not exist
+            try:
+                import torchvision  # noqa: F401
+            except ImportError:
+                why = "torchvision is not installed (pip install torchvision), and its weights enums give names"
+            else:
+                why = f"{arch} has no torchvision weights enum, which gives names"
             raise FileNotFoundError(
-                f"weights file {os.fspath(weights)!r} does not exist ({arch} has no torchvision weights enum, so a "
-                "string is a file path here, not a name such as 'DEFAULT')"
+                f"weights file {os.fspath(weights)!r} does not exist ({why} such as 'DEFAULT' their meaning: a string "
+                "is a file path here)"
             )
         name = os.fspath(weights).replace(cls.__name__ + ".", "")
         if name in cls.__members__:

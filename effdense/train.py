@@ -1,4 +1,4 @@
-"""``effdense train``: train a DenseNet on digits (bundled, no download), CIFAR-10/100 or an ImageFolder.
+"""``effdense train``: train a DenseNet on digits (bundled with scikit-learn, no download), CIFAR-10/100 or an ImageFolder.
 
 Mixed precision (bf16, fp16 with a gradient scaler), channels_last, ``torch.compile``, checkpoint save and
 exact resume (model, optimiser, scheduler, scaler, epoch and step, RNG states), a tqdm progress bar and a
@@ -70,7 +70,7 @@ class CheckpointError(TrainError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the options of ``effdense train`` to ``parser``."""
     g = parser.add_argument_group("data")
-    g.add_argument("--data", choices=DATASETS, default="digits", help="dataset (default: %(default)s, bundled)")
+    g.add_argument("--data", choices=DATASETS, default="digits", help="dataset (default: %(default)s, bundled with scikit-learn)")
     g.add_argument("--data-dir", default=None, metavar="PATH", help="local folder of cifar10/cifar100/imagefolder (not digits)")
     g.add_argument("--image-size", type=int, default=None, help="square input side (default: 16 digits, 32 CIFAR, 224 imagefolder)")
     g.add_argument("--subset", type=int, default=None, metavar="N", help="train on N of the training images only (a fixed choice, the same in every run)")

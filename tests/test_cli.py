@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -1093,6 +1094,38 @@ def test_reference_usage_errors(capsys, tmp_path, argv, message):
     assert code == 2 and message in err, err
 
 
+@pytest.mark.parametrize("case", ["no-torchvision", "inexpressible"])
+def test_torchvision_rows_that_cannot_run_are_listed_with_the_reason(capsys, tmp_path, monkeypatch, case):
+    """Without torchvision an ImageNet model's rows failed ("the model builder returned a NoneType") and a CIFAR
+    model's vanished, as did every model torchvision's class cannot express (no bottleneck), silently, even
+    when named by --reference. They are skipped rows with the reason now, and --reference is refused."""
+    model = "densenet_bc_10" if case == "no-torchvision" else "densenet_13"
+    if case == "no-torchvision":
+        monkeypatch.setitem(sys.modules, "torchvision", None)  # (import torchvision raises ImportError)
+    common = ["bench", "--model", model, "--batch-size", "2", "--memory", "estimate", "--strategies", "naive"]
+    code, _, err = run(capsys, *common, "--out", str(tmp_path))
+    assert code == 0, err
+    rows = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"]
+    assert [(r["row"], r["status"]) for r in rows] == [
+        ("effdense naive", "ok"), ("torchvision", "skipped"), ("torchvision memory_efficient", "skipped")
+    ]
+    reason = "not installed" if case == "no-torchvision" else "cannot express this model"
+    assert all(reason in r["note"] for r in rows[1:]), rows
+    code, _, err = run(capsys, *common, "--reference", "plain", "--out", str(tmp_path / "ref"))
+    assert code == 2 and reason in err and not (tmp_path / "ref").exists(), err
+
+
+def test_ablate_without_matplotlib_says_so_before_running(capsys, tmp_path, monkeypatch):
+    """It ran the whole grid, wrote the CSV, then ended in a ModuleNotFoundError traceback from the plots."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    argv = ["ablate", "--strategies", "naive", "--depths", "10,16", "--batch-sizes", "2", "--estimate"]
+    code, _, err = run(capsys, *argv, "--out", str(tmp_path / "a"))
+    assert code == 2 and "pip install 'effdense[plot]'" in err and "--no-plots" in err, err
+    assert not (tmp_path / "a" / "ablate.csv").exists()
+    code, _, err = run(capsys, *argv, "--no-plots", "--out", str(tmp_path / "b"))
+    assert code == 0 and (tmp_path / "b" / "ablate.csv").exists(), err
+
+
 def test_bench_compiled_low_precision_rows_enter_autocast_inside_the_compiled_call():
     """`effdense bench --compile --dtype bf16` (GPU suite): each compiled row's step ran under an autocast
     entered around the compiled model, where dynamo fails on the shared/fused Function. The rows now compile a
@@ -1179,6 +1212,31 @@ def test_git_commit_tells_two_sets_of_edits_apart(monkeypatch):
     diffs["text"] = b"--- a/x\n+++ b/x\n+another edit\n"
     second = benchutil.git_commit()
     assert first.startswith("abc123+dirty.") and second.startswith("abc123+dirty.") and first != second
+
+
+def test_git_commit_of_an_installed_copy_inside_another_repository_is_the_version(tmp_path, monkeypatch):
+    """A wheel install whose site-packages lies inside another project's git repository (a venv in the
+    project): the commit recorded was that project's, and ablate's reruns took it for effdense's code."""
+    import shutil
+    import subprocess as sp
+
+    import effdense.kernels
+
+    repo = tmp_path / "userproject"
+    site = repo / "venv" / "site-packages"
+    shutil.copytree(Path(effdense.__file__).parent, site / "effdense", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(Path(effdense.kernels.__file__).parent, site / "effdense" / "kernels",
+                    ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)  # fmt: skip
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    sp.run([*git, "init", "-q", str(repo)], check=True)
+    sp.run([*git, "-C", str(repo), "add", "-A"], check=True)
+    sp.run([*git, "-C", str(repo), "commit", "-qm", "user project"], check=True)
+    monkeypatch.delenv("GIT_COMMIT", raising=False)
+    out = sp.run([sys.executable, "-c", "import effdense.benchutil as b, effdense; print(b.git_commit(), effdense.__file__)"],
+                 cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True, text=True, check=True)  # fmt: skip
+    commit, where = out.stdout.split()
+    assert where.startswith(str(site)), where
+    assert commit == f"effdense-{effdense.__version__}"
 
 
 def test_result_files_are_replaced_whole(tmp_path):

@@ -116,9 +116,13 @@ def resolve(name: str, x: torch.Tensor) -> str:
     return "naive"
 
 
+# torch.compiler.is_exporting arrived in torch 2.7 (pyproject allows 2.4): before it, nothing says so
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
 def _runner_for(name: str, x: torch.Tensor) -> ModuleType:
     """The module that runs strategy ``name`` on ``x``."""
-    if torch.compiler.is_exporting():
+    if _is_exporting():
         # torch.export records ATen operators (strict or not): it inlines the shared/fused autograd Function's
         # forward and drops its backward, so the exported program could not train (in-place buffer writes,
         # batch statistics passed as running ones) or, on the kernel ops, lost every gradient silently.
