@@ -102,7 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EPILOG
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--model", type=model_name, default="densenet_bc_100",
-                        help="model name (effdense.MODELS or densenet_bc_<depth>); default densenet_bc_100")
+                        help="model name (effdense.MODELS, densenet_bc_<depth> or densenet_<depth>); default densenet_bc_100")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="default 64")
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help="square input side; default 32 for CIFAR models, 224 for ImageNet ones")

@@ -84,7 +84,7 @@ def model_name(text: str) -> str:
             raise argparse.ArgumentTypeError(str(exc)) from None
         return name
     raise argparse.ArgumentTypeError(
-        f"unknown model {text!r}; expected one of {', '.join(sorted(MODELS))} or densenet_bc_<depth>"
+        f"unknown model {text!r}; expected one of {', '.join(sorted(MODELS))}, densenet_bc_<depth> or densenet_<depth>"
     )
 
 

@@ -665,10 +665,12 @@ def _resolve_weights(weights: Any, progress: bool) -> Mapping[str, torch.Tensor]
 
 def load_weights(model: DenseNet, weights: Any, progress: bool = True) -> DenseNet:
     """Load ``weights`` into ``model`` strictly: a torchvision ``WeightsEnum``, a state dict or a file path
-    (a checkpoint dict holding the state dict under ``"state_dict"`` or ``"model"`` is unwrapped; the
-    ``module.`` prefix of a state dict saved from an ``nn.DataParallel``/``DistributedDataParallel``-wrapped
-    model and the ``_orig_mod.`` prefix of one saved from a ``torch.compile``-d model are stripped when every
-    key has them; legacy key names are accepted)."""
+    (a checkpoint dict holding the state dict under ``"state_dict"``, ``"model_state_dict"`` or ``"model"``
+    is unwrapped; the ``module.`` prefix of a state dict saved from an ``nn.DataParallel``/
+    ``DistributedDataParallel``-wrapped model and the ``_orig_mod.`` prefix of one saved from a
+    ``torch.compile``-d model are stripped when every key has them, as is the attribute name of a module that
+    held the model (a Lightning module's ``model.``) when the keys left are exactly the model's; legacy key
+    names are accepted)."""
     state_dict = _resolve_weights(weights, progress)
     if state_dict is not None:
         state_dict = _strip_owner_prefix(model, _upgrade_legacy_keys(_strip_wrapper_prefix(state_dict)))
@@ -976,7 +978,7 @@ def get_model(name: str, **kwargs: Any) -> DenseNet:
         if not bc:
             kwargs.setdefault("compression", 1.0)
         return densenet_cifar(depth, kwargs.pop("growth_rate"), bottleneck=bc, **kwargs)
-    raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)} or densenet_bc_<depth>")
+    raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}, densenet_bc_<depth> or densenet_<depth>")
 
 
 def _check_process_group(group: Any) -> None:
@@ -1158,6 +1160,31 @@ def _copy_module(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module, memo)
 
 
+def _check_source_parts(features: nn.Sequential) -> None:
+    """What :func:`convert` reads of the source to build its copy (the first layer's widths, each transition's
+    channels) is there: a dense block, layer or transition replaced by another kind of module raises
+    ``TypeError`` naming it (they raised ``AttributeError`` or an empty ``StopIteration`` from the reading)."""
+
+    def width(m: Any) -> bool:
+        return isinstance(getattr(m, "in_channels", None), int) and isinstance(getattr(m, "out_channels", None), int)
+
+    def refuse(path: str, m: nn.Module, what: str) -> None:
+        raise TypeError(f"convert(): the source's 'features.{path}' ({type(m).__name__}) {what}; a DenseNet cannot hold it")
+
+    for name, m in features.named_children():
+        if name.startswith("denseblock"):
+            layers = list(m.named_children())
+            if not layers:
+                refuse(name, m, "holds no dense layers")
+            for lname, layer in layers[:1]:  # (the first layer's widths make the copy; the others are compared later)
+                if not isinstance(layer._modules.get("norm1"), nn.Module) or not width(layer._modules.get("conv1")):
+                    refuse(f"{name}.{lname}", layer, "is not a dense layer (a norm1 and a conv1 convolution)")
+                if "conv2" in layer._modules and not width(layer._modules["conv2"]):
+                    refuse(f"{name}.{lname}.conv2", layer._modules["conv2"], "is not a convolution with channel counts")
+        elif name.startswith("transition") and not width(m._modules.get("conv") if isinstance(m, nn.Module) else None):
+            refuse(name, m, "is not a transition (a conv convolution with channel counts)")
+
+
 def _structure_difference(clone: nn.Module, source: nn.Module) -> str | None:
     """The first module path where ``source`` has other submodules than the DenseNet built from it, said in a
     sentence; None if they have the same modules."""
@@ -1235,6 +1262,7 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
     if not blocks:
         raise TypeError("convert() found no dense blocks (features.denseblock1, ...) in the model")
     _refuse_pruned(model)  # (before any module is copied: a pruned module's deepcopy fails on its own)
+    _check_source_parts(features)
     first = next(iter(blocks[0].children()))
     bottleneck = hasattr(first, "conv2")
     growth_rate = (first.conv2 if bottleneck else first.conv1).out_channels

@@ -1,6 +1,6 @@
 """Training-step memory: exact live-tensor tracking on CPU, FakeTensor estimates, the CUDA allocator on GPU.
 
-What is measured (DESIGN.md section 5): the *training-step peak*, the largest amount of live tensor memory
+What is measured: the *training-step peak*, the largest amount of live tensor memory
 from the start of the forward pass to the end of the backward pass of one step. It counts
 
 - the parameters, the buffers (BatchNorm running statistics) and the input, alive before the step starts;
@@ -41,7 +41,7 @@ Three ways to get the number, one API (:func:`measure_step`, :func:`estimate_ste
   estimate adds the cuBLAS/cuBLASLt workspaces that the allocator holds as well (:func:`cuda_library_workspace`,
   modelled, in ``StepMemory.workspace``).
 
-Reference points (DESIGN.md section 5), reproduced by estimate and by exact measurement, fp32, batch 64:
+Reference points (the project's design targets), reproduced by estimate and by exact measurement, fp32, batch 64:
 torchvision DenseNet-121 at 224x224 7,979.1 MiB plain and 3,869.3 MiB ``memory_efficient=True``;
 DenseNet-BC-100 at 32x32 2,138.4 MiB naive and 787.6 MiB checkpoint. These exclude the input batch
 (36.75 / 0.75 MiB), which :class:`StepMemory` counts in ``peak``.
@@ -390,6 +390,9 @@ class StepMemory:
             cuBLASLt workspaces that the warm-up step left, plus anything else already on the device).
             In a fake-CUDA estimate: :func:`cuda_library_workspace`, modelled and added to the tracked
             peak. Zero elsewhere.
+
+    ``peak_mib`` gives the peak in MiB, :meth:`as_dict` every field (with a ``*_mib`` companion of each byte
+    field), and ``str()`` a one-line summary.
     """
 
     peak: int
@@ -407,6 +410,7 @@ class StepMemory:
 
     @property
     def peak_mib(self) -> float:
+        """``peak`` in MiB (2**20 bytes)."""
         return mib(self.peak)
 
     def as_dict(self) -> dict[str, Any]:
@@ -791,8 +795,15 @@ def cuda_library_workspace(device: torch.device | str | int | None = None) -> in
     modelled. Fake-CUDA estimates (:func:`estimate_step` with ``device="cuda"``) add this to the tracked
     peak, since ``torch.cuda.max_memory_allocated()`` counts it. An H100 measurement of DenseNet-BC-100
     (torch 2.11) exceeded the tracked peak by 65 MiB for ``shared``, 2 x 32 + 1 by this model.
+
+    ``device``: a CUDA device (``None``: the current one); another device is a ``ValueError`` (its libraries
+    keep no such workspace: ``StepMemory.workspace`` is zero there). The device's compute capability is read,
+    so CUDA must be available.
     """
-    index = torch.device(device if device is not None else "cuda").index
+    dev = torch.device(device if device is not None else "cuda")
+    if dev.type != "cuda":
+        raise ValueError(f"cuda_library_workspace: expected a CUDA device, got {dev} (no CUDA library workspace there)")
+    index = dev.index
     capability = torch.cuda.get_device_capability(index if index is not None else torch.cuda.current_device())
     try:
         lt_kib = int(os.environ.get("CUBLASLT_WORKSPACE_SIZE", "1024"))

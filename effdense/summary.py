@@ -66,7 +66,7 @@ DEPTH_NOTE = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", type=model_name, help="model name (effdense.MODELS or densenet_bc_<depth>)")
+    parser.add_argument("model", type=model_name, help="model name (effdense.MODELS, densenet_bc_<depth> or densenet_<depth>)")
     parser.add_argument("--image-size", type=positive_int, default=None,
                         help="square input side; default 32 for CIFAR models, 224 for ImageNet ones")
     parser.add_argument("--batch-size", type=positive_int, default=None,

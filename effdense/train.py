@@ -82,8 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help=f"any effdense.get_model name (default: densenet_bc_{DEFAULT_DEPTH})")
     g.add_argument("--depth", type=int, default=None, help="custom 3-block DenseNet-BC of this depth (4 + 6n)")
     g.add_argument("--growth-rate", type=positive_int, default=None, help="growth rate k of --depth or a densenet_bc_<depth> model (default 12)")
-    g.add_argument("--drop-rate", type=_drop_rate, default=0.0, help="dropout after each dense layer, in [0, 1)")
-    g.add_argument("--strategy", default="auto", help=f"dense-block strategy: auto or one of {strategies.STRATEGIES}")
+    g.add_argument("--drop-rate", type=_drop_rate, default=0.0, help="dropout after each dense layer, in [0, 1) (default: %(default)s)")
+    g.add_argument("--strategy", default="auto", help=f"dense-block strategy: auto (default) or one of {strategies.STRATEGIES}")
 
     g = parser.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=10, help="default: %(default)s")
@@ -97,8 +97,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"--lr-schedule step only: fractions of the steps after any warm-up (default: {DEFAULTS['lr_milestones']})")
     g.add_argument("--lr-gamma", type=float, default=None,
                    help=f"--lr-schedule step only: factor at each milestone (default: {DEFAULTS['lr_gamma']})")
-    g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the schedule")
-    g.add_argument("--label-smoothing", type=float, default=0.0)
+    g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the schedule (default: %(default)s)")
+    g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing (default: %(default)s)")
 
     g = parser.add_argument_group("performance")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
@@ -112,7 +112,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="default: %(default)s")
     g.add_argument("--out-dir", default="runs/train", help="checkpoint and metrics folder (default: %(default)s)")
     g.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint file (default: OUT_DIR/checkpoint.pt)")
-    g.add_argument("--save-every", type=int, default=1, metavar="EPOCHS", help="save a checkpoint every N epochs; 0: at the end only")
+    g.add_argument("--save-every", type=int, default=1, metavar="EPOCHS", help="save a checkpoint every N epochs; 0: at the end only (default: %(default)s)")
     g.add_argument("--resume", default=None, metavar="PATH", help="continue from this checkpoint")
     g.add_argument("--metrics", default=None, metavar="PATH", help="per-epoch log, .csv or .jsonl (default: OUT_DIR/metrics.csv)")
     g.add_argument("--log-interval", type=int, default=None, metavar="STEPS",
@@ -864,7 +864,8 @@ def evaluate(
 def train(args: argparse.Namespace, *, on_step: Callable[[int, int, float], None] | None = None) -> dict[str, Any]:
     """Run ``effdense train`` with parsed ``args`` (see :func:`parse_args`) and return a summary:
     ``history`` (one metrics row per epoch), ``step_losses`` (this rank's loss per step), ``model`` (the
-    trained, unwrapped model), ``test_acc``, ``wall_s``, ``checkpoint``, ``interrupted``.
+    trained, unwrapped model), ``test_acc``, ``wall_s``, ``checkpoint``, ``interrupted``, ``metrics`` (the
+    per-epoch log's path), ``rank`` and ``world_size``.
 
     Args:
         args: the options, as :func:`parse_args` returns them.

@@ -379,6 +379,9 @@ def test_cuda_library_workspace_model(monkeypatch, capability, env, cublas):
     assert memory.cuda_library_workspace("cuda:0") == 2 * cublas + MiB
     monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "0")
     assert memory.cuda_library_workspace("cuda:0") == 2 * cublas
+    # another device: a ValueError naming it (it asked CUDA for its current device: "Found no NVIDIA driver")
+    with pytest.raises(ValueError, match="expected a CUDA device, got cpu"):
+        memory.cuda_library_workspace("cpu")
 
 
 @pytest.mark.cuda

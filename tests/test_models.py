@@ -626,6 +626,18 @@ def test_convert_names_what_it_cannot_convert() -> None:
     with pytest.raises(TypeError, match=r"convert\(\): the source's 'features.denseblock1.denselayer2' \(Identity\) "
                        r"has children \[\], where a DenseNet has \['conv1', 'conv2', 'norm1'"):
         effdense.convert(tv)
+    # what convert reads to build the copy: before, AttributeError ('Conv2d' object has no attribute 'conv1') or an
+    # empty StopIteration
+    for path, module, said in [
+        ("features.denseblock1.denselayer1", nn.Conv2d(3, 3, 1), r"denselayer1' \(Conv2d\) is not a dense layer"),
+        ("features.denseblock1", nn.Identity(), r"denseblock1' \(Identity\) holds no dense layers"),
+        ("features.transition1", nn.Identity(), r"transition1' \(Identity\) is not a transition"),
+    ]:
+        tv = _small_torchvision_densenet()
+        parent, _, name = path.rpartition(".")
+        setattr(tv.get_submodule(parent), name, module)
+        with pytest.raises(TypeError, match=said):
+            effdense.convert(tv)
 
 
 @pytest.mark.parametrize(

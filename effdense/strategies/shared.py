@@ -1,6 +1,6 @@
 """Strategy ``shared``: one autograd Function per dense block over a shared feature buffer.
 
-Forward (DESIGN.md §3): the block input and every layer's ``k`` new channels are written into one buffer
+Forward: the block input and every layer's ``k`` new channels are written into one buffer
 ``F`` of shape ``(N, C0 + L*k, H, W)``; layer ``l`` reads the view ``F[:, :C_l]``. Each channel's batch
 statistics are computed once, when it is written, and every later BN1 only forms its affine from them.
 Nothing but ``F`` (plus per-channel statistics and dropout RNG states) is kept for backward.
