@@ -1041,6 +1041,14 @@ def test_empty_out_is_a_usage_error(capsys, tmp_path, monkeypatch, argv):
 def test_version(capsys):
     code, out, err = run(capsys, "--version")
     assert code == 0 and out == f"effdense {effdense.__version__}\n" and not err
+    # the version is written twice (pyproject.toml for the package metadata, effdense/__init__.py at run time)
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    try:
+        import tomllib  # (Python 3.11+)
+    except ImportError:
+        tomllib = None
+    if pyproject.is_file() and tomllib is not None:  # (a checkout or an unpacked sdist)
+        assert tomllib.loads(pyproject.read_text())["project"]["version"] == effdense.__version__
 
 
 def test_budget_takes_float_syntax(capsys, tmp_path):
