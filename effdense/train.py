@@ -39,13 +39,13 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from effdense import densenet, strategies
-from effdense.benchutil import AutocastInside, append_csv, first_line, image_size_problem, positive_int
+from effdense.benchutil import DTYPES, AutocastInside, append_csv, first_line, image_size_problem, positive_int
 from effdense.data import DATASETS, DEFAULT_IMAGE_SIZE, DataError, SeededSamples, ShardSampler, Subset, build_datasets
 
 DEFAULT_DEPTH = 22
 """Depth of the default model (DenseNet-BC, k=12): ``densenet_bc_22``."""
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = DTYPES  # --precision: the autocast dtypes of the benchmarks' --dtype (None: plain fp32)
 CHECKPOINT_VERSION = 1
 
 DEFAULTS: dict[str, Any] = {"momentum": 0.9, "lr_milestones": "0.5,0.75", "lr_gamma": 0.1, "log_interval": 10}

@@ -592,7 +592,7 @@ _CHOSEN: dict[tuple, dict] = {}
 # released, so two threads launching the same kernel at once (nn.DataParallel's replicas, in their first
 # step) could time with each other's arguments, zero each other's sums (``reset_to_zero``) or read the
 # other's choice. Once a key is chosen its launches skip the Autotuner, and the lock.
-_TUNING = threading.Lock()
+_TUNING_LOCK = threading.Lock()
 
 # Autotuning times every configuration of a GEMM kernel for each new key (the first fused DenseNet-121 b64
 # bf16 step on a fresh H200 spent 77 s in it, benchmarks/results/gpu-nvidia-h200/2026-11-26_c2e934d/). Off,
@@ -640,7 +640,7 @@ def _launch_tuned(tuned, grid, args: tuple, key: tuple, **constexprs) -> None:
     its tensor arguments). A Triton without ``best_config`` launches through the Autotuner every time."""
     chosen = _CHOSEN.get(key)
     if chosen is None:
-        with _TUNING:
+        with _TUNING_LOCK:
             chosen = _CHOSEN.get(key)  # (another thread may have tuned it while this one waited)
             if chosen is None:
                 tuned[grid](*args, **constexprs)

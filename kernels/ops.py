@@ -13,8 +13,9 @@ The kernels offset samples in 64 bits but channels and rows in 32 bits: a tensor
 2**31 values per channel, or whose channel stride spans that much (a channel-major view), runs on the twin
 under ``"auto"`` and is refused by ``"triton"`` (:func:`._checks.int32_span_error`).
 
-The ops take arguments the functions below have checked and allocated, and check nothing themselves (on a
-GPU a wrong size is an out-of-bounds write): call the functions. The checks that need storage (an output
+The ops take arguments the functions below have checked and allocated, and check nothing of them (only that
+the kernels can run: on a GPU a wrong size is an out-of-bounds write): call the functions. In plain eager
+execution the functions launch directly, without the op (its dispatch costs host time; see ``_plain_eager``). The checks that need storage (an output
 overlapping an input, :func:`._checks.check_disjoint`) run in eager execution only: traced tensors under
 ``torch.compile`` have none.
 
@@ -564,7 +565,8 @@ def _accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Differentiable functional op: relu(scale*x + shift) -> conv1x1 (transition layers, standalone use)
+# Differentiable functional op: relu(scale*x + shift) -> conv1x1, for standalone use (the strategies call the
+# functions above from their own autograd Function)
 
 
 @torch.library.custom_op("effdense::bn_relu_conv1x1", mutates_args=())
@@ -659,8 +661,10 @@ def bn_relu_conv1x1(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, w
 
 
 def _autocasting(x: torch.Tensor) -> bool:
-    """Whether autocast is on for ``x``'s device type (a floating-point x)."""
-    return x.is_floating_point() and torch.is_autocast_enabled(x.device.type)
+    """Whether autocast is on for ``x``'s device type (a floating-point x; none for ``meta``, which has no
+    autocast: asking raised "unknown device type for autocast")."""
+    dev = x.device.type
+    return x.is_floating_point() and torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
 
 
 def _check_autodiff(*inputs: torch.Tensor) -> None:

@@ -95,7 +95,10 @@ def check_strategy(name: str) -> str:
 
 
 def fused_supported(x: torch.Tensor) -> bool:
-    """Whether the ``fused`` strategy runs its Triton kernels for this input."""
+    """Whether ``"auto"`` picks ``fused`` for this input: a CUDA tensor, with the Triton kernels available there.
+    (Under ``TRITON_INTERPRET=1`` an explicit ``fused`` runs the kernels on CPU too, but ``"auto"`` does not
+    pick the interpreter. Per call, :mod:`effdense.kernels` may still run a PyTorch twin: float64, vmap, or
+    tensors past the kernels' 32-bit offsets.)"""
     if "fused" not in _runners() or not x.is_cuda:
         return False
     from effdense.strategies import fused
