@@ -11,8 +11,10 @@ from the start of the forward pass to the end of the backward pass of one step. 
 Each *storage* is counted once, by its ``nbytes``: views, in-place results and ``.grad`` tensors that
 autograd steals from the incoming gradient add nothing. Not counted: what an optimizer step would add
 (momentum, Adam state), memory an operator allocates internally without returning it as a tensor (oneDNN
-or cuDNN workspaces on CPU tracking; on CUDA the caching allocator sees those), and allocator rounding
-and fragmentation. Such a temporary can sit at the step's peak moment: ATen's CPU BatchNorm backward
+or cuDNN workspaces on CPU tracking; on CUDA the caching allocator sees those), tensors made in C++
+without an operator (``torch.get_rng_state()``, 5 KB each, which ``torch.utils.checkpoint`` saves per
+checkpoint with ``preserve_rng_state=True``, as torchvision's ``memory_efficient=True`` does: at most 58 x 5 KB for
+DenseNet-121; ``torch.tensor(list)``), and allocator rounding and fragmentation. Such a temporary can sit at the step's peak moment: ATen's CPU BatchNorm backward
 allocates one the size of its input inside the operator, and the ``shared``/``fused`` peak falls inside a
 BatchNorm backward, so on CPU the allocator itself reaches more than the tracked peak there (for ``naive``,
 whose peak falls elsewhere, the two agree closely). The tracked number is the live-tensor memory that the

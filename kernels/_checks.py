@@ -7,6 +7,7 @@ Every entry point reads activations as ``(N, C, H, W)`` tensors whose spatial pl
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import torch
@@ -292,3 +293,81 @@ def check_disjoint(name: str, t: torch.Tensor, **read: torch.Tensor) -> None:
             f"that overlaps it (shapes {tuple(t.shape)} and {tuple(o.shape)}, storage offsets {t.storage_offset()} "
             f"and {o.storage_offset()}); pass a separate buffer"
         )
+
+
+# Whole-argument checks of each entry point, shared by the Triton wrappers (ops.py) and their twins
+# (reference.py): one contract, one place.
+
+
+def check_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> None:
+    """``x`` an activation, ``scale``/``shift`` its per-channel affine in :func:`stats_dtype`."""
+    check_activation("x", x)
+    acc = stats_dtype(x.dtype)
+    check_vector("scale", scale, x.shape[1], x.device, acc)
+    check_vector("shift", shift, x.shape[1], x.device, acc)
+
+
+def check_chunk(chunk: int | None) -> None:
+    """A channel-chunk width: None, or a positive int (a bool or float is a ``TypeError``, ``< 1`` a ``ValueError``)."""
+    if chunk is None:
+        return
+    if isinstance(chunk, bool) or not isinstance(chunk, int):
+        raise TypeError(f"chunk: expected a positive int or None, got {type(chunk).__name__} {chunk!r}")
+    if chunk < 1:
+        raise ValueError(f"chunk: expected a positive int or None, got {chunk!r}")
+
+
+def channel_chunks(channels: int, width: int | None) -> list[tuple[int, int]]:
+    """Split ``channels`` into near-equal ``(start, stop)`` ranges of at most ``width`` (None: one range)."""
+    if width is None or width >= channels:
+        return [(0, channels)]
+    n = math.ceil(channels / max(1, width))
+    step = math.ceil(channels / n)
+    return [(c0, min(c0 + step, channels)) for c0 in range(0, channels, step)]
+
+
+def check_forward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
+                  chunk: int | None, stats: bool) -> None:  # fmt: skip
+    """The arguments of ``bottleneck_forward``."""
+    check_affine(x, scale, shift)
+    check_weight(weight, x)
+    check_chunk(chunk)
+    check_flag("stats", stats)
+
+
+def check_backward_weight(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dy: torch.Tensor) -> None:
+    """The arguments of ``bottleneck_backward_weight``."""
+    check_affine(x, scale, shift)
+    check_activation("dy", dy, like=x)
+
+
+def check_backward_input(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
+                         dy: torch.Tensor, mean: torch.Tensor, out: torch.Tensor | None) -> None:  # fmt: skip
+    """The arguments of ``bottleneck_backward_input``."""
+    check_affine(x, scale, shift)
+    check_weight(weight, x)
+    C = x.shape[1]
+    check_dy(dy, x, weight.shape[0])
+    check_vector("mean", mean, C, x.device, stats_dtype(x.dtype))
+    if out is not None:
+        check_activation("out", out, like=x, channels=C)
+        check_written("out", out)
+        check_disjoint("out", out, x=x, dy=dy)
+        check_apart_from_vectors("out", out, mean=mean, scale=scale, shift=shift)
+
+
+def check_backward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,
+                   dy: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor, gamma: torch.Tensor,
+                   grad: torch.Tensor, chunk: int | None, batch_stats: bool) -> None:  # fmt: skip
+    """The arguments of ``bottleneck_backward`` (which, with several chunks, also refuses a ``grad``
+    overlapping ``dy``: see there)."""
+    check_affine(x, scale, shift)
+    check_weight(weight, x)
+    C = x.shape[1]
+    check_dy(dy, x, weight.shape[0])
+    check_activation("grad", grad, like=x, channels=C)
+    check_written("grad", grad)
+    check_in_place("grad", grad, x=x)
+    check_vectors(C, x.device, stats_dtype(x.dtype), mean=mean, invstd=invstd, gamma=gamma)
+    check_chunk(chunk)
+    check_flag("batch_stats", batch_stats)

@@ -412,11 +412,7 @@ def bottleneck_forward(
     """
     if not _use_triton(x, backend, scale, shift, weight):
         return reference.bottleneck_forward(x, scale, shift, weight, stats=stats, chunk=chunk)
-    reference._check_affine(x, scale, shift)
-    _checks.check_weight(weight, x)
-    if chunk is not None:  # unused here, but as wrong as on the twin
-        reference.check_chunk(chunk)
-    _checks.check_flag("stats", stats)
+    _checks.check_forward(x, scale, shift, weight, chunk, stats)  # (chunk: unused here, but as wrong as on the twin)
     N, C, H, W = x.shape
     B = weight.shape[0]
     y = torch.empty((N, B, H, W), dtype=x.dtype, device=x.device)
@@ -451,8 +447,7 @@ def bottleneck_backward_weight(
     """
     if not _use_triton(x, backend, scale, shift, dy):
         return reference.bottleneck_backward_weight(x, scale, shift, dy)
-    reference._check_affine(x, scale, shift)
-    _checks.check_activation("dy", dy, like=x)
+    _checks.check_backward_weight(x, scale, shift, dy)
     return _weight_grad(x, scale, shift, dy)
 
 
@@ -492,18 +487,10 @@ def bottleneck_backward_input(
     """
     if not _use_triton(x, backend, scale, shift, weight, dy, mean, out):
         return reference.bottleneck_backward_input(x, scale, shift, weight, dy, mean, out)
-    reference._check_affine(x, scale, shift)
-    _checks.check_weight(weight, x)
+    _checks.check_backward_input(x, scale, shift, weight, dy, mean, out)
     N, C, H, W = x.shape
-    _checks.check_dy(dy, x, weight.shape[0])
-    _checks.check_vector("mean", mean, C, x.device)
     if out is None:
         out = torch.empty((N, C, H, W), dtype=x.dtype, device=x.device)
-    else:
-        _checks.check_activation("out", out, like=x, channels=C)
-        _checks.check_written("out", out)
-        _checks.check_disjoint("out", out, x=x, dy=dy)
-        _checks.check_apart_from_vectors("out", out, mean=mean, scale=scale, shift=shift)
     sum_dh, sum_dh_xmu = _zero_pair(C, x)
     _input_grad(x, scale, shift, weight, dy, mean, out, sum_dh, sum_dh_xmu)
     return out, sum_dh, sum_dh_xmu
@@ -653,7 +640,7 @@ def bn_relu_conv1x1(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, w
         dtype = torch.get_autocast_dtype(x.device.type)
         if x.dtype != torch.float64 and (x.dtype != dtype or weight.dtype != dtype):
             x, weight = x.to(dtype), weight.to(dtype)
-    reference._check_affine(x, scale, shift)
+    _checks.check_affine(x, scale, shift)
     _checks.check_weight(weight, x)
     if _forward_ad._current_level >= 0 or _functorch_active():  # (two flag reads on the common path)
         _check_autodiff(x, scale, shift, weight)
@@ -749,21 +736,13 @@ def bottleneck_backward(
         return reference.bottleneck_backward(
             x, scale, shift, weight, dy, mean, invstd, gamma, grad, batch_stats=batch_stats, chunk=chunk
         )
-    reference._check_affine(x, scale, shift)
-    _checks.check_weight(weight, x)
+    _checks.check_backward(x, scale, shift, weight, dy, mean, invstd, gamma, grad, chunk, batch_stats)
     N, C, H, W = x.shape
-    _checks.check_dy(dy, x, weight.shape[0])
-    _checks.check_activation("grad", grad, like=x, channels=C)
-    _checks.check_written("grad", grad)
-    _checks.check_in_place("grad", grad, x=x)
-    _checks.check_vectors(C, x.device, torch.float32, mean=mean, invstd=invstd, gamma=gamma)
-    reference.check_chunk(chunk)
-    _checks.check_flag("batch_stats", batch_stats)
     dw = _weight_grad(x, scale, shift, dy)
     if not (x.numel() and dy.numel()):  # N, C, H, W or B = 0: nothing to add into grad, zero sums
         return (dw, *_zero_pair(C, x))
     sum_dh, sum_dh_xmu = _zero_pair(C, x)
-    chunks = reference.channel_chunks(C, chunk)
+    chunks = _checks.channel_chunks(C, chunk)
     if len(chunks) > 1:  # a later chunk reads all of dy after an earlier one has added into grad
         _checks.check_disjoint("grad", grad, dy=dy)
     scratch = torch.empty((N, chunks[0][1] - chunks[0][0], H, W), dtype=x.dtype, device=x.device)  # widest first

@@ -17,7 +17,6 @@ Differentiable use goes through :func:`effdense.kernels.bn_relu_conv1x1`.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable, TypeVar
 
 import torch
@@ -86,11 +85,10 @@ def _relu_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> t
     return _affine(x, scale, shift).relu_()
 
 
-def _check_affine(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> None:
-    _checks.check_activation("x", x)
-    acc = _checks.stats_dtype(x.dtype)
-    _checks.check_vector("scale", scale, x.shape[1], x.device, acc)
-    _checks.check_vector("shift", shift, x.shape[1], x.device, acc)
+# (the argument checks shared with the Triton wrappers live in _checks; these names are kept for callers)
+_check_affine = _checks.check_affine
+check_chunk = _checks.check_chunk
+channel_chunks = _checks.channel_chunks
 
 
 @_no_grad
@@ -137,25 +135,6 @@ def _two_pass_stats(x: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, to
     return torch.cat([m for m, _ in parts]), torch.cat([v for _, v in parts])
 
 
-def check_chunk(chunk: int | None) -> None:
-    """A channel-chunk width: None, or a positive int (a bool or float is a ``TypeError``, ``< 1`` a ``ValueError``)."""
-    if chunk is None:
-        return
-    if isinstance(chunk, bool) or not isinstance(chunk, int):
-        raise TypeError(f"chunk: expected a positive int or None, got {type(chunk).__name__} {chunk!r}")
-    if chunk < 1:
-        raise ValueError(f"chunk: expected a positive int or None, got {chunk!r}")
-
-
-def channel_chunks(channels: int, width: int | None) -> list[tuple[int, int]]:
-    """Split ``channels`` into near-equal ``(start, stop)`` ranges of at most ``width`` (None: one range)."""
-    if width is None or width >= channels:
-        return [(0, channels)]
-    n = math.ceil(channels / max(1, width))
-    step = math.ceil(channels / n)
-    return [(c0, min(c0 + step, channels)) for c0 in range(0, channels, step)]
-
-
 @_no_grad
 def bottleneck_forward(
     x: torch.Tensor,
@@ -176,10 +155,7 @@ def bottleneck_forward(
     fp32 but returns its product in x.dtype, as PyTorch's GEMMs in that dtype do, so a chunked ``y`` carries
     one rounding per chunk where an unchunked one (and the Triton kernel's) carries one in all. On CPU,
     chunks of about the output width are also faster than one wide ``h``, which falls out of cache."""
-    _check_affine(x, scale, shift)
-    _checks.check_weight(weight, x)
-    check_chunk(chunk)
-    _checks.check_flag("stats", stats)
+    _checks.check_forward(x, scale, shift, weight, chunk, stats)
     N, C, H, W = x.shape
     B = weight.shape[0]
     acc = _checks.stats_dtype(x.dtype)
@@ -213,8 +189,7 @@ def bottleneck_backward_weight(
     x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, dy: torch.Tensor
 ) -> torch.Tensor:
     """``dW = Σ_n dy[n] · h[n]^T`` as fp32 ``(B, C)``, with ``h`` recomputed (rounded to x.dtype) from ``x``."""
-    _check_affine(x, scale, shift)
-    _checks.check_activation("dy", dy, like=x)
+    _checks.check_backward_weight(x, scale, shift, dy)
     N, C, H, W = x.shape
     B = dy.shape[1]
     acc = _checks.stats_dtype(x.dtype)
@@ -249,18 +224,10 @@ def bottleneck_backward_input(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``dh = (weight^T · dy) * [scale*x + shift > 0]`` into ``out`` (x.dtype), with fp32 ``Σdh`` and ``Σdh·(x-mean)``.
     The mask is ReLU's backward in PyTorch (``threshold_backward``): a NaN pre-activation passes its gradient."""
-    _check_affine(x, scale, shift)
-    _checks.check_weight(weight, x)
+    _checks.check_backward_input(x, scale, shift, weight, dy, mean, out)
     N, C, H, W = x.shape
     B = weight.shape[0]
-    _checks.check_dy(dy, x, B)
     acc = _checks.stats_dtype(x.dtype)
-    _checks.check_vector("mean", mean, C, x.device, acc)
-    if out is not None:
-        _checks.check_activation("out", out, like=x, channels=C)
-        _checks.check_written("out", out)
-        _checks.check_disjoint("out", out, x=x, dy=dy)
-        _checks.check_apart_from_vectors("out", out, mean=mean, scale=scale, shift=shift)
     g = _wmm(weight.contiguous().t(), dy.reshape(N, B, H * W)).view(N, C, H, W)
     # ReLU's backward, PyTorch's own: zero where the (fp32) pre-activation is <= 0, g elsewhere (a NaN
     # pre-activation passes g, and a NaN in g stays out of the masked positions), written into out
@@ -336,18 +303,10 @@ def bottleneck_backward(
     fp32/fp64 with batch statistics it runs in fewer passes: ``h`` is formed once for both GEMMs, the ReLU
     mask is one ``threshold_backward``, and BatchNorm's backward is ATen's own kernel (on a contiguous copy
     of the ``x`` slice: its strided path is several times slower on CPU)."""
-    _check_affine(x, scale, shift)
-    _checks.check_weight(weight, x)
+    _checks.check_backward(x, scale, shift, weight, dy, mean, invstd, gamma, grad, chunk, batch_stats)
     N, C, H, W = x.shape
     B = weight.shape[0]
-    _checks.check_dy(dy, x, B)
-    _checks.check_activation("grad", grad, like=x, channels=C)
-    _checks.check_written("grad", grad)
-    _checks.check_in_place("grad", grad, x=x)
     acc = _checks.stats_dtype(x.dtype)
-    _checks.check_vectors(C, x.device, acc, mean=mean, invstd=invstd, gamma=gamma)
-    check_chunk(chunk)
-    _checks.check_flag("batch_stats", batch_stats)
     chunks = channel_chunks(C, chunk)
     if len(chunks) > 1:
         _checks.check_disjoint("grad", grad, dy=dy)  # a later chunk reads all of dy after grad was updated

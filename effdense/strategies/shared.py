@@ -549,7 +549,7 @@ def _bottleneck_backward(
         return dw, dgamma, dbeta
     # (imported here, not at import: effdense.kernels imports triton; nor above: an import statement costs
     # host time on each of the ~60 calls per step)
-    from effdense.kernels.reference import channel_chunks
+    from effdense.kernels._checks import channel_chunks
 
     parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (dW, dgamma, dbeta) per chunk
     for c0, c1 in channel_chunks(x.shape[1], stage.chunk_width):
