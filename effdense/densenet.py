@@ -604,7 +604,9 @@ def _verify_weights_enum(arch: str, weights: Any) -> Any:
             try:
                 import torchvision  # noqa: F401
             except ImportError:
-                why = "torchvision is not installed (pip install torchvision), and its weights enums give names"
+                has_enum = arch in ("densenet121", "densenet161", "densenet169", "densenet201")  # (torchvision's)
+                why = (f"torchvision, which has {arch}'s weights enum, is not installed (pip install torchvision); the "
+                       "enums give names" if has_enum else f"{arch} has no torchvision weights enum, which gives names")
             else:
                 why = f"{arch} has no torchvision weights enum, which gives names"
             raise FileNotFoundError(

@@ -96,9 +96,11 @@ def _transformed(tensors: tuple) -> bool:
     return False
 
 
-def _use_triton(x: torch.Tensor, backend: str, *others: Any) -> bool:
+def _use_triton(x: torch.Tensor, backend: str, *others: Any, spans: tuple = ()) -> bool:
     """Whether a public op runs its Triton kernels; ``others``: its other tensor arguments (for the
-    ``torch.func`` check)."""
+    ``torch.func`` check); ``spans``: those of them the kernels index beyond per-channel vectors (activations,
+    gradients, the weight), for the 32-bit offset check with ``x`` (:func:`._checks.int32_span_error`; the
+    vectors are left out of it: each argument costs host time on every call)."""
     if backend == "reference":
         return False
     if backend == "auto":
@@ -108,7 +110,7 @@ def _use_triton(x: torch.Tensor, backend: str, *others: Any) -> bool:
                 x.dtype in _checks.KERNEL_DTYPES
                 and kernels_available(x.device)
                 and not _transformed((x, *others))
-                and _checks.int32_span_error((x, *others)) is None
+                and _checks.int32_span_error((x, *spans)) is None
             )
         except AttributeError:  # not a tensor (None, a list, a number): the twin's check names it
             return False
@@ -128,7 +130,7 @@ def _use_triton(x: torch.Tensor, backend: str, *others: Any) -> bool:
                 "backend='triton': the kernel ops do not run under torch.func transforms (vmap, grad); "
                 "backend='auto' runs the PyTorch twins there"
             )
-        span = _checks.int32_span_error((x, *others))
+        span = _checks.int32_span_error((x, *spans))
         if span is not None:
             raise ValueError(f"backend='triton': {span}, or use backend='auto', which runs the PyTorch twin for it")
         return True
@@ -358,7 +360,7 @@ def channel_stats(
         ``(mean, var)`` (``out`` itself when given), fp32 ``[C]`` each, computed with shifted tile sums
         merged by Chan's formula; NaN when ``x`` has no values per channel (``N*H*W == 0``), as ``torch.var_mean``.
     """
-    if not _use_triton(x, backend, out):
+    if not _use_triton(x, backend, out):  # (out: two vectors; x alone is indexed)
         return reference.channel_stats(x, out=out)
     _checks.check_activation("x", x)
     C = x.shape[1]
@@ -410,7 +412,7 @@ def bottleneck_forward(
         and forms ``E[d²] - E[d]²``: centred on a sample of each channel, the variance keeps its digits where
         the plain ``E[y²] - E[y]²`` cancels (a channel's mean large against its spread).
     """
-    if not _use_triton(x, backend, scale, shift, weight):
+    if not _use_triton(x, backend, scale, shift, weight, spans=(weight,)):
         return reference.bottleneck_forward(x, scale, shift, weight, stats=stats, chunk=chunk)
     _checks.check_forward(x, scale, shift, weight, chunk, stats)  # (chunk: unused here, but as wrong as on the twin)
     N, C, H, W = x.shape
@@ -445,7 +447,7 @@ def bottleneck_backward_weight(
     Returns:
         fp32 ``(B, C)`` (fp32 accumulation; view it as the conv weight ``(B, C, 1, 1)`` and cast as needed).
     """
-    if not _use_triton(x, backend, scale, shift, dy):
+    if not _use_triton(x, backend, scale, shift, dy, spans=(dy,)):
         return reference.bottleneck_backward_weight(x, scale, shift, dy)
     _checks.check_backward_weight(x, scale, shift, dy)
     return _weight_grad(x, scale, shift, dy)
@@ -485,7 +487,7 @@ def bottleneck_backward_input(
         ``(dh, sum_dh, sum_dh_xmu)``: ``dh = (weight^T · dy) * [scale*x + shift > 0]`` (``out`` itself when
         given), and fp32 ``[C]`` ``Σ dh`` and ``Σ dh*(x - mean)`` over (N, H, W), of ``dh`` as stored.
     """
-    if not _use_triton(x, backend, scale, shift, weight, dy, mean, out):
+    if not _use_triton(x, backend, scale, shift, weight, dy, mean, out, spans=(weight, dy, out)):
         return reference.bottleneck_backward_input(x, scale, shift, weight, dy, mean, out)
     _checks.check_backward_input(x, scale, shift, weight, dy, mean, out)
     N, C, H, W = x.shape
@@ -531,7 +533,7 @@ def bn_backward_accumulate(
             ``x`` does not reach ``grad``, as in PyTorch's eval-mode BatchNorm backward.
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
     """
-    if not _use_triton(x, backend, grad, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu):
+    if not _use_triton(x, backend, grad, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu, spans=(grad, dh)):
         return reference.bn_backward_accumulate(
             grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu, batch_stats=batch_stats
         )
@@ -732,7 +734,7 @@ def bottleneck_backward(
     Returns:
         ``(dW, dgamma, dbeta)``: fp32 ``(B, C)``, and fp32 ``[C]`` ``Σ dh*(x - mean)*invstd`` and ``Σ dh``.
     """
-    if not _use_triton(x, backend, scale, shift, weight, dy, mean, invstd, gamma, grad):
+    if not _use_triton(x, backend, scale, shift, weight, dy, mean, invstd, gamma, grad, spans=(weight, dy, grad)):
         return reference.bottleneck_backward(
             x, scale, shift, weight, dy, mean, invstd, gamma, grad, batch_stats=batch_stats, chunk=chunk
         )

@@ -814,17 +814,22 @@ def _layer_backward(
     return [_cast(dgamma1, _weight(bn1).dtype), _cast(dbeta1, _bias(bn1).dtype), _cast(dw, _weight(conv1).dtype)]
 
 
+def _count_device(group: Any, device: torch.device) -> torch.device:
+    """Where a stage whose input is on ``device`` all-reduces its batch count over ``group``: NCCL reduces CUDA
+    tensors only, on the input's GPU (as nn.SyncBatchNorm: a rank that never called torch.cuda.set_device has
+    cuda:0 current, and every rank reducing there is NCCL's duplicate-GPU error); gloo takes CPU ones."""
+    import torch.distributed as dist
+
+    if dist.get_backend(group) != "nccl":
+        return torch.device("cpu")
+    return device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
+
+
 def _sync_count(stage: _Stage, local: int, device: torch.device) -> int:
     """The global batch count of a stage whose input (on ``device``) holds ``local`` values per channel."""
     import torch.distributed as dist
 
-    # NCCL reduces CUDA tensors only (on the input's GPU, as nn.SyncBatchNorm: a rank that never called
-    # torch.cuda.set_device has cuda:0 current, and every rank reducing there is NCCL's duplicate-GPU error);
-    # gloo takes CPU ones
-    if dist.get_backend(stage.sync_group) != "nccl":
-        device = torch.device("cpu")
-    elif device.type != "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())
+    device = _count_device(stage.sync_group, device)
     t = torch.tensor([float(local)], device=device)
     dist.all_reduce(t, group=stage.sync_group)
     return int(round(float(t)))
@@ -1330,7 +1335,8 @@ def _computes_as_module(m: Any, kind: Any) -> bool:
         return False
     if kind is _BN:
         # (a parametrized weight or bias is read several times per step here, once by naive: one with state,
-        # or random, would give other values, so only the stateless ones are computed; before the tensors are read)
+        # or random, would give other values, so only those known stateless (weight norm) are computed; checked
+        # before the tensors are read)
         return (
             computes_as_batchnorm(m)
             and _checkpoint.stateless_parametrizations(m)
@@ -1388,8 +1394,8 @@ def _warn_custom_modules(odd: list[str], where: str = "") -> None:
     names = ", ".join(odd[:3]) + (", ..." if len(odd) > 3 else "")
     warn_runs_as_naive(
         "'shared'/'fused'",
-        f"its modules {names} are not what those strategies compute (affine BatchNorm, its parametrizations "
-        "if any stateless, ReLU, bias-free Conv2d of torchvision's geometry, 2x2 average pool, and the layers' and transition's own forwards); naive calls the "
+        f"its modules {names} are not what those strategies compute (affine BatchNorm, parametrized by "
+        "weight norm at most, ReLU, bias-free Conv2d of torchvision's geometry, 2x2 average pool, and the layers' and transition's own forwards); naive calls the "
         "modules themselves",
         stacklevel=3,
         where=where,
