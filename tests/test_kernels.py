@@ -1404,6 +1404,12 @@ def test_tensors_past_32_bit_offsets_take_the_twins(case, monkeypatch):
         K.bottleneck_backward_input(small, scale[:3], shift[:3], w[:, :3], dy, scale[:3], _wide_view(1, 3, 2, 2, 2**30),
                                     backend="triton")  # fmt: skip
     assert _checks_span(small) is None
+    # an output the op allocates: y has the weight's B channels of H*W values (x, one channel, fits)
+    x1 = torch.empty(1, 1, 2**15, 2**15, device="meta")
+    one = torch.ones(1, device="meta")
+    with pytest.raises(ValueError, match=r"weight of shape \(4, 1\) gives outputs spanning 4294967296"):
+        K.bottleneck_forward(x1, one, one, torch.ones(4, 1, device="meta"), backend="triton")
+    assert _checks_span(x1) is None
 
 
 def _checks_span(t):
