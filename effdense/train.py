@@ -1073,7 +1073,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
     epoch_losses: list[torch.Tensor] = []  # this epoch's, turned into floats at its end (no per-step sync)
     interrupted = False
     epoch, step = start_epoch, start_step
-    in_update = False
+    in_step = False  # from the step's forward to the end of its optimiser update
     progress_tensors: Any = None  # (loss_sum, correct, seen, seconds) after the last completed step
     last_saved = None
     flag = _InterruptFlag(announce=ctx.is_main and not args.quiet)
@@ -1107,16 +1107,16 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
                     if args.channels_last:
                         x = x.contiguous(memory_format=torch.channels_last)
                     y = y.to(device, non_blocking=True)
+                    in_step = True
                     with step_autocast():
                         logits = train_model(x)
                         loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
                     optimizer.zero_grad(set_to_none=True)
                     scaler.scale(loss).backward()
-                    in_update = True
                     scaler.step(optimizer)
                     scaler.update()
                     scheduler.step()
-                    in_update = False
+                    in_step = False
                     step += 1
                     global_step += 1
                     loss_d = loss.detach()
@@ -1211,14 +1211,17 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
         step_losses.extend(float(v) for v in epoch_losses)
         if isinstance(exc, KeyboardInterrupt) and ctx.enabled:
             # only this rank was interrupted: the others are not at a collective, so save without one
-            if ctx.is_main and not in_update:
+            if ctx.is_main and not in_step:
                 save_checkpoint(ckpt_path, checkpoint_state(epoch, step, collective=False))
                 last_saved = ckpt_path
                 say(f"interrupted: checkpoint saved to {ckpt_path}; continue with --resume {ckpt_path}")
-        elif in_update:
-            # a raw KeyboardInterrupt inside the optimiser update (no signal handler, e.g. not the main
-            # thread): the parameters are half-updated, so no consistent state exists to save
-            say("interrupted inside the optimiser update; no checkpoint saved")
+        elif in_step:
+            # a raw KeyboardInterrupt inside a step (a second Ctrl-C, or no signal handler: not the main thread):
+            # its forward has already moved the BatchNorm statistics and the random generator (dropout), its
+            # update may have half-changed the parameters: no state of a step boundary exists to save (saved,
+            # it resumed into another run than the uninterrupted one)
+            kept = f"; the last one is {last_saved}" if last_saved else ""
+            say(f"interrupted inside a training step: no checkpoint saved{kept}")
         else:
             save(epoch, step)
             last_saved = ckpt_path

@@ -137,6 +137,31 @@ def test_keyboard_interrupt_exception_saves_a_checkpoint_that_resumes(tmp_path):
     _assert_same_state(_state(resumed["model"]), _state(straight["model"]))
 
 
+def test_keyboard_interrupt_inside_a_step_saves_no_checkpoint(tmp_path, monkeypatch):
+    """A raw KeyboardInterrupt in a step's forward (a second Ctrl-C, which the handler calls "stop at once,
+    without a checkpoint"): a checkpoint was saved anyway, holding that step's BatchNorm updates and dropout
+    draws under the previous step's count, and resuming from it gave another run (num_batches_tracked one
+    ahead, losses off by 2e-2). Mid-step there is no step boundary to save: the last checkpoint stands."""
+    calls = {"n": 0}
+    loss_fn = T.F.cross_entropy
+
+    def cross_entropy(logits, *args, **kwargs):  # (inside the step: after its forward, before its backward)
+        calls["n"] += logits.requires_grad  # (training steps only, not the evaluations)
+        if logits.requires_grad and calls["n"] == 7:  # epoch 2, step 3 (TINY: 4 steps per epoch)
+            raise KeyboardInterrupt
+        return loss_fn(logits, *args, **kwargs)
+
+    monkeypatch.setattr(T.F, "cross_entropy", cross_entropy)
+    first = T.train(_args(tmp_path, "--epochs", 2, "--drop-rate", "0.2"))
+    assert first["interrupted"] and first["checkpoint"] == str(tmp_path / "checkpoint.pt")  # epoch 1's
+    state = T.load_checkpoint(first["checkpoint"])
+    assert (state["epoch"], state["step"]) == (1, 0)
+    monkeypatch.setattr(T.F, "cross_entropy", loss_fn)
+    resumed = T.train(_args(tmp_path, "--epochs", 2, "--drop-rate", "0.2", "--resume", first["checkpoint"]))
+    straight = T.train(_args(tmp_path / "ref", "--epochs", 2, "--drop-rate", "0.2"))
+    _assert_same_state(_state(resumed["model"]), _state(straight["model"]))
+
+
 def test_resume_with_another_number_of_processes_rescales_the_schedule(tmp_path):
     # an end-of-epoch checkpoint of a 2-process run resumed in 1 process: its schedule counted 2 steps per epoch
     # where this run takes 4, so continued as saved the cosine lr reached 0 at epoch 3 and rose again in epoch 4
