@@ -707,13 +707,6 @@ def measure_step(
         stack.enter_context(torch.enable_grad())  # a training step, also when called under torch.no_grad()
         try:
             return _measure(model, input_shape_or_tensor, device, autocast_dtype, channels_last, loss, warmup, keep_grads, tracked)
-        except BaseException:
-            # a step that failed in backward (out of memory, say, under a batch-size search) left the gradients of
-            # half a backward: gone, as a finished step's are (a training loop that steps before zero_grad would
-            # fold them into its first update)
-            if isinstance(model, nn.Module):
-                model.zero_grad(set_to_none=True)
-            raise
         finally:  # the step ran in training mode; the caller's train/eval flags come back
             for m, training in modes:
                 m.training = training
@@ -739,6 +732,17 @@ def _cuda_devices(model: nn.Module, device: Any) -> list[int]:
 
 def _measure(model, input_shape_or_tensor, device, autocast_dtype, channels_last, loss, warmup, keep_grads, tracked) -> StepMemory:
     model, x = _prepare(model, input_shape_or_tensor, device, channels_last)
+    try:
+        return _measure_steps(model, x, autocast_dtype, loss, warmup, keep_grads, tracked)
+    except BaseException:
+        # a step that failed in backward (out of memory, say, under a batch-size search) left the gradients of
+        # half a backward: gone, as a finished step's are (a training loop that steps before zero_grad would
+        # fold them into its first update). (An argument refused before any step leaves the caller's alone.)
+        model.zero_grad(set_to_none=True)
+        raise
+
+
+def _measure_steps(model, x, autocast_dtype, loss, warmup, keep_grads, tracked) -> StepMemory:
     is_cuda = x.device.type == "cuda"
     fake = _is_fake(x)
     for _ in range(1 if warmup is None and is_cuda and not fake else (warmup or 0)):

@@ -1116,7 +1116,6 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
                     scaler.step(optimizer)
                     scaler.update()
                     scheduler.step()
-                    in_step = False
                     step += 1
                     global_step += 1
                     loss_d = loss.detach()
@@ -1126,6 +1125,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
                     seen += y.numel()
                     seen_window += y.numel()
                     progress_tensors = (loss_sum, correct, seen, time_before + time.perf_counter() - t_epoch)
+                    in_step = False  # (a step boundary again: parameters, count and progress all say this step)
                     if on_step is not None:
                         on_step(epoch, step, float(loss_d))
                     if bar is not None and (step % args.log_interval == 0 or step == steps_per_epoch):

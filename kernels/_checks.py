@@ -42,30 +42,35 @@ def type_name(value: object) -> str:
 INT32_SPAN = 2**31 - 2**19
 
 
-def int32_span_error(tensors: tuple) -> str | None:
+def int32_span_error(tensors: tuple, wgrad_rows: int = 0) -> str | None:
     """Why the tensors of one kernel call do not fit the kernels' 32-bit offsets, or None if they do.
     ``tensors``: the activation ``x`` first, then the call's other arguments that the kernels index (tuples
     among them, such as ``out=``, are looked into; non-tensors skipped). For each 4-D tensor: ``N*H*W``
     values per channel, its channel span ``(C-1)*|stride(1)| + H*W``, and ``C*H*W`` (an output allocated like
-    it, e.g. ``dh``); with ``x``'s ``C0`` channels, ``C*C0`` (a weight gradient's offsets); for each 2-D weight
-    ``(B, C)``: ``B*H*W`` (the output ``y``'s channel span) and ``B*C``. Runs on every call of a public op
+    it, e.g. ``dh``); for each 2-D weight ``(B, C)``: ``B*H*W`` (the output ``y``'s channel span) and ``B*C``;
+    ``wgrad_rows``: the rows ``B`` of a ``(B, C)`` weight gradient the call allocates without a weight argument
+    (``bottleneck_backward_weight``), checked as ``B*C`` with ``x``'s ``C``. Runs on every call of a public op
     (about 2.5 us for four tensors on a 2-core CPU): callers leave out the per-channel vectors."""
-    P = C0 = 0
+    if wgrad_rows and isinstance(tensors[0], torch.Tensor) and tensors[0].dim() == 4:
+        if wgrad_rows * tensors[0].shape[1] > INT32_SPAN:
+            return (
+                f"a weight gradient of shape ({wgrad_rows}, {tensors[0].shape[1]}) has more elements than the "
+                f"kernels' 32-bit offsets reach ({INT32_SPAN})"
+            )
+    P = 0
     for t in tensors:
         if t.__class__ is tuple or t.__class__ is list:
             return _span_message(tensors)  # (rare: out= pairs hold vectors; the slow path looks into them)
-        shape = getattr(t, "shape", None)
-        if shape is None:
+        if not isinstance(t, torch.Tensor):
             continue
+        shape = t.shape
         n = len(shape)
         if n == 4:
             N, C, H, W = shape
             P = H * W
             sc = t.stride()[1]
-            if (N * P > INT32_SPAN or C * P > INT32_SPAN or (C - 1) * (sc if sc >= 0 else -sc) + P > INT32_SPAN
-                    or C * C0 > INT32_SPAN):  # fmt: skip
+            if N * P > INT32_SPAN or C * P > INT32_SPAN or (C - 1) * (sc if sc >= 0 else -sc) + P > INT32_SPAN:
                 return _span_message(tensors)
-            C0 = C0 or C
         elif n == 2 and P:
             B, C = shape
             if B * P > INT32_SPAN or B * C > INT32_SPAN:
@@ -75,7 +80,7 @@ def int32_span_error(tensors: tuple) -> str | None:
 
 def _span_message(tensors: tuple) -> str | None:
     """What :func:`int32_span_error` found, said (it runs this only when something does not fit)."""
-    P = C0 = 0
+    P = 0
     for t in tensors:
         if type(t) is tuple or type(t) is list:
             inner = _span_message((tensors[0], *t))
@@ -88,13 +93,6 @@ def _span_message(tensors: tuple) -> str | None:
         if len(shape) == 4:
             N, C, H, W = shape
             P = H * W
-            if not C0:
-                C0 = C
-            elif C * C0 > INT32_SPAN:  # (dy's B against x's C: the (B, C) weight gradient's offsets)
-                return (
-                    f"tensors of {C0} and {C} channels give a weight gradient of {C * C0} elements, more than the "
-                    f"kernels' 32-bit offsets reach ({INT32_SPAN})"
-                )
             span = max(C * P, (C - 1) * abs(t.stride(1)) + P)
             if N * P > INT32_SPAN:
                 split = "; split the batch" if N > 1 else ""

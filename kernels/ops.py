@@ -96,11 +96,12 @@ def _transformed(tensors: tuple) -> bool:
     return False
 
 
-def _use_triton(x: torch.Tensor, backend: str, *others: Any, spans: tuple = ()) -> bool:
+def _use_triton(x: torch.Tensor, backend: str, *others: Any, spans: tuple = (), wgrad_rows: int = 0) -> bool:
     """Whether a public op runs its Triton kernels; ``others``: its other tensor arguments (for the
     ``torch.func`` check); ``spans``: those of them the kernels index beyond per-channel vectors (activations,
     gradients, the weight), for the 32-bit offset check with ``x`` (:func:`._checks.int32_span_error`; the
-    vectors are left out of it: each argument costs host time on every call)."""
+    vectors are left out of it: each argument costs host time on every call), and ``wgrad_rows`` the rows of a
+    weight gradient the call allocates without a weight argument."""
     if backend == "reference":
         return False
     if backend == "auto":
@@ -110,7 +111,7 @@ def _use_triton(x: torch.Tensor, backend: str, *others: Any, spans: tuple = ()) 
                 x.dtype in _checks.KERNEL_DTYPES
                 and kernels_available(x.device)
                 and not _transformed((x, *others))
-                and _checks.int32_span_error((x, *spans)) is None
+                and _checks.int32_span_error((x, *spans), wgrad_rows) is None
             )
         except AttributeError:  # not a tensor (None, a list, a number): the twin's check names it
             return False
@@ -130,7 +131,7 @@ def _use_triton(x: torch.Tensor, backend: str, *others: Any, spans: tuple = ()) 
                 "backend='triton': the kernel ops do not run under torch.func transforms (vmap, grad); "
                 "backend='auto' runs the PyTorch twins there"
             )
-        span = _checks.int32_span_error((x, *spans))
+        span = _checks.int32_span_error((x, *spans), wgrad_rows)
         if span is not None:
             raise ValueError(f"backend='triton': {span}, or use backend='auto', which runs the PyTorch twin for it")
         return True
@@ -447,7 +448,8 @@ def bottleneck_backward_weight(
     Returns:
         fp32 ``(B, C)`` (fp32 accumulation; view it as the conv weight ``(B, C, 1, 1)`` and cast as needed).
     """
-    if not _use_triton(x, backend, scale, shift, dy, spans=(dy,)):
+    rows = dy.shape[1] if isinstance(dy, torch.Tensor) and dy.dim() == 4 else 0  # (dW: (B, C))
+    if not _use_triton(x, backend, scale, shift, dy, spans=(dy,), wgrad_rows=rows):
         return reference.bottleneck_backward_weight(x, scale, shift, dy)
     _checks.check_backward_weight(x, scale, shift, dy)
     return _weight_grad(x, scale, shift, dy)

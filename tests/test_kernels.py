@@ -1410,6 +1410,18 @@ def test_tensors_past_32_bit_offsets_take_the_twins(case, monkeypatch):
     with pytest.raises(ValueError, match=r"weight of shape \(4, 1\) gives outputs spanning 4294967296"):
         K.bottleneck_forward(x1, one, one, torch.ones(4, 1, device="meta"), backend="triton")
     assert _checks_span(x1) is None
+    # what is not past them: 46341 channels (C*C was taken for a weight gradient's size), a non-tensor (its own
+    # argument error, not an AttributeError from the check)
+    C = 46341
+    xc, vc = torch.empty(1, C, 1, 1, device="meta"), torch.empty(C, device="meta")
+    K.bn_backward_accumulate(torch.empty_like(xc), xc, torch.empty_like(xc), vc, vc, vc, vc, vc, backend="triton")
+    with pytest.raises(TypeError, match="dy: expected a torch.Tensor"):
+        v3 = torch.empty(3, device="meta")
+        K.bottleneck_backward_weight(small, v3, v3, np.zeros((1, 2, 2, 2), np.float32), backend="triton")
+    with pytest.raises(ValueError, match=r"weight gradient of shape \(65536, 65536\)"):
+        big = torch.empty(1, 2**16, 1, 1, device="meta")
+        K.bottleneck_backward_weight(big, torch.empty(2**16, device="meta"), torch.empty(2**16, device="meta"), big,
+                                     backend="triton")  # fmt: skip
 
 
 def _checks_span(t):

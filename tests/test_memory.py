@@ -437,6 +437,12 @@ def test_measure_step_that_fails_in_backward_leaves_no_gradients(strategy):
         warnings.simplefilter("ignore")  # (shared: the hooked block runs as naive, with a warning)
         measure_step(model, (2, 3, 8, 8))
     assert all(p.grad is None for p in model.parameters())
+    # an argument refused before any step runs leaves the caller's gradients alone
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    with pytest.raises(ValueError, match="no elements"):
+        measure_step(model, torch.empty(0, 3, 8, 8))
+    assert all(p.grad is not None for p in model.parameters())
 
 
 def test_measure_step_leaves_grad_mode_rng_and_input_grad_alone():
