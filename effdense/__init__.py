@@ -9,6 +9,8 @@ from effdense.densenet import (
     IMAGENET_CONFIGS,
     MODELS,
     DenseNet,
+    _DenseBlock as DenseBlock,
+    _Transition as Transition,
     convert,
     densenet121,
     densenet161,
@@ -22,6 +24,7 @@ from effdense.densenet import (
     densenet_cifar,
     get_model,
     load_weights,
+    set_strategy,
 )
 from effdense.strategies import STRATEGIES, Policy, available as available_strategies
 
@@ -32,8 +35,10 @@ __all__ = [
     "IMAGENET_CONFIGS",
     "MODELS",
     "STRATEGIES",
+    "DenseBlock",
     "DenseNet",
     "Policy",
+    "Transition",
     "available_strategies",
     "convert",
     "densenet121",
@@ -48,4 +53,5 @@ __all__ = [
     "densenet_cifar",
     "get_model",
     "load_weights",
+    "set_strategy",
 ]

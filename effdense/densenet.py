@@ -98,10 +98,26 @@ def _check_policy(policy: Any, what: str = "policy") -> Policy:
 
 
 class _DenseBlock(nn.ModuleDict):
-    """``num_layers`` dense layers; output is the input concatenated with every layer's new features.
+    """``num_layers`` dense layers; output is the input concatenated with every layer's new features
+    (``num_input_features + num_layers * growth_rate`` channels). Public as ``effdense.DenseBlock``, for
+    architectures of one's own (FC-DenseNet's down and up paths, a backbone feeding an FPN): it runs on its
+    ``strategy`` wherever it sits, and :func:`effdense.set_strategy` sets that for every block of a model.
 
     The layers are children named ``denselayer1``..``denselayerL`` (torchvision's names); the block's
     ``strategy`` and ``policy`` attributes say how :mod:`effdense.strategies` runs it.
+
+    Args:
+        num_layers: dense layers in the block.
+        num_input_features: channels of the block's input.
+        bn_size: bottleneck width multiplier (each layer's 1x1 conv outputs ``bn_size * growth_rate``).
+        growth_rate: channels each layer adds (``k``).
+        drop_rate: dropout after each layer.
+        bottleneck: ``False`` gives the original layer (BN-ReLU-conv3x3 on the concatenation).
+        strategy: ``"auto"`` or one of :data:`effdense.STRATEGIES`.
+        policy: :class:`effdense.Policy` of the ``shared``/``fused`` strategies (``None``: the default).
+
+    Under ``shared``/``fused`` the output is the block's feature buffer, which backward reads: change it out of
+    place (or ``.clone()`` it first), as the README says.
     """
 
     _version = 2
@@ -188,6 +204,10 @@ strategies.register_standard_classes(_DenseLayer, _DenseBlock)
 
 
 class _Transition(nn.Sequential):
+    """BN-ReLU-conv1x1-avgpool2x2 between two dense blocks, torchvision's; public as ``effdense.Transition``.
+    Placed right after a dense block in an effdense ``DenseNet``'s ``features``, ``shared``/``fused`` run it
+    with the block (on the block's buffer, without materialising its normalised input)."""
+
     def __init__(self, num_input_features: int, num_output_features: int) -> None:
         super().__init__()
         self.norm = nn.BatchNorm2d(num_input_features)
@@ -981,6 +1001,39 @@ def get_model(name: str, **kwargs: Any) -> DenseNet:
             kwargs.setdefault("compression", 1.0)
         return densenet_cifar(depth, kwargs.pop("growth_rate"), bottleneck=bc, **kwargs)
     raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}, densenet_bc_<depth> or densenet_<depth>")
+
+
+def set_strategy(module: nn.Module, strategy: str, policy: Policy | None = None) -> nn.Module:
+    """Set how every dense block in ``module`` runs: an effdense :class:`DenseNet` (its
+    :meth:`DenseNet.set_strategy`), or any model of one's own built with :class:`effdense.DenseBlock` (a
+    Tiramisu, a backbone with heads). Returns ``module``.
+
+    Args:
+        module: an ``nn.Module`` holding dense blocks (at any depth).
+        strategy: ``"auto"`` or one of :data:`effdense.STRATEGIES`.
+        policy: new :class:`effdense.Policy` for every block; ``None`` keeps each block's own.
+    """
+    if isinstance(module, DenseNet):
+        return module.set_strategy(strategy, policy)
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"set_strategy: expected an nn.Module holding dense blocks, got {type(module).__name__}")
+    strategies.check_strategy(strategy)
+    if policy is not None:
+        _check_policy(policy)
+    blocks = [m for m in module.modules() if isinstance(m, _DenseBlock)]
+    if not blocks:
+        raise ValueError(
+            f"set_strategy: {type(module).__name__} holds no effdense dense block (effdense.DenseBlock); a "
+            "torchvision DenseNet is converted with effdense.convert(model, strategy=...)"
+        )
+    for m in module.modules():
+        if isinstance(m, DenseNet):  # (a DenseNet inside: its own strategy and policy follow too)
+            m.set_strategy(strategy, policy)
+    for block in blocks:
+        block.strategy = strategy
+        if policy is not None:
+            block.policy = policy
+    return module
 
 
 def _check_process_group(group: Any) -> None:

@@ -1467,3 +1467,54 @@ def test_convert_says_a_pruned_model_needs_prune_remove() -> None:
     x = torch.randn(2, 3, 40, 40)
     with torch.no_grad():
         torch.testing.assert_close(effdense.convert(source).eval()(x), source.eval()(x))
+
+
+class _DownUp(nn.Module):
+    """A small FC-DenseNet-like model of one's own: two dense blocks around a transition, the up path fed the
+    down block's new features as a skip."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.down = effdense.DenseBlock(num_layers=3, num_input_features=8, bn_size=2, growth_rate=4, drop_rate=0.0)
+        self.td = effdense.Transition(20, 10)
+        self.bottom = effdense.DenseBlock(2, 10, 2, 4, 0.0)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.head = nn.Conv2d(8 + 12, 5, 1)
+
+    def forward(self, x):
+        y = self.down(self.stem(x))
+        skip = y[:, 8:]  # the down block's new features
+        z = self.bottom(self.td(y))
+        return self.head(torch.cat([self.up(z[:, 10:]), skip], 1))
+
+
+@pytest.mark.parametrize("strategy", ["checkpoint", "shared", "fused"])
+def test_set_strategy_on_a_model_of_ones_own(strategy) -> None:
+    """Blocks used in an architecture of one's own: effdense.set_strategy sets every block (before there was no
+    way but a loop over private classes: set_strategy was a DenseNet method, and assigning net.strategy did
+    nothing), and the model matches naive, running stats included."""
+    torch.manual_seed(0)
+    ref = effdense.set_strategy(_DownUp().double(), "naive")
+    other = effdense.set_strategy(copy.deepcopy(ref), strategy, effdense.Policy(cache_stats=False))
+    assert [b.strategy for b in (other.down, other.bottom)] == [strategy] * 2
+    assert other.down.policy == effdense.Policy(cache_stats=False)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no block falls back to naive)
+        outs = []
+        for m in (ref, other):
+            out = m(x)
+            (out * torch.linspace(-1, 1, out.shape[1], dtype=out.dtype).view(1, -1, 1, 1)).square().sum().backward()
+            outs.append(out.detach())
+    torch.testing.assert_close(outs[1], outs[0])
+    for (name, p), q in zip(ref.named_parameters(), other.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+    for (name, a), b in zip(ref.named_buffers(), other.buffers()):
+        torch.testing.assert_close(b, a, msg=name)
+    with pytest.raises(ValueError, match="holds no effdense dense block"):
+        effdense.set_strategy(nn.Linear(2, 2), "shared")
+    with pytest.raises(ValueError, match="unknown strategy"):
+        effdense.set_strategy(other, "bogus")
+    model = effdense.densenet_cifar(16, 4)
+    assert effdense.set_strategy(model, strategy) is model and model.strategy == strategy

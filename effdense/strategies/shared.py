@@ -963,7 +963,7 @@ def _output_modified_error(stage: _Stage) -> RuntimeError:
         "input through, such as a transition whose norm is nn.Identity), or a forward hook that edits the output. "
         "With strategy 'shared' and 'fused' that tensor is the block's feature buffer, which backward needs; apply "
         "the op out of place, .clone() the output first, or use strategy 'checkpoint' or 'naive' "
-        "(model.set_strategy(...))"
+        "(model.set_strategy(...), or effdense.set_strategy(model, ...) for a model of one's own)"
     )
 
 
