@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ablate": ("effdense.ablate", "grid over strategies x policy x depth x growth x batch x dtype; CSV and plots"),
     "max-depth": ("effdense.maxdepth", "deepest DenseNet-BC whose training step fits a memory budget"),
     "summary": ("effdense.summary", (
-        "parameters, MACs, dense connections and feature-map memory of a model, beside a torchvision ResNet "
+        "parameters, MACs, dense connections and training-step memory of a model, beside a torchvision ResNet "
         "(ImageNet architecture) of similar depth"
     )),
     "train": ("effdense.train", "train a DenseNet: digits (bundled), CIFAR-10/100 or ImageFolder; AMP, DDP, resume"),

@@ -1,7 +1,7 @@
 """``effdense summary MODEL``: size, cost and memory of one model, with a ResNet of similar depth beside it.
 
 - parameters;
-- multiply-accumulates (MACs) of one forward pass of one image at the model's default input size,
+- multiply-accumulates (MACs) of one forward pass of one image at ``--image-size`` (default: the model's),
   counted by :class:`torch.utils.flop_counter.FlopCounterMode` from the operators' shapes (convolutions and
   matrix products; BatchNorm, ReLU and pooling are not counted, as in the DenseNet paper), run on the meta
   device so no arithmetic is done;
@@ -37,6 +37,8 @@ from effdense.benchutil import (
     default_image_size,
     dtype_name,
     environment,
+    error_note,
+    exit_code,
     format_table,
     model_name,
     output_dir,
@@ -56,8 +58,8 @@ RESNET_DEPTHS = (18, 34, 50, 101, 152)
 """The torchvision ResNets (``torchvision.models.resnet<depth>``); each one's :func:`layer_depth` is its depth."""
 
 MEMORY_DEFAULTS = {"batch_size": 64, "dtype": "fp32"}
-"""``--batch-size``/``--dtype`` of the memory estimates when not given (recorded in the JSON even with
-``--no-memory``, as before)."""
+"""``--batch-size``/``--dtype`` of the memory estimates when not given (with ``--no-memory`` there are none, and
+the JSON records neither)."""
 
 DEPTH_NOTE = (
     "depth: convolution and fully connected layers on the longest input-to-output path, as the DenseNet and "
@@ -212,12 +214,14 @@ def main(args: argparse.Namespace) -> int:
         ("gmacs", "GMACs", lambda v: f"{v:.3f}"),
         ("input", "input", str),
     )))  # fmt: skip
+    print("MACs: convolutions and linear layers only (BatchNorm, ReLU and pooling are not counted)")
     for line in notes:
         print(line)
     print(f"\ndense blocks: {len(blocks)}, layers per block {blocks}, dense connections per block L(L+1)/2 = "
           f"{connections} (total {sum(connections)})")
 
     memory: list[dict[str, Any]] = []
+    failed: list[str] = []
     if not args.no_memory:
         shape = (args.batch_size, 3, size, size)
         progress(f"estimating training-step memory at batch {args.batch_size}, {size}x{size}, {args.dtype} ...")
@@ -229,23 +233,29 @@ def main(args: argparse.Namespace) -> int:
                 try:
                     est = estimate_step(args.model, shape, strategy=s, autocast_dtype=DTYPES[args.dtype], backend="auto")
                     row.update(status="ok", peak_mib=mib(est.peak), activations_mib=mib(est.activations),
-                               params_grads_at_peak_mib=mib(est.params + est.grads_at_peak))
-                except Exception as exc:
-                    row.update(status=f"error: {type(exc).__name__}")
+                               params_grads_at_peak_mib=mib(est.params + est.grads_at_peak),
+                               buffers_input_mib=mib(est.buffers + est.input))  # (the four parts add up to the peak)
+                except Exception as exc:  # one strategy failing does not lose the others; the exit code says it
+                    row.update(status="error", note=error_note(exc))
+                    failed.append(s)
             memory.append(row)
         naive = next((r for r in memory if r["strategy"] == "naive" and r["status"] == "ok"), None)
         for r in memory:
             if naive and r["status"] == "ok":
                 r["ratio"] = r["activations_mib"] / naive["activations_mib"]
-        print(f"\nfeature-map memory of a training step (estimate, batch {args.batch_size}, {size}x{size}, {args.dtype}):")
+        print(f"\ntraining-step memory (estimate, batch {args.batch_size}, {size}x{size}, {args.dtype}):")
         print(format_table(memory, (
             ("strategy", "strategy", str),
             ("peak_mib", "peak MiB", lambda v: f"{v:,.1f}"),
             ("activations_mib", "activations MiB", lambda v: f"{v:,.1f}"),
             ("ratio", "activations x naive", lambda v: f"{v:.3f}"),
             ("params_grads_at_peak_mib", "params+grads at peak MiB", lambda v: f"{v:,.1f}"),
+            ("buffers_input_mib", "buffers+input MiB", lambda v: f"{v:,.1f}"),
             ("status", "status", str),
+            *((("note", "note", str),) if failed else ()),
         )))  # fmt: skip
+        if naive is None:
+            print("activations x naive: - (naive is not in --strategies, or did not run)")
     env = environment(torch.device("cpu"))
     path = args.out / f"{stem}.json"
     write_json(path, {
@@ -256,4 +266,4 @@ def main(args: argparse.Namespace) -> int:
         "models": rows, "blocks": blocks, "dense_connections_per_block": connections, "memory": memory,
     })  # fmt: skip
     print(f"wrote {path}")
-    return 0
+    return exit_code("summary", failed, len(memory), ("strategy", "strategies"))

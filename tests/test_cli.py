@@ -1267,3 +1267,29 @@ def test_result_files_are_replaced_whole(tmp_path):
 class _Unserialisable:
     def __str__(self) -> str:
         raise ValueError("cannot be written")
+
+
+def test_summary_memory_parts_add_up_and_a_failed_strategy_exits_1(capsys, tmp_path, monkeypatch):
+    """A strategy whose estimate failed was a bare "error: MemoryError" and the run exited 0; the parts written
+    (activations, params+grads at peak) did not add up to the peak (buffers and input were left out)."""
+    from effdense import summary
+
+    code, out, err = run(capsys, "summary", "densenet_bc_16", "--batch-size", "2", "--out", str(tmp_path))
+    assert code == 0, err
+    assert "convolutions and linear layers only" in out
+    rows = json.loads(next(tmp_path.glob("summary_*.json")).read_text())["memory"]
+    for r in rows:
+        parts = r["activations_mib"] + r["params_grads_at_peak_mib"] + r["buffers_input_mib"]
+        assert abs(parts - r["peak_mib"]) < 1e-9, r
+    real = summary.estimate_step
+
+    def failing(model, shape, strategy, **kwargs):
+        if strategy == "checkpoint":
+            raise MemoryError("simulated")
+        return real(model, shape, strategy=strategy, **kwargs)
+
+    monkeypatch.setattr(summary, "estimate_step", failing)
+    code, _, err = run(capsys, "summary", "densenet_bc_16", "--batch-size", "2", "--out", str(tmp_path / "f"))
+    assert code == 1 and "1 of 4 strategies failed (checkpoint)" in err, err
+    (row,) = [r for r in json.loads(next((tmp_path / "f").glob("*.json")).read_text())["memory"] if r["status"] != "ok"]
+    assert row == {"strategy": "checkpoint", "status": "error", "note": "MemoryError: simulated"}
