@@ -111,8 +111,10 @@ class _DenseBlock(nn.ModuleDict):
         num_input_features: channels of the block's input.
         bn_size: bottleneck width multiplier (each layer's 1x1 conv outputs ``bn_size * growth_rate``).
         growth_rate: channels each layer adds (``k``).
-        drop_rate: dropout after each layer.
-        bottleneck: ``False`` gives the original layer (BN-ReLU-conv3x3 on the concatenation).
+        drop_rate: dropout after each layer, in ``[0, 1)``.
+        memory_efficient: torchvision's sixth argument; ``True`` means ``strategy="checkpoint"``.
+        bottleneck: ``False`` gives the original layer (BN-ReLU-conv3x3 on the concatenation). Keyword-only,
+            as are the two below (torchvision's block has none of them).
         strategy: ``"auto"`` or one of :data:`effdense.STRATEGIES`.
         policy: :class:`effdense.Policy` of the ``shared``/``fused`` strategies (``None``: the default).
 
@@ -129,18 +131,34 @@ class _DenseBlock(nn.ModuleDict):
         bn_size: int,
         growth_rate: int,
         drop_rate: float,
+        memory_efficient: bool = False,
+        *,
         bottleneck: bool = True,
         strategy: str = "auto",
         policy: Policy | None = None,
     ) -> None:
         super().__init__()
+        # (checked as DenseNet's constructor checks them: public as effdense.DenseBlock, built on its own)
+        num_layers = _check_positive_int("num_layers", num_layers)
+        num_input_features = _check_positive_int("num_input_features", num_input_features)
+        bn_size = _check_positive_int("bn_size", bn_size)
+        growth_rate = _check_positive_int("growth_rate", growth_rate)
+        p = _real(drop_rate)
+        if p is None or not 0.0 <= p < 1.0:
+            raise ValueError(f"drop_rate must be a number in [0, 1), got {drop_rate!r}")
+        if memory_efficient:  # (torchvision's sixth argument: its checkpointing, effdense's 'checkpoint')
+            if strategy not in ("auto", "checkpoint"):
+                raise ValueError(f"memory_efficient=True means strategy='checkpoint'; it conflicts with strategy={strategy!r}")
+            strategy = "checkpoint"
+        strategies.check_strategy(strategy)
+        policy = Policy() if policy is None else _check_policy(policy, "a dense block's policy")
         for i in range(num_layers):
             layer = _DenseLayer(num_input_features + i * growth_rate, growth_rate, bn_size, drop_rate, bottleneck)
             self.add_module(f"denselayer{i + 1}", layer)
         self.num_input_features = num_input_features
         self.growth_rate = growth_rate
         self.strategy = strategy
-        self.policy = policy or Policy()
+        self.policy = policy
         # SyncBatchNorm semantics for the shared/fused strategies: None (local statistics) or
         # a torch.distributed process group (see DenseNet.set_sync_bn)
         self.sync_bn = False
@@ -1004,17 +1022,15 @@ def get_model(name: str, **kwargs: Any) -> DenseNet:
 
 
 def set_strategy(module: nn.Module, strategy: str, policy: Policy | None = None) -> nn.Module:
-    """Set how every dense block in ``module`` runs: an effdense :class:`DenseNet` (its
-    :meth:`DenseNet.set_strategy`), or any model of one's own built with :class:`effdense.DenseBlock` (a
-    Tiramisu, a backbone with heads). Returns ``module``.
+    """Set how every dense block in ``module`` runs: an effdense :class:`DenseNet` (as its
+    :meth:`DenseNet.set_strategy`, and any block it holds elsewhere), or any model of one's own built with
+    :class:`effdense.DenseBlock` (a Tiramisu, a backbone with heads). Returns ``module``.
 
     Args:
         module: an ``nn.Module`` holding dense blocks (at any depth).
         strategy: ``"auto"`` or one of :data:`effdense.STRATEGIES`.
         policy: new :class:`effdense.Policy` for every block; ``None`` keeps each block's own.
     """
-    if isinstance(module, DenseNet):
-        return module.set_strategy(strategy, policy)
     if not isinstance(module, nn.Module):
         raise TypeError(f"set_strategy: expected an nn.Module holding dense blocks, got {type(module).__name__}")
     strategies.check_strategy(strategy)
@@ -1027,9 +1043,9 @@ def set_strategy(module: nn.Module, strategy: str, policy: Policy | None = None)
             "torchvision DenseNet is converted with effdense.convert(model, strategy=...)"
         )
     for m in module.modules():
-        if isinstance(m, DenseNet):  # (a DenseNet inside: its own strategy and policy follow too)
+        if isinstance(m, DenseNet):  # (the module itself or one inside: its own strategy and policy follow too)
             m.set_strategy(strategy, policy)
-    for block in blocks:
+    for block in blocks:  # (all of them: a DenseNet subclass may hold blocks outside its features)
         block.strategy = strategy
         if policy is not None:
             block.policy = policy

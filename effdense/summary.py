@@ -228,7 +228,7 @@ def main(args: argparse.Namespace) -> int:
         for s in names:
             row: dict[str, Any] = {"strategy": s}
             if s not in available:
-                row.update(status="skipped")
+                row.update(status="skipped", note="not implemented yet")
             else:
                 try:
                     est = estimate_step(args.model, shape, strategy=s, autocast_dtype=DTYPES[args.dtype], backend="auto")
@@ -252,7 +252,7 @@ def main(args: argparse.Namespace) -> int:
             ("params_grads_at_peak_mib", "params+grads at peak MiB", lambda v: f"{v:,.1f}"),
             ("buffers_input_mib", "buffers+input MiB", lambda v: f"{v:,.1f}"),
             ("status", "status", str),
-            *((("note", "note", str),) if failed else ()),
+            *((("note", "note", str),) if any(r.get("note") for r in memory) else ()),
         )))  # fmt: skip
         if naive is None:
             print("activations x naive: - (naive is not in --strategies, or did not run)")

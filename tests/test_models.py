@@ -1518,3 +1518,36 @@ def test_set_strategy_on_a_model_of_ones_own(strategy) -> None:
         effdense.set_strategy(other, "bogus")
     model = effdense.densenet_cifar(16, 4)
     assert effdense.set_strategy(model, strategy) is model and model.strategy == strategy
+
+
+def test_dense_block_takes_torchvisions_arguments_and_checks_them() -> None:
+    """Public as effdense.DenseBlock: torchvision's sixth positional argument is memory_efficient (here it was
+    bottleneck: DenseBlock(2, 8, 2, 4, 0.0, False) built another block than torchvision's), and nonsense was
+    accepted until forward (growth_rate=0: a bare IndexError under shared; policy={} taken as the default)."""
+    tv = torchvision.models.densenet._DenseBlock(2, 8, 2, 4, 0.0, False)
+    ours = effdense.DenseBlock(2, 8, 2, 4, 0.0, False)
+    assert ours.state_dict().keys() == tv.state_dict().keys()
+    assert effdense.DenseBlock(2, 8, 2, 4, 0.0, True).strategy == "checkpoint"
+    with pytest.raises(ValueError, match="conflicts with strategy='shared'"):
+        effdense.DenseBlock(2, 8, 2, 4, 0.0, True, strategy="shared")
+    for kwargs, error, match in [
+        (dict(growth_rate=0), ValueError, "growth_rate"),
+        (dict(num_layers=0), ValueError, "num_layers"),
+        (dict(drop_rate=1.0), ValueError, "drop_rate"),
+        (dict(policy={}), TypeError, "policy"),
+        (dict(strategy="bogus"), ValueError, "unknown strategy"),
+    ]:
+        args = dict(num_layers=2, num_input_features=8, bn_size=2, growth_rate=4, drop_rate=0.0) | kwargs
+        with pytest.raises(error, match=match):
+            effdense.DenseBlock(**args)
+
+
+def test_set_strategy_reaches_blocks_a_densenet_subclass_holds_outside_features() -> None:
+    class WithHead(effdense.DenseNet):
+        def __init__(self):
+            super().__init__(4, (2,), 8, bn_size=2, num_classes=3, small_inputs=True)
+            self.head_block = effdense.DenseBlock(2, 8, 2, 4, 0.0)
+
+    model = effdense.set_strategy(WithHead(), "checkpoint")
+    assert model.strategy == "checkpoint" and model.head_block.strategy == "checkpoint"
+    assert model.features.denseblock1.strategy == "checkpoint"
