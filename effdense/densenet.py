@@ -382,6 +382,7 @@ class DenseNet(nn.Module):
                 policy=self.policy,
             )
             self.features.add_module(f"denseblock{i + 1}", block)
+            block._effdense_where = f"features.denseblock{i + 1}"  # (named in warnings: strategies.block_name)
             num_features = block.num_output_features
             if i != len(block_config) - 1:
                 out_features = int(math.floor(num_features * compression))
@@ -1045,6 +1046,9 @@ def set_strategy(module: nn.Module, strategy: str, policy: Policy | None = None)
     for m in module.modules():
         if isinstance(m, DenseNet):  # (the module itself or one inside: its own strategy and policy follow too)
             m.set_strategy(strategy, policy)
+    for name, m in module.named_modules():  # (the names the blocks' warnings give: strategies.block_name)
+        if isinstance(m, _DenseBlock):
+            m._effdense_where = name or type(m).__name__
     for block in blocks:  # (all of them: a DenseNet subclass may hold blocks outside its features)
         block.strategy = strategy
         if policy is not None:

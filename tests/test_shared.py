@@ -1575,3 +1575,30 @@ def test_checkpoint_block_that_recomputes_nothing_does_not_warn() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         model(torch.randn(2, 3, 33, 33)).sum().backward()  # (the classifier still trains)
+
+
+def test_fallback_warnings_of_every_strategy_name_the_block() -> None:
+    """checkpoint's fallbacks, the module-hook fallback and a block run on its own said only "a dense block":
+    with several blocks of one shape, which one was not said. They name it as the DenseNet (or
+    effdense.set_strategy, in a model of one's own) named it."""
+    model = effdense.DenseNet(4, (2, 2), 8, bn_size=2, num_classes=3, small_inputs=True, strategy="checkpoint")
+    model.features.denseblock2.denselayer1.relu1 = nn.RReLU()  # (random in training: not recomputed exactly)
+    with pytest.warns(UserWarning, match=r"a dense block \(features\.denseblock2\) runs as strategy 'naive' instead of 'checkpoint'"):
+        model(torch.randn(2, 3, 8, 8)).sum().backward()
+    model = effdense.DenseNet(4, (2, 2), 8, bn_size=2, num_classes=3, small_inputs=True, strategy="shared")
+    model.features.denseblock1.denselayer2.register_forward_hook(lambda *args: None)
+    with pytest.warns(UserWarning, match=r"a dense block \(features\.denseblock1\) runs as strategy 'naive' instead of 'shared'"):
+        model(torch.randn(2, 3, 8, 8)).sum().backward()
+
+    class Up(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = nn.ModuleList([effdense.DenseBlock(2, 3, 2, 4, 0.0), effdense.DenseBlock(2, 3, 2, 4, 0.0)])
+
+        def forward(self, x):
+            return self.up[1](self.up[0](x)[:, :3])
+
+    net = effdense.set_strategy(Up(), "shared")
+    net.up[1].denselayer2.register_forward_hook(lambda *args: None)
+    with pytest.warns(UserWarning, match=r"a dense block \(up\.1\) runs as strategy 'naive'"):
+        net(torch.randn(2, 3, 8, 8)).sum().backward()

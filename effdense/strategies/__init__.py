@@ -244,8 +244,10 @@ def _hook_fallback(block: "_DenseBlock", concrete: str) -> bool:
         if _own_hooks(m)
     ]
     names = ", ".join(hooked[:3]) + (", ..." if len(hooked) > 3 else "")
+    where = block_name(block)
     warnings.warn(
-        f"effdense: a dense block runs as strategy 'naive' instead of {concrete!r}, because module hooks are "
+        f"effdense: a dense block{f' ({where})' if where else ''} runs as strategy 'naive' instead of {concrete!r}, "
+        "because module hooks are "
         f"registered on {names} and {concrete!r} computes the block without calling "
         f"{'its dense layers' if concrete == 'checkpoint' else 'its modules'}; naive fires each hook once per "
         "forward, as torchvision's model does. The block keeps naive's memory while the hooks are registered.",
@@ -292,13 +294,22 @@ def standard_class(kind: str) -> type:
     return _STANDARD[kind]
 
 
-def warn_runs_as_naive(instead_of: str, because: str, stacklevel: int, where: str = "") -> None:
+def block_name(block: Any) -> str:
+    """The name a dense block was given in its model (``features.denseblock2``: by the DenseNet that built it,
+    or by :func:`effdense.set_strategy` in a model of one's own), for warnings; "" if none. Informational: a
+    block moved elsewhere afterwards keeps the name it had."""
+    return block.__dict__.get("_effdense_where", "") if block is not None else ""
+
+
+def warn_runs_as_naive(instead_of: str, because: str, stacklevel: int, where: str = "", block: Any = None) -> None:
     """The warning of a dense block that runs as naive instead of ``instead_of`` ``because`` of what it holds
     (none while dynamo traces: it refuses ``warnings.warn``, and traces the modules as they are).
     ``stacklevel``: as for :func:`warnings.warn` called in the caller's place; ``where``: the block's name in
-    its model, where the caller knows it (every block has a ``denselayer3``)."""
+    its model, where the caller knows it (every block has a ``denselayer3``), else :func:`block_name` of
+    ``block``."""
     if torch.compiler.is_compiling():
         return
+    where = where or block_name(block)
     block = f"dense block ({where})" if where else "dense block"
     warnings.warn(
         f"effdense: a {block} runs as strategy 'naive' instead of {instead_of}, because {because}. The block "

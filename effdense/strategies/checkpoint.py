@@ -348,7 +348,7 @@ def _own_layers(block) -> list[str]:
 
 def run_block(block, x: torch.Tensor) -> torch.Tensor:
     if hooks_disabled() and _needs_grad([x], block.layers):
-        warn_runs_as_naive("'checkpoint'", _no_hooks_reason(), stacklevel=3)
+        warn_runs_as_naive("'checkpoint'", _no_hooks_reason(), stacklevel=3, block=block)
         return _naive.run_block(block, x)
     odd = _own_layers(block)
     if odd:
@@ -357,6 +357,7 @@ def run_block(block, x: torch.Tensor) -> torch.Tensor:
             f"its layers {', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''} have a forward of their own, which "
             "checkpoint would not call (it runs each layer's bn_function and tail); naive calls the layers",
             stacklevel=3,
+            block=block,
         )
         return _naive.run_block(block, x)
     layers = block._modules
@@ -372,6 +373,7 @@ def run_block(block, x: torch.Tensor) -> torch.Tensor:
                 f"{_names(odd)}, which checkpoint recomputes in backward, is not known to recompute exactly (it may "
                 f"draw other random numbers, or step its state twice): {_NOT_EXACT}; naive calls each module once",
                 stacklevel=3,
+                block=block,
             )
             return _naive.run_block(block, x)
     features = [x]

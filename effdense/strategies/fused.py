@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from effdense.strategies import shared
+from effdense.strategies import block_name, shared
 
 # The input gradient works on channel chunks of this many bottleneck widths (the weight gradient is one
 # launch over all channels): the kernels hold only a dh scratch per chunk (the twins also a normalised
@@ -41,7 +41,7 @@ def _options(x: torch.Tensor) -> dict[str, Any]:
 
 def run_block(block, x: torch.Tensor) -> torch.Tensor:
     options = _options(x)
-    return shared.run_stage(block, None, x, **options)
+    return shared.run_stage(block, None, x, where=block_name(block), **options)
 
 
 def run_features(model, x: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,14 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import _disable_current_modes  # (private: see _same_rng_state)
 
 from effdense._autograd import differentiable_once
-from effdense.strategies import STEM, computes_as_batchnorm, overrides, standard_class, warn_runs_as_naive
+from effdense.strategies import (
+    STEM,
+    block_name,
+    computes_as_batchnorm,
+    overrides,
+    standard_class,
+    warn_runs_as_naive,
+)
 from effdense.strategies import checkpoint as _checkpoint
 from effdense.strategies import naive as _naive
 
@@ -1474,7 +1481,7 @@ def reference_ops() -> ModuleType:
 
 
 def run_block(block, x: torch.Tensor) -> torch.Tensor:
-    return run_stage(block, None, x, reference_ops())
+    return run_stage(block, None, x, reference_ops(), where=block_name(block))
 
 
 def run_features(
