@@ -59,8 +59,11 @@ def int32_span_error(tensors: tuple, wgrad_rows: int = 0) -> str | None:
             )
     P = 0
     for t in tensors:
-        if t.__class__ is tuple or t.__class__ is list:
-            return _span_message(tensors)  # (rare: out= pairs hold vectors; the slow path looks into them)
+        if t.__class__ is tuple or t.__class__ is list:  # (an out= pair: looked into, beside x)
+            inner = int32_span_error((tensors[0], *t))
+            if inner is not None:
+                return inner
+            continue
         if not isinstance(t, torch.Tensor):
             continue
         shape = t.shape
@@ -68,47 +71,23 @@ def int32_span_error(tensors: tuple, wgrad_rows: int = 0) -> str | None:
         if n == 4:
             N, C, H, W = shape
             P = H * W
-            sc = t.stride()[1]
-            if N * P > INT32_SPAN or C * P > INT32_SPAN or (C - 1) * (sc if sc >= 0 else -sc) + P > INT32_SPAN:
-                return _span_message(tensors)
-        elif n == 2 and P:
-            B, C = shape
-            if B * P > INT32_SPAN or B * C > INT32_SPAN:
-                return _span_message(tensors)
-    return None
-
-
-def _span_message(tensors: tuple) -> str | None:
-    """What :func:`int32_span_error` found, said (it runs this only when something does not fit)."""
-    P = 0
-    for t in tensors:
-        if type(t) is tuple or type(t) is list:
-            inner = _span_message((tensors[0], *t))
-            if inner is not None:
-                return inner
-            continue
-        if not isinstance(t, torch.Tensor):
-            continue
-        shape = t.shape
-        if len(shape) == 4:
-            N, C, H, W = shape
-            P = H * W
-            span = max(C * P, (C - 1) * abs(t.stride(1)) + P)
             if N * P > INT32_SPAN:
                 split = "; split the batch" if N > 1 else ""
                 return (
                     f"a tensor of shape {tuple(shape)} has N*H*W = {N * P} values per channel, more than the "
                     f"kernels' 32-bit row offsets reach ({INT32_SPAN}){split}"
                 )
-            if span > INT32_SPAN:
+            sc = t.stride()[1]
+            span = (C - 1) * (sc if sc >= 0 else -sc) + P
+            if C * P > INT32_SPAN or span > INT32_SPAN:
                 hint = "; pass it .contiguous()" if C * P <= INT32_SPAN else ""
                 return (
-                    f"a tensor of shape {tuple(shape)} and strides {t.stride()} spans {span} elements across its "
-                    f"channels, more than the kernels' 32-bit channel offsets reach ({INT32_SPAN}){hint}"
+                    f"a tensor of shape {tuple(shape)} and strides {t.stride()} spans {max(C * P, span)} elements "
+                    f"across its channels, more than the kernels' 32-bit channel offsets reach ({INT32_SPAN}){hint}"
                 )
-        elif len(shape) == 2 and P:
+        elif n == 2 and P:
             B, C = shape
-            if max(B * P, B * C) > INT32_SPAN:
+            if B * P > INT32_SPAN or B * C > INT32_SPAN:
                 return (
                     f"a weight of shape {tuple(shape)} gives outputs spanning {max(B * P, B * C)} elements, more than "
                     f"the kernels' 32-bit channel offsets reach ({INT32_SPAN})"
