@@ -1037,19 +1037,18 @@ def set_strategy(module: nn.Module, strategy: str, policy: Policy | None = None)
     strategies.check_strategy(strategy)
     if policy is not None:
         _check_policy(policy)
-    blocks = [m for m in module.modules() if isinstance(m, _DenseBlock)]
+    named = list(module.named_modules())
+    blocks = [(name, m) for name, m in named if isinstance(m, _DenseBlock)]
     if not blocks:
         raise ValueError(
             f"set_strategy: {type(module).__name__} holds no effdense dense block (effdense.DenseBlock); a "
             "torchvision DenseNet is converted with effdense.convert(model, strategy=...)"
         )
-    for m in module.modules():
+    for _, m in named:
         if isinstance(m, DenseNet):  # (the module itself or one inside: its own strategy and policy follow too)
             m.set_strategy(strategy, policy)
-    for name, m in module.named_modules():  # (the names the blocks' warnings give: strategies.block_name)
-        if isinstance(m, _DenseBlock):
-            m._effdense_where = name or type(m).__name__
-    for block in blocks:  # (all of them: a DenseNet subclass may hold blocks outside its features)
+    for name, block in blocks:  # (all of them: a DenseNet subclass may hold blocks outside its features)
+        block._effdense_where = name or type(block).__name__  # (the name its warnings give: strategies.block_name)
         block.strategy = strategy
         if policy is not None:
             block.policy = policy

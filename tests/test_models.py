@@ -83,6 +83,12 @@ def _bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: b for n, b in model.named_buffers() if "running" in n or "num_batches" in n}
 
 
+def _assert_bn_buffers_close(actual: nn.Module, expected: nn.Module, rtol: float, what: str = "") -> None:
+    """BatchNorm running statistics and counters of two models with the same modules, in fp32, to ``rtol``."""
+    for (name, a), b in zip(_bn_buffers(actual).items(), _bn_buffers(expected).values()):
+        assert torch.allclose(a.float(), b.float(), rtol=rtol, atol=1e-6), f"{what} {name}".strip()
+
+
 def test_checkpoint_updates_running_stats_once_unlike_torchvision() -> None:
     torch.manual_seed(0)
     naive = effdense.densenet121(num_classes=3, strategy="naive")
@@ -115,8 +121,7 @@ def test_checkpoint_running_stats_match_naive_cifar(momentum) -> None:
     for step in range(3):
         train_step(naive, x * (step + 1), seed=step)
         train_step(ckpt, x * (step + 1), seed=step)
-    for (name, a), (_, b) in zip(_bn_buffers(naive).items(), _bn_buffers(ckpt).items()):
-        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), name
+    _assert_bn_buffers_close(naive, ckpt, rtol=1e-5)
 
 
 def test_checkpoint_replays_dropout() -> None:
@@ -522,8 +527,7 @@ def test_convert_keeps_what_the_state_dict_does_not_carry() -> None:
             assert (p.grad is None) == (tv_params[name].grad is None), f"{strategy} {name}"
             if p.grad is not None:
                 assert_close_rel(p.grad, tv_params[name].grad, rtol=1e-4, name=f"{strategy} {name}")
-        for (name, a), b in zip(_bn_buffers(ours).items(), _bn_buffers(tv).values()):
-            assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6), f"{strategy} {name}"
+        _assert_bn_buffers_close(ours, tv, rtol=1e-4, what=strategy)
 
 
 def test_convert_keeps_tied_modules_and_parameters() -> None:
@@ -552,8 +556,7 @@ def test_convert_keeps_tied_modules_and_parameters() -> None:
         gmax = max(p.grad.abs().max().item() for p in tv.parameters())  # (norm0's is ~0 in exact arithmetic)
         for name, p in ours.named_parameters():
             torch.testing.assert_close(p.grad, tv_params[name].grad, rtol=1e-4, atol=1e-6 * gmax, msg=f"{strategy} {name}")
-        for (name, a), b_ in zip(_bn_buffers(ours).items(), _bn_buffers(tv).values()):
-            assert torch.allclose(a.float(), b_.float(), rtol=1e-4, atol=1e-6), f"{strategy} {name}"
+        _assert_bn_buffers_close(ours, tv, rtol=1e-4, what=strategy)
 
 
 def test_convert_keeps_each_layers_drop_rate() -> None:
