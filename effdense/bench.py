@@ -263,8 +263,9 @@ def measure_builds(
 # Rows
 
 
-_REFERENCE_LABELS = {"plain": "torchvision", "memory_efficient": "torchvision memory_efficient",
-                     "compile": "torchvision compile"}  # fmt: skip
+# each torchvision row: its label, and the effdense strategy that computes as it does
+_REFERENCE = {"plain": ("torchvision", "naive"), "memory_efficient": ("torchvision memory_efficient", "checkpoint"),
+              "compile": ("torchvision compile", "naive")}  # fmt: skip
 
 
 def _reference_unavailable(model_name: str) -> str | None:
@@ -309,31 +310,25 @@ def _rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
         rows.append(row)
     reference = _reference_rows(args, device)
     why_not = _reference_unavailable(args.model) if reference else None
-    if why_not is not None:  # listed, skipped with the reason (asked for by --reference: an error, before any row)
-        if getattr(args, "reference", None) is not None:
-            raise UsageError(f"--reference {','.join(reference)}: {why_not}; leave --reference out")
-        for name in reference:
-            rows.append({"row": _REFERENCE_LABELS[name], "kind": "torchvision",
-                         "strategy": "checkpoint" if name == "memory_efficient" else "naive", "build": None,
-                         "note": why_not})  # fmt: skip
-    elif reference:
-        def tv_builder(me: bool, compiled: bool = False) -> Callable[[], nn.Module]:
-            def build() -> nn.Module:
-                twin = torchvision_twin(get_model(args.model, strategy="naive"), me)
-                return _compiled(twin, args.dtype) if compiled else twin
+    if why_not is not None and getattr(args, "reference", None) is not None:  # (asked for: an error, before any row)
+        raise UsageError(f"--reference {','.join(reference)}: {why_not}; leave --reference out")
 
-            return build
+    def tv_builder(me: bool, compiled: bool = False) -> Callable[[], nn.Module]:
+        def build() -> nn.Module:
+            twin = torchvision_twin(get_model(args.model, strategy="naive"), me)
+            return _compiled(twin, args.dtype) if compiled else twin
 
-        note = "" if args.model in IMAGENET_CONFIGS else "torchvision DenseNet class, CIFAR stem"
-        if "plain" in reference:
-            rows.append({"row": _REFERENCE_LABELS["plain"], "kind": "torchvision", "strategy": "naive",
-                         "build": tv_builder(False), "note": note})
-        if "memory_efficient" in reference:
-            rows.append({"row": _REFERENCE_LABELS["memory_efficient"], "kind": "torchvision", "strategy": "checkpoint",
-                         "build": tv_builder(True), "note": note})
-        if "compile" in reference:
-            rows.append({"row": _REFERENCE_LABELS["compile"], "kind": "torchvision", "strategy": "naive",
-                         "build": tv_builder(False, compiled=True), "note": "torch.compile, default mode"})
+        return build
+
+    note = "" if args.model in IMAGENET_CONFIGS else "torchvision DenseNet class, CIFAR stem"
+    for name in (n for n in REFERENCE_ROWS if n in reference):
+        label, strategy = _REFERENCE[name]
+        if why_not is not None:  # listed, skipped with the reason
+            build, row_note = None, why_not
+        else:
+            build = tv_builder(name == "memory_efficient", compiled=name == "compile")
+            row_note = "torch.compile, default mode" if name == "compile" else note
+        rows.append({"row": label, "kind": "torchvision", "strategy": strategy, "build": build, "note": row_note})
     if getattr(args, "compile", False):  # last: a run cut short (compilation takes minutes) keeps the rows above
         for s in names:
             if s in available:
