@@ -196,6 +196,7 @@ def check_accumulate(
         C, x.device, stats_dtype(x.dtype), mean=mean, invstd=invstd, gamma=gamma, sum_dh=sum_dh, sum_dh_xmu=sum_dh_xmu
     )
     check_in_place("grad", grad, x=x, dh=dh)
+    check_apart_from_vectors("grad", grad, mean=mean, invstd=invstd, gamma=gamma, sum_dh=sum_dh, sum_dh_xmu=sum_dh_xmu)
 
 
 def check_weight(weight: torch.Tensor, x: torch.Tensor) -> None:
@@ -277,8 +278,13 @@ def _sharing(t: torch.Tensor, read: dict[str, torch.Tensor], meet) -> Iterator[t
     overlap checks below (tensors with data in eager execution only, see :func:`_comparable`)."""
     if not _comparable(t):
         return
+    base = t.untyped_storage().data_ptr()  # (once: each storage lookup costs host time on every op call)
     for other, o in read.items():
-        if _comparable(o) and _same_storage(t, o) and meet(t, o):
+        # (_comparable(o) without its is_compiling(): t passed it)
+        if (
+            type(o) is torch.Tensor and not o.is_meta and o.numel() > 0 and not _functorch_wrapped(o)
+            and o.untyped_storage().data_ptr() == base and meet(t, o)
+        ):  # fmt: skip
             yield other, o
 
 
@@ -396,5 +402,6 @@ def check_backward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, we
     check_written("grad", grad)
     check_in_place("grad", grad, x=x)
     check_vectors(C, x.device, stats_dtype(x.dtype), mean=mean, invstd=invstd, gamma=gamma)
+    check_apart_from_vectors("grad", grad, scale=scale, shift=shift, mean=mean, invstd=invstd, gamma=gamma, weight=weight)
     check_chunk(chunk)
     check_flag("batch_stats", batch_stats)

@@ -51,11 +51,12 @@ def _relu(u):
 @triton.jit
 def _downcast(x, DTYPE: tl.constexpr, BF16_INTERP: tl.constexpr):
     """fp32 ``x`` rounded to nearest-even in ``DTYPE``. The interpreter truncates fp32 -> bf16, so there
-    the rounding is done on the bits first (the final cast is then exact)."""
+    the rounding is done on the bits first (the final cast is then exact). A NaN is left to the cast, which
+    keeps it a NaN: rounding its bits could carry out of the mantissa (0x7FFFFFFF + 0x8000 wraps to -0.0)."""
     if BF16_INTERP:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
+        x = tl.where(x != x, x, bits.to(tl.float32, bitcast=True))
     return x.to(DTYPE)
 
 
@@ -269,7 +270,8 @@ def _bottleneck_bwd_weight_kernel(
         n = (t // tiles_p).to(tl.int64)
         offs_p = (t % tiles_p) * BLOCK_M + tl.arange(0, BLOCK_M)
         mask_p = offs_p < P
-        # padded pixels load dy = 0, so their h (= relu(shift)) contributes nothing
+        # padded pixels load dy = 0, and their h (relu(shift)) is zeroed too: rounded to fp16 a large shift
+        # is inf, and 0 * inf would put NaN into every dW entry of its channel
         dyt = tl.load(
             DY_ptr + n * stride_dyn + offs_p[:, None] + offs_b[None, :] * stride_dyb,
             mask=mask_p[:, None] & mask_b[None, :],
@@ -280,8 +282,8 @@ def _bottleneck_bwd_weight_kernel(
             mask=mask_c[:, None] & mask_p[None, :],
             other=0.0,
         )  # (BLOCK_C, BLOCK_M)
-        h = _downcast(_relu(x.to(tl.float32) * scale[:, None] + shift[:, None]), dyt.dtype, BF16_INTERP)
-        acc = _mma(h, dyt, acc, INPUT_PRECISION, BF16_INTERP)
+        h = tl.where(mask_p[None, :], _relu(x.to(tl.float32) * scale[:, None] + shift[:, None]), 0.0)
+        acc = _mma(_downcast(h, dyt.dtype, BF16_INTERP), dyt, acc, INPUT_PRECISION, BF16_INTERP)
 
     tl.atomic_add(
         DW_ptr + offs_b[None, :] * C + offs_c[:, None], acc, mask=mask_c[:, None] & mask_b[None, :]

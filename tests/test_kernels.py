@@ -509,6 +509,42 @@ def test_nan_propagates_as_pytorch_relu(backend, device):
     assert sum_dh[2] == 0 and sum_dh[[0, 1, 3]].isnan().all()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_weight_gradient_ignores_padded_pixels_whose_h_overflows(device):
+    """fp16, a channel whose every real ``relu(scale*x + shift)`` is finite but whose ``relu(shift)`` (what a
+    padded pixel of the last pixel tile computes from its ``x = 0``) overflows fp16: the kernel's dW was NaN
+    in every row (0 * inf at the padded pixels, whose dy is 0), in the whole backward and through autograd
+    too; the twin's was finite. 3x3 and 7x7 planes: not a multiple of any pixel block."""
+    _need_triton(device)
+    torch.manual_seed(0)
+    for H in (3, 7):
+        N, C, B = 2, 3, 4
+        x = (torch.rand(N, C, H, H, device=device) - 1000.0).half()  # a channel mean near -1000, spread ~0.3
+        scale = torch.full((C,), 100.0, device=device)  # gamma * invstd of that spread
+        shift = torch.full((C,), 100_040.0, device=device)  # beta - mean*scale: h = relu(scale*x + shift) <= ~140
+        dy = torch.randn(N, B, H, H, device=device).half()
+        ref = K.bottleneck_backward_weight(x, scale, shift, dy, backend="reference")
+        assert ref.isfinite().all()
+        got = K.bottleneck_backward_weight(x, scale, shift, dy, backend="triton")
+        torch.testing.assert_close(got, ref, rtol=2e-3, atol=0.05)
+        w = torch.randn(B, C, device=device).half()
+        mean, invstd, gamma = torch.full((C,), -1000.0, device=device), scale.clone(), torch.ones(C, device=device)
+        dw, _, _ = K.bottleneck_backward(x, scale, shift, w, dy, mean, invstd, gamma, torch.zeros_like(x), backend="triton")
+        torch.testing.assert_close(dw, ref, rtol=2e-3, atol=0.05)
+
+
+def test_bf16_rounding_in_the_interpreter_keeps_every_nan():
+    """In the interpreter the kernels round fp32 to bf16 on the bits; a NaN with all low mantissa bits set
+    (0x7FFFFFFF) carried out of the mantissa and became -0.0: a NaN shift gave y = 1 where the twin's is NaN."""
+    _need_triton("cpu")
+    x = torch.ones(1, 2, 2, 2, dtype=torch.bfloat16)
+    shift = torch.zeros(2)
+    shift.view(torch.int32)[0] = 0x7FFFFFFF
+    w = torch.ones(1, 2, dtype=torch.bfloat16)
+    y, _, _ = K.bottleneck_forward(x, torch.ones(2), shift, w, stats=False, backend="triton")
+    assert y.isnan().all()
+
+
 @pytest.mark.parametrize("backend", ["triton", "reference"])
 def test_forward_statistics_keep_their_digits_at_a_large_mean(backend):
     """BN2's statistics from the forward op where each channel's mean is ~100 times its spread: the
@@ -1997,6 +2033,27 @@ def test_out_overlapping_a_vector_it_reads_is_refused(backend):
     got = K.bottleneck_backward_input(x, s, t, w, dy, right_after, out=out, backend=backend)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_grad_overlapping_a_vector_it_reads_is_refused(backend):
+    """``grad`` written where a per-channel vector it reads lies (gamma viewed from the same storage): the
+    kernel's later channel programs read gamma after earlier ones had added into it (grad off by 1.0 in 6
+    channels against the twin), silently. Refused now, as ``bottleneck_backward_input``'s ``out``."""
+    _need_backend(backend)
+    N, C, H, W, B = 1, 70, 1, 1, 4
+    big = torch.zeros(2 * C)
+    gamma, grad = big[:C], big[10 : 10 + C].view(N, C, H, W)
+    x, dh, z, one = torch.randn(N, C, H, W), torch.ones(N, C, H, W), torch.zeros(C), torch.ones(C)
+    with pytest.raises(ValueError, match="grad: expected memory separate from gamma"):
+        K.bn_backward_accumulate(grad, x, dh, z, one, gamma, z, z, batch_stats=False, backend=backend)
+    s, t, w, dy = torch.rand(C) + 0.5, torch.randn(C), torch.randn(B, C), torch.randn(N, B, H, W)
+    with pytest.raises(ValueError, match="grad: expected memory separate from gamma"):
+        K.bottleneck_backward(x, s, t, w, dy, z, one, gamma, grad, backend=backend)
+    storage = torch.zeros(N * C * H * W + C)  # the vector right after grad in one storage: allowed
+    grad2, gamma2 = storage[:C].view(N, C, H, W), storage[C:].fill_(1.0)
+    K.bn_backward_accumulate(grad2, x, dh, z, one, gamma2, z, z, batch_stats=False, backend=backend)
+    torch.testing.assert_close(grad2, dh)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
