@@ -1180,10 +1180,22 @@ def _copy_swapped_leaves(clone: nn.Module, source: nn.Module) -> None:
         other = src.get(name)
         if other is None or module._modules:
             continue
-        if not other._modules and type(other) is type(module) and "forward" not in other.__dict__:
-            continue  # the same leaf (an instance's own forward: copied)
+        if not other._modules and type(other) is type(module) and "forward" not in other.__dict__ and _same_slots(other, module):
+            continue  # the same leaf (an instance's own forward, or other tensors: copied)
         parent, _, child = name.rpartition(".")
         setattr(clone.get_submodule(parent), child, _copy_module(other))
+
+
+def _same_slots(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two modules of one class hold the same parameters and buffers by name (None ones aside): an
+    ``affine=False`` BatchNorm (no weight, no bias) or a convolution with a bias does not hold what the one
+    a DenseNet builds does (before, convert() kept the built one and failed on the state dict, naming keys)."""
+
+    def slots(m: nn.Module) -> tuple[set[str], set[str]]:
+        d = m.__dict__
+        return {k for k, v in d["_parameters"].items() if v is not None}, {k for k, v in d["_buffers"].items() if v is not None}
+
+    return slots(a) == slots(b)
 
 
 # the module hooks that change what a call computes or sees (forward, forward pre-, backward hooks)

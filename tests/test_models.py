@@ -594,6 +594,10 @@ def _frozen_bn(bn: nn.BatchNorm2d) -> nn.Module:
         ("features.denseblock2.denselayer1.relu2", _leaky_forward),  # same class, its own forward on the instance
         # a container for a leaf: before, load_state_dict's "Missing key(s)" for norm1.weight
         ("features.denseblock1.denselayer2.norm1", lambda m: nn.Sequential(copy.deepcopy(m), nn.Dropout2d(0.0))),
+        # the same class holding other tensors: before, the built module was kept and the state dict's
+        # "Missing key(s)" (norm1.weight) or "Unexpected key(s)" (conv1.bias) was the error
+        ("features.denseblock1.denselayer1.norm1", lambda m: nn.BatchNorm2d(m.num_features, affine=False)),
+        ("features.transition1.conv", lambda m: nn.Conv2d(m.in_channels, m.out_channels, 1, bias=True)),
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
