@@ -909,9 +909,14 @@ def test_block_input_channels_checked() -> None:
 
 
 def test_batch_of_one_pixel_raises_like_batchnorm() -> None:
-    block = effdense.densenet_cifar(16, 4, strategy="shared").features.denseblock1
-    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
-        block(torch.randn(1, 8, 1, 1))
+    """The same ValueError, in the same words, as PyTorch's BatchNorm gives naive (the size was a tuple)."""
+    messages = {}
+    for strategy in ("naive", "shared", "fused"):
+        block = effdense.densenet_cifar(16, 4, strategy=strategy).features.denseblock1
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel when training") as info:
+            block(torch.randn(1, 8, 1, 1))
+        messages[strategy] = str(info.value)
+    assert messages["shared"] == messages["fused"] == messages["naive"], messages
 
 
 def test_block_alone_returns_full_buffer() -> None:

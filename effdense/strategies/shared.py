@@ -383,7 +383,7 @@ def _bn_affine(
 
 def _check_count(count: int, shape: torch.Size) -> None:
     if count <= 1:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(shape)}")
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {torch.Size(shape)}")  # (PyTorch's words)
 
 
 def _bn1_stats(stage: _Stage, state: _StageState, bn, Fbuf: torch.Tensor, c: int, update: bool, batch: bool):
