@@ -170,8 +170,16 @@ def _check_header(path: Path) -> None:
     empty in its rows."""
     if not path.exists() or path.stat().st_size == 0:
         return
-    with path.open(newline="") as f:
-        header = next(csv.reader(f), [])
+    try:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+            for _ in f:  # (the rest is read later: a byte that is not text fails here, before any point runs)
+                pass
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{path} is not a CSV file that ablate writes (not text: {exc.reason} at byte {exc.start}); give another "
+            "--out, or move the file away"
+        ) from None
     if header == [c for c in CSV_COLUMNS if c not in _ADDED_COLUMNS]:
         rows = read_rows(path)
         write_csv(path, rows, CSV_COLUMNS)  # (replaces the file in one step: an interrupt loses no row)

@@ -36,6 +36,23 @@ class UsageError(ValueError):
     """A bad command-line value found after parsing: reported in one line, exit code 2."""
 
 
+class OutputError(RuntimeError):
+    """A result file could not be written (a full disk, a quota, an I/O error) after the run had started:
+    reported in one line naming the file, exit code 1."""
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Turn an ``OSError`` while writing ``path`` into an :class:`OutputError` that names it (a write's
+    ``OSError`` names no file: "[Errno 28] No space left on device")."""
+    try:
+        yield
+    except BrokenPipeError:
+        raise
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from exc
+
+
 DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """``--dtype`` values: ``None`` is plain fp32, the others run forward and loss under autocast."""
 
@@ -497,7 +514,7 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
     """``payload`` as standard JSON (non-finite numbers as null), replacing ``path`` at once: the benchmarks
     rewrite their file after each row, and a run killed by a time limit mid-write keeps the last whole file."""
     text = json.dumps(_finite(payload), indent=2, default=str, allow_nan=False) + "\n"
-    with _replacing(path) as tmp:
+    with _writing(path), _replacing(path) as tmp:
         tmp.write_text(text)
 
 
@@ -518,7 +535,7 @@ def _replacing(path: Path) -> Iterator[Path]:
 def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]) -> None:
     """``rows`` as CSV under a header of ``columns`` (keys not in it left out), with ``\\n`` line ends; the
     file is replaced at once, as :func:`write_json`'s."""
-    with _replacing(path) as tmp, tmp.open("w", newline="") as f:
+    with _writing(path), _replacing(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for row in rows:
@@ -527,9 +544,18 @@ def write_csv(path: Path, rows: Iterable[dict[str, Any]], columns: Sequence[str]
 
 def append_csv(path: Path, row: dict[str, Any], columns: Sequence[str]) -> None:
     """``row`` appended to the CSV at ``path`` (keys not in ``columns`` left out), under a header of ``columns``
-    written first when the file is new or empty; ``\n`` line ends, as :func:`write_csv`."""
+    written first when the file is new or empty; ``\n`` line ends, as :func:`write_csv`. A file whose last line
+    has no line end (saved by an editor that drops it, or a row cut short by a kill or a full disk) gets one
+    first: the row was glued onto that line, and lost with it."""
     new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
+    ended = True
+    if not new:
+        with path.open("rb") as f:
+            f.seek(-1, os.SEEK_END)
+            ended = f.read(1) in (b"\n", b"\r")
+    with _writing(path), path.open("a", newline="") as f:
+        if not ended:
+            f.write("\n")
         writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
         if new:
             writer.writeheader()

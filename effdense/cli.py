@@ -92,10 +92,11 @@ def run_entry(
     parse: Callable[[], argparse.Namespace], run: Callable[[argparse.Namespace], int | None], command: str | None = None
 ) -> int:
     """Parse, run and return the exit code, as every entry point does (the ``effdense`` script, ``python -m
-    effdense.train``): a :class:`~effdense.benchutil.UsageError` is one line and 2, Ctrl-C one line and 130, a
+    effdense.train``): a :class:`~effdense.benchutil.UsageError` is one line and 2, a result file that could not be
+    written (:class:`~effdense.benchutil.OutputError`) one line and 1, Ctrl-C one line and 130, a
     closed stdout a quiet 141 (:func:`_broken_pipe`). ``command`` names the subcommand in those lines
     (default: the parsed ``args.command``)."""
-    from effdense.benchutil import UsageError
+    from effdense.benchutil import OutputError, UsageError
 
     try:
         try:
@@ -109,6 +110,9 @@ def run_entry(
         except UsageError as exc:
             print(f"effdense {name}: error: {exc}", file=sys.stderr)
             code = 2
+        except OutputError as exc:  # (a full disk: what was written before is whole, see benchutil.write_json)
+            print(f"effdense {name}: error: {exc}", file=sys.stderr)
+            code = 1
         except KeyboardInterrupt:
             print(f"effdense {name}: interrupted", file=sys.stderr)
             code = 130

@@ -131,6 +131,47 @@ def test_ablate_refuses_a_csv_with_other_columns(capsys, tmp_path):
     assert (tmp_path / "ablate.csv").read_text() == "foo,bar\n1,2\n"
 
 
+def test_ablate_appends_after_a_last_line_without_a_line_end(capsys, tmp_path):
+    # before: the new row was glued onto the last one (an editor that drops the final newline, or a row cut
+    # short by a kill): exit 0, "wrote ablate.csv", the new point lost and the old row corrupted
+    base = ["ablate", "--strategies", "naive", "--batch-sizes", "2", "--estimate", "--no-progress", "--no-plots",
+            "--out", str(tmp_path)]  # fmt: skip
+    code, _, err = run(capsys, *base, "--depths", "10")
+    assert code == 0, err
+    path = tmp_path / "ablate.csv"
+    path.write_bytes(path.read_bytes().rstrip(b"\n"))
+    code, _, err = run(capsys, *base, "--depths", "16")
+    assert code == 0, err
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["depth"], r["status"], r[None] if None in r else "") for r in rows] == [("10", "ok", ""), ("16", "ok", "")]
+
+
+def test_ablate_refuses_a_csv_that_is_not_text(capsys, tmp_path):
+    # before: a UnicodeDecodeError traceback, exit 1
+    (tmp_path / "ablate.csv").write_bytes(b"\xff\xfe strategy,policy\n")
+    code, _, err = run(capsys, "ablate", "--strategies", "naive", "--depths", "10", "--batch-sizes", "2", "--estimate",
+                       "--no-progress", "--no-plots", "--out", str(tmp_path))  # fmt: skip
+    assert code == 2 and "ablate.csv is not a CSV file that ablate writes (not text:" in err, err
+    assert "Traceback" not in err
+
+
+def test_a_result_file_that_cannot_be_written_is_one_line_and_exit_1(capsys, tmp_path, monkeypatch):
+    # a full disk mid-run: before, a traceback ending in "OSError: [Errno 28] No space left on device", which
+    # names no file (what was written before stays whole: the files are replaced at once)
+    import errno
+    import pathlib
+
+    def full(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full)
+    code, _, err = run(capsys, "summary", "densenet_bc_16", "--batch-size", "2", "--image-size", "8", "--out", str(tmp_path))
+    assert code == 1 and "Traceback" not in err, err
+    assert f"effdense summary: error: cannot write {tmp_path}" in err and "No space left on device" in err, err
+    assert not list(tmp_path.glob(".*.tmp"))  # the temporary file is removed
+
+
 def test_ablate_plot_draws_each_series_in_its_own_style(capsys, tmp_path, monkeypatch):
     # before: every series took matplotlib's default colour cycle with one marker, so with --vary all the
     # 18 series had 10 looks (naive and fused drawn alike) and the legend covered the lines
