@@ -952,6 +952,10 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
     # wall seconds of the earlier processes of this run (a resumed run's elapsed_s continues from them, so one
     # log's column stays monotonic; the time between the checkpoint and an interruption is not counted)
     elapsed_before = 0.0
+    # the learning-rate schedule's length in epochs: this run's, or a resumed run's first one (its scheduler
+    # state keeps that length, whatever --epochs a resume gives; saved as such, so a later resume checks
+    # against it: before, a resume with fewer epochs saved those, and the run could not be finished)
+    schedule_epochs = args.epochs
     if resume_state is not None:
         try:
             model.load_state_dict(resume_state["model"])
@@ -968,7 +972,9 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
                 f"checkpoint {args.resume!r} was saved mid-epoch by {saved_world} process(es); resume it with "
                 f"{saved_world} (this run has {ctx.world_size}), or from an end-of-epoch checkpoint"
             )
-        saved_epochs = resume_state.get("config", {}).get("epochs")
+        saved_epochs = resume_state.get("schedule_epochs", resume_state.get("config", {}).get("epochs"))
+        if saved_epochs is not None:
+            schedule_epochs = int(saved_epochs)
         if saved_epochs is not None and args.epochs > saved_epochs and args.lr_schedule == "cosine":
             # CosineAnnealingLR past T_max rises again, to the peak lr at twice its length
             raise CheckpointError(
@@ -1061,6 +1067,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
             "progress": partial if step > 0 else {},
             "elapsed_s": elapsed(),
             "config": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
+            "schedule_epochs": schedule_epochs,
             "world_size": ctx.world_size,
         }
 

@@ -137,6 +137,28 @@ def test_keyboard_interrupt_exception_saves_a_checkpoint_that_resumes(tmp_path):
     _assert_same_state(_state(resumed["model"]), _state(straight["model"]))
 
 
+def test_a_shortened_resume_keeps_the_schedules_length_for_the_next(tmp_path):
+    """A 3-epoch cosine run stopped after epoch 1, resumed with --epochs 2 (the schedule keeps its 3 epochs, as
+    the note says), then resumed again with --epochs 3: it finishes the run as one straight run. Before, the
+    second checkpoint recorded 2 epochs and the last resume was refused ("a 2-epoch run, whose cosine
+    learning-rate schedule ends at epoch 2"): the run could not be finished."""
+    extra = ["--optimizer", "sgd", "--lr-schedule", "cosine", "--drop-rate", "0"]
+
+    def stop(epoch, step, loss):
+        if epoch == 0 and step == 4:  # (TINY: 4 steps per epoch) the end of epoch 1
+            os.kill(os.getpid(), signal.SIGINT)
+
+    first = T.train(_args(tmp_path / "b", "--epochs", 3, *extra), on_step=stop)
+    assert first["interrupted"]
+    second = T.train(_args(tmp_path / "b", "--epochs", 2, *extra, "--resume", first["checkpoint"]))
+    assert T.load_checkpoint(second["checkpoint"])["schedule_epochs"] == 3
+    third = T.train(_args(tmp_path / "b", "--epochs", 3, *extra, "--resume", second["checkpoint"]))
+    straight = T.train(_args(tmp_path / "a", "--epochs", 3, *extra))
+    losses = first["step_losses"] + second["step_losses"] + third["step_losses"]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(straight["step_losses"]), atol=1e-6, rtol=1e-5)
+    _assert_same_state(_state(third["model"]), _state(straight["model"]))
+
+
 def test_keyboard_interrupt_inside_a_step_saves_no_checkpoint(tmp_path, monkeypatch):
     """A raw KeyboardInterrupt in a step's forward (a second Ctrl-C, which the handler calls "stop at once,
     without a checkpoint"): a checkpoint was saved anyway, holding that step's BatchNorm updates and dropout
