@@ -423,8 +423,11 @@ def bottleneck_forward(
         _call(_bottleneck_forward_op, _bottleneck.bottleneck_forward_launch, x, scale, shift, _rows(weight), y, None, None, None)
         return y, None, None
     _alert_atomics(x, "bottleneck_forward")
-    # Σd, Σd² and the reference sample: the rows of one buffer, zeroed and filled by the launch's first kernel
-    d_sum, d_sqsum, ref = torch.empty((3, B), dtype=torch.float32, device=x.device).unbind(0)
+    # Σd and Σd² (the rows of one buffer, which become the returned mean and var) and the reference sample,
+    # zeroed and filled by the launch's first kernel. (The reference was a third row of that buffer: kept alive
+    # by the statistics a layer caches, 4*B bytes per layer more than shared's, and fused measured above shared.)
+    d_sum, d_sqsum = torch.empty((2, B), dtype=torch.float32, device=x.device).unbind(0)
+    ref = torch.empty(B, dtype=torch.float32, device=x.device)
     _call(
         _bottleneck_forward_op, _bottleneck.bottleneck_forward_launch,
         x, scale, shift, _rows(weight), y, d_sum, d_sqsum, ref,

@@ -63,12 +63,18 @@ def test_shared_peak_grows_linearly_with_depth() -> None:
 
 
 def test_fused_never_above_shared() -> None:
-    """fused's peak on its kernel path (the Triton ops; on CPU the interpreter, see conftest) is at most shared's."""
+    """fused's peak on its kernel path (the Triton ops; on CPU the interpreter, see conftest) is at most shared's.
+    The small shapes: there the kernel op's BN2 statistics kept their buffer's third row (the reference sample)
+    alive, 4*B bytes per layer, and fused measured 3,072 bytes above shared (DenseNet-121 at batch 64, 224px
+    too)."""
     from effdense.strategies import fused as fused_strategy
 
     assert fused_strategy.kernels_available(torch.device("cpu")) or torch.cuda.is_available()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    for name, shape in (("densenet_bc_100", (16, 3, 32, 32)), ("densenet_40", (16, 3, 32, 32))):
+    for name, shape in (
+        ("densenet_bc_100", (16, 3, 32, 32)), ("densenet_40", (16, 3, 32, 32)),
+        ("densenet_bc_100", (2, 3, 8, 8)), ("densenet121", (1, 3, 64, 64)),
+    ):  # fmt: skip
         shared = estimate_step(name, shape, strategy="shared", backend="fake", device=device).peak
         fused = estimate_step(name, shape, strategy="fused", backend="fake", device=device).peak
         assert fused <= shared, f"{name}: fused {fused} > shared {shared}"
