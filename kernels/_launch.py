@@ -8,6 +8,7 @@ Nothing here touches CUDA at import time; device properties are read (and cached
 from __future__ import annotations
 
 import functools
+import gc
 import inspect
 import os
 
@@ -175,6 +176,13 @@ def launch(fn, grid: tuple, args: tuple, kwargs: dict) -> None:
     if not _DIRECT or _INTERPRETING:
         counts["triton"] += 1
         fn[grid](*args, **kwargs)
+        if _INTERPRETING:
+            # Triton's interpreter holds the launch's tensor storages in reference cycles (its recursive
+            # argument-copying closures), freed at the garbage collector's next pass: a tensor deleted after
+            # the launch stayed allocated until then, and the exact CPU memory of a fused step depended on
+            # when that was (+17% over the estimate at worst, different with gc disabled). The young
+            # generations hold them: collected here, at a cost of microseconds beside the interpreter's.
+            gc.collect(1)
         return
     get_device, get_stream, knobs = _driver()
     device = get_device()
