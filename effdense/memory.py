@@ -673,6 +673,7 @@ def measure_step(
     if not isinstance(model, nn.Module):
         hint = " (build it with effdense.get_model(name), or estimate by name with estimate_step)" if isinstance(model, str) else ""
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}{hint}")
+    _check_flags(channels_last=channels_last, keep_grads=keep_grads, tracked=tracked)
     if torch.is_inference_mode_enabled():
         raise RuntimeError(
             "measure_step: called inside torch.inference_mode(); a training step needs autograd (and inference "
@@ -712,6 +713,14 @@ def measure_step(
                 m.training = training
             if given is not None and given.requires_grad:
                 given.grad = given_grad
+
+
+def _check_flags(**flags: Any) -> None:
+    """Each named on/off argument is a bool: a string such as ``"no"`` is true, and silently kept the gradients
+    or converted the model to channels_last (as :class:`effdense.Policy` refuses its fields)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}: expected a bool (True or False), got {type(value).__name__} {value!r}")
 
 
 def _fake_mode_active() -> bool:
@@ -883,6 +892,7 @@ def estimate_step(
     """
     if backend not in ("fake", "meta", "auto"):
         raise ValueError(f"unknown estimate backend {backend!r}; expected 'fake', 'meta' or 'auto'")
+    _check_flags(channels_last=channels_last)
     given_device = device
     expected = "the device whose step is estimated, 'cpu' or 'cuda[:N]'"
     device = _parse_device(device, expected)
