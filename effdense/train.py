@@ -418,8 +418,12 @@ def _lr_and_weight_decay(optimizer: str, lr: float | None, weight_decay: float |
 
 
 def _milestone_fractions(text: str) -> list[float]:
-    """``--lr-milestones`` as numbers (``"0.5,0.75"`` -> ``[0.5, 0.75]``); ValueError when one is not a number."""
-    return [float(f) for f in text.split(",") if f.strip()]
+    """``--lr-milestones`` as numbers (``"0.5,0.75"`` -> ``[0.5, 0.75]``); ValueError when one is not a number
+    or is missing (``""``: a step schedule without a step; ``"0.5,,1"``), as the other comma lists refuse."""
+    items = [f.strip() for f in text.split(",")]
+    if not all(items):
+        raise ValueError(f"an empty item in {text!r}")
+    return [float(f) for f in items]
 
 
 def _build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.Optimizer:

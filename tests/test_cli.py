@@ -828,6 +828,9 @@ _TINY_TRAIN = ["--epochs", "1", "--subset", "64", "--test-subset", "64", "--batc
         (["train", *_TINY_TRAIN, "--warmup-epochs", "-1"], "--warmup-epochs must be a number >= 0"),
         (["train", *_TINY_TRAIN, "--label-smoothing", "2"], "--label-smoothing must be a number in [0, 1]"),
         (["train", *_TINY_TRAIN, "--lr-schedule", "step", "--lr-milestones", "2"], "--lr-milestones must be"),
+        # before: both taken, as a step schedule without a step and as 0.5,1 (the other comma lists refuse them)
+        (["train", *_TINY_TRAIN, "--lr-schedule", "step", "--lr-milestones", ""], "--lr-milestones must be"),
+        (["train", *_TINY_TRAIN, "--lr-schedule", "step", "--lr-milestones", "0.5,,1"], "--lr-milestones must be"),
         # before: "--workers and --save-every must be >= 0" for either, and the model's parameter names
         # ("drop_rate must be in [0, 1)", "growth_rate must be a positive integer") instead of the options
         (["train", *_TINY_TRAIN, "--workers", "-1"], "--workers must be an integer >= 0, got -1"),
@@ -839,7 +842,7 @@ _TINY_TRAIN = ["--epochs", "1", "--subset", "64", "--test-subset", "64", "--batc
     ids=["ablate-image-size", "max-depth-image-size", "max-depth-estimate-limit", "max-depth-estimate-limit-fit",
          "train-lr", "train-lr-nan",
          "train-momentum", "train-weight-decay", "train-lr-gamma", "train-warmup", "train-label-smoothing",
-         "train-milestones", "train-workers", "train-save-every", "train-drop-rate", "train-drop-rate-nan",
+         "train-milestones", "train-milestones-empty", "train-milestones-empty-item", "train-workers", "train-save-every", "train-drop-rate", "train-drop-rate-nan",
          "train-growth-rate"],
 )
 def test_bad_values_found_after_parsing_one_line_exit_2(capsys, tmp_path, argv, fragment):
