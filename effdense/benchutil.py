@@ -89,7 +89,8 @@ def exit_code(command: str, failed: Sequence[str], total: int, what: tuple[str, 
 def model_name(text: str) -> str:
     """A name :func:`effdense.get_model` accepts: one of :data:`effdense.MODELS`, ``densenet_bc_<depth>``
     or ``densenet_<depth>`` with a depth the paper's rule allows. Case-insensitive, as :func:`effdense.get_model`;
-    returns the lower-case name (file names, the ImageNet/CIFAR defaults)."""
+    returns the canonical name (file names, the ImageNet/CIFAR defaults): lower case, the depth without leading
+    zeros (``densenet_bc_016`` wrote its results beside ``densenet_bc_16``'s under another name)."""
     name = text.strip().lower()
     if name in MODELS:
         return name
@@ -99,7 +100,7 @@ def model_name(text: str) -> str:
             cifar_layers_per_block(int(m.group(2)), bottleneck=m.group(1) is not None)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
-        return name
+        return f"densenet_{m.group(1) or ''}{int(m.group(2))}"
     raise argparse.ArgumentTypeError(
         f"unknown model {text!r}; expected one of {', '.join(sorted(MODELS))}, densenet_bc_<depth> or densenet_<depth>"
     )
@@ -245,8 +246,7 @@ def reject_ineffective(args: argparse.Namespace, options: Sequence[str], reason:
     The policy of every subcommand: an option that sets a value the run would never use is an error, not
     silently ignored. Such options default to ``None`` (the real default is filled in once it is known to
     apply), so an option counts as given when its value is not ``None``; a default never triggers this.
-    Switches that only turn off what is already off (``--no-timing`` with ``--memory estimate``) ask for
-    what happens anyway and are accepted.
+    (Switches are the subcommands' own business: ``bench`` refuses ``--no-timing`` with ``--memory estimate``.)
     """
     given = [o for o in options if getattr(args, o.lstrip("-").replace("-", "_")) is not None]
     if given:
