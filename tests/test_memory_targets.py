@@ -58,7 +58,8 @@ def test_shared_below_checkpoint_on_small_maps() -> None:
 def test_shared_below_checkpoint_without_bottlenecks_under_autocast() -> None:
     """DenseNet-40 (no bottleneck layers), bf16 autocast: BN1's backward summed over fp32 copies of a whole
     layer's input ((x - mean)*dh with dh and x widened), and shared peaked at 1.29x checkpoint's at batch 64
-    (183.1 against 142.2 MiB; 1.28x at batch 16, a probe found it). On channel chunks: 0.83x, and 0.95x here."""
+    (183.1 against 142.2 MiB; 1.28x at batch 16, a probe found it). With one fp32 temporary: 0.83x, and 0.95x
+    here."""
     shape = (16, 3, 32, 32)
     shared = peak("densenet_40", shape, "shared", autocast_dtype=torch.bfloat16)
     checkpoint = peak("densenet_40", shape, "checkpoint", autocast_dtype=torch.bfloat16)
