@@ -36,9 +36,9 @@ class UsageError(ValueError):
     """A bad command-line value found after parsing: reported in one line, exit code 2."""
 
 
-class OutputError(RuntimeError):
+class OutputError(OSError):
     """A result file could not be written (a full disk, a quota, an I/O error) after the run had started:
-    reported in one line naming the file, exit code 1."""
+    reported in one line naming the file, exit code 1. An ``OSError``, as the error it stands for."""
 
 
 @contextlib.contextmanager
@@ -89,8 +89,9 @@ def exit_code(command: str, failed: Sequence[str], total: int, what: tuple[str, 
 def model_name(text: str) -> str:
     """A name :func:`effdense.get_model` accepts: one of :data:`effdense.MODELS`, ``densenet_bc_<depth>``
     or ``densenet_<depth>`` with a depth the paper's rule allows. Case-insensitive, as :func:`effdense.get_model`;
-    returns the canonical name (file names, the ImageNet/CIFAR defaults): lower case, the depth without leading
-    zeros (``densenet_bc_016`` wrote its results beside ``densenet_bc_16``'s under another name)."""
+    returns the lower-case name (file names, the ImageNet/CIFAR defaults). A depth with leading zeros is kept as
+    given: ``densenet_bc_0250`` is :func:`effdense.get_model`'s k=12 model of depth 250, not the
+    ``densenet_bc_250`` preset (k=24)."""
     name = text.strip().lower()
     if name in MODELS:
         return name
@@ -100,7 +101,7 @@ def model_name(text: str) -> str:
             cifar_layers_per_block(int(m.group(2)), bottleneck=m.group(1) is not None)
         except ValueError as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
-        return f"densenet_{m.group(1) or ''}{int(m.group(2))}"
+        return name
     raise argparse.ArgumentTypeError(
         f"unknown model {text!r}; expected one of {', '.join(sorted(MODELS))}, densenet_bc_<depth> or densenet_<depth>"
     )
@@ -547,12 +548,13 @@ def append_csv(path: Path, row: dict[str, Any], columns: Sequence[str]) -> None:
     written first when the file is new or empty; ``\n`` line ends, as :func:`write_csv`. A file whose last line
     has no line end (saved by an editor that drops it, or a row cut short by a kill or a full disk) gets one
     first: the row was glued onto that line, and lost with it."""
-    new = not path.exists() or path.stat().st_size == 0
-    ended = True
-    if not new:
-        with path.open("rb") as f:
-            f.seek(-1, os.SEEK_END)
-            ended = f.read(1) in (b"\n", b"\r")
+    with _writing(path):
+        new = not path.exists() or path.stat().st_size == 0
+        ended = True
+        if not new:
+            with path.open("rb") as f:
+                f.seek(-1, os.SEEK_END)
+                ended = f.read(1) in (b"\n", b"\r")
     with _writing(path), path.open("a", newline="") as f:
         if not ended:
             f.write("\n")

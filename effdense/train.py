@@ -417,11 +417,15 @@ def _lr_and_weight_decay(optimizer: str, lr: float | None, weight_decay: float |
             weight_decay if weight_decay is not None else (1e-4 if sgd else 0.05))
 
 
-def _milestone_fractions(text: str) -> list[float]:
+def _milestone_fractions(text: str, saved: bool = False) -> list[float]:
     """``--lr-milestones`` as numbers (``"0.5,0.75"`` -> ``[0.5, 0.75]``); ValueError when one is not a number
-    or is missing (``""``: a step schedule without a step; ``"0.5,,1"``), as the other comma lists refuse."""
+    or is missing (``""``: a step schedule without a step; ``"0.5,,1"``), as the other comma lists refuse.
+    ``saved``: a checkpoint's, whose empty items are left out, as effdense took them before it refused them
+    (a run saved with ``0.5,0.75,`` resumes with ``0.5,0.75``)."""
     items = [f.strip() for f in text.split(",")]
-    if not all(items):
+    if saved:
+        items = [f for f in items if f]
+    elif not all(items):
         raise ValueError(f"an empty item in {text!r}")
     return [float(f) for f in items]
 
@@ -634,7 +638,7 @@ def _effective_options(config: dict[str, Any]) -> dict[str, Any]:
         opts["image_size"] = DEFAULT_IMAGE_SIZE[config["data"]]
     if isinstance(opts.get("lr_milestones"), str):  # "0.5,0.75" and ".5, .75" are one schedule
         try:
-            opts["lr_milestones"] = tuple(_milestone_fractions(opts["lr_milestones"]))
+            opts["lr_milestones"] = tuple(_milestone_fractions(opts["lr_milestones"], saved=True))
         except ValueError:
             pass  # refused with its own message when the schedule is built
     return opts

@@ -273,6 +273,9 @@ def _planes_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
     return j_lo <= j_hi
 
 
+_Parameter = torch.nn.Parameter  # (a BatchNorm's weight goes in as gamma as it is)
+
+
 def _sharing(t: torch.Tensor, read: dict[str, torch.Tensor], meet) -> Iterator[tuple[str, torch.Tensor]]:
     """The named tensors of ``read`` that share storage with ``t`` and ``meet(t, o)``: the loop of the
     overlap checks below (tensors with data in eager execution only, see :func:`_comparable`)."""
@@ -282,7 +285,7 @@ def _sharing(t: torch.Tensor, read: dict[str, torch.Tensor], meet) -> Iterator[t
     for other, o in read.items():
         # (_comparable(o) without its is_compiling(): t passed it)
         if (
-            type(o) is torch.Tensor and not o.is_meta and o.numel() > 0 and not _functorch_wrapped(o)
+            (type(o) is torch.Tensor or type(o) is _Parameter) and not o.is_meta and o.numel() > 0 and not _functorch_wrapped(o)
             and o.untyped_storage().data_ptr() == base and meet(t, o)
         ):  # fmt: skip
             yield other, o

@@ -420,11 +420,6 @@ def test_model_names_are_case_insensitive(capsys, tmp_path):
     code, _, err = run(capsys, "summary", "DenseNet_BC_10", "--no-memory", "--out", str(tmp_path))
     assert code == 0, err
     assert json.loads((tmp_path / "summary_densenet_bc_10_32px_nomemory.json").read_text())["blocks"] == [1, 1, 1]
-    # and a depth with leading zeros is the same model, under its canonical name (before: a second file, and
-    # meta.model "densenet_bc_016")
-    code, _, err = run(capsys, "summary", "densenet_bc_010", "--no-memory", "--out", str(tmp_path))
-    assert code == 0, err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary_densenet_bc_10_32px_nomemory.json"]
 
 
 @pytest.mark.parametrize(

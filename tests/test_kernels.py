@@ -2050,6 +2050,8 @@ def test_grad_overlapping_a_vector_it_reads_is_refused(backend):
     s, t, w, dy = torch.rand(C) + 0.5, torch.randn(C), torch.randn(B, C), torch.randn(N, B, H, W)
     with pytest.raises(ValueError, match="grad: expected memory separate from gamma"):
         K.bottleneck_backward(x, s, t, w, dy, z, one, gamma, grad, backend=backend)
+    with pytest.raises(ValueError, match="grad: expected memory separate from gamma"):  # a BatchNorm's weight as it is
+        K.bn_backward_accumulate(grad, x, dh, z, one, torch.nn.Parameter(gamma), z, z, batch_stats=False, backend=backend)
     storage = torch.zeros(N * C * H * W + C)  # the vector right after grad in one storage: allowed
     grad2, gamma2 = storage[:C].view(N, C, H, W), storage[C:].fill_(1.0)
     K.bn_backward_accumulate(grad2, x, dh, z, one, gamma2, z, z, batch_stats=False, backend=backend)

@@ -685,6 +685,9 @@ def test_resume_compares_milestones_as_numbers():
         return _effective_options(vars(_with_defaults(parse_args(["--lr-schedule", "step", *argv]))))
 
     assert opts() == opts("--lr-milestones", ".5, .75") != opts("--lr-milestones", "0.5,0.8")
+    # a checkpoint saved when an empty item was still taken ("0.5,0.75,") resumes with the milestones it ran
+    saved = {**vars(_with_defaults(parse_args(["--lr-schedule", "step"]))), "lr_milestones": "0.5,0.75,"}
+    assert _effective_options(saved) == opts("--lr-milestones", "0.5,0.75")
 
 
 def test_compile_with_autocast_precision_trains_the_shared_strategy(tmp_path):
