@@ -59,6 +59,12 @@ def test_matches_torchvision_with_same_weights(arch: str, strategy: str) -> None
 def test_convert_holds_the_same_parameters(arch: str) -> None:
     torch.manual_seed(1)
     tv = getattr(torchvision.models, arch)(num_classes=5)
+    with torch.no_grad():  # not a fresh BatchNorm's 1, 0, 0, 1, which the copy's own would equal (vacuously)
+        for m in tv.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                for t, low in ((m.weight, 0.5), (m.bias, -0.5), (m.running_mean, -0.2), (m.running_var, 0.5)):
+                    t.copy_(torch.rand_like(t) + low)
+                m.num_batches_tracked.fill_(7)
     for strategy in ("naive", "checkpoint"):
         ours = effdense.convert(tv, strategy=strategy)
         assert isinstance(ours, effdense.DenseNet) and ours.strategy == strategy
