@@ -159,8 +159,18 @@ def _key(row: dict[str, Any]) -> tuple[str, ...]:
 def read_rows(path: Path) -> list[dict[str, str]]:
     if not path.exists():
         return []
-    with path.open(newline="") as f:
-        return list(csv.DictReader(f))
+    try:
+        with path.open(newline="") as f:
+            return list(csv.DictReader(f))
+    except UnicodeDecodeError as exc:  # (read for the points already done, before any point runs)
+        raise _not_text(path, exc) from None
+
+
+def _not_text(path: Path, exc: UnicodeDecodeError) -> UsageError:
+    return UsageError(
+        f"{path} is not a CSV file that ablate writes (not text: {exc.reason} at byte {exc.start}); give another "
+        "--out, or move the file away"
+    )
 
 
 def _check_header(path: Path) -> None:
@@ -173,13 +183,8 @@ def _check_header(path: Path) -> None:
     try:
         with path.open(newline="") as f:
             header = next(csv.reader(f), [])
-            for _ in f:  # (the rest is read later: a byte that is not text fails here, before any point runs)
-                pass
-    except UnicodeDecodeError as exc:
-        raise UsageError(
-            f"{path} is not a CSV file that ablate writes (not text: {exc.reason} at byte {exc.start}); give another "
-            "--out, or move the file away"
-        ) from None
+    except UnicodeDecodeError as exc:  # (past the header: read_rows says it)
+        raise _not_text(path, exc) from None
     if header == [c for c in CSV_COLUMNS if c not in _ADDED_COLUMNS]:
         rows = read_rows(path)
         write_csv(path, rows, CSV_COLUMNS)  # (replaces the file in one step: an interrupt loses no row)

@@ -555,13 +555,13 @@ def append_csv(path: Path, row: dict[str, Any], columns: Sequence[str]) -> None:
             with path.open("rb") as f:
                 f.seek(-1, os.SEEK_END)
                 ended = f.read(1) in (b"\n", b"\r")
-    with _writing(path), path.open("a", newline="") as f:
-        if not ended:
-            f.write("\n")
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+        with path.open("a", newline="") as f:
+            if not ended:
+                f.write("\n")
+            writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
 
 
 def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, Callable[[Any], str]]]) -> str:
