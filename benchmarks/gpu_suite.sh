@@ -19,7 +19,9 @@
 # .tgz path to pack $OUT into at the end, for machines that return few files. No network access is needed.
 # GIT_COMMIT names the commit recorded (else .git's, else "unknown"). PYTHON: the interpreter (default python),
 # whose effdense must be this checkout's (pip install -e .; checked). SUITE_WORKERS: pytest-xdist processes for
-# the CUDA test steps (default 8, when xdist is importable).
+# the CUDA test steps (default 8, when xdist is importable). SUITE_STEPS: a comma-separated list of step names
+# (as in steps.tsv, e.g. tests_cuda,bench_kernels) to run, the others recorded as skipped (default: every step);
+# a lease too short for the whole suite runs part of it and another lease the rest.
 set -euo pipefail
 SUITE_START=$SECONDS  # (here, before the pre-checks below: they are in the budget too)
 cd "$(dirname "$0")/.."
@@ -104,6 +106,17 @@ if [ "$MODE" = gpu ] && "$PY" -c "import xdist" 2>/dev/null; then
     XDIST=(-n "${SUITE_WORKERS:-8}")
 fi
 
+ALL_STEPS="environment tests_direct_launch bench_densenet121_bf16 step_graph_time bench_kernels tests_cuda
+bench_fused_compile bench_densenet_bc_100 host_overhead tests_cuda_graph profile_step estimate_vs_cuda tests_cuda_slow
+tests_kernels_shared"
+SELECTED=" $(echo ${SUITE_STEPS:-$ALL_STEPS} | tr ',' ' ') "
+for name in $SELECTED; do
+    if ! [[ " $(echo $ALL_STEPS) " == *" $name "* ]]; then
+        echo "gpu_suite.sh: error: SUITE_STEPS names '$name', not a step of this suite (steps: $(echo $ALL_STEPS | tr ' ' ','))" >&2
+        exit 2
+    fi
+done
+
 echo "gpu_suite.sh: $MODE on $SLUG, commit $GIT_COMMIT, writing to $OUT (budget ${BUDGET}s; pytest ${XDIST[*]:-without xdist})"
 printf 'step\texit_code\tseconds\tstatus\tcommand\n' >"$OUT/steps.tsv"
 FAILED=()
@@ -115,6 +128,10 @@ step() {
     shift 2
     local left=$((BUDGET - (SECONDS - SUITE_START) - 10))  # (10 s: timeout's --kill-after fits in the budget)
     local start=$SECONDS rc status=
+    if [[ "$SELECTED" != *" $name "* ]]; then
+        printf '%s\t\t0\tskipped\t%s\n' "$name" "$*" >>"$OUT/steps.tsv"
+        return 0
+    fi
     if [ "$left" -lt "$limit" ]; then limit=$left; fi
     echo
     echo "== [$name] $* (limit ${limit}s, $((SECONDS - SUITE_START))s into the suite)"
@@ -284,8 +301,9 @@ out, mode, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 with open(f"{out}/steps.tsv") as f:
     steps = list(csv.DictReader(f, delimiter="\t"))
 with open(f"{out}/summary.json", "w") as f:
-    json.dump({"mode": mode, "seconds": seconds, "failed": [s["step"] for s in steps if s["exit_code"] != "0"],
-               "steps": steps}, f, indent=2)
+    json.dump({"mode": mode, "seconds": seconds,
+               "failed": [s["step"] for s in steps if s["status"] not in ("ok", "skipped")],
+               "skipped": [s["step"] for s in steps if s["status"] == "skipped"], "steps": steps}, f, indent=2)
 EOF
 echo
 echo "gpu_suite.sh: $MODE finished in $((SECONDS - SUITE_START))s; results in $OUT"
