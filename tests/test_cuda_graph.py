@@ -7,7 +7,6 @@ forward, loss and backward captured once with ``torch.cuda.graph``, the input re
 replay. CUDA only.
 """
 
-import contextlib
 import copy
 
 import pytest
@@ -17,16 +16,6 @@ import torch.nn.functional as F
 import effdense
 
 pytestmark = pytest.mark.cuda
-
-
-@contextlib.contextmanager
-def _no_tf32():
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _step(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor) -> None:
@@ -54,21 +43,20 @@ def test_replayed_step_matches_eager(strategy) -> None:
     model = effdense.DenseNet(6, (3, 2), 12, num_classes=4, small_inputs=True, strategy=strategy).cuda()
     x = torch.randn(4, 3, 12, 12, device="cuda")
     target = torch.randint(0, 4, (4,), device="cuda")
-    with _no_tf32():
-        graph = _capture(model, x, target)
+    graph = _capture(model, x, target)
+    torch.cuda.synchronize()
+    ref = copy.deepcopy(model)  # after the warm-up: the same running statistics; capture ran nothing
+    for _ in range(2):
+        new = torch.randn_like(x)
+        x.copy_(new)
+        graph.replay()
+        ref.zero_grad(set_to_none=True)
+        _step(ref, new, target)
         torch.cuda.synchronize()
-        ref = copy.deepcopy(model)  # after the warm-up: the same running statistics; capture ran nothing
-        for _ in range(2):
-            new = torch.randn_like(x)
-            x.copy_(new)
-            graph.replay()
-            ref.zero_grad(set_to_none=True)
-            _step(ref, new, target)
-            torch.cuda.synchronize()
-            for (name, p), q in zip(model.named_parameters(), ref.parameters()):
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}.grad: {m}")
-            for (name, b), c in zip(model.named_buffers(), ref.buffers()):
-                torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}.grad: {m}")
+        for (name, b), c in zip(model.named_buffers(), ref.buffers()):
+            torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("strategy", ["shared", "fused"])

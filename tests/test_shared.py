@@ -144,13 +144,7 @@ def test_fused_matches_naive_with_real_kernels(builder, shape, device) -> None:
         pytest.skip(f"Triton kernels cannot run on {device} here (TRITON_INTERPRET unset)")
     torch.manual_seed(0)
     ref, other = _pair(builder().to(device), "fused")
-    # fp32 reference without TF32 shortcuts in cuDNN/cuBLAS
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        assert_matches(ref, other, torch.randn(shape, device=device))
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    assert_matches(ref, other, torch.randn(shape, device=device))  # (TF32 off: conftest's _no_tf32)
 
 
 def test_fused_chunks_are_the_models_widest(monkeypatch) -> None:
