@@ -205,9 +205,8 @@ print(json.dumps(env, indent=2))
 EOF
 
 if [ "$MODE" = gpu ]; then
-    # Order: the fused issue's figures first (the kernel bench among them: the forward kernel's reference sample
-    # is computed once since 88280aa, not yet timed), then the CUDA tests (one unnamed failure at d837e33 that a
-    # rerun did not repeat: -v names each result), then what was never recorded, in case the budget runs out (at
+    # Order: the fused issue's figures first (the kernel bench among them), then the CUDA tests (-v names each
+    # result: at 4c8a7e5 they named a TF32 tolerance failure, perhaps d837e33's unnamed one), then what was never recorded, in case the budget runs out (at
     # d837e33 the fused compile row was still compiling after 150 s, the BC-100 bench's fused row tuning after
     # 120 s; host_overhead.py had 40 s). A fresh machine
     # autotunes every kernel shape in the first fused step: on an H200 (commit 31de30d, Triton's default
