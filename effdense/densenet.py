@@ -1019,7 +1019,7 @@ def get_model(name: str, **kwargs: Any) -> DenseNet:
         if not bc:
             kwargs.setdefault("compression", 1.0)
         return densenet_cifar(depth, kwargs.pop("growth_rate"), bottleneck=bc, **kwargs)
-    raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}, densenet_bc_<depth> or densenet_<depth>")
+    raise ValueError(f"unknown model {name!r}; expected one of {', '.join(sorted(MODELS))}, densenet_bc_<depth> or densenet_<depth>")
 
 
 def set_strategy(module: nn.Module, strategy: str, policy: Policy | None = None) -> nn.Module:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from effdense import densenet, strategies
-from effdense.benchutil import DTYPES, AutocastInside, append_csv, first_line, image_size_problem, positive_int
+from effdense.benchutil import DTYPES, AutocastInside, _writing, append_csv, first_line, image_size_problem, positive_int
 from effdense.data import DATASETS, DEFAULT_IMAGE_SIZE, DataError, SeededSamples, ShardSampler, Subset, build_datasets
 
 DEFAULT_DEPTH = 22
@@ -538,6 +538,8 @@ def _validate(args: argparse.Namespace) -> None:
     ):
         if value is not None and not (math.isfinite(value) and ok(value)):
             raise TrainError(f"--{name.replace('_', '-')} must be {expected}, got {value}")
+    if args.warmup_epochs and args.warmup_epochs > args.epochs:  # (before: shortened to the run, silently)
+        raise TrainError(f"--warmup-epochs {args.warmup_epochs:g} is longer than the run (--epochs {args.epochs})")
     if args.lr_schedule == "step" and args.lr_milestones is not None:
         try:
             fractions = _milestone_fractions(args.lr_milestones)
@@ -602,11 +604,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     """Write ``state`` atomically (a temporary file, then rename), so an interrupted save never leaves a
-    truncated checkpoint behind."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    truncated checkpoint behind. An ``OSError`` (a full disk, a folder that cannot be made) is an
+    :class:`~effdense.benchutil.OutputError` naming ``path``: one line and exit code 1 from the CLI."""
     tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with _writing(Path(path)):
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            torch.save(state, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)  # (a full disk's partial file, or one cut by Ctrl-C)
+            raise
 
 
 def _first_sentence(text: str, limit: int = 120) -> str:
@@ -784,22 +793,25 @@ class _MetricsLog:
     def __init__(self, path: str | None, history: list[dict[str, Any]]) -> None:
         self.path = path
         if path:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            if os.path.exists(path):
-                os.remove(path)
+            with _writing(Path(path)):  # (a folder that cannot be made: one line naming the file, exit code 1)
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+                if os.path.exists(path):
+                    os.remove(path)
         for row in history:
             self.write(row)
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.path:
             return
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        if self.path.endswith(".jsonl"):
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-            return
+        path = Path(self.path)
+        with _writing(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if self.path.endswith(".jsonl"):
+                with path.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                return
         flat = {k: (";".join(f"{x:.1f}" for x in v) if isinstance(v, list) else v) for k, v in row.items()}
-        append_csv(Path(self.path), flat, list(flat))
+        append_csv(path, flat, list(flat))
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -916,6 +928,9 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
     train_set = seeded if seeded is not None else spec.train
     train_set = Subset(train_set, args.subset) if args.subset else train_set
     test_set = Subset(spec.test, args.test_subset) if args.test_subset else spec.test
+    for option, n, full in (("--subset", args.subset, spec.train), ("--test-subset", args.test_subset, spec.test)):
+        if n and n > len(full):  # (Subset takes them all)
+            say(f"note: {option} {n} is more than the {len(full):,} images there: all of them are used")
 
     model = build_model(args, spec.num_classes, spec.in_channels)
     problem = _batch_norm_problem(model, spec.image_size, args, ctx)

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -455,6 +456,7 @@ def _run_main(capsys, argv):
         (["--depth", "11"], "is not a valid DenseNet-BC"),
         (["--model", "densenet121", "--growth-rate", "8"], "growth_rate"),
         (["--strategy", "turbo"], "unknown strategy 'turbo'"),
+        (["--warmup-epochs", "1.5"], "--warmup-epochs 1.5 is longer than the run (--epochs 1)"),
         (["--resume", "/nonexistent/ckpt.pt"], "does not exist"),
         (["--resume", "{tmp}/garbage.pt"], "cannot read checkpoint"),
         (["--resume", "{tmp}/other.pt"], "not an effdense train checkpoint"),
@@ -701,3 +703,51 @@ def test_compile_with_autocast_precision_trains_the_shared_strategy(tmp_path):
     assert len(result["step_losses"]) == 2 and all(math.isfinite(v) for v in result["step_losses"])
     eager = T.train(T.parse_args([a for a in argv if a != "--compile"] + ["--out-dir", str(tmp_path / "eager")]))
     assert abs(result["step_losses"][0] - eager["step_losses"][0]) < 0.05  # the same first step, in bf16
+
+
+@pytest.mark.parametrize("where", ["checkpoint", "jsonl"])
+def test_a_full_disk_while_saving_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch, where):
+    """train's checkpoint and .jsonl metrics writes: before, an OSError traceback naming no file ("[Errno 28] No
+    space left on device"); now one line naming it and exit code 1, as bench's result files, and a checkpoint's
+    partial temporary file is removed."""
+    import errno
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if where == "checkpoint":
+
+        def save(obj, f, *args, **kwargs):
+            open(f, "wb").write(b"partial")
+            full()
+
+        monkeypatch.setattr(T.torch, "save", save)
+        target = tmp_path / "o" / "ckpt.pt"
+        extra = ["--checkpoint", str(target)]
+    else:
+        real_open = Path.open
+
+        def open_(self, mode="r", *args, **kwargs):
+            if self.suffix == ".jsonl" and "a" in mode:
+                full()
+            return real_open(self, mode, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "open", open_)
+        target = tmp_path / "o" / "m.jsonl"
+        extra = ["--metrics", str(target)]
+    code = T.cli_main([*TINY, "--epochs", "1", "--out-dir", str(tmp_path / "o"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 1 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == f"effdense train: error: cannot write {target}: No space left on device", err
+    assert not list(target.parent.glob("*.tmp*")), list(target.parent.iterdir())
+
+
+def test_a_subset_larger_than_the_dataset_says_it_takes_all(tmp_path, capsys):
+    """Before: --subset 100000 of digits' 1,347 training images trained on 1,347, silently."""
+    argv = [a for a in TINY if a != "--quiet"]
+    i = argv.index("--subset")
+    argv[i + 1] = "100000"
+    code = T.main(T.parse_args([*argv, "--epochs", "1", "--out-dir", str(tmp_path)]))
+    out = capsys.readouterr().out
+    assert code == 0 and "note: --subset 100000 is more than the 1,347 images there: all of them are used" in out, out
+    assert "--test-subset" not in out  # (64 of 450: a real subset)
