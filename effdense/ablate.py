@@ -303,7 +303,7 @@ def main(args: argparse.Namespace) -> int:
     }  # fmt: skip
     todo = [p for p in points if _key(p) not in done]
     progress(
-        f"effdense ablate: {len(points)} grid points, {len(points) - len(todo)} already in {csv_path}, "
+        f"effdense ablate: {len(points)} grid point{'s' * (len(points) != 1)}, {len(points) - len(todo)} already in {csv_path}, "
         f"{len(todo)} to run ({mode} memory{', timed' if args.time else ''}, {env['device_name']})"
     )
     bar = _progress_bar(len(todo), disable=args.no_progress)
@@ -331,7 +331,7 @@ def main(args: argparse.Namespace) -> int:
         if row["status"] != "ok":
             bar.write(f"{label}: {row['status']} {row.get('note', '')}")
     bar.close()
-    print(f"wrote {csv_path}" if todo else f"{csv_path}: all {len(points)} grid points already there; nothing run")
+    print(f"wrote {csv_path}" if todo else f"{csv_path}: " + (f"all {len(points)} grid points" if len(points) != 1 else "its one grid point") + " already there; nothing run")
     if not args.no_plots:
         written = plot(csv_path, args.out, keys={_key(p) for p in points})
         for path in written:

@@ -544,11 +544,13 @@ def test_ablate_with_no_available_strategy_is_a_usage_error(capsys, tmp_path, mo
     assert code == 2 and err.count("\n") == 1 and "no strategy of the grid is available" in err
 
 
-def test_console_entry_point_runs():
-    result = subprocess.run([sys.executable, "-m", "effdense.cli", "max-depth", "--budget", "12XB"],
+@pytest.mark.parametrize("module", ["effdense.cli", "effdense"])  # (python -m effdense: before, "No module named effdense.__main__")
+def test_console_entry_point_runs(module):
+    result = subprocess.run([sys.executable, "-m", module, "max-depth", "--budget", "12XB"],
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0 and "12XB" in result.stderr
+    assert result.stderr.startswith("effdense max-depth: error:"), result.stderr
 
 
 @pytest.mark.parametrize("argv", [
