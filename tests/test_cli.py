@@ -336,6 +336,16 @@ def test_max_depth_file_names_its_strategies_and_records_its_settings(capsys, tm
     assert json.loads((tmp_path / names[1]).read_text())["meta"]["estimate_limit"] is None
 
 
+def test_max_depth_progress_line_says_when_the_depth_is_extrapolated(capsys, tmp_path):
+    """Before: "naive: max depth 316 (63.0 MiB), 4 estimates in 1.0 s", read as measured; the table's status
+    column alone said 'extrapolated'."""
+    code, _, err = run(capsys, "max-depth", "--budget", "64MiB", "--batch-size", "2", "--image-size", "8", "--strategies",
+                       "naive", "--estimate-limit", "40", "--device", "cpu", "--out", str(tmp_path))  # fmt: skip
+    row = json.loads(next(tmp_path.glob("*.json")).read_text())["rows"][0]
+    assert code == 0 and row["status"] == "extrapolated", row
+    assert f"naive: max depth {row['max_depth']} ({row['peak_mib']:,.1f} MiB), extrapolated past depth 40," in err, err
+
+
 @pytest.mark.parametrize("command", ["bench", "ablate", "max-depth"])
 def test_failed_rows_make_the_exit_code_1(capsys, tmp_path, monkeypatch, command):
     """A row (grid point, strategy) that raises is recorded with status 'error' and the others still run; the
