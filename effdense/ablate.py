@@ -34,7 +34,9 @@ from effdense import strategies as _strategies
 from effdense.benchutil import (
     DTYPES,
     UsageError,
+    add_threads_argument,
     append_csv,
+    apply_threads,
     comma_items,
     device_name,
     dtype_list,
@@ -99,6 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device_name, default=None,
                         help="auto (default: GPU if any), cpu or cuda[:N]: where memory is measured and steps timed "
                         "(with --estimate, only with --time)")
+    add_threads_argument(parser)
     parser.add_argument("--out", type=output_path, default=Path("effdense_results"), help="folder of ablate.csv and the plots (default: effdense_results)")
     parser.add_argument("--no-plots", action="store_true", help="CSV only")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -258,6 +261,7 @@ def main(args: argparse.Namespace) -> int:
             setattr(args, key, value)
     if args.device is None:
         args.device = "auto"
+    apply_threads(args)
     device = resolve_device(args.device)
     # every grid model is a 3-block DenseNet-BC, whatever its depth and growth rate: one probe says how small
     # an input they take (before: each point failed on its own, the run exited 0 with a CSV of errors)
@@ -293,13 +297,15 @@ def main(args: argparse.Namespace) -> int:
     env = environment(device)
     timing = {"steps": args.steps, "warmup": args.warmup} if args.time else {"steps": "", "warmup": ""}
     # a point is done when a row of it was measured by this code (commit) and torch, and timed as this run
-    # times (a point measured without --time, or with other --steps/--warmup, is not done for a timed run):
-    # the rest runs again, and the newer row wins (in the plots too)
+    # times (a point measured without --time, with other --steps/--warmup, or on another device, GPU model or
+    # CPU thread count, device_name, is not done for a timed run): the rest runs again, and the newer row wins
+    # (in the plots too)
     done = {
         _key(r) for r in read_rows(csv_path)
         if r.get("git_commit") == env["git_commit"] and r.get("torch") == env["torch"]
         and (r.get("status") == "skipped" or (r.get("status") == "ok" and (not args.time or (
-            r.get("time_ms") and r.get("steps") == str(args.steps) and r.get("warmup") == str(args.warmup)))))
+            r.get("time_ms") and r.get("steps") == str(args.steps) and r.get("warmup") == str(args.warmup)
+            and r.get("device_name") == env["device_name"]))))
     }  # fmt: skip
     todo = [p for p in points if _key(p) not in done]
     progress(

@@ -30,6 +30,8 @@ from effdense.benchutil import (
     DTYPES,
     AutocastInside,
     UsageError,
+    add_threads_argument,
+    apply_threads,
     comma_items,
     default_image_size,
     device_name,
@@ -38,8 +40,8 @@ from effdense.benchutil import (
     error_note,
     exit_code,
     format_table,
-    fused_note,
     free_memory,
+    fused_note,
     model_name,
     nonnegative_float,
     nonnegative_int,
@@ -120,6 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"{MIN_TIMED_STEPS} step); default: no limit on GPU, {CPU_DEFAULTS['max_seconds_per_row']:g} "
                         "on CPU; 0 means no limit")
     parser.add_argument("--device", type=device_name, default="auto", help="auto (GPU if any), cpu or cuda[:N]")
+    add_threads_argument(parser)
     parser.add_argument("--memory", choices=("exact", "estimate"), default="exact",
                         help="exact (default): measured (tracked on CPU, allocator on CUDA); estimate: FakeTensor, no time")
     parser.add_argument("--reference", type=reference_list, default=None,
@@ -465,6 +468,7 @@ def main(args: argparse.Namespace) -> int:
     chosen = getattr(args, "reference", None)
     if getattr(args, "no_reference", False) and chosen is not None:
         raise UsageError("--reference and --no-reference contradict each other; give one")
+    apply_threads(args)
     device = resolve_device(args.device)
     compile_reference = chosen is not None and "compile" in chosen
     if compile_reference and device.type != "cuda":

@@ -218,6 +218,20 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
+def add_threads_argument(parser: argparse.ArgumentParser) -> None:
+    """``--threads N``: the CPU threads of PyTorch's operators (``torch.set_num_threads``), for CPU timings
+    that compare across machines and runs; recorded in each result's ``device_name`` on CPU."""
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                        help="CPU threads for PyTorch's operators (torch.set_num_threads; default: PyTorch's choice, "
+                        "usually the cores); recorded in device_name")
+
+
+def apply_threads(args: argparse.Namespace) -> None:
+    """Set ``--threads`` (see :func:`add_threads_argument`), if given."""
+    if getattr(args, "threads", None) is not None:
+        torch.set_num_threads(args.threads)
+
+
 def device_name(text: str) -> str:
     if text == "auto":
         return text

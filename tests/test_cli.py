@@ -251,6 +251,30 @@ def test_ablate_resume_reruns_points_of_other_timing_code_or_torch(capsys, tmp_p
     assert all(r["command"] == command_line() != "" for r in rows)  # (in-process here: the test runner's command)
 
 
+def test_threads_are_set_recorded_and_a_timed_point_of_other_threads_runs_again(capsys, tmp_path, monkeypatch):
+    """bench/ablate --threads N (as train's): torch.set_num_threads, recorded in device_name. ablate took a point
+    timed with other threads (or on another GPU model: device_type is only 'cuda') as done. (set_num_threads is
+    patched: the test process keeps its threads.)"""
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: monkeypatch.setattr(torch, "get_num_threads", lambda: n))
+    argv = ["ablate", "--strategies", "naive", "--depths", "10", "--batch-sizes", "2", "--image-size", "8",
+            "--device", "cpu", "--no-progress", "--no-plots", "--out", str(tmp_path), "--time", "--steps", "1",
+            "--warmup", "0"]  # fmt: skip
+    assert run(capsys, *argv, "--threads", "1")[0] == 0
+    code, _, err = run(capsys, *argv, "--threads", "1")
+    assert code == 0 and "0 to run" in err and ", 1 threads)" in err, err
+    code, _, err = run(capsys, *argv, "--threads", "3")
+    assert code == 0 and "1 to run" in err, err
+    with open(tmp_path / "ablate.csv") as f:
+        assert [r["device_name"].split(", ")[-1] for r in csv.DictReader(f)] == ["1 threads)", "3 threads)"]
+    code, _, err = run(capsys, "bench", "--model", "densenet_bc_10", "--batch-size", "2", "--image-size", "8", "--device",
+                       "cpu", "--strategies", "naive", "--no-reference", "--steps", "1", "--threads", "2", "--out",
+                       str(tmp_path))  # fmt: skip
+    assert code == 0, err
+    assert json.loads(next(tmp_path.glob("bench_*.json")).read_text())["rows"][0]["device_name"].endswith(", 2 threads)")
+    assert "invalid positive_int value" not in run(capsys, "bench", "--threads", "0")[2]
+    assert "--threads: expected a positive integer, got '0'" in run(capsys, "bench", "--threads", "0")[2]
+
+
 def test_ablate_adds_the_new_columns_to_an_earlier_versions_csv(capsys, tmp_path):
     from effdense import ablate
 
