@@ -25,8 +25,10 @@ def run(capsys, *argv):
 
 
 def test_bench_tiny(capsys, tmp_path):
+    # (--max-seconds-per-row 0: CPU's default 3 s cut a row's timed steps to 1 on a loaded machine)
     code, out, err = run(capsys, "bench", "--model", "densenet_bc_10", "--batch-size", "2", "--steps", "2",
-                         "--strategies", "naive,checkpoint", "--device", "cpu", "--out", str(tmp_path))  # fmt: skip
+                         "--strategies", "naive,checkpoint", "--device", "cpu", "--max-seconds-per-row", "0",
+                         "--out", str(tmp_path))  # fmt: skip
     assert code == 0, err
     (json_path,) = tmp_path.glob("bench_densenet_bc_10_b2_32px_fp32_cpu_naive-checkpoint.json")
     payload = json.loads(json_path.read_text())
