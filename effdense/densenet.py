@@ -1180,8 +1180,11 @@ def _copy_swapped_leaves(clone: nn.Module, source: nn.Module) -> None:
         other = src.get(name)
         if other is None or module._modules:
             continue
-        if not other._modules and type(other) is type(module) and "forward" not in other.__dict__ and _same_slots(other, module):
-            continue  # the same leaf (an instance's own forward, or other tensors: copied)
+        if (
+            not other._modules and type(other) is type(module) and "forward" not in other.__dict__
+            and _same_slots(other, module) and _same_settings(other, module)
+        ):  # fmt: skip
+            continue  # the same leaf (an instance's own forward, other tensors or other settings: copied)
         parent, _, child = name.rpartition(".")
         setattr(clone.get_submodule(parent), child, _copy_module(other))
 
@@ -1196,6 +1199,33 @@ def _same_slots(a: nn.Module, b: nn.Module) -> bool:
         return {k for k, v in d["_parameters"].items() if v is not None}, {k for k, v in d["_buffers"].items() if v is not None}
 
     return slots(a) == slots(b)
+
+
+def _same_settings(a: nn.Module, b: nn.Module) -> bool:
+    """Whether two modules of one class have equal public attributes besides ``training`` (a pool's
+    ``kernel_size``, ``padding`` and ``divisor_override``, a convolution's ``padding_mode``, a BatchNorm's
+    ``track_running_stats``, ``momentum`` and ``eps``): before, convert() kept the module it built for a source's
+    module of the same class with other settings, and computed other outputs (an ``AvgPool2d(3, 2, padding=1)``
+    transition pool became ``AvgPool2d(2, 2)``; a BatchNorm with ``track_running_stats=False`` tracked them)."""
+
+    def settings(m: nn.Module) -> dict[str, Any]:
+        return {k: v for k, v in m.__dict__.items() if not k.startswith("_") and k != "training"}
+
+    sa, sb = settings(a), settings(b)
+    if sa.keys() != sb.keys():
+        return False
+    for key, x in sa.items():
+        y = sb[key]
+        if isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor):
+            if x is not y:
+                return False
+            continue
+        try:
+            if type(x) is not type(y) or not bool(x == y):
+                return False
+        except Exception:  # (a value whose == does not give one truth value)
+            return False
+    return True
 
 
 # the module hooks that change what a call computes or sees (forward, forward pre-, backward hooks)

@@ -589,6 +589,13 @@ def _frozen_bn(bn: nn.BatchNorm2d) -> nn.Module:
     return frozen
 
 
+def _with(module: nn.Module, **settings) -> nn.Module:
+    module = copy.deepcopy(module)
+    for name, value in settings.items():
+        setattr(module, name, value)
+    return module
+
+
 @pytest.mark.parametrize(
     "path, make",
     [
@@ -604,6 +611,10 @@ def _frozen_bn(bn: nn.BatchNorm2d) -> nn.Module:
         # "Missing key(s)" (norm1.weight) or "Unexpected key(s)" (conv1.bias) was the error
         ("features.denseblock1.denselayer1.norm1", lambda m: nn.BatchNorm2d(m.num_features, affine=False)),
         ("features.transition1.conv", lambda m: nn.Conv2d(m.in_channels, m.out_channels, 1, bias=True)),
+        # the same class and tensors with other settings: before, the built module (torchvision's settings) was kept
+        ("features.transition1.pool", lambda m: nn.AvgPool2d(3, 2, padding=1)),
+        ("features.denseblock1.denselayer1.conv2", lambda m: _with(m, padding_mode="circular")),
+        ("features.norm5", lambda m: _with(m, track_running_stats=False)),  # (its buffers kept: eval uses batch stats)
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -625,6 +636,10 @@ def test_convert_keeps_modules_swapped_into_the_source(path, make, strategy) -> 
         x = torch.randn(2, 3, 32, 32)
         torch.testing.assert_close(ours.eval()(x), tv.eval()(x), rtol=1e-5, atol=1e-5)
         ours.train()(x).sum().backward()  # trains (the frozen BatchNorms hold no parameters)
+    tv.train()(x)
+    source_buffers = dict(tv.named_buffers())  # (a BatchNorm untracked in training updates no running statistics)
+    for name, b in ours.named_buffers():
+        torch.testing.assert_close(b, source_buffers[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_convert_names_what_it_cannot_convert() -> None:
