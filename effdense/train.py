@@ -154,7 +154,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(args: argparse.Namespace) -> int:
     """Run ``effdense train``; 0 on success, 2 on a usage/data/checkpoint error, 1 out of memory, 130 when
-    interrupted."""
+    interrupted. A checkpoint or metrics file that cannot be written raises
+    :class:`~effdense.benchutil.OutputError`, which the entry points (:func:`cli_main`, the ``effdense`` CLI) report
+    in one line with exit code 1."""
     try:
         result = train(args)
     except (TrainError, DataError) as exc:
@@ -538,7 +540,8 @@ def _validate(args: argparse.Namespace) -> None:
     ):
         if value is not None and not (math.isfinite(value) and ok(value)):
             raise TrainError(f"--{name.replace('_', '-')} must be {expected}, got {value}")
-    if args.warmup_epochs and args.warmup_epochs > args.epochs:  # (before: shortened to the run, silently)
+    # (before: shortened to the run, silently; a resumed run's schedule is the checkpoint's, which may be longer)
+    if args.warmup_epochs and args.warmup_epochs > args.epochs and not args.resume:
         raise TrainError(f"--warmup-epochs {args.warmup_epochs:g} is longer than the run (--epochs {args.epochs})")
     if args.lr_schedule == "step" and args.lr_milestones is not None:
         try:
@@ -610,7 +613,16 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     with _writing(Path(path)):
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            torch.save(state, tmp)
+            try:
+                with open(tmp, "wb") as f:  # (a Python file: a failed write is an OSError, where torch.save given a
+                    torch.save(state, f)  # path writes in C++, whose full disk was a RuntimeError naming nothing)
+            except RuntimeError as exc:  # the zip writer's "unexpected pos" at close, after the file's OSError
+                cause = exc.__context__
+                while cause is not None and not isinstance(cause, OSError):
+                    cause = cause.__context__
+                if cause is None:
+                    raise
+                raise cause from None
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):

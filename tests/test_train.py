@@ -160,6 +160,21 @@ def test_a_shortened_resume_keeps_the_schedules_length_for_the_next(tmp_path):
     _assert_same_state(_state(third["model"]), _state(straight["model"]))
 
 
+def test_a_shortened_resume_of_a_run_with_a_long_warmup_is_not_refused(tmp_path):
+    """--warmup-epochs longer than --epochs is refused, except on --resume: the schedule is the checkpoint's
+    (3 epochs here, 2.5 of them warm-up), and --warmup-epochs must repeat the saved value."""
+    extra = ["--warmup-epochs", 2.5, "--lr-schedule", "cosine"]
+
+    def stop(epoch, step, loss):
+        if epoch == 0 and step == 4:  # (TINY: 4 steps per epoch) the end of epoch 1
+            os.kill(os.getpid(), signal.SIGINT)
+
+    first = T.train(_args(tmp_path, "--epochs", 3, *extra), on_step=stop)
+    assert first["interrupted"]
+    second = T.train(_args(tmp_path, "--epochs", 2, *extra, "--resume", first["checkpoint"]))
+    assert not second.get("interrupted") and T.load_checkpoint(second["checkpoint"])["schedule_epochs"] == 3
+
+
 def test_keyboard_interrupt_inside_a_step_saves_no_checkpoint(tmp_path, monkeypatch):
     """A raw KeyboardInterrupt in a step's forward (a second Ctrl-C, which the handler calls "stop at once,
     without a checkpoint"): a checkpoint was saved anyway, holding that step's BatchNorm updates and dropout
@@ -706,39 +721,27 @@ def test_compile_with_autocast_precision_trains_the_shared_strategy(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["checkpoint", "jsonl"])
-def test_a_full_disk_while_saving_is_one_line_and_exit_1(tmp_path, capsys, monkeypatch, where):
-    """train's checkpoint and .jsonl metrics writes: before, an OSError traceback naming no file ("[Errno 28] No
-    space left on device"); now one line naming it and exit code 1, as bench's result files, and a checkpoint's
-    partial temporary file is removed."""
-    import errno
-
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    if where == "checkpoint":
-
-        def save(obj, f, *args, **kwargs):
-            open(f, "wb").write(b"partial")
-            full()
-
-        monkeypatch.setattr(T.torch, "save", save)
-        target = tmp_path / "o" / "ckpt.pt"
-        extra = ["--checkpoint", str(target)]
-    else:
-        real_open = Path.open
-
-        def open_(self, mode="r", *args, **kwargs):
-            if self.suffix == ".jsonl" and "a" in mode:
-                full()
-            return real_open(self, mode, *args, **kwargs)
-
-        monkeypatch.setattr(Path, "open", open_)
-        target = tmp_path / "o" / "m.jsonl"
-        extra = ["--metrics", str(target)]
-    code = T.cli_main([*TINY, "--epochs", "1", "--out-dir", str(tmp_path / "o"), *extra])
-    err = capsys.readouterr().err.strip()
-    assert code == 1 and "Traceback" not in err, err
-    assert err.splitlines()[-1] == f"effdense train: error: cannot write {target}: No space left on device", err
+def test_a_full_disk_while_saving_is_one_line_and_exit_1(tmp_path, where):
+    """train's checkpoint and .jsonl metrics writes when a write fails (here a file-size limit, EFBIG, as a full
+    disk's ENOSPC): before, a traceback naming no file: OSError for the metrics row, and for the checkpoint
+    torch.save's RuntimeError ("unexpected pos", from its C++ writer, given a path). Now one line naming the file
+    and exit code 1, as bench's result files; the checkpoint's partial temporary file is removed."""
+    target = tmp_path / "o" / ("ckpt.pt" if where == "checkpoint" else "m.jsonl")
+    option = "--checkpoint" if where == "checkpoint" else "--metrics"
+    argv = [*TINY, "--epochs", "1", "--out-dir", str(tmp_path / "o"), option, str(target)]
+    # the limit after the imports; the metrics row (jsonl: ~300 bytes) fits 200 bytes only in the checkpoint case
+    limit = 5_000 if where == "checkpoint" else 200
+    code = (
+        "import resource, signal, sys\n"
+        "from effdense import train\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n"
+        f"sys.exit(train.cli_main({argv!r}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    err = proc.stderr.strip()
+    assert proc.returncode == 1 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == f"effdense train: error: cannot write {target}: File too large", err
     assert not list(target.parent.glob("*.tmp*")), list(target.parent.iterdir())
 
 
