@@ -1181,7 +1181,7 @@ def _copy_swapped_leaves(clone: nn.Module, source: nn.Module) -> None:
         if other is None or module._modules:
             continue
         if (
-            not other._modules and type(other) is type(module) and "forward" not in other.__dict__
+            not other._modules and type(other) is type(module) and not _own_methods(other)
             and _same_slots(other, module) and _same_settings(other, module)
         ):  # fmt: skip
             continue  # the same leaf (an instance's own forward, other tensors or other settings: copied)
@@ -1199,6 +1199,13 @@ def _same_slots(a: nn.Module, b: nn.Module) -> bool:
         return {k for k, v in d["_parameters"].items() if v is not None}, {k for k, v in d["_buffers"].items() if v is not None}
 
     return slots(a) == slots(b)
+
+
+def _own_methods(m: nn.Module) -> bool:
+    """Whether a module has functions set on the instance (``m.forward = ...``, or a helper such as a
+    convolution's ``_conv_forward``, which the strategies take for a customisation too): before, only ``forward``
+    was seen, and convert() dropped a patched ``_conv_forward`` with the module it kept."""
+    return any(callable(v) and not isinstance(v, (type, nn.Module, torch.Tensor)) for v in m.__dict__.values())
 
 
 def _same_settings(a: nn.Module, b: nn.Module) -> bool:

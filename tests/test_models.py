@@ -589,6 +589,10 @@ def _frozen_bn(bn: nn.BatchNorm2d) -> nn.Module:
     return frozen
 
 
+def _doubled(conv: nn.Conv2d):
+    return lambda x, weight, bias: nn.Conv2d._conv_forward(conv, x, weight * 2, bias)
+
+
 def _with(module: nn.Module, **settings) -> nn.Module:
     module = copy.deepcopy(module)
     for name, value in settings.items():
@@ -614,7 +618,8 @@ def _with(module: nn.Module, **settings) -> nn.Module:
         # the same class and tensors with other settings: before, the built module (torchvision's settings) was kept
         ("features.transition1.pool", lambda m: nn.AvgPool2d(3, 2, padding=1)),
         ("features.denseblock1.denselayer1.conv2", lambda m: _with(m, padding_mode="circular")),
-        ("features.norm5", lambda m: _with(m, track_running_stats=False)),  # (its buffers kept: eval uses batch stats)
+        ("features.norm5", lambda m: _with(m, track_running_stats=False)),  # (buffers kept: training updates none)
+        ("features.denseblock1.denselayer2.conv2", lambda m: _with(m, _conv_forward=_doubled(m))),  # an instance's helper
     ],
     ids=lambda v: v if isinstance(v, str) else "",
 )
@@ -640,6 +645,22 @@ def test_convert_keeps_modules_swapped_into_the_source(path, make, strategy) -> 
     source_buffers = dict(tv.named_buffers())  # (a BatchNorm untracked in training updates no running statistics)
     for name, b in ours.named_buffers():
         torch.testing.assert_close(b, source_buffers[name], rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_convert_runs_torchvisions_modules_spelled_otherwise_as_its_own(strategy) -> None:
+    """A source pool of AvgPool2d((2, 2), (2, 2)) or a 3x3 conv with padding='same' computes as torchvision's:
+    convert() copies them (their settings differ), and the strategies compute them, without running as naive."""
+    torch.manual_seed(0)
+    tv = _small_torchvision_densenet()
+    tv.features.transition1.pool = nn.AvgPool2d((2, 2), (2, 2))
+    tv.features.denseblock1.denselayer1.conv2.padding = "same"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no "runs as strategy 'naive'")
+        ours = effdense.convert(tv, strategy=strategy)
+        x = torch.randn(2, 3, 16, 16)
+        torch.testing.assert_close(ours.eval()(x), tv.eval()(x), rtol=1e-5, atol=1e-5)
+        ours.train()(x).sum().backward()
 
 
 def test_convert_names_what_it_cannot_convert() -> None:

@@ -52,6 +52,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.nn.modules.utils import _pair
 from torch.utils._python_dispatch import _disable_current_modes  # (private: see _same_rng_state)
 
 from effdense._autograd import differentiable_once
@@ -1362,8 +1363,20 @@ def _computes_as_module(m: Any, kind: Any) -> bool:
         type(m) is torch.nn.Conv2d
         and "_conv_forward" not in m.__dict__  # (its forward's helper, patched on the instance)
         and m._parameters["bias"] is None
-        and (m.kernel_size, m.stride, m.padding, m.dilation, m.groups, m.padding_mode) == kind
+        and (m.kernel_size, m.stride, _conv_padding(m), m.dilation, m.groups, m.padding_mode) == kind
     )
+
+
+def _conv_padding(m: torch.nn.Conv2d) -> Any:
+    """A convolution's padding as a pair: ``padding='valid'`` is (0, 0) and ``'same'`` (stride 1) half the
+    dilated kernel where that is whole, as torchvision's ``padding=1`` for a 3x3 (``convert()`` copies a source's
+    conv spelled so: before, its block ran as naive)."""
+    if m.padding == "valid":
+        return (0, 0)
+    if m.padding == "same":
+        span = [d * (k - 1) for k, d in zip(m.kernel_size, m.dilation)]
+        return tuple(v // 2 for v in span) if all(v % 2 == 0 for v in span) else m.padding
+    return m.padding
 
 
 def _custom_modules(block, transition) -> list[str]:
@@ -1394,7 +1407,7 @@ def _custom_transition_modules(transition) -> list[str]:
     if not (
         type(pool) is torch.nn.AvgPool2d
         and "forward" not in pool.__dict__
-        and (pool.kernel_size, pool.stride, pool.padding) in ((2, 2, 0), ((2, 2), (2, 2), (0, 0)))
+        and tuple(map(_pair, (pool.kernel_size, pool.stride, pool.padding))) == ((2, 2), (2, 2), (0, 0))
         and not pool.ceil_mode
         and pool.divisor_override is None
     ):
