@@ -220,10 +220,10 @@ def nonnegative_int(text: str) -> int:
 
 def add_threads_argument(parser: argparse.ArgumentParser) -> None:
     """``--threads N``: the CPU threads of PyTorch's operators (``torch.set_num_threads``), for CPU timings
-    that compare across machines and runs; recorded in each result's ``device_name`` on CPU."""
+    that compare across machines and runs; recorded in each CPU result's ``device_name``."""
     parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
                         help="CPU threads for PyTorch's operators (torch.set_num_threads; default: PyTorch's choice, "
-                        "usually the cores); recorded in device_name")
+                        "usually the cores); recorded in device_name on CPU")
 
 
 def apply_threads(args: argparse.Namespace) -> None:

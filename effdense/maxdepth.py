@@ -265,7 +265,8 @@ def main(args: argparse.Namespace) -> int:
         if n:
             found = f"max depth {row['max_depth']} ({row['peak_mib']:,.1f} MiB)"
             if row["status"] == "extrapolated":  # (the line read as a measured result; the table said otherwise)
-                found += f", extrapolated past depth {depth_of(max(exact))}"
+                found += (f", extrapolated past depth {depth_of(max(exact))}" if n not in exact
+                          else ", the next depth's memory extrapolated")
             if n == n_max:  # the search stopped at the limit, not at the budget
                 found += f", the deepest that --depth-limit {args.depth_limit} allows: deeper may fit too"
         else:
