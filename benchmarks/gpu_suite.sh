@@ -20,8 +20,9 @@
 # GIT_COMMIT names the commit recorded (else .git's, else "unknown"). PYTHON: the interpreter (default python),
 # whose effdense must be this checkout's (pip install -e .; checked). SUITE_WORKERS: pytest-xdist processes for
 # the CUDA test steps (default 8, when xdist is importable). SUITE_STEPS: a comma-separated list of step names
-# (as in steps.tsv, e.g. tests_cuda,bench_kernels) to run, the others recorded as skipped (default: every step);
-# a lease too short for the whole suite runs part of it and another lease the rest.
+# (as in steps.tsv, e.g. tests_cuda,bench_kernels) to run, the others recorded as skipped (default: every step;
+# environment always runs); a lease too short for the whole suite runs part of it and another lease the rest (a
+# second lease does not know that the first turned the direct launch off: include tests_direct_launch in each).
 set -euo pipefail
 SUITE_START=$SECONDS  # (here, before the pre-checks below: they are in the budget too)
 cd "$(dirname "$0")/.."
@@ -109,13 +110,19 @@ fi
 ALL_STEPS="environment tests_direct_launch bench_densenet121_bf16 step_graph_time bench_kernels tests_cuda
 bench_fused_compile bench_densenet_bc_100 host_overhead tests_cuda_graph profile_step estimate_vs_cuda tests_cuda_slow
 tests_kernels_shared"
-SELECTED=" $(echo ${SUITE_STEPS:-$ALL_STEPS} | tr ',' ' ') "
+set -f  # (SUITE_STEPS names steps, not files: no glob expansion below)
+SELECTED=" $(echo ${SUITE_STEPS:-$ALL_STEPS} | tr ',' ' ') environment "  # (environment.json: always)
+if [ -n "${SUITE_STEPS:-}" ] && [ -z "$(echo "$SUITE_STEPS" | tr -d ' ,')" ]; then
+    echo "gpu_suite.sh: error: SUITE_STEPS='$SUITE_STEPS' names no step" >&2
+    exit 2
+fi
 for name in $SELECTED; do
     if ! [[ " $(echo $ALL_STEPS) " == *" $name "* ]]; then
         echo "gpu_suite.sh: error: SUITE_STEPS names '$name', not a step of this suite (steps: $(echo $ALL_STEPS | tr ' ' ','))" >&2
         exit 2
     fi
 done
+set +f
 
 echo "gpu_suite.sh: $MODE on $SLUG, commit $GIT_COMMIT, writing to $OUT (budget ${BUDGET}s; pytest ${XDIST[*]:-without xdist})"
 printf 'step\texit_code\tseconds\tstatus\tcommand\n' >"$OUT/steps.tsv"

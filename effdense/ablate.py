@@ -242,10 +242,9 @@ def _run_point(point: dict[str, Any], args: argparse.Namespace, device: torch.de
 def _reject_ineffective_options(args: argparse.Namespace) -> None:
     """Options given that would change nothing are errors (see :func:`effdense.benchutil.reject_ineffective`)."""
     if not args.time:
-        reject_ineffective(args, ("--steps", "--warmup"), "without --time (nothing is timed)")
+        reject_ineffective(args, ("--steps", "--warmup", "--threads"), "without --time (nothing is timed)")
         if args.estimate:
             reject_ineffective(args, ("--device",), "with --estimate unless --time is given (estimates run on the CPU)")
-            reject_ineffective(args, ("--threads",), "with --estimate unless --time is given (nothing is timed)")
     if args.vary:
         names = args.strategies if args.strategies is not None else list(_strategies.available())
         if not set(names) & set(POLICY_STRATEGIES):

@@ -435,9 +435,9 @@ TABLE_COLUMNS = (
 
 def _reject_ineffective_options(args: argparse.Namespace) -> None:
     """Timing options given for a run that times nothing are errors (see :func:`effdense.benchutil.reject_ineffective`)."""
-    timing_options = ("--steps", "--warmup", "--max-seconds-per-row")
+    timing_options = ("--steps", "--warmup", "--max-seconds-per-row", "--threads")
     if args.memory == "estimate":
-        reject_ineffective(args, (*timing_options, "--threads"), "with --memory estimate (nothing is timed)")
+        reject_ineffective(args, timing_options, "with --memory estimate (nothing is timed)")
         if args.no_timing:  # (a flag: reject_ineffective looks for options given with a value)
             raise UsageError("--no-timing has no effect with --memory estimate (nothing is timed)")
     if args.no_timing:

@@ -31,7 +31,8 @@ def _seed():
 def _no_tf32():
     """fp32 results are compared in fp32: cuDNN's convolutions take TF32 by default on Ampere and later (a
     10-bit mantissa), so naive's and a strategy's differently ordered sums differed by ~3e-4 of the largest
-    gradient, above the tests' 1e-4 (seen on an H200 at 4c8a7e5). No effect without CUDA."""
+    gradient, above the tests' 1e-4 (seen on an H200 at 4c8a7e5). No effect without CUDA. (Tests that run
+    effdense in a subprocess, the CLI's and DDP's, keep PyTorch's defaults there; none compares fp32 on CUDA.)"""
     saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     yield

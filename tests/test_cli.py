@@ -275,9 +275,10 @@ def test_threads_are_set_recorded_and_a_timed_point_of_other_threads_runs_again(
     assert json.loads(next(tmp_path.glob("bench_*.json")).read_text())["rows"][0]["device_name"].endswith(", 2 threads)")
     assert "invalid positive_int value" not in run(capsys, "bench", "--threads", "0")[2]
     assert "--threads: expected a positive integer, got '0'" in run(capsys, "bench", "--threads", "0")[2]
-    for command, estimate in (("bench", ("--memory", "estimate")), ("ablate", ("--estimate",))):  # (nothing timed)
-        code, _, err = run(capsys, command, *estimate, "--threads", "2", "--out", str(tmp_path))
-        assert code == 2 and f"effdense {command}: error: --threads has no effect with --" in err, err
+    for command, untimed in (("bench", ("--memory", "estimate")), ("bench", ("--no-timing",)), ("ablate", ("--estimate",)),
+                             ("ablate", ("--strategies", "naive"))):  # (nothing timed)  # fmt: skip
+        code, _, err = run(capsys, command, *untimed, "--threads", "2", "--out", str(tmp_path))
+        assert code == 2 and f"effdense {command}: error: --threads has no effect with" in err, err
 
 
 def test_ablate_adds_the_new_columns_to_an_earlier_versions_csv(capsys, tmp_path):
