@@ -1186,7 +1186,11 @@ def _copy_swapped_leaves(clone: nn.Module, source: nn.Module) -> None:
         ):  # fmt: skip
             continue  # the same leaf (an instance's own forward, other tensors or other settings: copied)
         parent, _, child = name.rpartition(".")
-        setattr(clone.get_submodule(parent), child, _copy_module(other))
+        try:
+            copied = _copy_module(other)
+        except Exception as exc:  # (e.g. an attribute deepcopy cannot copy, a lock: the error named no module)
+            raise TypeError(f"convert(): cannot copy the source's '{name}' ({type(other).__name__}): {exc}") from exc
+        setattr(clone.get_submodule(parent), child, copied)
 
 
 def _same_slots(a: nn.Module, b: nn.Module) -> bool:

@@ -663,6 +663,16 @@ def test_convert_runs_torchvisions_modules_spelled_otherwise_as_its_own(strategy
         ours.train()(x).sum().backward()
 
 
+def test_convert_names_a_module_it_cannot_copy() -> None:
+    import threading
+
+    tv = _small_torchvision_densenet()
+    tv.features.denseblock1.denselayer1.norm1.lock = threading.Lock()  # (another setting: copied, and deepcopy fails)
+    with pytest.raises(TypeError, match=r"convert\(\): cannot copy the source's 'features.denseblock1.denselayer1.norm1' "
+                       r"\(BatchNorm2d\): cannot pickle '_thread.lock' object"):  # fmt: skip
+        effdense.convert(tv)
+
+
 def test_convert_names_what_it_cannot_convert() -> None:
     tv = _small_torchvision_densenet()
     with pytest.raises(TypeError, match="got a DataParallel wrapper: pass model.module"):
