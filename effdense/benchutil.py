@@ -95,7 +95,7 @@ def model_name(text: str) -> str:
     name = text.strip().lower()
     if name in MODELS:
         return name
-    m = re.fullmatch(r"densenet_(bc_)?(\d+)", name)
+    m = re.fullmatch(r"densenet_(bc_)?([0-9]+)", name)  # (ASCII digits, as get_model)
     if m:
         try:
             cifar_layers_per_block(int(m.group(2)), bottleneck=m.group(1) is not None)

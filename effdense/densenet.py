@@ -682,6 +682,13 @@ def _resolve_weights(weights: Any, progress: bool) -> Mapping[str, torch.Tensor]
                 f"weights file {path!r} {problem} (a string is a file path, or, for densenet121/161/169/201, "
                 "a member name of torchvision's weights enum such as 'DEFAULT')"
             )
+        with open(path, "rb") as f:
+            head = f.read(4)
+        if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip archive, or a pickle
+            raise ValueError(
+                f"weights file {path!r} is not a file torch.save writes (a zip archive or a pickle; it begins "
+                f"with {head!r})"
+            )
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
@@ -697,7 +704,16 @@ def _resolve_weights(weights: Any, progress: bool) -> Mapping[str, torch.Tensor]
             raise TypeError(f"weights file {path!r} holds a {type(obj).__name__}, expected a state dict")
         return obj
     if _is_weights_enum(weights):  # a torchvision WeightsEnum member
-        return weights.get_state_dict(progress=progress, check_hash=True)
+        try:
+            return weights.get_state_dict(progress=progress, check_hash=True)
+        except OSError as exc:  # (urllib's URLError: no network; torchvision's bare error named neither file nor way out)
+            url = getattr(weights, "url", "")
+            where = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)) if url else "torch's hub cache"
+            raise OSError(
+                f"{weights}: the weights file is not in torch's hub cache and downloading it failed ({exc}); "
+                f"without a network, copy the file from {url or 'torchvision'} to {where}, or pass a state dict "
+                "or a file path as weights="
+            ) from exc
     raise TypeError(
         "weights must be None, a torchvision WeightsEnum, a state dict or a file path, "
         f"got {type(weights).__name__}"
@@ -753,13 +769,17 @@ def _misfit_message(model: nn.Module, state_dict: Mapping[str, Any], exc: Runtim
         parts.append(f"Missing key(s) ({len(missing)} of the model's {len(own)}): {some(missing)}")
     if unexpected:
         parts.append(f"Unexpected key(s) ({len(unexpected)}): {some(unexpected)}")
-    sizes = [line.strip() for line in str(exc).splitlines() if line.strip().startswith("size mismatch")]
+    sizes = [line.strip().rstrip(".") for line in str(exc).splitlines() if line.strip().startswith("size mismatch")]
     if sizes:
         more = f"; ... ({len(sizes) - 2} more)" if len(sizes) > 2 else ""
         parts.append("; ".join(sizes[:2]) + more)
     text = f"weights do not fit this {type(model).__name__}: " + ("; ".join(parts) or str(exc).strip().splitlines()[0])
-    head = state_dict.get("classifier.weight")
-    if any(line.startswith("size mismatch for classifier.") for line in sizes) and isinstance(head, torch.Tensor):
+    head, own_head = state_dict.get("classifier.weight"), model.state_dict().get("classifier.weight")
+    if (
+        sizes and all(line.startswith("size mismatch for classifier.") for line in sizes)
+        and isinstance(head, torch.Tensor) and isinstance(own_head, torch.Tensor) and head.dim() == own_head.dim() == 2
+        and head.shape[1] == own_head.shape[1] and head.shape[0] != own_head.shape[0]
+    ):  # (only the class count differs: before, said also of another architecture's weights)  # fmt: skip
         text += (f". The weights are for {head.shape[0]} classes: build the model with num_classes={head.shape[0]}, "
                  "load them, then replace model.classifier")
     not_tensors = [k for k in unexpected if not isinstance(state_dict[k], torch.Tensor)]
@@ -779,7 +799,7 @@ def _misfit_message(model: nn.Module, state_dict: Mapping[str, Any], exc: Runtim
 
 def _densenet(arch: str, weights: Any, progress: bool, **kwargs: Any) -> DenseNet:
     config = dict(IMAGENET_CONFIGS[arch])
-    overlap = set(config) & set(kwargs)
+    overlap = (set(config) | {"bottleneck", "compression"}) & set(kwargs)  # (both make another network)
     if overlap:
         raise TypeError(f"{arch}() fixes {sorted(overlap)}; build effdense.DenseNet directly to change them")
     if "pretrained" in kwargs:  # torchvision's deprecated flag, handled as torchvision does
@@ -916,6 +936,10 @@ def densenet_cifar(
             torch.compile's ``_orig_mod.`` prefixes stripped), or None.
         **kwargs: further :class:`DenseNet` keyword arguments (``policy``, ``in_channels``).
     """
+    fixed = sorted({"block_config", "small_inputs"} & set(kwargs))
+    if fixed:  # (before: "DenseNet() got multiple values for keyword argument 'block_config'")
+        raise TypeError(f"a CIFAR DenseNet's depth sets its block_config, and its stem is small_inputs=True; got "
+                        f"{', '.join(fixed)}: build effdense.DenseNet directly to change them")
     n = cifar_layers_per_block(depth, bottleneck)
     growth_rate = _check_positive_int("growth_rate", growth_rate)
     num_init_features = 2 * growth_rate if bottleneck else 16
@@ -1011,7 +1035,7 @@ def get_model(name: str, **kwargs: Any) -> DenseNet:
     name = name.lower()
     if name in MODELS:
         return MODELS[name](**kwargs)
-    m = re.fullmatch(r"densenet_(bc_)?(\d+)", name)
+    m = re.fullmatch(r"densenet_(bc_)?([0-9]+)", name)  # (ASCII digits: \d took "densenet_bc_１００")
     if m:
         kwargs.setdefault("growth_rate", 12)
         depth, bc = int(m.group(2)), m.group(1) is not None

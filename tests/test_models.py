@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 import types
 import warnings
 from collections import OrderedDict
@@ -473,14 +474,54 @@ def test_legacy_positional_weights_and_bool_weights_as_torchvision(no_download) 
         effdense.densenet121(weights=True, pretrained=True)
 
 
+def test_weights_of_another_model_get_no_class_count_hint_and_names_fix_what_they_say() -> None:
+    """The num_classes hint only when the class count is what differs (it was given for DenseNet-121's weights
+    in a DenseNet-169, whose classifier takes 1,664 features); names take ASCII digits only; an ImageNet name
+    fixes bottleneck and compression (another network, silently), a CIFAR name block_config and small_inputs
+    (a bare "multiple values for keyword argument")."""
+    sd = torchvision.models.densenet121().state_dict()
+    with pytest.raises(RuntimeError, match="weights do not fit this DenseNet: Missing key") as info:
+        effdense.densenet169(weights=sd)
+    assert "num_classes" not in str(info.value) and ".;" not in str(info.value), info.value
+    for name in ("densenet_bc_\uff11\uff10\uff10", "densenet_bc_\u0661\u0660\u0660"):
+        with pytest.raises(ValueError, match="unknown model"):
+            effdense.get_model(name)
+    for key, value in (("bottleneck", False), ("compression", 1.0)):
+        with pytest.raises(TypeError, match=rf"densenet121\(\) fixes \['{key}'\]"):
+            effdense.densenet121(**{key: value})
+    assert effdense.densenet121(small_inputs=True).features.conv0.kernel_size == (3, 3)  # (a stem for small images)
+    for key, value in (("block_config", (1, 1, 1)), ("small_inputs", False)):
+        with pytest.raises(TypeError, match=f"its stem is small_inputs=True; got {key}: build effdense.DenseNet"):
+            effdense.get_model("densenet_bc_100", **{key: value})
+
+
+def test_weights_that_need_a_download_say_where_the_file_goes(monkeypatch) -> None:
+    import urllib.error
+
+    weights = torchvision.models.DenseNet121_Weights.IMAGENET1K_V1
+
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(type(weights), "get_state_dict", offline)
+    where = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(weights.url))
+    with pytest.raises(OSError, match="downloading it failed") as info:
+        effdense.densenet121(weights="DEFAULT")
+    assert where in str(info.value) and "pass a state dict or a file path" in str(info.value), info.value
+
+
 def test_weights_files_name_their_problem(tmp_path) -> None:
     sd = torchvision.models.densenet121(num_classes=3).state_dict()
     torch.save({"model": sd, "epoch": 2}, tmp_path / "train.pt")  # effdense train's checkpoint layout
     model = effdense.densenet121(weights=tmp_path / "train.pt", num_classes=3)
     assert torch.equal(model.classifier.weight, sd["classifier.weight"])
-    (tmp_path / "junk.pth").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="junk.pth' could not be read as a state dict"):
+    (tmp_path / "junk.pth").write_text("not a checkpoint")  # (before: torch's advice to try weights_only=False)
+    with pytest.raises(ValueError, match=r"junk.pth' is not a file torch.save writes \(a zip archive or a pickle; it "
+                       r"begins with b'not '\)"):  # fmt: skip
         effdense.densenet121(weights=tmp_path / "junk.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "train.pt").read_bytes()[:100])  # a torch file cut short
+    with pytest.raises(ValueError, match="cut.pth' could not be read as a state dict"):
+        effdense.densenet121(weights=tmp_path / "cut.pth")
     torch.save(torchvision.models.densenet121(num_classes=3), tmp_path / "whole.pth")
     with pytest.raises(ValueError, match="whole.pth' could not be read.*save model.state_dict\\(\\) instead"):
         effdense.densenet121(weights=tmp_path / "whole.pth", num_classes=3)
