@@ -111,8 +111,8 @@ ALL_STEPS="environment tests_direct_launch bench_densenet121_bf16 step_graph_tim
 bench_fused_compile bench_densenet_bc_100 host_overhead tests_cuda_graph profile_step estimate_vs_cuda tests_cuda_slow
 tests_kernels_shared"
 set -f  # (SUITE_STEPS names steps, not files: no glob expansion below)
-SELECTED=" $(echo ${SUITE_STEPS:-$ALL_STEPS} | tr ',' ' ') environment "  # (environment.json: always)
-if [ -n "${SUITE_STEPS:-}" ] && [ -z "$(echo "$SUITE_STEPS" | tr -d ' ,')" ]; then
+SELECTED=" $(printf '%s ' ${SUITE_STEPS:-$ALL_STEPS} | tr ',' ' ') environment "  # (environment.json: always)
+if [ -n "${SUITE_STEPS:-}" ] && [ -z "$(printf '%s' "$SUITE_STEPS" | tr -d ' ,')" ]; then
     echo "gpu_suite.sh: error: SUITE_STEPS='$SUITE_STEPS' names no step" >&2
     exit 2
 fi

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import http.client
 import math
 import numbers
 import operator
 import os
 import re
 import sys
+import urllib.error
 import warnings
 from collections import OrderedDict
 from typing import Any, Mapping, Sequence
@@ -686,8 +688,9 @@ def _resolve_weights(weights: Any, progress: bool) -> Mapping[str, torch.Tensor]
             head = f.read(4)
         if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):  # torch.save's zip archive, or a pickle
             raise ValueError(
-                f"weights file {path!r} is not a file torch.save writes (a zip archive or a pickle; it begins "
-                f"with {head!r})"
+                f"weights file {path!r} is empty" if not head else
+                f"weights file {path!r} is not in a format torch.save writes today (a zip archive, or a pickle of "
+                f"protocol 2 or later; it begins with {head!r})"
             )
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -706,11 +709,12 @@ def _resolve_weights(weights: Any, progress: bool) -> Mapping[str, torch.Tensor]
     if _is_weights_enum(weights):  # a torchvision WeightsEnum member
         try:
             return weights.get_state_dict(progress=progress, check_hash=True)
-        except OSError as exc:  # (urllib's URLError: no network; torchvision's bare error named neither file nor way out)
+        except (urllib.error.URLError, ConnectionError, TimeoutError, http.client.HTTPException) as exc:
+            # (no network: torchvision's bare URLError named neither the file nor the way out)
             url = getattr(weights, "url", "")
             where = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url)) if url else "torch's hub cache"
             raise OSError(
-                f"{weights}: the weights file is not in torch's hub cache and downloading it failed ({exc}); "
+                f"{weights}: the weights file is not in torch's hub cache, and downloading it failed ({exc}); "
                 f"without a network, copy the file from {url or 'torchvision'} to {where}, or pass a state dict "
                 "or a file path as weights="
             ) from exc
@@ -1210,11 +1214,7 @@ def _copy_swapped_leaves(clone: nn.Module, source: nn.Module) -> None:
         ):  # fmt: skip
             continue  # the same leaf (an instance's own forward, other tensors or other settings: copied)
         parent, _, child = name.rpartition(".")
-        try:
-            copied = _copy_module(other)
-        except Exception as exc:  # (e.g. an attribute deepcopy cannot copy, a lock: the error named no module)
-            raise TypeError(f"convert(): cannot copy the source's '{name}' ({type(other).__name__}): {exc}") from exc
-        setattr(clone.get_submodule(parent), child, copied)
+        setattr(clone.get_submodule(parent), child, _copy_module(other, name))
 
 
 def _same_slots(a: nn.Module, b: nn.Module) -> bool:
@@ -1303,12 +1303,19 @@ def _refuse_pruned(model: nn.Module) -> None:
         )
 
 
-def _copy_module(module: nn.Module) -> nn.Module:
+def _copy_module(module: nn.Module, name: str) -> nn.Module:
     """``copy.deepcopy(module)`` that shares, not copies, the process groups its SyncBatchNorms reduce over:
     a group is a handle on the job's communicators, which cannot be copied (deepcopy raised "cannot pickle
-    'ProcessGroup' object" for a SyncBatchNorm stem, with the source's group, which the copy must use too)."""
+    'ProcessGroup' object" for a SyncBatchNorm stem, with the source's group, which the copy must use too).
+    A module deepcopy cannot copy (an attribute holding a lock, say) is a ``TypeError`` naming ``name``, the
+    source's module (the bare deepcopy error named none)."""
     memo = {id(g): g for m in module.modules() if (g := getattr(m, "process_group", None)) is not None}
-    return copy.deepcopy(module, memo)
+    try:
+        return copy.deepcopy(module, memo)
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:
+        raise TypeError(f"convert(): cannot copy the source's '{name}' ({type(module).__name__}): {exc}") from exc
 
 
 def _check_source_parts(features: nn.Sequential) -> None:
@@ -1445,9 +1452,9 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
         if name in strategies.STEM and name not in stem:
             delattr(clone.features, name)
     for name in stem:
-        setattr(clone.features, name, _copy_module(features._modules[name]))
+        setattr(clone.features, name, _copy_module(features._modules[name], f"features.{name}"))
     # and its head as it is (a copy): a bias-free nn.Linear, nn.Identity for a backbone, Sequential(Dropout, Linear)
-    clone.classifier = _copy_module(classifier)
+    clone.classifier = _copy_module(classifier, "classifier")
     ref = next(model.parameters())
     clone.to(device=ref.device, dtype=ref.dtype)
     if sync_bn:

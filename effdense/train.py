@@ -610,19 +610,20 @@ def save_checkpoint(path: str, state: dict[str, Any]) -> None:
     truncated checkpoint behind. An ``OSError`` (a full disk, a folder that cannot be made) is an
     :class:`~effdense.benchutil.OutputError` naming ``path``: one line and exit code 1 from the CLI."""
     tmp = f"{path}.tmp{os.getpid()}"
+    handling = sys.exc_info()[1]  # (called from an except clause: that error is no part of this save's)
     with _writing(Path(path)):
         try:
             os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             try:
                 with open(tmp, "wb") as f:  # (a Python file: a failed write is an OSError, where torch.save given a
                     torch.save(state, f)  # path writes in C++, whose full disk was a RuntimeError naming nothing)
-            except RuntimeError as exc:  # the zip writer's "unexpected pos" at close, after the file's OSError
+            except RuntimeError as exc:  # the zip writer's "unexpected pos" at close, after the file's error
                 cause = exc.__context__
-                while cause is not None and not isinstance(cause, OSError):
+                while cause is not None and cause is not handling and not isinstance(cause, (OSError, KeyboardInterrupt)):
                     cause = cause.__context__
-                if cause is None:
+                if cause is None or cause is handling:
                     raise
-                raise cause from None
+                raise cause from None  # (an OSError: one line naming the file; a Ctrl-C inside a write: itself)
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):

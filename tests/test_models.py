@@ -509,6 +509,14 @@ def test_weights_that_need_a_download_say_where_the_file_goes(monkeypatch) -> No
         effdense.densenet121(weights="DEFAULT")
     assert where in str(info.value) and "pass a state dict or a file path" in str(info.value), info.value
 
+    def unwritable(self, *args, **kwargs):  # (not a network failure: passed on as it is)
+        raise PermissionError(13, "Permission denied", torch.hub.get_dir())
+
+    monkeypatch.setattr(type(weights), "get_state_dict", unwritable)
+    with pytest.raises(PermissionError, match="Permission denied") as info:
+        effdense.densenet121(weights="DEFAULT")
+    assert "downloading" not in str(info.value)
+
 
 def test_weights_files_name_their_problem(tmp_path) -> None:
     sd = torchvision.models.densenet121(num_classes=3).state_dict()
@@ -516,9 +524,12 @@ def test_weights_files_name_their_problem(tmp_path) -> None:
     model = effdense.densenet121(weights=tmp_path / "train.pt", num_classes=3)
     assert torch.equal(model.classifier.weight, sd["classifier.weight"])
     (tmp_path / "junk.pth").write_text("not a checkpoint")  # (before: torch's advice to try weights_only=False)
-    with pytest.raises(ValueError, match=r"junk.pth' is not a file torch.save writes \(a zip archive or a pickle; it "
-                       r"begins with b'not '\)"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"junk.pth' is not in a format torch.save writes today \(a zip archive, or a "
+                       r"pickle of protocol 2 or later; it begins with b'not '\)"):  # fmt: skip
         effdense.densenet121(weights=tmp_path / "junk.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty.pth' is empty"):
+        effdense.densenet121(weights=tmp_path / "empty.pth")
     (tmp_path / "cut.pth").write_bytes((tmp_path / "train.pt").read_bytes()[:100])  # a torch file cut short
     with pytest.raises(ValueError, match="cut.pth' could not be read as a state dict"):
         effdense.densenet121(weights=tmp_path / "cut.pth")
@@ -704,13 +715,15 @@ def test_convert_runs_torchvisions_modules_spelled_otherwise_as_its_own(strategy
         ours.train()(x).sum().backward()
 
 
-def test_convert_names_a_module_it_cannot_copy() -> None:
+@pytest.mark.parametrize("path", ["features.denseblock1.denselayer1.norm1", "features.conv0", "classifier"])
+def test_convert_names_a_module_it_cannot_copy(path) -> None:
     import threading
 
     tv = _small_torchvision_densenet()
-    tv.features.denseblock1.denselayer1.norm1.lock = threading.Lock()  # (another setting: copied, and deepcopy fails)
-    with pytest.raises(TypeError, match=r"convert\(\): cannot copy the source's 'features.denseblock1.denselayer1.norm1' "
-                       r"\(BatchNorm2d\): cannot pickle '_thread.lock' object"):  # fmt: skip
+    tv.get_submodule(path).lock = threading.Lock()  # (another setting: copied, and deepcopy fails)
+    kind = type(tv.get_submodule(path)).__name__
+    with pytest.raises(TypeError, match=rf"convert\(\): cannot copy the source's '{path}' \({kind}\): cannot pickle "
+                       "'_thread.lock' object"):  # fmt: skip
         effdense.convert(tv)
 
 

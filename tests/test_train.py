@@ -754,3 +754,21 @@ def test_a_subset_larger_than_the_dataset_says_it_takes_all(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and "note: --subset 100000 is more than the 1,347 images there: all of them are used" in out, out
     assert "--test-subset" not in out  # (64 of 450: a real subset)
+
+
+def test_a_checkpoint_that_cannot_be_pickled_is_not_called_a_write_failure(tmp_path):
+    """save_checkpoint called while another error is handled (train saves after a failed evaluation): the walk
+    from torch.save's RuntimeError to the file's OSError stops at that error (an unpicklable state was
+    reported as "cannot write ...: image file is truncated", the evaluation's error)."""
+
+    class Unpicklable:
+        def __reduce_ex__(self, protocol):
+            raise RuntimeError("not picklable")
+
+    target = tmp_path / "ck.pt"
+    with pytest.raises(RuntimeError, match="not picklable"):
+        try:
+            raise OSError("image file is truncated")
+        except OSError:
+            T.save_checkpoint(str(target), {"x": torch.zeros(3), "bad": Unpicklable()})
+    assert not target.exists() and not list(tmp_path.glob("*.tmp*"))
