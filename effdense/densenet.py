@@ -760,7 +760,8 @@ def _strip_owner_prefix(model: nn.Module, state_dict: "OrderedDict[str, Any]") -
 def _misfit_message(model: nn.Module, state_dict: Mapping[str, Any], exc: RuntimeError, show: int = 4) -> str:
     """A short account of why ``state_dict`` does not load into ``model``: how many keys are missing and
     unexpected with the first few of each, PyTorch's size mismatches, and a hint for a checkpoint dict."""
-    own = list(model.state_dict().keys())
+    own_state = model.state_dict()
+    own = list(own_state.keys())
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
 
@@ -778,7 +779,7 @@ def _misfit_message(model: nn.Module, state_dict: Mapping[str, Any], exc: Runtim
         more = f"; ... ({len(sizes) - 2} more)" if len(sizes) > 2 else ""
         parts.append("; ".join(sizes[:2]) + more)
     text = f"weights do not fit this {type(model).__name__}: " + ("; ".join(parts) or str(exc).strip().splitlines()[0])
-    head, own_head = state_dict.get("classifier.weight"), model.state_dict().get("classifier.weight")
+    head, own_head = state_dict.get("classifier.weight"), own_state.get("classifier.weight")
     if (
         sizes and all(line.startswith("size mismatch for classifier.") for line in sizes)
         and isinstance(head, torch.Tensor) and isinstance(own_head, torch.Tensor) and head.dim() == own_head.dim() == 2

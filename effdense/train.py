@@ -39,7 +39,16 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from effdense import densenet, strategies
-from effdense.benchutil import DTYPES, AutocastInside, _writing, append_csv, first_line, image_size_problem, positive_int
+from effdense.benchutil import (
+    DTYPES,
+    AutocastInside,
+    _replacing,
+    _writing,
+    append_csv,
+    first_line,
+    image_size_problem,
+    positive_int,
+)
 from effdense.data import DATASETS, DEFAULT_IMAGE_SIZE, DataError, SeededSamples, ShardSampler, Subset, build_datasets
 
 DEFAULT_DEPTH = 22
@@ -606,29 +615,22 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str, state: dict[str, Any]) -> None:
-    """Write ``state`` atomically (a temporary file, then rename), so an interrupted save never leaves a
-    truncated checkpoint behind. An ``OSError`` (a full disk, a folder that cannot be made) is an
-    :class:`~effdense.benchutil.OutputError` naming ``path``: one line and exit code 1 from the CLI."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    """Write ``state`` atomically (a temporary file, then rename; see :func:`effdense.benchutil._replacing`), so
+    an interrupted save never leaves a truncated checkpoint behind. An ``OSError`` (a full disk, a folder that
+    cannot be made) is an :class:`~effdense.benchutil.OutputError` naming ``path``: one line and exit code 1 from
+    the CLI."""
     handling = sys.exc_info()[1]  # (called from an except clause: that error is no part of this save's)
-    with _writing(Path(path)):
+    with _writing(Path(path)), _replacing(Path(path)) as tmp:
         try:
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            try:
-                with open(tmp, "wb") as f:  # (a Python file: a failed write is an OSError, where torch.save given a
-                    torch.save(state, f)  # path writes in C++, whose full disk was a RuntimeError naming nothing)
-            except RuntimeError as exc:  # the zip writer's "unexpected pos" at close, after the file's error
-                cause = exc.__context__
-                while cause is not None and cause is not handling and not isinstance(cause, (OSError, KeyboardInterrupt)):
-                    cause = cause.__context__
-                if cause is None or cause is handling:
-                    raise
-                raise cause from None  # (an OSError: one line naming the file; a Ctrl-C inside a write: itself)
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)  # (a full disk's partial file, or one cut by Ctrl-C)
-            raise
+            with tmp.open("wb") as f:  # (a Python file: a failed write is an OSError, where torch.save given a
+                torch.save(state, f)  # path writes in C++, whose full disk was a RuntimeError naming nothing)
+        except RuntimeError as exc:  # the zip writer's "unexpected pos" at close, after the file's error
+            cause = exc.__context__
+            while cause is not None and cause is not handling and not isinstance(cause, (OSError, KeyboardInterrupt)):
+                cause = cause.__context__
+            if cause is None or cause is handling:
+                raise
+            raise cause from None  # (an OSError: one line naming the file; a Ctrl-C inside a write: itself)
 
 
 def _first_sentence(text: str, limit: int = 120) -> str:
