@@ -145,6 +145,18 @@ def wrapper_times(repeats: int, calls: int, device: str = "cpu") -> dict[str, fl
         "bottleneck_backward_input": lambda: K.bottleneck_backward_input(x, scale, shift, w, dy, mean),
         "bottleneck_backward (all three)": lambda: K.bottleneck_backward(x, scale, shift, w, dy, mean, scale, scale, grad),
     }
+    # the entry points strategy fused calls inside a dense stage, its arguments checked once per pass
+    # (effdense.kernels.ops.stage_ops): the same launches without the per-call checks
+    from effdense.kernels.ops import stage_ops
+
+    S = stage_ops(buf, (w, scale, shift))
+    if S is not None:
+        cases.update({
+            "stage: channel_stats (12 channels)": lambda: S.channel_stats(buf[:, C:]),
+            "stage: bottleneck_forward": lambda: S.bottleneck_forward(x, scale, shift, w),
+            "stage: bottleneck_forward stats=False": lambda: S.bottleneck_forward(x, scale, shift, w, stats=False),
+            "stage: bottleneck_backward (all three)": lambda: S.bottleneck_backward(x, scale, shift, w, dy, mean, scale, scale, grad),
+        })  # fmt: skip
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     saved = [] if on_gpu else _stub_launches()
     try:

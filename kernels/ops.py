@@ -27,7 +27,7 @@ vectors and statistics wherever fp32 is written below.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 import torch
 from torch.autograd import forward_ad as _forward_ad
@@ -202,11 +202,12 @@ def _plain_eager(tensors: tuple) -> bool:
 _Parameter = torch.nn.Parameter
 
 
-def _call(op, launch, *args: torch.Tensor, mutated: tuple[torch.Tensor, ...] = ()) -> None:
+def _call(op, launch, *args: torch.Tensor, mutated: tuple[torch.Tensor, ...] = (), direct: bool = False) -> None:
     """Run ``launch(*args)`` through ``op`` (its ``torch.library`` op), or directly in plain eager
-    execution. ``mutated``: caller-owned arguments the launch writes, whose version counters the op would
-    bump (so autograd notices in-place changes to saved tensors); the direct path bumps them itself."""
-    if _plain_eager(args):
+    execution (``direct``: the caller knows it is, see :func:`stage_ops`). ``mutated``: caller-owned arguments
+    the launch writes, whose version counters the op would bump (so autograd notices in-place changes to
+    saved tensors); the direct path bumps them itself."""
+    if direct or _plain_eager(args):
         if mutated and not torch.is_inference_mode_enabled():  # as the op's dispatch (and the twins) refuse
             for t in mutated:
                 if t.is_inference():
@@ -372,14 +373,19 @@ def channel_stats(
     else:
         mean, var = _checks.check_stats_out(out, C, x)
         mutated = (mean, var)
+    return _stats_into(x, mean, var, mutated)
+
+
+def _stats_into(x, mean, var, mutated: tuple = (), direct: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The statistics launch on checked arguments: writes ``mean`` and ``var``."""
     if not x.numel():  # no values (N, H or W = 0): NaN as torch.var_mean and the twin; C = 0: nothing to do
         with torch.no_grad():  # as the kernels write: into an out= that requires grad too
             mean.fill_(float("nan"))
             var.fill_(float("nan"))
         return mean, var
     splits = _stats.stats_splits(x)
-    parts = torch.empty((3, splits, C), dtype=torch.float32, device=x.device).unbind(0)  # one allocation
-    _call(_channel_stats_op, _stats.channel_stats_launch, x, mean, var, *parts, mutated=mutated)
+    parts = torch.empty((3, splits, x.shape[1]), dtype=torch.float32, device=x.device).unbind(0)  # one allocation
+    _call(_channel_stats_op, _stats.channel_stats_launch, x, mean, var, *parts, mutated=mutated, direct=direct)
     return mean, var
 
 
@@ -416,11 +422,17 @@ def bottleneck_forward(
     if not _use_triton(x, backend, scale, shift, weight, spans=(weight,)):
         return reference.bottleneck_forward(x, scale, shift, weight, stats=stats, chunk=chunk)
     _checks.check_forward(x, scale, shift, weight, chunk, stats)  # (chunk: unused here, but as wrong as on the twin)
+    return _forward(x, scale, shift, weight, stats)
+
+
+def _forward(x, scale, shift, weight, stats: bool, direct: bool = False):
+    """The forward launches on checked arguments: ``(y, mean, var)`` as :func:`bottleneck_forward` returns them."""
     N, C, H, W = x.shape
     B = weight.shape[0]
     y = torch.empty((N, B, H, W), dtype=x.dtype, device=x.device)
     if not stats:  # (each output element is then one program's sum: no atomics)
-        _call(_bottleneck_forward_op, _bottleneck.bottleneck_forward_launch, x, scale, shift, _rows(weight), y, None, None, None)
+        _call(_bottleneck_forward_op, _bottleneck.bottleneck_forward_launch, x, scale, shift, _rows(weight), y, None, None, None,
+              direct=direct)  # fmt: skip
         return y, None, None
     _alert_atomics(x, "bottleneck_forward")
     # Σd and Σd² (the rows of one buffer, which become the returned mean and var) and the reference sample,
@@ -430,7 +442,7 @@ def bottleneck_forward(
     ref = torch.empty(B, dtype=torch.float32, device=x.device)
     _call(
         _bottleneck_forward_op, _bottleneck.bottleneck_forward_launch,
-        x, scale, shift, _rows(weight), y, d_sum, d_sqsum, ref,
+        x, scale, shift, _rows(weight), y, d_sum, d_sqsum, ref, direct=direct,
     )  # fmt: skip
     # in place on the sums (three operators): var = E[d²] - E[d]², mean = ref + E[d]
     torch._foreach_div_([d_sum, d_sqsum], N * H * W)
@@ -458,12 +470,12 @@ def bottleneck_backward_weight(
     return _weight_grad(x, scale, shift, dy)
 
 
-def _weight_grad(x, scale, shift, dy) -> torch.Tensor:
+def _weight_grad(x, scale, shift, dy, direct: bool = False) -> torch.Tensor:
     """The weight-gradient launch on checked arguments: a new fp32 ``(B, C)`` dW."""
     _alert_atomics(x, "bottleneck_backward_weight")
     dw = torch.zeros((dy.shape[1], x.shape[1]), dtype=torch.float32, device=x.device)
     if x.numel() and dy.numel():  # an empty sum is the zeros (the launch's grid would divide by zero)
-        _call(_bottleneck_backward_weight_op, _bottleneck.bottleneck_backward_weight_launch, x, scale, shift, dy, dw)
+        _call(_bottleneck_backward_weight_op, _bottleneck.bottleneck_backward_weight_launch, x, scale, shift, dy, dw, direct=direct)
     return dw
 
 
@@ -495,20 +507,26 @@ def bottleneck_backward_input(
     if not _use_triton(x, backend, scale, shift, weight, dy, mean, out, spans=(weight, dy, out)):
         return reference.bottleneck_backward_input(x, scale, shift, weight, dy, mean, out)
     _checks.check_backward_input(x, scale, shift, weight, dy, mean, out)
+    return _backward_input(x, scale, shift, weight, dy, mean, out)
+
+
+def _backward_input(x, scale, shift, weight, dy, mean, out, direct: bool = False):
+    """:func:`bottleneck_backward_input` on checked arguments: ``(dh, sum_dh, sum_dh_xmu)``."""
     N, C, H, W = x.shape
     if out is None:
         out = torch.empty((N, C, H, W), dtype=x.dtype, device=x.device)
     sum_dh, sum_dh_xmu = _zero_pair(C, x)
-    _input_grad(x, scale, shift, weight, dy, mean, out, sum_dh, sum_dh_xmu)
+    _input_grad(x, scale, shift, weight, dy, mean, out, sum_dh, sum_dh_xmu, direct=direct)
     return out, sum_dh, sum_dh_xmu
 
 
-def _input_grad(x, scale, shift, weight, dy, mean, dh, sum_dh, sum_dh_xmu) -> None:
-    """The input-gradient launch on checked arguments: writes ``dh``, adds into the zeroed sums."""
+def _input_grad(x, scale, shift, weight, dy, mean, dh, sum_dh, sum_dh_xmu, direct: bool = False) -> None:
+    """The input-gradient launch on checked arguments: writes ``dh``, adds into the zeroed sums. (``direct``:
+    ``dh`` is the caller's own scratch, whose version need not move.)"""
     _alert_atomics(x, "bottleneck_backward_input")
     _call(
         _bottleneck_backward_input_op, _bottleneck.bottleneck_backward_input_launch,
-        x, scale, shift, _rows(weight), dy, mean, dh, sum_dh, sum_dh_xmu, mutated=(dh,),
+        x, scale, shift, _rows(weight), dy, mean, dh, sum_dh, sum_dh_xmu, mutated=() if direct else (dh,), direct=direct,
     )  # fmt: skip
 
 
@@ -549,12 +567,13 @@ def bn_backward_accumulate(
     return None
 
 
-def _accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu) -> None:
+def _accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu, direct: bool = False) -> None:
     """The BN-backward accumulation launch on checked arguments: adds into ``grad`` (a caller's tensor, or a
-    view of one: its version moves). Sums ``None``: running statistics."""
+    view of one: its version moves; ``direct``: the caller's own buffer, whose version need not). Sums
+    ``None``: running statistics."""
     _call(
         _bn_backward_accumulate_op, _bottleneck.bn_backward_accumulate_launch,
-        grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu, mutated=(grad,),
+        grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu, mutated=() if direct else (grad,), direct=direct,
     )  # fmt: skip
 
 
@@ -744,13 +763,18 @@ def bottleneck_backward(
             x, scale, shift, weight, dy, mean, invstd, gamma, grad, batch_stats=batch_stats, chunk=chunk
         )
     _checks.check_backward(x, scale, shift, weight, dy, mean, invstd, gamma, grad, chunk, batch_stats)
+    return _backward(x, scale, shift, weight, dy, mean, invstd, gamma, grad, batch_stats, chunk)
+
+
+def _backward(x, scale, shift, weight, dy, mean, invstd, gamma, grad, batch_stats: bool, chunk, direct: bool = False):
+    """:func:`bottleneck_backward` on checked arguments (``direct``: see :func:`stage_ops`)."""
     N, C, H, W = x.shape
-    dw = _weight_grad(x, scale, shift, dy)
+    dw = _weight_grad(x, scale, shift, dy, direct)
     if not (x.numel() and dy.numel()):  # N, C, H, W or B = 0: nothing to add into grad, zero sums
         return (dw, *_zero_pair(C, x))
     sum_dh, sum_dh_xmu = _zero_pair(C, x)
     chunks = _checks.channel_chunks(C, chunk)
-    if len(chunks) > 1:  # a later chunk reads all of dy after an earlier one has added into grad
+    if len(chunks) > 1 and not direct:  # a later chunk reads all of dy after an earlier one has added into grad
         _checks.check_disjoint("grad", grad, dy=dy)
     scratch = torch.empty((N, chunks[0][1] - chunks[0][0], H, W), dtype=x.dtype, device=x.device)  # widest first
     for c0, c1 in chunks:
@@ -759,9 +783,95 @@ def bottleneck_backward(
         else:
             xs, wc, g, dh = x[:, c0:c1], weight[:, c0:c1], grad[:, c0:c1], scratch[:, : c1 - c0]
             sc, sh, mn, isd, gm, sd, sx = (v[c0:c1] for v in (scale, shift, mean, invstd, gamma, sum_dh, sum_dh_xmu))
-        _input_grad(xs, sc, sh, wc, dy, mn, dh, sd, sx)
+        _input_grad(xs, sc, sh, wc, dy, mn, dh, sd, sx, direct=direct)
         # running statistics: no terms through the mean and variance (the launch's None sums)
-        _accumulate(g, xs, dh, mn, isd, gm, *((sd, sx) if batch_stats else (None, None)))
+        _accumulate(g, xs, dh, mn, isd, gm, *((sd, sx) if batch_stats else (None, None)), direct=direct)
     del scratch
     # dgamma in place: the two rows of one buffer (an invstd that requires grad must not make it differentiable)
     return dw, sum_dh_xmu.mul_(invstd.detach() if invstd.requires_grad else invstd), sum_dh
+
+
+# --------------------------------------------------------------------------------------------------
+# The strategies' entry points: checked once per pass of a dense stage, not on every call
+
+
+def stage_ops(buffer: torch.Tensor, params: Sequence[torch.Tensor], *others: torch.Tensor) -> type | None:
+    """For the dense-stage autograd Function of strategy ``fused`` (``effdense.strategies.shared``): the
+    namespace of kernel entry points that one pass of a stage (its forward, or its backward) may call instead
+    of the public functions above, or None where it must call those.
+
+    A stage's forward makes ~130 kernel calls and its backward as many, every one on tensors the Function
+    made itself (slices of one contiguous block buffer, the gradient buffer like it, fp32 statistics and
+    affine vectors, fresh outputs) or on the stage's parameters. The public functions check every argument
+    and choose the backend on every call (tens of microseconds of host time each, on the step that small GPU
+    steps are bound by: benchmarks/host_overhead.py). Here that is decided once, for the pass, from what the
+    calls could differ in: the stage's block ``buffer``, in the dtype the kernels compute in; the parameters
+    ``params``; ``others``, the pass's other inputs (the stage's input in forward, the incoming gradient in
+    backward). :class:`_StageOps` applies when all of these hold, as the public functions would decide on
+    each call:
+
+    * the kernels run (``backend="auto"`` picks them): a kernel dtype, :func:`kernels_available` for the
+      device, no ``torch.func`` transform;
+    * plain eager execution (:func:`_plain_eager`): plain tensors with data, no dispatch mode, no
+      ``torch.compile`` tracing, so the launches go directly, without the ``torch.library`` ops;
+    * every parameter on the buffer's device, and each 1-D one (a BatchNorm's weight and bias, read as per-channel
+      vectors) with unit stride;
+    * every tensor of the pass within the kernels' 32-bit offsets (:func:`._checks.int32_span_error`): a
+      contiguous ``(N, max(C, R), H, W)`` tensor and an ``(R, C)`` weight bound all of them, for the buffer's
+      ``(N, C, H, W)`` and ``R`` the most output channels of the stage's convolutions.
+
+    The Function builds the shapes, layouts and dtypes that the per-call checks would verify; its one input
+    of another layout, backward's gradient, is made plane-contiguous by :class:`_StageOps` itself."""
+    x = buffer
+    if not (x.dtype in _checks.KERNEL_DTYPES and kernels_available(x.device) and _plain_eager((x, *params, *others))):
+        return None
+    device, rows = x.device, 0
+    for p in params:
+        if p.device != device:
+            return None
+        if p.dim() == 1:
+            if not p.is_contiguous():
+                return None
+        elif p.shape[0] > rows:  # (a convolution's out_channels)
+            rows = p.shape[0]
+    for t in others:
+        if t.device != device:
+            return None
+    N, channels, H, W = x.shape
+    span, P = _checks.INT32_SPAN, H * W
+    if N * P > span or max(channels, rows) * P > span or rows * channels > span:
+        return None
+    return _StageOps
+
+
+class _StageOps:
+    """The kernel entry points of :func:`stage_ops`: the public functions' signatures (without ``backend``),
+    their results and kernels, without their argument checks, each launch direct."""
+
+    @staticmethod
+    def channel_stats(x, *, out=None):
+        if out is None:
+            mean = torch.empty(x.shape[1], dtype=torch.float32, device=x.device)
+            out = (mean, torch.empty_like(mean))
+        return _stats_into(x, *out, direct=True)
+
+    @staticmethod
+    def bottleneck_forward(x, scale, shift, weight, *, stats=True, chunk=None):
+        return _forward(x, scale, shift, weight, stats, direct=True)
+
+    @staticmethod
+    def bottleneck_backward_weight(x, scale, shift, dy):
+        return _weight_grad(x, scale, shift, _plane_contiguous(dy), direct=True)
+
+    @staticmethod
+    def bottleneck_backward_input(x, scale, shift, weight, dy, mean, out=None):
+        return _backward_input(x, scale, shift, weight, _plane_contiguous(dy), mean, out, direct=True)
+
+    @staticmethod
+    def bn_backward_accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu, *, batch_stats=True):
+        if x.numel():
+            _accumulate(grad, x, dh, mean, invstd, gamma, *((sum_dh, sum_dh_xmu) if batch_stats else (None, None)), direct=True)
+
+    @staticmethod
+    def bottleneck_backward(x, scale, shift, weight, dy, mean, invstd, gamma, grad, *, batch_stats=True, chunk=None):
+        return _backward(x, scale, shift, weight, _plane_contiguous(dy), mean, invstd, gamma, grad, batch_stats, chunk, direct=True)

@@ -147,6 +147,102 @@ def test_fused_matches_naive_with_real_kernels(builder, shape, device) -> None:
     assert_matches(ref, other, torch.randn(shape, device=device))  # (TF32 off: conftest's _no_tf32)
 
 
+def _count_checked_calls(monkeypatch) -> dict[str, int]:
+    """Spy on the public kernel functions' per-call checks: calls of ``_use_triton`` and ``_checks.check_*``."""
+    from effdense.kernels import _checks
+    from effdense.kernels import ops as kops
+
+    calls = {"checks": 0}
+
+    def counted(fn):
+        def spy(*args, **kwargs):
+            calls["checks"] += 1
+            return fn(*args, **kwargs)
+
+        return spy
+
+    monkeypatch.setattr(kops, "_use_triton", counted(kops._use_triton))
+    for name in ("check_forward", "check_backward", "check_backward_weight", "check_backward_input", "check_accumulate",
+                 "check_activation", "check_stats_out"):  # fmt: skip
+        monkeypatch.setattr(_checks, name, counted(getattr(_checks, name)))
+    return calls
+
+
+def test_fused_stage_checks_its_kernel_calls_once_per_pass(monkeypatch) -> None:
+    """A fused stage calls the kernels through effdense.kernels.ops.stage_ops: their arguments checked once
+    per forward and backward pass, not on each of the ~130 calls of a pass (host time, which a small GPU step
+    is bound by). A training step then runs none of the public functions' per-call checks, every kernel
+    still launches, and the results match naive (outputs, gradients, running statistics)."""
+    from effdense.kernels import bottleneck as kb
+    from effdense.strategies import fused
+
+    if not fused.kernels_available(torch.device("cpu")):
+        pytest.skip("Triton kernels cannot run on cpu here (TRITON_INTERPRET unset)")
+    torch.manual_seed(0)
+    ref, other = _pair(effdense.DenseNet(4, (2, 2), 8, bn_size=2, num_classes=3, drop_rate=0.2), "fused")
+    calls = _count_checked_calls(monkeypatch)
+    launches = {"n": 0}
+    launch = kb.bottleneck_forward_launch
+
+    def counted(*args):
+        launches["n"] += 1
+        return launch(*args)
+
+    monkeypatch.setattr(kb, "bottleneck_forward_launch", counted)
+    assert_matches(ref, other, torch.randn(2, 3, 37, 29), steps=2)
+    assert calls["checks"] == 0
+    # per step: forward over 4 layers and 1 transition, backward's recomputation of the 4 bottleneck outputs
+    assert launches["n"] == 2 * (5 + 4)
+
+
+def test_fused_stage_takes_the_checked_functions_where_a_pass_may_not_skip_them(monkeypatch) -> None:
+    """Under a dispatch mode (here a pass-through TorchDispatchMode, as memory and FLOP trackers are) the
+    launches must go through the torch.library ops, and the public functions check each call: a fused step
+    there takes them, with the same results."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from effdense.strategies import fused
+
+    if not fused.kernels_available(torch.device("cpu")):
+        pytest.skip("Triton kernels cannot run on cpu here (TRITON_INTERPRET unset)")
+
+    class _PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    ref, other = _pair(effdense.densenet_cifar(10, 4, num_classes=3), "fused")
+    calls = _count_checked_calls(monkeypatch)
+    x = torch.randn(2, 3, 8, 8)
+    with _PassThrough():
+        assert_matches(ref, other, x, steps=1)
+    assert calls["checks"] > 0
+
+
+def test_stage_ops_decides_as_the_public_functions_would() -> None:
+    """effdense.kernels.ops.stage_ops: the once-checked kernel calls for a stage's pass, or None (the public
+    functions, which check each call and pick the backend) wherever one of the pass's calls would not run the
+    kernels directly: float64, a parameter on another device or a strided vector, a tensor that is not a
+    plain one, a buffer past the kernels' 32-bit offsets."""
+    from effdense.kernels import ops as kops
+    from effdense.strategies import fused
+
+    if not fused.kernels_available(torch.device("cpu")):
+        pytest.skip("Triton kernels cannot run on cpu here (TRITON_INTERPRET unset)")
+    buf, w, v = torch.zeros(2, 12, 4, 4), torch.zeros(8, 12, 1, 1), torch.ones(12)
+    assert kops.stage_ops(buf, (w, v, torch.nn.Parameter(v.clone()))) is kops._StageOps
+    assert kops.stage_ops(buf.double(), (w.double(), v.double())) is None
+    assert kops.stage_ops(buf, (w, torch.ones(24)[::2])) is None  # a BatchNorm weight read with unit stride
+    assert kops.stage_ops(buf, (w.to("meta"), v)) is None
+    assert kops.stage_ops(buf, (w, v), torch.zeros(2, 3, device="meta")) is None
+    assert kops.stage_ops(buf.to("meta"), (w, v)) is None
+    # N*H*W past 2**31 values per channel (an expanded view: no memory behind it); and a conv whose output
+    # channels times the buffer's plane is
+    assert kops.stage_ops(torch.zeros(1, 1, 1, 1).expand(2**15, 12, 2**8, 2**8), (w, v)) is None
+    assert kops.stage_ops(torch.zeros(1, 1, 1, 1).expand(1, 12, 2**12, 2**12), (torch.zeros(2**8, 12, 1, 1), v)) is None
+    assert kops.stage_ops(torch.zeros(1, 1, 1, 1).expand(1, 12, 2**12, 2**12), (torch.zeros(2**6, 12, 1, 1), v)) is kops._StageOps
+
+
 def test_fused_chunks_are_the_models_widest(monkeypatch) -> None:
     """On the kernels, every stage takes chunks as large as the model's largest (shared._widest_chunk).
     With chunks forced narrow (no byte allowance: two bottleneck widths, 32 channels here), the first block

@@ -34,8 +34,10 @@ def kernels_available(device: torch.device | str | None = None) -> bool:
 def _options(x: torch.Tensor) -> dict[str, Any]:
     if kernels_available(x.device):
         import effdense.kernels as ops
+        from effdense.kernels.ops import stage_ops
 
-        return dict(ops=ops, chunk_factor=_CHUNK_FACTOR)
+        # stage_ops: each pass of a stage checks its kernel calls' arguments once, not on every call (host time)
+        return dict(ops=ops, chunk_factor=_CHUNK_FACTOR, stage_ops=stage_ops)
     return dict(ops=shared.reference_ops())
 
 

@@ -295,6 +295,11 @@ class _Stage:
     # workspace stays a few bottleneck outputs wide however deep the block. (The Triton forward kernel
     # never materialises the normalised input and ignores the forward's chunk.)
     chunk_width: int = 64
+    # ``ops`` is the namespace of the pass running now (forward, or backward): the stage's own (``own_ops``,
+    # the twins or the kernels' public functions), or what ``stage_ops`` (given by ``fused``:
+    # effdense.kernels.ops.stage_ops) returns for the pass, the kernels checked once for it (see _pass_ops)
+    own_ops: ModuleType | None = None
+    stage_ops: Any = None
 
     @property
     def layers(self) -> list:
@@ -634,8 +639,24 @@ def _transition_forward(stage: _Stage, state: _StageState, Fbuf: torch.Tensor) -
     return F.avg_pool2d(y, kernel_size=2, stride=2)
 
 
-def _stage_forward(stage: _Stage, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, torch.Tensor | None, _StageState]:
-    """Fill the block buffer and run the transition. Returns (F, transition output or None, state)."""
+def _pass_ops(stage: _Stage, buffer: torch.Tensor, params: Sequence[torch.Tensor], *others: torch.Tensor) -> Any:
+    """The ops namespace for one pass (forward or backward) of ``stage`` over its block ``buffer``, with
+    ``params`` and the pass's other inputs ``others``: what the stage's ``stage_ops`` returns for them (the
+    kernels with their argument checks made once for the pass instead of on each of its ~130 calls), else
+    the stage's own ops. (Not under torch.compile, where dynamo refuses the stage's mutation and the kernels
+    go through their torch.library ops: the stage keeps its own.)"""
+    if stage.stage_ops is not None:
+        ops = stage.stage_ops(buffer, params, *others)
+        if ops is not None:
+            return ops
+    return stage.own_ops
+
+
+def _stage_forward(
+    stage: _Stage, x: torch.Tensor, keep: bool, params: Sequence[torch.Tensor] = ()
+) -> tuple[torch.Tensor, torch.Tensor | None, _StageState]:
+    """Fill the block buffer and run the transition. Returns (F, transition output or None, state).
+    ``params``: the stage's parameters (:meth:`_Stage.params`), for :func:`_pass_ops`."""
     block, k = stage.block, stage.block.growth_rate
     N, C0, H, W = x.shape
     c_total = block.num_output_features
@@ -649,6 +670,8 @@ def _stage_forward(stage: _Stage, x: torch.Tensor, keep: bool) -> tuple[torch.Te
     count = N * H * W if not (stage.sync and batch) else _sync_count(stage, N * H * W, x.device)
     state = _StageState(keep, count)
     Fbuf = torch.empty((N, c_total, H, W), dtype=stage.dtype, device=x.device)
+    if not torch.compiler.is_compiling():
+        stage.ops = _pass_ops(stage, Fbuf, params, x)
     Fbuf[:, :C0].copy_(x)
     cache = stage.policy.cache_stats and batch1
     if cache:
@@ -999,7 +1022,7 @@ def _running_stats_updated_error(changed: Sequence[torch.Tensor]) -> RuntimeErro
 class _DenseStageFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, stage: _Stage, x: torch.Tensor, *params: torch.Tensor):  # type: ignore[override]
-        Fbuf, out, state = _stage_forward(stage, x, keep=True)
+        Fbuf, out, state = _stage_forward(stage, x, keep=True, params=params)
         ctx.stage = stage
         ctx.state = state
         ctx.x_meta = (x.dtype, x.shape)
@@ -1056,6 +1079,8 @@ class _DenseStageFunction(torch.autograd.Function):
         C0 = block.num_input_features
         n = ctx.n_params
         layer_parts, transition_parts = _modules_as_saved(stage, state, saved[1 : 1 + n], saved[1 + n : -1])
+        if not torch.compiler.is_compiling():
+            stage.ops = _pass_ops(stage, Fbuf, saved[1 : 1 + n], grad_out)
         with _autocast_off(Fbuf.device.type):
             grads: list[torch.Tensor] = []
             if ctx.has_transition:
@@ -1158,7 +1183,13 @@ def _sync_semantics(block, transition) -> tuple[bool, Any]:
 
 
 def _make_stage(
-    block, transition, ops: ModuleType, x: torch.Tensor, chunk_factor: int = 1, chunk_values: int | None = None
+    block,
+    transition,
+    ops: ModuleType,
+    x: torch.Tensor,
+    chunk_factor: int = 1,
+    chunk_values: int | None = None,
+    stage_ops: Any = None,
 ) -> _Stage:
     import torch.distributed as dist
 
@@ -1175,6 +1206,8 @@ def _make_stage(
         sync_group=group,
         sync=sync,
         chunk_width=_stage_chunk_width(block, x, chunk_factor, chunk_values, sync),
+        own_ops=ops,
+        stage_ops=stage_ops,
     )
 
 
@@ -1239,7 +1272,7 @@ def run_stage(
     """Run ``block`` (and ``transition`` if given) on ``x`` with the shared buffers; returns the block
     buffer, or the transition's pooled output when a transition is given. ``where``: the block's name in
     the model, for warnings. ``stage_options`` are ``chunk_factor`` and ``chunk_values`` (see :class:`_Stage`
-    and :func:`_chunk_width`)."""
+    and :func:`_chunk_width`), and ``stage_ops`` (see :func:`_pass_ops`)."""
     _check_block_input(block, x)
     # The plain modules, as naive, for an empty batch, which has no statistics for the shared buffers (as a
     # model does for every strategy, strategies._runner_for, with PyTorch's semantics: an empty output, zero
@@ -1266,7 +1299,7 @@ def run_stage(
         with _autocast_off(x.device.type):
             return _DenseStageFunction.apply(stage, x, *params)[0]
     with torch.no_grad(), _autocast_off(x.device.type):
-        Fbuf, out, _ = _stage_forward(stage, x, keep=False)
+        Fbuf, out, _ = _stage_forward(stage, x, keep=False, params=params)
     return Fbuf if out is None else out
 
 
