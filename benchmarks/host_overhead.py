@@ -160,20 +160,21 @@ def wrapper_times(repeats: int, calls: int, device: str = "cpu") -> dict[str, fl
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     saved = [] if on_gpu else _stub_launches()
     try:
-        out = {}
-        for name, fn in cases.items():
+        for fn in cases.values():
             for _ in range(min(calls, 50)):  # on a GPU also the autotuning of each kernel for these shapes
                 fn()
-            sync()
-            samples = []
-            for _ in range(repeats):
+        sync()
+        # the repeats go round the cases in turn, so that a change in the machine's load reaches every case alike
+        # (one case's repeats after another's compared the public and stage entry points under different loads)
+        samples: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(repeats):
+            for name, fn in cases.items():
                 t0 = time.perf_counter()
                 for _ in range(calls):
                     fn()
                 sync()
-                samples.append((time.perf_counter() - t0) / calls * 1e6)
-            out[name] = statistics.median(samples)
-        return out
+                samples[name].append((time.perf_counter() - t0) / calls * 1e6)
+        return {name: statistics.median(s) for name, s in samples.items()}
     finally:
         for module, name, fn in saved:
             setattr(module, name, fn)
