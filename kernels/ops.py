@@ -814,34 +814,48 @@ def stage_ops(buffer: torch.Tensor, params: Sequence[torch.Tensor], *others: tor
       device, no ``torch.func`` transform;
     * plain eager execution (:func:`_plain_eager`): plain tensors with data, no dispatch mode, no
       ``torch.compile`` tracing, so the launches go directly, without the ``torch.library`` ops;
+    * the buffer contiguous (the Function allocates it so; a saved-tensor unpack hook may give it back otherwise);
     * every parameter on the buffer's device, and each 1-D one (a BatchNorm's weight and bias, read as per-channel
-      vectors) with unit stride;
+      vectors) with unit stride (the Function checks their lengths, and the running statistics it hands on);
     * every tensor of the pass within the kernels' 32-bit offsets (:func:`._checks.int32_span_error`): a
       contiguous ``(N, max(C, R), H, W)`` tensor and an ``(R, C)`` weight bound all of them, for the buffer's
       ``(N, C, H, W)`` and ``R`` the most output channels of the stage's convolutions.
 
-    The Function builds the shapes, layouts and dtypes that the per-call checks would verify; its one input
-    of another layout, backward's gradient, is made plane-contiguous by :class:`_StageOps` itself."""
+    The Function builds the shapes, layouts and dtypes that the per-call checks would verify; the gradients
+    that reach the kernels through PyTorch's operators (a convolution's backward may answer in another memory
+    format) are made plane-contiguous by :class:`_StageOps` itself."""
     x = buffer
     if not (x.dtype in _checks.KERNEL_DTYPES and kernels_available(x.device) and _plain_eager((x, *params, *others))):
+        return None
+    if not x.is_contiguous():  # (a saved buffer an unpack hook gave back in another layout)
         return None
     device, rows = x.device, 0
     for p in params:
         if p.device != device:
             return None
-        if p.dim() == 1:
+        dim = p.dim()
+        if dim == 1:
             if not p.is_contiguous():
                 return None
+        elif dim == 0:
+            return None
         elif p.shape[0] > rows:  # (a convolution's out_channels)
             rows = p.shape[0]
     for t in others:
         if t.device != device:
             return None
     N, channels, H, W = x.shape
-    span, P = _checks.INT32_SPAN, H * W
-    if N * P > span or max(channels, rows) * P > span or rows * channels > span:
-        return None
-    return _StageOps
+    return _StageOps if _stage_fits_int32(N, channels, H * W, rows) else None
+
+
+def _stage_fits_int32(N: int, C: int, P: int, rows: int) -> bool:
+    """Whether every tensor of a stage's pass is within the kernels' 32-bit offsets (the bounds of
+    :func:`._checks.int32_span_error`): ``N*P`` values per channel of its ``(N, C, H, W)`` buffer (``P = H*W``)
+    and of every other activation, the channel spans of contiguous tensors of at most ``max(C, rows)``
+    channels, and ``(rows, C)`` weights and weight gradients, ``rows`` the most output channels of its
+    convolutions."""
+    span = _checks.INT32_SPAN
+    return N * P <= span and max(C, rows) * P <= span and rows * C <= span
 
 
 class _StageOps:
@@ -870,7 +884,8 @@ class _StageOps:
     @staticmethod
     def bn_backward_accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu, *, batch_stats=True):
         if x.numel():
-            _accumulate(grad, x, dh, mean, invstd, gamma, *((sum_dh, sum_dh_xmu) if batch_stats else (None, None)), direct=True)
+            sums = (sum_dh, sum_dh_xmu) if batch_stats else (None, None)
+            _accumulate(grad, x, _plane_contiguous(dh), mean, invstd, gamma, *sums, direct=True)
 
     @staticmethod
     def bottleneck_backward(x, scale, shift, weight, dy, mean, invstd, gamma, grad, *, batch_stats=True, chunk=None):

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 import types
@@ -219,6 +220,61 @@ def test_fused_stage_takes_the_checked_functions_where_a_pass_may_not_skip_them(
     assert calls["checks"] > 0
 
 
+def _strided_running_means(model: nn.Module) -> None:
+    for bn in model.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean = torch.zeros(2 * bn.num_features)[::2]
+    model.eval()
+
+
+def _one_value_weight(model: nn.Module, shape: tuple[int, ...] = (1,)) -> None:
+    bn = model.features.denseblock3.denselayer1.norm1
+    bn.weight = nn.Parameter(torch.full(shape, 1.5))
+
+
+def _one_value_running_var(model: nn.Module) -> None:
+    model.features.denseblock3.denselayer1.norm1.running_var = torch.tensor([0.7])
+    model.eval()
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (_strided_running_means, "mean: expected unit stride"),
+        (_one_value_weight, r"gamma: expected a 1-D tensor of shape \(5,\), got shape \(1,\)"),
+        (lambda m: _one_value_weight(m, ()), r"gamma: expected a 1-D tensor of shape \(5,\), got shape \(\)"),
+        (_one_value_running_var, r"invstd: expected a 1-D tensor of shape \(5,\)"),
+        ("unpack_channels_last", "plane contiguous"),
+    ],
+    ids=["strided-running-mean", "one-value-weight", "0-dim-weight", "one-value-running-var", "unpack-hook-channels-last"],
+)
+def test_fused_stage_checks_what_reaches_its_kernels(setup, message) -> None:
+    """What a stage hands the kernels without building it itself is checked as the per-call checks did
+    (a probe found it unchecked at 0d4db56, read past its end, and gave silently wrong gradients, or an
+    IndexError): BatchNorm parameters and running statistics (read as per-channel vectors) replaced by ones
+    of another size or layout, and a saved buffer that an unpack hook gave back channels_last. The stage's
+    pass takes the checked functions, which name the tensor."""
+    from effdense.strategies import fused
+
+    if not fused.kernels_available(torch.device("cpu")):
+        pytest.skip("Triton kernels cannot run on cpu here (TRITON_INTERPRET unset)")
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(10, 4, num_classes=3, strategy="fused")
+    x = torch.randn(2, 3, 8, 8)
+    hooks = contextlib.nullcontext()
+    if setup == "unpack_channels_last":
+        def unpack(t):  # the last block's buffer (2x2 planes, more channels than its input)
+            return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 and t.shape[2:] == (2, 2) and t.shape[1] > 8 else t
+
+        hooks = torch.autograd.graph.saved_tensors_hooks(lambda t: t, unpack)
+    else:
+        setup(model)
+    with pytest.raises((ValueError, TypeError), match=message):
+        with hooks:
+            out = model(x)
+        out.square().sum().backward()
+
+
 def test_stage_ops_decides_as_the_public_functions_would() -> None:
     """effdense.kernels.ops.stage_ops: the once-checked kernel calls for a stage's pass, or None (the public
     functions, which check each call and pick the backend) wherever one of the pass's calls would not run the
@@ -236,11 +292,16 @@ def test_stage_ops_decides_as_the_public_functions_would() -> None:
     assert kops.stage_ops(buf, (w.to("meta"), v)) is None
     assert kops.stage_ops(buf, (w, v), torch.zeros(2, 3, device="meta")) is None
     assert kops.stage_ops(buf.to("meta"), (w, v)) is None
-    # N*H*W past 2**31 values per channel (an expanded view: no memory behind it); and a conv whose output
-    # channels times the buffer's plane is
-    assert kops.stage_ops(torch.zeros(1, 1, 1, 1).expand(2**15, 12, 2**8, 2**8), (w, v)) is None
-    assert kops.stage_ops(torch.zeros(1, 1, 1, 1).expand(1, 12, 2**12, 2**12), (torch.zeros(2**8, 12, 1, 1), v)) is None
-    assert kops.stage_ops(torch.zeros(1, 1, 1, 1).expand(1, 12, 2**12, 2**12), (torch.zeros(2**6, 12, 1, 1), v)) is kops._StageOps
+    assert kops.stage_ops(buf.contiguous(memory_format=torch.channels_last), (w, v)) is None
+    assert kops.stage_ops(buf, (w, torch.tensor(1.0))) is None  # a 0-dim parameter (its per-call check names it)
+    # the 32-bit bound (tensors that large would need gigabytes: the bound's arithmetic alone): N*H*W values
+    # per channel, a channel span (the buffer's, or an output of a conv's rows), a weight's rows x channels
+    fits = kops._stage_fits_int32
+    span = 2**31 - 2**19
+    assert fits(2**15, 12, 2**16 - 16, 8) and not fits(2**15, 12, 2**16, 8)
+    assert fits(1, span // 2**20, 2**20, 64) and not fits(1, span // 2**20 + 1, 2**20, 64)
+    assert not fits(1, 12, 2**24, 2**8) and fits(1, 12, 2**24, 2**6)
+    assert fits(1, 2**15, 1, 2**16 - 16) and not fits(1, 2**16, 1, 2**16)
 
 
 def test_fused_chunks_are_the_models_widest(monkeypatch) -> None:

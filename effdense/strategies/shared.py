@@ -639,17 +639,44 @@ def _transition_forward(stage: _Stage, state: _StageState, Fbuf: torch.Tensor) -
     return F.avg_pool2d(y, kernel_size=2, stride=2)
 
 
-def _pass_ops(stage: _Stage, buffer: torch.Tensor, params: Sequence[torch.Tensor], *others: torch.Tensor) -> Any:
+def _pass_ops(
+    stage: _Stage,
+    buffer: torch.Tensor,
+    norms: Sequence[tuple[Any, bool]],
+    params: Sequence[torch.Tensor],
+    *others: torch.Tensor,
+) -> Any:
     """The ops namespace for one pass (forward or backward) of ``stage`` over its block ``buffer``, with
     ``params`` and the pass's other inputs ``others``: what the stage's ``stage_ops`` returns for them (the
     kernels with their argument checks made once for the pass instead of on each of its ~130 calls), else
-    the stage's own ops. (Not under torch.compile, where dynamo refuses the stage's mutation and the kernels
-    go through their torch.library ops: the stage keeps its own.)"""
-    if stage.stage_ops is not None:
+    the stage's own ops. ``norms``: each BN1 and then the transition's BatchNorm as the pass reads them
+    (module or :class:`_AsSaved`), with whether it normalises with its running statistics: their tensors reach
+    the kernels as per-channel vectors, and :func:`_norm_vectors_fit` checks them here, as the per-call checks
+    did. (Not under torch.compile, where dynamo refuses the stage's mutation and the kernels go through their
+    torch.library ops: the stage keeps its own.)"""
+    if stage.stage_ops is not None and _norm_vectors_fit(stage, norms, buffer.device):
         ops = stage.stage_ops(buffer, params, *others)
         if ops is not None:
             return ops
     return stage.own_ops
+
+
+def _norm_vectors_fit(stage: _Stage, norms: Sequence[tuple[Any, bool]], device: torch.device) -> bool:
+    """Whether each BatchNorm tensor that a pass hands the kernels as a per-channel vector is one that the
+    kernels' per-call checks accept: a BN1's (and the transition's) weight and bias, and its running mean and
+    variance when it normalises with them, each 1-D with one element per channel it normalises, unit stride,
+    on ``device`` and not float64 (the vectors formed from them would be). The modules' declared sizes do not
+    ensure it: a parameter or buffer replaced by one of another size or layout (naive then raises PyTorch's
+    error, or runs) went to the kernels unchecked, which read past its end."""
+    block = stage.block
+    C0, k = block.num_input_features, block.growth_rate
+    last = len(norms) - 1
+    for i, (bn, running) in enumerate(norms):
+        channels = block.num_output_features if (i == last and stage.transition is not None) else C0 + i * k
+        for t in (_weight(bn), _bias(bn), *((bn.running_mean, bn.running_var) if running else ())):
+            if t.dim() != 1 or t.shape[0] != channels or not t.is_contiguous() or t.dtype == torch.float64 or t.device != device:
+                return False
+    return True
 
 
 def _stage_forward(
@@ -671,7 +698,7 @@ def _stage_forward(
     state = _StageState(keep, count)
     Fbuf = torch.empty((N, c_total, H, W), dtype=stage.dtype, device=x.device)
     if not torch.compiler.is_compiling():
-        stage.ops = _pass_ops(stage, Fbuf, params, x)
+        stage.ops = _pass_ops(stage, Fbuf, [(bn, not _uses_batch_stats(bn)) for bn in bns], params, x)
     Fbuf[:, :C0].copy_(x)
     cache = stage.policy.cache_stats and batch1
     if cache:
@@ -1080,7 +1107,10 @@ class _DenseStageFunction(torch.autograd.Function):
         n = ctx.n_params
         layer_parts, transition_parts = _modules_as_saved(stage, state, saved[1 : 1 + n], saved[1 + n : -1])
         if not torch.compiler.is_compiling():
-            stage.ops = _pass_ops(stage, Fbuf, saved[1 : 1 + n], grad_out)
+            norms = [(parts[0], not batch[0]) for parts, batch in zip(layer_parts, state.batch)]
+            if transition_parts is not None:
+                norms.append((transition_parts[0], not state.transition_batch))
+            stage.ops = _pass_ops(stage, Fbuf, norms, saved[1 : 1 + n], grad_out)
         with _autocast_off(Fbuf.device.type):
             grads: list[torch.Tensor] = []
             if ctx.has_transition:
