@@ -1157,6 +1157,32 @@ def test_convert_keeps_sync_bn_and_its_process_group() -> None:
     assert all(type(m) is CPUSyncBatchNorm and m.process_group is group for m in _sync_norms(ours))
 
 
+@pytest.mark.parametrize("stem", ["cifar", "imagenet"])
+def test_checkpoint_runs_an_empty_batch_on_its_own_path(stem: str) -> None:
+    """checkpoint keeps its own path for an empty batch (shared and fused run it as naive): under
+    SyncBatchNorm a rank left without samples must recompute in backward as the other ranks do
+    (tests/test_ddp.py). Its step there is naive's: an empty output, zero gradients, BatchNorm counters
+    advanced and running statistics kept."""
+    import effdense.strategies as registry
+
+    build = (lambda s: effdense.densenet_cifar(16, 6, drop_rate=0.2, strategy=s)) if stem == "cifar" else (
+        lambda s: effdense.DenseNet(4, (2, 2), 8, bn_size=2, num_classes=3, drop_rate=0.2, strategy=s))  # fmt: skip
+    naive = build("naive")
+    train_step(naive, torch.randn(4, 3, 32, 32))
+    ours = copy.deepcopy(naive).set_strategy("checkpoint")
+    assert registry._runner_for("checkpoint", torch.empty(0, 3, 8, 8)) is registry._runners()["checkpoint"]
+    for model in (naive, ours):
+        model.zero_grad(set_to_none=False)
+        x = torch.randn(0, 3, 32, 32, requires_grad=True)
+        out = model(x)
+        out.sum().backward()
+        assert out.shape == (0, model.classifier.out_features) and x.grad.shape == x.shape
+    for (name, p), q in zip(naive.named_parameters(), ours.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    for (name, a), b in zip(naive.named_buffers(), ours.buffers()):
+        assert torch.equal(a, b), name
+
+
 def _empty_batch_entries():
     from effdense.strategies import fused, shared
 

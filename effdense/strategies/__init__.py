@@ -146,9 +146,11 @@ def _runner_for(name: str, x: torch.Tensor) -> ModuleType:
         if name in ("shared", "fused"):
             _untraceable(name, "torch.jit.trace (which torch.onnx.export(dynamo=False) uses)")
         return _runners()["naive" if name == "auto" else name]
-    if x.shape[0] == 0:
+    if x.shape[0] == 0 and name != "checkpoint":
         # an empty batch holds no activations to save memory on; naive gives it PyTorch's own semantics
-        # (an empty output, BatchNorm counters advanced), as torchvision, where the shared buffers need a batch
+        # (an empty output, BatchNorm counters advanced), as torchvision, where the shared buffers need a batch.
+        # checkpoint keeps its own path, as torchvision's memory_efficient does: under SyncBatchNorm a rank
+        # whose batch is empty must recompute (and all-gather) in backward as the others do, or they hang
         return _runners()["naive"]
     if not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None:
         # inside a torch.func transform (grad, vmap, jacrev, ...): the shared/fused autograd Function mutates
