@@ -118,7 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="CPU threads per process (torch.set_num_threads)")
 
     g = parser.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=0, help="default: %(default)s")
+    g.add_argument("--seed", type=_seed, default=0, help="an integer in [0, 2**32) (default: %(default)s)")
     g.add_argument("--out-dir", default="runs/train", help="checkpoint and metrics folder (default: %(default)s)")
     g.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint file (default: OUT_DIR/checkpoint.pt)")
     g.add_argument("--save-every", type=int, default=1, metavar="EPOCHS", help="save a checkpoint every N epochs; 0: at the end only (default: %(default)s)")
@@ -139,6 +139,18 @@ def _drop_rate(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}") from None
     if not 0 <= value < 1:  # nan too
         raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    """``--seed``: an integer in [0, 2**32), the range numpy's generator takes (a traceback from
+    ``np.random.seed`` after the output folder was made, before)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}") from None
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}")
     return value
 
 
@@ -729,6 +741,8 @@ def _load_failure(path: str, exc: BaseException) -> str:
 
 def load_checkpoint(path: str) -> dict[str, Any]:
     """Read a checkpoint written by ``effdense train``; :class:`CheckpointError` when it cannot be used."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is a folder; give the checkpoint file (e.g. {os.path.join(path, 'checkpoint.pt')!r})")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
@@ -744,6 +758,12 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         raise CheckpointError(f"{path!r} is not an effdense train checkpoint (it holds a {type(state).__name__}, not a dict)")
     if not required <= set(state):
         raise CheckpointError(f"{path!r} is not an effdense train checkpoint (missing {sorted(required - set(state))})")
+    version = state["version"]
+    if not isinstance(version, int) or isinstance(version, bool) or version > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path!r} has format version {version!r}, which this effdense (format {CHECKPOINT_VERSION}) "
+            "does not know: it was written by a newer effdense; resume it with that version"
+        )
     return state
 
 
@@ -807,17 +827,32 @@ class _MetricsLog:
 
     def __init__(self, path: str | None, history: list[dict[str, Any]]) -> None:
         self.path = path
+        self.history = list(history)
+        self.started = False  # the earlier file is replaced at this run's first row, not before: a run that
+        # fails before finishing an epoch (a corrupt image) left an earlier run's checkpoint without its log
         if path:
             with _writing(Path(path)):  # (a folder that cannot be made: one line naming the file, exit code 1)
                 os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-                if os.path.exists(path):
-                    os.remove(path)
-        for row in history:
-            self.write(row)
+
+    def start(self) -> None:
+        """Replace the earlier file with this run's rows so far (a resumed run's before it): at the first row
+        this run writes, or when it saves a checkpoint before one (the log then matches the checkpoint)."""
+        if self.started or not self.path:
+            return
+        self.started = True
+        with _writing(Path(self.path)):
+            if os.path.exists(self.path):
+                os.remove(self.path)
+        for earlier in self.history:
+            self._append(earlier)
 
     def write(self, row: dict[str, Any]) -> None:
         if not self.path:
             return
+        self.start()
+        self._append(row)
+
+    def _append(self, row: dict[str, Any]) -> None:
         path = Path(self.path)
         with _writing(path):
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -1005,6 +1040,16 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
             raise CheckpointError(_misfit(args, resume_state, exc)) from exc
         start_epoch, start_step = int(resume_state["epoch"]), int(resume_state["step"])
         saved_world = int(resume_state.get("world_size", 1))
+        saved_images = resume_state.get("train_images")
+        if saved_images is not None and int(saved_images) != len(train_set):
+            # (the data's path is not a trajectory option: a moved dataset resumes. Another one does not: the
+            # steps per epoch, and with them the schedule's length, the shuffles and a mid-epoch position, follow
+            # the number of images; before, a resume on other data ran a cosine schedule past its end)
+            raise CheckpointError(
+                f"checkpoint {args.resume!r} was saved by a run over {int(saved_images):,} training images; this "
+                f"run has {len(train_set):,} ({args.data}{f' in {args.data_dir}' if args.data_dir else ''}): resume "
+                f"on the checkpoint's data, or start a new run without --resume"
+            )
         if start_step > 0 and saved_world != ctx.world_size:
             raise CheckpointError(
                 f"checkpoint {args.resume!r} was saved mid-epoch by {saved_world} process(es); resume it with "
@@ -1107,12 +1152,14 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
             "config": {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool, type(None)))},
             "schedule_epochs": schedule_epochs,
             "world_size": ctx.world_size,
+            "train_images": len(train_set),  # (a resume on other data is refused: see above)
         }
 
     def save(epoch: int, step: int) -> None:
         state = checkpoint_state(epoch, step)  # collective under DDP: every rank takes part
         if ctx.is_main:
             save_checkpoint(ckpt_path, state)
+            metrics.start()  # (the log of the run this checkpoint is from, not an earlier run's)
 
     step_losses: list[float] = []
     epoch_losses: list[torch.Tensor] = []  # this epoch's, turned into floats at its end (no per-step sync)
@@ -1209,6 +1256,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
                     # under DDP the failure may be this rank's alone, and the others would not join one.
                     if ctx.is_main:
                         save_checkpoint(ckpt_path, checkpoint_state(epoch + 1, 0, collective=False))
+                        metrics.start()
                         _add_note(
                             exc,
                             f"evaluation after epoch {epoch + 1} failed; the epoch's training is saved to {ckpt_path} "
@@ -1258,6 +1306,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
             # only this rank was interrupted: the others are not at a collective, so save without one
             if ctx.is_main and not in_step:
                 save_checkpoint(ckpt_path, checkpoint_state(epoch, step, collective=False))
+                metrics.start()
                 last_saved = ckpt_path
                 say(f"interrupted: checkpoint saved to {ckpt_path}; continue with --resume {ckpt_path}")
         elif in_step:
@@ -1276,6 +1325,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
     wall = time.perf_counter() - t_start
     final = history[-1] if history else {}
     if not interrupted:
+        metrics.start()  # (a resumed run that had no epoch left to run: its log holds the history all the same)
         say(f"done in {wall:.1f} s: test accuracy {final.get('test_acc', float('nan')):.4f}"
             + (f", checkpoint {last_saved}" if last_saved else "") + (f", metrics {metrics_path}" if metrics_path else ""))
     return {

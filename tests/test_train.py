@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -348,6 +347,71 @@ def test_an_unreadable_image_is_named_in_one_line(tmp_path, capsys, split, worke
         expected += (f"; evaluation after epoch 1 failed; the epoch's training is saved to {ckpt} (no test metrics "
                      f"for it): continue with --resume {ckpt}")
     assert err == expected
+
+
+def test_resume_on_other_data_is_refused(tmp_path, capsys):
+    """The data's folder may move, but a resume over another number of training images is refused (from a
+    probe: accepted, it ran 14 steps of a 6-step cosine schedule, the learning rate rising to its peak again)."""
+    _image_folder(tmp_path / "a", per_class=4)
+    _image_folder(tmp_path / "b", per_class=6)
+    code, err = _run_main(capsys, _imagefolder_argv(tmp_path / "a", tmp_path / "out", "--epochs", "2", "--save-every", "1"))
+    assert code == 0, err
+    ckpt = tmp_path / "out" / "checkpoint.pt"
+    shutil.copytree(tmp_path / "a", tmp_path / "moved")
+    code, err = _run_main(capsys, _imagefolder_argv(tmp_path / "moved", tmp_path / "out", "--epochs", "2", "--resume", str(ckpt)))
+    assert code == 0, err  # the same images elsewhere: the run resumes (here: it had finished)
+    code, err = _run_main(capsys, _imagefolder_argv(tmp_path / "b", tmp_path / "out", "--epochs", "2", "--resume", str(ckpt)))
+    assert code == 2 and "\n" not in err, err
+    assert f"was saved by a run over 8 training images; this run has 12 (imagefolder in {tmp_path / 'b'})" in err, err
+
+
+def test_a_failed_run_leaves_the_earlier_runs_log_with_its_checkpoint(tmp_path, capsys):
+    """A new run in the same folder replaces the earlier run's log when it writes its first row or saves its
+    first checkpoint; one that fails before either leaves both files of the earlier run (from a probe: its log
+    was deleted at the start, its checkpoint kept)."""
+    _image_folder(tmp_path / "imgs", per_class=4)
+    code, err = _run_main(capsys, _imagefolder_argv(tmp_path / "imgs", tmp_path / "out"))
+    assert code == 0, err
+    log = (tmp_path / "out" / "metrics.csv").read_text()
+    (tmp_path / "imgs" / "train" / "dog" / "9.png").write_bytes(b"not an image")
+    code, err = _run_main(capsys, _imagefolder_argv(tmp_path / "imgs", tmp_path / "out"))
+    assert code == 2 and "cannot read image" in err, err
+    assert (tmp_path / "out" / "metrics.csv").read_text() == log
+
+
+def test_a_run_interrupted_before_its_first_row_replaces_the_earlier_log(tmp_path):
+    """The checkpoint a new run saves (here at a Ctrl-C in its first epoch) comes with that run's log (no rows
+    yet: no file), not the earlier run's."""
+    T.train(_args(tmp_path, "--epochs", 1))
+    assert (tmp_path / "metrics.csv").exists()
+
+    def ctrl_c(epoch, step, loss):
+        if step == 1:
+            raise KeyboardInterrupt
+
+    result = T.train(_args(tmp_path, "--epochs", 1), on_step=ctrl_c)
+    assert result["interrupted"] and result["checkpoint"] and not (tmp_path / "metrics.csv").exists()
+
+
+def test_seed_out_of_numpys_range_is_an_argument_error(capsys):
+    # before: a traceback from np.random.seed after the output folder was made
+    for seed in ("-1", str(2**32)):
+        with pytest.raises(SystemExit) as exc:
+            T.parse_args(["--seed", seed])
+        assert exc.value.code == 2
+        assert f"argument --seed: expected an integer in [0, 2**32), got '{seed}'" in capsys.readouterr().err
+    assert T.parse_args(["--seed", str(2**32 - 1)]).seed == 2**32 - 1
+
+
+def test_resume_refuses_a_checkpoint_of_a_newer_format_and_names_a_folder(tmp_path):
+    first = T.train(_args(tmp_path / "a", "--epochs", 1))
+    state = torch.load(first["checkpoint"], weights_only=True)
+    state["version"] = T.CHECKPOINT_VERSION + 1
+    torch.save(state, tmp_path / "newer.pt")
+    with pytest.raises(T.CheckpointError, match=f"has format version {T.CHECKPOINT_VERSION + 1}, which this effdense"):
+        T.load_checkpoint(str(tmp_path / "newer.pt"))
+    with pytest.raises(T.CheckpointError, match="is a folder; give the checkpoint file"):
+        T.load_checkpoint(str(tmp_path / "a"))
 
 
 def test_an_empty_class_folder_is_named_with_its_split(tmp_path, capsys):
