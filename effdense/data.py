@@ -217,12 +217,21 @@ def load_imagefolder(root: str | os.PathLike, image_size: int = 224, augment: bo
                 splits[split], transform=T.Compose([tf, *to_tensor]), loader=_read_image, is_valid_file=_visible_image
             )
         except (FileNotFoundError, RuntimeError) as exc:  # no class folders, or no images in one of them
-            raise DataError(f"imagefolder: {splits[split]!r}: {exc}".replace("\n", " ")) from exc
+            message = " ".join(str(exc).split())  # (torchvision's ends in a space, or spans lines)
+            if "Found no valid file for the classes" in message:
+                message = message.rstrip(". ") + "; add images to those folders or remove them"
+            raise DataError(f"imagefolder: {splits[split]!r}: {message}") from exc
     train, test = made["train"], made["test"]
     if train.classes != test.classes:
+        only_train = sorted(set(train.classes) - set(test.classes))
+        only_test = sorted(set(test.classes) - set(train.classes))
+        differ = "; ".join(
+            f"only in {where}: {', '.join(repr(c) for c in names)}"
+            for where, names in ((os.path.basename(splits["train"]), only_train), (os.path.basename(splits["test"]), only_test))
+            if names
+        )  # fmt: skip
         raise DataError(
-            f"imagefolder: train and test class folders differ ({len(train.classes)} vs {len(test.classes)} "
-            f"classes); both splits need the same <class> sub-folders"
+            f"imagefolder: train and test class folders differ ({differ}); both splits need the same <class> sub-folders"
         )
     return DataSpec("imagefolder", train, test, len(train.classes), 3, image_size, augmented=augment)
 

@@ -537,6 +537,8 @@ def _validate(args: argparse.Namespace) -> None:
         v = getattr(args, name)
         if v is None or v <= 0:
             raise TrainError(f"--{name.replace('_', '-')} must be a positive integer, got {v}")
+    if args.image_size is not None and args.image_size <= 0:  # (None: the dataset's default)
+        raise TrainError(f"--image-size must be a positive integer, got {args.image_size}")
     for name in ("subset", "test_subset", "log_interval"):
         v = getattr(args, name)
         if v is not None and v <= 0:
@@ -978,6 +980,8 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
     train_set = seeded if seeded is not None else spec.train
     train_set = Subset(train_set, args.subset) if args.subset else train_set
     test_set = Subset(spec.test, args.test_subset) if args.test_subset else spec.test
+    if spec.num_classes == 1:
+        say(f"note: {spec.name} has one class: every prediction is right (loss 0, accuracy 1), whatever the model learns")
     for option, n, full in (("--subset", args.subset, spec.train), ("--test-subset", args.test_subset, spec.test)):
         if n and n > len(full):  # (Subset takes them all)
             say(f"note: {option} {n} is more than the {len(full):,} images there: all of them are used")
@@ -1115,7 +1119,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
     n_params = sum(p.numel() for p in model.parameters())
     say(
         f"{spec.name}: {len(train_set)} train / {len(test_set)} test images, {spec.image_size}x{spec.image_size}, "
-        f"{spec.num_classes} classes | model {args.model or (f'densenet_bc depth {args.depth}' if args.depth else f'densenet_bc_{DEFAULT_DEPTH}')} "
+        f"{spec.num_classes} class{'es' if spec.num_classes != 1 else ''} | model {args.model or (f'densenet_bc depth {args.depth}' if args.depth else f'densenet_bc_{DEFAULT_DEPTH}')} "
         f"({n_params / 1e6:.3f} M params), strategy {args.strategy} -> "
         f"{strategies.resolve(args.strategy, torch.empty(0, device=device))} | device {device}, "
         f"{ctx.world_size} process(es), global batch {global_batch}, {args.precision}"

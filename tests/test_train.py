@@ -420,7 +420,30 @@ def test_an_empty_class_folder_is_named_with_its_split(tmp_path, capsys):
     os.makedirs(tmp_path / "imgs" / "train" / "zebra")
     (tmp_path / "imgs" / "train" / "zebra" / "0.png").write_bytes(b"")  # (never read: val is refused first)
     code, err = _run_main(capsys, _imagefolder_argv(tmp_path / "imgs", tmp_path / "out"))
-    assert code == 2 and f"imagefolder: {str(tmp_path / 'imgs' / 'val')!r}: Found no valid file for the classes zebra" in err, err
+    assert code == 2 and err.endswith(
+        f"imagefolder: {str(tmp_path / 'imgs' / 'val')!r}: Found no valid file for the classes zebra; add images to "
+        "those folders or remove them"
+    ), err
+
+
+def test_class_folders_that_differ_are_named(tmp_path, capsys):
+    # before: "differ (2 vs 2 classes)" for a misspelt folder
+    _image_folder(tmp_path / "imgs", per_class=2)
+    os.rename(tmp_path / "imgs" / "val" / "dog", tmp_path / "imgs" / "val" / "dgo")
+    code, err = _run_main(capsys, _imagefolder_argv(tmp_path / "imgs", tmp_path / "out"))
+    assert code == 2 and "train and test class folders differ (only in train: 'dog'; only in val: 'dgo')" in err, err
+
+
+def test_one_class_trains_with_a_note_and_image_size_is_named(tmp_path, capsys):
+    _image_folder(tmp_path / "imgs", per_class=4)
+    for split in ("train", "val"):
+        shutil.rmtree(tmp_path / "imgs" / split / "dog")
+    argv = [a for a in _imagefolder_argv(tmp_path / "imgs", tmp_path / "out") if a != "--quiet"]
+    code = T.main(T.parse_args(argv))
+    out = capsys.readouterr().out
+    assert code == 0 and "note: imagefolder has one class: every prediction is right" in out and "1 class |" in out, out
+    code, err = _run_main(capsys, _imagefolder_argv(tmp_path / "imgs", tmp_path / "out", "--image-size", "0"))
+    assert code == 2 and err.endswith("--image-size must be a positive integer, got 0"), err
 
 
 def test_a_subset_is_spread_over_a_dataset_stored_by_class():
