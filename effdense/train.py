@@ -732,6 +732,10 @@ def _load_failure(path: str, exc: BaseException) -> str:
     global: a file holding Python objects other than tensors and containers)."""
     if os.path.getsize(path) == 0:
         return "the file is empty"
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if not (head == b"PK" or head[:1] == b"\x80"):  # torch.save's zip archive, or its legacy pickle (protocol 2+)
+        return "it is not a file written by torch.save"
     message = str(exc)
     refused = re.search(r"Unsupported global: GLOBAL (\S+)", message)
     if refused:

@@ -616,7 +616,7 @@ class NotACheckpoint:
     """A Python object in a file: what torch.load(weights_only=True) refuses with a page of advice."""
 
 
-@pytest.mark.parametrize("kind", ["garbage", "python-object", "plain-pickle", "empty"])
+@pytest.mark.parametrize("kind", ["garbage", "text", "python-object", "plain-pickle", "empty"])
 def test_resume_from_a_file_that_is_not_a_checkpoint_is_one_short_line(tmp_path, capsys, kind):
     # before: the first line of torch's weights_only message, 170-300 characters of advice (with terminal
     # colour codes), and for a plain pickle a UserWarning about its protocol as well
@@ -626,6 +626,8 @@ def test_resume_from_a_file_that_is_not_a_checkpoint_is_one_short_line(tmp_path,
     path = tmp_path / f"{kind}.pt"
     if kind == "garbage":
         path.write_bytes(b"\x00not a checkpoint" * 10)
+    elif kind == "text":  # (from a probe: "(KeyError: 101)")
+        path.write_text("hello world\n")
     elif kind == "python-object":
         torch.save({"model": NotACheckpoint()}, path)
     elif kind == "plain-pickle":
@@ -639,7 +641,8 @@ def test_resume_from_a_file_that_is_not_a_checkpoint_is_one_short_line(tmp_path,
     assert err.startswith(f"effdense train: error: cannot read checkpoint {str(path)!r}: it is not an effdense train checkpoint (")
     reason = err.split("checkpoint (", 1)[1]
     assert len(reason) <= 100 and "\x1b" not in err and "weights_only" not in err, err
-    expected = {"garbage": "UnpicklingError: Unsupported operand 0", "python-object": "NotACheckpoint",
+    expected = {"garbage": "it is not a file written by torch.save", "text": "it is not a file written by torch.save",
+                "python-object": "NotACheckpoint",
                 "plain-pickle": "UnpicklingError", "empty": "the file is empty"}[kind]  # fmt: skip
     assert expected in reason, err
     assert not [w for w in caught if "pickle protocol" in str(w.message)]
