@@ -732,8 +732,11 @@ def _load_failure(path: str, exc: BaseException) -> str:
     global: a file holding Python objects other than tensors and containers)."""
     if os.path.getsize(path) == 0:
         return "the file is empty"
-    with open(path, "rb") as f:
-        head = f.read(2)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError as os_exc:  # (unreadable: permissions)
+        return f"{type(os_exc).__name__}: {os_exc.strerror or os_exc}"
     if not (head == b"PK" or head[:1] == b"\x80"):  # torch.save's zip archive, or its legacy pickle (protocol 2+)
         return "it is not a file written by torch.save"
     message = str(exc)
@@ -765,9 +768,11 @@ def load_checkpoint(path: str) -> dict[str, Any]:
     if not required <= set(state):
         raise CheckpointError(f"{path!r} is not an effdense train checkpoint (missing {sorted(required - set(state))})")
     version = state["version"]
-    if not isinstance(version, int) or isinstance(version, bool) or version > CHECKPOINT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise CheckpointError(f"{path!r} is not an effdense train checkpoint (its format version is {version!r})")
+    if version > CHECKPOINT_VERSION:
         raise CheckpointError(
-            f"checkpoint {path!r} has format version {version!r}, which this effdense (format {CHECKPOINT_VERSION}) "
+            f"checkpoint {path!r} has format version {version}, which this effdense (format {CHECKPOINT_VERSION}) "
             "does not know: it was written by a newer effdense; resume it with that version"
         )
     return state

@@ -860,7 +860,9 @@ def _stage_fits_int32(N: int, C: int, P: int, rows: int) -> bool:
 
 class _StageOps:
     """The kernel entry points of :func:`stage_ops`: the public functions' signatures (without ``backend``),
-    their results and kernels, without their argument checks, each launch direct."""
+    their results and kernels, without their argument checks, each launch direct. Their ``out=`` and ``grad``
+    arguments must be the caller's own scratch (the stage's statistics and gradient buffers): unlike the public
+    functions, they neither move those tensors' version counters nor refuse inference tensors there."""
 
     @staticmethod
     def channel_stats(x, *, out=None):

@@ -1127,14 +1127,24 @@ def test_empty_out_is_a_usage_error(capsys, tmp_path, monkeypatch, argv):
 def test_version(capsys):
     code, out, err = run(capsys, "--version")
     assert code == 0 and out == f"effdense {effdense.__version__}\n" and not err
-    # the version is written twice (pyproject.toml for the package metadata, effdense/__init__.py at run time)
+    # the version is written once, in effdense/__init__.py: pyproject.toml reads it from there for the package
+    # metadata (before, it was written in both); the installed metadata says the same
     pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
     try:
         import tomllib  # (Python 3.11+)
     except ImportError:
         tomllib = None
     if pyproject.is_file() and tomllib is not None:  # (a checkout or an unpacked sdist)
-        assert tomllib.loads(pyproject.read_text())["project"]["version"] == effdense.__version__
+        project = tomllib.loads(pyproject.read_text())
+        assert "version" in project["project"]["dynamic"] and "version" not in project["project"]
+        assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "effdense.__version__"}
+    import importlib.metadata
+
+    try:
+        installed = importlib.metadata.version("effdense")
+    except importlib.metadata.PackageNotFoundError:  # (run from a checkout that was not installed)
+        installed = effdense.__version__
+    assert installed == effdense.__version__
 
 
 def test_budget_takes_float_syntax(capsys, tmp_path):

@@ -217,7 +217,13 @@ def test_fused_stage_takes_the_checked_functions_where_a_pass_may_not_skip_them(
     x = torch.randn(2, 3, 8, 8)
     with _PassThrough():
         assert_matches(ref, other, x, steps=1)
-    assert calls["checks"] > 0
+        # each pass decides for itself: forward and backward both take the checked functions
+        before = calls["checks"]
+        loss = other(x).sum()
+        forward = calls["checks"] - before
+        loss.backward()
+        backward = calls["checks"] - before - forward
+    assert forward > 0 and backward > 0, (forward, backward)
 
 
 def _strided_running_means(model: nn.Module) -> None:
@@ -275,11 +281,11 @@ def test_fused_stage_checks_what_reaches_its_kernels(setup, message) -> None:
         out.square().sum().backward()
 
 
-def test_stage_ops_decides_as_the_public_functions_would() -> None:
+def test_stage_ops_refuses_what_a_direct_launch_could_not_take() -> None:
     """effdense.kernels.ops.stage_ops: the once-checked kernel calls for a stage's pass, or None (the public
     functions, which check each call and pick the backend) wherever one of the pass's calls would not run the
     kernels directly: float64, a parameter on another device or a strided vector, a tensor that is not a
-    plain one, a buffer past the kernels' 32-bit offsets."""
+    plain one (meta, a subclass), a buffer in another layout, past the kernels' 32-bit offsets."""
     from effdense.kernels import ops as kops
     from effdense.strategies import fused
 
@@ -293,6 +299,13 @@ def test_stage_ops_decides_as_the_public_functions_would() -> None:
     assert kops.stage_ops(buf, (w, v), torch.zeros(2, 3, device="meta")) is None
     assert kops.stage_ops(buf.to("meta"), (w, v)) is None
     assert kops.stage_ops(buf.contiguous(memory_format=torch.channels_last), (w, v)) is None
+
+    class _Sub(torch.Tensor):  # a tensor subclass (DTensor, a tracing wrapper): the library ops' dispatch
+        pass
+
+    assert kops.stage_ops(buf.as_subclass(_Sub), (w, v)) is None
+    assert kops.stage_ops(buf, (w, v.as_subclass(_Sub))) is None
+    assert kops.stage_ops(buf, (w, v), torch.zeros(2, 3).as_subclass(_Sub)) is None
     assert kops.stage_ops(buf, (w, torch.tensor(1.0))) is None  # a 0-dim parameter (its per-call check names it)
     # the 32-bit bound (tensors that large would need gigabytes: the bound's arithmetic alone): N*H*W values
     # per channel, a channel span (the buffer's, or an output of a conv's rows), a weight's rows x channels

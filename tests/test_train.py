@@ -410,6 +410,10 @@ def test_resume_refuses_a_checkpoint_of_a_newer_format_and_names_a_folder(tmp_pa
     torch.save(state, tmp_path / "newer.pt")
     with pytest.raises(T.CheckpointError, match=f"has format version {T.CHECKPOINT_VERSION + 1}, which this effdense"):
         T.load_checkpoint(str(tmp_path / "newer.pt"))
+    state["version"] = "1"
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(T.CheckpointError, match=r"is not an effdense train checkpoint \(its format version is '1'\)"):
+        T.load_checkpoint(str(tmp_path / "odd.pt"))
     with pytest.raises(T.CheckpointError, match="is a folder; give the checkpoint file"):
         T.load_checkpoint(str(tmp_path / "a"))
 

@@ -680,7 +680,7 @@ def _norm_vectors_fit(stage: _Stage, norms: Sequence[tuple[Any, bool]], device: 
 
 
 def _stage_forward(
-    stage: _Stage, x: torch.Tensor, keep: bool, params: Sequence[torch.Tensor] = ()
+    stage: _Stage, x: torch.Tensor, keep: bool, params: Sequence[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor | None, _StageState]:
     """Fill the block buffer and run the transition. Returns (F, transition output or None, state).
     ``params``: the stage's parameters (:meth:`_Stage.params`), for :func:`_pass_ops`."""
@@ -1305,7 +1305,7 @@ def run_stage(
     and :func:`_chunk_width`), and ``stage_ops`` (see :func:`_pass_ops`)."""
     _check_block_input(block, x)
     # The plain modules, as naive, for an empty batch, which has no statistics for the shared buffers (as a
-    # model does for every strategy, strategies._runner_for, with PyTorch's semantics: an empty output, zero
+    # model does for every strategy but checkpoint, strategies._runner_for, with PyTorch's semantics: an empty output, zero
     # gradients, BatchNorm counters advanced and running statistics kept), for modules the Function would
     # not compute as they compute themselves (a conv with a bias, a non-affine BatchNorm, another activation,
     # ...), rather than silently other values, and for layers whose channel counts are not the block's (a
