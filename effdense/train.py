@@ -1016,7 +1016,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
     if steps_per_epoch == 0:
         raise TrainError(
             f"{len(train_set)} training images give no full batch of {args.batch_size} per process "
-            f"({ctx.world_size} processes); lower --batch-size"
+            f"({ctx.world_size} process{'es' if ctx.world_size != 1 else ''}); lower --batch-size"
         )
     test_sampler = ShardSampler(len(test_set), ctx.world_size, ctx.rank, shuffle=False, pad=False)
     test_loader = _loader(test_set, test_sampler, args.batch_size, args.workers, device, False, args.seed)

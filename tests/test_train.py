@@ -866,3 +866,8 @@ def test_a_checkpoint_that_cannot_be_pickled_is_not_called_a_write_failure(tmp_p
         except OSError:
             T.save_checkpoint(str(target), {"x": torch.zeros(3), "bad": Unpicklable()})
     assert not target.exists() and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_no_full_batch_is_one_line(tmp_path, capsys):
+    code, err = _run_main(capsys, [*TINY, "--out-dir", str(tmp_path), "--epochs", "1", "--subset", "16"])
+    assert code == 2 and err.endswith("16 training images give no full batch of 32 per process (1 process); lower --batch-size"), err
