@@ -317,6 +317,21 @@ def test_stage_ops_refuses_what_a_direct_launch_could_not_take() -> None:
     assert fits(1, 2**15, 1, 2**16 - 16) and not fits(1, 2**16, 1, 2**16)
 
 
+def test_a_pruned_conv_falls_back_naming_pruning() -> None:
+    """torch.nn.utils.prune re-applies its mask in a forward pre-hook, which makes shared/fused run the block
+    as naive: the warning says it is the pruning, and how to make it permanent (from a probe: it named only
+    "module hooks", which the user had not registered). The results are naive's."""
+    import torch.nn.utils.prune as prune
+
+    torch.manual_seed(0)
+    ref, other = _pair(effdense.densenet_cifar(10, 4, num_classes=3), "shared")
+    for m in (ref, other):
+        prune.l1_unstructured(m.features.denseblock1.denselayer1.conv1, "weight", amount=0.3)
+    with pytest.warns(UserWarning, match=r"denselayer1\.conv1 \(torch\.nn\.utils\.prune re-applies its mask in a forward "
+                                         r"pre-hook; prune\.remove\(module, name\) makes the pruning permanent"):
+        assert_matches(ref, other, torch.randn(2, 3, 8, 8), steps=1)
+
+
 def test_fused_chunks_are_the_models_widest(monkeypatch) -> None:
     """On the kernels, every stage takes chunks as large as the model's largest (shared._widest_chunk).
     With chunks forced narrow (no byte allowance: two bottleneck widths, 32 channels here), the first block

@@ -12,6 +12,7 @@ knows which strategies exist and how ``"auto"`` resolves.
 from __future__ import annotations
 
 import dataclasses
+import sys
 import warnings
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -247,10 +248,18 @@ def _hook_fallback(block: "_DenseBlock", concrete: str) -> bool:
     ]
     names = ", ".join(hooked[:3]) + (", ..." if len(hooked) > 3 else "")
     where = block_name(block)
+    # torch.nn.utils.prune re-applies its mask in a forward pre-hook: say so, and how to make it permanent
+    # (a model with pruning has imported that module; not imported here otherwise)
+    prune = sys.modules.get("torch.nn.utils.prune")
+    pruned = prune is not None and any(
+        isinstance(h, prune.BasePruningMethod)
+        for layer in block.values() for m in layer.modules() for h in m._forward_pre_hooks.values()
+    )  # fmt: skip
+    prune_note = (" (torch.nn.utils.prune re-applies its mask in a forward pre-hook; prune.remove(module, name) makes "
+                  "the pruning permanent and removes the hook)") if pruned else ""  # fmt: skip
     warnings.warn(
         f"effdense: a dense block{f' ({where})' if where else ''} runs as strategy 'naive' instead of {concrete!r}, "
-        "because module hooks are "
-        f"registered on {names} and {concrete!r} computes the block without calling "
+        f"because module hooks are registered on {names}{prune_note} and {concrete!r} computes the block without calling "
         f"{'its dense layers' if concrete == 'checkpoint' else 'its modules'}; naive fires each hook once per "
         "forward, as torchvision's model does. The block keeps naive's memory while the hooks are registered.",
         stacklevel=2,

@@ -1482,9 +1482,9 @@ def _warn_custom_modules(odd: list[str], where: str = "") -> None:
     names = ", ".join(odd[:3]) + (", ..." if len(odd) > 3 else "")
     warn_runs_as_naive(
         "'shared'/'fused'",
-        f"its modules {names} are not what those strategies compute (affine BatchNorm, parametrized by "
-        "weight norm at most, ReLU, bias-free Conv2d of torchvision's geometry, 2x2 average pool, and the layers' and transition's own forwards); naive calls the "
-        "modules themselves",
+        f"its modules {names} are not what those strategies compute (affine BatchNorm, whose parameters may be "
+        "weight-normed; ReLU; bias-free Conv2d of torchvision's geometry with plain parameters, no parametrization; "
+        "2x2 average pool; and the layers' and transition's own forwards); naive calls the modules themselves",
         stacklevel=3,
         where=where,
     )
