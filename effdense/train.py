@@ -1168,11 +1168,15 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
             "train_images": len(train_set),  # (a resume on other data is refused: see above)
         }
 
+    def write_checkpoint(state: dict[str, Any]) -> None:
+        """The main rank's save, and the log made this run's (not an earlier run's beside this checkpoint)."""
+        save_checkpoint(ckpt_path, state)
+        metrics.start()
+
     def save(epoch: int, step: int) -> None:
         state = checkpoint_state(epoch, step)  # collective under DDP: every rank takes part
         if ctx.is_main:
-            save_checkpoint(ckpt_path, state)
-            metrics.start()  # (the log of the run this checkpoint is from, not an earlier run's)
+            write_checkpoint(state)
 
     step_losses: list[float] = []
     epoch_losses: list[torch.Tensor] = []  # this epoch's, turned into floats at its end (no per-step sync)
@@ -1268,8 +1272,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
                     # goes on with the next epoch instead of training this one again. Without collectives:
                     # under DDP the failure may be this rank's alone, and the others would not join one.
                     if ctx.is_main:
-                        save_checkpoint(ckpt_path, checkpoint_state(epoch + 1, 0, collective=False))
-                        metrics.start()
+                        write_checkpoint(checkpoint_state(epoch + 1, 0, collective=False))
                         _add_note(
                             exc,
                             f"evaluation after epoch {epoch + 1} failed; the epoch's training is saved to {ckpt_path} "
@@ -1318,8 +1321,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
         if isinstance(exc, KeyboardInterrupt) and ctx.enabled:
             # only this rank was interrupted: the others are not at a collective, so save without one
             if ctx.is_main and not in_step:
-                save_checkpoint(ckpt_path, checkpoint_state(epoch, step, collective=False))
-                metrics.start()
+                write_checkpoint(checkpoint_state(epoch, step, collective=False))
                 last_saved = ckpt_path
                 say(f"interrupted: checkpoint saved to {ckpt_path}; continue with --resume {ckpt_path}")
         elif in_step:

@@ -204,10 +204,14 @@ _Parameter = torch.nn.Parameter
 
 def _call(op, launch, *args: torch.Tensor, mutated: tuple[torch.Tensor, ...] = (), direct: bool = False) -> None:
     """Run ``launch(*args)`` through ``op`` (its ``torch.library`` op), or directly in plain eager
-    execution (``direct``: the caller knows it is, see :func:`stage_ops`). ``mutated``: caller-owned arguments
-    the launch writes, whose version counters the op would bump (so autograd notices in-place changes to
-    saved tensors); the direct path bumps them itself."""
-    if direct or _plain_eager(args):
+    execution. ``mutated``: caller-owned arguments the launch writes, whose version counters the op would
+    bump (so autograd notices in-place changes to saved tensors); the direct path bumps them itself.
+    ``direct``: a :class:`_StageOps` call, checked once for its pass (:func:`stage_ops`), whose written
+    tensors are the stage's own scratch: launched as it is, ``mutated`` ignored."""
+    if direct:
+        launch(*args)
+        return
+    if _plain_eager(args):
         if mutated and not torch.is_inference_mode_enabled():  # as the op's dispatch (and the twins) refuse
             for t in mutated:
                 if t.is_inference():
@@ -521,12 +525,11 @@ def _backward_input(x, scale, shift, weight, dy, mean, out, direct: bool = False
 
 
 def _input_grad(x, scale, shift, weight, dy, mean, dh, sum_dh, sum_dh_xmu, direct: bool = False) -> None:
-    """The input-gradient launch on checked arguments: writes ``dh``, adds into the zeroed sums. (``direct``:
-    ``dh`` is the caller's own scratch, whose version need not move.)"""
+    """The input-gradient launch on checked arguments: writes ``dh``, adds into the zeroed sums."""
     _alert_atomics(x, "bottleneck_backward_input")
     _call(
         _bottleneck_backward_input_op, _bottleneck.bottleneck_backward_input_launch,
-        x, scale, shift, _rows(weight), dy, mean, dh, sum_dh, sum_dh_xmu, mutated=() if direct else (dh,), direct=direct,
+        x, scale, shift, _rows(weight), dy, mean, dh, sum_dh, sum_dh_xmu, mutated=(dh,), direct=direct,
     )  # fmt: skip
 
 
@@ -569,11 +572,11 @@ def bn_backward_accumulate(
 
 def _accumulate(grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu, direct: bool = False) -> None:
     """The BN-backward accumulation launch on checked arguments: adds into ``grad`` (a caller's tensor, or a
-    view of one: its version moves; ``direct``: the caller's own buffer, whose version need not). Sums
-    ``None``: running statistics."""
+    view of one: its version moves, except under ``direct``, see :func:`_call`). Sums ``None``: running
+    statistics."""
     _call(
         _bn_backward_accumulate_op, _bottleneck.bn_backward_accumulate_launch,
-        grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu, mutated=() if direct else (grad,), direct=direct,
+        grad, x, dh, mean, invstd, gamma, sum_dh, sum_dh_xmu, mutated=(grad,), direct=direct,
     )  # fmt: skip
 
 
