@@ -26,6 +26,8 @@ vectors and statistics wherever fp32 is written below.
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Any, Literal, Sequence
 
@@ -151,9 +153,23 @@ def _alert_atomics(x: torch.Tensor, op: str) -> None:
             "use_deterministic_algorithms to run the kernels anyway"
         )
         if torch.is_deterministic_algorithms_warn_only_enabled():
-            warnings.warn(message, UserWarning, stacklevel=3)
+            warnings.warn(message, UserWarning, stacklevel=_stacklevel_outside_kernels())
         else:
             raise RuntimeError(message)
+
+
+_KERNELS_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def _stacklevel_outside_kernels() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` in the caller of this function that names the first frame
+    outside this package: the user's call of a public function (one to three helpers deep here), or the
+    strategy's code that called the kernels (or the package's outermost frame, where there is no other: a
+    backward on autograd's device thread)."""
+    frame, level = sys._getframe(1), 1  # (1: the line that warns)
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_KERNELS_DIR):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _zero_pair(n: int, like: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -369,19 +385,18 @@ def channel_stats(
     if not _use_triton(x, backend, out):  # (out: two vectors; x alone is indexed)
         return reference.channel_stats(x, out=out)
     _checks.check_activation("x", x)
-    C = x.shape[1]
     if out is None:
-        mean = torch.empty(C, dtype=torch.float32, device=x.device)  # the merge kernel writes every channel
-        var = torch.empty_like(mean)
-        mutated: tuple[torch.Tensor, ...] = ()
-    else:
-        mean, var = _checks.check_stats_out(out, C, x)
-        mutated = (mean, var)
-    return _stats_into(x, mean, var, mutated)
+        return _stats_into(x, None)
+    mean, var = _checks.check_stats_out(out, x.shape[1], x)
+    return _stats_into(x, (mean, var), mutated=(mean, var))
 
 
-def _stats_into(x, mean, var, mutated: tuple = (), direct: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """The statistics launch on checked arguments: writes ``mean`` and ``var``."""
+def _stats_into(x, out, mutated: tuple = (), direct: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The statistics launch on checked arguments: writes ``out``'s ``(mean, var)``, allocated if None."""
+    if out is None:
+        mean = torch.empty(x.shape[1], dtype=torch.float32, device=x.device)  # the merge kernel writes every channel
+        out = (mean, torch.empty_like(mean))
+    mean, var = out
     if not x.numel():  # no values (N, H or W = 0): NaN as torch.var_mean and the twin; C = 0: nothing to do
         with torch.no_grad():  # as the kernels write: into an out= that requires grad too
             mean.fill_(float("nan"))
@@ -869,10 +884,7 @@ class _StageOps:
 
     @staticmethod
     def channel_stats(x, *, out=None):
-        if out is None:
-            mean = torch.empty(x.shape[1], dtype=torch.float32, device=x.device)
-            out = (mean, torch.empty_like(mean))
-        return _stats_into(x, *out, direct=True)
+        return _stats_into(x, out, direct=True)
 
     @staticmethod
     def bottleneck_forward(x, scale, shift, weight, *, stats=True, chunk=None):

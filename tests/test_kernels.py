@@ -2133,8 +2133,9 @@ def test_deterministic_algorithms_alert_on_the_atomic_kernels() -> None:
             K.bottleneck_backward_weight(x, s, t, dy, backend="triton")
         K.bottleneck_forward(x, s, t, w, stats=False, backend="triton")  # one program per output: no atomics
         torch.use_deterministic_algorithms(True, warn_only=True)
-        with pytest.warns(UserWarning, match="does not have a deterministic implementation"):
+        with pytest.warns(UserWarning, match="does not have a deterministic implementation") as caught:
             K.bottleneck_backward_input(x, s, t, w, dy, m, backend="triton")
+        assert [r.filename for r in caught] == [__file__]  # the caller's line (before: a line inside ops.py)
     finally:
         torch.use_deterministic_algorithms(was, warn_only=warn_only)
 
