@@ -78,6 +78,8 @@ class DataSpec:
     image_size: int
     # the training transform draws random numbers (crops, flips): wrap the training set in SeededSamples
     augmented: bool = False
+    # the class names, label i the i-th (an ImageFolder's folder names; CIFAR's; the digits "0" to "9")
+    classes: tuple[str, ...] = ()
 
 
 def load_digits(
@@ -118,6 +120,7 @@ def load_digits(
         num_classes=10,
         in_channels=1,
         image_size=image_size,
+        classes=tuple(str(d) for d in range(10)),
     )
 
 
@@ -157,7 +160,7 @@ def load_cifar(name: str, root: str | os.PathLike, image_size: int = 32, augment
         raise DataError(_cifar_problem(name, root, cls)) from exc
     except Exception as exc:  # unreadable batch files (truncated pickle, wrong format)
         raise DataError(f"{name}: cannot read {os.path.join(root, subdir)!r}: {type(exc).__name__}: {exc}") from exc
-    return DataSpec(name, train, test, len(train.classes), 3, image_size, augmented=augment)
+    return DataSpec(name, train, test, len(train.classes), 3, image_size, augmented=augment, classes=tuple(train.classes))
 
 
 def _cifar_problem(name: str, root: str, cls: Any) -> str:
@@ -233,7 +236,7 @@ def load_imagefolder(root: str | os.PathLike, image_size: int = 224, augment: bo
         raise DataError(
             f"imagefolder: train and test class folders differ ({differ}); both splits need the same <class> sub-folders"
         )
-    return DataSpec("imagefolder", train, test, len(train.classes), 3, image_size, augmented=augment)
+    return DataSpec("imagefolder", train, test, len(train.classes), 3, image_size, augmented=augment, classes=tuple(train.classes))
 
 
 def _existing_dir(root: str | os.PathLike | None, name: str) -> str:

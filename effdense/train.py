@@ -576,14 +576,20 @@ def _validate(args: argparse.Namespace) -> None:
                              f"got {args.lr_milestones!r}")
 
 
-def _output_file(path: str, option: str) -> None:
+def _output_file(path: str, option: str, created: list[str]) -> None:
     """Create the folder of an output file before any work, or raise :class:`TrainError` saying why it cannot
-    be written there (before: a traceback at the first metrics row or checkpoint, after the epoch's work)."""
+    be written there (before: a traceback at the first metrics row or checkpoint, after the epoch's work).
+    Appends the folders it creates to ``created``, innermost first (:func:`_remove_empty_folders`)."""
     if os.path.isdir(path):
         raise TrainError(f"{option}: {path!r} is a folder, not a file")
     folder = os.path.dirname(os.path.abspath(path))
+    missing, up = [], folder
+    while not os.path.exists(up):
+        missing.append(up)
+        up = os.path.dirname(up)
     try:
         os.makedirs(folder, exist_ok=True)
+        created.extend(missing)
     except OSError as exc:
         raise TrainError(f"{option}: cannot create the folder {folder!r} for {path!r}: {exc.strerror or exc}") from None
     if not os.access(folder, os.W_OK | os.X_OK):
@@ -593,6 +599,16 @@ def _output_file(path: str, option: str) -> None:
             pass
     except OSError as exc:
         raise TrainError(f"{option}: cannot write files in the folder {folder!r} for {path!r}: {exc.strerror or exc}") from None
+
+
+def _remove_empty_folders(folders: Sequence[str]) -> None:
+    """Remove those of ``folders`` (innermost first) that are still empty: the output folders of a run that
+    failed before writing anything there (before: a data error left the ``--out-dir`` tree it had created)."""
+    for folder in folders:
+        try:
+            os.rmdir(folder)
+        except OSError:  # not empty (a checkpoint, another process's files), or gone
+            pass
 
 
 # ------------------------------------------------------------------------------------------------
@@ -712,6 +728,19 @@ def _changed_options(keys: Sequence[str], saved: dict[str, Any], now: dict[str, 
 
     return [f"--{k.replace('_', '-')} {show(saved[k])} (this run: {show(now.get(k))})"
             for k in keys if k in saved and saved[k] != now.get(k)]
+
+
+def _class_difference(saved: tuple[str, ...], now: tuple[str, ...]) -> str:
+    """How the class names of a checkpoint's data (``saved``) and of this run's (``now``) differ, in a few words."""
+    def few(names: Sequence[str]) -> str:
+        return ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+    only_saved = [c for c in saved if c not in set(now)]
+    only_now = [c for c in now if c not in set(saved)]
+    if not (only_saved or only_now):
+        return f"the same {len(now)} names in another order (labels would change meaning)"
+    parts = ([f"{few(only_saved)} only there"] if only_saved else []) + ([f"{few(only_now)} only here"] if only_now else [])
+    return "; ".join(parts)
 
 
 def check_resume_options(path: str, config: dict[str, Any], args: argparse.Namespace) -> None:
@@ -958,22 +987,26 @@ def train(args: argparse.Namespace, *, on_step: Callable[[int, int, float], None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     ctx, device = _setup_distributed(args.device)
+    created: list[str] = []  # the output folders this run creates
     try:
-        return _train(args, ctx, device, on_step, t_start)
+        return _train(args, ctx, device, on_step, t_start, created)
+    except BaseException:
+        _remove_empty_folders(created)
+        raise
     finally:
         if ctx.owns_group and dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> dict[str, Any]:
+def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float, created: list[str]) -> dict[str, Any]:
     say = (lambda *a: None) if (args.quiet or not ctx.is_main) else (lambda *a: print(*a, flush=True))
     out_dir = args.out_dir or "."
     ckpt_path = args.checkpoint or os.path.join(out_dir, "checkpoint.pt")
     metrics_path = args.metrics if args.metrics is not None else os.path.join(out_dir, "metrics.csv")
     if ctx.is_main:  # the rank that writes them
-        _output_file(ckpt_path, "--checkpoint" if args.checkpoint else "--out-dir")
+        _output_file(ckpt_path, "--checkpoint" if args.checkpoint else "--out-dir", created)
         if metrics_path:  # --metrics "": no log
-            _output_file(metrics_path, "--metrics" if args.metrics is not None else "--out-dir")
+            _output_file(metrics_path, "--metrics" if args.metrics is not None else "--out-dir", created)
 
     resume_state = load_checkpoint(args.resume) if args.resume else None
     if resume_state is not None:
@@ -1053,6 +1086,14 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
             raise CheckpointError(_misfit(args, resume_state, exc)) from exc
         start_epoch, start_step = int(resume_state["epoch"]), int(resume_state["step"])
         saved_world = int(resume_state.get("world_size", 1))
+        saved_classes = resume_state.get("train_classes")
+        if saved_classes is not None and tuple(saved_classes) != spec.classes:
+            # (another dataset of as many images: the count below does not tell them apart)
+            raise CheckpointError(
+                f"checkpoint {args.resume!r} was saved by a run on other classes: {_class_difference(tuple(saved_classes), spec.classes)} "
+                f"({args.data}{f' in {args.data_dir}' if args.data_dir else ''}); resume on the checkpoint's data, or "
+                f"start a new run without --resume"
+            )
         saved_images = resume_state.get("train_images")
         if saved_images is not None and int(saved_images) != len(train_set):
             # (the data's path is not a trajectory option: a moved dataset resumes. Another one does not: the
@@ -1166,6 +1207,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float) -> d
             "schedule_epochs": schedule_epochs,
             "world_size": ctx.world_size,
             "train_images": len(train_set),  # (a resume on other data is refused: see above)
+            "train_classes": list(spec.classes),
         }
 
     def write_checkpoint(state: dict[str, Any]) -> None:

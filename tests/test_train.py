@@ -308,12 +308,12 @@ def test_jsonl_metrics_and_imagefolder(tmp_path):
     assert result["model"].classifier.out_features == 2
 
 
-def _image_folder(root, per_class: int = 8, size: int = 20) -> None:
+def _image_folder(root, per_class: int = 8, size: int = 20, classes=("cat", "dog")) -> None:
     from PIL import Image
 
     g = torch.Generator().manual_seed(0)
     for split in ("train", "val"):
-        for cls in ("cat", "dog"):
+        for cls in classes:
             os.makedirs(root / split / cls)
             for i in range(per_class):
                 pixels = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
@@ -363,6 +363,12 @@ def test_resume_on_other_data_is_refused(tmp_path, capsys):
     code, err = _run_main(capsys, _imagefolder_argv(tmp_path / "b", tmp_path / "out", "--epochs", "2", "--resume", str(ckpt)))
     assert code == 2 and "\n" not in err, err
     assert f"was saved by a run over 8 training images; this run has 12 (imagefolder in {tmp_path / 'b'})" in err, err
+    # as many images of other classes (before: resumed, its labels meaning other classes)
+    _image_folder(tmp_path / "c", per_class=4, classes=("cat", "fox"))
+    code, err = _run_main(capsys, _imagefolder_argv(tmp_path / "c", tmp_path / "out", "--epochs", "2", "--resume", str(ckpt)))
+    assert code == 2 and "\n" not in err, err
+    assert (f"was saved by a run on other classes: 'dog' only there; 'fox' only here (imagefolder in {tmp_path / 'c'}); "
+            "resume on the checkpoint's data") in err, err
 
 
 def test_a_failed_run_leaves_the_earlier_runs_log_with_its_checkpoint(tmp_path, capsys):
@@ -576,6 +582,19 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, argv, needle):
     code, err = _run_main(capsys, [*base, "--out-dir", str(tmp_path), "--epochs", "1", *argv])
     assert code == 2
     assert err.startswith("effdense train: error:") and "\n" not in err and needle in err, err
+
+
+def test_a_run_that_fails_before_writing_removes_the_folders_it_created(tmp_path, capsys):
+    """Before: a data error left the new --out-dir tree behind, empty. A folder that was there stays, and so
+    does one the run wrote into."""
+    (tmp_path / "there").mkdir()
+    out = tmp_path / "there" / "new" / "out"
+    code, err = _run_main(capsys, [*TINY[4:], "--data", "imagefolder", "--data-dir", str(tmp_path / "missing"),
+                                   "--out-dir", str(out), "--metrics", str(tmp_path / "logs" / "m.csv")])  # fmt: skip
+    assert code == 2 and "does not exist" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["there"] and not any((tmp_path / "there").iterdir())
+    code, err = _run_main(capsys, [*TINY, "--out-dir", str(out)])
+    assert code == 0 and (out / "checkpoint.pt").is_file(), err
 
 
 def test_out_of_memory_is_one_line_with_a_hint(tmp_path, capsys, monkeypatch):
