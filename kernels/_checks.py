@@ -389,7 +389,7 @@ def check_backward_input(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tens
         check_activation("out", out, like=x, channels=C)
         check_written("out", out)
         check_disjoint("out", out, x=x, dy=dy)
-        check_apart_from_vectors("out", out, mean=mean, scale=scale, shift=shift)
+        check_apart_from_vectors("out", out, mean=mean, scale=scale, shift=shift, weight=weight)
 
 
 def check_backward(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, weight: torch.Tensor,

@@ -122,7 +122,7 @@ def _use_triton(x: torch.Tensor, backend: str, *others: Any, spans: tuple = (), 
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if x.dtype not in _checks.KERNEL_DTYPES:
             hint = "; use backend='reference' (or 'auto') for float64" if x.dtype == torch.float64 else ""
-            raise TypeError(f"backend='triton': the kernels take float32, bfloat16 or float16, got {x.dtype}{hint}")
+            raise TypeError(f"x: backend='triton': the kernels take float32, bfloat16 or float16, got {x.dtype}{hint}")
         if not kernels_available(x.device):
             why = f"triton failed to import ({_TRITON_ERROR})" if _TRITON_ERROR is not None else (
                 f"the tensor is on {x.device}; use a CUDA tensor or set TRITON_INTERPRET=1 before importing effdense"
@@ -516,7 +516,7 @@ def bottleneck_backward_input(
         dy: ``(N, B, H, W)`` in x.dtype.
         mean: fp32 ``[C]``, BN1's mean (the one that ``scale``/``shift`` were formed from).
         out: optional ``(N, C, H, W)`` tensor in x.dtype for ``dh`` (a channel slice of a reused scratch
-            buffer is fine; one overlapping ``x`` or ``dy`` is refused); allocated if None.
+            buffer is fine; one sharing memory with another argument is refused); allocated if None.
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
 
     Returns:

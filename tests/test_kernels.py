@@ -2036,6 +2036,12 @@ def test_out_overlapping_a_vector_it_reads_is_refused(backend):
     got = K.bottleneck_backward_input(x, s, t, w, dy, right_after, out=out, backend=backend)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e)
+    # the weight too (from a probe: the kernel's programs wrote dh over weight rows later ones read, dh and the
+    # sums off by ~3 against the twin's, which reads all of weight first; both accepted it)
+    storage = torch.randn(N * C * H * W + B * C)
+    out, w_shared = storage[: N * C * H * W].view(N, C, H, W), storage[-B * C - 1 : -1].view(B, C)
+    with pytest.raises(ValueError, match="out: expected memory separate from weight"):
+        K.bottleneck_backward_input(x, s, t, w_shared, dy, mean.clone(), out=out, backend=backend)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
