@@ -1304,6 +1304,46 @@ def _refuse_pruned(model: nn.Module) -> None:
         )
 
 
+# the modules whose classes convert() rebuilds (model, features, blocks, layers, transitions), where methods come from
+_REBUILT_CLASS_MODULES = ("torchvision.models.densenet", "effdense.densenet", "torch.nn.modules.container")
+# methods a subclass may define without changing what the module computes
+_HARMLESS_METHODS = frozenset({"__init__", "extra_repr", "_get_name", "__repr__", "__str__", "__getstate__", "__setstate__"})
+
+
+def _refuse_own_code(model: nn.Module) -> None:
+    """The modules that :func:`convert` rebuilds from its own classes (the model, ``features``, the dense blocks,
+    their layers and the transitions) must compute what those classes do: a subclass's method (a ``forward``
+    returning ``super().forward(x) / T``, a dense layer's ``bn_function``) or a function set on the instance
+    (``model.forward = ...``) is a ``TypeError`` naming it. Before, the copy silently dropped it and computed
+    other outputs. (Leaves and modules swapped into the blocks are copied as they are: see convert.)"""
+    features = model._modules["features"]
+    rebuilt = [("model", model), ("features", features)]
+    for name, m in features._modules.items():
+        if name.startswith(("denseblock", "transition")) and isinstance(m, nn.Module):
+            rebuilt.append((f"features.{name}", m))
+            if name.startswith("denseblock"):
+                rebuilt += [(f"features.{name}.{lname}", layer) for lname, layer in m._modules.items()]
+    for path, m in rebuilt:
+        own = [k for k, v in m.__dict__.items()
+               if callable(v) and not isinstance(v, (type, nn.Module, torch.Tensor)) and k != "_compiled_call_impl"]  # fmt: skip
+        mro = type(m).__mro__
+        base = next((i for i, cls in enumerate(mro) if cls.__module__ in _REBUILT_CLASS_MODULES), None)
+        if base is None:  # another kind of module in a rebuilt one's place: the structure checks name it
+            continue
+        where = f"set on the instance ({', '.join(own)})" if own else None
+        for cls in mro[:base]:
+            methods = [k for k, v in vars(cls).items() if callable(v) and k not in _HARMLESS_METHODS]
+            if methods and where is None:
+                where = f"{', '.join(methods)} of {cls.__qualname__}"
+        if where is not None:
+            raise TypeError(
+                f"convert(): the source's {path!r} ({type(m).__name__}) has code of its own, {where}, which the "
+                f"copy (built from effdense's classes) would not run; load the weights into an effdense model "
+                f"instead (effdense.densenet121(weights=model.state_dict()), or effdense.DenseNet(...) for other "
+                f"shapes) and put the change on that (wrap it, or subclass effdense.DenseNet)"
+            )
+
+
 def _copy_module(module: nn.Module, name: str) -> nn.Module:
     """``copy.deepcopy(module)`` that shares, not copies, the process groups its SyncBatchNorms reduce over:
     a group is a handle on the job's communicators, which cannot be copied (deepcopy raised "cannot pickle
@@ -1381,7 +1421,9 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
     BatchNorm, an ``nn.Sequential`` in a module's place) are copied as they are too; the strategies run such a
     stage as ``naive``, with a warning. A source whose blocks a DenseNet cannot hold (a dense layer replaced
     by another kind of module) raises ``TypeError`` naming the first module where it differs, as does a model
-    pruned with ``torch.nn.utils.prune`` (call ``prune.remove`` first).
+    pruned with ``torch.nn.utils.prune`` (call ``prune.remove`` first), and one whose model, ``features``, blocks,
+    layers or transitions (the modules the copy rebuilds from effdense's classes) have code of their own: a
+    subclass's ``forward``, a function set on the instance.
 
     The copy also keeps what the state dict does not carry: train/eval flags, ``requires_grad``, BatchNorm
     momentum and eps, each dense layer's ``drop_rate``, ties (a module reached under two names, a parameter or
@@ -1422,6 +1464,7 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
         raise TypeError("convert() found no dense blocks (features.denseblock1, ...) in the model")
     _refuse_pruned(model)  # (before any module is copied: a pruned module's deepcopy fails on its own)
     _check_source_parts(features)
+    _refuse_own_code(model)
     first = next(iter(blocks[0].children()))
     bottleneck = hasattr(first, "conv2")
     growth_rate = (first.conv2 if bottleneck else first.conv1).out_channels

@@ -753,6 +753,47 @@ def test_convert_names_what_it_cannot_convert() -> None:
             effdense.convert(tv)
 
 
+def test_convert_refuses_code_of_the_sources_own_in_the_modules_it_rebuilds() -> None:
+    """From a probe: a DenseNet subclass whose forward returned ``super().forward(x) / 2`` converted into a
+    model that did not halve, and a forward set on the instance was dropped likewise, silently."""
+    tvm = pytest.importorskip("torchvision").models
+    small = dict(growth_rate=4, block_config=(2, 2), num_init_features=8, bn_size=2)
+
+    class Halved(tvm.DenseNet):
+        def forward(self, x):
+            return super().forward(x) / 2
+
+    class Layer(tvm.densenet._DenseLayer):
+        def bn_function(self, inputs):
+            return super().bn_function(inputs) * 0
+
+    with pytest.raises(TypeError, match=r"the source's 'model' \(Halved\) has code of its own, forward of .*Halved, "
+                       r"which the copy .* would not run; load the weights into an effdense model instead"):  # fmt: skip
+        effdense.convert(Halved(**small))
+    tv = _small_torchvision_densenet()
+    tv.forward = lambda x: x
+    with pytest.raises(TypeError, match=r"'model' \(DenseNet\) has code of its own, set on the instance \(forward\)"):
+        effdense.convert(tv)
+    tv = _small_torchvision_densenet()
+    layer = tv.features.denseblock2.denselayer1
+    layer.__class__ = Layer
+    with pytest.raises(TypeError, match=r"'features.denseblock2.denselayer1' \(Layer\) has code of its own, bn_function of"):
+        effdense.convert(tv)
+
+    class Built(tvm.DenseNet):  # a constructor of its own (or a repr) computes nothing else: converted
+        def __init__(self):
+            super().__init__(**small)
+
+        def extra_repr(self):
+            return "built"
+
+    src = Built().eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(effdense.convert(src).eval()(x), src(x))
+    src.compile()  # (torch.compile's call wrapper on the instance: the copy is not compiled, and computes the same)
+    effdense.convert(src)
+
+
 @pytest.mark.parametrize(
     "head",
     [
