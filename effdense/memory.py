@@ -668,7 +668,9 @@ def measure_step(
         device: where to run; default: where the model's parameters are. Not ``"meta"`` for a model with
             data (its values would be lost): estimate with :func:`estimate_step` instead.
         autocast_dtype: ``torch.bfloat16``/``torch.float16`` to run forward and loss under autocast;
-            ``None`` or ``torch.float32`` for plain fp32.
+            ``None`` or ``torch.float32`` for plain fp32. Backward runs outside autocast, as in PyTorch's AMP
+            recipe; an autocast context around this call covers backward too (its cache of cast weights lives
+            until the context exits) and can give a slightly different peak.
         channels_last: convert model and input to ``torch.channels_last``.
         loss: ``"cross_entropy"`` against random labels, ``"sum"`` of the outputs, or a callable taking
             the model's output and returning a scalar tensor that requires grad.
