@@ -8,7 +8,8 @@
 Both ranks run every configuration in one spawn (a process start costs seconds here); the single-process
 references run in the test process. Without CUDA, ``fused`` runs its CPU path here, the kernels' PyTorch
 twins (``TRITON_INTERPRET=0``), i.e. the ``shared`` Function: under Triton's interpreter (conftest's
-default) each of its runs takes 10-30 s, and the kernels are tested against the twins elsewhere.
+default) each of its runs takes 10-30 s, and the kernels are tested against the twins elsewhere. One
+configuration, fused under SyncBatchNorm semantics, runs the kernels in the interpreter, in a spawn of its own.
 """
 
 
@@ -232,6 +233,45 @@ def ddp_runs(tmp_path_factory):
                 p.kill()
             pytest.fail("the two DDP processes did not finish within 120 s")
     return out
+
+
+def _fused_kernels_worker(rank, init_file, out_dir):
+    """``fused`` under SyncBatchNorm semantics with the real Triton kernels, in the interpreter: the ranks of
+    :func:`_worker` run fused on the PyTorch twins (its sync path, which launches each channel chunk's weight and
+    input gradients apart with BN1's sums all-reduced between them, had no CPU test on the kernels)."""
+    torch.set_num_threads(1)
+    os.environ["TRITON_INTERPRET"] = "1"  # (before effdense.kernels is imported in this process)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
+                            timeout=timedelta(seconds=60))
+    path = os.path.join(out_dir, f"torch_sync-fused_kernels-rank{rank}.pt")
+    try:
+        from effdense.strategies import fused
+
+        with warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            result = {"state": _torch_sync_bn_ddp("fused", rank), "kernels": fused.kernels_available(torch.device("cpu"))}
+        result["fallbacks"] = sum("runs as strategy 'naive'" in str(w.message) for w in warned)
+    except Exception:
+        result = {"error": traceback.format_exc()}
+    torch.save(result, path)
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif("fused" not in AVAILABLE, reason="strategy fused not available")
+def test_fused_kernels_under_sync_bn_match_the_global_batch(tmp_path):
+    ctx = mp.start_processes(_fused_kernels_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD,
+                             join=False, start_method="spawn")  # fmt: skip
+    deadline = time.monotonic() + 240
+    while not ctx.join(timeout=1):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two DDP processes did not finish within 240 s")
+    expected = _global_reference("naive")
+    for rank in range(WORLD):
+        result = _load(tmp_path, "torch_sync", "fused_kernels", rank)
+        assert result["kernels"] and result["fallbacks"] == 0, (rank, result["kernels"], result["fallbacks"])
+        _close(result["state"], expected, f"rank {rank}")
 
 
 def _load(out, kind, strategy, rank):
