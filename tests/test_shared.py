@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import random
+import re
 import types
 import warnings
 
@@ -1593,6 +1594,38 @@ def test_which_modules_recompute_exactly() -> None:
     finally:
         nn.ReLU.forward = original
     assert unrecomputable([("relu", relu)]) == []
+
+
+@pytest.mark.parametrize("strategy", ["checkpoint", "shared", "fused"])
+def test_weight_norm_under_parametrize_cached_is_not_recomputed(strategy) -> None:
+    """Under ``torch.nn.utils.parametrize.cached()`` a weight-normed module read again in backward takes the
+    cached weight, saving fewer tensors than its forward: torch.utils.checkpoint raised "A different number of
+    tensors was saved" for the stem under shared/fused, and for a layer's conv1 under checkpoint (as for
+    torchvision's memory_efficient=True), from a probe. Such a module is kept, with the fallback's warning."""
+    from torch.nn.utils import parametrizations, parametrize
+
+    torch.manual_seed(0)
+    model = effdense.DenseNet(4, (2, 2), 8, bn_size=2, num_classes=3)  # the ImageNet stem, which shared/fused checkpoint
+    parametrizations.weight_norm(model.features.conv0)
+    if strategy == "checkpoint":
+        parametrizations.weight_norm(model.features.denseblock1.denselayer1.conv1)
+    ref, other = _pair(model, strategy)
+    x = torch.randn(2, 3, 33, 33)
+    outs = []
+    for m in (ref, other):  # (a context each: PyTorch keys its cache on the module a parametrization was made
+        # on, so a deepcopy's weight is cached under its source's key, and the two would read each other's)
+        with parametrize.cached(), warnings.catch_warnings(record=True) as warned:
+            warnings.simplefilter("always")
+            outs.append(_step(m, x, seed=0))
+    where = r"denselayer1\.conv1" if strategy == "checkpoint" else r"the stem .* keeps its activations"
+    assert any(re.search(where + r".*parametrize\.cached\(\) it would read", str(w.message)) for w in warned), [
+        str(w.message) for w in warned]  # fmt: skip
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+    for (name, p), q in zip(ref.named_parameters(), other.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+    with warnings.catch_warnings():  # outside the context: recomputed as before
+        warnings.simplefilter("error")
+        assert_matches(ref, other, x, steps=1)
 
 
 @pytest.mark.parametrize("strategy", ["checkpoint", "shared", "fused"])

@@ -198,11 +198,19 @@ def stateless_parametrizations(m: nn.Module) -> bool:
     return params is None or all(isinstance(p, _STATELESS_PARAMETRIZATIONS) for plist in params.values() for p in plist)
 
 
+def parametrize_cache_on() -> bool:
+    """Whether ``torch.nn.utils.parametrize.cached()`` is active: a parametrized tensor is then computed at its
+    first read and the cached value returned after, so a recomputation in backward inside the context saves
+    fewer tensors than the forward did (torch.utils.checkpoint's "A different number of tensors was saved"
+    error, from a probe: weight norm on the stem under shared/fused, on a layer's conv1 under checkpoint)."""
+    return bool(getattr(torch.nn.utils.parametrize, "_cache_enabled", 0))
+
+
 def _recomputes_exactly(m: nn.Module) -> bool:
     """Whether a second call of ``m`` (not its submodules) in backward computes what the first computed and
     changes nothing that the first did not (BatchNorm running statistics aside: recompute_once puts them
     back). Not known to for a parametrization other than weight norm (``spectral_norm`` steps its power
-    iteration at each call), the pre-hook of the old-style ``torch.nn.utils.spectral_norm`` (the same), a
+    iteration at each call), any parametrization under :func:`parametrize_cache_on`, the pre-hook of the old-style ``torch.nn.utils.spectral_norm`` (the same), a
     module that draws random numbers, or any module class not listed above. Other hooks fire again in the
     recomputation, as under torchvision's ``memory_efficient=True``."""
     d, cls = m.__dict__, type(m)
@@ -210,7 +218,7 @@ def _recomputes_exactly(m: nn.Module) -> bool:
         return False
     if d["_modules"].get("parametrizations") is not None:
         # a generated subclass of the module's class, whose parametrizations are listed there
-        if not stateless_parametrizations(m):
+        if not stateless_parametrizations(m) or parametrize_cache_on():
             return False
         cls = cls.__bases__[0]  # (the class it was made from; its forward is the one that runs)
     if d["_forward_pre_hooks"] and any(isinstance(h, _SpectralNormHook) for h in d["_forward_pre_hooks"].values()):
@@ -309,8 +317,7 @@ def run_recomputed(named: Sequence[tuple[str, nn.Module]], x: torch.Tensor) -> t
     if why is None and not torch.compiler.is_compiling():
         odd = unrecomputable(named)
         if odd:
-            why = (f"{_names(odd)} is not known to recompute exactly (it may draw other random numbers, or step its "
-                   f"state twice): {_NOT_EXACT}")
+            why = f"{_names(odd)} is not known to recompute exactly ({_how_not_exact()}): {_NOT_EXACT}"
     if why is not None:
         if not torch.compiler.is_compiling():
             warnings.warn(
@@ -327,8 +334,15 @@ _RECOMPUTED_PARTS = ("norm1", "relu1", "conv1")
 
 _NOT_EXACT = (
     "effdense recomputes only modules known to compute the same again and change no state (PyTorch's "
-    "convolutions, BatchNorm, activations, pools, eval-mode Dropout; weight norm the only parametrization)"
+    "convolutions, BatchNorm, activations, pools, eval-mode Dropout; weight norm the only parametrization, "
+    "outside torch.nn.utils.parametrize.cached(), where a recomputation would read the cached weight)"
 )
+
+
+def _how_not_exact() -> str:
+    if parametrize_cache_on():
+        return "under torch.nn.utils.parametrize.cached() it would read the cached weight, saving other tensors than the forward"
+    return "it may draw other random numbers, or step its state twice"
 
 
 def _names(odd: Sequence[str]) -> str:
@@ -370,8 +384,8 @@ def run_block(block, x: torch.Tensor) -> torch.Tensor:
         if odd:
             warn_runs_as_naive(
                 "'checkpoint'",
-                f"{_names(odd)}, which checkpoint recomputes in backward, is not known to recompute exactly (it may "
-                f"draw other random numbers, or step its state twice): {_NOT_EXACT}; naive calls each module once",
+                f"{_names(odd)}, which checkpoint recomputes in backward, is not known to recompute exactly "
+                f"({_how_not_exact()}): {_NOT_EXACT}; naive calls each module once",
                 stacklevel=3,
                 block=block,
             )
