@@ -226,7 +226,12 @@ strategies.register_standard_classes(_DenseLayer, _DenseBlock)
 class _Transition(nn.Sequential):
     """BN-ReLU-conv1x1-avgpool2x2 between two dense blocks, torchvision's; public as ``effdense.Transition``.
     Placed right after a dense block in an effdense ``DenseNet``'s ``features``, ``shared``/``fused`` run it
-    with the block (on the block's buffer, without materialising its normalised input)."""
+    with the block (on the block's buffer, without materialising its normalised input).
+
+    Args:
+        num_input_features: channels in (the dense block's output: its input channels plus layers x growth rate).
+        num_output_features: channels out (a DenseNet-BC compresses: ``int(num_input_features * compression)``).
+    """
 
     def __init__(self, num_input_features: int, num_output_features: int) -> None:
         super().__init__()
