@@ -204,7 +204,8 @@ def _untraceable(name: str, tracer: str) -> NoReturn:
 # runs as naive, whose module calls fire every hook once per forward, as torchvision's plain model does.
 # Hooks registered for all modules (register_module_forward_hook) are not a reason: PyTorch's own tools
 # register them to attribute work to modules (FlopCounterMode's ModuleTracker), and they should see the
-# strategy as it runs (its recomputation included); they fire for the modules that the strategy calls.
+# strategy as it runs (its recomputation included); they fire for the modules that the strategy calls. A global
+# hook that changes values inside a block therefore does not apply under shared/fused (the README says so).
 
 
 def _own_hooks(module: torch.nn.Module) -> bool:
