@@ -1311,17 +1311,21 @@ def _refuse_pruned(model: nn.Module) -> None:
 
 # the modules whose classes convert() rebuilds (model, features, blocks, layers, transitions), where methods come from
 _REBUILT_CLASS_MODULES = ("torchvision.models.densenet", "effdense.densenet", "torch.nn.modules.container")
-# methods a subclass may define without changing what the module computes
-_HARMLESS_METHODS = frozenset({"__init__", "extra_repr", "_get_name", "__repr__", "__str__", "__getstate__", "__setstate__"})
+# methods of the base classes that a subclass may override without changing what the copy would compute
+_HARMLESS_METHODS = frozenset({"__init__", "extra_repr", "_get_name", "__repr__", "__str__", "__getstate__", "__setstate__",
+                               "__dir__", "_compiled_call_impl"})  # fmt: skip
 
 
-def _refuse_own_code(model: nn.Module) -> None:
+def _refuse_own_code(model: nn.Module, features: nn.Module) -> None:
     """The modules that :func:`convert` rebuilds from its own classes (the model, ``features``, the dense blocks,
     their layers and the transitions) must compute what those classes do: a subclass's method (a ``forward``
     returning ``super().forward(x) / T``, a dense layer's ``bn_function``) or a function set on the instance
     (``model.forward = ...``) is a ``TypeError`` naming it. Before, the copy silently dropped it and computed
-    other outputs. (Leaves and modules swapped into the blocks are copied as they are: see convert.)"""
-    features = model._modules["features"]
+    other outputs. Only what overrides the base class's own (``forward``, ``bn_function``, ``state_dict``, ...)
+    counts: a helper method of a subclass (``freeze_features``) computes nothing the copy misses. A module of a
+    class of one's own that derives from ``nn.Module`` alone is held to ``nn.Module``'s methods (its ``forward``);
+    one of PyTorch's other classes in a rebuilt module's place is left to the structure checks. (Leaves and
+    modules swapped into the blocks are copied as they are: see convert.)"""
     rebuilt = [("model", model), ("features", features)]
     for name, m in features._modules.items():
         if name.startswith(("denseblock", "transition")) and isinstance(m, nn.Module):
@@ -1329,15 +1333,20 @@ def _refuse_own_code(model: nn.Module) -> None:
             if name.startswith("denseblock"):
                 rebuilt += [(f"features.{name}.{lname}", layer) for lname, layer in m._modules.items()]
     for path, m in rebuilt:
-        own = [k for k, v in m.__dict__.items()
-               if callable(v) and not isinstance(v, (type, nn.Module, torch.Tensor)) and k != "_compiled_call_impl"]  # fmt: skip
         mro = type(m).__mro__
         base = next((i for i, cls in enumerate(mro) if cls.__module__ in _REBUILT_CLASS_MODULES), None)
-        if base is None:  # another kind of module in a rebuilt one's place: the structure checks name it
-            continue
+        if base is None:
+            if type(m).__module__.startswith("torch."):  # another kind of module: the structure checks name it
+                continue
+            base = mro.index(nn.Module)
+
+        def overrides(names: Any) -> list[str]:
+            return [k for k in names if k not in _HARMLESS_METHODS and hasattr(mro[base], k)]
+
+        own = overrides(k for k, v in m.__dict__.items() if callable(v) and not isinstance(v, (type, nn.Module, torch.Tensor)))
         where = f"set on the instance ({', '.join(own)})" if own else None
         for cls in mro[:base]:
-            methods = [k for k, v in vars(cls).items() if callable(v) and k not in _HARMLESS_METHODS]
+            methods = overrides(k for k, v in vars(cls).items() if callable(v) or isinstance(v, (staticmethod, classmethod)))
             if methods and where is None:
                 where = f"{', '.join(methods)} of {cls.__qualname__}"
         if where is not None:
@@ -1469,7 +1478,7 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
         raise TypeError("convert() found no dense blocks (features.denseblock1, ...) in the model")
     _refuse_pruned(model)  # (before any module is copied: a pruned module's deepcopy fails on its own)
     _check_source_parts(features)
-    _refuse_own_code(model)
+    _refuse_own_code(model, features)
     first = next(iter(blocks[0].children()))
     bottleneck = hasattr(first, "conv2")
     growth_rate = (first.conv2 if bottleneck else first.conv1).out_channels

@@ -579,7 +579,7 @@ def _validate(args: argparse.Namespace) -> None:
 def _output_file(path: str, option: str, created: list[str]) -> None:
     """Create the folder of an output file before any work, or raise :class:`TrainError` saying why it cannot
     be written there (before: a traceback at the first metrics row or checkpoint, after the epoch's work).
-    Appends the folders it creates to ``created``, innermost first (:func:`_remove_empty_folders`)."""
+    Appends the folders it creates to ``created`` (:func:`_remove_empty_folders`)."""
     if os.path.isdir(path):
         raise TrainError(f"{option}: {path!r} is a folder, not a file")
     folder = os.path.dirname(os.path.abspath(path))
@@ -588,10 +588,16 @@ def _output_file(path: str, option: str, created: list[str]) -> None:
         missing.append(up)
         up = os.path.dirname(up)
     try:
-        os.makedirs(folder, exist_ok=True)
-        created.extend(missing)
+        for new in reversed(missing):  # outermost first, one at a time: only the folders this run makes are its own
+            try:
+                os.mkdir(new)
+            except FileExistsError:  # (another process made it meanwhile)
+                continue
+            created.append(new)
     except OSError as exc:
         raise TrainError(f"{option}: cannot create the folder {folder!r} for {path!r}: {exc.strerror or exc}") from None
+    if not os.path.isdir(folder):
+        raise TrainError(f"{option}: {folder!r}, the folder for {path!r}, is a file")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise TrainError(f"{option}: the folder {folder!r} for {path!r} is not writable")
     try:  # os.access answers for the permission bits, and root passes them where no file can be made (/proc)
@@ -602,9 +608,9 @@ def _output_file(path: str, option: str, created: list[str]) -> None:
 
 
 def _remove_empty_folders(folders: Sequence[str]) -> None:
-    """Remove those of ``folders`` (innermost first) that are still empty: the output folders of a run that
-    failed before writing anything there (before: a data error left the ``--out-dir`` tree it had created)."""
-    for folder in folders:
+    """Remove those of ``folders`` that are still empty, innermost first: the output folders of a run that failed
+    before writing anything there (before: a data error left the ``--out-dir`` tree it had created)."""
+    for folder in sorted(set(folders), key=lambda f: f.count(os.sep), reverse=True):
         try:
             os.rmdir(folder)
         except OSError:  # not empty (a checkpoint, another process's files), or gone
@@ -735,8 +741,9 @@ def _class_difference(saved: tuple[str, ...], now: tuple[str, ...]) -> str:
     def few(names: Sequence[str]) -> str:
         return ", ".join(repr(n) for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
-    only_saved = [c for c in saved if c not in set(now)]
-    only_now = [c for c in now if c not in set(saved)]
+    in_saved, in_now = set(saved), set(now)
+    only_saved = [c for c in saved if c not in in_now]
+    only_now = [c for c in now if c not in in_saved]
     if not (only_saved or only_now):
         return f"the same {len(now)} names in another order (labels would change meaning)"
     parts = ([f"{few(only_saved)} only there"] if only_saved else []) + ([f"{few(only_now)} only here"] if only_now else [])
@@ -1087,22 +1094,21 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float, crea
         start_epoch, start_step = int(resume_state["epoch"]), int(resume_state["step"])
         saved_world = int(resume_state.get("world_size", 1))
         saved_classes = resume_state.get("train_classes")
+        saved_images = resume_state.get("train_images")
+        other_data = None
         if saved_classes is not None and tuple(saved_classes) != spec.classes:
             # (another dataset of as many images: the count below does not tell them apart)
-            raise CheckpointError(
-                f"checkpoint {args.resume!r} was saved by a run on other classes: {_class_difference(tuple(saved_classes), spec.classes)} "
-                f"({args.data}{f' in {args.data_dir}' if args.data_dir else ''}); resume on the checkpoint's data, or "
-                f"start a new run without --resume"
-            )
-        saved_images = resume_state.get("train_images")
-        if saved_images is not None and int(saved_images) != len(train_set):
+            other_data = f"on other classes: {_class_difference(tuple(saved_classes), spec.classes)}"
+        elif saved_images is not None and int(saved_images) != len(train_set):
             # (the data's path is not a trajectory option: a moved dataset resumes. Another one does not: the
             # steps per epoch, and with them the schedule's length, the shuffles and a mid-epoch position, follow
             # the number of images; before, a resume on other data ran a cosine schedule past its end)
+            other_data = f"over {int(saved_images):,} training images; this run has {len(train_set):,}"
+        if other_data is not None:
             raise CheckpointError(
-                f"checkpoint {args.resume!r} was saved by a run over {int(saved_images):,} training images; this "
-                f"run has {len(train_set):,} ({args.data}{f' in {args.data_dir}' if args.data_dir else ''}): resume "
-                f"on the checkpoint's data, or start a new run without --resume"
+                f"checkpoint {args.resume!r} was saved by a run {other_data} ({args.data}"
+                f"{f' in {args.data_dir}' if args.data_dir else ''}): resume on the checkpoint's data, or start a new "
+                f"run without --resume"
             )
         if start_step > 0 and saved_world != ctx.world_size:
             raise CheckpointError(

@@ -1242,7 +1242,7 @@ def test_argument_errors(backend):
     with pytest.raises(TypeError, match="expected dtype float32, bfloat16, float16 or float64, got torch.int64"):
         K.channel_stats(x.long(), backend="reference")
     if backend == "triton":
-        with pytest.raises(TypeError, match="backend='triton': the kernels take float32, bfloat16 or float16"):
+        with pytest.raises(TypeError, match="x: backend='triton': the kernels take float32, bfloat16 or float16"):
             K.channel_stats(x.double(), backend=backend)
     with pytest.raises(TypeError, match="scale: expected dtype torch.float64"):
         K.bottleneck_forward(x.double(), s, s, w.double(), backend="reference")
@@ -2144,6 +2144,22 @@ def test_deterministic_algorithms_alert_on_the_atomic_kernels() -> None:
         assert [r.filename for r in caught] == [__file__]  # the caller's line (before: a line inside ops.py)
     finally:
         torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
+def test_the_atomics_warning_names_the_callers_line() -> None:
+    """Under use_deterministic_algorithms(True, warn_only=True) the warning points at the first frame outside
+    kernels/ (the caller of the public function), not at a line of ops.py (its stacklevel was fixed, and the
+    check moved one to three helpers deep). A CUDA tensor is all the alert reads of x: a stand-in here."""
+    import types
+
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    try:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="does not have a deterministic implementation") as caught:
+            K.ops._alert_atomics(types.SimpleNamespace(is_cuda=True), "bottleneck_forward")
+    finally:
+        torch.use_deterministic_algorithms(was, warn_only=warn_only)
+    assert [r.filename for r in caught] == [__file__]
 
 
 def test_deterministic_algorithms_are_not_alerted_in_the_interpreter() -> None:

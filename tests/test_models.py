@@ -11,6 +11,7 @@ from collections import OrderedDict
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.nn.utils.prune  # noqa: F401 (torch.nn.utils.prune.* below)
 import torchvision
 
@@ -780,12 +781,31 @@ def test_convert_refuses_code_of_the_sources_own_in_the_modules_it_rebuilds() ->
     with pytest.raises(TypeError, match=r"'features.denseblock2.denselayer1' \(Layer\) has code of its own, bn_function of"):
         effdense.convert(tv)
 
-    class Built(tvm.DenseNet):  # a constructor of its own (or a repr) computes nothing else: converted
+    class Scratch(nn.Module):  # a class of one's own, nn.Module's alone: held to nn.Module's forward
+        def __init__(self):
+            super().__init__()
+            tv = tvm.DenseNet(**small)
+            self.features, self.classifier = tv.features, tv.classifier
+
+        def forward(self, x):
+            return self.classifier(F.adaptive_max_pool2d(self.features(x), 1).flatten(1))
+
+    with pytest.raises(TypeError, match=r"'model' \(Scratch\) has code of its own, forward of .*Scratch"):
+        effdense.convert(Scratch())
+
+    class Built(tvm.DenseNet):  # a constructor of its own, a repr, helpers: they compute nothing else: converted
         def __init__(self):
             super().__init__(**small)
 
         def extra_repr(self):
             return "built"
+
+        def freeze_features(self):
+            self.features.requires_grad_(False)
+
+        @staticmethod
+        def describe():
+            return "a helper"
 
     src = Built().eval()
     x = torch.randn(2, 3, 32, 32)

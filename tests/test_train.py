@@ -367,7 +367,7 @@ def test_resume_on_other_data_is_refused(tmp_path, capsys):
     _image_folder(tmp_path / "c", per_class=4, classes=("cat", "fox"))
     code, err = _run_main(capsys, _imagefolder_argv(tmp_path / "c", tmp_path / "out", "--epochs", "2", "--resume", str(ckpt)))
     assert code == 2 and "\n" not in err, err
-    assert (f"was saved by a run on other classes: 'dog' only there; 'fox' only here (imagefolder in {tmp_path / 'c'}); "
+    assert (f"was saved by a run on other classes: 'dog' only there; 'fox' only here (imagefolder in {tmp_path / 'c'}): "
             "resume on the checkpoint's data") in err, err
 
 
@@ -585,8 +585,7 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, argv, needle):
 
 
 def test_a_run_that_fails_before_writing_removes_the_folders_it_created(tmp_path, capsys):
-    """Before: a data error left the new --out-dir tree behind, empty. A folder that was there stays, and so
-    does one the run wrote into."""
+    """Before: a data error left the new --out-dir tree behind, empty. A folder that was there stays."""
     (tmp_path / "there").mkdir()
     out = tmp_path / "there" / "new" / "out"
     code, err = _run_main(capsys, [*TINY[4:], "--data", "imagefolder", "--data-dir", str(tmp_path / "missing"),
@@ -595,6 +594,25 @@ def test_a_run_that_fails_before_writing_removes_the_folders_it_created(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["there"] and not any((tmp_path / "there").iterdir())
     code, err = _run_main(capsys, [*TINY, "--out-dir", str(out)])
     assert code == 0 and (out / "checkpoint.pt").is_file(), err
+
+
+def test_only_the_empty_folders_a_run_created_are_removed(tmp_path):
+    """Innermost first whatever the order the two outputs made them in (--checkpoint a/ck.pt, --metrics
+    a/b/m.csv: a was left, b inside it at its turn); a folder with a file stays, and so does one made before."""
+    (tmp_path / "before").mkdir()
+    created: list[str] = []
+    T._output_file(str(tmp_path / "a" / "ck.pt"), "--checkpoint", created)
+    T._output_file(str(tmp_path / "a" / "b" / "m.csv"), "--metrics", created)
+    T._output_file(str(tmp_path / "before" / "c" / "x.pt"), "--checkpoint", created)
+    T._output_file(str(tmp_path / "kept" / "d" / "x.pt"), "--checkpoint", created)
+    (tmp_path / "kept" / "d" / "x.pt").write_bytes(b"written")
+    assert sorted(os.path.relpath(f, tmp_path) for f in created) == ["a", "a/b", "before/c", "kept", "kept/d"]
+    T._remove_empty_folders(created)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["before", "kept"] and not any((tmp_path / "before").iterdir())
+    assert (tmp_path / "kept" / "d" / "x.pt").is_file()
+    (tmp_path / "file").write_bytes(b"")
+    with pytest.raises(T.TrainError, match=r"--metrics: '.*file', the folder for '.*file/m.csv', is a file"):
+        T._output_file(str(tmp_path / "file" / "m.csv"), "--metrics", [])
 
 
 def test_out_of_memory_is_one_line_with_a_hint(tmp_path, capsys, monkeypatch):

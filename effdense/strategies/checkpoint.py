@@ -317,7 +317,7 @@ def run_recomputed(named: Sequence[tuple[str, nn.Module]], x: torch.Tensor) -> t
     if why is None and not torch.compiler.is_compiling():
         odd = unrecomputable(named)
         if odd:
-            why = f"{_names(odd)} is not known to recompute exactly ({_how_not_exact()}): {_NOT_EXACT}"
+            why = f"{_names(odd)} is not known to recompute exactly ({_how_not_exact(named)}): {_NOT_EXACT}"
     if why is not None:
         if not torch.compiler.is_compiling():
             warnings.warn(
@@ -339,9 +339,18 @@ _NOT_EXACT = (
 )
 
 
-def _how_not_exact() -> str:
+def _how_not_exact(named: Sequence[tuple[str, nn.Module | None]]) -> str:
+    """Why the modules of ``named`` (and below) that :func:`unrecomputable` names are not recomputed: under
+    ``parametrize.cached()``, for one whose parametrizations would recompute exactly outside it, the cache."""
     if parametrize_cache_on():
-        return "under torch.nn.utils.parametrize.cached() it would read the cached weight, saving other tensors than the forward"
+        stack = [m for _, m in named]
+        while stack:
+            m = stack.pop()
+            if m is None:
+                continue
+            if m.__dict__["_modules"].get("parametrizations") is not None and stateless_parametrizations(m):
+                return "under torch.nn.utils.parametrize.cached() it would read the cached weight, saving other tensors than the forward"
+            stack.extend(c for k, c in m.__dict__["_modules"].items() if k != "parametrizations")
     return "it may draw other random numbers, or step its state twice"
 
 
@@ -385,7 +394,7 @@ def run_block(block, x: torch.Tensor) -> torch.Tensor:
             warn_runs_as_naive(
                 "'checkpoint'",
                 f"{_names(odd)}, which checkpoint recomputes in backward, is not known to recompute exactly "
-                f"({_how_not_exact()}): {_NOT_EXACT}; naive calls each module once",
+                f"({_how_not_exact(named)}): {_NOT_EXACT}; naive calls each module once",
                 stacklevel=3,
                 block=block,
             )
