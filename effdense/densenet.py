@@ -1437,7 +1437,7 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
     by another kind of module) raises ``TypeError`` naming the first module where it differs, as does a model
     pruned with ``torch.nn.utils.prune`` (call ``prune.remove`` first), and one whose model, ``features``, blocks,
     layers or transitions (the modules the copy rebuilds from effdense's classes) have code of their own: a
-    subclass's ``forward``, a function set on the instance.
+    subclass's override of its base class's methods (``forward``), such a function set on the instance.
 
     The copy also keeps what the state dict does not carry: train/eval flags, ``requires_grad``, BatchNorm
     momentum and eps, each dense layer's ``drop_rate``, ties (a module reached under two names, a parameter or
