@@ -41,7 +41,7 @@ class Policy:
         cache_stats: compute each channel's batch statistics once, when it is written, and reuse them
             in every later layer's BN1, and keep each layer's BN2 statistics for its backward; if False
             every layer recomputes them over all its input channels, and backward recomputes BN2's. A time
-            saving: the statistics kept cost a little memory (a few KB to ~100 KB per step in small models).
+            saving: the statistics kept cost a little memory.
         shared_grad: accumulate input gradients in one shared gradient buffer per block; if False every
             layer allocates its own gradient for its input slice and it is added afterwards.
     """
