@@ -561,16 +561,21 @@ def append_csv(path: Path, row: dict[str, Any], columns: Sequence[str]) -> None:
     """``row`` appended to the CSV at ``path`` (keys not in ``columns`` left out), under a header of ``columns``
     written first when the file is new or empty; ``\n`` line ends, as :func:`write_csv`. A file whose last line
     has no line end (saved by an editor that drops it, or a row cut short by a kill or a full disk) gets one
-    first: the row was glued onto that line, and lost with it."""
+    first: the row was glued onto that line, and lost with it. A row cut inside a quoted field (an odd number
+    of quote characters in the file: the csv module doubles those within a field) gets its quote closed too:
+    the line end alone stayed inside the field, and the next row with it (from a probe)."""
     with _writing(path):
         new = not path.exists() or path.stat().st_size == 0
-        ended = True
+        ended, open_quote = True, False
         if not new:
             with path.open("rb") as f:
-                f.seek(-1, os.SEEK_END)
-                ended = f.read(1) in (b"\n", b"\r")
+                data = f.read()
+            ended = data[-1:] in (b"\n", b"\r")
+            open_quote = data.count(b'"') % 2 == 1
         with path.open("a", newline="") as f:
-            if not ended:
+            if open_quote:
+                f.write('"')
+            if not ended or open_quote:
                 f.write("\n")
             writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
             if new:

@@ -436,8 +436,14 @@ class DenseNet(nn.Module):
     @policy.setter
     def policy(self, policy: Policy) -> None:
         self._policy = _check_policy(policy)
-        for block in self.dense_blocks:
+        for block in self._every_dense_block():
             block.policy = policy
+
+    def _every_dense_block(self) -> list[_DenseBlock]:
+        """Every dense block the model holds, at any depth: :attr:`dense_blocks` and any a subclass or a
+        user's surgery put elsewhere (``self.aux``, a block wrapped in an ``nn.Sequential``), which
+        :meth:`set_strategy` and :attr:`policy` missed (an ablation silently ran a mixed model)."""
+        return [m for m in self.modules() if isinstance(m, _DenseBlock)]
 
     def set_strategy(self, strategy: str, policy: Policy | None = None) -> "DenseNet":
         """Switch how dense blocks run, on a live model (parameters are untouched). Returns ``self``.
@@ -453,7 +459,7 @@ class DenseNet(nn.Module):
         self._strategy = strategy
         if policy is not None:
             self._policy = policy
-        for block in self.dense_blocks:
+        for block in self._every_dense_block():
             block.strategy = strategy
             if policy is not None:
                 block.policy = policy

@@ -149,6 +149,24 @@ def test_ablate_appends_after_a_last_line_without_a_line_end(capsys, tmp_path):
     assert [(r["depth"], r["status"], r[None] if None in r else "") for r in rows] == [("10", "ok", ""), ("16", "ok", "")]
 
 
+def test_ablate_appends_after_a_row_cut_inside_a_quoted_field(capsys, tmp_path):
+    # from a probe: a row cut inside a quoted field (device_name, always; the command line, with a list) kept the
+    # quote open, and the next run's row was read as part of that field: lost, and measured again by every run
+    base = ["ablate", "--strategies", "naive", "--batch-sizes", "2", "--estimate", "--no-progress", "--no-plots",
+            "--out", str(tmp_path)]  # fmt: skip
+    code, _, err = run(capsys, *base, "--depths", "10,16")
+    assert code == 0, err
+    path = tmp_path / "ablate.csv"
+    text = path.read_bytes()
+    path.write_bytes(text[: text.rindex(b'"CPU') + 4])  # inside the last row's "CPU (...)" device name
+    code, _, err = run(capsys, *base, "--depths", "22")
+    assert code == 0, err
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["depth"], r["status"], r["device_name"]) for r in rows] == [
+        ("10", "ok", rows[0]["device_name"]), ("16", "ok", "CPU"), ("22", "ok", rows[0]["device_name"])]  # fmt: skip
+
+
 def test_ablate_refuses_a_csv_that_is_not_text(capsys, tmp_path):
     # before: a UnicodeDecodeError traceback, exit 1
     (tmp_path / "ablate.csv").write_bytes(b"\xff\xfe strategy,policy\n")

@@ -1752,3 +1752,13 @@ def test_set_strategy_reaches_blocks_a_densenet_subclass_holds_outside_features(
     model = effdense.set_strategy(WithHead(), "checkpoint")
     assert model.strategy == "checkpoint" and model.head_block.strategy == "checkpoint"
     assert model.features.denseblock1.strategy == "checkpoint"
+    # the model's own method and attributes too (from a probe: they reached features' direct children only, and
+    # an ablation ran the head block, or a block wrapped by surgery, on the old strategy and policy, silently)
+    model.features.denseblock1 = nn.Sequential(model.features.denseblock1)
+    policy = effdense.Policy(cache_stats=False)
+    model.set_strategy("shared", policy)
+    blocks = (model.head_block, model.features.denseblock1[0])
+    assert [(b.strategy, b.policy) for b in blocks] == [("shared", policy)] * 2
+    model.strategy = "naive"
+    model.policy = effdense.Policy()
+    assert [(b.strategy, b.policy) for b in blocks] == [("naive", effdense.Policy())] * 2
