@@ -34,6 +34,9 @@ _PENDING = {
 @dataclasses.dataclass(frozen=True)
 class Policy:
     """Switches for the ``shared``/``fused`` strategies, each on its own so ablations can measure it.
+    ``naive`` and ``checkpoint`` read none (a block on them keeps its policy for when it switches). A policy is
+    not part of a state dict: a model built anew and loaded from one has the policy it was built with (pickling
+    or ``copy.deepcopy`` of the model keeps it).
 
     Args:
         recompute_bottleneck: recompute the bottleneck output ``conv1(relu(bn1(x)))`` in backward
