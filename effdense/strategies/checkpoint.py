@@ -210,8 +210,9 @@ def _recomputes_exactly(m: nn.Module) -> bool:
     """Whether a second call of ``m`` (not its submodules) in backward computes what the first computed and
     changes nothing that the first did not (BatchNorm running statistics aside: recompute_once puts them
     back). Not known to for a parametrization other than weight norm (``spectral_norm`` steps its power
-    iteration at each call), any parametrization under :func:`parametrize_cache_on`, the pre-hook of the old-style ``torch.nn.utils.spectral_norm`` (the same), a
-    module that draws random numbers, or any module class not listed above. Other hooks fire again in the
+    iteration at each call), any parametrization under :func:`parametrize_cache_on`, the pre-hook of the
+    old-style ``torch.nn.utils.spectral_norm`` (the same), a module that draws random numbers, or any module
+    class not listed above. Other hooks fire again in the
     recomputation, as under torchvision's ``memory_efficient=True``."""
     d, cls = m.__dict__, type(m)
     if "forward" in d:
