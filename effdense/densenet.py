@@ -1087,7 +1087,7 @@ def set_strategy(module: nn.Module, strategy: str, policy: Policy | None = None)
     for _, m in named:
         if isinstance(m, DenseNet):  # (the module itself or one inside: its own strategy and policy follow too)
             m.set_strategy(strategy, policy)
-    for name, block in blocks:  # (all of them: a DenseNet subclass may hold blocks outside its features)
+    for name, block in blocks:  # (all of them, in any module, each given the name its warnings use)
         block._effdense_where = name or type(block).__name__  # (the name its warnings give: strategies.block_name)
         block.strategy = strategy
         if policy is not None:

@@ -221,17 +221,21 @@ def _fused_on_its_cpu_path_one_thread(monkeypatch):
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def ddp_runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ddp")
-    ctx = mp.start_processes(_worker, args=(str(out / "store"), str(out), AVAILABLE), nprocs=WORLD,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + 120
+def _spawn_ranks(fn, args: tuple, limit_s: int) -> None:
+    """Run ``fn(rank, *args)`` in ``WORLD`` spawned processes; fail the test if they take over ``limit_s``."""
+    ctx = mp.start_processes(fn, args=args, nprocs=WORLD, join=False, start_method="spawn")
+    deadline = time.monotonic() + limit_s
     while not ctx.join(timeout=1):
         if time.monotonic() > deadline:
             for p in ctx.processes:
                 p.kill()
-            pytest.fail("the two DDP processes did not finish within 120 s")
+            pytest.fail(f"the two DDP processes did not finish within {limit_s} s")
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    _spawn_ranks(_worker, (str(out / "store"), str(out), AVAILABLE), 120)
     return out
 
 
@@ -260,14 +264,7 @@ def _fused_kernels_worker(rank, init_file, out_dir):
 @pytest.mark.skipif("fused" not in AVAILABLE, reason="strategy fused not available")
 def test_fused_kernels_under_sync_bn_match_the_global_batch(tmp_path):
     pytest.importorskip("triton")  # (the ranks run the kernels in its interpreter)
-    ctx = mp.start_processes(_fused_kernels_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD,
-                             join=False, start_method="spawn")  # fmt: skip
-    deadline = time.monotonic() + 240
-    while not ctx.join(timeout=1):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("the two DDP processes did not finish within 240 s")
+    _spawn_ranks(_fused_kernels_worker, (str(tmp_path / "store"), str(tmp_path)), 240)
     expected = _global_reference("naive")
     for rank in range(WORLD):
         result = _load(tmp_path, "torch_sync", "fused_kernels", rank)
