@@ -20,3 +20,12 @@ def differentiable_once(
     )
     made = iter((made,) if isinstance(made, torch.Tensor) else made)
     return tuple(None if g is None else next(made) for g in grads)
+
+
+def legacy_batched(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a batched tensor of the autograd engine's own vmap (``torch.autograd.grad(...,
+    is_grads_batched=True)``, ``torch.autograd.functional.jacobian(..., vectorize=True)``), which runs outside
+    torch.func, so a forward's torch.func check does not see it. (Call it outside ``torch.compile``: dynamo
+    cannot trace it.)"""
+    check = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    return check is not None and bool(check(t))

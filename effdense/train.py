@@ -107,7 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-gamma", type=float, default=None,
                    help=f"--lr-schedule step only: factor at each milestone (default: {DEFAULTS['lr_gamma']})")
     g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up before the schedule (default: %(default)s)")
-    g.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing (default: %(default)s)")
+    g.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="cross-entropy label smoothing, in train_loss and test_loss alike (default: %(default)s)")
 
     g = parser.add_argument_group("performance")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (under torchrun: cuda:LOCAL_RANK)")
@@ -247,6 +248,15 @@ def _resolve_device(name: str, local_rank: int) -> torch.device:
             raise TrainError(f"--device {name} asked for CUDA, but torch.cuda.is_available() is False")
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
+    elif device.type == "meta":
+        raise TrainError("--device meta holds no values: training needs a device with memory (cpu, cuda)")
+    elif device.type != "cpu":  # (mps, xpu, ...: untested here, but let those that work train)
+        try:
+            torch.empty(1, device=device)
+        except (RuntimeError, AssertionError) as exc:
+            text = str(exc).strip()
+            first = text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(exc).__name__
+            raise TrainError(f"--device {name} cannot be used in this PyTorch: {first}") from None
     return device
 
 
@@ -823,6 +833,17 @@ class _StopRequested(Exception):
     """Every rank agreed to stop after this step (Ctrl-C seen by at least one)."""
 
 
+def _stop_agreed(flag: "_InterruptFlag", ctx: "_Dist", device: torch.device) -> bool:
+    """Whether to stop here: a stop was asked for (on any rank: every rank stops at the same point, or
+    collectives would hang)."""
+    stop = flag.requested
+    if ctx.enabled:
+        t = torch.tensor([int(stop)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        stop = bool(t.item())
+    return stop
+
+
 class _InterruptFlag:
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -837,7 +858,8 @@ class _InterruptFlag:
         self.requested = True
         if self.announce:
             name = signal.Signals(signum).name
-            print(f"\n{name}: finishing this step and saving a checkpoint (send it again to stop at once)", file=sys.stderr)
+            print(f"\n{name}: finishing this step (or the epoch's evaluation) and saving a checkpoint (send it again to "
+                  "stop at once)", file=sys.stderr)
 
     def __enter__(self) -> "_InterruptFlag":
         if threading.current_thread() is threading.main_thread():
@@ -958,8 +980,11 @@ def evaluate(
     autocast: Callable[[], contextlib.AbstractContextManager],
     channels_last: bool,
     ctx: _Dist | None = None,
+    *,
+    label_smoothing: float = 0.0,
 ) -> tuple[float, float]:
-    """(mean loss, accuracy) of ``model`` over ``loader``, summed over ranks."""
+    """(mean loss, accuracy) of ``model`` over ``loader``, summed over ranks; the loss is the training's
+    criterion (cross-entropy with its ``label_smoothing``, as torchvision's reference scripts evaluate)."""
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.float64, device=device)
@@ -971,7 +996,7 @@ def evaluate(
         y = y.to(device, non_blocking=True)
         with autocast():
             logits = model(x)
-        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum", label_smoothing=label_smoothing)
         correct += (logits.argmax(1) == y).sum()
         count += y.numel()
     loss_sum, correct, count = _all_reduce_sum([float(loss_sum), float(correct), float(count)], ctx or _Dist(), device)
@@ -1298,12 +1323,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float, crea
                             refresh=False,
                         )
                         bar.update(step - bar.n)
-                    stop = flag.requested
-                    if ctx.enabled:  # every rank stops at the same step, or collectives would hang
-                        t = torch.tensor([int(stop)], device=device)
-                        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                        stop = bool(t.item())
-                    if stop:
+                    if _stop_agreed(flag, ctx, device):
                         raise _StopRequested
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
@@ -1314,7 +1334,9 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float, crea
                 epoch_losses = []
                 tl, tc, tn = _all_reduce_sum([float(loss_sum), float(correct), float(seen)], ctx, device)
                 try:
-                    test_loss, test_acc = evaluate(model, test_loader, device, autocast, args.channels_last, ctx)
+                    test_loss, test_acc = evaluate(
+                        model, test_loader, device, autocast, args.channels_last, ctx, label_smoothing=args.label_smoothing
+                    )
                 except Exception as exc:
                     # the epoch's training is done: keep it (whatever --save-every says), so that --resume
                     # goes on with the next epoch instead of training this one again. Without collectives:
@@ -1360,12 +1382,21 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float, crea
                 if is_last or (args.save_every and (epoch + 1) % args.save_every == 0):
                     save(epoch + 1, 0)
                     last_saved = ckpt_path
+                if not is_last and _stop_agreed(flag, ctx, device):  # (asked during the evaluation or the save)
+                    raise _StopRequested
     except (KeyboardInterrupt, _StopRequested) as exc:
         interrupted = True
         if progress_tensors is not None:
             ls, cs, sn, tt = progress_tensors
             progress = {"loss_sum": float(ls), "correct": float(cs), "seen": float(sn), "train_time": tt}
         step_losses.extend(float(v) for v in epoch_losses)
+        # this epoch's row is in the history (its training and evaluation are done: the stop came during its
+        # metrics, checkpoint or later): the checkpoint is of the next epoch's start, as the epoch's own save.
+        # (Before, a second Ctrl-C there saved this epoch's last step with its row, and --resume evaluated and
+        # logged the epoch twice.)
+        epoch_done = bool(history) and history[-1]["epoch"] == epoch + 1
+        if epoch_done:
+            epoch, step = epoch + 1, 0
         if isinstance(exc, KeyboardInterrupt) and ctx.enabled:
             # only this rank was interrupted: the others are not at a collective, so save without one
             if ctx.is_main and not in_step:
@@ -1382,8 +1413,8 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float, crea
         else:
             save(epoch, step)
             last_saved = ckpt_path
-            say(f"interrupted at epoch {epoch + 1}, step {step}: checkpoint saved to {ckpt_path}; "
-                f"continue with --resume {ckpt_path}")
+            where = f"after epoch {epoch}" if epoch_done else f"at epoch {epoch + 1}, step {step}"
+            say(f"interrupted {where}: checkpoint saved to {ckpt_path}; continue with --resume {ckpt_path}")
 
     wall = time.perf_counter() - t_start
     final = history[-1] if history else {}

@@ -34,7 +34,7 @@ from typing import Any, Literal, Sequence
 import torch
 from torch.autograd import forward_ad as _forward_ad
 
-from effdense._autograd import differentiable_once
+from effdense._autograd import differentiable_once, legacy_batched
 from effdense.kernels import _checks, _launch, reference
 
 try:
@@ -373,14 +373,16 @@ def channel_stats(
     """Per-channel batch mean and biased variance (divided by ``N*H*W``) of ``x``.
 
     Args:
-        x: ``(N, C, H, W)`` float32/bfloat16/float16, (H, W) plane contiguous (a channel slice is fine).
-        out: optional ``(mean, var)`` to write, fp32 ``[C]`` each with unit stride (slices of longer
-            vectors are fine, e.g. the block's per-channel statistics); allocated if None.
+        x: ``(N, C, H, W)`` float32/bfloat16/float16 (float64 too, on the twin: ``backend="triton"``
+            refuses it), (H, W) plane contiguous (a channel slice is fine).
+        out: optional ``(mean, var)`` to write, fp32 ``[C]`` each (fp64 for fp64 x) with unit stride (slices
+            of longer vectors are fine, e.g. the block's per-channel statistics); allocated if None.
         backend: ``"auto"``, ``"triton"`` or ``"reference"``.
 
     Returns:
-        ``(mean, var)`` (``out`` itself when given), fp32 ``[C]`` each, computed with shifted tile sums
-        merged by Chan's formula; NaN when ``x`` has no values per channel (``N*H*W == 0``), as ``torch.var_mean``.
+        ``(mean, var)`` (``out`` itself when given), fp32 ``[C]`` each (fp64 for fp64 x); on Triton from
+        tile sums shifted by each channel's first value and merged by Chan's formula; NaN when ``x`` has no
+        values per channel (``N*H*W == 0``), as ``torch.var_mean``.
     """
     if not _use_triton(x, backend, out):  # (out: two vectors; x alone is indexed)
         return reference.channel_stats(x, out=out)
@@ -625,6 +627,9 @@ def _bn_relu_conv1x1_backward(ctx, dy):
     # y = W relu(u), u = scale*x + shift:  du = (W^T dy)*[u > 0];  dx = scale*du,
     # dscale = Σ du*x,  dshift = Σ du  (the input kernel's sums with mean = 0);  dW = Σ dy h^T.
     x, scale, shift, weight = ctx.saved_tensors
+    if not torch.compiler.is_compiling() and legacy_batched(dy):
+        grads = _batched_backward(x, scale, shift, weight, dy, ctx.needs_input_grad)
+        return _once_if_graph(grads, dy, ctx.saved_tensors)
     dy = _plane_contiguous(dy)
     dx = dscale = dshift = dweight = None
     if ctx.needs_input_grad[3]:
@@ -636,16 +641,35 @@ def _bn_relu_conv1x1_backward(ctx, dy):
             zero = torch.zeros_like(scale)  # dx = scale*du: BN backward with unit invstd and no batch terms
             bn_backward_accumulate(dx, x, du, zero, torch.ones_like(scale), scale, zero, zero, batch_stats=False)
         del du
-    grads = (dx, dscale, dshift, dweight)
+    return _once_if_graph((dx, dscale, dshift, dweight), dy, ctx.saved_tensors)
+
+
+def _once_if_graph(grads, dy, saved):
     if torch.is_grad_enabled():  # create_graph=True: the kernels have no backward of their own
         # the gradients as outputs of a node that raises when differentiated (gradgradcheck, gradient
         # penalties), with edges to dy and the saved tensors that require grad: without it these gradients did
         # not depend on x, scale, shift or the weight, and second derivatives came out as zero
         # (once_differentiable links its node to dy only, so a gradient w.r.t. a saved input would miss it)
-        live = [t for t in (dy, *ctx.saved_tensors) if t.requires_grad]
+        live = [t for t in (dy, *saved) if t.requires_grad]
         if live:
             return differentiable_once(grads, _ONCE, links=live)
     return grads
+
+
+def _batched_backward(x, scale, shift, weight, dy, needs):
+    """The backward under the autograd engine's own batching (``is_grads_batched=True``, ``jacobian(...,
+    vectorize=True)``), where ``dy`` is a batched tensor: the kernels cannot read its storage, and PyTorch's
+    batching can neither run the twins' writes into unbatched outputs nor einsum or a view of it. So the op
+    is recomputed from PyTorch's own (batchable) ops, in fp32 (fp64 for fp64) up to ``h``, which is rounded
+    to x.dtype as the kernels' GEMM sees it, and differentiated by autograd."""
+    acc = _checks.stats_dtype(x.dtype)
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(bool(n)) for t, n in zip((x, scale, shift, weight), needs)]
+        xl, sl, bl, wl = leaves
+        h = torch.relu(xl.to(acc) * sl.view(-1, 1, 1) + bl.view(-1, 1, 1)).to(x.dtype)
+        y = torch.nn.functional.conv2d(h, wl.view(*wl.shape, 1, 1))
+        got = iter(torch.autograd.grad(y, [t for t, n in zip(leaves, needs) if n], dy))
+    return tuple(next(got) if n else None for n in needs)
 
 
 _ONCE = (

@@ -99,7 +99,8 @@ def channel_stats(
     ``x``); written into ``out = (mean, var)`` and returned when given.
 
     Numerically safe for large means. On CUDA, fp32/fp64: ``torch.var_mean`` (Welford; one kernel).
-    Elsewhere two passes (the mean, then the mean squared deviation from it) over channel chunks of at
+    Elsewhere two passes (the mean, then the mean squared deviation from it, less the square of the mean
+    deviation, which is the first mean's rounding error: the corrected two-pass formula) over channel chunks of at
     most ``_STATS_CHUNK`` elements, so the deviation temporary stays small: on CPU several times faster
     than ``torch.var_mean`` over a strided slice of a block buffer; in bf16/fp16 accumulated in fp32."""
     _checks.check_activation("x", x)
@@ -126,7 +127,11 @@ def _two_pass_stats(x: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, to
         part = x[:, c0 : c0 + step]
         m = part.sum(dim=(0, 2, 3), dtype=acc).div_(M)
         d = torch.sub(part, m.view(-1, 1, 1))  # acc by promotion
-        parts.append((m, d.mul_(d).sum(dim=(0, 2, 3)).div_(M)))
+        # corrected two-pass: the mean deviation e is the rounding error of m, which E[d²] alone counts as
+        # variance (2e-3 relative at mean 1e4, std 1e-2 in fp32); E[d²] - e² removes it
+        e = d.sum(dim=(0, 2, 3)).div_(M)
+        var = d.mul_(d).sum(dim=(0, 2, 3)).div_(M).sub_(e * e).clamp_(min=0)
+        parts.append((m.add_(e), var))
         del d
     if len(parts) == 1:
         return parts[0]

@@ -4,8 +4,12 @@ Numerics: each program walks a contiguous range of ``N*H*W`` columns in tiles. A
 sum of squares are exact two-pass values (the tile sits in registers); tiles are merged into a running
 (count, mean, M2) with Chan et al.'s formula, and the per-program partials are merged the same way by a
 second, one-program-per-channel-block kernel (two launches in all: a host-side merge took a dozen small
-operators, which dominated the op's time on a GPU). Nothing ever forms ``E[x²] - E[x]²`` on raw values,
-so a channel with mean 1e3 and std 1 keeps its variance to fp32 precision.
+operators, which dominated the op's time on a GPU). Every program first subtracts the same value from a
+channel, its first element (a shift, which leaves the variance as it is), so the tile means that Chan's
+formula merges are of the spread about that value, not of the mean: a channel with mean 1e4 and std 1e-2
+keeps its variance to about 1e-5 relative (unshifted, the fp32 rounding of each tile's mean added up to 1%),
+and a mean near fp32's largest values cannot overflow the merge. Nothing ever forms ``E[x²] - E[x]²`` on raw
+values.
 """
 
 from __future__ import annotations
@@ -18,9 +22,17 @@ from effdense.kernels import _launch
 
 
 @triton.jit
+def _channel_shift(X_ptr, offs_c, mask_c, M, stride_xc):
+    """Each channel's first element ``x[0, c, 0]``, fp32: the shift that both kernels subtract; 0 where it
+    is not finite (an inf there would turn every shifted value into NaN, and the mean with it) or M = 0."""
+    first = tl.load(X_ptr + offs_c * stride_xc, mask=mask_c & (M > 0), other=0.0).to(tl.float32)
+    return tl.where(first - first == 0.0, first, 0.0)
+
+
+@triton.jit
 def _channel_stats_kernel(
     X_ptr,  # (N, C, P) view: x[n, c, p] at n*stride_xn + c*stride_xc + p
-    PartMean_ptr,  # (SPLIT, C) fp32: mean of each program's column range
+    PartMean_ptr,  # (SPLIT, C) fp32: mean of each program's column range, less the channel's first element
     PartM2_ptr,  # (SPLIT, C) fp32: centred sum of squares of that range
     PartCount_ptr,  # (SPLIT, C) fp32: number of columns in that range
     C,
@@ -41,6 +53,7 @@ def _channel_stats_kernel(
     t_begin = split * per_split
     t_end = tl.minimum(t_begin + per_split, tiles)
 
+    shift = _channel_shift(X_ptr, offs_c, mask_c, M, stride_xc)  # (the means are stored relative to it)
     count = tl.zeros([BLOCK_C], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -51,7 +64,7 @@ def _channel_stats_kernel(
         p = offs_m - n * P
         ptrs = X_ptr + n.to(tl.int64)[None, :] * stride_xn + offs_c[:, None] * stride_xc + p[None, :]
         mask = mask_c[:, None] & mask_m[None, :]
-        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.where(mask, tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) - shift[:, None], 0.0)
         cnt_t = tl.minimum(M - t * BLOCK_M, BLOCK_M).to(tl.float32)
         mean_t = tl.sum(x, axis=1) / cnt_t
         d = tl.where(mask, x - mean_t[:, None], 0.0)
@@ -60,7 +73,7 @@ def _channel_stats_kernel(
         total = count + cnt_t
         delta = mean_t - mean
         mean += delta * (cnt_t / total)
-        m2 += m2_t + delta * delta * (count * cnt_t / total)
+        m2 += m2_t + delta * (delta * (count * cnt_t / total))
         count = total
 
     out = split * C + offs_c
@@ -71,17 +84,21 @@ def _channel_stats_kernel(
 
 @triton.jit
 def _merge_stats_kernel(
+    X_ptr,  # the input, for the shift: x[0, c, 0] at c*stride_xc
     PartMean_ptr,  # (SPLIT, C) fp32, as written by _channel_stats_kernel
     PartM2_ptr,
     PartCount_ptr,
     Mean_ptr,  # (C,) fp32 out
     Var_ptr,  # (C,) fp32 out: biased variance
     C,
+    M,  # N*H*W
+    stride_xc,
     SPLITS,
     BLOCK_C: tl.constexpr,
 ):
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
+    shift = _channel_shift(X_ptr, offs_c, mask_c, M, stride_xc)
     count = tl.zeros([BLOCK_C], dtype=tl.float32)
     mean = tl.zeros([BLOCK_C], dtype=tl.float32)
     m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -94,9 +111,9 @@ def _merge_stats_kernel(
         weight = tl.where(total > 0, cnt_s / tl.maximum(total, 1.0), 0.0)
         delta = mean_s - mean
         mean += delta * weight
-        m2 += m2_s + delta * delta * count * weight
+        m2 += m2_s + delta * (delta * (count * weight))
         count = total
-    tl.store(Mean_ptr + offs_c, mean, mask=mask_c)
+    tl.store(Mean_ptr + offs_c, mean + shift, mask=mask_c)
     tl.store(Var_ptr + offs_c, m2 / tl.maximum(count, 1.0), mask=mask_c)
 
 
@@ -141,5 +158,6 @@ def channel_stats_launch(
     merge_block = min(1024 if not _launch.interpreting() else 4096, _launch.next_power_of_2(C))
     _launch.launch(
         _merge_stats_kernel, (_launch.cdiv(C, merge_block),),
-        (part_mean, part_m2, part_count, mean, var, C, splits), dict(BLOCK_C=merge_block, num_warps=4),
+        (x, part_mean, part_m2, part_count, mean, var, C, M, x.stride(1), splits),
+        dict(BLOCK_C=merge_block, num_warps=4),
     )  # fmt: skip

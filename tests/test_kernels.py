@@ -387,6 +387,23 @@ def test_channel_stats_large_mean(dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mean_, std", [(1e4, 1e-2), (-1e4, 1e-2), (1e20, 1e18)])
+def test_channel_stats_mean_far_above_spread(mean_, std, device):
+    """mean/std = 1e6 (and 1e2 at 1e20, whose square overflows fp32): against the float64 statistics of the
+    same fp32 values. The fp32 rounding of a tile's (kernel) or the first pass's (twin) mean must not count
+    as variance: uncorrected, it made var 1e-2 (kernel) and 2e-3 (twin) off; and a merge that squared the
+    raw mean gave NaN at 1e20."""
+    _need_triton(device)
+    torch.manual_seed(0)
+    x = (torch.randn(4, 3, 8, 8, dtype=torch.float64) * std + mean_).float().to(device)
+    var_gold, mean_gold = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
+    for backend in ("triton", "reference"):
+        mean, var = K.channel_stats(x, backend=backend)
+        torch.testing.assert_close(mean.double(), mean_gold, atol=0, rtol=1e-6, msg=lambda m: f"{backend}: {m}")
+        torch.testing.assert_close(var.double(), var_gold, atol=0, rtol=1e-5, msg=lambda m: f"{backend}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_channel_stats_merges_splits_including_an_empty_one(device):
     """Enough columns for several split programs (the last one possibly without a tile): their partial
     (count, mean, M2) are merged by the merge kernel, against float64 PyTorch."""
@@ -1231,6 +1248,8 @@ def test_argument_errors(backend):
         K.bottleneck_forward(x[0], s, s, w, backend=backend)
     with pytest.raises(ValueError, match="channels_last is not supported"):
         K.bottleneck_forward(x.to(memory_format=torch.channels_last), s, s, w, backend=backend)
+    with pytest.raises(ValueError, match=r"got strides \(200, 25, 1, 5\); call \.contiguous\(\)"):  # (not channels_last)
+        K.bottleneck_forward(x.transpose(2, 3), s, s, w, backend=backend)
     with pytest.raises(TypeError, match="scale: expected dtype torch.float32"):
         K.bottleneck_forward(x, s.half(), s, w, backend=backend)
     with pytest.raises(ValueError, match=r"shift: expected a 1-D tensor of shape \(8,\)"):
@@ -1806,6 +1825,24 @@ def test_bn_relu_conv1x1_double_backward_raises(dtype):
             torch.autograd.gradgradcheck(K.bn_relu_conv1x1, _brc_inputs(dtype))
     # gradcheck (first order) still passes on the twin
     assert dtype != torch.float64 or torch.autograd.gradcheck(K.bn_relu_conv1x1, _brc_inputs(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64-twin", "fp32-auto"])
+def test_bn_relu_conv1x1_batched_backward(dtype):
+    # before: is_grads_batched=True (and jacobian(..., vectorize=True)) hands the backward a batched dy,
+    # whose storage the Triton launch cannot read ("Cannot access storage of BatchedTensorImpl") and which
+    # the twins' out= ops cannot take ("Batching rule not implemented for aten::threshold_backward.grad_input")
+    ins = _brc_inputs(dtype)
+    vs = torch.randn(2, *K.bn_relu_conv1x1(*ins).shape, dtype=dtype)
+    looped = [torch.autograd.grad(K.bn_relu_conv1x1(*ins), ins, v) for v in vs]
+    for wanted in (range(4), [3], [0, 2]):  # all, the weight alone, x and shift
+        got = torch.autograd.grad(K.bn_relu_conv1x1(*ins), [ins[i] for i in wanted], vs, is_grads_batched=True)
+        for g, i in zip(got, wanted):
+            torch.testing.assert_close(g, torch.stack([lp[i] for lp in looped]), msg=lambda m: f"input {i}: {m}")
+    x, s, t, w = ins
+    jac = torch.autograd.functional.jacobian(lambda a: K.bn_relu_conv1x1(x, s, t, a), w, vectorize=True)
+    for v, lp in zip(vs, looped):  # v^T J is the weight gradient for v
+        torch.testing.assert_close(torch.tensordot(v, jac, dims=v.dim()), lp[3])
 
 
 def test_bn_relu_conv1x1_forward_mode_and_func_grad_are_refused():

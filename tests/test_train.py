@@ -174,6 +174,63 @@ def test_a_shortened_resume_of_a_run_with_a_long_warmup_is_not_refused(tmp_path)
     assert not second.get("interrupted") and T.load_checkpoint(second["checkpoint"])["schedule_epochs"] == 3
 
 
+def test_a_keyboard_interrupt_during_the_epochs_checkpoint_saves_the_next_epochs_start(tmp_path, monkeypatch):
+    """A raw KeyboardInterrupt (a second Ctrl-C) while the epoch-end checkpoint is written: the epoch is
+    trained, evaluated and logged, so the checkpoint is of epoch 2's start. Before, it was saved as epoch 1's
+    last step with epoch 1's row in its history, and --resume evaluated and logged epoch 1 again."""
+    save = T.save_checkpoint
+    calls = {"n": 0}
+
+    def interrupted_once(path, state):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+        return save(path, state)
+
+    monkeypatch.setattr(T, "save_checkpoint", interrupted_once)
+    first = T.train(_args(tmp_path, "--epochs", 2))
+    assert first["interrupted"] and calls["n"] == 2
+    state = T.load_checkpoint(first["checkpoint"])
+    assert (state["epoch"], state["step"]) == (1, 0) and [r["epoch"] for r in state["history"]] == [1]
+    monkeypatch.setattr(T, "save_checkpoint", save)
+    resumed = T.train(_args(tmp_path, "--epochs", 2, "--resume", first["checkpoint"]))
+    assert [r["epoch"] for r in resumed["history"]] == [1, 2]
+    assert [line.split(",")[0] for line in (tmp_path / "metrics.csv").read_text().splitlines()[1:]] == ["1", "2"]
+
+
+def test_a_stop_asked_during_the_evaluation_stops_at_the_epochs_end(tmp_path, monkeypatch):
+    """Ctrl-C while an epoch's evaluation runs: the run stops there, with a checkpoint of the next epoch's
+    start. Before, it started the next epoch (a new loader) and stopped after its first step."""
+    evaluate = T.evaluate
+
+    def evaluate_and_ask(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(T, "evaluate", evaluate_and_ask)
+    first = T.train(_args(tmp_path, "--epochs", 3, "--save-every", 2))
+    assert first["interrupted"] and len(first["step_losses"]) == 4  # (TINY: 4 steps per epoch)
+    state = T.load_checkpoint(first["checkpoint"])
+    assert (state["epoch"], state["step"]) == (1, 0) and [r["epoch"] for r in state["history"]] == [1]
+
+
+def test_test_loss_is_the_training_criterion(tmp_path):
+    """With --label-smoothing, test_loss is smoothed as train_loss is (torchvision's reference scripts
+    evaluate with their training criterion); before, it was plain cross-entropy beside a smoothed train_loss."""
+    from effdense.data import Subset
+
+    run = T.train(_args(tmp_path, "--label-smoothing", 0.6))
+    test = Subset(load_digits(12).test, 64)  # (TINY's --image-size and --test-subset)
+    model = run["model"].eval()
+    with torch.no_grad():
+        x = torch.stack([test[i][0] for i in range(len(test))])
+        y = torch.tensor([test[i][1] for i in range(len(test))])
+        logits = model(x)
+    smoothed = T.F.cross_entropy(logits, y, label_smoothing=0.6).item()
+    assert abs(T.F.cross_entropy(logits, y).item() - smoothed) > 1e-3  # (the case tells them apart)
+    assert run["history"][-1]["test_loss"] == pytest.approx(smoothed, rel=1e-5)
+
+
 def test_keyboard_interrupt_inside_a_step_saves_no_checkpoint(tmp_path, monkeypatch):
     """A raw KeyboardInterrupt in a step's forward (a second Ctrl-C, which the handler calls "stop at once,
     without a checkpoint"): a checkpoint was saved anyway, holding that step's BatchNorm updates and dropout
@@ -572,6 +629,10 @@ def _run_main(capsys, argv):
         (["--resume", "/nonexistent/ckpt.pt"], "does not exist"),
         (["--resume", "{tmp}/garbage.pt"], "cannot read checkpoint"),
         (["--resume", "{tmp}/other.pt"], "not an effdense train checkpoint"),
+        # before: a traceback from model.to (mps) or Tensor.item (meta)
+        (["--device", "meta"], "--device meta holds no values"),
+        pytest.param(["--device", "mps"], "--device mps cannot be used in this PyTorch",
+                     marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="MPS is available here")),
     ],
 )
 def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, argv, needle):

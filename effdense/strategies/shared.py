@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 from torch.utils._python_dispatch import _disable_current_modes  # (private: see _same_rng_state)
 
-from effdense._autograd import differentiable_once
+from effdense._autograd import differentiable_once, legacy_batched
 from effdense.strategies import (
     STEM,
     block_name,
@@ -1075,7 +1075,7 @@ class _DenseStageFunction(torch.autograd.Function):
     def backward(ctx, grad_out: torch.Tensor | None, _grad_token: torch.Tensor | None):  # type: ignore[override]
         if grad_out is None:  # (gradients are not materialised: an undefined one is zero, so are the results)
             return (None,) * (2 + ctx.n_params)
-        if not torch.compiler.is_compiling() and _legacy_batched(grad_out):  # (dynamo cannot trace the check)
+        if not torch.compiler.is_compiling() and legacy_batched(grad_out):  # (dynamo cannot trace the check)
             raise RuntimeError(
                 "effdense: strategies 'shared' and 'fused' cannot run a batched backward "
                 "(torch.autograd.grad(..., is_grads_batched=True), torch.autograd.functional.jacobian(..., "
@@ -1142,13 +1142,6 @@ class _DenseStageFunction(torch.autograd.Function):
             elif any(y is not None for y in state.y1):  # (recompute_bottleneck=False kept some: no others)
                 state.y1 = None
         return (None, dx, *grads)
-
-
-def _legacy_batched(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a batched tensor of the backward's own vmap (``is_grads_batched=True``), which runs
-    outside torch.func, so the forward's torch.func check did not see it."""
-    check = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
-    return check is not None and bool(check(t))
 
 
 def _keeps_graph() -> bool:
