@@ -126,8 +126,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory", choices=("exact", "estimate"), default="exact",
                         help="exact (default): measured (tracked on CPU, allocator on CUDA); estimate: FakeTensor, no time")
     parser.add_argument("--reference", type=reference_list, default=None,
-                        help="which torchvision rows: 'all' (default) or a comma list of "
-                        f"{', '.join(REFERENCE_ROWS)} ('compile': GPU only)")
+                        help="which torchvision rows: 'all' (default: every one the device runs, 'compile' on a GPU "
+                        f"only) or a comma list of {', '.join(REFERENCE_ROWS)}")
     parser.add_argument("--no-reference", action="store_true", help="leave out the torchvision rows")
     parser.add_argument("--compile", action="store_true",
                         help="GPU only: also each effdense strategy under torch.compile (default mode), as rows "
@@ -142,9 +142,10 @@ REFERENCE_ROWS = ("plain", "memory_efficient", "compile")
 
 
 def reference_list(text: str) -> list[str]:
-    """``all`` or a comma list of :data:`REFERENCE_ROWS`, for ``--reference``."""
+    """``all`` (``["all"]``: every row the device runs, as the default) or a comma list of
+    :data:`REFERENCE_ROWS`, for ``--reference``."""
     if text.strip() == "all":
-        return list(REFERENCE_ROWS)
+        return ["all"]  # (before: all three, and on a CPU the compiled row, which it cannot run, was an error)
     names = comma_items(text)
     if not names:
         raise argparse.ArgumentTypeError(f"no torchvision row in {text!r}; expected 'all' or e.g. plain,memory_efficient")
@@ -288,7 +289,7 @@ def _reference_rows(args: argparse.Namespace, device: torch.device) -> list[str]
     chosen = getattr(args, "reference", None)
     if getattr(args, "no_reference", False):
         return []
-    if chosen is None:
+    if chosen is None or chosen == ["all"]:
         return [r for r in REFERENCE_ROWS if r != "compile" or device.type == "cuda"]
     return chosen
 
@@ -314,7 +315,7 @@ def _rows(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]
     reference = _reference_rows(args, device)
     why_not = _reference_unavailable(args.model) if reference else None
     if why_not is not None and getattr(args, "reference", None) is not None:  # (asked for: an error, before any row)
-        raise UsageError(f"--reference {','.join(reference)}: {why_not}; leave --reference out")
+        raise UsageError(f"--reference {','.join(args.reference)}: {why_not}; leave --reference out")
 
     def tv_builder(me: bool, compiled: bool = False) -> Callable[[], nn.Module]:
         def build() -> nn.Module:
@@ -448,7 +449,7 @@ def result_stem(args: argparse.Namespace, rows: list[dict[str, Any]], device: to
     """The result files' name without extension. Settings that change what a row measures, or which rows there
     are, are in it: a run with them does not overwrite the default run's files (only a rerun of the same
     selection does)."""
-    reference = _reference_rows(args, device)
+    reference = sorted(_reference_rows(args, device), key=REFERENCE_ROWS.index)  # (one name for one set of rows)
     default_reference = _reference_rows(argparse.Namespace(), device)
     strategies = list(dict.fromkeys(r["strategy"] for r in rows if r["kind"] == "effdense"))  # (--compile: 2 rows each)
     return (

@@ -129,8 +129,9 @@ def strategy_list(text: str) -> list[str]:
 def selection_tag(chosen: Sequence[str], default: Sequence[str], none: str = "") -> str:
     """The part of a result file's name that tells a run of a selection of rows (``--strategies``,
     ``--reference``) from a run of the default ones, so that one does not overwrite the other: ``""`` for
-    the default selection, ``none`` for an empty one, else ``"_"`` and the names joined by ``-``."""
-    if list(chosen) == list(default):
+    the default selection (in any order: the same rows), ``none`` for an empty one, else ``"_"`` and the
+    names joined by ``-``, in the order given."""
+    if sorted(chosen) == sorted(default):
         return ""
     return f"_{none}" if not chosen else "_" + "-".join(chosen)
 

@@ -256,8 +256,10 @@ def main(args: argparse.Namespace) -> int:
             row["note"] = f"reached --depth-limit {args.depth_limit}"
         if n and (n not in exact or (n + 1 <= n_max and n + 1 not in exact)):
             row["status"] = "extrapolated"
-            row["note"] = (f"fit through estimates at depths {[depth_of(m) for m in sorted(exact)[-3:]]}; "
-                           f"deeper models not estimated (--estimate-limit {args.estimate_limit})")
+            fit = (f"fit through estimates at depths {[depth_of(m) for m in sorted(exact)[-3:]]}; "
+                   f"deeper models not estimated (--estimate-limit {args.estimate_limit})")
+            # (both notes: before, the fit's replaced the depth limit's, and the files lost "deeper may fit")
+            row["note"] = f"{row['note']}; {fit}" if row.get("note") else fit
         row["estimates"] = len(exact)
         if n and device.type == "cuda" and not args.no_verify:
             row.update(_verify(s, depth_of(n), args, device, shape, autocast))

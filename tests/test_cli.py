@@ -53,9 +53,14 @@ def test_bench_file_names_tell_runs_apart(capsys, tmp_path):
     assert run(capsys, *common, "--strategies", "fused,naive", "--no-reference")[0] == 0
     assert run(capsys, *common, "--strategies", "all", "--reference", "plain")[0] == 0
     assert run(capsys, *common, "--strategies", "naive,checkpoint,shared,fused", "--reference", "plain,memory_efficient")[0] == 0
+    # the default rows in another order, and 'all' (on a CPU: the two uncompiled rows): the default run too.
+    # Before, these were _fused-shared-checkpoint-naive, _ref-memory_efficient-plain and an error ("--reference
+    # compile ... on a GPU only", compile being one of all's rows)
+    assert run(capsys, *common, "--strategies", "fused,shared,checkpoint,naive", "--reference", "memory_efficient,plain")[0] == 0
+    assert run(capsys, *common, "--reference", "all")[0] == 0
     stem = "bench_densenet_bc_10_b2_32px_fp32_cpu_estimate"
     assert {p.name for p in tmp_path.glob("*.json")} == {
-        f"{stem}.json", f"{stem}_fused-naive_noref.json", f"{stem}_ref-plain.json"}  # (the last run is the default)
+        f"{stem}.json", f"{stem}_fused-naive_noref.json", f"{stem}_ref-plain.json"}  # (the last runs are the default)
     rows = lambda name: [r["row"] for r in json.loads((tmp_path / name).read_text())["rows"]]  # noqa: E731
     assert rows(f"{stem}_fused-naive_noref.json") == ["effdense fused", "effdense naive"]
     assert len(rows(f"{stem}.json")) == 6
@@ -458,6 +463,18 @@ def test_max_depth_at_the_depth_limit_says_so(capsys, tmp_path):
     assert line.split()[-4:] == ["ok", "reached", "--depth-limit", "16"], out
     rows = json.loads(next(tmp_path.glob("max_depth_1024MiB_*.json")).read_text())["rows"]
     assert rows[0]["max_depth"] == 16 and rows[0]["note"] == "reached --depth-limit 16"
+
+
+def test_max_depth_at_the_depth_limit_and_extrapolated_keeps_both_notes(capsys, tmp_path):
+    """Capped by --depth-limit and fitted past --estimate-limit: before, the fit's note replaced the depth
+    limit's in the files, which then lost that deeper models may fit."""
+    code, out, err = run(capsys, "max-depth", "--budget", "1GiB", "--batch-size", "2", "--image-size", "8",
+                         "--strategies", "naive", "--estimate-limit", "22", "--depth-limit", "28", "--device", "cpu",
+                         "--out", str(tmp_path))  # fmt: skip
+    assert code == 0, err
+    (row,) = json.loads(next(tmp_path.glob("max_depth_1024MiB_*.json")).read_text())["rows"]
+    assert row["max_depth"] == 28 and row["status"] == "extrapolated"
+    assert row["note"].startswith("reached --depth-limit 28; fit through estimates at depths"), row["note"]
 
 
 def test_summary_tiny(capsys, tmp_path):
