@@ -696,7 +696,7 @@ def bn_relu_conv1x1(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, w
         chosen as ``"auto"`` (Triton on CUDA or under the interpreter, else the PyTorch twins).
 
     Differentiable once, in reverse mode (``.backward()``, ``torch.autograd.grad``, also under
-    ``torch.func.vmap``): differentiating its gradients again (double backward), forward-mode AD
+    ``torch.func.vmap`` and with ``is_grads_batched=True``, which runs PyTorch's ops instead of the kernels): differentiating its gradients again (double backward), forward-mode AD
     (``torch.autograd.forward_ad``, ``torch.func.jvp``) and ``torch.func.grad``/``vjp``/``jacrev`` raise.
 
     Under ``torch.autocast`` for x's device, ``x`` and ``weight`` are cast to the autocast dtype first, as
