@@ -438,16 +438,24 @@ class StepMemory:
 def _loss(out: Any, loss: str | Callable[[Any], torch.Tensor]) -> torch.Tensor:
     if callable(loss):
         return loss(out)
-    if isinstance(out, (tuple, list)) and out:  # e.g. Inception-style aux outputs: use the main one
+    if loss == "sum":  # every floating-point tensor the model returns (a tuple, list or dict of them too)
+        # (before: a tuple's first item alone, so the backward of what fed the others, a second head or a
+        # skip output, was not run or counted)
+        outputs = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if not outputs:
+            raise TypeError(
+                f"loss='sum' needs the model to return floating-point tensors (alone, or in a tuple, list or dict), "
+                f"got {type(out).__name__}; pass loss=<callable> that reduces the output to a scalar"
+            )
+        return sum(t.float().sum() for t in outputs[1:]) + outputs[0].float().sum()
+    if isinstance(out, (tuple, list)) and out:  # e.g. Inception-style aux outputs: the main one is classified
         out = out[0]
-    if loss in ("sum", "cross_entropy") and not isinstance(out, torch.Tensor):
+    if loss == "cross_entropy" and not isinstance(out, torch.Tensor):
         raise TypeError(
             f"loss={loss!r} needs the model to return a tensor (or a tuple/list whose first item is one), got "
             f"{type(out).__name__}; pass loss=<callable> that reduces the output to a scalar, e.g. "
             "lambda out: out['logits'].sum()"
         )
-    if loss == "sum":
-        return out.float().sum()
     if loss == "cross_entropy":
         if out.dim() != 2:
             raise ValueError(f"loss='cross_entropy' needs (N, classes) outputs, got shape {tuple(out.shape)}; use loss='sum'")
@@ -532,6 +540,11 @@ def _prepare(
             # dataset behind it, which the tracker counted whole (an estimate, made from the shape, does not);
             # and a broadcast one (x = row.expand(8, -1)), whose storage holds one row: counted as that row
             x = x.clone(memory_format=torch.contiguous_format)
+        if not x.is_leaf:
+            # the step's own leaf (a tensor computed from others, or the copy made above): its backward stops at
+            # the input, as a leaf input's does, instead of running on into the caller's graph (whose leaves'
+            # .grad it changed, and whose backward it counted); an estimate's input is a leaf too
+            x = x.detach().requires_grad_(input_shape_or_tensor.requires_grad)
     else:
         shape = _input_shape(input_shape_or_tensor)
         if device is None:
@@ -672,8 +685,10 @@ def measure_step(
             recipe; an autocast context around this call covers backward too (its cache of cast weights lives
             until the context exits) and can give a slightly different peak.
         channels_last: convert model and input to ``torch.channels_last``.
-        loss: ``"cross_entropy"`` against random labels, ``"sum"`` of the outputs, or a callable taking
-            the model's output and returning a scalar tensor that requires grad.
+        loss: ``"cross_entropy"`` against random labels (of the first output, for a model returning a
+            tuple or list), ``"sum"`` of the outputs (every floating-point tensor in a tuple, list or dict the
+            model returns), or a callable taking the model's output and returning a scalar tensor that requires
+            grad.
         warmup: untracked steps run first (their grads dropped): an int >= 0.
         keep_grads: leave the step's ``.grad`` tensors on the model (default: set them to ``None``).
         tracked: on CUDA, also run the tracker (``tracked_peak``, ``grads_at_peak``); turn it off for
@@ -688,6 +703,9 @@ def measure_step(
             "measure_step: called inside torch.inference_mode(); a training step needs autograd (and inference "
             "tensors cannot be saved for backward): call it outside inference_mode"
         )
+    if not tracked and (_fake_mode_active() or _parse_device(device if device is not None else _model_device(model)).type != "cuda"):
+        # (refused before anything runs: checked after the warm-up steps, it left their BatchNorm updates)
+        raise ValueError(_TRACKED_FALSE)
     if device is not None:
         dev = _parse_device(device)
         if dev.type not in ("cpu", "cuda", "meta"):  # before: PyTorch's bare AssertionError for xpu, mps, ...
@@ -705,10 +723,12 @@ def measure_step(
             raise ValueError(f"warmup: expected a number of steps >= 0 or None, got {warmup!r}")
         warmup = steps
     modes = [(m, m.training) for m in model.modules()]
-    # the caller's input tensor keeps its .grad (backward accumulates into it, or into the leaf it was moved from)
-    # (set aside for the step, as the model's grads are dropped: the step allocates its own, then it comes back)
+    # a leaf input tensor that the step runs on as it is keeps its .grad (set aside for the step, as the model's
+    # grads are dropped: the step allocates its own, then it comes back); other inputs, and copies, are
+    # stepped on as a leaf of the step's own (see _prepare), so backward does not reach them
     given = input_shape_or_tensor if isinstance(input_shape_or_tensor, torch.Tensor) else None
-    given_grad = given.grad if given is not None and given.requires_grad else None
+    given = given if given is not None and given.is_leaf and given.requires_grad else None
+    given_grad = given.grad if given is not None else None
     if given_grad is not None:
         given.grad = None
     with contextlib.ExitStack() as stack:
@@ -720,8 +740,11 @@ def measure_step(
         finally:  # the step ran in training mode; the caller's train/eval flags come back
             for m, training in modes:
                 m.training = training
-            if given is not None and given.requires_grad:
+            if given is not None:
                 given.grad = given_grad
+
+
+_TRACKED_FALSE = "tracked=False only makes sense on CUDA, where the allocator measures the peak"
 
 
 def _check_flags(**flags: Any) -> None:
@@ -769,8 +792,8 @@ def _measure_steps(model, x, autocast_dtype, loss, warmup, keep_grads, tracked) 
     tracker = MemoryTracker()
     tracker.track(model)
     tracker.track(x)
-    if not tracked and not (is_cuda and not fake):
-        raise ValueError("tracked=False only makes sense on CUDA, where the allocator measures the peak")
+    if not tracked and not (is_cuda and not fake):  # (fake tensors outside a fake mode: not refused before)
+        raise ValueError(_TRACKED_FALSE)
     if is_cuda and not fake:
         torch.cuda.synchronize(x.device)
         torch.cuda.reset_peak_memory_stats(x.device)
@@ -889,8 +912,8 @@ def estimate_step(
 
     Args:
         model: model name (``"densenet_bc_100"``), a zero-argument builder, or an ``nn.Module``.
-        input_shape: ``(N, C, H, W)``, or a tensor standing for its shape, dtype and ``requires_grad`` (its
-            values are not read).
+        input_shape: ``(N, C, H, W)``, or a tensor standing for its shape, dtype, memory layout and
+            ``requires_grad`` (its values are not read).
             A model given by name is built in a tensor's floating-point dtype (``torch.float64``: an fp64
             model); a module or builder keeps its own, which must take the tensor.
         device: the device fake tensors claim to be on (``backend="fake"`` only): ``"cpu"`` or ``"cuda[:N]"``.
@@ -990,12 +1013,7 @@ def estimate_step(
         else:
             raise TypeError(f"model must be a name, a builder or an nn.Module, got {type(model).__name__}")
         if strategy is not None or policy is not None:
-            if not hasattr(module, "set_strategy"):
-                raise TypeError(f"strategy/policy need an effdense DenseNet, got {type(module).__name__}")
-            if strategy is not None:
-                module.set_strategy(strategy, policy)
-            else:  # a policy alone: every block's, each block's strategy kept (one of its own included)
-                module.policy = policy
+            _set_strategy(module, strategy, policy)
         if not isinstance(module, nn.Module):
             raise TypeError(f"the model builder returned a {type(module).__name__} object, not an nn.Module")
         recurrent = [type(m).__name__ for m in module.modules() if isinstance(m, nn.RNNBase)]
@@ -1009,7 +1027,12 @@ def estimate_step(
             )
         if in_dtype is None:
             in_dtype = _model_dtype(module)
-        x = torch.empty(shape, dtype=in_dtype, device=device)  # fake or meta: no values to fill in
+        if isinstance(input_shape, torch.Tensor) and input_shape.numel() and not _storage_is_not_its_own(input_shape):
+            # in its memory layout (channels_last, say), as measure_step steps on it; one that does not own its
+            # storage (a view) is stepped on as a contiguous copy (see _prepare). (Before: always contiguous.)
+            x = torch.empty_strided(shape, input_shape.stride(), dtype=in_dtype, device=device)
+        else:
+            x = torch.empty(shape, dtype=in_dtype, device=device)  # fake or meta: no values to fill in
         if isinstance(input_shape, torch.Tensor) and input_shape.requires_grad and x.is_floating_point():
             x.requires_grad_()  # a step that also computes the input's gradient (as measure_step of that tensor)
         try:
@@ -1019,6 +1042,32 @@ def estimate_step(
         except Exception as exc:
             _explain_estimate_failure(exc, backend)
             raise
+
+
+def _set_strategy(module: nn.Module, strategy: str | None, policy: Any) -> None:
+    """estimate_step's ``strategy``/``policy`` on the copy: an effdense DenseNet's own, or every dense block's in
+    any model built from them (as :func:`effdense.set_strategy`; before, only a DenseNet was taken)."""
+    from effdense.densenet import DenseNet, _DenseBlock, set_strategy
+
+    if isinstance(module, DenseNet) and strategy is not None:
+        module.set_strategy(strategy, policy)
+        return
+    blocks = [m for m in module.modules() if isinstance(m, _DenseBlock)]
+    if not blocks:
+        raise TypeError(
+            f"strategy/policy need a model holding effdense dense blocks, and {type(module).__name__} holds none; a "
+            "torchvision DenseNet is converted with effdense.convert(model, strategy=...)"
+        )
+    if strategy is not None:
+        set_strategy(module, strategy, policy)
+    elif isinstance(module, DenseNet):  # a policy alone: every block's, each block's strategy kept
+        module.policy = policy
+    else:
+        for m in module.modules():
+            if isinstance(m, DenseNet):
+                m.policy = policy
+        for block in blocks:
+            block.policy = policy
 
 
 def _explain_estimate_failure(exc: Exception, backend: str) -> None:

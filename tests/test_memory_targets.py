@@ -1,4 +1,5 @@
-"""The `shared` issue's memory targets, asserted with the exact tracker (DESIGN.md §5).
+"""The `shared` issue's memory targets, asserted with the exact tracker (effdense.memory; its module docstring
+says what it counts).
 
 Training-step peak, fp32, parameters and gradients included, ratios within one process. The tracker is
 exact and deterministic on CPU, and its FakeTensor/meta estimate equals the exact measurement (checked for
