@@ -447,7 +447,10 @@ def _loss(out: Any, loss: str | Callable[[Any], torch.Tensor]) -> torch.Tensor:
                 f"loss='sum' needs the model to return floating-point tensors (alone, or in a tuple, list or dict), "
                 f"got {type(out).__name__}; pass loss=<callable> that reduces the output to a scalar"
             )
-        return sum(t.float().sum() for t in outputs[1:]) + outputs[0].float().sum()
+        total = outputs[0].float().sum()  # (not sum(...), whose int start added a tensor to every step)
+        for t in outputs[1:]:
+            total = total + t.float().sum()
+        return total
     if isinstance(out, (tuple, list)) and out:  # e.g. Inception-style aux outputs: the main one is classified
         out = out[0]
     if loss == "cross_entropy" and not isinstance(out, torch.Tensor):
@@ -703,9 +706,6 @@ def measure_step(
             "measure_step: called inside torch.inference_mode(); a training step needs autograd (and inference "
             "tensors cannot be saved for backward): call it outside inference_mode"
         )
-    if not tracked and (_fake_mode_active() or _parse_device(device if device is not None else _model_device(model)).type != "cuda"):
-        # (refused before anything runs: checked after the warm-up steps, it left their BatchNorm updates)
-        raise ValueError(_TRACKED_FALSE)
     if device is not None:
         dev = _parse_device(device)
         if dev.type not in ("cpu", "cuda", "meta"):  # before: PyTorch's bare AssertionError for xpu, mps, ...
@@ -714,6 +714,11 @@ def measure_step(
             raise ValueError(
                 f"device={device!r} needs a CUDA device and driver, and this machine has none; measure with device='cpu'"
             )
+    if not tracked:  # (refused before anything runs: checked after the warm-up steps, it left their BatchNorm updates)
+        given = input_shape_or_tensor if isinstance(input_shape_or_tensor, torch.Tensor) else None
+        where = device if device is not None else given.device if given is not None else _model_device(model)
+        if _fake_mode_active() or _parse_device(where).type != "cuda":  # (where _prepare runs the step)
+            raise ValueError(_TRACKED_FALSE)
     if warmup is not None:
         try:  # any integer (a numpy one too), but not a bool
             steps = -1 if isinstance(warmup, bool) else operator.index(warmup)
@@ -724,8 +729,8 @@ def measure_step(
         warmup = steps
     modes = [(m, m.training) for m in model.modules()]
     # a leaf input tensor that the step runs on as it is keeps its .grad (set aside for the step, as the model's
-    # grads are dropped: the step allocates its own, then it comes back); other inputs, and copies, are
-    # stepped on as a leaf of the step's own (see _prepare), so backward does not reach them
+    # grads are dropped: the step allocates its own, then it comes back); an input computed from others, and
+    # a copy (to another device, of a view), is stepped on as a leaf of the step's own (see _prepare)
     given = input_shape_or_tensor if isinstance(input_shape_or_tensor, torch.Tensor) else None
     given = given if given is not None and given.is_leaf and given.requires_grad else None
     given_grad = given.grad if given is not None else None
@@ -1012,10 +1017,10 @@ def estimate_step(
                 ) from exc
         else:
             raise TypeError(f"model must be a name, a builder or an nn.Module, got {type(model).__name__}")
-        if strategy is not None or policy is not None:
-            _set_strategy(module, strategy, policy)
         if not isinstance(module, nn.Module):
             raise TypeError(f"the model builder returned a {type(module).__name__} object, not an nn.Module")
+        if strategy is not None or policy is not None:
+            _set_strategy(module, strategy, policy)
         recurrent = [type(m).__name__ for m in module.modules() if isinstance(m, nn.RNNBase)]
         if recurrent:
             warnings.warn(
@@ -1027,7 +1032,9 @@ def estimate_step(
             )
         if in_dtype is None:
             in_dtype = _model_dtype(module)
-        if isinstance(input_shape, torch.Tensor) and input_shape.numel() and not _storage_is_not_its_own(input_shape):
+        if isinstance(input_shape, torch.Tensor) and input_shape.numel() and not _storage_is_not_its_own(input_shape) and (
+            _dense(input_shape)  # (a meta or fake view: as a real one's copy)
+        ):
             # in its memory layout (channels_last, say), as measure_step steps on it; one that does not own its
             # storage (a view) is stepped on as a contiguous copy (see _prepare). (Before: always contiguous.)
             x = torch.empty_strided(shape, input_shape.stride(), dtype=in_dtype, device=device)
@@ -1042,6 +1049,16 @@ def estimate_step(
         except Exception as exc:
             _explain_estimate_failure(exc, backend)
             raise
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill its span of memory exactly once (any dimension order: channels_last too)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _set_strategy(module: nn.Module, strategy: str | None, policy: Any) -> None:

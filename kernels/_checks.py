@@ -106,7 +106,7 @@ def check_activation(name: str, t: torch.Tensor, *, like: torch.Tensor | None = 
     N, C, H, W = t.shape
     # (an empty tensor has no plane to read: any strides, e.g. PyTorch's for a W=0 tensor or an expanded zero gradient)
     if t.numel() and ((W > 1 and t.stride(3) != 1) or (H > 1 and t.stride(2) != W)):
-        cl = "; channels_last is not supported" if t.is_contiguous(memory_format=torch.channels_last) else ""
+        cl = "; channels_last is not supported" if C > 1 and t.stride(1) == 1 else ""  # (a slice of one too)
         raise ValueError(
             f"{name}: expected each (H, W) plane contiguous (strides (sN, sC, {W}, 1), e.g. NCHW or a channel "
             f"slice of an NCHW buffer), got strides {t.stride()}{cl}; call .contiguous()"

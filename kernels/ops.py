@@ -628,8 +628,9 @@ def _bn_relu_conv1x1_backward(ctx, dy):
     # dscale = Σ du*x,  dshift = Σ du  (the input kernel's sums with mean = 0);  dW = Σ dy h^T.
     x, scale, shift, weight = ctx.saved_tensors
     if not torch.compiler.is_compiling() and legacy_batched(dy):
-        grads = _batched_backward(x, scale, shift, weight, dy, ctx.needs_input_grad)
-        return _once_if_graph(grads, dy, ctx.saved_tensors)
+        if torch.is_grad_enabled():  # (create_graph=True: the node that raises cannot take batched gradients)
+            raise RuntimeError(_ONCE.decode())
+        return _batched_backward(x, scale, shift, weight, dy, ctx.needs_input_grad)
     dy = _plane_contiguous(dy)
     dx = dscale = dshift = dweight = None
     if ctx.needs_input_grad[3]:
@@ -663,7 +664,8 @@ def _batched_backward(x, scale, shift, weight, dy, needs):
     is recomputed from PyTorch's own (batchable) ops, in fp32 (fp64 for fp64) up to ``h``, which is rounded
     to x.dtype as the kernels' GEMM sees it, and differentiated by autograd."""
     acc = _checks.stats_dtype(x.dtype)
-    with torch.enable_grad():
+    # (no autocast a caller has open around the backward: the kernels' backward computes in x's dtype)
+    with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
         leaves = [t.detach().requires_grad_(bool(n)) for t, n in zip((x, scale, shift, weight), needs)]
         xl, sl, bl, wl = leaves
         h = torch.relu(xl.to(acc) * sl.view(-1, 1, 1) + bl.view(-1, 1, 1)).to(x.dtype)
@@ -696,7 +698,8 @@ def bn_relu_conv1x1(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, w
         chosen as ``"auto"`` (Triton on CUDA or under the interpreter, else the PyTorch twins).
 
     Differentiable once, in reverse mode (``.backward()``, ``torch.autograd.grad``, also under
-    ``torch.func.vmap`` and with ``is_grads_batched=True``, which runs PyTorch's ops instead of the kernels): differentiating its gradients again (double backward), forward-mode AD
+    ``torch.func.vmap`` and with ``is_grads_batched=True``, which runs PyTorch's ops instead of the
+    kernels): differentiating its gradients again (double backward), forward-mode AD
     (``torch.autograd.forward_ad``, ``torch.func.jvp``) and ``torch.func.grad``/``vjp``/``jacrev`` raise.
 
     Under ``torch.autocast`` for x's device, ``x`` and ``weight`` are cast to the autocast dtype first, as

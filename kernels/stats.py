@@ -8,8 +8,10 @@ operators, which dominated the op's time on a GPU). Every program first subtract
 channel, its first element (a shift, which leaves the variance as it is), so the tile means that Chan's
 formula merges are of the spread about that value, not of the mean: a channel with mean 1e4 and std 1e-2
 keeps its variance to about 1e-5 relative (unshifted, the fp32 rounding of each tile's mean added up to 1%),
-and a mean near fp32's largest values cannot overflow the merge. Nothing ever forms ``E[x²] - E[x]²`` on raw
-values.
+and a mean near fp32's largest values cannot overflow the merge. The price: the mean is formed as
+``(mean - x0) + x0``, so a first element far from the rest (an outlier of 1e4 among values near 0) costs the
+mean about 6e-8·|x0 - mean| absolute (fp32 rounding at the outlier's scale), against which the variance such
+an outlier brings is large. Nothing ever forms ``E[x²] - E[x]²`` on raw values.
 """
 
 from __future__ import annotations

@@ -387,15 +387,19 @@ def test_channel_stats_large_mean(dtype, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("mean_, std", [(1e4, 1e-2), (-1e4, 1e-2), (1e20, 1e18)])
-def test_channel_stats_mean_far_above_spread(mean_, std, device):
+@pytest.mark.parametrize("shape", [(4, 3, 8, 8), (5, 2, 70, 70)], ids=["one-tile", "several-splits"])
+@pytest.mark.parametrize("mean_, std", [(1e4, 1e-2), (-1e4, 1e-2), (1e20, 1e17)])
+def test_channel_stats_mean_far_above_spread(mean_, std, shape, device):
     """mean/std = 1e6 (and 1e2 at 1e20, whose square overflows fp32): against the float64 statistics of the
     same fp32 values. The fp32 rounding of a tile's (kernel) or the first pass's (twin) mean must not count
     as variance: uncorrected, it made var 1e-2 (kernel) and 2e-3 (twin) off; and a merge that squared the
-    raw mean gave NaN at 1e20."""
+    raw mean gave NaN at 1e20. The larger shape has several tiles and split programs: Chan's merges."""
     _need_triton(device)
+    from effdense.kernels import stats as S
+
     torch.manual_seed(0)
-    x = (torch.randn(4, 3, 8, 8, dtype=torch.float64) * std + mean_).float().to(device)
+    x = (torch.randn(*shape, dtype=torch.float64) * std + mean_).float().to(device)
+    assert S.stats_splits(x) > 1 or shape[-1] == 8
     var_gold, mean_gold = torch.var_mean(x.double(), dim=(0, 2, 3), correction=0)
     for backend in ("triton", "reference"):
         mean, var = K.channel_stats(x, backend=backend)
@@ -1839,6 +1843,13 @@ def test_bn_relu_conv1x1_batched_backward(dtype):
         got = torch.autograd.grad(K.bn_relu_conv1x1(*ins), [ins[i] for i in wanted], vs, is_grads_batched=True)
         for g, i in zip(got, wanted):
             torch.testing.assert_close(g, torch.stack([lp[i] for lp in looped]), msg=lambda m: f"input {i}: {m}")
+    y = K.bn_relu_conv1x1(*ins)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # (a caller's autocast around the backward: not applied)
+        got = torch.autograd.grad(y, ins, vs, is_grads_batched=True)
+    for i, g in enumerate(got):
+        torch.testing.assert_close(g, torch.stack([lp[i] for lp in looped]), msg=lambda m: f"autocast, input {i}: {m}")
+    with pytest.raises(RuntimeError, match="bn_relu_conv1x1 is differentiable once"):
+        torch.autograd.grad(K.bn_relu_conv1x1(*ins), ins, vs, is_grads_batched=True, create_graph=True)
     x, s, t, w = ins
     jac = torch.autograd.functional.jacobian(lambda a: K.bn_relu_conv1x1(x, s, t, a), w, vectorize=True)
     for v, lp in zip(vs, looped):  # v^T J is the weight gradient for v

@@ -258,6 +258,8 @@ def test_estimate_of_a_tensor_keeps_its_memory_layout():
     assert estimate_step(model, x).peak == measure_step(model, x).peak
     view = torch.randn(4, 3, 8, 8)[:2]  # (a view is stepped on as a contiguous copy: the estimate of its shape)
     assert estimate_step(model, view).peak == estimate_step(model, (2, 3, 8, 8)).peak == measure_step(model, view).peak
+    meta_slice = torch.empty(2, 6, 8, 8, device="meta")[:, :3]  # (not dense: as a real slice's copy)
+    assert estimate_step(model, meta_slice).peak == estimate_step(model, (2, 3, 8, 8)).peak
 
 
 class _TwoOutputs(nn.Module):
@@ -281,6 +283,8 @@ def test_sum_loss_sums_every_output():
     both = measure_step(model, (2, 8, 9, 9), loss=lambda out: out[0].sum() + out[1].sum())
     summed = measure_step(model, (2, 8, 9, 9), loss="sum", keep_grads=True)
     assert summed.peak == both.peak and model.down.conv.weight.grad is not None
+    one = nn.Conv2d(3, 4, 1)  # a single output: as its own sum (a first version added a tensor for sum()'s 0)
+    assert measure_step(one, (8, 3, 4, 4), loss="sum").peak == measure_step(one, (8, 3, 4, 4), loss=lambda o: o.sum()).peak
     assert measure_step(model, (2, 8, 9, 9), loss=lambda out: out[0].sum()).peak < both.peak  # (the case tells)
     assert estimate_step(_TwoOutputs(), (2, 8, 9, 9), strategy="naive", loss="sum").peak == both.peak
     with pytest.raises(TypeError, match="loss='sum' needs the model to return floating-point tensors"):
@@ -305,6 +309,8 @@ def test_estimate_strategy_of_a_model_built_from_dense_blocks():
     estimate_step(wrapped, (2, 3, 8, 8), strategy="shared")
     with pytest.raises(TypeError, match=r"holds none; a torchvision DenseNet is converted with effdense.convert"):
         estimate_step(nn.Sequential(nn.Conv2d(3, 4, 1)), (2, 3, 8, 8), strategy="shared", loss=loss)
+    with pytest.raises(TypeError, match=r"the model builder returned a str object, not an nn.Module"):
+        estimate_step(lambda: "densenet121", (2, 3, 8, 8), strategy="shared")
 
 
 def test_tracked_false_on_cpu_is_refused_before_any_step():
