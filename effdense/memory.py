@@ -702,10 +702,7 @@ def measure_step(
         raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}{hint}")
     _check_flags(channels_last=channels_last, keep_grads=keep_grads, tracked=tracked)
     if torch.is_inference_mode_enabled():
-        raise RuntimeError(
-            "measure_step: called inside torch.inference_mode(); a training step needs autograd (and inference "
-            "tensors cannot be saved for backward): call it outside inference_mode"
-        )
+        raise RuntimeError(_in_inference_mode("measure_step"))
     if device is not None:
         dev = _parse_device(device)
         if dev.type not in ("cpu", "cuda", "meta"):  # before: PyTorch's bare AssertionError for xpu, mps, ...
@@ -747,6 +744,13 @@ def measure_step(
                 m.training = training
             if given is not None:
                 given.grad = given_grad
+
+
+def _in_inference_mode(caller: str) -> str:
+    return (
+        f"{caller}: called inside torch.inference_mode(); a training step needs autograd (and inference tensors "
+        "cannot be saved for backward): call it outside inference_mode"
+    )
 
 
 _TRACKED_FALSE = "tracked=False only makes sense on CUDA, where the allocator measures the peak"
@@ -934,6 +938,8 @@ def estimate_step(
     if backend not in ("fake", "meta", "auto"):
         raise ValueError(f"unknown estimate backend {backend!r}; expected 'fake', 'meta' or 'auto'")
     _check_flags(channels_last=channels_last)
+    if torch.is_inference_mode_enabled():  # (before: measure_step's message, which the caller did not call)
+        raise RuntimeError(_in_inference_mode("estimate_step"))
     given_device = device
     expected = "the device whose step is estimated, 'cpu' or 'cuda[:N]'"
     device = _parse_device(device, expected)

@@ -583,8 +583,10 @@ def test_measure_step_leaves_grad_mode_rng_and_input_grad_alone():
     with torch.no_grad():
         assert measure_step(model, (2, 3, 8, 8)).peak == plain
         assert not torch.is_grad_enabled()
-    with torch.inference_mode(), pytest.raises(RuntimeError, match="inside torch.inference_mode"):
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="^measure_step: called inside torch.inference_mode"):
         measure_step(model, (2, 3, 8, 8))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="^estimate_step: called inside torch.inference_mode"):
+        estimate_step(model, (2, 3, 8, 8))  # (said measure_step, which the caller did not call)
     state = torch.get_rng_state()
     measure_step(model, (2, 3, 8, 8))
     assert torch.equal(state, torch.get_rng_state())
