@@ -711,8 +711,8 @@ def measure_step(
             raise ValueError(
                 f"device={device!r} needs a CUDA device and driver, and this machine has none; measure with device='cpu'"
             )
+    given = input_shape_or_tensor if isinstance(input_shape_or_tensor, torch.Tensor) else None
     if not tracked:  # (refused before anything runs: checked after the warm-up steps, it left their BatchNorm updates)
-        given = input_shape_or_tensor if isinstance(input_shape_or_tensor, torch.Tensor) else None
         where = device if device is not None else given.device if given is not None else _model_device(model)
         if _fake_mode_active() or _parse_device(where).type != "cuda":  # (where _prepare runs the step)
             raise ValueError(_TRACKED_FALSE)
@@ -728,7 +728,6 @@ def measure_step(
     # a leaf input tensor that the step runs on as it is keeps its .grad (set aside for the step, as the model's
     # grads are dropped: the step allocates its own, then it comes back); an input computed from others, and
     # a copy (to another device, of a view), is stepped on as a leaf of the step's own (see _prepare)
-    given = input_shape_or_tensor if isinstance(input_shape_or_tensor, torch.Tensor) else None
     given = given if given is not None and given.is_leaf and given.requires_grad else None
     given_grad = given.grad if given is not None else None
     if given_grad is not None:
@@ -1072,25 +1071,17 @@ def _set_strategy(module: nn.Module, strategy: str | None, policy: Any) -> None:
     any model built from them (as :func:`effdense.set_strategy`; before, only a DenseNet was taken)."""
     from effdense.densenet import DenseNet, _DenseBlock, set_strategy
 
-    if isinstance(module, DenseNet) and strategy is not None:
-        module.set_strategy(strategy, policy)
-        return
-    blocks = [m for m in module.modules() if isinstance(m, _DenseBlock)]
-    if not blocks:
+    if not any(isinstance(m, _DenseBlock) for m in module.modules()):
         raise TypeError(
             f"strategy/policy need a model holding effdense dense blocks, and {type(module).__name__} holds none; a "
             "torchvision DenseNet is converted with effdense.convert(model, strategy=...)"
         )
     if strategy is not None:
-        set_strategy(module, strategy, policy)
-    elif isinstance(module, DenseNet):  # a policy alone: every block's, each block's strategy kept
-        module.policy = policy
-    else:
+        set_strategy(module, strategy, policy)  # (a DenseNet's own set_strategy too, for every DenseNet held)
+    else:  # a policy alone: every DenseNet's and every block's, each block's strategy kept
         for m in module.modules():
-            if isinstance(m, DenseNet):
+            if isinstance(m, (DenseNet, _DenseBlock)):
                 m.policy = policy
-        for block in blocks:
-            block.policy = policy
 
 
 def _explain_estimate_failure(exc: Exception, backend: str) -> None:
