@@ -1172,12 +1172,16 @@ def _source_stem(features: nn.Sequential) -> list[str]:
     return stem
 
 
-def _source_compression(features: nn.Sequential) -> float:
+def _source_compression(features: nn.Sequential, stated: float | None = None) -> float:
     """A compression ``c`` for which ``floor(C_in * c)`` (the builder's rule) gives every transition's output
-    channels: the middle of the interval that all transitions allow (0.5 for torchvision's models)."""
+    channels: ``stated`` (an effdense source's own ``compression``) if it does, else the middle of the interval
+    that all transitions allow (0.5 for torchvision's models). An effdense source's stated compression no longer
+    describes its transitions when one was swapped for another width."""
     widths = [
         (m.conv.in_channels, m.conv.out_channels) for name, m in features.named_children() if name.startswith("transition")
     ]
+    if stated is not None and all(int(math.floor(cin * stated)) == out for cin, out in widths):
+        return stated
     if all(out == cin // 2 for cin, out in widths):
         return 0.5
     low = max(out / cin for cin, out in widths)
@@ -1420,20 +1424,64 @@ def _structure_difference(clone: nn.Module, source: nn.Module) -> str | None:
     return None
 
 
-def _copy_layouts(clone: nn.Module, source: nn.Module) -> None:
-    """Give ``clone``'s parameters and buffers the memory layout (strides) of ``source``'s before the state
-    dict is copied in, which keeps the destination's: a source moved to ``channels_last`` gave a copy with
-    contiguous weights (and the slower convolutions of a mixed layout)."""
+def _copy_placement(clone: nn.Module, source: nn.Module) -> None:
+    """Give each of ``clone``'s parameters and buffers the dtype, device and memory layout (strides) of the
+    ``source`` tensor of its name, before the state dict is copied in (which keeps the destination's). Each
+    tensor its own: the whole copy was cast to the dtype and moved to the device of the source's first
+    parameter, which rounded the fp32 BatchNorms of a bf16 model (and its statistics) to bf16 and an fp64
+    head to fp32; and a source moved to ``channels_last`` gave a copy with contiguous weights (and the slower
+    convolutions of a mixed layout). Tensors already placed as the source's (the copied stem, head and swapped
+    modules, whose values no state dict may restore) are left alone."""
     theirs = {**dict(source.named_parameters()), **dict(source.named_buffers())}
     for name, t in [*clone.named_parameters(), *clone.named_buffers()]:
         other = theirs.get(name)
-        if isinstance(other, torch.Tensor) and other.shape == t.shape and other.stride() != t.stride():
-            t.data = torch.empty_like(other, dtype=t.dtype, device=t.device)  # (preserve_format: other's strides)
+        if not isinstance(other, torch.Tensor) or other.shape != t.shape:
+            continue  # (the state dict's load names what differs)
+        if other.dtype != t.dtype or other.device != t.device or other.stride() != t.stride():
+            t.data = torch.empty_like(other)  # (preserve_format: other's strides)
+
+
+def _block_shape(block: nn.Module) -> tuple[int, int, int, int, bool]:
+    """A dense block's ``(num_layers, num_input_features, bn_size, growth_rate, bottleneck)``, read from its
+    first layer's convolutions (a torchvision block keeps none of them as attributes)."""
+    layers = list(block.children())
+    first = layers[0]._modules
+    bottleneck = "conv2" in first
+    growth_rate = (first["conv2"] if bottleneck else first["conv1"]).out_channels
+    bn_size = max(1, first["conv1"].out_channels // growth_rate) if bottleneck else 4
+    return len(layers), first["conv1"].in_channels, bn_size, growth_rate, bottleneck
+
+
+def _rebuild_stages(clone: "DenseNet", features: nn.Sequential) -> None:
+    """Rebuild each of ``clone``'s dense blocks and transitions whose widths are not the ``source``'s: a
+    DenseNet takes one growth rate and bn_size (block 1's), but a source may have a block swapped for one of
+    another growth rate, or input width. Before, such a block kept the first block's settings with the source's
+    convolutions copied in, and ran as naive with the channel-count warning (losing the memory savings); or,
+    for an effdense source whose ``compression`` no longer described its transitions, failed at its first
+    forward."""
+    built = clone.features._modules
+    for name, src in features.named_children():
+        mine = built.get(name)
+        if name.startswith("denseblock") and isinstance(mine, _DenseBlock):
+            shape = _block_shape(src)
+            if shape != _block_shape(mine):
+                n, cin, bn_size, growth_rate, bottleneck = shape
+                drop_rate = float(getattr(next(iter(src.children())), "drop_rate", 0.0))
+                block = _DenseBlock(
+                    n, cin, bn_size, growth_rate, drop_rate, bottleneck=bottleneck, strategy=mine.strategy, policy=mine.policy
+                )
+                setattr(clone.features, name, block)
+        elif name.startswith("transition") and isinstance(mine, _Transition):
+            cin, cout = src.conv.in_channels, src.conv.out_channels
+            if (cin, cout) != (mine.conv.in_channels, mine.conv.out_channels):
+                setattr(clone.features, name, _Transition(cin, cout))
 
 
 def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = None) -> DenseNet:
     """Build an effdense :class:`DenseNet` from a torchvision DenseNet, with a copy of its parameters
-    and buffers (same values, device and dtype) and the given strategy. A replaced stem (``conv0``, ``pool0``)
+    and buffers (each with its values, dtype, device and memory layout) and the given strategy. Blocks and
+    transitions are built with the source's widths, block by block (a block swapped for one of another growth
+    rate keeps it). A replaced stem (``conv0``, ``pool0``)
     and head (any ``classifier`` module: a bias-free ``nn.Linear``, ``nn.Identity`` for a backbone, an
     ``nn.Sequential``) are copied as they are.
 
@@ -1491,7 +1539,7 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
     bn_size = first.conv1.out_channels // growth_rate if bottleneck else 4
     conv0 = features.conv0
     stem = _source_stem(features)
-    compression = model.compression if isinstance(model, DenseNet) else _source_compression(features)
+    compression = _source_compression(features, model.compression if isinstance(model, DenseNet) else None)
     sync_bn, sync_group = _source_sync_bn(model, features)
     keep_block_policies = policy is None and isinstance(model, DenseNet)
     if keep_block_policies:
@@ -1519,8 +1567,7 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
         setattr(clone.features, name, _copy_module(features._modules[name], f"features.{name}"))
     # and its head as it is (a copy): a bias-free nn.Linear, nn.Identity for a backbone, Sequential(Dropout, Linear)
     clone.classifier = _copy_module(classifier, "classifier")
-    ref = next(model.parameters())
-    clone.to(device=ref.device, dtype=ref.dtype)
+    _rebuild_stages(clone, features)
     if sync_bn:
         clone.set_sync_bn(True, sync_group)
         if any(getattr(type(m), "_effdense_computes_as_batchnorm", False) for m in model.modules()):
@@ -1529,7 +1576,7 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
             enable_cpu_sync_bn(clone)
     _match_untracked_batchnorms(clone, model)
     _copy_swapped_leaves(clone, model)
-    _copy_layouts(clone, model)
+    _copy_placement(clone, model)
     try:
         clone.load_state_dict(model.state_dict(), strict=True)
     except RuntimeError as exc:  # a source whose structure a DenseNet cannot take: name where it differs

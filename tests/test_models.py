@@ -563,6 +563,50 @@ def test_convert_keeps_the_sources_memory_layout() -> None:
         torch.testing.assert_close(ours.eval()(x), source.eval()(x), rtol=1e-5, atol=1e-5)
 
 
+def test_convert_keeps_each_tensors_dtype() -> None:
+    """Each parameter and buffer keeps its own dtype (before: the whole copy was cast to the dtype of the
+    source's first parameter, rounding the fp32 BatchNorms of a bf16 model to bf16, an fp64 head to fp32)."""
+    torch.manual_seed(0)
+    source = _small_torchvision_densenet(num_classes=4)
+    source(torch.randn(4, 3, 32, 32) * 3 + 1)  # running statistics that bf16 cannot hold exactly
+    for m in source.modules():
+        if isinstance(m, nn.Conv2d):
+            m.to(torch.bfloat16)
+    source.classifier.double()
+    ours = effdense.convert(source, strategy="naive")
+    theirs = source.state_dict()
+    for name, t in ours.state_dict().items():
+        assert t.dtype == theirs[name].dtype and torch.equal(t, theirs[name]), name
+    assert {t.dtype for t in theirs.values()} == {torch.bfloat16, torch.float32, torch.float64, torch.int64}
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_convert_rebuilds_blocks_and_transitions_of_other_widths(strategy) -> None:
+    """A block swapped for one of another growth rate (torchvision source), or a transition and block for
+    other widths in an effdense source (whose ``compression`` then no longer describes them): the copy's
+    blocks are built with the source's widths and run the strategy, without the naive fallback's warning
+    (before: the first block's growth rate, the fallback; or a copy whose first forward failed)."""
+    tv_block = torchvision.models.densenet._DenseBlock
+    torch.manual_seed(0)
+    tv = _small_torchvision_densenet(num_classes=4)  # k=8, (2, 3) layers: 16 + 16 = 32 -> 16 -> 16 + 24 = 40
+    tv.features.denseblock2 = tv_block(3, 16, 4, 6, 0.0)  # k=6: 16 + 18 = 34
+    tv.features.norm5, tv.classifier = nn.BatchNorm2d(34), nn.Linear(34, 4)
+    ed = effdense.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5, strategy="naive")
+    ed.features.transition1 = effdense.Transition(16, 12)  # compression 0.5 would give 8
+    ed.features.denseblock2 = effdense.DenseBlock(2, 12, 4, 4, 0.0)
+    ed.features.norm5, ed.classifier = nn.BatchNorm2d(20), nn.Linear(20, 5)
+    x = torch.randn(2, 3, 32, 32)
+    for source in (tv, ed):
+        source.eval()
+        ours = effdense.convert(source, strategy=strategy).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            out = ours(x)
+        torch.testing.assert_close(out, source(x), rtol=1e-5, atol=1e-6)
+    assert ours.features.transition1.conv.out_channels == 12 and ours.features.denseblock2.num_input_features == 12
+    assert effdense.convert(tv, strategy=strategy).features.denseblock2.growth_rate == 6
+
+
 def test_convert_keeps_what_the_state_dict_does_not_carry() -> None:
     source = _small_torchvision_densenet(num_classes=4)
     for p in source.features.denseblock1.parameters():  # frozen first block, its BatchNorms in eval mode
