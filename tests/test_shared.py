@@ -452,13 +452,16 @@ def test_batchnorm_momentum_and_eval(momentum) -> None:
 def test_batchnorm_momenta_mixed_within_a_block() -> None:
     """A stage's running-statistics updates run together, grouped by factor: BatchNorms with different
     momenta (None: cumulative average, with num_batches_tracked started at different counts) in one block
-    still match nn.BatchNorm2d one by one."""
+    still match nn.BatchNorm2d one by one; so do BatchNorms with running statistics and no counter
+    (num_batches_tracked None: nothing counted, factor 0 with momentum None; before, a TypeError)."""
     torch.manual_seed(0)
     model = effdense.densenet_cifar(16, 4)
     bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     for i, m in enumerate(bns):
         m.momentum = (None, 0.3, 0.1, None)[i % 4]
         m.num_batches_tracked.fill_(i % 3)
+        if i % 5 in (0, 3):  # (momentum None and 0.3 among them)
+            m.register_buffer("num_batches_tracked", None)
     ref, other = _pair(model, "shared")
     assert_matches(ref, other, torch.randn(3, 3, 8, 8), steps=3)
 

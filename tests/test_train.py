@@ -14,6 +14,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn as nn
 
 from effdense import train as T
 from effdense.data import ShardSampler, load_digits
@@ -284,6 +285,20 @@ def test_resume_with_another_number_of_processes_rescales_the_schedule(tmp_path)
     lrs = [r["lr"] for r in resumed["history"][-2:]]
     torch.testing.assert_close(lrs, [r["lr"] for r in straight["history"][-2:]])
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("momentum", [None, 0.3])
+def test_cpu_sync_batchnorm_without_a_counter_is_nn_batchnorms(momentum):
+    """Running statistics and no num_batches_tracked (None): nothing counted, and with momentum=None a blend
+    of factor 0, as nn.BatchNorm2d (before: a TypeError adding 1 to None)."""
+    torch.manual_seed(0)
+    ref, ours = nn.BatchNorm2d(3, momentum=momentum), T.CPUSyncBatchNorm(3, momentum=momentum)
+    for bn in (ref, ours):
+        bn.register_buffer("num_batches_tracked", None)
+    x = torch.randn(4, 3, 2, 2) * 2 + 1
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
+    torch.testing.assert_close(ours.running_mean, ref.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=0, atol=0)
 
 
 def test_sync_bn_counts_every_process_in_the_batch_norm_batch():

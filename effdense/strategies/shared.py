@@ -145,10 +145,17 @@ def _update_running_stats(updates: Sequence[tuple[Any, torch.Tensor, torch.Tenso
         return
     eager = not torch.compiler.is_compiling()
     with torch.no_grad():
-        torch._foreach_add_([bn.num_batches_tracked for bn, _, _ in todo], 1)
+        # (a BatchNorm with running statistics but no counter, num_batches_tracked None, counts nothing and
+        # with momentum=None blends with factor 0, as nn.BatchNorm2d does)
+        counters = [bn.num_batches_tracked for bn, _, _ in todo if bn.num_batches_tracked is not None]
+        if counters:
+            torch._foreach_add_(counters, 1)
         groups: dict[float, list[tuple[Any, torch.Tensor, torch.Tensor]]] = {}
         for bn, m, v in todo:
-            factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+            if bn.momentum is not None:
+                factor = bn.momentum
+            else:
+                factor = 0.0 if bn.num_batches_tracked is None else 1.0 / float(bn.num_batches_tracked)
             groups.setdefault(factor, []).append((bn, m, v))
         if eager and _SAVED_RUNNING:
             saved = [t for bn, _, _ in todo for t in (bn.running_mean, bn.running_var) if _saved_by_a_stage(t)]
