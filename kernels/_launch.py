@@ -15,10 +15,28 @@ import os
 import torch
 
 
+def _jit_probe():  # (decorated once below, to ask Triton which kind of function its jit makes)
+    pass
+
+
+def _triton_interprets() -> bool:
+    """Whether ``@triton.jit`` makes interpreted functions now: asked of Triton itself, by decorating a function
+    and looking at what comes back. Its reading of ``TRITON_INTERPRET`` has changed across versions (``"1"``
+    only in older ones; ``"yes"``, not ``" 1"``, in newer ones), and a spelling read otherwise here took the
+    compiled kernels for interpreted ones (a "0 active drivers" error on CPU) or the reverse (the twins run
+    where the real kernels were meant to be tested). Without Triton, the variable as Triton reads it now."""
+    try:
+        import triton
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:  # (no kernels to run then; effdense.kernels.ops reports the import error)
+        return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes", "y")
+    return isinstance(triton.jit(_jit_probe), InterpretedFunction)
+
+
 # Triton decides interpreter or compiler when ``@triton.jit`` decorates, i.e. when the kernel modules are
-# imported (effdense.kernels is imported lazily, at the first fused call); read the variable once then, with
-# Triton's own spelling rules, instead of on every launch (an environment lookup costs microseconds).
-_INTERPRETING = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")
+# imported (effdense.kernels is imported lazily, at the first fused call, and this module with them): asked
+# once then, instead of on every launch (an environment lookup costs microseconds).
+_INTERPRETING = _triton_interprets()
 
 
 def env_switch(name: str) -> bool:

@@ -1083,6 +1083,25 @@ def test_switch_default_comes_from_the_environment(variable, code, value, expect
     assert out == [str(expected), str(expected)]
 
 
+@pytest.mark.parametrize("value", ["1", "yes", " 1", "0", "on"])
+def test_interpreting_is_what_triton_decided(value):
+    """Whether effdense takes the kernels for interpreted ones is what Triton's jit made of ``TRITON_INTERPRET``,
+    whatever its spelling (before: read here by other rules, "yes" ran the twins where the kernels were meant,
+    and " 1" took compiled kernels for interpreted ones, a "0 active drivers" error on CPU)."""
+    if KB is None:
+        pytest.skip("triton missing")
+    import subprocess
+    import sys
+
+    code = (
+        "from triton.runtime.interpreter import InterpretedFunction as I; from effdense.kernels import _launch, stats; "
+        "print(_launch.interpreting(), isinstance(stats._channel_stats_kernel, I))"
+    )
+    env = dict(os.environ, TRITON_INTERPRET=value)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out[0] == out[1], out
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_forward_without_sums_gives_the_same_output(device):
     """``stats=False`` (backward's recomputation) writes the same ``y`` and returns no sums, on the direct
