@@ -227,15 +227,15 @@ def _call(op, launch, *args: torch.Tensor, mutated: tuple[torch.Tensor, ...] = (
     if direct:
         launch(*args)
         return
+    if mutated and not torch.is_inference_mode_enabled() and not torch.compiler.is_compiling():
+        for t in mutated:  # as PyTorch's in-place ops (and so the twins) refuse; the custom op's dispatch does not
+            if t.is_inference():
+                raise RuntimeError(
+                    "Inplace update to inference tensor outside InferenceMode is not allowed: an output "
+                    "argument (out=, grad=) was created under torch.inference_mode(); write into it inside "
+                    "inference_mode, or pass a tensor made outside it (e.g. t.clone())"
+                )
     if _plain_eager(args):
-        if mutated and not torch.is_inference_mode_enabled():  # as the op's dispatch (and the twins) refuse
-            for t in mutated:
-                if t.is_inference():
-                    raise RuntimeError(
-                        "Inplace update to inference tensor outside InferenceMode is not allowed: an output "
-                        "argument (out=, grad=) was created under torch.inference_mode(); write into it inside "
-                        "inference_mode, or pass a tensor made outside it (e.g. t.clone())"
-                    )
         launch(*args)
         if mutated:
             torch.autograd.graph.increment_version(mutated)

@@ -98,7 +98,9 @@ def channel_stats(
     """Per-channel batch mean and biased variance of ``x`` over (N, H, W), fp32 ``[C]`` each (fp64 for fp64
     ``x``); written into ``out = (mean, var)`` and returned when given.
 
-    Numerically safe for large means. On CUDA, fp32/fp64: ``torch.var_mean`` (Welford; one kernel).
+    Numerically safe for means large against the spread. (Its sums are fp32: values whose sum over
+    ``N*H*W`` passes fp32's range, near 3e38 each, give an inf mean, where ``torch.var_mean`` and the Triton
+    kernel do not overflow.) On CUDA, fp32/fp64: ``torch.var_mean`` (Welford; one kernel).
     Elsewhere two passes (the mean, then the mean squared deviation from it, less the square of the mean
     deviation, which is the first mean's rounding error: the corrected two-pass formula) over channel chunks of at
     most ``_STATS_CHUNK`` elements, so the deviation temporary stays small: on CPU several times faster
@@ -166,7 +168,7 @@ def bottleneck_forward(
     acc = _checks.stats_dtype(x.dtype)
     y = None
     for c0, c1 in channel_chunks(C, chunk):
-        h = _relu_affine(x[:, c0:c1], scale[c0:c1], shift[c0:c1]).view(N, c1 - c0, H * W)
+        h = _relu_affine(x[:, c0:c1], scale[c0:c1], shift[c0:c1]).reshape(N, c1 - c0, H * W)  # (a copy only for overlapping channels)
         w = weight[:, c0:c1].contiguous()
         if y is None:  # fp32 accumulation inside the GEMM; in x.dtype for a single chunk
             y = _wmm(w, h if h.dtype == x.dtype else h.to(x.dtype))
@@ -201,7 +203,7 @@ def bottleneck_backward_weight(
     h = _relu_affine(x, scale, shift)  # (N, C, H, W) in acc
     if x.dtype != acc:
         h = h.to(x.dtype).to(acc)  # the kernel's GEMM sees h in x.dtype; products of those are exact in fp32
-    return _weight_grad_sum(dy.reshape(N, B, H * W).to(acc), h.view(N, C, H * W))
+    return _weight_grad_sum(dy.reshape(N, B, H * W).to(acc), h.reshape(N, C, H * W))
 
 
 def _weight_grad_sum(d: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
