@@ -119,7 +119,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="CPU threads per process (torch.set_num_threads)")
 
     g = parser.add_argument_group("run")
-    g.add_argument("--seed", type=_seed, default=0, help="an integer in [0, 2**32) (default: %(default)s)")
+    g.add_argument("--seed", type=_seed, default=0,
+                   help="an integer in [0, 2**32); under torchrun, rank r draws dropout masks from seed + r (default: %(default)s)")
     g.add_argument("--out-dir", default="runs/train", help="checkpoint and metrics folder (default: %(default)s)")
     g.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint file (default: OUT_DIR/checkpoint.pt)")
     g.add_argument("--save-every", type=int, default=1, metavar="EPOCHS", help="save a checkpoint every N epochs; 0: at the end only (default: %(default)s)")
@@ -271,16 +272,34 @@ def _batch_norm_problem(model: nn.Module, image_size: int, args: argparse.Namesp
     return problem
 
 
+def _env_int(name: str, default: int) -> int:
+    """An integer from torchrun's environment variable ``name`` (``default`` when unset)."""
+    value = os.environ.get(name)
+    if value is None or not value.strip():
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise TrainError(f"environment variable {name}={value!r} is not an integer (torchrun sets it: launch with torchrun, or unset it)") from None
+
+
 def _setup_distributed(device_name: str) -> tuple[_Dist, torch.device]:
     """Join the process group that torchrun describes (or one the caller already made)."""
     if dist.is_available() and dist.is_initialized():
         info = _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", dist.get_rank())))
         return info, _resolve_device(device_name, info.local_rank)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world_size = _env_int("WORLD_SIZE", 1)
+    local_rank = _env_int("LOCAL_RANK", 0)
     device = _resolve_device(device_name, local_rank)
     if world_size <= 1:
         return _Dist(), device
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:  # (torch's own error is a traceback from inside init_process_group)
+        raise TrainError(
+            f"WORLD_SIZE={world_size} asks for a distributed run, but {', '.join(missing)} "
+            f"{'is' if len(missing) == 1 else 'are'} not set: launch with torchrun (which sets them all), or unset WORLD_SIZE"
+        )
+    _env_int("RANK", 0), _env_int("MASTER_PORT", 0)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -1074,6 +1093,11 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float, crea
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if ctx.world_size > 1:
+        # each rank its own stream from here on (dropout masks; a resume restores each rank's): the model above
+        # was built alike on every rank from --seed, and rank 0 keeps that stream, as a single process does.
+        # Before, every rank drew the same masks for its i-th image: two processes had one's dropout noise
+        torch.manual_seed(args.seed + ctx.rank)
 
     global_batch = args.batch_size * ctx.world_size
     train_sampler = ShardSampler(len(train_set), ctx.world_size, ctx.rank, shuffle=True, seed=args.seed)
@@ -1136,8 +1160,13 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float, crea
                 f"run without --resume"
             )
         if start_step > 0 and saved_world != ctx.world_size:
+            saved_steps = len(ShardSampler(len(train_set), saved_world, 0, shuffle=True, seed=args.seed)) // args.batch_size
+            where = (
+                f"after the last training step of epoch {start_epoch + 1}, before its evaluation"
+                if start_step >= saved_steps else "mid-epoch"
+            )  # (interrupted then: the epoch's row and its end-of-epoch checkpoint are not written yet)
             raise CheckpointError(
-                f"checkpoint {args.resume!r} was saved mid-epoch by {saved_world} process(es); resume it with "
+                f"checkpoint {args.resume!r} was saved {where} by {saved_world} process(es); resume it with "
                 f"{saved_world} (this run has {ctx.world_size}), or from an end-of-epoch checkpoint"
             )
         saved_epochs = resume_state.get("schedule_epochs", resume_state.get("config", {}).get("epochs"))

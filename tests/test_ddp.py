@@ -191,7 +191,7 @@ def _worker(rank, init_file, out_dir, strategies):
                             result = {"state": _empty_rank(s, rank)}
                         else:
                             r = T.train(T.parse_args(_train_argv(s, os.path.join(out_dir, f"run-{s}"), 8, sync=True)))
-                            result = {"state": r["model"].state_dict(), "history": r["history"]}
+                            result = {"state": r["model"].state_dict(), "history": r["history"], "seed": torch.initial_seed()}
                     # a stage that ran as naive instead of its strategy says so in a warning
                     result["fallbacks"] = sum("runs as strategy 'naive'" in str(w.message) for w in warned)
                 except Exception:  # reported by the test of this configuration
@@ -319,6 +319,7 @@ def test_ddp_sync_bn_matches_single_process_global_batch(ddp_runs, strategy, tmp
     for rank in range(WORLD):
         result = _load(ddp_runs, "sync", strategy, rank)
         _close(result["state"], expected, f"rank {rank}")  # parameters and running statistics
+        assert result["seed"] == 3 + rank  # each rank its own random stream (dropout masks), rank 0 --seed's
         for got, want in zip(result["history"], single["history"]):
             for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
                 assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (rank, key)

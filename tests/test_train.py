@@ -287,6 +287,19 @@ def test_resume_with_another_number_of_processes_rescales_the_schedule(tmp_path)
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_a_checkpoint_of_another_process_count_says_where_in_the_epoch_it_was_saved(tmp_path, capsys):
+    """A checkpoint a 2-process run saved when interrupted after its epoch's last step (before the evaluation)
+    is not mid-epoch in the sense a user reads it: the message says where it stands."""
+    T.train(_args(tmp_path / "a", "--epochs", 1))
+    state = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    state.update(world_size=2, epoch=0, history=[])  # 128 images, batch 32: 2 steps per epoch in each of 2 processes
+    for step, needle in ((2, "saved after the last training step of epoch 1, before its evaluation by 2"), (1, "saved mid-epoch by 2")):
+        state["step"] = step
+        torch.save(state, tmp_path / "two.pt")
+        code, err = _run_main(capsys, [*TINY, "--out-dir", str(tmp_path / "b"), "--epochs", "1", "--resume", str(tmp_path / "two.pt")])
+        assert code == 2 and needle in err and "resume it with 2 (this run has 1)" in err, err
+
+
 @pytest.mark.parametrize("momentum", [None, 0.3])
 def test_cpu_sync_batchnorm_without_a_counter_is_nn_batchnorms(momentum):
     """Running statistics and no num_batches_tracked (None): nothing counted, and with momentum=None a blend
@@ -658,6 +671,22 @@ def test_errors_are_one_line_with_exit_code_2(tmp_path, capsys, argv, needle):
     code, err = _run_main(capsys, [*base, "--out-dir", str(tmp_path), "--epochs", "1", *argv])
     assert code == 2
     assert err.startswith("effdense train: error:") and "\n" not in err and needle in err, err
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"WORLD_SIZE": "2"}, "RANK, MASTER_ADDR, MASTER_PORT are not set: launch with torchrun"),
+    ({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not an integer"),
+    ({"LOCAL_RANK": "x"}, "LOCAL_RANK='x' is not an integer"),
+    ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "localhost", "MASTER_PORT": "p"}, "MASTER_PORT='p' is not an integer"),
+])  # fmt: skip
+def test_a_half_set_torchrun_environment_is_one_line(tmp_path, capsys, monkeypatch, env, needle):
+    """Before: a traceback from int() or from inside init_process_group."""
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code, err = _run_main(capsys, [*TINY, "--out-dir", str(tmp_path), "--epochs", "1"])
+    assert code == 2 and err.startswith("effdense train: error:") and "\n" not in err and needle in err, err
 
 
 def test_a_run_that_fails_before_writing_removes_the_folders_it_created(tmp_path, capsys):
