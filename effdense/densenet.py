@@ -1433,12 +1433,17 @@ def _copy_placement(clone: nn.Module, source: nn.Module) -> None:
     convolutions of a mixed layout). Tensors already placed as the source's (the copied stem, head and swapped
     modules, whose values no state dict may restore) are left alone."""
     theirs = {**dict(source.named_parameters()), **dict(source.named_buffers())}
-    for name, t in [*clone.named_parameters(), *clone.named_buffers()]:
-        other = theirs.get(name)
-        if not isinstance(other, torch.Tensor) or other.shape != t.shape:
-            continue  # (the state dict's load names what differs)
-        if other.dtype != t.dtype or other.device != t.device or other.stride() != t.stride():
-            t.data = torch.empty_like(other)  # (preserve_format: other's strides)
+    for prefix, module in clone.named_modules():
+        for slots in (module._parameters, module._buffers):
+            for key, t in slots.items():
+                other = theirs.get(f"{prefix}.{key}" if prefix else key)
+                if t is None or not isinstance(other, torch.Tensor) or other.shape != t.shape:
+                    continue  # (the state dict's load names what differs)
+                if other.dtype != t.dtype or other.device != t.device or other.stride() != t.stride():
+                    new = torch.empty_like(other)  # (preserve_format: other's strides)
+                    # a new tensor in the slot (not .data =, which a meta or other-device tensor cannot take);
+                    # nothing holds the clone's own yet
+                    slots[key] = nn.Parameter(new, t.requires_grad) if isinstance(t, nn.Parameter) else new
 
 
 def _block_shape(block: nn.Module) -> tuple[int, int, int, int, bool]:

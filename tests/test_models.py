@@ -578,6 +578,9 @@ def test_convert_keeps_each_tensors_dtype() -> None:
     for name, t in ours.state_dict().items():
         assert t.dtype == theirs[name].dtype and torch.equal(t, theirs[name]), name
     assert {t.dtype for t in theirs.values()} == {torch.bfloat16, torch.float32, torch.float64, torch.int64}
+    with torch.device("meta"):  # and device: a meta source gives a meta copy (a tensor's .data cannot change device)
+        meta = _small_torchvision_densenet(num_classes=4)
+    assert {t.device.type for t in effdense.convert(meta, strategy="shared").state_dict().values()} == {"meta"}
 
 
 @pytest.mark.parametrize("strategy", ["shared", "fused"])
