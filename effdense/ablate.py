@@ -343,8 +343,8 @@ def main(args: argparse.Namespace) -> int:
         for path in written:
             print(f"wrote {path}")
         names = {p.name for p in written}
-        reasons = [("ablate_depth.png", "its x axis needs two or more values of depth measured"),
-                   ("ablate_batch.png", "its x axis needs two or more values of batch size measured")]
+        reasons = [("ablate_depth.png", "its x axis needs two or more depths measured at one batch size"),
+                   ("ablate_batch.png", "its x axis needs two or more batch sizes measured at one depth")]
         if args.time:
             reasons.append(("ablate_time.png", "it needs naive in the grid (times are relative to naive's) and two "
                             "or more depths timed"))
@@ -402,12 +402,42 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 _LINESTYLES = ("-", "--", "-.", ":")
 
 
+_NUMBER_COLUMNS = ("depth", "growth_rate", "batch_size", "image_size", "peak_mib", "time_ms")
+
+
+def _check_numbers(csv_path: Path, n: int, r: dict[str, str]) -> None:
+    """An ok row's numbers, which the plots read, are numbers (``time_ms`` may be empty): a value edited or
+    corrupted by hand is named, where the plot step ended in a traceback after the whole grid had run."""
+    for column in _NUMBER_COLUMNS:
+        value = r.get(column) or ""
+        if column == "time_ms" and not value:
+            continue
+        try:
+            float(value)
+        except ValueError:
+            raise UsageError(
+                f"{csv_path}: data row {n} ({r.get('strategy')} depth {r.get('depth')} batch {r.get('batch_size')}) has "
+                f"{column}={value!r}, not a number; correct or delete the row (plots are drawn from the CSV), or give "
+                "another --out"
+            ) from None
+
+
+def _widest_slice(rows: list[dict[str, str]], k: str, dtype: str, fixed: str, x: str) -> str:
+    """The value of column ``fixed`` (among rows of growth rate ``k`` and ``dtype``) at which a plot over ``x``
+    is drawn: the largest at which two or more values of ``x`` were measured, else the largest."""
+    xs: dict[str, set[str]] = {}
+    for r in rows:
+        if r["growth_rate"] == k and r["dtype"] == dtype:
+            xs.setdefault(r[fixed], set()).add(r[x])
+    return max(xs, key=lambda v: (len(xs[v]) >= 2, float(v)))
+
+
 def plot(csv_path: Path, out_dir: Path, keys: set[tuple[str, ...]] | None = None) -> list[Path]:
     """Draw the ablation plots from ``csv_path`` into ``out_dir``; returns the files written.
 
     ``keys``: only the rows of these grid points (the grid just run; earlier grids in the same CSV, at
-    another image size say, would mix into its lines). A point with several rows is drawn from the last. A
-    plot whose x axis would hold one value (one depth, one batch size) is not drawn.
+    another image size say, would mix into its lines). A point with several rows is drawn from the last (not at
+    all when the last is not ``ok``: it failed since). A plot whose x axis would hold one value (one depth, one batch size) is not drawn.
     """
     import matplotlib
 
@@ -415,15 +445,25 @@ def plot(csv_path: Path, out_dir: Path, keys: set[tuple[str, ...]] | None = None
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    latest = {_key(r): r for r in read_rows(csv_path) if r.get("status") == "ok"}
-    rows = [r for key, r in latest.items() if keys is None or key in keys]
+    latest: dict[tuple[str, ...], tuple[int, dict[str, str]]] = {}
+    for n, r in enumerate(read_rows(csv_path), start=1):
+        latest[_key(r)] = (n, r)  # the newest row of each point, whatever its status: a point that failed in
+        # the latest run is not drawn from an older ok row (before, the plot showed that row's figure)
+    rows = []
+    for key, (n, r) in latest.items():
+        if r.get("status") == "ok" and (keys is None or key in keys):
+            _check_numbers(csv_path, n, r)
+            rows.append(r)
     if not rows:
         return []
     written: list[Path] = []
     mode = _common(rows, "memory_mode")
     rows = [r for r in rows if r["memory_mode"] == mode]
     k, dtype, size = (_common(rows, c) for c in ("growth_rate", "dtype", "image_size"))
-    batch = str(max(int(r["batch_size"]) for r in rows if r["growth_rate"] == k and r["dtype"] == dtype))
+    # each plot's fixed value: the largest batch (depth) at which two or more depths (batch sizes) were measured,
+    # else the largest (before, the largest alone: one failed corner of the grid, the largest depth at the
+    # largest batch, left each plot a single x value, and neither was drawn)
+    batch = _widest_slice(rows, k, dtype, "batch_size", "depth")
     device = _common(rows, "device_type")
     what = "estimated" if mode == "estimate" else f"measured, {device}"
 
@@ -468,7 +508,7 @@ def plot(csv_path: Path, out_dir: Path, keys: set[tuple[str, ...]] | None = None
     by_depth = series("depth", "peak_mib", {"growth_rate": k, "batch_size": batch, "dtype": dtype})
     draw(by_depth, "depth (layers)", "peak training-step memory (MiB)",
          f"Peak memory vs depth: DenseNet-BC, k={k}, batch {batch}, {size}x{size}, {dtype} ({what})", "ablate_depth.png")
-    depth_max = str(max(int(r["depth"]) for r in rows if r["growth_rate"] == k and r["dtype"] == dtype))
+    depth_max = _widest_slice(rows, k, dtype, "depth", "batch_size")
     by_batch = series("batch_size", "peak_mib", {"growth_rate": k, "depth": depth_max, "dtype": dtype})
     draw(by_batch, "batch size (images)", "peak training-step memory (MiB)",
          f"Peak memory vs batch: DenseNet-BC-{depth_max}, k={k}, {size}x{size}, {dtype} ({what})", "ablate_batch.png")

@@ -395,7 +395,8 @@ def environment(device: torch.device) -> dict[str, Any]:
 def command_line(argv: Sequence[str] | None = None) -> str:
     """The command that ran this process (``sys.argv`` by default), as a user would type it again: the
     ``effdense`` script as ``effdense ...``, ``python -m effdense.cli ...`` (how the GPU suite runs the CLI,
-    whose ``argv[0]`` is then the full path of ``cli.py``) as that, a script as ``python <script> ...``."""
+    whose ``argv[0]`` is then the full path of ``cli.py``) and ``python -m effdense ...`` (``__main__.py``) as
+    those, a script as ``python <script> ...``."""
     argv = list(sys.argv if argv is None else argv)
     if not argv:
         return ""
@@ -404,6 +405,8 @@ def command_line(argv: Sequence[str] | None = None) -> str:
         return " ".join(["effdense", *argv[1:]])
     if first.name == "cli.py" and first.parent.name == "effdense":
         return " ".join(["python -m effdense.cli", *argv[1:]])
+    if first.name == "__main__.py" and first.parent.name == "effdense":  # python -m effdense
+        return " ".join(["python -m effdense", *argv[1:]])
     return " ".join(["python", *argv] if first.suffix == ".py" else argv)
 
 

@@ -235,7 +235,7 @@ def test_ablate_timed_writes_time_plot(capsys, tmp_path):
     assert (tmp_path / "ablate_time.png").exists() and (tmp_path / "ablate_depth.png").exists()
     # one batch size: no batch plot (before: a "line" of one point per series), and a line that says so
     assert not (tmp_path / "ablate_batch.png").exists()
-    assert "ablate_batch.png not drawn: its x axis needs two or more values of batch size" in out
+    assert "ablate_batch.png not drawn: its x axis needs two or more batch sizes" in out
 
 
 def test_ablate_resumed_with_time_times_the_points_measured_without(capsys, tmp_path):
@@ -363,6 +363,43 @@ def test_ablate_plots_show_the_grid_just_run(capsys, tmp_path, monkeypatch):
     assert run(capsys, *argv, "--image-size", "16")[0] == 0
     depth_lines = [(label, xs) for ax, label, xs in lines if "vs depth" in ax.get_title()]  # titled after plotting
     assert depth_lines == [("naive", [10.0, 16.0])]
+
+
+def test_ablate_plots_around_a_failed_corner_and_from_each_points_newest_row(capsys, tmp_path, monkeypatch):
+    """The largest depth at the largest batch failed (out of memory, say): each plot is drawn at a slice that
+    has two x values (before: at the largest batch and depth alone, so neither plot was drawn). A point whose
+    newest row failed is not drawn from an older ok row; a value that is not a number is named."""
+    import matplotlib.axes
+
+    from effdense import ablate
+    from effdense.benchutil import UsageError
+
+    argv = ["ablate", "--strategies", "naive,shared", "--depths", "10,16", "--batch-sizes", "2,3", "--estimate",
+            "--image-size", "8", "--no-progress", "--no-plots", "--out", str(tmp_path)]  # fmt: skip
+    assert run(capsys, *argv)[0] == 0
+    path = tmp_path / "ablate.csv"
+    rows = ablate.read_rows(path)
+    for r in rows:
+        if (r["depth"], r["batch_size"]) == ("16", "3"):
+            r.update(status="error", peak_mib="", note="out of memory")
+    # naive at depth 10, batch 2 failed in a later run: its older ok row above must not be drawn
+    rows.append({**next(r for r in rows if (r["strategy"], r["depth"], r["batch_size"]) == ("naive", "10", "2")),
+                 "status": "error", "peak_mib": ""})  # fmt: skip
+    ablate.write_csv(path, rows, ablate.CSV_COLUMNS)
+    lines = []
+    original = matplotlib.axes.Axes.plot
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot",
+                        lambda self, xs, ys, **kw: lines.append((self, kw.get("label"), list(xs))) or original(self, xs, ys, **kw))  # fmt: skip
+    written = ablate.plot(path, tmp_path)
+    assert sorted(p.name for p in written) == ["ablate_batch.png", "ablate_depth.png"]
+    drawn = {(("depth" if "vs depth" in ax.get_title() else "batch"), label): xs for ax, label, xs in lines}
+    assert drawn == {("depth", "naive"): [16.0], ("depth", "shared"): [10.0, 16.0],  # at batch 2
+                     ("batch", "naive"): [3.0], ("batch", "shared"): [2.0, 3.0]}  # at depth 10  # fmt: skip
+    n, row = next((n, r) for n, r in enumerate(rows, 1) if (r["strategy"], r["depth"], r["batch_size"]) == ("shared", "10", "2"))
+    row["peak_mib"] = "abc"
+    ablate.write_csv(path, rows, ablate.CSV_COLUMNS)
+    with pytest.raises(UsageError, match=rf"data row {n} \(shared depth 10 batch 2\) has peak_mib='abc', not a number"):
+        ablate.plot(path, tmp_path)
 
 
 def test_max_depth_tiny(capsys, tmp_path):
@@ -1313,6 +1350,8 @@ def test_recorded_command_line_is_what_a_user_types_again():
     cli_path = str(Path(effdense.__file__).parent / "cli.py")
     assert command_line([cli_path, "bench", "--steps", "2"]) == "python -m effdense.cli bench --steps 2"
     assert command_line(["/venv/bin/effdense", "summary", "densenet121"]) == "effdense summary densenet121"
+    main_path = str(Path(effdense.__file__).parent / "__main__.py")  # python -m effdense (before: python .../__main__.py)
+    assert command_line([main_path, "ablate", "--depths", "10"]) == "python -m effdense ablate --depths 10"
     assert command_line(["benchmarks/bench_kernels.py", "--quick"]) == "python benchmarks/bench_kernels.py --quick"
 
 
@@ -1320,11 +1359,13 @@ def test_bench_memory_columns_add_up_to_the_peak(capsys, tmp_path):
     # before: grads_mib was every gradient at the end of the step while activations_mib took out only those
     # live at the peak, so the columns summed to more than peak_mib and the figure that closed it was missing
     code, _, err = run(capsys, "bench", "--model", "densenet_bc_10", "--batch-size", "2", "--memory", "estimate",
-                       "--strategies", "naive,shared", "--no-reference", "--out", str(tmp_path))  # fmt: skip
+                       "--strategies", "naive,shared,fused", "--no-reference", "--out", str(tmp_path))  # fmt: skip
     assert code == 0, err
     with open(next(tmp_path.glob("*.csv"))) as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2
+    assert len(rows) == 3
+    # an estimate runs no kernel: no note on what fused's kernels run as (before: "CPU: PyTorch twins ...")
+    assert [r["note"] for r in rows if r["row"] == "effdense fused"] == [""]
     for r in rows:
         parts = ("params_mib", "buffers_mib", "input_mib", "grads_at_peak_mib", "activations_mib")
         assert abs(sum(float(r[c]) for c in parts) - float(r["peak_mib"])) < 1e-6, r
