@@ -1062,6 +1062,15 @@ def get_model(name: str, **kwargs: Any) -> DenseNet:
     raise ValueError(f"unknown model {name!r}; expected one of {', '.join(sorted(MODELS))}, densenet_bc_<depth> or densenet_<depth>")
 
 
+# what to do with a model that holds no effdense dense block (set_strategy, estimate_step's strategy=)
+_OWN_MODEL_HINT = (
+    "in a model of one's own, effdense.DenseBlock and effdense.Transition take the places of torchvision's "
+    "_DenseBlock and _Transition (the same arguments and state-dict keys: load_state_dict the torchvision ones' "
+    "weights into them)"
+)
+NO_BLOCKS_HINT = "a torchvision DenseNet is converted with effdense.convert(model, strategy=...); " + _OWN_MODEL_HINT
+
+
 def set_strategy(module: nn.Module, strategy: str, policy: Policy | None = None) -> nn.Module:
     """Set how every dense block in ``module`` runs: an effdense :class:`DenseNet` (as its
     :meth:`DenseNet.set_strategy`, and any block it holds elsewhere), or any model of one's own built with
@@ -1080,10 +1089,7 @@ def set_strategy(module: nn.Module, strategy: str, policy: Policy | None = None)
     named = list(module.named_modules())
     blocks = [(name, m) for name, m in named if isinstance(m, _DenseBlock)]
     if not blocks:
-        raise ValueError(
-            f"set_strategy: {type(module).__name__} holds no effdense dense block (effdense.DenseBlock); a "
-            "torchvision DenseNet is converted with effdense.convert(model, strategy=...)"
-        )
+        raise ValueError(f"set_strategy: {type(module).__name__} holds no effdense dense block (effdense.DenseBlock); {NO_BLOCKS_HINT}")
     for _, m in named:
         if isinstance(m, DenseNet):  # (the module itself or one inside: its own strategy and policy follow too)
             m.set_strategy(strategy, policy)
@@ -1526,7 +1532,11 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
     features = getattr(model, "features", None)
     classifier = getattr(model, "classifier", None)
     if not isinstance(features, nn.Sequential):
-        raise TypeError(f"convert() expects a torchvision DenseNet, got {type(model).__name__}")
+        tv_blocks = any(type(m).__name__ == "_DenseBlock" and not isinstance(m, _DenseBlock) for m in model.modules())
+        raise TypeError(
+            f"convert() expects a torchvision DenseNet, got {type(model).__name__}"
+            + (f"; it holds torchvision dense blocks: {_OWN_MODEL_HINT}" if tv_blocks else "")
+        )
     if not isinstance(classifier, nn.Module):
         raise TypeError(
             f"convert() expects a torchvision DenseNet with a classifier module (any head: nn.Linear, nn.Identity "

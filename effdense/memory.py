@@ -1069,12 +1069,12 @@ def _dense(t: torch.Tensor) -> bool:
 def _set_strategy(module: nn.Module, strategy: str | None, policy: Any) -> None:
     """estimate_step's ``strategy``/``policy`` on the copy: an effdense DenseNet's own, or every dense block's in
     any model built from them (as :func:`effdense.set_strategy`; before, only a DenseNet was taken)."""
-    from effdense.densenet import DenseNet, _DenseBlock, set_strategy
+    from effdense.densenet import NO_BLOCKS_HINT, DenseNet, _DenseBlock, set_strategy
 
     if not any(isinstance(m, _DenseBlock) for m in module.modules()):
         raise TypeError(
-            f"strategy/policy need a model holding effdense dense blocks, and {type(module).__name__} holds none; a "
-            "torchvision DenseNet is converted with effdense.convert(model, strategy=...)"
+            f"strategy/policy need a model holding effdense dense blocks, and {type(module).__name__} holds none; "
+            + NO_BLOCKS_HINT
         )
     if strategy is not None:
         set_strategy(module, strategy, policy)  # (a DenseNet's own set_strategy too, for every DenseNet held)

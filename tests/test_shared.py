@@ -1113,8 +1113,15 @@ def test_fallback_warning_names_the_block() -> None:
 
 def test_block_input_channels_checked() -> None:
     block = effdense.densenet_cifar(16, 4, strategy="shared").features.denseblock1
-    with pytest.raises(ValueError, match="dense block expects input \\(N, 8, H, W\\), got shape \\(2, 5, 4, 4\\)"):
+    # which of a model's blocks is named (before, a 10-block model's error said none)
+    with pytest.raises(ValueError, match="dense block features.denseblock1 expects input \\(N, 8, H, W\\), got shape \\(2, 5, 4, 4\\)"):
         block(torch.randn(2, 5, 4, 4))
+    model = nn.Sequential(block)
+    effdense.set_strategy(model, "shared")  # (the name set_strategy gives it in a model of one's own)
+    with pytest.raises(ValueError, match="dense block 0 expects input \\(N, 8, H, W\\)"):
+        model(torch.randn(2, 5, 4, 4))
+    with pytest.raises(ValueError, match="^dense block expects input"):  # a block never named: none said
+        effdense.DenseBlock(2, 8, 4, 4, 0.0, strategy="shared")(torch.randn(2, 5, 4, 4))
 
 
 def test_batch_of_one_pixel_raises_like_batchnorm() -> None:

@@ -138,7 +138,8 @@ def _runner_for(name: str, x: torch.Tensor) -> ModuleType:
         if name in ("shared", "fused"):
             raise RuntimeError(
                 f"strategy {name!r} cannot be exported by torch.export (its autograd Function's backward would not "
-                "be kept); call model.set_strategy('naive') (or 'auto', which exports as naive) before exporting"
+                "be kept); call model.set_strategy('naive') (effdense.set_strategy(model, 'naive') for a model of one's own; or "
+                "'auto', which exports as naive) before exporting"
             )
         return _runners()["naive" if name == "auto" else name]
     if isinstance(x, torch.fx.Proxy):
@@ -186,8 +187,8 @@ def _as_naive_inside(name: str, where: str, why: str) -> ModuleType:
     raise saying ``why``, ``naive``/``checkpoint`` run as they are."""
     if name in ("shared", "fused"):
         raise RuntimeError(
-            f"strategy {name!r} cannot run inside {where}: {why}; call model.set_strategy('naive') (or 'auto', "
-            "which runs as naive there) first"
+            f"strategy {name!r} cannot run inside {where}: {why}; call model.set_strategy('naive') (effdense.set_strategy(model, "
+            "'naive') for a model of one's own; or 'auto', which runs as naive there) first"
         )
     return _runners()["naive" if name == "auto" else name]
 
@@ -196,7 +197,7 @@ def _untraceable(name: str, tracer: str) -> NoReturn:
     raise RuntimeError(
         f"strategy {name!r} cannot be traced by {tracer} (it computes sizes from the input's shape in Python"
         f"{'' if name != 'checkpoint' else ' and branches on requires_grad'}); call model.set_strategy('naive') "
-        "(or 'auto', which traces as naive) before tracing, or use torch.compile, which runs every strategy, "
+        "(effdense.set_strategy(model, 'naive') for a model of one's own; or 'auto', which traces as naive) before tracing, or use torch.compile, which runs every strategy, "
         "or torch.export (and torch.onnx.export(dynamo=True)), which exports 'auto' as naive"
     )
 

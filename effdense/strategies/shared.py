@@ -960,7 +960,8 @@ def _differentiable_once(backward):
             outputs,
             b"effdense: strategies 'shared' and 'fused' are differentiable once (their dense-block backward runs "
             b"without autograd), so a double backward (create_graph=True, then a gradient of those gradients, "
-            b"e.g. a gradient penalty) is not supported: call model.set_strategy('naive') or 'checkpoint' first",
+            b"e.g. a gradient penalty) is not supported: call model.set_strategy('naive') or 'checkpoint' first "
+            b"(effdense.set_strategy(model, ...) for a model of one's own)",
             links=links,
         )
 
@@ -1087,7 +1088,8 @@ class _DenseStageFunction(torch.autograd.Function):
                 "effdense: strategies 'shared' and 'fused' cannot run a batched backward "
                 "(torch.autograd.grad(..., is_grads_batched=True), torch.autograd.functional.jacobian(..., "
                 "vectorize=True)): their dense-block backward writes into shared buffers, which PyTorch's batching "
-                "cannot follow; call model.set_strategy('naive') or 'checkpoint' first, or use vectorize=False"
+                "cannot follow; call model.set_strategy('naive') or 'checkpoint' first (effdense.set_strategy(model, "
+                "...) for a model of one's own), or use vectorize=False"
             )
         # PyTorch's own errors: a second backward without retain_graph, a saved tensor modified in place
         try:
@@ -1371,8 +1373,10 @@ def _check_param_dtypes(stage: _Stage, dtype: torch.dtype, dtypes: set, autocast
 
 def _check_block_input(block, x: torch.Tensor) -> None:
     if x.dim() != 4 or x.shape[1] != block.num_input_features:
+        name = block_name(block)  # (which of a model's blocks: its name, where it was given one)
         raise ValueError(
-            f"dense block expects input (N, {block.num_input_features}, H, W), got shape {tuple(x.shape)}"
+            f"dense block{f' {name}' if name else ''} expects input (N, {block.num_input_features}, H, W), got shape "
+            f"{tuple(x.shape)}"
         )
 
 
