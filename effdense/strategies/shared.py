@@ -76,28 +76,36 @@ def _uses_batch_stats(bn: torch.nn.modules.batchnorm._BatchNorm) -> bool:
 
 
 # Running statistics that a stage saved for backward (its BatchNorm normalised with them, in eval mode), by
-# id with a weak reference and the number of live graphs that saved them: updating one bumps its version, so
-# that that backward raises, as autograd does for any saved tensor changed in place. Other updates leave the
-# version alone, as ATen's batch norm does: a plain BatchNorm in training mode also saves its running statistics
-# in the graph (model.features(x) and model(x) in one step), and its backward does not read them. A graph
-# stops counting when its saved state is released (a backward without retain_graph, or the graph dropped);
-# before, an eval-mode forward with gradients (a saliency map, an adversarial step) left its statistics
-# flagged for the model's lifetime, and every later training step bumped their versions.
-# (Eager only: under torch.compile versions are not checked.)
-_SAVED_RUNNING: dict[int, list] = {}  # id -> [weak reference, graphs]
+# id with a weak reference, the number of live graphs that saved them, and a count of the stages' updates of
+# them since: a backward whose statistics were updated after its forward raises, as autograd does for any saved
+# tensor changed in place. The count is this module's own, not autograd's version counter, which the updates
+# leave alone, as ATen's batch norm does: a plain BatchNorm in training mode also saves its running statistics
+# in the graph (model.features(x) and model(x) in one step), and its backward does not read them; before, the
+# updates bumped the versions of flagged statistics, and such a step failed with PyTorch's bare version error
+# while an eval-mode graph was alive. A graph stops counting when its saved state is released (a backward
+# without retain_graph, or the graph dropped). (Eager only: under torch.compile none of this is checked.)
+_SAVED_RUNNING: dict[int, list] = {}  # id -> [weak reference, graphs, updates]
 
 
-def _remember_saved_running(tensors: Sequence[torch.Tensor], owner: Any) -> None:
-    """Flag ``tensors`` as saved until ``owner`` (the stage state the graph holds) is freed."""
-    keys = []
+def _remember_saved_running(tensors: Sequence[torch.Tensor], owner: Any) -> list[tuple[torch.Tensor, list, int]]:
+    """Flag ``tensors`` as saved until ``owner`` (the stage state the graph holds) is freed; returns, per tensor,
+    ``(tensor, its entry, the entry's update count now)`` for backward's check (:func:`_updated_since`)."""
+    keys, marks = [], []
     for t in tensors:
         key = id(t)
         entry = _SAVED_RUNNING.get(key)
         if entry is None or entry[0]() is not t:
-            entry = _SAVED_RUNNING[key] = [weakref.ref(t, lambda ref, key=key: _forget(key, ref)), 0]
+            entry = _SAVED_RUNNING[key] = [weakref.ref(t, lambda ref, key=key: _forget(key, ref)), 0, 0]
         entry[1] += 1
         keys.append((key, entry[0]))
+        marks.append((t, entry, entry[2]))
     weakref.finalize(owner, _release_saved_running, keys)
+    return marks
+
+
+def _updated_since(marks: Sequence[tuple[torch.Tensor, list, int]]) -> list[torch.Tensor]:
+    """The running statistics of ``marks`` (:func:`_remember_saved_running`) that a stage updated since."""
+    return [t for t, entry, count in marks if entry[2] != count]
 
 
 def _forget(key: int, ref: weakref.ref) -> None:
@@ -115,17 +123,13 @@ def _release_saved_running(keys: Sequence[tuple[int, weakref.ref]]) -> None:
                 del _SAVED_RUNNING[key]
 
 
-def _saved_by_a_stage(t: torch.Tensor) -> bool:
-    entry = _SAVED_RUNNING.get(id(t))
-    return entry is not None and entry[0]() is t
-
 
 def _update_running_stats(updates: Sequence[tuple[Any, torch.Tensor, torch.Tensor]], count: int) -> None:
     """``nn.BatchNorm2d``'s training-mode update of each ``(bn, mean, biased var)`` (statistics over
     ``count`` values), for all of a stage's BatchNorms at once: a few multi-tensor (``_foreach``) ops
     instead of six per BatchNorm, the same arithmetic (``r = (1 - f)*r + f*stat``, ``f`` the momentum or
-    ``1/num_batches_tracked``; the variance made unbiased first). The statistics' versions move only for
-    those a stage saved for backward (see ``_SAVED_RUNNING``)."""
+    ``1/num_batches_tracked``; the variance made unbiased first). The statistics' versions do not move (as
+    ATen's update); those a stage saved for backward count the update (see ``_SAVED_RUNNING``)."""
     todo = [(bn, m, v) for bn, m, v in updates if bn.training and bn.track_running_stats and bn.running_mean is not None]
     if not todo:
         return
@@ -157,10 +161,12 @@ def _update_running_stats(updates: Sequence[tuple[Any, torch.Tensor, torch.Tenso
             else:
                 factor = 0.0 if bn.num_batches_tracked is None else 1.0 / float(bn.num_batches_tracked)
             groups.setdefault(factor, []).append((bn, m, v))
-        if eager and _SAVED_RUNNING:
-            saved = [t for bn, _, _ in todo for t in (bn.running_mean, bn.running_var) if _saved_by_a_stage(t)]
-            if saved:
-                torch.autograd.graph.increment_version(saved)
+        if eager and _SAVED_RUNNING:  # counted for the backward of a graph that saved them (_SAVED_RUNNING)
+            for bn, _, _ in todo:
+                for t in (bn.running_mean, bn.running_var):
+                    entry = _SAVED_RUNNING.get(id(t))
+                    if entry is not None and entry[0]() is t:
+                        entry[2] += 1
         for factor, group in groups.items():
             # (.data: an alias with its own version counter, so the update itself moves no version)
             means = [bn.running_mean.data if eager else bn.running_mean for bn, _, _ in group]
@@ -1069,8 +1075,8 @@ class _DenseStageFunction(torch.autograd.Function):
         ctx.n_params = len(params)
         running = _running_stats_used(stage, state)
         if running and not torch.compiler.is_compiling():
-            _remember_saved_running(running, state)
-            ctx.running_versions = [(t, t._version) for t in running]  # (for backward's error message)
+            ctx.running_updates = _remember_saved_running(running, state)  # (the stages' updates, checked in backward)
+            ctx.running_versions = [(t, t._version) for t in running]  # (other changes: for backward's error message)
         # token: an empty second output, saved, through which backward's double-backward guard links to this
         # node (and so to x and the parameters) without keeping any tensor of forward alive
         token = Fbuf.new_empty(0)
@@ -1102,6 +1108,9 @@ class _DenseStageFunction(torch.autograd.Function):
                 if changed:
                     raise _running_stats_updated_error(changed) from exc
             raise
+        changed = _updated_since(getattr(ctx, "running_updates", ()))
+        if changed:  # (a training-mode forward's update, which moves no version)
+            raise _running_stats_updated_error(changed)
         Fbuf = saved[0]
         stage: _Stage = ctx.stage
         state: _StageState = ctx.state
