@@ -1112,6 +1112,11 @@ class _DenseStageFunction(torch.autograd.Function):
         if changed:  # (a training-mode forward's update, which moves no version)
             raise _running_stats_updated_error(changed)
         Fbuf = saved[0]
+        _, _, H, W = Fbuf.shape
+        if Fbuf.numel() and ((W > 1 and Fbuf.stride(3) != 1) or (H > 1 and Fbuf.stride(2) != W)):
+            # a saved-tensor unpack hook gave the buffer back in another layout (channels_last): backward reads it
+            # plane by plane (the kernels only so), and a copy in that layout costs nothing when none was made
+            Fbuf = Fbuf.contiguous()
         stage: _Stage = ctx.stage
         state: _StageState = ctx.state
         if state.y1 is None:
