@@ -1093,10 +1093,10 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float, crea
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    if ctx.world_size > 1:
-        # each rank its own stream from here on (dropout masks; a resume restores each rank's): the model above
-        # was built alike on every rank from --seed, and rank 0 keeps that stream, as a single process does.
-        # Before, every rank drew the same masks for its i-th image: two processes had one's dropout noise
+    if ctx.rank > 0:
+        # each rank its own stream from here on (dropout masks): the model above was built alike on every rank
+        # from --seed, and rank 0 goes on with that stream, as a single process does; rank r > 0 draws from
+        # seed + r. Before, every rank drew the same masks for its i-th image: two processes had one's noise
         torch.manual_seed(args.seed + ctx.rank)
 
     global_batch = args.batch_size * ctx.world_size
@@ -1206,9 +1206,13 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float, crea
         if ctx.is_main:  # global sums of the interrupted epoch's first steps; other ranks add theirs from 0
             progress = dict(resume_state.get("progress", {}))
         rng = resume_state["rng"]
-        if isinstance(rng, list):  # one per rank of the run that saved it
-            rng = rng[ctx.rank] if ctx.rank < len(rng) else rng[0]
-        _set_rng_state(rng)
+        own = isinstance(rng, list) and ctx.rank < len(rng)  # one per rank of the run that saved it
+        _set_rng_state(rng[ctx.rank] if own else rng[0] if isinstance(rng, list) else rng)
+        if not own and ctx.rank > 0:
+            # a checkpoint without this rank's state (rank 0's alone: saved by one process, or by one rank on an
+            # error or interrupt; or by fewer processes): a stream of this rank's own, as at a start, where the
+            # state given to every rank drew the same dropout masks on each
+            torch.manual_seed(args.seed + ctx.rank + 1_000_003 * global_step)
         if start_epoch < args.epochs:  # (a finished run has said so above: there is no epoch to continue in)
             say(f"resumed from {args.resume}: epoch {start_epoch + 1}, step {start_step}")
 

@@ -164,6 +164,22 @@ def _train_argv(strategy, out_dir, batch_size, sync):
             *(["--sync-bn"] if sync else [])]
 
 
+def _resume_rank0_rng(rank, out_dir):
+    """A 2-process resume from a checkpoint that holds rank 0's RNG state alone (as one saved by one process, or
+    by one rank on an error): each rank's seed afterwards."""
+    run = os.path.join(out_dir, "run-naive")  # (the sync run's, one epoch further than --epochs 1 below)
+    forged = os.path.join(out_dir, "rank0-rng.pt")
+    if rank == 0:
+        state = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)
+        state["rng"] = state["rng"][0]
+        state["epoch"], state["history"] = 1, state["history"][:1]  # (as if saved after epoch 1 of 2)
+        torch.save(state, forged)
+    dist.barrier()
+    argv = _train_argv("naive", os.path.join(out_dir, "resumed"), 8, sync=True)
+    T.train(T.parse_args([*argv, "--resume", forged]))
+    return {"seed": torch.initial_seed()}
+
+
 def _worker(rank, init_file, out_dir, strategies):
     torch.set_num_threads(1)  # two ranks on a shared 2-core machine
     os.environ["TRITON_INTERPRET"] = "0"
@@ -197,6 +213,12 @@ def _worker(rank, init_file, out_dir, strategies):
                 except Exception:  # reported by the test of this configuration
                     result = {"error": traceback.format_exc()}
                 torch.save(result, path)
+        path = os.path.join(out_dir, f"resume_rank0_rng-naive-rank{rank}.pt")
+        try:
+            result = _resume_rank0_rng(rank, out_dir)
+        except Exception:
+            result = {"error": traceback.format_exc()}
+        torch.save(result, path)
         path = os.path.join(out_dir, f"outside_group-rank{rank}.pt")
         try:
             result = {"out": _outside_group(rank)}
@@ -324,6 +346,12 @@ def test_ddp_sync_bn_matches_single_process_global_batch(ddp_runs, strategy, tmp
             for key in ("train_loss", "train_acc", "test_loss", "test_acc"):
                 assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-5), (rank, key)
             assert len(got["peak_mem_mib_per_rank"]) == WORLD and got["world_size"] == WORLD
+
+
+def test_a_resume_from_rank_0s_random_state_alone_gives_each_rank_its_own(ddp_runs):
+    """Every rank was given rank 0's state, and drew the same dropout masks as it."""
+    seeds = [_load(ddp_runs, "resume_rank0_rng", "naive", rank)["seed"] for rank in range(WORLD)]
+    assert len(set(seeds)) == WORLD, seeds
 
 
 @pytest.mark.parametrize("strategy", _strategy_params(effdense.STRATEGIES))
