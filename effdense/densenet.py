@@ -1181,11 +1181,12 @@ def _source_stem(features: nn.Sequential) -> list[str]:
 def _source_compression(features: nn.Sequential, stated: float | None = None) -> float:
     """A compression ``c`` for which ``floor(C_in * c)`` (the builder's rule) gives every transition's output
     channels: ``stated`` (an effdense source's own ``compression``) if it does, else the middle of the interval
-    that all transitions allow (0.5 for torchvision's models). An effdense source's stated compression no longer
-    describes its transitions when one was swapped for another width."""
-    widths = [
-        (m.conv.in_channels, m.conv.out_channels) for name, m in features.named_children() if name.startswith("transition")
-    ]
+    that all transitions allow (0.5 for torchvision's models). Transitions swapped for other widths may follow
+    no single ``c``: the copy's transitions are then rebuilt with the source's widths (:func:`_rebuild_stages`),
+    and ``c`` is ``stated`` or the first transition's. A source whose transition gives other channels than the
+    next block reads (which cannot run) is refused, naming them."""
+    children = list(features.named_children())
+    widths = [(m.conv.in_channels, m.conv.out_channels) for name, m in children if name.startswith("transition")]
     if stated is not None and all(int(math.floor(cin * stated)) == out for cin, out in widths):
         return stated
     if all(out == cin // 2 for cin, out in widths):
@@ -1193,12 +1194,20 @@ def _source_compression(features: nn.Sequential, stated: float | None = None) ->
     low = max(out / cin for cin, out in widths)
     high = min((out + 1) / cin for cin, out in widths)
     c = min(1.0, (low + high) / 2)
-    if not (low < high and all(int(math.floor(cin * c)) == out for cin, out in widths)):
-        raise ValueError(
-            "convert() cannot rebuild the source's transitions: their (input, output) channels "
-            f"{widths} follow no single compression c with output = floor(input * c), as effdense's DenseNet builds them"
-        )
-    return c
+    if low < high and all(int(math.floor(cin * c)) == out for cin, out in widths):
+        return c
+    for (name, m), following in zip(children, children[1:]):
+        if name.startswith("transition") and following[0].startswith("denseblock"):
+            reads = _block_shape(following[1])[1]
+            if m.conv.out_channels != reads:
+                raise ValueError(
+                    f"convert() cannot rebuild the source: its {name} gives {m.conv.out_channels} channels where "
+                    f"{following[0]} reads {reads} (the source itself cannot run)"
+                )
+    if stated is not None:
+        return stated
+    cin, out = widths[0]
+    return min(1.0, (2 * out + 1) / (2 * cin))  # (the middle of the first transition's interval)
 
 
 def _match_untracked_batchnorms(clone: nn.Module, source: nn.Module) -> None:
@@ -1438,7 +1447,8 @@ def _copy_placement(clone: nn.Module, source: nn.Module) -> None:
     head to fp32; and a source moved to ``channels_last`` gave a copy with contiguous weights (and the slower
     convolutions of a mixed layout). Tensors already placed as the source's (the copied stem, head and swapped
     modules, whose values no state dict may restore) are left alone."""
-    theirs = {**dict(source.named_parameters()), **dict(source.named_buffers())}
+    # (every name of a tied tensor: the clone's slot under a tie's second name is placed too, before the load)
+    theirs = {**dict(source.named_parameters(remove_duplicate=False)), **dict(source.named_buffers(remove_duplicate=False))}
     for prefix, module in clone.named_modules():
         for slots in (module._parameters, module._buffers):
             for key, t in slots.items():
@@ -1481,6 +1491,7 @@ def _rebuild_stages(clone: "DenseNet", features: nn.Sequential) -> None:
                 block = _DenseBlock(
                     n, cin, bn_size, growth_rate, drop_rate, bottleneck=bottleneck, strategy=mine.strategy, policy=mine.policy
                 )
+                block._effdense_where = f"features.{name}"  # (named in warnings, as the DenseNet names its own)
                 setattr(clone.features, name, block)
         elif name.startswith("transition") and isinstance(mine, _Transition):
             cin, cout = src.conv.in_channels, src.conv.out_channels

@@ -580,7 +580,12 @@ def test_convert_keeps_each_tensors_dtype() -> None:
     assert {t.dtype for t in theirs.values()} == {torch.bfloat16, torch.float32, torch.float64, torch.int64}
     with torch.device("meta"):  # and device: a meta source gives a meta copy (a tensor's .data cannot change device)
         meta = _small_torchvision_densenet(num_classes=4)
-    assert {t.device.type for t in effdense.convert(meta, strategy="shared").state_dict().values()} == {"meta"}
+    block = meta.features.denseblock1
+    block.denselayer2.norm2 = block.denselayer1.norm2  # (a tie: its second name's slot is placed too)
+    block.denselayer2.conv2.weight = block.denselayer1.conv2.weight
+    copy_ = effdense.convert(meta, strategy="shared")
+    assert {t.device.type for t in copy_.state_dict().values()} == {"meta"}
+    assert copy_.features.denseblock1.denselayer2.conv2.weight is copy_.features.denseblock1.denselayer1.conv2.weight
 
 
 @pytest.mark.parametrize("strategy", ["shared", "fused"])
@@ -607,6 +612,7 @@ def test_convert_rebuilds_blocks_and_transitions_of_other_widths(strategy) -> No
             out = ours(x)
         torch.testing.assert_close(out, source(x), rtol=1e-5, atol=1e-6)
     assert ours.features.transition1.conv.out_channels == 12 and ours.features.denseblock2.num_input_features == 12
+    assert ours.features.denseblock2.__dict__.get("_effdense_where") == "features.denseblock2"  # (warnings name it)
     assert effdense.convert(tv, strategy=strategy).features.denseblock2.growth_rate == 6
 
 
@@ -920,8 +926,24 @@ def test_convert_rebuilds_any_compression(growth_rate, compression) -> None:
         assert {k: v.shape for k, v in clone.state_dict().items()} == {k: v.shape for k, v in src.state_dict().items()}
     plain = _Plain(copy.deepcopy(source))
     plain.features.transition1.conv = nn.Conv2d(plain.features.transition1.conv.in_channels, 5, 1, bias=False)
-    with pytest.raises(ValueError, match="follow no single compression"):
-        effdense.convert(plain)
+    with pytest.raises(ValueError, match="its transition1 gives 5 channels where denseblock2 reads"):
+        effdense.convert(plain)  # (a source that cannot run)
+
+
+def test_convert_rebuilds_transitions_of_no_single_compression() -> None:
+    """Transitions swapped for ones of other ratios (16 -> 12, then 20 -> 10), with blocks that read them: no
+    single compression builds both, and the copy rebuilds each (before: refused, 'follow no single compression')."""
+    torch.manual_seed(0)
+    ed = effdense.DenseNet(growth_rate=4, block_config=(2, 2, 2), num_init_features=8, num_classes=5, strategy="naive")
+    ed.features.transition1 = effdense.Transition(16, 12)
+    ed.features.denseblock2 = effdense.DenseBlock(2, 12, 4, 4, 0.0)
+    ed.features.transition2 = effdense.Transition(20, 10)
+    ed.features.denseblock3 = effdense.DenseBlock(2, 10, 4, 4, 0.0)
+    ed.features.norm5, ed.classifier = nn.BatchNorm2d(18), nn.Linear(18, 5)
+    x = torch.randn(2, 3, 32, 32)
+    for source in (ed, _Plain(ed)):
+        ours = effdense.convert(source, strategy="shared").eval()
+        torch.testing.assert_close(ours(x), ed.eval()(x), rtol=1e-5, atol=1e-6)
 
 
 def test_convert_carries_batchnorms_without_running_stats() -> None:
