@@ -299,9 +299,11 @@ def main(args: argparse.Namespace) -> int:
     # a point is done when a row of it was measured by this code (commit) and torch, and timed as this run
     # times (a point measured without --time, with other --steps/--warmup, or on another device, GPU model or
     # CPU thread count, device_name, is not done for a timed run): the rest runs again, and the newer row wins
-    # (in the plots too)
+    # (in the plots too). Judged on each point's newest row: one that failed since runs again (before, an older
+    # ok row kept it done, and the plots, which draw the newest row, left it out for good)
+    newest = {_key(r): r for r in read_rows(csv_path)}  # (each point's newest row, which the plots draw)
     done = {
-        _key(r) for r in read_rows(csv_path)
+        key for key, r in newest.items()
         if r.get("git_commit") == env["git_commit"] and r.get("torch") == env["torch"]
         and (r.get("status") == "skipped" or (r.get("status") == "ok" and (not args.time or (
             r.get("time_ms") and r.get("steps") == str(args.steps) and r.get("warmup") == str(args.warmup)
@@ -459,7 +461,10 @@ def plot(csv_path: Path, out_dir: Path, keys: set[tuple[str, ...]] | None = None
     written: list[Path] = []
     mode = _common(rows, "memory_mode")
     rows = [r for r in rows if r["memory_mode"] == mode]
-    k, dtype, size = (_common(rows, c) for c in ("growth_rate", "dtype", "image_size"))
+    # (growth rate and dtype together: the most common of each alone might share no row)
+    pairs = [(r["growth_rate"], r["dtype"]) for r in rows]
+    k, dtype = max(dict.fromkeys(pairs), key=pairs.count)
+    size = _common(rows, "image_size")
     # each plot's fixed value: the largest batch (depth) at which two or more depths (batch sizes) were measured,
     # else the largest (before, the largest alone: one failed corner of the grid, the largest depth at the
     # largest batch, left each plot a single x value, and neither was drawn)

@@ -395,6 +395,10 @@ def test_ablate_plots_around_a_failed_corner_and_from_each_points_newest_row(cap
     drawn = {(("depth" if "vs depth" in ax.get_title() else "batch"), label): xs for ax, label, xs in lines}
     assert drawn == {("depth", "naive"): [16.0], ("depth", "shared"): [10.0, 16.0],  # at batch 2
                      ("batch", "naive"): [3.0], ("batch", "shared"): [2.0, 3.0]}  # at depth 10  # fmt: skip
+    # and a rerun measures the points whose newest row failed (before, the older ok row counted it done: never
+    # measured again, and never drawn)
+    code, out, err = run(capsys, *argv)
+    assert code == 0 and "5 already in" in err and "3 to run" in err, err
     n, row = next((n, r) for n, r in enumerate(rows, 1) if (r["strategy"], r["depth"], r["batch_size"]) == ("shared", "10", "2"))
     row["peak_mib"] = "abc"
     ablate.write_csv(path, rows, ablate.CSV_COLUMNS)
