@@ -1144,6 +1144,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float, crea
         saved_world = int(resume_state.get("world_size", 1))
         saved_classes = resume_state.get("train_classes")
         saved_images = resume_state.get("train_images")
+        saved_total = resume_state.get("train_images_total")  # (the dataset's, before --subset chose from it)
         other_data = None
         if saved_classes is not None and tuple(saved_classes) != spec.classes:
             # (another dataset of as many images: the count below does not tell them apart)
@@ -1153,6 +1154,13 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float, crea
             # steps per epoch, and with them the schedule's length, the shuffles and a mid-epoch position, follow
             # the number of images; before, a resume on other data ran a cosine schedule past its end)
             other_data = f"over {int(saved_images):,} training images; this run has {len(train_set):,}"
+        elif saved_total is not None and int(saved_total) != len(spec.train):
+            # (--subset N chooses N of the dataset's images by their positions in it: of another number of
+            # images, other ones, which a resume took without a word)
+            other_data = (
+                f"with --subset over a dataset of {int(saved_total):,} training images; this one has "
+                f"{len(spec.train):,}, of which --subset chooses other images"
+            )
         if other_data is not None:
             raise CheckpointError(
                 f"checkpoint {args.resume!r} was saved by a run {other_data} ({args.data}"
@@ -1271,6 +1279,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float, crea
             "schedule_epochs": schedule_epochs,
             "world_size": ctx.world_size,
             "train_images": len(train_set),  # (a resume on other data is refused: see above)
+            "train_images_total": len(spec.train),
             "train_classes": list(spec.classes),
         }
 

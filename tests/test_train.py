@@ -454,6 +454,13 @@ def test_resume_on_other_data_is_refused(tmp_path, capsys):
     assert code == 2 and "\n" not in err, err
     assert (f"was saved by a run on other classes: 'dog' only there; 'fox' only here (imagefolder in {tmp_path / 'c'}): "
             "resume on the checkpoint's data") in err, err
+    # --subset of a dataset that grew: as many images, other ones (before: resumed on them without a word)
+    sub = _imagefolder_argv(tmp_path / "a", tmp_path / "sub", "--epochs", "2", "--subset", "6")
+    assert _run_main(capsys, sub)[0] == 0
+    argv = _imagefolder_argv(tmp_path / "b", tmp_path / "sub", "--epochs", "2", "--subset", "6",
+                             "--resume", str(tmp_path / "sub" / "checkpoint.pt"))  # fmt: skip
+    code, err = _run_main(capsys, argv)
+    assert code == 2 and "with --subset over a dataset of 8 training images; this one has 12" in err, err
 
 
 def test_a_failed_run_leaves_the_earlier_runs_log_with_its_checkpoint(tmp_path, capsys):
