@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -46,14 +47,37 @@ class UnreadableImage(DataError):
 _UNREADABLE = "imagefolder: cannot read image "
 
 
+# PIL modes of more than 8 bits per channel, which convert("RGB") clips to 0..255 (as torchvision's loader reads
+# them): a 16-bit greyscale gradient becomes black and white, a float image in [0, 1] black
+_DEEP_MODES = ("I", "F", "I;16", "I;16B", "I;16L", "I;16N")
+_warned_deep = False
+
+
 def _read_image(path: str):
-    """An RGB PIL image, as torchvision's default loader reads it, or :class:`UnreadableImage` naming the file."""
+    """An RGB PIL image, as torchvision's default loader reads it, or :class:`UnreadableImage` naming the file.
+    An image of more than 8 bits per channel (which that conversion clips) is read so too, with a warning the
+    first time in a process."""
+    global _warned_deep
     from PIL import Image
 
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as exc:  # (PIL's UnidentifiedImageError is an OSError)
+            image = Image.open(f)
+            if image.mode in _DEEP_MODES and not _warned_deep:
+                _warned_deep = True
+                warnings.warn(
+                    f"imagefolder: {path!r} is a {image.mode!r} image (more than 8 bits per channel), which is read "
+                    "as torchvision's loader reads it, clipped to 0..255 (a 16-bit image mostly white, a float one in "
+                    "[0, 1] black): convert such images to 8 bits per channel first",
+                    stacklevel=2,
+                )
+            return image.convert("RGB")
+    except Image.DecompressionBombError as exc:
+        raise UnreadableImage(
+            f"{_UNREADABLE}{path!r} (DecompressionBombError: {exc}); if the image is meant to be that large, raise "
+            "PIL.Image.MAX_IMAGE_PIXELS (before training, e.g. in a script that calls effdense.train), or remove it"
+        ) from None
+    except (OSError, ValueError) as exc:  # (PIL's UnidentifiedImageError is an OSError)
         why = "not an image file PIL can identify" if isinstance(exc, Image.UnidentifiedImageError) else f"{type(exc).__name__}: {exc}"
         raise UnreadableImage(f"{_UNREADABLE}{path!r} ({why}); remove or replace the file") from None
 
@@ -64,6 +88,38 @@ def _visible_image(path: str) -> bool:
     from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
     return not os.path.basename(path).startswith(".") and has_file_allowed_extension(path, IMG_EXTENSIONS)
+
+
+_VisibleImageFolder: Any = None  # torchvision's ImageFolder without hidden folders (made at first use)
+
+
+def _visible_image_folder() -> Any:
+    """torchvision's ``ImageFolder`` whose classes and files leave out hidden folders (a Jupyter
+    ``.ipynb_checkpoints`` in ``train/`` became a class; netatalk's ``.AppleDouble`` and thumbnail caches inside a
+    class folder were read as its images), as hidden files are. Made at first use (torchvision is imported only
+    for CIFAR and ImageFolder data), as this module's ``_VisibleImageFolder``, where pickle finds it (DataLoader
+    workers started by spawn)."""
+    global _VisibleImageFolder
+    if _VisibleImageFolder is None:
+        tv = _torchvision()
+
+        class _VisibleImageFolder(tv.datasets.ImageFolder):  # noqa: F811 (the module's name, for pickle)
+            def find_classes(self, directory):
+                classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+                if not classes:
+                    raise FileNotFoundError(f"Couldn't find any class folder in {directory}.")
+                return classes, {name: i for i, name in enumerate(classes)}
+
+            @staticmethod
+            def make_dataset(directory, class_to_idx, extensions=None, is_valid_file=None, **kwargs):
+                def visible(path: str) -> bool:
+                    inside = os.path.relpath(path, directory).split(os.sep)[:-1]  # (the file's own name: is_valid_file)
+                    return not any(part.startswith(".") for part in inside) and is_valid_file(path)
+
+                return tv.datasets.ImageFolder.make_dataset(directory, class_to_idx, None, visible, **kwargs)
+
+        _VisibleImageFolder.__qualname__ = "_VisibleImageFolder"
+    return _VisibleImageFolder
 
 
 @dataclasses.dataclass
@@ -193,7 +249,7 @@ def load_imagefolder(root: str | os.PathLike, image_size: int = 224, augment: bo
     images by their extension, as for torchvision's ImageFolder, hidden files (``.name``) left out; a file
     that cannot be decoded stops the run with :class:`UnreadableImage` naming it.
     """
-    tv = _torchvision()
+    _torchvision()  # (a DataError naming the install when torchvision is missing)
     from torchvision import transforms as T
 
     root = _existing_dir(root, "imagefolder")
@@ -207,16 +263,16 @@ def load_imagefolder(root: str | os.PathLike, image_size: int = 224, augment: bo
             )
         splits[split] = found[0]
     mean, std = _IMAGENET_STATS
+    test_tf = T.Compose([T.Resize(round(image_size * 8 / 7), antialias=True), T.CenterCrop(image_size)])
     if augment:
         train_tf = T.Compose([T.RandomResizedCrop(image_size, antialias=True), T.RandomHorizontalFlip()])
-    else:
-        train_tf = T.Compose([T.Resize(image_size, antialias=True), T.CenterCrop(image_size)])
-    test_tf = T.Compose([T.Resize(round(image_size * 8 / 7), antialias=True), T.CenterCrop(image_size)])
+    else:  # the test images' framing (before, a crop of the whole short side: trained at another scale than tested)
+        train_tf = test_tf
     to_tensor = [T.ToTensor(), T.Normalize(mean, std)]
     made = {}
     for split, tf in (("train", train_tf), ("test", test_tf)):
         try:
-            made[split] = tv.datasets.ImageFolder(
+            made[split] = _visible_image_folder()(
                 splits[split], transform=T.Compose([tf, *to_tensor]), loader=_read_image, is_valid_file=_visible_image
             )
         except (FileNotFoundError, RuntimeError) as exc:  # no class folders, or no images in one of them
@@ -229,7 +285,7 @@ def load_imagefolder(root: str | os.PathLike, image_size: int = 224, augment: bo
         only_train = sorted(set(train.classes) - set(test.classes))
         only_test = sorted(set(test.classes) - set(train.classes))
         differ = "; ".join(
-            f"only in {where}: {', '.join(repr(c) for c in names)}"
+            f"only in {where}: {', '.join(ascii(c) for c in names)}"  # (ascii: names that differ in Unicode normal form)
             for where, names in ((os.path.basename(splits["train"]), only_train), (os.path.basename(splits["test"]), only_test))
             if names
         )  # fmt: skip

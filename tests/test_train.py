@@ -405,6 +405,38 @@ def _image_folder(root, per_class: int = 8, size: int = 20, classes=("cat", "dog
                 Image.fromarray(pixels).save(root / split / cls / f"{i}.png")
 
 
+def test_imagefolder_leaves_out_hidden_folders_and_warns_of_deep_images(tmp_path, monkeypatch):
+    """A hidden folder in train/ (Jupyter's .ipynb_checkpoints) was a class, and one inside a class folder
+    (.AppleDouble, thumbnail caches) gave it images; a 16-bit image is clipped silently (as torchvision reads it)."""
+    import pickle
+    import warnings
+
+    from PIL import Image
+
+    from effdense.data import load_imagefolder
+
+    _image_folder(tmp_path, per_class=2)
+    for split in ("train", "val"):
+        _image_folder_class(tmp_path / split / ".ipynb_checkpoints", 1)
+        _image_folder_class(tmp_path / split / "cat" / ".AppleDouble", 1)
+    Image.fromarray((torch.arange(400).reshape(20, 20) * 150).to(torch.int32).numpy().astype("uint16")).save(
+        tmp_path / "train" / "dog" / "deep.png"
+    )
+    spec = load_imagefolder(tmp_path, image_size=8, augment=False)
+    assert spec.classes == ("cat", "dog") and len(spec.train) == 5 and len(spec.test) == 4
+    assert len(pickle.loads(pickle.dumps(spec.train))) == 5  # (DataLoader workers started by spawn)
+    import effdense.data as D
+
+    monkeypatch.setattr(D, "_warned_deep", False)  # (once per process)
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        for i in range(len(spec.train)):
+            spec.train[i]
+    assert sum("more than 8 bits per channel" in str(w.message) for w in warned) == 1
+    # --no-augment: training images framed as test images (before: a crop of the whole short side)
+    assert repr(spec.train.transform) == repr(spec.test.transform)
+
+
 def _imagefolder_argv(root, out, *extra):
     return [
         "--data", "imagefolder", "--data-dir", str(root), "--image-size", "16", "--depth", "10", "--growth-rate", "4",
