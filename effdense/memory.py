@@ -54,6 +54,7 @@ DenseNet-BC-100 at 32x32 2,138.4 MiB naive and 787.6 MiB checkpoint. These exclu
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import fractions
 import functools
@@ -629,7 +630,7 @@ def _breakdown(
     params = list(model.parameters())
     grads = [p.grad for p in params]
     n_params = storage_bytes(params)
-    n_buffers = storage_bytes(model.buffers())
+    n_buffers = storage_bytes([*params, *model.buffers()]) - n_params  # (a buffer in a parameter's storage: once)
     n_input = storage_bytes([x])
     n_grads = storage_bytes(grads)
     grads_at_peak = tracker.bytes_live_at_peak(grads)
@@ -914,8 +915,11 @@ def estimate_step(
       kernels run in C++, no tensor subclass), which the depth search of ``effdense max-depth`` needs;
       strategies see a non-CUDA device and take their CPU path (every effdense strategy runs on meta;
       other code that queries the device, or reads a value with ``.item()``, may refuse it).
-    - ``"auto"``: ``"meta"`` for CPU, falling back to ``"fake"`` where the model cannot run on meta;
-      ``"fake"`` under autocast (``autocast_dtype``, or a ``torch.autocast`` the caller has open), which
+    - ``"auto"``: ``"meta"`` for CPU, falling back to ``"fake"`` where the model cannot run on meta, or where
+      meta would count otherwise than the measurement: a model that calls ``scaled_dot_product_attention``
+      (on meta PyTorch takes its math path, the whole attention matrix; the CPU, flash attention) or whose
+      parameters and buffers share storage (a meta copy gives each its own); ``backend="meta"`` warns of
+      both. ``"fake"`` under autocast (``autocast_dtype``, or a ``torch.autocast`` the caller has open), which
       ``"meta"`` cannot run.
 
     Args:
@@ -971,10 +975,13 @@ def estimate_step(
             strategy=strategy, policy=policy, **model_kwargs,
         )  # fmt: skip
         if device.type == "cpu" and not low_precision and not ambient:  # autocast has no meta device
+            strict = _META_STRICT.set(True)
             try:
                 return estimate_step(model, input_shape, backend="meta", **kwargs)
-            except Exception:  # code that cannot run on meta tensors (autocast queries, .item()): fake mode can
-                pass
+            except Exception:  # code that cannot run on meta tensors (autocast queries, .item()), or whose meta
+                pass  # estimate would differ from the measurement (_MetaDiffers): fake mode can
+            finally:
+                _META_STRICT.reset(strict)
         return estimate_step(model, input_shape, backend="fake", **kwargs)
     if backend == "meta":
         if device.type != "cpu":
@@ -1012,8 +1019,16 @@ def estimate_step(
         elif callable(model):
             try:
                 module = model()
-            except RuntimeError as exc:
-                if "Couldn't swap" not in str(exc):
+            except Exception as exc:
+                from torch._subclasses.fake_tensor import DataDependentOutputException
+
+                if isinstance(exc, DataDependentOutputException):  # (an initialiser reading values: trunc_normal_)
+                    raise RuntimeError(
+                        "estimate_step: the model builder reads a tensor's value (an initialiser such as "
+                        "nn.init.trunc_normal_ calls .any()/.item()), which fake tensors do not hold; pass the built "
+                        "nn.Module (it is copied), or use backend='meta' or 'auto'"
+                    ) from exc
+                if not isinstance(exc, RuntimeError) or "Couldn't swap" not in str(exc):
                     raise
                 raise RuntimeError(
                     f"the model builder converted a module ({exc}): the builder runs on fake tensors, whose "
@@ -1047,13 +1062,21 @@ def estimate_step(
             x = torch.empty(shape, dtype=in_dtype, device=device)  # fake or meta: no values to fill in
         if isinstance(input_shape, torch.Tensor) and input_shape.requires_grad and x.is_floating_point():
             x.requires_grad_()  # a step that also computes the input's gradient (as measure_step of that tensor)
+        attention = _AttentionSeen() if backend == "meta" else contextlib.nullcontext()
         try:
-            return measure_step(
-                module, x, device=device, autocast_dtype=autocast_dtype, channels_last=channels_last, loss=loss, warmup=0
-            )
+            with attention:
+                result = measure_step(
+                    module, x, device=device, autocast_dtype=autocast_dtype, channels_last=channels_last, loss=loss, warmup=0
+                )
         except Exception as exc:
             _explain_estimate_failure(exc, backend)
             raise
+        if getattr(attention, "seen", False):
+            _meta_caveat(
+                "the model calls scaled_dot_product_attention, which PyTorch computes on meta tensors by its math "
+                "path (the whole attention matrix), where the CPU runs its flash kernel"
+            )
+        return result
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -1146,8 +1169,54 @@ def _gc_paused():
             gc.enable()
 
 
+class _MetaDiffers(Exception):
+    """Raised inside ``backend="auto"``'s meta attempt where a meta estimate would differ from the measurement:
+    auto then estimates with fake tensors."""
+
+
+# set by backend="auto" around its meta attempt: a caveat raises _MetaDiffers there (fake mode is taken instead);
+# an explicit backend="meta" warns
+_META_STRICT = contextvars.ContextVar("effdense_meta_strict", default=False)
+
+
+def _meta_caveat(why: str) -> None:
+    if _META_STRICT.get():
+        raise _MetaDiffers(why)
+    warnings.warn(
+        f"estimate_step(backend='meta'): {why}, so the estimate differs from measure_step's; backend='fake' (or "
+        "'auto', which takes it here) estimates such a model as measured",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+class _AttentionSeen(torch.overrides.TorchFunctionMode):
+    """Notes a call of ``F.scaled_dot_product_attention``: on meta tensors PyTorch computes it by its math path
+    (the whole attention matrix), where the CPU runs its flash kernel: a meta estimate of a transformer was
+    ~3x the measured step (torchvision's ViT)."""
+
+    seen = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is F.scaled_dot_product_attention:
+            self.seen = True
+        return func(*args, **(kwargs or {}))
+
+
 def _meta_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` on the meta device (ties kept)."""
+    """A copy of ``model`` on the meta device (ties kept). Tensors that share storage (a buffer in a parameter's
+    storage, parameters that are views of one flat tensor) are copied each on its own storage, which a meta
+    estimate then counts otherwise than the measurement does: said (:func:`_meta_caveat`)."""
+    owners: dict[int, int] = {}
+    for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():
+        if t.device.type == "meta" or not t.numel():
+            continue
+        storage = t.untyped_storage()
+        key = storage.data_ptr()
+        if key in owners or storage.nbytes() != t.numel() * t.element_size():
+            _meta_caveat("the model's parameters or buffers share storage (views of one tensor), which its meta copy does not")
+            break
+        owners[key] = id(t)
     return _fake_copy(model, convert=lambda t: t.detach().to("meta"))
 
 
