@@ -938,6 +938,12 @@ def estimate_step(
         **model_kwargs: passed to :func:`effdense.get_model` when ``model`` is a name (a ``TypeError`` with a
             module or builder, which are built already or build themselves).
     """
+    misplaced = sorted(set(model_kwargs) & {"warmup", "keep_grads", "tracked"})
+    if misplaced:  # (measure_step's options; they fell into the model builder's keywords)
+        raise TypeError(
+            f"estimate_step takes no {', '.join(k + '=' for k in misplaced)}: {'they are' if len(misplaced) > 1 else 'it is'} "
+            "measure_step's (an estimate runs one step on tensors without storage: nothing to warm up, keep or track)"
+        )
     if backend not in ("fake", "meta", "auto"):
         raise ValueError(f"unknown estimate backend {backend!r}; expected 'fake', 'meta' or 'auto'")
     _check_flags(channels_last=channels_last)

@@ -957,3 +957,9 @@ def test_a_builder_that_reads_values_is_named_on_fake_tensors() -> None:
     with pytest.raises(RuntimeError, match="the model builder reads a tensor's value .* pass the built nn.Module"):
         estimate_step(builder, (2, 8), loss="sum")
     assert estimate_step(builder(), (2, 8), loss="sum").peak == measure_step(builder(), (2, 8), loss="sum").peak
+
+
+def test_measure_steps_options_given_to_estimate_step_are_named() -> None:
+    """They fell into a named model's builder keywords: "DenseNet.__init__() got an unexpected keyword 'warmup'"."""
+    with pytest.raises(TypeError, match="estimate_step takes no warmup=: it is measure_step's"):
+        estimate_step("densenet_bc_100", (2, 3, 8, 8), warmup=1)
