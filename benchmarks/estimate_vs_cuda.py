@@ -133,6 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     progress(f"estimate_vs_cuda: {len(configs)} configs x {len(names)} strategies on {env['device_name']}")
     rows: list[dict[str, Any]] = []
+    stem = f"estimate_vs_{device.type}"
+    json_path, csv_path = args.out / f"{stem}.json", args.out / f"{stem}.csv"
+
+    def save() -> None:
+        write_json(json_path, {"meta": env, "rows": rows})
+        write_csv(csv_path, rows, COLUMNS)
+
     for name, batch, size, dtype in configs:
         label = f"{name} b{batch} {size}px {dtype}"
         for strategy in names:
@@ -149,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     row.update(status="error", note=error_note(exc))
             row.update({k: env[k] for k in ("device", "device_name", "torch", "triton", "git_commit")})
             rows.append(row)
+            save()  # after each row: a run cut by a time limit keeps the rows it finished
             if row["status"] == "ok":
                 desc = f"estimate {row['estimate_mib']:,.1f} MiB, measured {row['measured_mib']:,.1f} MiB, ratio {row['ratio']:.3f}"
             else:
@@ -166,10 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         ("status", "status", str),
         ("note", "note", str),
     )))  # fmt: skip
-    stem = f"estimate_vs_{device.type}"
-    json_path, csv_path = args.out / f"{stem}.json", args.out / f"{stem}.csv"
-    write_json(json_path, {"meta": env, "rows": rows})
-    write_csv(csv_path, rows, COLUMNS)
+    save()
     print(f"wrote {json_path} and {csv_path}")
     return 0 if all(r["status"] != "error" for r in rows) else 1
 

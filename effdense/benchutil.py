@@ -389,6 +389,10 @@ def environment(device: torch.device) -> dict[str, Any]:
         "command": command_line(),
         "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "strategies_available": list(_strategies.available()),
+        # the kernels' switches as this process's environment set them (None: unset, the default on; the GPU
+        # suite sets EFFDENSE_DIRECT_LAUNCH=0 when its direct-launch tests fail): a result file says whether its
+        # kernels launched directly and were tuned, which the numbers depend on
+        "kernel_settings": {k: os.environ.get(k) for k in ("EFFDENSE_DIRECT_LAUNCH", "EFFDENSE_AUTOTUNE", "TRITON_INTERPRET")},
     }
 
 
