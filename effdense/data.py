@@ -90,20 +90,28 @@ def _visible_image(path: str) -> bool:
     return not os.path.basename(path).startswith(".") and has_file_allowed_extension(path, IMG_EXTENSIONS)
 
 
-_VisibleImageFolder: Any = None  # torchvision's ImageFolder without hidden folders (made at first use)
+_VISIBLE_IMAGE_FOLDER: Any = None  # torchvision's ImageFolder without hidden folders (made at first use)
+
+
+def __getattr__(name: str) -> Any:
+    # effdense.data._VisibleImageFolder, where pickle looks the class up: made on first use in this process
+    # too (a DataLoader worker started by spawn or forkserver unpickles the dataset in a fresh interpreter)
+    if name == "_VisibleImageFolder":
+        return _visible_image_folder()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _visible_image_folder() -> Any:
     """torchvision's ``ImageFolder`` whose classes and files leave out hidden folders (a Jupyter
     ``.ipynb_checkpoints`` in ``train/`` became a class; netatalk's ``.AppleDouble`` and thumbnail caches inside a
     class folder were read as its images), as hidden files are. Made at first use (torchvision is imported only
-    for CIFAR and ImageFolder data), as this module's ``_VisibleImageFolder``, where pickle finds it (DataLoader
-    workers started by spawn)."""
-    global _VisibleImageFolder
-    if _VisibleImageFolder is None:
+    for CIFAR and ImageFolder data), named ``effdense.data._VisibleImageFolder``: the module's ``__getattr__``
+    makes it there for pickle, in a DataLoader worker started by spawn or forkserver too."""
+    global _VISIBLE_IMAGE_FOLDER
+    if _VISIBLE_IMAGE_FOLDER is None:
         tv = _torchvision()
 
-        class _VisibleImageFolder(tv.datasets.ImageFolder):  # noqa: F811 (the module's name, for pickle)
+        class _VisibleImageFolder(tv.datasets.ImageFolder):
             def find_classes(self, directory):
                 classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
                 if not classes:
@@ -119,7 +127,8 @@ def _visible_image_folder() -> Any:
                 return tv.datasets.ImageFolder.make_dataset(directory, class_to_idx, None, visible, **kwargs)
 
         _VisibleImageFolder.__qualname__ = "_VisibleImageFolder"
-    return _VisibleImageFolder
+        _VISIBLE_IMAGE_FOLDER = _VisibleImageFolder
+    return _VISIBLE_IMAGE_FOLDER
 
 
 @dataclasses.dataclass

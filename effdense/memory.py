@@ -917,7 +917,8 @@ def estimate_step(
       other code that queries the device, or reads a value with ``.item()``, may refuse it).
     - ``"auto"``: ``"meta"`` for CPU, falling back to ``"fake"`` where the model cannot run on meta, or where
       meta would count otherwise than the measurement: a model that calls ``scaled_dot_product_attention``
-      (on meta PyTorch takes its math path, the whole attention matrix; the CPU, flash attention) or whose
+      or ``nn.MultiheadAttention`` (on meta PyTorch takes its math path, the whole attention matrix; the CPU,
+      flash attention) or whose
       parameters and buffers share storage (a meta copy gives each its own); ``backend="meta"`` warns of
       both. ``"fake"`` under autocast (``autocast_dtype``, or a ``torch.autocast`` the caller has open), which
       ``"meta"`` cannot run.
@@ -1079,8 +1080,8 @@ def estimate_step(
             raise
         if getattr(attention, "seen", False):
             _meta_caveat(
-                "the model calls scaled_dot_product_attention, which PyTorch computes on meta tensors by its math "
-                "path (the whole attention matrix), where the CPU runs its flash kernel"
+                "the model calls scaled_dot_product_attention (or nn.MultiheadAttention), which PyTorch computes on "
+                "meta tensors by its math path (the whole attention matrix), where the CPU runs its flash kernel", 2
             )
         return result
 
@@ -1185,14 +1186,15 @@ class _MetaDiffers(Exception):
 _META_STRICT = contextvars.ContextVar("effdense_meta_strict", default=False)
 
 
-def _meta_caveat(why: str) -> None:
+def _meta_caveat(why: str, stacklevel: int) -> None:
+    """``stacklevel``: as for :func:`warnings.warn` called in the caller's place."""
     if _META_STRICT.get():
         raise _MetaDiffers(why)
     warnings.warn(
         f"estimate_step(backend='meta'): {why}, so the estimate differs from measure_step's; backend='fake' (or "
         "'auto', which takes it here) estimates such a model as measured",
         UserWarning,
-        stacklevel=4,
+        stacklevel=stacklevel + 1,
     )
 
 
@@ -1202,9 +1204,12 @@ class _AttentionSeen(torch.overrides.TorchFunctionMode):
     ~3x the measured step (torchvision's ViT)."""
 
     seen = False
+    # (nn.MultiheadAttention goes through F.multi_head_attention_forward, whose inner SDPA call the mode does not
+    # see: its handler runs with the mode off)
+    _ATTENTION = (F.scaled_dot_product_attention, F.multi_head_attention_forward, torch._native_multi_head_attention)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func is F.scaled_dot_product_attention:
+        if func in self._ATTENTION:
             self.seen = True
         return func(*args, **(kwargs or {}))
 
@@ -1213,16 +1218,11 @@ def _meta_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` on the meta device (ties kept). Tensors that share storage (a buffer in a parameter's
     storage, parameters that are views of one flat tensor) are copied each on its own storage, which a meta
     estimate then counts otherwise than the measurement does: said (:func:`_meta_caveat`)."""
-    owners: dict[int, int] = {}
-    for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values():
-        if t.device.type == "meta" or not t.numel():
-            continue
-        storage = t.untyped_storage()
-        key = storage.data_ptr()
-        if key in owners or storage.nbytes() != t.numel() * t.element_size():
-            _meta_caveat("the model's parameters or buffers share storage (views of one tensor), which its meta copy does not")
-            break
-        owners[key] = id(t)
+    tensors = [t for t in {id(t): t for t in [*model.parameters(), *model.buffers()]}.values() if t.device.type != "meta"]
+    # each tensor's own bytes (what the meta copy holds) against its storages' (what the measurement counts): the
+    # same for tensors of their own storage, and for parameters that split one flat tensor exactly
+    if sum(t.numel() * t.element_size() for t in tensors) != storage_bytes(tensors):
+        _meta_caveat("the model's parameters or buffers share storage (views of one tensor), which its meta copy does not", 3)
     return _fake_copy(model, convert=lambda t: t.detach().to("meta"))
 
 

@@ -120,7 +120,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     g = parser.add_argument_group("run")
     g.add_argument("--seed", type=_seed, default=0,
-                   help="an integer in [0, 2**32); under torchrun, rank r draws dropout masks from seed + r (default: %(default)s)")
+                   help="an integer in [0, 2**32); under torchrun, rank r > 0 draws dropout masks from seed + r (default: %(default)s)")
     g.add_argument("--out-dir", default="runs/train", help="checkpoint and metrics folder (default: %(default)s)")
     g.add_argument("--checkpoint", default=None, metavar="PATH", help="checkpoint file (default: OUT_DIR/checkpoint.pt)")
     g.add_argument("--save-every", type=int, default=1, metavar="EPOCHS", help="save a checkpoint every N epochs; 0: at the end only (default: %(default)s)")

@@ -167,7 +167,7 @@ def _train_argv(strategy, out_dir, batch_size, sync):
 def _resume_rank0_rng(rank, out_dir):
     """A 2-process resume from a checkpoint that holds rank 0's RNG state alone (as one saved by one process, or
     by one rank on an error): each rank's seed afterwards."""
-    run = os.path.join(out_dir, "run-naive")  # (the sync run's, one epoch further than --epochs 1 below)
+    run = os.path.join(out_dir, "run-naive")  # (the sync run's checkpoint after its 2 epochs, forged as after 1)
     forged = os.path.join(out_dir, "rank0-rng.pt")
     if rank == 0:
         state = torch.load(os.path.join(run, "checkpoint.pt"), weights_only=False)

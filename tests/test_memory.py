@@ -928,8 +928,13 @@ class _BufferInAParameter(nn.Module):
         return self.lin(x) + self.alias
 
 
+def _encoder_layer() -> nn.Module:  # (nn.MultiheadAttention: its SDPA call is inside multi_head_attention_forward)
+    return nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+
+
 @pytest.mark.parametrize("make, shape, why", [
     (_Attention, (2, 64, 16), "scaled_dot_product_attention"),
+    (_encoder_layer, (2, 64, 16), "scaled_dot_product_attention"),
     (_BufferInAParameter, (4, 64), "share storage"),
 ])  # fmt: skip
 def test_auto_estimates_what_meta_would_count_otherwise_with_fake_tensors(make, shape, why) -> None:
@@ -963,3 +968,17 @@ def test_measure_steps_options_given_to_estimate_step_are_named() -> None:
     """They fell into a named model's builder keywords: "DenseNet.__init__() got an unexpected keyword 'warmup'"."""
     with pytest.raises(TypeError, match="estimate_step takes no warmup=: it is measure_step's"):
         estimate_step("densenet_bc_100", (2, 3, 8, 8), warmup=1)
+
+
+def test_parameters_that_split_one_flat_tensor_exactly_are_estimated_on_meta_without_a_word() -> None:
+    """torch.nn.utils.vector_to_parameters-style storage: the meta copy counts the same bytes, so no warning
+    (and 'auto' stays on meta)."""
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    offset = 0
+    for p in model.parameters():
+        p.data = flat[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert estimate_step(model, (2, 16), loss="sum", backend="meta").peak == measure_step(model, (2, 16), loss="sum").peak

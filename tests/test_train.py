@@ -424,7 +424,11 @@ def test_imagefolder_leaves_out_hidden_folders_and_warns_of_deep_images(tmp_path
     )
     spec = load_imagefolder(tmp_path, image_size=8, augment=False)
     assert spec.classes == ("cat", "dog") and len(spec.train) == 5 and len(spec.test) == 4
-    assert len(pickle.loads(pickle.dumps(spec.train))) == 5  # (DataLoader workers started by spawn)
+    # DataLoader workers started by spawn or forkserver unpickle it in a fresh interpreter (before: the class's
+    # module-level name was None there)
+    (tmp_path / "train.pkl").write_bytes(pickle.dumps(spec.train))
+    code = f"import pickle; print(len(pickle.loads(open({str(tmp_path / 'train.pkl')!r}, 'rb').read())))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "5"
     import effdense.data as D
 
     monkeypatch.setattr(D, "_warned_deep", False)  # (once per process)
