@@ -227,7 +227,8 @@ def _call(op, launch, *args: torch.Tensor, mutated: tuple[torch.Tensor, ...] = (
     if direct:
         launch(*args)
         return
-    if mutated and not torch.is_inference_mode_enabled() and not torch.compiler.is_compiling():
+    # (is_compiling first: dynamo cannot trace is_inference_mode_enabled, a graph break under fullgraph=True)
+    if mutated and not torch.compiler.is_compiling() and not torch.is_inference_mode_enabled():
         for t in mutated:  # as PyTorch's in-place ops (and so the twins) refuse; the custom op's dispatch does not
             if t.is_inference():
                 raise RuntimeError(
