@@ -95,6 +95,13 @@ def int32_span_error(tensors: tuple, wgrad_rows: int = 0) -> str | None:
     return None
 
 
+def planes_contiguous(t: torch.Tensor) -> bool:
+    """Whether each (H, W) plane of 4-D ``t`` is contiguous (strides ``(sN, sC, W, 1)``; a size-1 dimension's
+    stride aside): the layout the kernels read, NCHW or a channel slice of an NCHW buffer."""
+    H, W = t.shape[2], t.shape[3]
+    return not ((W > 1 and t.stride(3) != 1) or (H > 1 and t.stride(2) != W))
+
+
 def check_activation(name: str, t: torch.Tensor, *, like: torch.Tensor | None = None, channels: int | None = None) -> None:
     """``t`` is a 4-D float tensor with a contiguous (H, W) plane; optionally shaped/typed/placed like ``like``."""
     if not isinstance(t, torch.Tensor):
@@ -105,7 +112,7 @@ def check_activation(name: str, t: torch.Tensor, *, like: torch.Tensor | None = 
         raise TypeError(f"{name}: expected dtype float32, bfloat16, float16 or float64, got {t.dtype}")
     N, C, H, W = t.shape
     # (an empty tensor has no plane to read: any strides, e.g. PyTorch's for a W=0 tensor or an expanded zero gradient)
-    if t.numel() and ((W > 1 and t.stride(3) != 1) or (H > 1 and t.stride(2) != W)):
+    if t.numel() and not planes_contiguous(t):
         cl = "; channels_last is not supported" if C > 1 and t.stride(1) == 1 else ""  # (a slice of one too)
         raise ValueError(
             f"{name}: expected each (H, W) plane contiguous (strides (sN, sC, {W}, 1), e.g. NCHW or a channel "

@@ -186,10 +186,7 @@ def _rows(weight: torch.Tensor) -> torch.Tensor:
 
 def _plane_contiguous(t: torch.Tensor) -> torch.Tensor:
     """Gradients arriving from autograd may be in any layout; the kernels read (H, W) planes contiguously."""
-    W, H = t.shape[3], t.shape[2]
-    if (W > 1 and t.stride(3) != 1) or (H > 1 and t.stride(2) != W):
-        return t.contiguous()
-    return t
+    return t if _checks.planes_contiguous(t) else t.contiguous()
 
 
 # private torch hooks behind _plain_eager; a torch without one takes the library op every time

@@ -1112,8 +1112,9 @@ class _DenseStageFunction(torch.autograd.Function):
         if changed:  # (a training-mode forward's update, which moves no version)
             raise _running_stats_updated_error(changed)
         Fbuf = saved[0]
-        _, _, H, W = Fbuf.shape
-        if Fbuf.numel() and ((W > 1 and Fbuf.stride(3) != 1) or (H > 1 and Fbuf.stride(2) != W)):
+        from effdense.kernels._checks import planes_contiguous  # (not at import: effdense.kernels imports triton)
+
+        if Fbuf.numel() and not planes_contiguous(Fbuf):
             # a saved-tensor unpack hook gave the buffer back in another layout (channels_last): backward reads it
             # plane by plane (the kernels only so), and a copy in that layout costs nothing when none was made
             Fbuf = Fbuf.contiguous()
