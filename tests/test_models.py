@@ -1484,6 +1484,53 @@ def test_checkpoint_keeps_inner_hooks_as_torchvision_memory_efficient() -> None:
         train_step(model, x)
 
 
+@pytest.mark.parametrize("hooked", ["features.denseblock1.denselayer2.relu1", "features.relu0", "global"])
+def test_checkpoint_recomputes_a_random_hook_with_forwards_numbers(hooked: str) -> None:
+    # a forward hook that draws (noise or dropout added by a hook) fires again when checkpoint recomputes:
+    # it must draw forward's numbers there, as torchvision's memory_efficient=True does (it keeps the RNG state),
+    # and leave the RNG where the plain model leaves it; before, the recomputation drew others: other gradients
+    def noisy(module, inputs, output):
+        return F.dropout(output, p=0.5, training=True) if isinstance(module, nn.ReLU) else None
+
+    from torch.nn.modules.module import register_module_forward_hook
+
+    x = torch.randn(2, 3, 29, 29)
+    results = {}
+    for strategy in ("naive", "checkpoint"):
+        model = _small_densenet(strategy)
+        handle = register_module_forward_hook(noisy) if hooked == "global" else model.get_submodule(hooked).register_forward_hook(noisy)
+        try:
+            out = train_step(model, x, seed=7)
+        finally:
+            handle.remove()
+        results[strategy] = (out, {n: p.grad for n, p in model.named_parameters()}, torch.rand(4))
+    (out, grads, after), (ref_out, ref_grads, ref_after) = results["checkpoint"], results["naive"]
+    assert_close_rel(out, ref_out, name="output")
+    for name, g in ref_grads.items():
+        assert_close_rel(grads[name], g, name=name)
+    assert torch.equal(after, ref_after)  # the RNG where the plain model leaves it
+
+
+def test_a_forward_inside_inference_mode_with_grad_enabled_runs_plainly() -> None:
+    # torch.enable_grad() inside torch.inference_mode(): grad mode is on but nothing is recorded, and tensors
+    # made there cannot be saved for backward; checkpoint and the shared Function saved them and raised
+    # PyTorch's "Inference tensors cannot be saved for backward" (the plain model and torchvision run)
+    x = torch.randn(2, 3, 29, 29)
+    ref = _small_densenet("naive")
+    with torch.inference_mode(), torch.enable_grad():
+        expected = ref(x)
+    for strategy in ("checkpoint", "shared", "fused", "auto"):
+        model = _small_densenet(strategy)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            with torch.inference_mode(), torch.enable_grad():
+                out = model(x)
+        assert not out.requires_grad
+        assert_close_rel(out, expected, name=strategy)
+        for (name, b), r in zip(model.named_buffers(), ref.buffers()):
+            assert torch.allclose(b.float(), r.float(), rtol=1e-5, atol=1e-6), name  # updated once, as naive's
+
+
 def test_global_module_hooks_and_flop_counting_keep_the_strategy() -> None:
     # FlopCounterMode registers hooks for all modules (its ModuleTracker) to attribute work: a shared step
     # must be counted as it runs, recomputation included, not replaced by naive's

@@ -61,6 +61,17 @@ class Policy:
                 raise TypeError(f"Policy.{field.name} must be a bool, got {value!r}")
 
 
+def records_grad() -> bool:
+    """Whether autograd records operations here: grad mode on, outside inference mode. ``torch.enable_grad()``
+    inside ``torch.inference_mode()`` turns grad mode on, yet nothing is recorded and the tensors made there
+    cannot be saved for backward: a strategy that saves (checkpoint, the shared Function) must run plainly
+    there, as the plain model does. (Under torch.compile grad mode alone: dynamo cannot trace the
+    inference-mode query.)"""
+    if not torch.is_grad_enabled():
+        return False
+    return torch.compiler.is_compiling() or not torch.is_inference_mode_enabled()
+
+
 def _load_runners() -> dict[str, ModuleType]:
     import importlib
 

@@ -22,7 +22,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNormHook  # ol
 from torch.utils.checkpoint import checkpoint
 
 from effdense.strategies import naive as _naive
-from effdense.strategies import computes_as_batchnorm, overrides, standard_class, warn_runs_as_naive
+from effdense.strategies import computes_as_batchnorm, overrides, records_grad, standard_class, warn_runs_as_naive
 
 
 @contextlib.contextmanager
@@ -158,8 +158,38 @@ def _check_unchanged(versions: Sequence[tuple[torch.Tensor, int, str]]) -> None:
 # What is recomputed here (the ImageNet stem conv-BN-ReLU-pool; BN1-ReLU-conv1x1) draws no random numbers,
 # so checkpoint need not save and restore the RNG states around the recomputation (a host cost per call on
 # CUDA, and a generator-state read that CUDA graph capture may not allow). Dropout stays outside. That holds
-# for the modules below only: anything else is not recomputed (see unrecomputable).
-_PRESERVE_RNG = False
+# for the modules below only (anything else is not recomputed, see unrecomputable), and for them only while no
+# forward hook fires in them: a hook may draw (feature noise, a dropout added by a hook), and the recomputation
+# drew other numbers than forward's, silently other gradients, and left the RNG in another state than the plain
+# model's. Then the RNG state is kept and restored, as torchvision's memory_efficient=True always does.
+
+
+def _forward_hooked(modules: Sequence[nn.Module | None]) -> bool:
+    """Whether a forward (pre-)hook fires when ``modules`` (or a module below one) are called: one of their
+    own, or one registered for all modules (``register_module_forward_hook``)."""
+    registry = nn.modules.module
+    if registry._global_forward_hooks or registry._global_forward_pre_hooks:
+        return True
+    stack = list(modules)
+    while stack:
+        m = stack.pop()
+        if m is None:
+            continue
+        d = m.__dict__
+        if d["_forward_hooks"] or d["_forward_pre_hooks"]:
+            return True
+        stack.extend(d["_modules"].values())
+    return False
+
+
+def _preserve_rng(modules: Sequence[nn.Module | None], custom: bool = False) -> bool:
+    """``preserve_rng_state`` for a checkpoint that recomputes ``modules``: whether a forward hook fires in
+    them, or (``custom``) a function of the user's own (a layer's own ``bn_function``) is recomputed, either of
+    which may draw random numbers. Not while compiling (dynamo keeps no RNG states; a compiled hook draws
+    from the traced graph's RNG) nor while a CUDA graph is being captured (its RNG state cannot be read then)."""
+    if torch.compiler.is_compiling() or not (custom or _forward_hooked(modules)):
+        return False
+    return not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
 
 # Modules whose output depends only on their input, parameters and buffers, and whose call changes no state:
 # a recomputation gives what the forward gave and leaves the module as one call leaves it. Exact classes with
@@ -273,7 +303,7 @@ def unrecomputable(named: Sequence[tuple[str, nn.Module | None]]) -> list[str]:
 
 
 def _needs_grad(tensors: Sequence[torch.Tensor], modules: Sequence[nn.Module]) -> bool:
-    return torch.is_grad_enabled() and (
+    return records_grad() and (
         any(t.requires_grad for t in tensors) or any(p.requires_grad for m in modules for p in m.parameters())
     )
 
@@ -327,7 +357,7 @@ def run_recomputed(named: Sequence[tuple[str, nn.Module]], x: torch.Tensor) -> t
                 stacklevel=4,
             )
         return run(x)
-    return checkpoint(recompute_once(run, modules), x, use_reentrant=False, preserve_rng_state=_PRESERVE_RNG)
+    return checkpoint(recompute_once(run, modules), x, use_reentrant=False, preserve_rng_state=_preserve_rng(modules))
 
 
 # what checkpoint recomputes of a layer: layer.bn_function, concat -> norm1 -> relu1 -> conv1
@@ -410,12 +440,14 @@ def run_block(block, x: torch.Tensor) -> torch.Tensor:
             # (no assignment expression here: dynamo cannot trace the cell it makes, "Read uninitialized cell",
             # and broke the compiled graph in every dense block)
             parts = layer._modules
-            if overrides(layer, layer_class, ("bn_function",)):
+            custom = overrides(layer, layer_class, ("bn_function",))
+            if custom:
                 reads = [layer]
             else:
                 reads = [parts[p] for p in _RECOMPUTED_PARTS if parts.get(p) is not None]
             fn = recompute_once(lambda *inputs, layer=layer: layer.bn_function(inputs), [layer.norm1], reads=reads)
-            bottleneck = checkpoint(fn, *features, use_reentrant=False, preserve_rng_state=_PRESERVE_RNG)
+            rng = _preserve_rng(reads, custom)
+            bottleneck = checkpoint(fn, *features, use_reentrant=False, preserve_rng_state=rng)
         else:
             bottleneck = layer.bn_function(features)
         features.append(layer.tail(bottleneck))

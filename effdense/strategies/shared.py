@@ -61,6 +61,7 @@ from effdense.strategies import (
     block_name,
     computes_as_batchnorm,
     overrides,
+    records_grad,
     standard_class,
     warn_runs_as_naive,
 )
@@ -1342,7 +1343,7 @@ def run_stage(
     dtypes = {p.dtype for p in params}  # (one pass over the parameters: this runs on every stage's forward)
     if dtypes != {x.dtype}:
         _check_param_dtypes(stage, x.dtype, dtypes, autocast=_autocasting(x))
-    if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+    if records_grad() and (x.requires_grad or any(p.requires_grad for p in params)):
         with _autocast_off(x.device.type):
             return _DenseStageFunction.apply(stage, x, *params)[0]
     with torch.no_grad(), _autocast_off(x.device.type):
