@@ -48,7 +48,7 @@ class _DenseLayer(nn.Module):
         bottleneck: bool = True,
     ) -> None:
         super().__init__()
-        self.bottleneck = bottleneck
+        self.bottleneck = bottleneck = _check_flag("bottleneck", bottleneck)
         self.norm1 = nn.BatchNorm2d(num_input_features)
         self.relu1 = nn.ReLU(inplace=True)
         if bottleneck:
@@ -145,6 +145,7 @@ class _DenseBlock(nn.ModuleDict):
         num_input_features = _check_positive_int("num_input_features", num_input_features)
         bn_size = _check_positive_int("bn_size", bn_size)
         growth_rate = _check_positive_int("growth_rate", growth_rate)
+        bottleneck = _check_flag("bottleneck", bottleneck)
         p = _real(drop_rate)
         if p is None or not 0.0 <= p < 1.0:
             raise ValueError(f"drop_rate must be a number in [0, 1), got {drop_rate!r}")
@@ -256,6 +257,16 @@ def _check_positive_int(name: str, value: Any) -> int:
     return index
 
 
+def _check_flag(name: str, value: Any) -> bool:
+    """``value`` if it is a bool (a numpy bool as a Python one); else a TypeError naming ``name``: a string
+    such as "False" or "no" would silently mean True, and an int is not taken for a switch."""
+    if type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_"):
+        value = bool(value)
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return value
+
+
 def _real(value: Any) -> float | None:
     """``value`` as a Python float if it is a real number (an int or float, a numpy scalar, a 0-d tensor, as
     torchvision accepts them), else None (also for a bool)."""
@@ -331,6 +342,8 @@ class DenseNet(nn.Module):
         bn_size = _check_positive_int("bn_size", bn_size)
         num_classes = _check_positive_int("num_classes", num_classes)
         in_channels = _check_positive_int("in_channels", in_channels)
+        bottleneck = _check_flag("bottleneck", bottleneck)
+        small_inputs = _check_flag("small_inputs", small_inputs)
         # a sequence, or a 1-d array or tensor of layer counts (their elements are integer scalars)
         sequence = isinstance(block_config, Sequence) or getattr(block_config, "ndim", None) == 1
         if not sequence or isinstance(block_config, (str, bytes)):
@@ -912,7 +925,12 @@ def densenet264(*, weights: Any = None, progress: bool = True, **kwargs: Any) ->
 
 def cifar_layers_per_block(depth: int, bottleneck: bool) -> int:
     """Layers per dense block for a 3-block CIFAR DenseNet of ``depth`` (Huang et al.'s rule)."""
+    bottleneck = _check_flag("bottleneck", bottleneck)
     per_layer = 2 if bottleneck else 1  # convolutions per dense layer
+    try:  # (an integer scalar such as numpy.int64 too, as the other sizes; not a bool)
+        depth = depth if isinstance(depth, bool) else operator.index(depth)
+    except TypeError:
+        pass
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 4 or (depth - 4) % (3 * per_layer):
         kind = "DenseNet-BC (bottleneck=True)" if bottleneck else "DenseNet (bottleneck=False)"
         raise ValueError(
@@ -930,7 +948,7 @@ def densenet_cifar(
     growth_rate: int,
     *,
     bottleneck: bool = True,
-    compression: float = 0.5,
+    compression: float | None = None,
     num_classes: int = 10,
     drop_rate: float = 0.0,
     strategy: str = "auto",
@@ -943,7 +961,9 @@ def densenet_cifar(
         depth: total depth; ``4 + 6n`` with a bottleneck (DenseNet-BC), ``4 + 3n`` without.
         growth_rate: channels each layer adds (``k``).
         bottleneck: use the BC bottleneck layer.
-        compression: transition compression in ``(0, 1]``.
+        compression: transition compression in ``(0, 1]``; default 0.5 with a bottleneck (DenseNet-BC), 1.0
+            without (the paper's DenseNet, which has none; its DenseNet-C is ``bottleneck=False,
+            compression=0.5``).
         num_classes: number of classes.
         drop_rate: dropout rate after each layer.
         strategy: block strategy (see :class:`DenseNet`).
@@ -956,8 +976,11 @@ def densenet_cifar(
     if fixed:  # (before: "DenseNet() got multiple values for keyword argument 'block_config'")
         raise TypeError(f"a CIFAR DenseNet's depth sets its block_config, and its stem is small_inputs=True; got "
                         f"{', '.join(fixed)}: build effdense.DenseNet directly to change them")
+    bottleneck = _check_flag("bottleneck", bottleneck)
     n = cifar_layers_per_block(depth, bottleneck)
     growth_rate = _check_positive_int("growth_rate", growth_rate)
+    if compression is None:
+        compression = 0.5 if bottleneck else 1.0
     num_init_features = 2 * growth_rate if bottleneck else 16
     model = DenseNet(
         growth_rate=growth_rate,
@@ -984,6 +1007,8 @@ def _cifar_name(depth: Any, bottleneck: Any) -> str:
 def _check_name_fixes(name: str, fixed: Mapping[str, Any], kwargs: dict[str, Any]) -> None:
     """A CIFAR model name fixes ``depth`` and ``bottleneck``: a keyword that contradicts it is an error
     (it would silently build another model); one equal to it is dropped from ``kwargs``."""
+    if "bottleneck" in kwargs:  # (a string such as 'yes' named no model: the switch's own error)
+        kwargs["bottleneck"] = _check_flag("bottleneck", kwargs["bottleneck"])
     for key, value in fixed.items():
         if key in kwargs and kwargs[key] != value:
             wanted = {**fixed, key: kwargs[key]}
@@ -1056,8 +1081,6 @@ def get_model(name: str, **kwargs: Any) -> DenseNet:
         kwargs.setdefault("growth_rate", 12)
         depth, bc = int(m.group(2)), m.group(1) is not None
         _check_name_fixes(name, {"depth": depth, "bottleneck": bc}, kwargs)
-        if not bc:
-            kwargs.setdefault("compression", 1.0)
         return densenet_cifar(depth, kwargs.pop("growth_rate"), bottleneck=bc, **kwargs)
     raise ValueError(f"unknown model {name!r}; expected one of {', '.join(sorted(MODELS))}, densenet_bc_<depth> or densenet_<depth>")
 
@@ -1531,6 +1554,9 @@ def convert(model: nn.Module, strategy: str = "auto", policy: Policy | None = No
             (the model's, and each block's own where a block was given one; the default ``Policy()`` for a
             torchvision source).
     """
+    if not isinstance(model, nn.Module):  # (a model name, None: model.modules() below raised AttributeError)
+        hint = f": build it with effdense.get_model({model!r}) instead" if isinstance(model, str) else ""
+        raise TypeError(f"convert() expects a torchvision DenseNet (an nn.Module), got {type(model).__name__}{hint}")
     if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
         raise TypeError(
             f"convert() expects a torchvision DenseNet, got a {type(model).__name__} wrapper: pass model.module"

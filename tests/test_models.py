@@ -297,6 +297,34 @@ def test_invalid_configuration(kwargs, message) -> None:
         effdense.DenseNet(**kwargs)
 
 
+def test_switches_must_be_bools_and_sizes_may_be_integer_scalars() -> None:
+    # bottleneck/small_inputs took any value by its truth: "False" built a DenseNet-BC with the CIFAR stem
+    import numpy as np
+
+    for build in (
+        lambda: effdense.DenseNet(growth_rate=4, block_config=(2,), bottleneck="False"),
+        lambda: effdense.DenseNet(growth_rate=4, block_config=(2,), small_inputs="False"),
+        lambda: effdense.DenseBlock(2, 8, 4, 4, 0.0, bottleneck="no"),
+        lambda: effdense.densenet_cifar(22, 4, bottleneck="no"),
+        lambda: effdense.get_model("densenet_bc_100", bottleneck="yes"),
+    ):
+        with pytest.raises(TypeError, match="(bottleneck|small_inputs) must be True or False, got '"):
+            build()
+    model = effdense.densenet_cifar(np.int64(22), 4, bottleneck=np.bool_(True))  # (depth was refused as invalid)
+    assert model.block_config == (3, 3, 3)
+    assert model.features.denseblock1.denselayer1.bottleneck is True
+
+
+def test_a_cifar_densenet_without_bottleneck_has_no_compression_by_default() -> None:
+    # the paper's DenseNet (no bottleneck) has no compression: densenet_cifar(40, 12, bottleneck=False) gave
+    # 0.5 where densenet_40 and get_model("densenet_40") give 1.0 (DenseNet-C stays one argument away)
+    for model in (effdense.densenet_cifar(40, 12, bottleneck=False), effdense.get_model("densenet_40"), effdense.densenet_40()):
+        assert model.compression == 1.0
+        assert sum(p.numel() for p in model.parameters()) == 1_019_722
+    assert effdense.densenet_cifar(40, 12, bottleneck=False, compression=0.5).compression == 0.5
+    assert effdense.densenet_cifar(40, 12).compression == 0.5  # DenseNet-BC
+
+
 def test_builders_fix_their_configuration() -> None:
     with pytest.raises(TypeError, match="densenet121\\(\\) fixes \\['growth_rate'\\]"):
         effdense.densenet121(growth_rate=12)
@@ -901,6 +929,11 @@ def test_convert_refuses_a_compiled_wrapper_and_odd_stems() -> None:
     tv = _small_torchvision_densenet()
     with pytest.raises(TypeError, match="torch.compile wrapper OptimizedModule: pass model._orig_mod"):
         effdense.convert(torch.compile(tv))
+    # not a module at all (was AttributeError: 'str' object has no attribute 'modules')
+    with pytest.raises(TypeError, match=r"an nn.Module\), got str: build it with effdense.get_model\('densenet121'\)"):
+        effdense.convert("densenet121")
+    with pytest.raises(TypeError, match=r"an nn.Module\), got NoneType$"):
+        effdense.convert(None)
     tv.features = nn.Sequential(OrderedDict([("extra", nn.ReLU()), *tv.features.named_children()]))
     with pytest.raises(TypeError, match=r"expects a torchvision DenseNet stem .* got \['extra', 'conv0'"):
         effdense.convert(tv)
