@@ -42,6 +42,7 @@ from effdense import densenet, strategies
 from effdense.benchutil import (
     DTYPES,
     AutocastInside,
+    _finite,
     _replacing,
     _writing,
     append_csv,
@@ -188,7 +189,8 @@ def main(args: argparse.Namespace) -> int:
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not _out_of_memory(exc):
             raise
-        first = first_line(exc)
+        # (c10's "[enforce fail at alloc_cpu.cpp:127] err == 0. " before the CPU allocator's own words)
+        first = re.sub(r"^\[enforce fail at [^\]]*\]\s*(err == 0\.\s*)?", "", first_line(exc))
         print(
             f"effdense train: error: out of memory ({first[:200]}); try a smaller --batch-size or --image-size, "
             f"or a leaner --strategy (shared, fused){_notes(exc)}",
@@ -504,7 +506,9 @@ def _build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer,
             fractions = _milestone_fractions(args.lr_milestones)
         except ValueError as exc:
             raise TrainError(f"--lr-milestones must be comma-separated fractions like 0.5,0.75, got {args.lr_milestones!r}") from exc
-        milestones = sorted({max(1, int(round(f * main_steps))) for f in fractions})
+        # (a list, not a set: milestones that fall on one step, 0.5,0.5 or two that round to it, decay it once
+        # each, as MultiStepLR does with a repeated milestone; a set merged them, one decay silently lost)
+        milestones = sorted(max(1, int(round(f * main_steps))) for f in fractions)
         sched = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=args.lr_gamma)
     else:
         sched = torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
@@ -561,6 +565,12 @@ def _with_defaults(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def _validate(args: argparse.Namespace) -> None:
+    # "~" left to effdense by the shell (--data-dir=~/data: no expansion after "="): the home folder, as
+    # torchvision's datasets take it (it was a folder named "~", missing, or made under the working folder)
+    for name in ("data_dir", "out_dir", "checkpoint", "resume", "metrics"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
     _reject_ineffective_options(args)
     for name in ("epochs", "batch_size"):
         v = getattr(args, name)
@@ -721,6 +731,8 @@ repeat images). Others may change (``--strategy``, ``--precision``, ``--workers`
 def _effective_options(config: dict[str, Any]) -> dict[str, Any]:
     """The :data:`RESUME_OPTIONS` of ``config`` (a checkpoint's, or ``vars(args)``), defaults filled in."""
     opts = {k: config[k] for k in RESUME_OPTIONS if k in config}
+    if config.get("data") == "digits":  # (no augmentation to turn off: --no-augment changes nothing there)
+        opts.pop("no_augment", None)
     opts["lr"], opts["weight_decay"] = _lr_and_weight_decay(
         config.get("optimizer", "sgd"), config.get("lr"), config.get("weight_decay"))
     if opts.get("image_size") is None and config.get("data") in DEFAULT_IMAGE_SIZE:
@@ -945,8 +957,8 @@ class _MetricsLog:
         with _writing(path):
             path.parent.mkdir(parents=True, exist_ok=True)
             if self.path.endswith(".jsonl"):
-                with path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
+                with path.open("a") as f:  # (a diverged run's NaN loss as null: JSON has no NaN, strict parsers refuse it)
+                    f.write(json.dumps(_finite(row), allow_nan=False) + "\n")
                 return
         flat = {k: (";".join(f"{x:.1f}" for x in v) if isinstance(v, list) else v) for k, v in row.items()}
         append_csv(path, flat, list(flat))
@@ -1110,6 +1122,11 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float, crea
     test_sampler = ShardSampler(len(test_set), ctx.world_size, ctx.rank, shuffle=False, pad=False)
     test_loader = _loader(test_set, test_sampler, args.batch_size, args.workers, device, False, args.seed)
 
+    if args.warmup_epochs and not args.resume and int(round(args.warmup_epochs * steps_per_epoch)) == 0:
+        raise TrainError(
+            f"--warmup-epochs {args.warmup_epochs:g} rounds to no step ({steps_per_epoch} steps per epoch): it would "
+            f"have no effect; give at least {1 / steps_per_epoch:.3g} (one step)"
+        )
     optimizer = _build_optimizer(args, model)
     scheduler = _build_scheduler(args, optimizer, steps_per_epoch)
     amp_dtype = PRECISIONS[args.precision]

@@ -1056,3 +1056,37 @@ def test_a_checkpoint_that_cannot_be_pickled_is_not_called_a_write_failure(tmp_p
 def test_no_full_batch_is_one_line(tmp_path, capsys):
     code, err = _run_main(capsys, [*TINY, "--out-dir", str(tmp_path), "--epochs", "1", "--subset", "16"])
     assert code == 2 and err.endswith("16 training images give no full batch of 32 per process (1 process); lower --batch-size"), err
+
+
+def test_a_diverged_runs_jsonl_log_is_standard_json(tmp_path):
+    # a NaN loss was written as a bare NaN, which strict JSON parsers (jq, JavaScript) refuse
+    metrics = tmp_path / "m.jsonl"
+    T.train(_args(tmp_path, "--epochs", 1, "--lr", "1e30", "--lr-schedule", "constant", "--metrics", metrics))
+    (row,) = [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON {c}")) for line in metrics.read_text().splitlines()]
+    assert row["train_loss"] is None and row["epoch"] == 1
+
+
+def test_schedule_options_that_would_change_nothing_are_refused_or_applied(tmp_path, capsys):
+    # a warm-up that rounds to no step was silently dropped; two milestones on one step decayed it once
+    code, err = _run_main(capsys, [*TINY, "--out-dir", str(tmp_path / "w"), "--epochs", "1", "--warmup-epochs", "0.1"])
+    assert code == 2 and "--warmup-epochs 0.1 rounds to no step (4 steps per epoch)" in err and "give at least 0.25" in err
+    history = {}
+    for milestones in ("0.5", "0.5,0.5", "0.5,0.52"):
+        result = T.train(_args(tmp_path / milestones, "--epochs", 4, "--lr-schedule", "step", "--lr-milestones", milestones))
+        history[milestones] = [row["lr"] for row in result["history"]]
+    assert history["0.5"][-1] == pytest.approx(0.01)
+    assert history["0.5,0.5"][-1] == history["0.5,0.52"][-1] == pytest.approx(0.001)  # gamma twice, as MultiStepLR
+
+
+def test_no_augment_on_digits_does_not_stop_a_resume_and_tilde_is_the_home_folder(tmp_path, capsys, monkeypatch):
+    # --no-augment changes nothing on digits (no augmentation), yet resume refused it as a changed option
+    first = T.train(_args(tmp_path / "a", "--epochs", 1, "--lr-schedule", "constant"))
+    code, err = _run_main(capsys, [*TINY, "--out-dir", str(tmp_path / "a"), "--epochs", "2", "--lr-schedule", "constant",
+                                   "--no-augment", "--resume", first["checkpoint"]])
+    assert code == 0, err
+    # "~" the shell left alone (--out-dir=~/runs) made a folder named "~" under the working folder
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    result = T.train(T.parse_args([*TINY, "--epochs", "1", "--out-dir=~/runs"]))
+    assert result["checkpoint"] == str(tmp_path / "home" / "runs" / "checkpoint.pt")
+    assert not (tmp_path / "~").exists()
