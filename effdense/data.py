@@ -145,6 +145,8 @@ class DataSpec:
     augmented: bool = False
     # the class names, label i the i-th (an ImageFolder's folder names; CIFAR's; the digits "0" to "9")
     classes: tuple[str, ...] = ()
+    # what a run should say about the data it was given (e.g. which of two test folders it evaluates on)
+    notes: tuple[str, ...] = ()
 
 
 def load_digits(
@@ -251,7 +253,8 @@ def _cifar_problem(name: str, root: str, cls: Any) -> str:
 
 
 def load_imagefolder(root: str | os.PathLike, image_size: int = 224, augment: bool = True) -> DataSpec:
-    """An ImageFolder tree: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*`` (``test/`` also works).
+    """An ImageFolder tree: ``root/train/<class>/*.jpg`` and ``root/val/<class>/*`` (``test/`` also works;
+    with both, ``val/`` is evaluated on and the spec's ``notes`` say so).
 
     Training images: random resized crop and horizontal flip (when ``augment``); test images: resize to
     ``image_size * 8/7`` and centre crop, as for ImageNet. Normalised with ImageNet statistics. Files are
@@ -262,7 +265,7 @@ def load_imagefolder(root: str | os.PathLike, image_size: int = 224, augment: bo
     from torchvision import transforms as T
 
     root = _existing_dir(root, "imagefolder")
-    splits = {}
+    splits, notes = {}, []
     for split, candidates in (("train", ("train",)), ("test", ("val", "test"))):
         found = [os.path.join(root, c) for c in candidates if os.path.isdir(os.path.join(root, c))]
         if not found:
@@ -271,6 +274,9 @@ def load_imagefolder(root: str | os.PathLike, image_size: int = 224, augment: bo
                 "expected root/train/<class>/<image> and root/val/<class>/<image>"
             )
         splits[split] = found[0]
+        if len(found) > 1:  # (val/ and test/ both there: the first is evaluated on, the other read by no one)
+            others = ", ".join(repr(os.path.basename(f) + "/") for f in found[1:])
+            notes.append(f"imagefolder: evaluating on {os.path.basename(found[0])}/; {others} is there too and is not used")
     mean, std = _IMAGENET_STATS
     test_tf = T.Compose([T.Resize(round(image_size * 8 / 7), antialias=True), T.CenterCrop(image_size)])
     if augment:
@@ -301,7 +307,10 @@ def load_imagefolder(root: str | os.PathLike, image_size: int = 224, augment: bo
         raise DataError(
             f"imagefolder: train and test class folders differ ({differ}); both splits need the same <class> sub-folders"
         )
-    return DataSpec("imagefolder", train, test, len(train.classes), 3, image_size, augmented=augment, classes=tuple(train.classes))
+    return DataSpec(
+        "imagefolder", train, test, len(train.classes), 3, image_size, augmented=augment, classes=tuple(train.classes),
+        notes=tuple(notes),
+    )
 
 
 def _existing_dir(root: str | os.PathLike | None, name: str) -> str:

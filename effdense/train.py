@@ -1085,6 +1085,8 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float, crea
     train_set = seeded if seeded is not None else spec.train
     train_set = Subset(train_set, args.subset) if args.subset else train_set
     test_set = Subset(spec.test, args.test_subset) if args.test_subset else spec.test
+    for note in spec.notes:
+        say(f"note: {note}")
     if spec.num_classes == 1:
         say(f"note: {spec.name} has one class: every prediction is right (loss 0, accuracy 1), whatever the model learns")
     for option, n, full in (("--subset", args.subset, spec.train), ("--test-subset", args.test_subset, spec.test)):

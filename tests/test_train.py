@@ -1090,3 +1090,17 @@ def test_no_augment_on_digits_does_not_stop_a_resume_and_tilde_is_the_home_folde
     result = T.train(T.parse_args([*TINY, "--epochs", "1", "--out-dir=~/runs"]))
     assert result["checkpoint"] == str(tmp_path / "home" / "runs" / "checkpoint.pt")
     assert not (tmp_path / "~").exists()
+
+
+def test_imagefolder_with_val_and_test_says_which_it_evaluates_on(tmp_path):
+    # val/ and test/ both present: val/ was evaluated on and test/ silently left unread
+    from effdense.data import load_imagefolder
+
+    _image_folder(tmp_path / "imgs", per_class=2)
+    _image_folder_class(tmp_path / "imgs" / "test" / "cat", 1)
+    _image_folder_class(tmp_path / "imgs" / "test" / "dog", 1)
+    spec = load_imagefolder(tmp_path / "imgs", image_size=16)
+    assert spec.notes == ("imagefolder: evaluating on val/; 'test/' is there too and is not used",)
+    assert len(spec.test) == 4  # val's
+    (tmp_path / "imgs" / "val").rename(tmp_path / "imgs" / "old")
+    assert load_imagefolder(tmp_path / "imgs", image_size=16).notes == ()
