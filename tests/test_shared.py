@@ -1140,6 +1140,10 @@ def test_block_input_channels_checked() -> None:
         model(torch.randn(2, 5, 4, 4))
     with pytest.raises(ValueError, match="^dense block expects input"):  # a block never named: none said
         effdense.DenseBlock(2, 8, 4, 4, 0.0, strategy="shared")(torch.randn(2, 5, 4, 4))
+    # an integer input: the parameter-dtype check advised model.to(torch.int64) or autocast
+    for strategy in ("shared", "fused"):
+        with pytest.raises(TypeError, match="^dense block expects a floating-point input, got dtype torch.int64; convert with x.float"):
+            effdense.DenseBlock(2, 8, 4, 4, 0.0, strategy=strategy)(torch.ones(2, 8, 4, 4, dtype=torch.long))
 
 
 def test_batch_of_one_pixel_raises_like_batchnorm() -> None:

@@ -1394,6 +1394,12 @@ def _check_block_input(block, x: torch.Tensor) -> None:
             f"dense block{f' {name}' if name else ''} expects input (N, {block.num_input_features}, H, W), got shape "
             f"{tuple(x.shape)}"
         )
+    if not x.is_floating_point():  # (the dtype check below advised model.to(torch.int64), or autocast)
+        name = block_name(block)
+        raise TypeError(
+            f"dense block{f' {name}' if name else ''} expects a floating-point input, got dtype {x.dtype}; convert "
+            "with x.float()"
+        )
 
 
 # What the Function computes in place of a stage's modules: affine BatchNorms (any _BatchNorm: BatchNorm2d,
