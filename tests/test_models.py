@@ -1544,6 +1544,40 @@ def test_checkpoint_recomputes_a_random_hook_with_forwards_numbers(hooked: str) 
     assert torch.equal(after, ref_after)  # the RNG where the plain model leaves it
 
 
+def test_checkpoint_updates_a_batchnorm_swapped_into_a_recomputed_part_once() -> None:
+    # checkpoint put back only norm1's running statistics after recomputing norm1-relu1-conv1: a BatchNorm swapped
+    # into relu1 or conv1 (conv+BN, BN+act) was updated twice per step, its running mean drifting from naive's
+    x = torch.randn(3, 3, 29, 29)
+    buffers = {}
+    for strategy in ("naive", "checkpoint"):
+        model = _small_densenet(strategy)
+        layer = model.features.denseblock1.denselayer2
+        c = layer.conv1.in_channels
+        torch.manual_seed(5)
+        layer.conv1 = nn.Sequential(nn.Conv2d(c, layer.conv1.out_channels, 1, bias=False), nn.BatchNorm2d(layer.conv1.out_channels))
+        layer.relu1 = nn.Sequential(nn.BatchNorm2d(c), nn.ReLU())
+        train_step(model, x)
+        buffers[strategy] = dict(model.named_buffers())
+    for name, ref in buffers["naive"].items():
+        torch.testing.assert_close(buffers["checkpoint"][name], ref, msg=name)
+
+
+def test_checkpoint_trains_a_lazy_batchnorm_swapped_in() -> None:
+    # nn.LazyBatchNorm2d materialises its parameters in place in its first forward: the record of what the
+    # recomputation reads, taken before that call, raised the in-place error ("Run backward before ...
+    # optimizer.step()") on the first step; naive and torchvision's memory_efficient=True train
+    x = torch.randn(2, 3, 29, 29)
+    grads = {}
+    for strategy in ("naive", "checkpoint"):
+        model = _small_densenet(strategy)
+        torch.manual_seed(1)
+        model.features.denseblock1.denselayer2.norm1 = nn.LazyBatchNorm2d()
+        train_step(model, x)
+        grads[strategy] = {n: p.grad for n, p in model.named_parameters()}
+    for name, g in grads["naive"].items():
+        assert_close_rel(grads["checkpoint"][name], g, name=name)
+
+
 def test_a_forward_inside_inference_mode_with_grad_enabled_runs_plainly() -> None:
     # torch.enable_grad() inside torch.inference_mode(): grad mode is on but nothing is recorded, and tensors
     # made there cannot be saved for backward; checkpoint and the shared Function saved them and raised

@@ -893,6 +893,18 @@ def test_channels_last_model_with_dropout_matches_naive(strategy) -> None:
 
 
 @pytest.mark.parametrize("strategy", ["shared", "fused"])
+def test_a_drop_rate_set_as_a_0d_tensor_matches_naive(strategy) -> None:
+    # a schedule that sets layer.drop_rate = torch.tensor(0.3): backward's replay drew through bernoulli_'s tensor
+    # overload, other numbers than forward's dropout, and raised the error meant for another thread's draw
+    torch.manual_seed(0)
+    model = effdense.densenet_cifar(16, 4)
+    for layer in model.modules():
+        if isinstance(layer, effdense.densenet._DenseLayer):
+            layer.drop_rate = torch.tensor(0.3)
+    assert_matches(*_pair(model, strategy), torch.randn(3, 3, 8, 8))
+
+
+@pytest.mark.parametrize("strategy", ["shared", "fused"])
 @pytest.mark.parametrize("new_rate", [0.0, 0.5])
 def test_dropout_rate_changed_before_backward_applies_forwards_rate(strategy, new_rate) -> None:
     """A dropout schedule that sets the layers' ``drop_rate`` between a forward and its backward (or two

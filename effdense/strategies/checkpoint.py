@@ -128,11 +128,14 @@ def recompute_once(
         nonlocal calls
         calls += 1
         if calls == 1:
+            out = fn(*inputs)
+            # (recorded after the call: a lazy module, nn.LazyBatchNorm2d swapped in, materialises its parameters
+            # in place in its first forward, which a record taken before counted as a change since forward)
             tensors, flags, read_versions = _forward_record(modules if reads is None else reads)
             record.extend(tensors)
             modes.extend(flags)
             versions.extend(read_versions)
-            return fn(*inputs)
+            return out
         _check_unchanged(versions)
         with _as_in_forward(record, modes), frozen_running_stats(modules):
             return fn(*inputs)
@@ -445,7 +448,9 @@ def run_block(block, x: torch.Tensor) -> torch.Tensor:
                 reads = [layer]
             else:
                 reads = [parts[p] for p in _RECOMPUTED_PARTS if parts.get(p) is not None]
-            fn = recompute_once(lambda *inputs, layer=layer: layer.bn_function(inputs), [layer.norm1], reads=reads)
+            # (every BatchNorm the recomputation runs keeps its statistics: one swapped into relu1 or conv1's place
+            # was updated a second time when only norm1's were put back)
+            fn = recompute_once(lambda *inputs, layer=layer: layer.bn_function(inputs), reads)
             rng = _preserve_rng(reads, custom)
             bottleneck = checkpoint(fn, *features, use_reentrant=False, preserve_rng_state=rng)
         else:

@@ -619,7 +619,10 @@ def _layer_forward(stage: _Stage, state: _StageState, layer, Fbuf: torch.Tensor,
             state.save(None, which=which)
         h = _bn_relu(x, norm1, *_bn_stats(norm1, mean1, var1))
         out = F.conv2d(h, _cast(_weight(conv1), dtype), padding=1)
-    p = layer.drop_rate  # (saved with the mask or RNG state: backward applies this rate, whatever the layer's then)
+    # (saved with the mask or RNG state: backward applies this rate, whatever the layer's then; a number, as a
+    # 0-d tensor set by a schedule drew its replay through another bernoulli_ overload than forward's dropout)
+    p = layer.drop_rate
+    p = float(p) if isinstance(p, torch.Tensor) else p
     if p > 0 and layer.training:
         if state.keep and _keep_dropout_mask(out.device):
             # dynamo and CUDA-graph capture cannot save and restore RNG states: keep the mask (1 byte per new
