@@ -58,6 +58,7 @@ import contextvars
 import dataclasses
 import fractions
 import functools
+import importlib
 import math
 import operator
 import os
@@ -1012,6 +1013,10 @@ def estimate_step(
             )
         context = FakeTensorMode(allow_non_fake_inputs=False)
         copy_module = functools.partial(_fake_copy, fake_mode=context, device=device)
+    # PyTorch's meta convolution imports torch._dynamo on its first call (torch._compile's disable wrapper): inside
+    # the step, the import's frames (held in a reference cycle while the step pauses the garbage collector) kept the
+    # step's tensors in their locals alive, and a process's first meta estimate came out a few KB above the rest
+    importlib.import_module("torch._dynamo")
     if isinstance(model, nn.Module):
         module = copy_module(model)  # outside the context: the real tensors are read, not faked
     # the model is built on ``device`` from the start: moving fake parameters afterwards is not possible
