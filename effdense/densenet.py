@@ -551,7 +551,9 @@ class DenseNet(nn.Module):
             raise ValueError(
                 f"expected {channels} input channels (N, {channels}, H, W), got {x.shape[1]} in shape {tuple(x.shape)}"
             )
-        h, w = int(x.shape[2]), int(x.shape[3])
+        # (the sizes as they are: int() of a symbolic size under torch.export specialised it to the example's, and an
+        # export with a dynamic height or width failed with "your code specialized it to be a constant")
+        h, w = x.shape[2], x.shape[3]
         if self._final_spatial(h, 0) < 1 or self._final_spatial(w, 1) < 1:
             raise ValueError(
                 f"input spatial size {h}x{w} is too small for this model: it needs at least "
@@ -563,7 +565,7 @@ class DenseNet(nn.Module):
         raise RuntimeError(
             "effdense.DenseNet cannot be compiled by torch.jit.script: its dense blocks dispatch to Python "
             f"strategies (strategy={self.strategy!r}). Use torch.compile, torch.jit.trace with strategy 'naive' "
-            "or 'checkpoint', or load model.state_dict() into torchvision.models.DenseNet for TorchScript"
+            "(or 'checkpoint' under torch.no_grad()), or load model.state_dict() into torchvision.models.DenseNet for TorchScript"
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

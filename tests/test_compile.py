@@ -18,6 +18,7 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+import torchvision
 from torch._dynamo.utils import counters
 
 import effdense
@@ -339,6 +340,19 @@ def test_export_runs_auto_as_naive_and_refuses_shared_fused(strict) -> None:
     for strategy in ("shared", "fused"):
         with pytest.raises(Exception, match=f"strategy '{strategy}' cannot be exported by torch.export"):
             torch.export.export(copy.deepcopy(model).set_strategy(strategy), (x,), strict=strict)
+
+
+def test_export_with_a_dynamic_image_size_as_torchvision() -> None:
+    """A dynamic height and width (ONNX deployment's usual export): the input check's int() of the symbolic
+    sizes specialised them to the example's, and the export failed ("your code specialized it to be a constant");
+    torchvision's model exports. The program then runs other sizes with torchvision's outputs."""
+    torch.manual_seed(0)
+    tv = torchvision.models.DenseNet(growth_rate=4, block_config=(2, 2), num_init_features=8, num_classes=5).eval()
+    ours = effdense.convert(tv).eval()
+    dims = {"x": {2: torch.export.Dim("h", min=32, max=256), 3: torch.export.Dim("w", min=32, max=256)}}
+    prog = torch.export.export(ours, (torch.randn(2, 3, 64, 64),), dynamic_shapes=dims).module()
+    x = torch.randn(2, 3, 96, 80)
+    torch.testing.assert_close(prog(x), tv(x))
 
 
 def test_checkpoint_compiles_into_one_graph() -> None:
