@@ -45,6 +45,7 @@ from effdense.benchutil import (
     free_memory,
     image_size_problem,
     model_name,
+    output_dir,
     positive_int,
     progress,
     resolve_device,
@@ -124,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         device = resolve_device(args.device)
-    except ValueError as exc:
+        # (before the first row: a --out that cannot be a folder raised OutputError's traceback after it)
+        output_dir(args.out, [f"estimate_vs_{device.type}.json", f"estimate_vs_{device.type}.csv"])
+    except ValueError as exc:  # (UsageError is one)
         print(f"estimate_vs_cuda: error: {exc}", file=sys.stderr)
         return 2
     configs = args.config or [config(c) for c in DEFAULT_CONFIGS]

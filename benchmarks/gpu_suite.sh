@@ -9,13 +9,14 @@
 #   OUT=/tmp/gpu ARCHIVE=/keep/gpu.tgz bash benchmarks/gpu_suite.sh   # also everything in one .tgz
 #   bash benchmarks/gpu_suite.sh --allow-cpu      # dry run without a GPU: every step on tiny settings
 #
-# Everything goes under $OUT, a new or empty folder (default benchmarks/results/gpu-<device-slug>/<date>_<commit>/;
+# Everything goes under $OUT (relative: to the calling folder), a new or empty folder (default benchmarks/results/gpu-<device-slug>/<date>_<commit>/;
 # a folder holding an earlier run's files is refused, so that no stale result sits beside this run's): environment.json, one
 # <step>.log per step, pytest junit XML, the benchmarks' JSON/CSV, and steps.tsv / summary.json with each
 # step's exit code and duration. A failing step does not stop the others; the script exits 1 at the end if
 # any step failed (2 for a usage error or no GPU). Each step runs under `timeout`, and all of them share a
 # budget of $SUITE_BUDGET_S seconds (default 540, so the suite ends inside a 10-minute session; 551 s with
-# SUITE_BUDGET_S=550 on an H200 at 3d264cc): a step left without time is recorded as not_run. ARCHIVE: a
+# SUITE_BUDGET_S=550 on an H200 at 3d264cc; 1800 for the dry run): a step left without time is recorded as
+# not_run. Ctrl-C (or TERM) stops the running step, records it as interrupted and ends the suite (exit 130/143). ARCHIVE: a
 # .tgz path to pack $OUT into at the end, for machines that return few files. No network access is needed.
 # GIT_COMMIT names the commit recorded (else .git's, else "unknown"). PYTHON: the interpreter (default python),
 # whose effdense must be this checkout's (pip install -e .; checked). SUITE_WORKERS: pytest-xdist processes for
@@ -25,9 +26,16 @@
 # second lease does not know that the first turned the direct launch off: include tests_direct_launch in each).
 set -euo pipefail
 SUITE_START=$SECONDS  # (here, before the pre-checks below: they are in the budget too)
+# a relative OUT or ARCHIVE is the caller's, not the checkout's (they were taken from the repository root)
+CALLER_DIR=$(pwd)
+for var in OUT ARCHIVE; do
+    if [ -n "${!var:-}" ] && [ "${!var#/}" = "${!var}" ]; then
+        printf -v "$var" '%s/%s' "$CALLER_DIR" "${!var}"
+    fi
+done
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"; }  # (the whole header)
 
 ALLOW_CPU=0
 while [ $# -gt 0 ]; do
@@ -74,7 +82,8 @@ SLUG=$("$PY" -c "
 import re, torch
 name = torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu-dry-run'
 print(re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-'))")
-BUDGET=${SUITE_BUDGET_S:-540}
+# (a dry run on a 2-core CPU needs ~30 min for its steps: no lease to end inside there)
+BUDGET=${SUITE_BUDGET_S:-$([ "$MODE" = gpu ] && echo 540 || echo 1800)}
 if ! [[ "$BUDGET" =~ ^[0-9]+$ ]] || [ "$BUDGET" -eq 0 ]; then
     echo "gpu_suite.sh: error: SUITE_BUDGET_S must be a positive number of seconds, got '$BUDGET'" >&2
     exit 2
@@ -132,6 +141,40 @@ set +f
 echo "gpu_suite.sh: $MODE on $SLUG, commit $GIT_COMMIT, writing to $OUT (budget ${BUDGET}s; pytest ${XDIST[*]:-without xdist})"
 printf 'step\texit_code\tseconds\tstatus\tcommand\n' >"$OUT/steps.tsv"
 FAILED=()
+STEP_PID=
+
+write_summary() {
+    "$PY" - "$OUT" "$MODE" "$((SECONDS - SUITE_START))" <<'EOF'
+import csv, json, sys
+out, mode, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3])
+with open(f"{out}/steps.tsv") as f:
+    steps = list(csv.DictReader(f, delimiter="\t"))
+with open(f"{out}/summary.json", "w") as f:
+    json.dump({"mode": mode, "seconds": seconds,
+               "failed": [s["step"] for s in steps if s["status"] not in ("ok", "skipped")],
+               "skipped": [s["step"] for s in steps if s["status"] == "skipped"], "steps": steps}, f, indent=2)
+EOF
+}
+
+# Ctrl-C or a TERM: stop the running step (its `timeout` passes the signal on to the step's process group),
+# record it as interrupted, write summary.json and exit 130 (143 for TERM)
+on_signal() {
+    trap - INT TERM
+    local sig=$1 code=$2 kids
+    if [ -n "$STEP_PID" ]; then
+        kids=$(pgrep -P "$STEP_PID" 2>/dev/null || cat /proc/"$STEP_PID"/task/*/children 2>/dev/null || true)
+        if [ -n "$kids" ]; then kill -"$sig" $kids 2>/dev/null || true; fi
+        wait "$STEP_PID" 2>/dev/null || true
+        printf '%s\t%s\t%s\t%s\t%s\n' "$STEP_NAME" "$code" "$((SECONDS - STEP_START))" interrupted "$STEP_CMD" >>"$OUT/steps.tsv"
+        echo "gpu_suite.sh: interrupted by SIG$sig during step $STEP_NAME; the later steps did not run; results so far in $OUT" >&2
+    else
+        echo "gpu_suite.sh: interrupted by SIG$sig; the later steps did not run; results so far in $OUT" >&2
+    fi
+    write_summary || true
+    exit "$code"
+}
+trap 'on_signal INT 130' INT
+trap 'on_signal TERM 143' TERM
 
 # step NAME LIMIT_S CMD...: run CMD under `timeout` (at most what is left of the budget), log to NAME.log,
 # record its exit code; never stops the suite.
@@ -154,9 +197,18 @@ step() {
         rc=125 status=not_run
         echo "too little time left in the suite budget (${BUDGET}s) for this step; not run" | tee "$OUT/$name.log"
     else
+        # in the background, waited for: bash runs the INT/TERM trap (on_signal) at once during a `wait`, where a
+        # foreground pipeline deferred it, and `timeout` puts its step in a process group of its own, which a
+        # terminal's Ctrl-C does not reach (the suite ran on, every later step too, and exited 0)
         set +e
-        timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
-        rc=${PIPESTATUS[0]}
+        (
+            timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+            exit "${PIPESTATUS[0]}"
+        ) <&0 &  # (<&0: a background command's stdin is /dev/null otherwise, and the environment step reads its script there)
+        STEP_PID=$! STEP_NAME=$name STEP_START=$start STEP_CMD="$*"
+        wait "$STEP_PID"
+        rc=$?
+        STEP_PID=
         set -e
     fi
     case $status$rc in
@@ -313,16 +365,13 @@ else
         --image-size 8 --repeats 1 --calls 10 --out "$OUT"
 fi
 
-"$PY" - "$OUT" "$MODE" "$((SECONDS - SUITE_START))" <<'EOF'
-import csv, json, sys
-out, mode, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3])
-with open(f"{out}/steps.tsv") as f:
-    steps = list(csv.DictReader(f, delimiter="\t"))
-with open(f"{out}/summary.json", "w") as f:
-    json.dump({"mode": mode, "seconds": seconds,
-               "failed": [s["step"] for s in steps if s["status"] not in ("ok", "skipped")],
-               "skipped": [s["step"] for s in steps if s["status"] == "skipped"], "steps": steps}, f, indent=2)
-EOF
+# steps that this mode has no run of (the dry run's GPU-only ones): skipped, not silently missing from steps.tsv
+for name in $ALL_STEPS; do
+    if ! cut -f1 "$OUT/steps.tsv" | grep -qx "$name"; then
+        printf '%s\t\t0\tskipped\t(no %s step)\n' "$name" "$MODE" >>"$OUT/steps.tsv"
+    fi
+done
+write_summary
 echo
 echo "gpu_suite.sh: $MODE finished in $((SECONDS - SUITE_START))s; results in $OUT"
 column -t -s $'\t' "$OUT/steps.tsv" 2>/dev/null | cut -c1-100 || cut -f1-4 "$OUT/steps.tsv"

@@ -40,7 +40,16 @@ if not torch.cuda.is_available():  # before effdense.kernels is imported: fused 
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import effdense  # noqa: E402
-from effdense.benchutil import environment, format_table, model_name, positive_int, strategy_list, write_json  # noqa: E402
+from effdense.benchutil import (  # noqa: E402
+    UsageError,
+    environment,
+    format_table,
+    model_name,
+    output_dir,
+    positive_int,
+    strategy_list,
+    write_json,
+)
 
 VIEW_OPS = {
     "view", "_unsafe_view", "slice", "select", "expand", "alias", "detach", "t", "transpose", "permute",
@@ -203,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         print("host_overhead.py: error: --device cpu on a CUDA machine needs TRITON_INTERPRET=1 in the environment "
               "(the kernels' CPU path); or use --device cuda", file=sys.stderr)
         return 2
+    if args.out:  # (before the counting: a --out that cannot be a folder lost the results in a traceback)
+        try:
+            output_dir(Path(args.out))
+        except UsageError as exc:
+            print(f"host_overhead.py: error: {exc}", file=sys.stderr)
+            return 2
     count_device = "meta" if args.device == "cpu" else "cuda"
     shape = (args.batch_size, 3, args.image_size, args.image_size)
 
@@ -255,7 +270,6 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         path = out / f"host_overhead_{model}_b{args.batch_size}_{args.image_size}px{'_cuda' if args.device == 'cuda' else ''}.json"
         write_json(path, payload)
         print(f"\nwrote {path}")

@@ -27,6 +27,7 @@ from effdense.benchutil import (
     environment,
     model_name,
     nonnegative_int,
+    output_dir,
     positive_int,
     require_image_size,
     resolve_device,
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         require_image_size(effdense.get_model(args.model, strategy="naive"), args.image_size, args.model,
                            batch_size=args.batch_size)  # fmt: skip
+        if args.out:  # (before the pairs: a --out that cannot be a folder lost them all in a traceback)
+            output_dir(Path(args.out))
     except UsageError as exc:
         p.error(str(exc))
     if args.threads:
@@ -99,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
           f"(min {result['ratio_min']:.3f}, max {result['ratio_max']:.3f}, {args.pairs} pairs)")
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         stem = f"step_ratio_{args.model}_b{args.batch_size}_{args.image_size}px_{args.candidate}_vs_{args.baseline}"
         path = out / f"{stem}_{device.type}.json"
         write_json(path, result)  # (replaced at once: an interrupted write keeps the old file)
