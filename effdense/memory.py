@@ -19,8 +19,8 @@ allocates one the size of its input inside the operator, and the ``shared``/``fu
 BatchNorm backward, so on CPU the allocator itself reaches more than the tracked peak there (for ``naive``,
 whose peak falls elsewhere, the two agree closely). The tracked number is the live-tensor memory that the
 strategies control, the same on every device; the CUDA measurement includes whatever the kernels allocate.
-A sparse gradient (``nn.Embedding(..., sparse=True)``) is in the peak, but in the breakdown's ``activations``,
-not ``grads``: the breakdown counts dense storages.
+A sparse tensor (a sparse gradient, ``nn.Embedding(..., sparse=True)``) is counted by its indices' and values'
+storages, in the peak and in the breakdown (a sparse ``.grad`` in ``grads``).
 
 Three ways to get the number, one API (:func:`measure_step`, :func:`estimate_step`):
 
@@ -178,14 +178,37 @@ def _storage(t: torch.Tensor) -> torch.UntypedStorage | None:
         return None
 
 
+_SPARSE_PARTS = {  # layout -> the tensors that hold a sparse tensor's memory
+    torch.sparse_coo: ("_indices", "_values"),
+    torch.sparse_csr: ("crow_indices", "col_indices", "values"),
+    torch.sparse_csc: ("ccol_indices", "row_indices", "values"),
+    torch.sparse_bsr: ("crow_indices", "col_indices", "values"),
+    torch.sparse_bsc: ("ccol_indices", "row_indices", "values"),
+}
+
+
+def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
+    """The storages that hold ``t``'s memory: its own, or a sparse tensor's indices and values (which have no
+    storage of their own; a sparse gradient, ``nn.Embedding(..., sparse=True)``, went uncounted)."""
+    parts = _SPARSE_PARTS.get(t.layout)
+    if parts is None:
+        st = _storage(t)
+        return [] if st is None else [st]
+    out = []
+    for name in parts:
+        st = _storage(getattr(t, name)())
+        if st is not None:
+            out.append(st)
+    return out
+
+
 def storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
     """Bytes of the distinct storages behind ``tensors`` (each storage once; ``None`` skipped)."""
     seen: dict[int, int] = {}
     for t in tensors:
         if t is None:
             continue
-        st = _storage(t)
-        if st is not None:
+        for st in _storages(t):
             seen[st._cdata] = st.nbytes()
     return sum(seen.values())
 
@@ -250,9 +273,9 @@ class MemoryTracker(TorchDispatchMode):
         for t in tensors:
             if t is None:
                 continue
-            st = _storage(t)
-            if st is not None and st._cdata not in self._live:
-                self._add(st, st._cdata, st.nbytes(), 0)
+            for st in _storages(t):
+                if st._cdata not in self._live:
+                    self._add(st, st._cdata, st.nbytes(), 0)
         return self.current - before
 
     def reset_peak(self) -> None:
@@ -261,9 +284,9 @@ class MemoryTracker(TorchDispatchMode):
         self.peak_seq = self.num_allocations
 
     def is_live(self, t: torch.Tensor) -> bool:
-        """Whether ``t``'s storage is being counted."""
-        st = _storage(t)
-        return st is not None and st._cdata in self._live
+        """Whether ``t``'s storage is being counted (a sparse tensor's: all of its parts')."""
+        sts = _storages(t)
+        return bool(sts) and all(st._cdata in self._live for st in sts)
 
     def bytes_live_at_peak(self, tensors: Iterable[torch.Tensor | None]) -> int:
         """Of the storages behind ``tensors`` that are live now, the bytes that were already live at the peak.
@@ -272,13 +295,11 @@ class MemoryTracker(TorchDispatchMode):
         """
         total: dict[int, int] = {}
         for t in tensors:
-            st = None if t is None else _storage(t)
-            if st is None:
-                continue
-            key = st._cdata
-            born = self._born.get(key)
-            if born is not None and born <= self.peak_seq:
-                total[key] = self._live[key]
+            for st in [] if t is None else _storages(t):
+                key = st._cdata
+                born = self._born.get(key)
+                if born is not None and born <= self.peak_seq:
+                    total[key] = self._live[key]
         return sum(total.values())
 
     # -- the dispatch hook
@@ -289,33 +310,26 @@ class MemoryTracker(TorchDispatchMode):
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor):
                 continue
-            st = _storage(t)
-            if st is None:
-                continue
-            key = st._cdata
-            if claims is not None and id(t) in claims and key not in self._live:
-                self._claimed[key] = claims[id(t)]
-            nbytes = self._claimed.get(key, st.nbytes())
-            known = self._live.get(key)
-            if known is not None:
-                if known != nbytes:  # storage resized (resize_, out= arguments)
-                    self._live[key] = nbytes
-                    self.current += nbytes - known
-                    if self.current > self.peak:
-                        self.peak = self.current
-                        self.peak_seq = self.num_allocations
-                continue
-            if input_keys is None:
-                input_keys = set()
-                for a in tree_leaves((args, kwargs)):
-                    if isinstance(a, torch.Tensor):
-                        sa = _storage(a)
-                        if sa is not None:
-                            input_keys.add(sa._cdata)
-            if key in input_keys:
-                continue  # a view of, or in-place result on, a tensor we were not asked to count
-            self.num_allocations += 1
-            self._add(st, key, nbytes, self.num_allocations)
+            for st in _storages(t):  # (a sparse tensor's indices and values)
+                key = st._cdata
+                if claims is not None and id(t) in claims and key not in self._live:
+                    self._claimed[key] = claims[id(t)]
+                nbytes = self._claimed.get(key, st.nbytes())
+                known = self._live.get(key)
+                if known is not None:
+                    if known != nbytes:  # storage resized (resize_, out= arguments)
+                        self._live[key] = nbytes
+                        self.current += nbytes - known
+                        if self.current > self.peak:
+                            self.peak = self.current
+                            self.peak_seq = self.num_allocations
+                    continue
+                if input_keys is None:
+                    input_keys = {sa._cdata for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor) for sa in _storages(a)}
+                if key in input_keys:
+                    continue  # a view of, or in-place result on, a tensor we were not asked to count
+                self.num_allocations += 1
+                self._add(st, key, nbytes, self.num_allocations)
         return out
 
 
@@ -522,6 +536,11 @@ def _input_shape(shape: Any) -> tuple[int, ...]:
     except TypeError:
         dims = None
     if not dims or any(d < 1 for d in dims) or any(isinstance(d, bool) for d in shape):  # (True is not a size)
+        if isinstance(shape, (tuple, list)) and shape and all(isinstance(d, (torch.Tensor, tuple, list)) for d in shape):
+            raise ValueError(  # (several inputs: the message showed their values, and said nothing of the limit)
+                f"a step takes one input (a shape or a tensor), got {len(shape)}: for a model whose forward takes several, "
+                "measure a wrapper module whose forward builds the others from the one input (or holds them as buffers)"
+            )
         raise ValueError(f"input shape must be a sequence of positive ints such as (64, 3, 32, 32), got {shape!r}")
     return dims
 
@@ -673,7 +692,8 @@ def measure_step(
     moved to ``device`` (if given) and its ``.grad`` tensors are dropped first; the step updates BatchNorm
     running statistics as training does. It runs with autograd on (also under ``torch.no_grad()``; inside
     ``torch.inference_mode()`` it raises), leaves the global RNG states (CPU, and the CUDA device it runs
-    on) as they were, and leaves an input tensor's ``.grad`` as it was. On CUDA the number is
+    on) as they were (it restores them: another thread drawing from them during the step draws numbers again),
+    and leaves an input tensor's ``.grad`` as it was. On CUDA the number is
     the allocator's ``max_memory_allocated()`` (after ``warmup`` steps, default 1, so that one-time
     library workspaces are not in it); elsewhere the exact tracked peak (``warmup`` default 0). Called
     under ``FakeTensorMode`` with a fake model it returns the estimate (see :func:`estimate_step`).
@@ -705,6 +725,7 @@ def measure_step(
     _check_flags(channels_last=channels_last, keep_grads=keep_grads, tracked=tracked)
     if torch.is_inference_mode_enabled():
         raise RuntimeError(_in_inference_mode("measure_step"))
+    _check_initialised(model, "measure_step")
     if device is not None:
         dev = _parse_device(device)
         if dev.type not in ("cpu", "cuda", "meta"):  # before: PyTorch's bare AssertionError for xpu, mps, ...
@@ -745,6 +766,22 @@ def measure_step(
                 m.training = training
             if given is not None:
                 given.grad = given_grad
+
+
+_LAZY_HINT = (
+    "has lazy modules ({names}) whose parameters are not made yet (they are at the first forward): run one forward "
+    "pass first, e.g. model(x), then measure"
+)
+
+
+def _check_initialised(model: nn.Module, caller: str) -> None:
+    """Refuse a model with uninitialised lazy parameters (``nn.LazyLinear`` before its first forward), which
+    PyTorch's errors named only as an 'uninitialized parameter' in a method of effdense's."""
+    from torch.nn.parameter import is_lazy
+
+    lazy = sorted({type(m).__name__ for m in model.modules() if any(is_lazy(p) for p in m._parameters.values() if p is not None)})
+    if lazy:
+        raise ValueError(f"{caller}: the model " + _LAZY_HINT.format(names=", ".join(lazy)))
 
 
 def _in_inference_mode(caller: str) -> str:
@@ -1018,6 +1055,7 @@ def estimate_step(
     # step's tensors in their locals alive, and a process's first meta estimate came out a few KB above the rest
     importlib.import_module("torch._dynamo")
     if isinstance(model, nn.Module):
+        _check_initialised(model, "estimate_step")
         module = copy_module(model)  # outside the context: the real tensors are read, not faked
     # the model is built on ``device`` from the start: moving fake parameters afterwards is not possible
     with context, torch.device(device), _gc_paused():
@@ -1040,6 +1078,11 @@ def estimate_step(
                         "nn.init.trunc_normal_ calls .any()/.item()), which fake tensors do not hold; pass the built "
                         "nn.Module (it is copied), or use backend='meta' or 'auto'"
                     ) from exc
+                if isinstance(exc, RuntimeError) and "UninitializedParameter" in str(exc):
+                    raise RuntimeError(
+                        "estimate_step: the model builder makes lazy modules (nn.LazyLinear, ...), whose parameters "
+                        "cannot be made under fake tensors; pass the built nn.Module after one forward pass (it is copied)"
+                    ) from exc
                 if not isinstance(exc, RuntimeError) or "Couldn't swap" not in str(exc):
                     raise
                 raise RuntimeError(
@@ -1057,11 +1100,22 @@ def estimate_step(
         if recurrent:
             warnings.warn(
                 f"estimate_step: the model has recurrent layers ({', '.join(sorted(set(recurrent)))}), whose fake and "
-                "meta kernels claim far less memory than the CPU kernel allocates: the estimate is low (measure it "
-                "with measure_step)",
+                "meta kernels claim other sizes than the CPU kernel allocates (an LSTM's far less: its workspace), "
+                "so the estimate can be off, low for an LSTM (measure it with measure_step)",
                 UserWarning,
                 stacklevel=2,
             )
+        if any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.sparse for m in module.modules()):
+            warnings.warn(
+                "estimate_step: the model has an embedding with sparse=True, whose sparse gradient the fake and meta "
+                "kernels form around a view of the output's gradient, where the CPU kernel allocates its values: the "
+                "estimate is low (measure it with measure_step)",
+                UserWarning,
+                stacklevel=2,
+            )
+        if backend == "meta" and any(isinstance(m, nn.EmbeddingBag) for m in module.modules()):
+            # (torch 2.14.1: mode="sum" 8 bytes per index above the CPU kernel, an offset2bag it does not allocate)
+            _meta_caveat("PyTorch's meta kernel of nn.EmbeddingBag claims tensors the CPU kernel does not allocate", 2)
         if in_dtype is None:
             in_dtype = _model_dtype(module)
         if isinstance(input_shape, torch.Tensor) and input_shape.numel() and not _storage_is_not_its_own(input_shape) and (
@@ -1124,11 +1178,23 @@ def _explain_estimate_failure(exc: Exception, backend: str) -> None:
     where PyTorch's own message names only an internal cause; return for anything else."""
     from torch._subclasses.fake_tensor import DataDependentOutputException
 
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException
+
     text = str(exc)
-    if isinstance(exc, DataDependentOutputException) or "data-dependent" in text.lower():
+    if isinstance(exc, DataDependentOutputException) or "data-dependent" in text.lower() or (
+        backend == "meta" and "cannot be called on meta tensors" in text  # meta's .item()
+    ):
         why = "the step reads a tensor's value (.item(), .tolist(), a Python branch on a tensor), which an estimate does not have"
+    elif isinstance(exc, DynamicOutputShapeException) or (
+        backend == "meta" and isinstance(exc, NotImplementedError) and re.search(r"(aten::|torch\.)(nonzero|unique|masked_select)", text)
+    ):
+        why = (
+            "the step calls an operator whose output's size depends on the values (boolean-mask indexing x[x > 0], "
+            "nonzero, unique, masked_select, ctc_loss), which an estimate, having no values, cannot size"
+        )
     elif (isinstance(exc, AssertionError) and "convert all Tensors to FakeTensors" in text) or (
-        backend == "meta" and isinstance(exc, RuntimeError) and "device meta is not on the expected device" in text
+        backend == "meta" and isinstance(exc, RuntimeError)
+        and re.search(r"device (meta|\S+) is not on the expected device (meta|\S+)", text) and "meta" in text
     ):
         why = (
             f"the step used a tensor that is not a {backend} one, and an estimate computes on {backend} tensors only: "
@@ -1251,7 +1317,15 @@ def _fake_copy(
 
     tensors = [*model.parameters(), *model.buffers()]
     # the module tree is copied with placeholders instead of tensors; real data is never duplicated
-    clone = copy.deepcopy(model, memo={id(t): None for t in tensors})
+    memo: dict[int, Any] = {id(t): None for t in tensors}
+    # a tensor attribute that autograd made (torch.nn.utils.weight_norm's and spectral_norm's ``weight``, which
+    # their forward pre-hooks compute again at each call) cannot be deep-copied ("Only Tensors created explicitly
+    # by the user ... support the deepcopy protocol"): the copy holds it detached, until its hook replaces it
+    for m in model.modules():
+        for value in vars(m).values():
+            if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+                memo[id(value)] = value.detach()
+    clone = copy.deepcopy(model, memo=memo)
     fakes: dict[int, torch.Tensor] = {}
 
     def fake(t: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import functools
 import gc
 import inspect
 import os
+import threading
 
 import torch
 
@@ -183,12 +184,22 @@ def _driver() -> tuple:
     return _DRIVER
 
 
+# Triton's interpreter keeps one launch's state process-wide (triton.language patched for the launch and put back
+# after it, the program id on a global builder): two threads launching at once broke each other's launch
+# ("Did you forget to add @triton.jit?"), so interpreted launches take turns
+_INTERPRETER_LOCK = threading.Lock()
+
+
 def launch(fn, grid: tuple, args: tuple, kwargs: dict) -> None:
     """``fn[grid](*args, **kwargs)`` for a ``@triton.jit`` function ``fn`` and a grid tuple: through Triton
     the first time for its key (compiling it if needed), then by calling the compiled kernel's launcher."""
     if not _DIRECT or _INTERPRETING:
         counts["triton"] += 1
-        fn[grid](*args, **kwargs)
+        if _INTERPRETING:
+            with _INTERPRETER_LOCK:
+                fn[grid](*args, **kwargs)
+        else:
+            fn[grid](*args, **kwargs)
         if _INTERPRETING:
             # Triton's interpreter holds the launch's tensor storages in reference cycles (its recursive
             # argument-copying closures), freed at the garbage collector's next pass: a tensor deleted after

@@ -53,6 +53,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import _disable_current_modes  # (private: see _same_rng_state)
 
 from effdense._autograd import differentiable_once, legacy_batched
@@ -634,7 +635,10 @@ def _layer_forward(stage: _Stage, state: _StageState, layer, Fbuf: torch.Tensor,
                 before, layout = _save_rng(out.device), _dropout_layout(out)
             out = F.dropout(out, p=p, training=True)
             if state.keep:  # (the state after too: backward checks that its replay drew the same numbers)
-                state.save(("rng", (p, before, layout, _save_rng(out.device))), which="rng")
+                # none for a fake or meta draw (an estimate), which takes no numbers: another thread's draws in
+                # between moved the real generator, and the check took that for a broken replay
+                drew = out.device.type != "meta" and not isinstance(out, FakeTensor)
+                state.save(("rng", (p, before, layout, _save_rng(out.device) if drew else None)), which="rng")
     else:
         state.save(None, which="rng")
     return out
