@@ -143,6 +143,18 @@ printf 'step\texit_code\tseconds\tstatus\tcommand\n' >"$OUT/steps.tsv"
 FAILED=()
 STEP_PID=
 
+# ARCHIVE: $OUT packed into one .tgz (also after an interruption, whose partial results are the ones wanted)
+pack_archive() {
+    [ -n "${ARCHIVE:-}" ] || return 0
+    mkdir -p "$(dirname "$ARCHIVE")"
+    if tar czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")"; then
+        echo "gpu_suite.sh: packed $OUT into $ARCHIVE"
+    else
+        echo "gpu_suite.sh: error: could not pack $OUT into $ARCHIVE" >&2
+        return 1
+    fi
+}
+
 write_summary() {
     "$PY" - "$OUT" "$MODE" "$((SECONDS - SUITE_START))" <<'EOF'
 import csv, json, sys
@@ -171,6 +183,7 @@ on_signal() {
         echo "gpu_suite.sh: interrupted by SIG$sig; the later steps did not run; results so far in $OUT" >&2
     fi
     write_summary || true
+    pack_archive || true
     exit "$code"
 }
 trap 'on_signal INT 130' INT
@@ -202,6 +215,9 @@ step() {
         # terminal's Ctrl-C does not reach (the suite ran on, every later step too, and exited 0)
         set +e
         (
+            # (the subshell and tee outlive a TERM or INT sent to the suite's whole process group, where `timeout`
+            # and its step are not: on_signal then still finds timeout here and stops the step through it)
+            trap '' INT TERM
             timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
             exit "${PIPESTATUS[0]}"
         ) <&0 &  # (<&0: a background command's stdin is /dev/null otherwise, and the environment step reads its script there)
@@ -375,15 +391,7 @@ write_summary
 echo
 echo "gpu_suite.sh: $MODE finished in $((SECONDS - SUITE_START))s; results in $OUT"
 column -t -s $'\t' "$OUT/steps.tsv" 2>/dev/null | cut -c1-100 || cut -f1-4 "$OUT/steps.tsv"
-if [ -n "${ARCHIVE:-}" ]; then
-    mkdir -p "$(dirname "$ARCHIVE")"
-    if tar czf "$ARCHIVE" -C "$(dirname "$OUT")" "$(basename "$OUT")"; then
-        echo "gpu_suite.sh: packed $OUT into $ARCHIVE"
-    else
-        echo "gpu_suite.sh: error: could not pack $OUT into $ARCHIVE" >&2
-        FAILED+=(archive)
-    fi
-fi
+pack_archive || FAILED+=(archive)
 if [ ${#FAILED[@]} -gt 0 ]; then
     echo "gpu_suite.sh: failed: ${FAILED[*]}" >&2
     exit 1

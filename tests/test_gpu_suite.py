@@ -43,10 +43,23 @@ def test_dry_run_records_every_step_in_a_relative_out_of_the_callers(tmp_path) -
     assert (tmp_path / "out" / "environment.json").is_file() and (tmp_path / "out" / "summary.json").is_file()
 
 
-def test_sigint_stops_the_running_step_and_the_suite(tmp_path) -> None:
+def _running_with(text: str) -> list[int]:
+    """Processes whose command line holds ``text``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["INT", "TERM"])
+def test_a_signal_to_the_process_group_stops_the_running_step_and_the_suite(tmp_path, sig, code) -> None:
     # timeout put each step in a process group of its own, which a terminal's Ctrl-C (SIGINT to the foreground
     # group) did not reach, and bash deferred its own handling to the end of the step: the suite ran on through
-    # every later step and exited 0
+    # every later step; a TERM to the group (an outer timeout) left the step running after the suite had ended
     out = tmp_path / "out"
     proc = subprocess.Popen(
         ["bash", str(SUITE), "--allow-cpu"], cwd=tmp_path, env=_env(OUT=str(out), SUITE_STEPS="tests_kernels_shared,host_overhead"),
@@ -58,13 +71,15 @@ def test_sigint_stops_the_running_step_and_the_suite(tmp_path) -> None:
         while not (log.is_file() and log.stat().st_size > 0):  # the step has started (pytest is writing)
             assert proc.poll() is None and time.monotonic() < deadline, "the step did not start"
             time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: to the whole foreground process group
+        os.killpg(proc.pid, sig)  # as a terminal's Ctrl-C: to the whole foreground process group
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err
-    assert "interrupted by SIGINT during step tests_kernels_shared" in err
+    assert proc.returncode == code, err
+    assert f"interrupted by {sig.name} during step tests_kernels_shared" in err
     steps = _steps(out)
     assert steps["tests_kernels_shared"]["status"] == "interrupted"
     assert "host_overhead" not in steps  # the later step did not run
+    # the step's processes (its junit path names them) ended before the suite did: it waits for its step
+    assert not _running_with(str(out / "pytest_kernels_shared.xml"))

@@ -1104,3 +1104,15 @@ def test_imagefolder_with_val_and_test_says_which_it_evaluates_on(tmp_path):
     assert len(spec.test) == 4  # val's
     (tmp_path / "imgs" / "val").rename(tmp_path / "imgs" / "old")
     assert load_imagefolder(tmp_path / "imgs", image_size=16).notes == ()
+
+
+def test_out_of_memory_is_one_line_without_the_allocators_prefix(capsys, monkeypatch):
+    # the CPU allocator's message began "[enforce fail at alloc_cpu.cpp:127] err == 0. " (c10's check, not news)
+    def fail(args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 123 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(T, "train", fail)
+    code, err = _run_main(capsys, [*TINY, "--epochs", "1"])
+    assert code == 1 and "\n" not in err
+    assert err.startswith("effdense train: error: out of memory (DefaultCPUAllocator: can't allocate memory: you tried")

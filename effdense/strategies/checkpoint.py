@@ -190,8 +190,10 @@ def _preserve_rng(modules: Sequence[nn.Module | None], custom: bool = False) -> 
     them, or (``custom``) a function of the user's own (a layer's own ``bn_function``) is recomputed, either of
     which may draw random numbers. Not while compiling (dynamo keeps no RNG states; a compiled hook draws
     from the traced graph's RNG) nor while a CUDA graph is being captured (its RNG state cannot be read then)."""
-    if torch.compiler.is_compiling() or not (custom or _forward_hooked(modules)):
+    if not (custom or _forward_hooked(modules)):
         return False
+    if torch.compiler.is_compiling():  # (a graph break in a hook runs the checkpoint eagerly with this value)
+        return True
     return not (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
 
 # Modules whose output depends only on their input, parameters and buffers, and whose call changes no state:
