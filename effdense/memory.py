@@ -191,15 +191,15 @@ def _storages(t: torch.Tensor) -> list[torch.UntypedStorage]:
     """The storages that hold ``t``'s memory: its own, or a sparse tensor's indices and values (which have no
     storage of their own; a sparse gradient, ``nn.Embedding(..., sparse=True)``, went uncounted)."""
     parts = _SPARSE_PARTS.get(t.layout)
-    if parts is None:
-        st = _storage(t)
-        return [] if st is None else [st]
-    out = []
-    for name in parts:
-        st = _storage(getattr(t, name)())
-        if st is not None:
-            out.append(st)
-    return out
+    if parts is not None:
+        try:
+            out = [st for st in (_storage(getattr(t, name)()) for name in parts) if st is not None]
+        except (RuntimeError, NotImplementedError, AttributeError):  # (a subclass that says sparse, without the parts)
+            pass
+        else:
+            return out
+    st = _storage(t)
+    return [] if st is None else [st]
 
 
 def storage_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
@@ -310,6 +310,7 @@ class MemoryTracker(TorchDispatchMode):
         for t in tree_leaves(out):
             if not isinstance(t, torch.Tensor):
                 continue
+            sparse = t.layout in _SPARSE_PARTS
             for st in _storages(t):  # (a sparse tensor's indices and values)
                 key = st._cdata
                 if claims is not None and id(t) in claims and key not in self._live:
@@ -326,8 +327,11 @@ class MemoryTracker(TorchDispatchMode):
                     continue
                 if input_keys is None:
                     input_keys = {sa._cdata for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor) for sa in _storages(a)}
-                if key in input_keys:
-                    continue  # a view of, or in-place result on, a tensor we were not asked to count
+                if key in input_keys and not sparse:
+                    # a view of, or in-place result on, a tensor we were not asked to count. (Not for a sparse
+                    # result: an in-place sparse op, a sparse .grad accumulated with +=, gives its input new
+                    # indices and values, which are new memory; those it shares with a tensor counted are live.)
+                    continue
                 self.num_allocations += 1
                 self._add(st, key, nbytes, self.num_allocations)
         return out
@@ -536,7 +540,9 @@ def _input_shape(shape: Any) -> tuple[int, ...]:
     except TypeError:
         dims = None
     if not dims or any(d < 1 for d in dims) or any(isinstance(d, bool) for d in shape):  # (True is not a size)
-        if isinstance(shape, (tuple, list)) and shape and all(isinstance(d, (torch.Tensor, tuple, list)) for d in shape):
+        if isinstance(shape, (tuple, list)) and len(shape) > 1 and all(
+            isinstance(d, (tuple, list)) or (isinstance(d, torch.Tensor) and d.dim() > 0) for d in shape
+        ):
             raise ValueError(  # (several inputs: the message showed their values, and said nothing of the limit)
                 f"a step takes one input (a shape or a tensor), got {len(shape)}: for a model whose forward takes several, "
                 "measure a wrapper module whose forward builds the others from the one input (or holds them as buffers)"
@@ -779,7 +785,10 @@ def _check_initialised(model: nn.Module, caller: str) -> None:
     PyTorch's errors named only as an 'uninitialized parameter' in a method of effdense's."""
     from torch.nn.parameter import is_lazy
 
-    lazy = sorted({type(m).__name__ for m in model.modules() if any(is_lazy(p) for p in m._parameters.values() if p is not None)})
+    lazy = sorted({
+        type(m).__name__ for m in model.modules()
+        if any(is_lazy(t) for t in (*m._parameters.values(), *m._buffers.values()) if t is not None)
+    })
     if lazy:
         raise ValueError(f"{caller}: the model " + _LAZY_HINT.format(names=", ".join(lazy)))
 
@@ -956,9 +965,9 @@ def estimate_step(
     - ``"auto"``: ``"meta"`` for CPU, falling back to ``"fake"`` where the model cannot run on meta, or where
       meta would count otherwise than the measurement: a model that calls ``scaled_dot_product_attention``
       or ``nn.MultiheadAttention`` (on meta PyTorch takes its math path, the whole attention matrix; the CPU,
-      flash attention) or whose
-      parameters and buffers share storage (a meta copy gives each its own); ``backend="meta"`` warns of
-      both. ``"fake"`` under autocast (``autocast_dtype``, or a ``torch.autocast`` the caller has open), which
+      flash attention), that holds an ``nn.EmbeddingBag`` (whose meta kernel claims tensors the CPU's does not
+      allocate) or whose parameters and buffers share storage (a meta copy gives each its own);
+      ``backend="meta"`` warns of these. ``"fake"`` under autocast (``autocast_dtype``, or a ``torch.autocast`` the caller has open), which
       ``"meta"`` cannot run.
 
     Args:
@@ -1182,11 +1191,11 @@ def _explain_estimate_failure(exc: Exception, backend: str) -> None:
 
     text = str(exc)
     if isinstance(exc, DataDependentOutputException) or "data-dependent" in text.lower() or (
-        backend == "meta" and "cannot be called on meta tensors" in text  # meta's .item()
-    ):
+        backend == "meta" and ("cannot be called on meta tensors" in text or "Cannot copy out of meta tensor" in text)
+    ):  # (meta's .item(), .tolist())
         why = "the step reads a tensor's value (.item(), .tolist(), a Python branch on a tensor), which an estimate does not have"
     elif isinstance(exc, DynamicOutputShapeException) or (
-        backend == "meta" and isinstance(exc, NotImplementedError) and re.search(r"(aten::|torch\.)(nonzero|unique|masked_select)", text)
+        backend == "meta" and isinstance(exc, NotImplementedError) and re.search(r"(aten::|torch\.)_?(nonzero|unique|masked_select|repeat_interleave)", text)
     ):
         why = (
             "the step calls an operator whose output's size depends on the values (boolean-mask indexing x[x > 0], "
@@ -1322,7 +1331,9 @@ def _fake_copy(
     # their forward pre-hooks compute again at each call) cannot be deep-copied ("Only Tensors created explicitly
     # by the user ... support the deepcopy protocol"): the copy holds it detached, until its hook replaces it
     for m in model.modules():
-        for value in vars(m).values():
+        recomputed = {h.name for h in m._forward_pre_hooks.values() if type(h).__name__ in ("WeightNorm", "SpectralNorm")}
+        for name in recomputed:  # (only those: another computed attribute, not replaced, would be a real tensor in
+            value = vars(m).get(name)  # a meta copy, which meta operators accept: a silently wrong estimate)
             if isinstance(value, torch.Tensor) and value.grad_fn is not None:
                 memo[id(value)] = value.detach()
     clone = copy.deepcopy(model, memo=memo)

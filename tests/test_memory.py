@@ -1060,6 +1060,10 @@ def test_models_with_hook_weight_norm_lazy_modules_or_two_inputs() -> None:
         estimate_step(lambda: nn.Sequential(nn.LazyLinear(4)), (2, 8), backend="fake")
     with pytest.raises(ValueError, match="a step takes one input .* got 2: for a model whose forward takes several"):
         measure_step(nn.Linear(8, 4), (torch.randn(2, 8), torch.randn(2, 8)))
+    with pytest.raises(ValueError, match="input shape must be a sequence of positive ints"):  # one nested shape
+        measure_step(nn.Linear(8, 4), [[2, 8]])
+    with pytest.raises(ValueError, match=r"lazy modules \(LazyBatchNorm1d\)"):  # lazy buffers only
+        measure_step(nn.Sequential(nn.LazyBatchNorm1d(affine=False), nn.Linear(8, 4)), (2, 8))
 
 
 @pytest.mark.parametrize("backend", ["fake", "meta"])
@@ -1075,3 +1079,19 @@ def test_an_output_sized_by_values_is_explained(backend) -> None:
 
     with pytest.raises(RuntimeError, match="an operator whose output's size depends on the values"):
         estimate_step(Masked(), (2, 8), backend=backend, loss="sum")
+
+
+def test_a_sparse_gradient_accumulated_in_place_stays_counted() -> None:
+    # autograd adds a second sparse gradient into the first in place, which gives it new indices and values:
+    # the tracker took those for the argument's own and skipped them, then the old ones were freed
+    torch.manual_seed(0)
+    emb, idx = nn.Embedding(100, 64, sparse=True), torch.randint(0, 100, (4, 512))
+    tracker = MemoryTracker()
+    tracker.track([emb.weight, idx])
+    with tracker:
+        for _ in range(2):
+            emb(idx).sum().backward()
+    grad = emb.weight.grad
+    assert tracker.is_live(grad)
+    parts = grad._indices().untyped_storage().nbytes() + grad._values().untyped_storage().nbytes()
+    assert tracker.current == 100 * 64 * F32 + idx.numel() * idx.element_size() + parts

@@ -188,8 +188,9 @@ def _forward_hooked(modules: Sequence[nn.Module | None]) -> bool:
 def _preserve_rng(modules: Sequence[nn.Module | None], custom: bool = False) -> bool:
     """``preserve_rng_state`` for a checkpoint that recomputes ``modules``: whether a forward hook fires in
     them, or (``custom``) a function of the user's own (a layer's own ``bn_function``) is recomputed, either of
-    which may draw random numbers. Not while compiling (dynamo keeps no RNG states; a compiled hook draws
-    from the traced graph's RNG) nor while a CUDA graph is being captured (its RNG state cannot be read then)."""
+    which may draw random numbers. Also while compiling (dynamo's checkpoint keeps the RNG itself, and a graph
+    break inside the checkpointed part runs it eagerly with the value traced here); not while a CUDA graph is
+    being captured (its RNG state cannot be read then)."""
     if not (custom or _forward_hooked(modules)):
         return False
     if torch.compiler.is_compiling():  # (a graph break in a hook runs the checkpoint eagerly with this value)
