@@ -978,8 +978,7 @@ def densenet_cifar(
     if fixed:  # (before: "DenseNet() got multiple values for keyword argument 'block_config'")
         raise TypeError(f"a CIFAR DenseNet's depth sets its block_config, and its stem is small_inputs=True; got "
                         f"{', '.join(fixed)}: build effdense.DenseNet directly to change them")
-    bottleneck = _check_flag("bottleneck", bottleneck)
-    n = cifar_layers_per_block(depth, bottleneck)
+    n = cifar_layers_per_block(depth, bottleneck)  # (which checks bottleneck is a bool)
     growth_rate = _check_positive_int("growth_rate", growth_rate)
     if compression is None:
         compression = 0.5 if bottleneck else 1.0

@@ -495,9 +495,14 @@ def _build_optimizer(args: argparse.Namespace, model: nn.Module) -> torch.optim.
     return torch.optim.AdamW(groups, lr=lr)
 
 
+def _warmup_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
+    """The learning-rate warm-up's steps that ``--warmup-epochs`` asks for (before the schedule bounds it)."""
+    return int(round(args.warmup_epochs * steps_per_epoch))
+
+
 def _build_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
     total = max(args.epochs * steps_per_epoch, 1)
-    warmup = min(int(round(args.warmup_epochs * steps_per_epoch)), total - 1)
+    warmup = min(_warmup_steps(args, steps_per_epoch), total - 1)
     main_steps = total - warmup
     if args.lr_schedule == "cosine":
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=main_steps)
@@ -1124,7 +1129,7 @@ def _train(args, ctx: _Dist, device: torch.device, on_step, t_start: float, crea
     test_sampler = ShardSampler(len(test_set), ctx.world_size, ctx.rank, shuffle=False, pad=False)
     test_loader = _loader(test_set, test_sampler, args.batch_size, args.workers, device, False, args.seed)
 
-    if args.warmup_epochs and not args.resume and int(round(args.warmup_epochs * steps_per_epoch)) == 0:
+    if args.warmup_epochs and not args.resume and _warmup_steps(args, steps_per_epoch) == 0:
         raise TrainError(
             f"--warmup-epochs {args.warmup_epochs:g} rounds to no step ({steps_per_epoch} steps per epoch): it would "
             f"have no effect; give at least {1 / steps_per_epoch:.3g} (one step)"

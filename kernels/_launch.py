@@ -7,6 +7,7 @@ Nothing here touches CUDA at import time; device properties are read (and cached
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import inspect
@@ -195,10 +196,7 @@ def launch(fn, grid: tuple, args: tuple, kwargs: dict) -> None:
     the first time for its key (compiling it if needed), then by calling the compiled kernel's launcher."""
     if not _DIRECT or _INTERPRETING:
         counts["triton"] += 1
-        if _INTERPRETING:
-            with _INTERPRETER_LOCK:
-                fn[grid](*args, **kwargs)
-        else:
+        with _INTERPRETER_LOCK if _INTERPRETING else contextlib.nullcontext():
             fn[grid](*args, **kwargs)
         if _INTERPRETING:
             # Triton's interpreter holds the launch's tensor storages in reference cycles (its recursive

@@ -22,7 +22,7 @@ from torch.nn.utils.spectral_norm import SpectralNorm as _SpectralNormHook  # ol
 from torch.utils.checkpoint import checkpoint
 
 from effdense.strategies import naive as _naive
-from effdense.strategies import computes_as_batchnorm, overrides, records_grad, standard_class, warn_runs_as_naive
+from effdense.strategies import _has_hooks, computes_as_batchnorm, overrides, records_grad, standard_class, warn_runs_as_naive
 
 
 @contextlib.contextmanager
@@ -173,16 +173,7 @@ def _forward_hooked(modules: Sequence[nn.Module | None]) -> bool:
     registry = nn.modules.module
     if registry._global_forward_hooks or registry._global_forward_pre_hooks:
         return True
-    stack = list(modules)
-    while stack:
-        m = stack.pop()
-        if m is None:
-            continue
-        d = m.__dict__
-        if d["_forward_hooks"] or d["_forward_pre_hooks"]:
-            return True
-        stack.extend(d["_modules"].values())
-    return False
+    return any(_has_hooks(m, backward=False) for m in modules)
 
 
 def _preserve_rng(modules: Sequence[nn.Module | None], custom: bool = False) -> bool:
