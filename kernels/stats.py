@@ -8,7 +8,10 @@ operators, which dominated the op's time on a GPU). Every program first subtract
 channel, its first element (a shift, which leaves the variance as it is), so the tile means that Chan's
 formula merges are of the spread about that value, not of the mean: a channel with mean 1e4 and std 1e-2
 keeps its variance to about 1e-5 relative (unshifted, the fp32 rounding of each tile's mean added up to 1%),
-and a mean near fp32's largest values cannot overflow the merge. The price: the mean is formed as
+and values clustered near fp32's largest cannot overflow the merge. A tile's sum of shifted values must stay
+within fp32's range, though: a first element far from the rest overflows it (4e35 ahead of 999 zeros: mean
+-inf and variance NaN, where ``torch.var_mean`` gives 4e32 and inf; the twins form the mean without the
+shift). The price: the mean is formed as
 ``(mean - x0) + x0``, so a first element far from the rest (an outlier of 1e4 among values near 0) costs the
 mean about 6e-8·|x0 - mean| absolute (fp32 rounding at the outlier's scale), against which the variance such
 an outlier brings is large. Nothing ever forms ``E[x²] - E[x]²`` on raw values.
