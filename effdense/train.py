@@ -335,7 +335,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         channels = x.shape[1]
         dims = [0] + list(range(2, x.dim()))
         shape = [1, channels] + [1] * (x.dim() - 2)
-        xf = x.float()
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # statistics and arithmetic: fp32, fp64 for fp64
+        xf = x.to(acc)
         count = xf.numel() // channels
         if count > 0:
             mean_local = xf.mean(dims)
@@ -358,7 +359,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             running_var.mul_(1 - momentum).add_((m2 / (total - 1)).to(running_var.dtype), alpha=momentum)
         y = (xf - mean.view(shape)) * invstd.view(shape)
         if weight is not None:
-            y = y * weight.float().view(shape) + bias.float().view(shape)
+            y = y * weight.to(acc).view(shape) + bias.to(acc).view(shape)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.group, ctx.total = group, float(total)
         return y.to(x.dtype)
@@ -369,8 +370,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         channels = x.shape[1]
         dims = [0] + list(range(2, x.dim()))
         shape = [1, channels] + [1] * (x.dim() - 2)
-        dyf = dy.float()
-        x_hat = (x.float() - mean.view(shape)) * invstd.view(shape)
+        acc = mean.dtype  # (forward's statistics dtype: fp32, or fp64 for fp64 inputs)
+        dyf = dy.to(acc)
+        x_hat = (x.to(acc) - mean.view(shape)) * invstd.view(shape)
         sum_dy = dyf.sum(dims)
         sum_dy_xhat = (dyf * x_hat).sum(dims)
         dx = None
@@ -378,7 +380,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             combined = torch.cat([sum_dy, sum_dy_xhat])
             dist.all_reduce(combined, group=ctx.group)
             g_dy, g_dy_xhat = combined[:channels], combined[channels:]
-            scale = invstd if weight is None else weight.float() * invstd
+            scale = invstd if weight is None else weight.to(acc) * invstd
             dx = scale.view(shape) * (dyf - (g_dy / ctx.total).view(shape) - x_hat * (g_dy_xhat / ctx.total).view(shape))
             dx = dx.to(x.dtype)
         dw = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None

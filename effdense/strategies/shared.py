@@ -1237,6 +1237,25 @@ def _sync_semantics(block, transition) -> tuple[bool, Any]:
     return True, groups[0]
 
 
+def _syncs_in_this_mode(block, transition) -> bool | None:
+    """Under SyncBatchNorm semantics, whether the stage synchronises its batch statistics in the modules'
+    present modes. ``nn.SyncBatchNorm`` all-reduces in training mode only: a BatchNorm in eval mode without
+    running statistics normalises with its own rank's batch statistics (and runs no collective, so a rank may
+    evaluate alone). True when every BatchNorm that normalises with batch statistics is training (or none
+    does: nothing to reduce then), False when none of those is training, None when they mix: the stage's one
+    set of cached statistics cannot be both (the caller runs the modules themselves, as naive)."""
+    modes = set()
+    for layer in block._modules.values():
+        for bn in (layer._modules["norm1"], layer._modules.get("norm2")):
+            if bn is not None and _uses_batch_stats(bn):
+                modes.add(bn.training)
+    if transition is not None and _uses_batch_stats(transition._modules["norm"]):
+        modes.add(transition._modules["norm"].training)
+    if len(modes) > 1:
+        return None
+    return modes != {False}
+
+
 def _make_stage(
     block,
     transition,
@@ -1245,13 +1264,19 @@ def _make_stage(
     chunk_factor: int = 1,
     chunk_values: int | None = None,
     stage_ops: Any = None,
-) -> _Stage:
+) -> _Stage | None:
+    """The stage of ``block`` (and ``transition``) for input ``x``; None where its synchronised BatchNorms mix
+    modes (:func:`_syncs_in_this_mode`), which the Function does not compute."""
     import torch.distributed as dist
 
     sync, group = False, None
     if dist.is_available() and dist.is_initialized():  # else nothing to synchronise with: skip the scan
         sync, group = _sync_semantics(block, transition)
         sync = sync and dist.get_world_size(group) > 1
+        if sync:
+            sync = _syncs_in_this_mode(block, transition)
+            if sync is None:
+                return None
     return _Stage(
         block=block,
         transition=transition,
@@ -1334,7 +1359,8 @@ def run_stage(
     # gradients, BatchNorm counters advanced and running statistics kept), for modules the Function would
     # not compute as they compute themselves (a conv with a bias, a non-affine BatchNorm, another activation,
     # ...), rather than silently other values, and for layers whose channel counts are not the block's (a
-    # layer deleted or inserted after construction: the buffer's layout would be another's than the modules')
+    # layer deleted or inserted after construction: the buffer's layout would be another's than the modules'),
+    # and for synchronised BatchNorms in mixed modes (_make_stage gives None)
     odd = _custom_modules(block, transition) if x.shape[0] else []
     if odd:
         _warn_custom_modules(odd, where)
@@ -1342,10 +1368,12 @@ def run_stage(
         odd = _layout_mismatch(block, transition) if x.shape[0] else []
         if odd:
             _warn_layout_mismatch(block, odd, where)
-    if odd or x.shape[0] == 0:
+    stage = None if odd or x.shape[0] == 0 else _make_stage(block, transition, ops, x, **stage_options)
+    if stage is None:
+        if not odd and x.shape[0]:
+            _warn_mixed_sync_modes(where)
         out = _naive.run_block(block, x)
         return out if transition is None else transition(out)
-    stage = _make_stage(block, transition, ops, x, **stage_options)
     params = stage.params()
     dtypes = {p.dtype for p in params}  # (one pass over the parameters: this runs on every stage's forward)
     if dtypes != {x.dtype}:
@@ -1518,6 +1546,17 @@ def _warn_custom_modules(odd: list[str], where: str = "") -> None:
         f"its modules {names} are not what those strategies compute (affine BatchNorm, whose parameters may be "
         "weight-normed; ReLU; bias-free Conv2d of torchvision's geometry with plain parameters, no parametrization; "
         "2x2 average pool; and the layers' and transition's own forwards); naive calls the modules themselves",
+        stacklevel=3,
+        where=where,
+    )
+
+
+def _warn_mixed_sync_modes(where: str = "") -> None:
+    warn_runs_as_naive(
+        "'shared'/'fused'",
+        "its synchronised BatchNorms that normalise with batch statistics are some in training mode (statistics "
+        "all-reduced over the ranks, as nn.SyncBatchNorm) and some in eval mode without running statistics (this "
+        "rank's own), and the block's one set of cached statistics cannot be both; naive calls the modules themselves",
         stacklevel=3,
         where=where,
     )
