@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         output_dir(args.out)  # before the work: a --out that cannot be a folder is said at once
     except UsageError as exc:
-        print(f"bench_kernels: error: {exc}", file=sys.stderr)
+        print(f"bench_kernels.py: error: {exc}", file=sys.stderr)
         return 2
 
     meta = metadata(args, torch.device("cuda"), argv)

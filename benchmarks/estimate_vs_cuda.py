@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         # (before the first row: a --out that cannot be a folder raised OutputError's traceback after it)
         output_dir(args.out, [f"estimate_vs_{device.type}.json", f"estimate_vs_{device.type}.csv"])
     except ValueError as exc:  # (UsageError is one)
-        print(f"estimate_vs_cuda: error: {exc}", file=sys.stderr)
+        print(f"estimate_vs_cuda.py: error: {exc}", file=sys.stderr)
         return 2
     configs = args.config or [config(c) for c in DEFAULT_CONFIGS]
     available = _strategies.available()

@@ -195,14 +195,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--image-size", type=positive_int, default=32)
     p.add_argument("--strategies", type=strategy_list, default="naive,checkpoint,shared,fused")
-    p.add_argument("--repeats", type=positive_int, default=7, help="timed repeats per wrapper (median; default 7)")
-    p.add_argument("--calls", type=positive_int, default=2000, help="calls per repeat (default 2000)")
+    p.add_argument("--repeats", type=positive_int, default=None, help="timed repeats per wrapper (median; default 7)")
+    p.add_argument("--calls", type=positive_int, default=None, help="calls per repeat (default 2000)")
     p.add_argument("--no-wrapper-times", action="store_true", help="count operators only")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu: operators counted on meta tensors, wrapper times with the launches stubbed (Triton's "
                         "interpreter); cuda: both on the GPU, real launches on tiny shapes (default: cuda if present)")
     p.add_argument("--out", default=None, help="folder for the JSON (default: print only)")
     args = p.parse_args(argv)
+    if args.no_wrapper_times and (args.repeats is not None or args.calls is not None):
+        p.error("--repeats and --calls time the kernel wrappers, which --no-wrapper-times leaves out: they would do nothing")
+    args.repeats = 7 if args.repeats is None else args.repeats
+    args.calls = 2000 if args.calls is None else args.calls
     model, strategies = args.model, args.strategies
     if args.device == "cuda" and not torch.cuda.is_available():
         print("host_overhead.py: error: --device cuda needs a CUDA device (torch.cuda.is_available() is False)",

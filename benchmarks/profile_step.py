@@ -196,7 +196,7 @@ def profile_row(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, a
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
-        print("profile_step: error: --device cuda needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+        print("profile_step.py: error: --device cuda needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
     device = torch.device(args.device)
     try:
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         base = get_model(args.model, strategy="naive")
         require_image_size(base, args.image_size, args.model, batch_size=args.batch_size)
     except UsageError as exc:
-        print(f"profile_step: error: {exc}", file=sys.stderr)
+        print(f"profile_step.py: error: {exc}", file=sys.stderr)
         return 2
     autocast = DTYPES[args.dtype]
     env = environment(device)

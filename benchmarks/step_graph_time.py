@@ -125,13 +125,13 @@ def time_row(model: torch.nn.Module, x: torch.Tensor, target: torch.Tensor, auto
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not torch.cuda.is_available():
-        print("step_graph_time: error: needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
+        print("step_graph_time.py: error: needs a CUDA device (torch.cuda.is_available() is False)", file=sys.stderr)
         return 2
     if args.out is not None:
         try:
             output_dir(args.out)
         except UsageError as exc:
-            print(f"step_graph_time: error: {exc}", file=sys.stderr)
+            print(f"step_graph_time.py: error: {exc}", file=sys.stderr)
             return 2
     device = torch.device("cuda")
     autocast = DTYPES[args.dtype]

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--image-size", type=positive_int, default=32)
     p.add_argument("--baseline", default="naive")
-    p.add_argument("--candidate", default="shared")
+    p.add_argument("--candidate", default="shared", help="default shared; the baseline's own strategy times an A/A pair (the noise)")
     p.add_argument("--pairs", type=positive_int, default=10, help="timed pairs (default 10)")
     p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed pairs first (default 1)")
     p.add_argument("--device", type=device_name, default="cpu", help="cpu (default), cuda[:N] or auto")
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "pairs_ms": [[a * 1e3, b * 1e3] for a, b in pairs],
     }
     print(f"{args.candidate} / {args.baseline} step time: median ratio {result['ratio_median']:.3f} "
-          f"(min {result['ratio_min']:.3f}, max {result['ratio_max']:.3f}, {args.pairs} pairs)")
+          f"(min {result['ratio_min']:.3f}, max {result['ratio_max']:.3f}, {args.pairs} pair{'s' * (args.pairs != 1)})")
     if args.out:
         out = Path(args.out)
         stem = f"step_ratio_{args.model}_b{args.batch_size}_{args.image_size}px_{args.candidate}_vs_{args.baseline}"
