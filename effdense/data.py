@@ -293,7 +293,9 @@ def load_imagefolder(root: str | os.PathLike, image_size: int = 224, augment: bo
         except (FileNotFoundError, RuntimeError) as exc:  # no class folders, or no images in one of them
             message = " ".join(str(exc).split())  # (torchvision's ends in a space, or spans lines)
             if "Found no valid file for the classes" in message:
-                message = message.rstrip(". ") + "; add images to those folders or remove them"
+                # (a class folder removed from one split alone leaves the two splits' classes different: refused below)
+                names = " and ".join(os.path.basename(splits[s]) + "/" for s in ("train", "test"))
+                message = message.rstrip(". ") + f"; add images to those folders, or remove those classes from both {names}"
             raise DataError(f"imagefolder: {splits[split]!r}: {message}") from exc
     train, test = made["train"], made["test"]
     if train.classes != test.classes:

@@ -560,7 +560,7 @@ def test_an_empty_class_folder_is_named_with_its_split(tmp_path, capsys):
     code, err = _run_main(capsys, _imagefolder_argv(tmp_path / "imgs", tmp_path / "out"))
     assert code == 2 and err.endswith(
         f"imagefolder: {str(tmp_path / 'imgs' / 'val')!r}: Found no valid file for the classes zebra; add images to "
-        "those folders or remove them"
+        "those folders, or remove those classes from both train/ and val/"  # (from val/ alone: the splits would differ)
     ), err
 
 
