@@ -1099,8 +1099,8 @@ class _DenseStageFunction(torch.autograd.Function):
             return (None,) * (2 + ctx.n_params)
         if not torch.compiler.is_compiling() and legacy_batched(grad_out):  # (dynamo cannot trace the check)
             raise RuntimeError(
-                "effdense: strategies 'shared' and 'fused' cannot run a batched backward "
-                "(torch.autograd.grad(..., is_grads_batched=True), torch.autograd.functional.jacobian(..., "
+                "effdense: strategies 'shared' and 'fused' ('auto', the default, runs one of them) cannot run a "
+                "batched backward (torch.autograd.grad(..., is_grads_batched=True), torch.autograd.functional.jacobian(..., "
                 "vectorize=True)): their dense-block backward writes into shared buffers, which PyTorch's batching "
                 "cannot follow; call model.set_strategy('naive') or 'checkpoint' first (effdense.set_strategy(model, "
                 "...) for a model of one's own), or use vectorize=False"
