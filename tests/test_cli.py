@@ -769,12 +769,15 @@ def test_host_overhead_counts_and_writes(tmp_path, capsys):
         assert rows["fused"]["ops"]["effdense.bottleneck_forward"] > 0
     assert rows["fused"] == script.count_ops("densenet_bc_16", "fused", (2, 3, 8, 8))  # deterministic
     assert set(data["wrapper_us_per_call"]) and all(v > 0 for v in data["wrapper_us_per_call"].values())
-    for bad in (["--strategies", "nope"], ["--model", "resnet50"], ["--calls", "0"], ["--device", "tpu"],
-                ["--no-wrapper-times", "--calls", "10"], ["--no-wrapper-times", "--repeats", "3"]):  # (they would do nothing)
+    for bad in (["--strategies", "nope"], ["--model", "resnet50"], ["--calls", "0"], ["--device", "tpu"]):
         with pytest.raises(SystemExit) as exc:
             script.main(bad)
         assert exc.value.code == 2
-    assert "--no-wrapper-times leaves out" in capsys.readouterr().err
+    for ineffective in (["--calls", "10"], ["--repeats", "3"]):  # (they time the wrappers, which this leaves out)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exc:
+            script.main(["--no-wrapper-times", *ineffective])
+        assert exc.value.code == 2 and "--no-wrapper-times leaves out" in capsys.readouterr().err
     if not torch.cuda.is_available():
         assert script.main(["--device", "cuda"]) == 2
         assert "needs a CUDA device" in capsys.readouterr().err

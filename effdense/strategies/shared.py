@@ -1241,9 +1241,10 @@ def _syncs_in_this_mode(block, transition) -> bool | None:
     """Under SyncBatchNorm semantics, whether the stage synchronises its batch statistics in the modules'
     present modes. ``nn.SyncBatchNorm`` all-reduces in training mode only: a BatchNorm in eval mode without
     running statistics normalises with its own rank's batch statistics (and runs no collective, so a rank may
-    evaluate alone). True when every BatchNorm that normalises with batch statistics is training (or none
-    does: nothing to reduce then), False when none of those is training, None when they mix: the stage's one
-    set of cached statistics cannot be both (the caller runs the modules themselves, as naive)."""
+    evaluate alone). True when every BatchNorm that normalises with batch statistics is training, False when
+    none of those is training or none normalises with batch statistics (nothing to reduce: the local path, whose
+    backward is not split into the synchronised one's chunks), None when they mix: the stage's one set of
+    cached statistics cannot be both (the caller runs the modules themselves, as naive)."""
     modes = set()
     for layer in block._modules.values():
         for bn in (layer._modules["norm1"], layer._modules.get("norm2")):
@@ -1253,7 +1254,7 @@ def _syncs_in_this_mode(block, transition) -> bool | None:
         modes.add(transition._modules["norm"].training)
     if len(modes) > 1:
         return None
-    return modes != {False}
+    return modes == {True}
 
 
 def _make_stage(
