@@ -149,7 +149,8 @@ class _DenseBlock(nn.ModuleDict):
         p = _real(drop_rate)
         if p is None or not 0.0 <= p < 1.0:
             raise ValueError(f"drop_rate must be a number in [0, 1), got {drop_rate!r}")
-        if memory_efficient:  # (torchvision's sixth argument: its checkpointing, effdense's 'checkpoint')
+        # (torchvision's sixth argument: its checkpointing, effdense's 'checkpoint')
+        if _check_flag("memory_efficient", memory_efficient):
             if strategy not in ("auto", "checkpoint"):
                 raise ValueError(f"memory_efficient=True means strategy='checkpoint'; it conflicts with strategy={strategy!r}")
             strategy = "checkpoint"
@@ -360,6 +361,7 @@ class DenseNet(nn.Module):
         if p is None or not 0.0 <= p < 1.0:
             raise ValueError(f"drop_rate must be a number in [0, 1), got {drop_rate!r}")
         compression, drop_rate = c, p
+        memory_efficient = _check_flag("memory_efficient", memory_efficient)
         if memory_efficient and strategy not in ("auto", "checkpoint"):
             raise ValueError(
                 f"memory_efficient=True means strategy='checkpoint'; it conflicts with strategy={strategy!r}"
@@ -925,15 +927,23 @@ def densenet264(*, weights: Any = None, progress: bool = True, **kwargs: Any) ->
     return _densenet("densenet264", weights, progress, **kwargs)
 
 
+def _check_depth_type(depth: Any) -> int:
+    """``depth`` as a Python int (an integer scalar such as numpy.int64 or a 0-d integer tensor too, as the
+    other sizes take); a TypeError for anything else, a bool and a float such as 40.0 included."""
+    try:
+        if not isinstance(depth, bool):
+            return operator.index(depth)
+    except TypeError:
+        pass
+    raise TypeError(f"depth must be an integer, got {type(depth).__name__} {depth!r}")
+
+
 def cifar_layers_per_block(depth: int, bottleneck: bool) -> int:
     """Layers per dense block for a 3-block CIFAR DenseNet of ``depth`` (Huang et al.'s rule)."""
     bottleneck = _check_flag("bottleneck", bottleneck)
     per_layer = 2 if bottleneck else 1  # convolutions per dense layer
-    try:  # (an integer scalar such as numpy.int64 too, as the other sizes; not a bool)
-        depth = depth if isinstance(depth, bool) else operator.index(depth)
-    except TypeError:
-        pass
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 4 or (depth - 4) % (3 * per_layer):
+    depth = _check_depth_type(depth)
+    if depth < 4 or (depth - 4) % (3 * per_layer):
         kind = "DenseNet-BC (bottleneck=True)" if bottleneck else "DenseNet (bottleneck=False)"
         raise ValueError(
             f"depth={depth!r} is not a valid {kind} depth: it must be 4 + {3 * per_layer}*n "
@@ -1010,10 +1020,16 @@ def _check_name_fixes(name: str, fixed: Mapping[str, Any], kwargs: dict[str, Any
     (it would silently build another model); one equal to it is dropped from ``kwargs``."""
     if "bottleneck" in kwargs:  # (a string such as 'yes' named no model: the switch's own error)
         kwargs["bottleneck"] = _check_flag("bottleneck", kwargs["bottleneck"])
+    if "depth" in kwargs:  # (a string or a float named a model that is no model, or the one asked for)
+        kwargs["depth"] = _check_depth_type(kwargs["depth"])
     for key, value in fixed.items():
         if key in kwargs and kwargs[key] != value:
             wanted = {**fixed, key: kwargs[key]}
             fixes = " and ".join(f"{k}={v!r}" for k, v in fixed.items())
+            try:  # the name that builds what was asked for, if there is one
+                cifar_layers_per_block(wanted["depth"], wanted["bottleneck"])
+            except ValueError as exc:
+                raise ValueError(f"{name} fixes {fixes}; got {key}={kwargs[key]!r}, and there is no such model: {exc}") from None
             raise ValueError(
                 f"{name} fixes {fixes}; got {key}={kwargs[key]!r}: ask for the model by its own name "
                 f"({_cifar_name(wanted['depth'], wanted['bottleneck'])!r}), or build it with "

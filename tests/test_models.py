@@ -307,8 +307,12 @@ def test_switches_must_be_bools_and_sizes_may_be_integer_scalars() -> None:
         lambda: effdense.DenseBlock(2, 8, 4, 4, 0.0, bottleneck="no"),
         lambda: effdense.densenet_cifar(22, 4, bottleneck="no"),
         lambda: effdense.get_model("densenet_bc_100", bottleneck="yes"),
+        # torchvision's memory_efficient too: "no" built a checkpointed model
+        lambda: effdense.DenseNet(growth_rate=4, block_config=(2,), memory_efficient="no"),
+        lambda: effdense.DenseBlock(2, 8, 4, 4, 0.0, "False"),
+        lambda: effdense.densenet121(memory_efficient="no"),
     ):
-        with pytest.raises(TypeError, match="(bottleneck|small_inputs) must be True or False, got '"):
+        with pytest.raises(TypeError, match="(bottleneck|small_inputs|memory_efficient) must be True or False, got '"):
             build()
     model = effdense.densenet_cifar(np.int64(22), 4, bottleneck=np.bool_(True))  # (depth was refused as invalid)
     assert model.block_config == (3, 3, 3)
@@ -1193,6 +1197,29 @@ def test_cifar_names_reject_keywords_that_contradict_them(name, kwargs, message)
     if name in effdense.MODELS:
         with pytest.raises(ValueError, match=message):
             effdense.MODELS[name](**kwargs)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, error, message",
+    [  # before: a hint naming a model that is not one ('densenet_bc_7', 'densenet_bc_True'), or the one asked for
+        ("densenet_7", {"bottleneck": True}, ValueError, "got bottleneck=True, and there is no such model: depth=7 is not a valid DenseNet-BC"),
+        ("densenet_bc_100", {"depth": 41}, ValueError, "got depth=41, and there is no such model: depth=41 is not a valid"),
+        ("densenet_bc_100", {"depth": "100"}, TypeError, "depth must be an integer, got str '100'"),
+        ("densenet_bc_100", {"depth": True}, TypeError, "depth must be an integer, got bool True"),
+        ("densenet_bc_100", {"depth": 100.0}, TypeError, "depth must be an integer, got float 100.0"),
+    ],
+)
+def test_cifar_names_name_no_model_that_does_not_exist(name, kwargs, error, message) -> None:
+    with pytest.raises(error, match=message):
+        effdense.get_model(name, **kwargs)
+
+
+def test_cifar_depth_must_be_an_integer() -> None:
+    # before: "depth='40' is not a valid DenseNet-BC depth: it must be 4 + 6*n", which 40 is
+    for depth in ("40", 40.0, True):
+        with pytest.raises(TypeError, match="depth must be an integer"):
+            effdense.densenet_cifar(depth, 12)
+    assert effdense.densenet_cifar(torch.tensor(40), 12).block_config == (6, 6, 6)
 
 
 def test_cifar_names_accept_keywords_that_agree_and_their_defaults() -> None:
