@@ -95,7 +95,8 @@ class _DenseLayer(nn.Module):
 
 def _check_policy(policy: Any, what: str = "policy") -> Policy:
     if not isinstance(policy, Policy):
-        raise TypeError(f"{what} must be an effdense.Policy, got {type(policy).__name__}")
+        hint = ": make one with effdense.Policy(**fields)" if isinstance(policy, Mapping) else ""
+        raise TypeError(f"{what} must be an effdense.Policy, got {type(policy).__name__}{hint}")
     return policy
 
 

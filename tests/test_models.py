@@ -185,8 +185,10 @@ def test_assigning_strategy_or_policy_reaches_every_block() -> None:
     model.set_strategy("naive", policy)
     with pytest.raises(ValueError, match="unknown strategy 'fast'"):
         model.strategy = "fast"
-    with pytest.raises(TypeError, match="policy must be an effdense.Policy, got NoneType"):
+    with pytest.raises(TypeError, match="policy must be an effdense.Policy, got NoneType$"):
         model.policy = None
+    with pytest.raises(TypeError, match=r"got dict: make one with effdense.Policy\(\*\*fields\)"):
+        model.policy = {"shared_grad": False}
     assert model.strategy == "naive" and model.policy is policy
     copied = copy.deepcopy(model)
     assert copied.strategy == "naive" and copied.policy == policy
