@@ -33,7 +33,9 @@ Three ways to get the number, one API (:func:`measure_step`, :func:`estimate_ste
   measurement of the same configuration. Where PyTorch's fake or meta kernel claims a size that its CPU
   kernel does not allocate, the tracker counts the CPU kernel's (``_cpu_nbytes``): the saved statistics
   of BatchNorm, LayerNorm and GroupNorm, whose dtype (bf16/fp16 inputs, fp32 or low-precision parameters)
-  and length (BatchNorm in eval) the meta and fake kernels get wrong. Not corrected: GroupNorm under
+  and length (BatchNorm in eval) the meta and fake kernels get wrong; and the reduced result of
+  ``mse_loss``, ``smooth_l1_loss``, ``soft_margin_loss`` and ``binary_cross_entropy``, which the CPU kernels
+  return as a 0-d view of the whole elementwise loss (its storage as large as the input). Not corrected: GroupNorm under
   autocast (estimates can exceed the CPU by its input's size in fp32), recurrent layers (``nn.LSTM``/
   ``nn.GRU``: their fake and meta kernels claim far less than the CPU kernel's workspace; ``estimate_step``
   warns) and fake CUDA estimates, which take the fake kernels' sizes as they are.
@@ -345,6 +347,11 @@ _NORMS = {  # op: (names of its leading arguments, the parameters among them)
     _aten.native_layer_norm.default: (("input", "normalized_shape", "weight", "bias"), ("weight", "bias")),
     _aten.native_group_norm.default: (("input", "weight", "bias"), ("weight", "bias")),
 }  # fmt: skip
+# losses whose CPU kernel reduces (mean, sum) into a 0-d view of the elementwise loss it computed first, whose
+# storage stays as large as the (broadcast) input as long as the loss lives, through backward
+_ELEMENTWISE_REDUCED_LOSSES = frozenset(
+    (_aten.mse_loss.default, _aten.smooth_l1_loss.default, _aten.soft_margin_loss.default, _aten.binary_cross_entropy.default)
+)
 
 
 def _cpu_nbytes(func: Any, args: Sequence[Any], kwargs: dict[str, Any] | None, out: Any) -> dict[int, int] | None:
@@ -360,11 +367,22 @@ def _cpu_nbytes(func: Any, args: Sequence[Any], kwargs: dict[str, Any] | None, o
     estimates under bf16 autocast 4 bytes per channel low (16 bytes for a 4-channel BatchNorm). Fake CUDA
     tensors are left alone: the CUDA kernels' rules are not checked here.
 
+    The reduced losses of ``_ELEMENTWISE_REDUCED_LOSSES`` (``F.mse_loss(out, target)``, the default mean, or
+    a sum): the CPU kernels compute the elementwise loss and return the reduction as a 0-d view of it, so the
+    result's storage holds one value per element of the broadcast input (one at least, for an empty input),
+    where the meta and fake kernels make a 0-d tensor of one (a DenseNet-scale output's worth low, 14 % of a
+    small model's peak in a probe's case).
+
     Not corrected: for a bf16/fp16 input with fp32 parameters (``nn.GroupNorm`` under autocast),
     ``native_group_norm_backward``'s meta and fake kernels return an fp32 input gradient, which autograd
     then casts to the input's dtype, where the CPU kernel returns the input's dtype at once; an estimate
     may count that extra fp32 gradient (at most 4 bytes per element of the GroupNorm's input).
     """
+    if func in _ELEMENTWISE_REDUCED_LOSSES:
+        if not isinstance(out, torch.Tensor) or out.dim() or not _claims_cpu(out):
+            return None
+        numel = math.prod(torch.broadcast_shapes(args[0].shape, args[1].shape))
+        return {id(out): max(numel, 1) * out.dtype.itemsize}
     spec = _NORMS.get(func)
     if spec is None or not isinstance(out, (tuple, list)) or len(out) != 3 or not _claims_cpu(out[0]):
         return None
