@@ -558,14 +558,22 @@ def _input_shape(shape: Any) -> tuple[int, ...]:
     except TypeError:
         dims = None
     if not dims or any(d < 1 for d in dims) or any(isinstance(d, bool) for d in shape):  # (True is not a size)
-        if isinstance(shape, (tuple, list)) and len(shape) > 1 and all(
-            isinstance(d, (tuple, list)) or (isinstance(d, torch.Tensor) and d.dim() > 0) for d in shape
-        ):
+        several = "measure a wrapper module whose forward builds the others from the one input (or holds them as buffers)"
+        if isinstance(shape, dict):  # (the message showed the tensors' values)
+            what = "pass the tensor itself" if len(shape) == 1 else f"for a model whose forward takes several, {several}"
+            raise ValueError(f"a step takes one input (a shape or a tensor), got a dict of {len(shape)}: {what}")
+        parts = list(shape) if isinstance(shape, (tuple, list)) else []
+        if parts and all(isinstance(d, (tuple, list)) or (isinstance(d, torch.Tensor) and d.dim() > 0) for d in parts):
+            if len(parts) == 1:  # (one tensor or shape in a tuple or list: the message showed its values)
+                raise ValueError(
+                    f"a step takes one input (a shape or a tensor), got a {type(shape).__name__} holding one: pass "
+                    f"the {'tensor' if isinstance(parts[0], torch.Tensor) else 'shape'} itself"
+                )
             raise ValueError(  # (several inputs: the message showed their values, and said nothing of the limit)
-                f"a step takes one input (a shape or a tensor), got {len(shape)}: for a model whose forward takes several, "
-                "measure a wrapper module whose forward builds the others from the one input (or holds them as buffers)"
+                f"a step takes one input (a shape or a tensor), got {len(shape)}: for a model whose forward takes several, {several}"
             )
-        raise ValueError(f"input shape must be a sequence of positive ints such as (64, 3, 32, 32), got {shape!r}")
+        shown = repr(shape) if len(repr(shape)) <= 200 else f"{repr(shape)[:200]}... ({type(shape).__name__})"
+        raise ValueError(f"input shape must be a sequence of positive ints such as (64, 3, 32, 32), got {shown}")
     return dims
 
 

@@ -1084,8 +1084,19 @@ def test_models_with_hook_weight_norm_lazy_modules_or_two_inputs() -> None:
         estimate_step(lambda: nn.Sequential(nn.LazyLinear(4)), (2, 8), backend="fake")
     with pytest.raises(ValueError, match="a step takes one input .* got 2: for a model whose forward takes several"):
         measure_step(nn.Linear(8, 4), (torch.randn(2, 8), torch.randn(2, 8)))
-    with pytest.raises(ValueError, match="input shape must be a sequence of positive ints"):  # one nested shape
+    with pytest.raises(ValueError, match="got a list holding one: pass the shape itself$"):  # one nested shape
         measure_step(nn.Linear(8, 4), [[2, 8]])
+    # one tensor in a tuple, list or dict: before, "input shape must be ..." followed by all its values
+    x = torch.randn(2, 8)
+    for wrapped, message in (((x,), "got a tuple holding one: pass the tensor itself$"),
+                             ([x], "got a list holding one: pass the tensor itself$"),
+                             ({"x": x}, "got a dict of 1: pass the tensor itself$"),
+                             ({"x": x, "y": x}, "got a dict of 2: for a model whose forward takes several")):
+        for fn in (measure_step, estimate_step):
+            with pytest.raises(ValueError, match=message):
+                fn(nn.Linear(8, 4), wrapped)
+    with pytest.raises(ValueError, match=r"got \[\[1, 1, .*\.\.\. \(list\)$"):  # (a long one cut short)
+        measure_step(nn.Linear(8, 4), [[1] * 100] * 3 + [0])
     with pytest.raises(ValueError, match=r"lazy modules \(LazyBatchNorm1d\)"):  # lazy buffers only
         measure_step(nn.Sequential(nn.LazyBatchNorm1d(affine=False), nn.Linear(8, 4)), (2, 8))
 
