@@ -35,8 +35,8 @@ Three ways to get the number, one API (:func:`measure_step`, :func:`estimate_ste
   of BatchNorm, LayerNorm and GroupNorm, whose dtype (bf16/fp16 inputs, fp32 or low-precision parameters)
   and length (BatchNorm in eval) the meta and fake kernels get wrong; and the reduced result of
   ``mse_loss``, ``smooth_l1_loss``, ``soft_margin_loss`` and ``binary_cross_entropy``, which the CPU kernels
-  return as a 0-d view of the whole elementwise loss (its storage as large as the input). Not corrected: GroupNorm under
-  autocast (estimates can exceed the CPU by its input's size in fp32), recurrent layers (``nn.LSTM``/
+  return as a 0-d view of the whole elementwise loss (its storage as large as the input). Not corrected:
+  GroupNorm under autocast (estimates can exceed the CPU by its input's size in fp32), recurrent layers (``nn.LSTM``/
   ``nn.GRU``: their fake and meta kernels claim far less than the CPU kernel's workspace; ``estimate_step``
   warns) and fake CUDA estimates, which take the fake kernels' sizes as they are.
 - meta estimate: the same tracker over tensors on the ``meta`` device; same number, five to ten times
@@ -379,7 +379,7 @@ def _cpu_nbytes(func: Any, args: Sequence[Any], kwargs: dict[str, Any] | None, o
     may count that extra fp32 gradient (at most 4 bytes per element of the GroupNorm's input).
     """
     if func in _ELEMENTWISE_REDUCED_LOSSES:
-        if not isinstance(out, torch.Tensor) or out.dim() or not _claims_cpu(out):
+        if not isinstance(out, torch.Tensor) or out.dim() or len(args) < 2 or not _claims_cpu(out):
             return None
         numel = math.prod(torch.broadcast_shapes(args[0].shape, args[1].shape))
         return {id(out): max(numel, 1) * out.dtype.itemsize}
