@@ -424,7 +424,9 @@ class StepMemory:
         activations: ``peak - params - buffers - input - grads_at_peak``: saved activations, temporaries,
             activation gradients and workspaces live at the peak.
         mode: ``"exact"`` (tracked on CPU), ``"estimate"`` (tracked under FakeTensorMode) or ``"cuda"``.
-        device: the device the step ran on (or pretended to).
+        device: the device the step ran on, or stood for: ``"cpu"`` for a step on ``meta`` tensors (whose
+            estimate is the CPU's, as ``estimate_step(backend="meta")`` and ``"auto"`` make it), the fake
+            tensors' device for a fake estimate.
         tracked_peak: the tracker's peak (equal to ``peak`` except on CUDA).
         baseline: live bytes before the forward pass (CUDA: ``memory_allocated()``; else tracked bytes).
         workspace: memory in ``peak`` that no tensor owns: CUDA libraries' workspaces. Measured on CUDA:
@@ -699,7 +701,7 @@ def _breakdown(
         grads_at_peak=grads_at_peak,
         activations=int(peak) - n_params - n_buffers - n_input - grads_at_peak,
         mode=mode,
-        device=str(x.device),
+        device="cpu" if x.device.type == "meta" else str(x.device),  # (meta stands for the CPU: _claims_cpu)
         tracked_peak=tracker.peak,
         baseline=int(baseline),
         workspace=int(workspace),

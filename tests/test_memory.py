@@ -1130,3 +1130,12 @@ def test_a_sparse_gradient_accumulated_in_place_stays_counted() -> None:
     assert tracker.is_live(grad)
     parts = grad._indices().untyped_storage().nbytes() + grad._values().untyped_storage().nbytes()
     assert tracker.current == 100 * 64 * F32 + idx.numel() * idx.element_size() + parts
+
+
+def test_an_estimate_reports_the_device_it_stands_for():
+    # before: "meta" for backend="meta" (and "auto", which picks meta), "cpu" for "fake": the same question, two answers
+    model = effdense.densenet_cifar(10, 4)
+    for backend in ("fake", "meta", "auto"):
+        result = estimate_step(model, (2, 3, 8, 8), backend=backend)
+        assert (result.device, result.mode) == ("cpu", "estimate"), backend
+    assert measure_step(nn.Linear(4, 2), (2, 4)).device == "cpu"
