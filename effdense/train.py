@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from effdense import densenet, strategies
+from effdense.strategies.shared import _acc_dtype
 from effdense.benchutil import (
     DTYPES,
     AutocastInside,
@@ -335,7 +336,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         channels = x.shape[1]
         dims = [0] + list(range(2, x.dim()))
         shape = [1, channels] + [1] * (x.dim() - 2)
-        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # statistics and arithmetic: fp32, fp64 for fp64
+        acc = _acc_dtype(x.dtype)  # statistics and arithmetic: fp32, fp64 for fp64 (as the shared/fused stage's)
         xf = x.to(acc)
         count = xf.numel() // channels
         if count > 0:

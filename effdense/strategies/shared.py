@@ -1209,6 +1209,15 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
 _LOCAL = object()
 
 
+def _stage_norms(block, transition) -> list[Any]:
+    """The stage's BatchNorms: each layer's norm1 (and norm2), then the transition's, read from ``_modules``
+    directly (nn.Module.__getattr__ costs a microsecond per access)."""
+    norms = [m for layer in block._modules.values() for m in (layer._modules["norm1"], layer._modules.get("norm2")) if m is not None]
+    if transition is not None:
+        norms.append(transition._modules["norm"])
+    return norms
+
+
 def _sync_semantics(block, transition) -> tuple[bool, Any]:
     """Whether the stage's BatchNorms synchronise their batch statistics, and over which process group.
 
@@ -1218,10 +1227,7 @@ def _sync_semantics(block, transition) -> tuple[bool, Any]:
     ``effdense.train.CPUSyncBatchNorm``, its stand-in on CPU)."""
     if getattr(block, "sync_bn", False):
         return True, getattr(block, "sync_group", None)
-    # submodules read from _modules directly: nn.Module.__getattr__ costs a microsecond per access
-    norms = [m for layer in block._modules.values() for m in (layer._modules["norm1"], layer._modules.get("norm2")) if m is not None]
-    if transition is not None:
-        norms.append(transition._modules["norm"])
+    norms = _stage_norms(block, transition)
     # the attribute is an instance attribute (nn.SyncBatchNorm) or a class one (CPUSyncBatchNorm): looked up
     # without nn.Module.__getattr__, whose AttributeError for a plain BatchNorm costs microseconds each
     groups = [m.__dict__.get("process_group", getattr(type(m), "process_group", _LOCAL)) for m in norms]
@@ -1245,13 +1251,7 @@ def _syncs_in_this_mode(block, transition) -> bool | None:
     none of those is training or none normalises with batch statistics (nothing to reduce: the local path, whose
     backward is not split into the synchronised one's chunks), None when they mix: the stage's one set of
     cached statistics cannot be both (the caller runs the modules themselves, as naive)."""
-    modes = set()
-    for layer in block._modules.values():
-        for bn in (layer._modules["norm1"], layer._modules.get("norm2")):
-            if bn is not None and _uses_batch_stats(bn):
-                modes.add(bn.training)
-    if transition is not None and _uses_batch_stats(transition._modules["norm"]):
-        modes.add(transition._modules["norm"].training)
+    modes = {bn.training for bn in _stage_norms(block, transition) if _uses_batch_stats(bn)}
     if len(modes) > 1:
         return None
     return modes == {True}
